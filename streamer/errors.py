@@ -1,0 +1,22 @@
+"""The one exception root. Errors carry the values that caused them."""
+
+
+class StreamerError(Exception):
+    """Root of every error streamer raises on purpose."""
+
+
+class ModelFileError(StreamerError):
+    """A model file that cannot be used: missing, corrupt, wrong shape or unsupported."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"model file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class CapacityError(StreamerError):
+    """More distinct devices in one batch than the state table can hold."""
+
+
+class PipelineError(StreamerError):
+    """The run loop cannot go on safely (e.g. the broker refused the batch's predictions)."""

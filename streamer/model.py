@@ -1,0 +1,226 @@
+"""The LSTM: the offline form (LSTMModel) and the single-step form the engine runs.
+
+LSTMModel is the reference: nn.LSTM(batch_first=True) + a Linear head on the last step,
+``forward(x, hidden=None) -> (out, (h, c))`` starting from zeros when hidden is None.
+
+StepWeights is the same model laid out for streaming: per layer one (in + H, 4H) matrix over
+cat([x, h]) and one fused bias, so advancing B devices by one reading costs one addmm per layer
+plus the gate nonlinearities (nn.LSTM with seq_len=1 is several times slower for this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from streamer.errors import ModelFileError
+
+MODEL_FILE_KEYS = ("config", "state_dict", "version")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    output_size: int
+
+    @classmethod
+    def from_dict(cls, raw: object, path: object) -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ModelFileError(path, f"'config' must be a dict, got {type(raw).__name__}")
+        if raw.get("bidirectional"):
+            raise ModelFileError(path, "bidirectional LSTMs cannot stream (they need future readings)")
+        values = {}
+        for name in ("input_size", "hidden_size", "num_layers"):
+            if not isinstance(raw.get(name), int) or raw[name] < 1:
+                raise ModelFileError(path, f"config.{name} must be a positive int, got {raw.get(name)!r}")
+            values[name] = raw[name]
+        output_size = raw.get("output_size", values["input_size"])
+        if not isinstance(output_size, int) or output_size < 1:
+            raise ModelFileError(path, f"config.output_size must be a positive int, got {output_size!r}")
+        return cls(output_size=output_size, **values)
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "input_size": self.input_size,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "output_size": self.output_size,
+        }
+
+
+class LSTMModel(nn.Module):
+    """nn.LSTM + Linear head on the last step. x: (B, T, input_size) -> out: (B, output_size)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, output_size: int | None = None):
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
+        self.fc = nn.Linear(hidden_size, output_size or input_size)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "LSTMModel":
+        return cls(config.input_size, config.hidden_size, config.num_layers, config.output_size)
+
+    def forward(
+        self, x: Tensor, hidden: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """hidden: (h, c), each (num_layers, B, hidden_size); zeros when None."""
+        seq, (h, c) = self.lstm(x, hidden)
+        return self.fc(seq[:, -1, :]), (h, c)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-feature affine map applied to inputs (x - mean) / std and undone on forecasts."""
+
+    mean: Tensor  # (input_size,)
+    std: Tensor  # (input_size,)
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded model file."""
+
+    model: LSTMModel
+    config: ModelConfig
+    version: str
+    normalization: Normalization | None
+    path: Path | None = None
+
+
+def save_model_file(
+    path: str | Path,
+    model: LSTMModel,
+    config: ModelConfig,
+    version: str,
+    normalization: Normalization | None = None,
+) -> None:
+    """Write the model file contract: {config, state_dict, version[, normalization]}."""
+    payload: dict[str, object] = {
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "version": version,
+    }
+    if normalization is not None:
+        payload["normalization"] = {
+            "mean": normalization.mean.detach().cpu().float(),
+            "std": normalization.std.detach().cpu().float(),
+        }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_model_file(path: str | Path) -> ModelBundle:
+    """Load and check a model file; every failure is a ModelFileError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, "no such file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise ModelFileError(path, f"cannot be read as a torch file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelFileError(path, f"expected a dict with {MODEL_FILE_KEYS}, got {type(raw).__name__}")
+    missing = [k for k in MODEL_FILE_KEYS if k not in raw]
+    if missing:
+        raise ModelFileError(path, f"missing keys {missing}")
+    config = ModelConfig.from_dict(raw["config"], path)
+    state_dict = raw["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise ModelFileError(path, "'state_dict' must be a dict of tensors")
+    if any("reverse" in key for key in state_dict):
+        raise ModelFileError(path, "bidirectional LSTMs cannot stream (they need future readings)")
+    model = LSTMModel.from_config(config)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(path, f"state_dict does not match config {config.to_dict()}: {exc}") from exc
+    model.eval()
+    normalization = _load_normalization(raw.get("normalization"), config, path)
+    return ModelBundle(model, config, str(raw["version"]), normalization, path)
+
+
+def _load_normalization(raw: object, config: ModelConfig, path: Path) -> Normalization | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "mean" not in raw or "std" not in raw:
+        raise ModelFileError(path, "'normalization' must be a dict with 'mean' and 'std'")
+    mean = torch.as_tensor(raw["mean"], dtype=torch.float32).flatten()
+    std = torch.as_tensor(raw["std"], dtype=torch.float32).flatten()
+    for name, t in (("mean", mean), ("std", std)):
+        if t.numel() != config.input_size:
+            raise ModelFileError(path, f"normalization.{name} has {t.numel()} values, input_size is {config.input_size}")
+        if not torch.isfinite(t).all():
+            raise ModelFileError(path, f"normalization.{name} has non-finite values")
+    if (std <= 0).any():
+        raise ModelFileError(path, "normalization.std must be > 0")
+    return Normalization(mean, std)
+
+
+class StepWeights:
+    """LSTMModel's weights laid out for one step over a batch of devices, on one torch device.
+
+    Per layer l: w[l] is (in_l + H, 4H) = cat([W_ih, W_hh], 1).T, b[l] = b_ih + b_hh, gates in
+    PyTorch's order (i, f, g, o). The head maps the top layer's h to the output.
+    """
+
+    def __init__(self, model: LSTMModel, device: torch.device, dtype: torch.dtype = torch.float32):
+        lstm = model.lstm
+        if lstm.bidirectional:
+            raise ModelFileError(None, "bidirectional LSTMs cannot stream")
+        if lstm.proj_size:
+            raise ModelFileError(None, "LSTMs with proj_size are not supported")
+        self.num_layers = lstm.num_layers
+        self.hidden_size = lstm.hidden_size
+        self.w: list[Tensor] = []
+        self.b: list[Tensor] = []
+        with torch.no_grad():
+            for layer in range(lstm.num_layers):
+                w_ih = getattr(lstm, f"weight_ih_l{layer}")
+                w_hh = getattr(lstm, f"weight_hh_l{layer}")
+                bias = torch.zeros(4 * lstm.hidden_size)
+                if lstm.bias:
+                    bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+                self.w.append(torch.cat([w_ih, w_hh], dim=1).t().contiguous().to(device, dtype))
+                self.b.append(bias.contiguous().to(device, dtype))
+            self.head_w = model.fc.weight.t().contiguous().to(device, dtype)
+            self.head_b = model.fc.bias.contiguous().to(device, dtype)
+
+    def step(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Advance B devices by one reading.
+
+        x: (B, input_size); h, c: (B, num_layers, H), read only.
+        Returns (out (B, output_size), h' (B, num_layers, H), c' (B, num_layers, H)).
+        """
+        hs, cs = [], []
+        inp = x
+        for layer in range(self.num_layers):
+            gates = torch.addmm(self.b[layer], torch.cat([inp, h[:, layer]], dim=1), self.w[layer])
+            i, f, g, o = gates.chunk(4, dim=1)
+            c_new = torch.sigmoid(f) * c[:, layer] + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            hs.append(h_new)
+            cs.append(c_new)
+            inp = h_new
+        out = torch.addmm(self.head_b, inp, self.head_w)
+        return out, torch.stack(hs, dim=1), torch.stack(cs, dim=1)
+
+
+def init_random_model(config: ModelConfig, seed: int = 0) -> LSTMModel:
+    """A model with PyTorch's default init from a fixed seed (tests, benchmarks)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LSTMModel.from_config(config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model.eval()
+    return model
+
+

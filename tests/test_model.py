@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamer.errors import ModelFileError
+from streamer.model import (
+    LSTMModel,
+    ModelConfig,
+    Normalization,
+    StepWeights,
+    init_random_model,
+    load_model_file,
+    save_model_file,
+)
+
+
+def test_forward_starts_from_zeros_and_carries_state():
+    model = init_random_model(ModelConfig(2, 8, 2, 2), seed=1)
+    x = torch.randn(3, 10, 2)
+    out_zero, _ = model(x, (torch.zeros(2, 3, 8), torch.zeros(2, 3, 8)))
+    out, (h, c) = model(x)
+    assert out.shape == (3, 2) and h.shape == (2, 3, 8) and c.shape == (2, 3, 8)
+    torch.testing.assert_close(out, out_zero)
+    # Passing the final state of the first half in as the initial state of the second half
+    # is the same as running the whole sequence.
+    _, hidden = model(x[:, :6])
+    out_split, _ = model(x[:, 6:], hidden)
+    torch.testing.assert_close(out_split, out, atol=1e-6, rtol=0)
+
+
+def test_step_weights_match_nn_lstm_one_step():
+    config = ModelConfig(3, 16, 3, 3)
+    model = init_random_model(config, seed=2)
+    weights = StepWeights(model, torch.device("cpu"))
+    x = torch.randn(5, 3)
+    h = torch.randn(5, 3, 16)
+    c = torch.randn(5, 3, 16)
+    out, h_new, c_new = weights.step(x, h, c)
+    ref_out, (ref_h, ref_c) = model(x[:, None, :], (h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()))
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h_new, ref_h.transpose(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(c_new, ref_c.transpose(0, 1), atol=1e-6, rtol=0)
+
+
+def test_model_file_round_trip(tmp_path: Path):
+    config = ModelConfig(2, 8, 1, 2)
+    model = init_random_model(config, seed=3)
+    norm = Normalization(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0]))
+    path = tmp_path / "m.pt"
+    save_model_file(path, model, config, "v7", norm)
+    bundle = load_model_file(path)
+    assert bundle.config == config and bundle.version == "v7"
+    torch.testing.assert_close(bundle.normalization.std, norm.std)
+    for key, value in model.state_dict().items():
+        assert torch.equal(bundle.model.state_dict()[key], value)
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"config": {"input_size": 2}}, "missing keys"),
+        ([1, 2, 3], "expected a dict"),
+        ({"config": {"input_size": 2, "hidden_size": 0, "num_layers": 1}, "state_dict": {}, "version": "x"}, "hidden_size"),
+        ({"config": {"input_size": 2, "hidden_size": 4, "num_layers": 1, "bidirectional": True},
+          "state_dict": {}, "version": "x"}, "bidirectional"),
+        ({"config": {"input_size": 2, "hidden_size": 4, "num_layers": 1}, "state_dict": {}, "version": "x"},
+         "does not match"),
+    ],
+)
+def test_bad_model_files_are_refused_naming_the_file(tmp_path: Path, payload, message):
+    path = tmp_path / "bad.pt"
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match=message) as err:
+        load_model_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_bidirectional_state_dict_is_refused(tmp_path: Path):
+    lstm = torch.nn.LSTM(2, 4, 1, batch_first=True, bidirectional=True)
+    state = {f"lstm.{k}": v for k, v in lstm.state_dict().items()}
+    state.update({"fc.weight": torch.zeros(2, 8), "fc.bias": torch.zeros(2)})
+    path = tmp_path / "bi.pt"
+    torch.save({"config": {"input_size": 2, "hidden_size": 4, "num_layers": 1}, "state_dict": state, "version": "b"}, path)
+    with pytest.raises(ModelFileError, match="bidirectional"):
+        load_model_file(path)
+
+
+def test_corrupt_and_missing_files(tmp_path: Path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a torch file at all")
+    with pytest.raises(ModelFileError, match="cannot be read") as err:
+        load_model_file(corrupt)
+    assert "corrupt.pt" in str(err.value)
+    with pytest.raises(ModelFileError, match="no such file"):
+        load_model_file(tmp_path / "absent.pt")
+
+
+def test_pickled_objects_are_not_loaded(tmp_path: Path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"config": {"input_size": 1, "hidden_size": 2, "num_layers": 1}, "state_dict": LSTMModel(1, 2, 1),
+                "version": "p"}, path)
+    with pytest.raises(ModelFileError, match="cannot be read"):
+        load_model_file(path)

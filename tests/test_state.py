@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from streamer.errors import CapacityError
+from streamer.state import DeviceStateTable
+
+
+def test_new_devices_get_zeroed_slots_and_keep_them():
+    table = DeviceStateTable(capacity=4, width=3)
+    got = table.acquire(["a", "b"], now=1.0)
+    assert list(got.slots) == [0, 1] and got.new_devices == 2 and got.evicted_for_capacity == 0
+    table.scatter(torch.tensor([0, 1]), torch.ones(2, 3))
+    again = table.acquire(["b", "a", "c"], now=2.0)
+    assert list(again.slots) == [1, 0, 2] and again.new_devices == 1
+    assert torch.equal(table.gather(torch.tensor([0, 1, 2])), torch.tensor([[1.0] * 3, [1.0] * 3, [0.0] * 3]))
+    assert table.last_seen("a") == 2.0 and len(table) == 3
+
+
+def test_slots_are_reused_after_eviction_and_restart_from_zeros():
+    table = DeviceStateTable(capacity=2, width=2)
+    table.acquire(["a", "b"], now=1.0)
+    table.scatter(torch.tensor([0, 1]), torch.full((2, 2), 7.0))
+    assert table.evict("a")
+    got = table.acquire(["c"], now=2.0)
+    assert list(got.slots) == [0]  # a's slot, reused
+    assert torch.equal(table.gather(torch.tensor([0])), torch.zeros(1, 2))
+    back = table.acquire(["a"], now=3.0)  # a comes back: evicts b (least recent), from zeros
+    assert back.new_devices == 1 and back.evicted_for_capacity == 1
+    assert "b" not in table and torch.equal(table.gather(torch.from_numpy(back.slots)), torch.zeros(1, 2))
+
+
+def test_ttl_evicts_idle_devices_only():
+    table = DeviceStateTable(capacity=8, width=1, ttl_seconds=10.0)
+    table.acquire(["old"], now=0.0)
+    table.acquire(["mid"], now=5.0)
+    table.acquire(["new"], now=12.0)
+    assert table.evict_idle(now=12.0) == 1
+    assert table.device_ids() == ["mid", "new"]
+    assert table.evict_idle(now=15.0) == 0
+    assert table.evict_idle(now=16.0) == 1 and table.device_ids() == ["new"]
+
+
+def test_capacity_evicts_least_recently_seen_never_from_the_batch():
+    table = DeviceStateTable(capacity=3, width=1)
+    table.acquire(["a", "b", "c"], now=1.0)
+    table.acquire(["a"], now=2.0)  # b is now the least recently seen
+    table.scatter(torch.tensor([table.slot_of("a")]), torch.tensor([[5.0]]))
+    # More distinct devices in one batch than the table holds cannot be served.
+    with pytest.raises(CapacityError):
+        table.acquire(["c", "a", "d", "e"], now=3.0)
+    got = table.acquire(["c", "d"], now=3.0)  # b is evicted, a and c survive
+    assert got.evicted_for_capacity == 1 and "b" not in table and "a" in table
+    assert table.gather(torch.tensor([table.slot_of("a")])).item() == 5.0
+    got = table.acquire(["e", "d", "c"], now=4.0)  # a is least recent outside the batch
+    assert got.evicted_for_capacity == 1 and set(table.device_ids()) == {"c", "d", "e"}
