@@ -1,0 +1,276 @@
+"""streamer's command line: parse, build settings, call one function.
+
+  streamer run       the service: Kafka in, predictions and metrics out
+  streamer simulate  a fleet of simulated sensors writing to the input topic
+  streamer train     train the LSTM on simulated history or a CSV and write a model file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from streamer.errors import StreamerError
+from streamer.settings import Settings, env_name, load_settings
+
+log = logging.getLogger("streamer")
+
+NONE_WORDS = {"none", "null"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except StreamerError as exc:
+        print(f"streamer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamer", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="consume readings, publish forecasts and anomaly scores, serve metrics",
+        description="Consume readings, publish forecasts and anomaly scores, serve /metrics and /healthz. "
+        "Each setting comes from its flag, else its environment variable, else the config file, else its default.",
+    )
+    run.add_argument("--config", type=Path, default=None, help="TOML config file (env STREAMER_CONFIG)")
+    _add_settings_flags(run)
+    run.set_defaults(handler=_run)
+
+    sim = commands.add_parser("simulate", help="write readings of a simulated sensor fleet to Kafka")
+    sim.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="Kafka bootstrap servers")
+    sim.add_argument("--topic", default="sensor-readings", help="topic to write readings to")
+    sim.add_argument("--devices", type=_positive_int, default=100, help="number of sensors")
+    sim.add_argument("--features", type=_positive_int, default=1, help="values per reading")
+    sim.add_argument("--rate", type=float, default=1000.0, help="readings per second in all (<= 0: as fast as possible)")
+    sim.add_argument("--duration", type=_positive_float, default=None, help="seconds to run")
+    sim.add_argument("--max-readings", type=_positive_int, default=None, help="readings to write in all")
+    sim.add_argument("--anomaly-rate", type=float, default=0.002, help="probability per reading that an anomaly starts")
+    sim.add_argument("--seed", type=int, default=0, help="random seed of the fleet")
+    sim.add_argument("--labels", type=Path, default=None, help="write the injected anomalies here (JSON lines)")
+    sim.set_defaults(handler=_simulate)
+
+    train = commands.add_parser("train", help="train the LSTM and write a model file")
+    train.add_argument("--out", type=Path, required=True, help="model file to write")
+    train.add_argument("--csv", type=Path, default=None, help="train on this CSV (device_id,timestamp,value) "
+                       "instead of simulated history")
+    train.add_argument("--devices", type=_positive_int, default=200, help="simulated devices (without --csv)")
+    train.add_argument("--history", type=_positive_int, default=1000, help="simulated readings per device")
+    train.add_argument("--features", type=_positive_int, default=1, help="values per simulated reading")
+    train.add_argument("--hidden-size", type=_positive_int, default=32)
+    train.add_argument("--num-layers", type=_positive_int, default=2)
+    train.add_argument("--steps", type=_positive_int, default=300, help="optimiser steps")
+    train.add_argument("--time-budget", type=_positive_float, default=None, help="stop training after this many seconds")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--version", default=None, help="model version string (default: derived from the settings)")
+    train.set_defaults(handler=_train)
+    return parser
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, --<section>-<field>, whose help names its environment variable."""
+    for section, section_field in Settings.model_fields.items():
+        group = parser.add_argument_group(f"{section} settings")
+        model_cls = section_field.annotation
+        assert isinstance(model_cls, type) and issubclass(model_cls, BaseModel)
+        for name, info in model_cls.model_fields.items():
+            flag = f"--{section}-{name}".replace("_", "-")
+            choices = _literal_choices(info.annotation)
+            help_text = f"{info.description} (env {env_name(section, name)})"
+            group.add_argument(
+                flag,
+                dest=f"{section}.{name}",
+                default=argparse.SUPPRESS,
+                metavar=_metavar(info.annotation, choices),
+                help=help_text + f" [default: {info.default}]",
+            )
+
+
+def _literal_choices(annotation: Any) -> tuple[str, ...] | None:
+    if get_origin(annotation) is Literal:
+        return tuple(str(a) for a in get_args(annotation))
+    return None
+
+
+def _metavar(annotation: Any, choices: tuple[str, ...] | None) -> str:
+    if choices:
+        return "{" + ",".join(choices) + "}"
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) else [annotation]
+    base = get_args(args[0])[0] if get_args(args[0]) else args[0]
+    return {int: "INT", float: "FLOAT", bool: "BOOL", Path: "PATH"}.get(base, "TEXT")
+
+
+def _allows_none(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags over env over config file; a bad value raises StreamerError naming flag and env."""
+    overrides: dict[str, dict[str, object]] = {}
+    for dest, raw in vars(args).items():
+        if "." not in dest:
+            continue
+        section, name = dest.split(".", 1)
+        info = Settings.model_fields[section].annotation.model_fields[name]
+        value: object = None if (_allows_none(info.annotation) and str(raw).lower() in NONE_WORDS) else raw
+        overrides.setdefault(section, {})[name] = value
+    config_file = args.config
+    if config_file is None:
+        env_config = os.environ.get("STREAMER_CONFIG")
+        config_file = Path(env_config) if env_config else None
+    try:
+        return load_settings(overrides, config_file)
+    except ValidationError as exc:
+        raise StreamerError(_describe_validation(exc)) from None
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    lines = ["invalid settings:"]
+    for error in exc.errors(include_url=False):
+        loc = [str(p) for p in error["loc"]]
+        if len(loc) >= 2:
+            section, name = loc[0], loc[1]
+            where = f"{section}.{name} (flag {('--' + section + '-' + name).replace('_', '-')}, env {env_name(section, name)})"
+        elif loc:
+            where = loc[0]
+        else:
+            where = "settings"
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) else f" = {given!r}"
+        lines.append(f"  {where}{shown}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    _setup_logging(settings.run.log_level)
+    if settings.model.path is None:
+        raise StreamerError("no model file: set --model-path (env STREAMER_MODEL__PATH)")
+    from streamer.service import run_service
+
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("received %s, finishing the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    summary = run_service(settings, stop)
+    print(json.dumps({"summary": summary.__dict__}), flush=True)
+    return 0
+
+
+# --- simulate, train ---------------------------------------------------------------------------
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    _setup_logging("INFO")
+    from streamer.simulate import FleetSpec, run_simulator
+
+    if args.duration is None and args.max_readings is None:
+        raise StreamerError("simulate needs --duration or --max-readings")
+    if not 0 <= args.anomaly_rate <= 1:
+        raise StreamerError(f"--anomaly-rate must be in [0, 1], got {args.anomaly_rate}")
+    spec = FleetSpec(devices=args.devices, features=args.features, seed=args.seed, anomaly_rate=args.anomaly_rate)
+    summary = run_simulator(
+        args.bootstrap_servers,
+        args.topic,
+        spec,
+        rate=args.rate,
+        duration_s=args.duration,
+        max_readings=args.max_readings,
+        labels_path=args.labels,
+    )
+    print(json.dumps({"simulated": summary.__dict__}), flush=True)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    _setup_logging("INFO")
+    from streamer.simulate import FleetSpec, history
+    from streamer.train import load_csv, save, train_model
+
+    if args.csv is not None:
+        sequences = list(load_csv(args.csv).values())
+        source = f"csv:{args.csv.name}"
+    else:
+        spec = FleetSpec(devices=args.devices, features=args.features, seed=args.seed)
+        sequences = list(history(spec, args.history))
+        source = f"sim{args.devices}x{args.history}"
+    result = train_model(
+        sequences,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        steps=args.steps,
+        seed=args.seed,
+        time_budget_s=args.time_budget,
+    )
+    version = args.version or f"lstm-h{args.hidden_size}-l{args.num_layers}-{source}-s{result.steps}"
+    save(result, args.out, version)
+    print(
+        json.dumps(
+            {
+                "model": str(args.out),
+                "version": version,
+                "loss_first": round(result.loss_first, 6),
+                "loss_last": round(result.loss_last, 6),
+                "steps": result.steps,
+                "seconds": round(result.seconds, 2),
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Prometheus metrics for the run loop, built on an injected registry; /metrics and /healthz.
+
+The only module that imports prometheus_client. Calls happen once per batch: per-reading
+latencies go into a numpy-backed histogram (``BulkHistogram``) that takes a whole batch in
+one call; values that can be read off the state (devices, capacity) are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+# Steps take tens of microseconds to tens of milliseconds.
+STEP_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+BATCH_SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+LATENCY_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class BulkHistogram(Collector):
+    """A histogram observed a whole array at a time (prometheus_client observes one value per call)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float], registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        self.bounds = np.asarray(sorted(buckets), dtype=np.float64)
+        self._counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)  # last bucket: +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        index = np.searchsorted(self.bounds, values, side="left")  # le semantics: value <= bound
+        counts = np.bincount(index, minlength=len(self._counts))
+        total = float(values.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        labels = [*(repr(float(b)) for b in self.bounds), "+Inf"]
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], list(zip(labels, cumulative)), total)
+        yield family
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+class Metrics:
+    """Every metric of a run, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.readings = Counter("streamer_readings", "Valid readings consumed", registry=registry)
+        self.predictions = Counter("streamer_predictions", "Predictions acknowledged by the broker", registry=registry)
+        self.dead_letters = Counter(
+            "streamer_dead_letters", "Messages sent to the dead-letter topic", ["reason"], registry=registry
+        )
+        self.anomalies = Counter("streamer_anomalies", "Readings flagged as anomalous", registry=registry)
+        self.evictions = Counter(
+            "streamer_evictions", "Devices evicted from the state table", ["reason"], registry=registry
+        )
+        self._evicted_ttl = self.evictions.labels(reason="ttl")
+        self._evicted_capacity = self.evictions.labels(reason="capacity")
+        self.new_devices = Counter("streamer_new_devices", "Devices that started from zero state", registry=registry)
+        self.batches = Counter("streamer_batches", "Micro-batches completed", registry=registry)
+        self.batch_size = Histogram(
+            "streamer_batch_readings", "Readings per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
+        )
+        self.step_seconds = Histogram(
+            "streamer_step_seconds", "Engine step time per micro-batch", buckets=STEP_BUCKETS, registry=registry
+        )
+        self.batch_seconds = Histogram(
+            "streamer_batch_seconds",
+            "Whole micro-batch time: decode, step, produce, acknowledge, commit",
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.latency = BulkHistogram(
+            "streamer_event_to_publish_seconds",
+            "From a reading's event time to its prediction's acknowledgement by the broker",
+            LATENCY_BUCKETS,
+            registry,
+        )
+        self.consumer_lag = Gauge(
+            "streamer_consumer_lag", "Records behind the partition's end", ["topic", "partition"], registry=registry
+        )
+        self.active_devices = Gauge("streamer_active_devices", "Devices in the state table", registry=registry)
+        self.table_capacity = Gauge("streamer_table_capacity", "Rows of the state table", registry=registry)
+        self.model_info = Gauge("streamer_model_info", "The model being served", ["version"], registry=registry)
+        self.last_batch_time = Gauge(
+            "streamer_last_batch_timestamp_seconds", "When the loop last completed a poll", registry=registry
+        )
+
+    def watch_table(self, active: Callable[[], int], capacity: int, model_version: str) -> None:
+        self.active_devices.set_function(active)
+        self.table_capacity.set(capacity)
+        self.model_info.labels(version=model_version).set(1)
+
+    def on_batch(
+        self,
+        readings: int,
+        predictions: int,
+        anomalies: int,
+        new_devices: int,
+        evicted_ttl: int,
+        evicted_capacity: int,
+        step_seconds: float,
+        batch_seconds: float,
+        latencies: np.ndarray,
+    ) -> None:
+        self.batches.inc()
+        self.readings.inc(readings)
+        self.predictions.inc(predictions)
+        self.anomalies.inc(anomalies)
+        self.new_devices.inc(new_devices)
+        if evicted_ttl:
+            self._evicted_ttl.inc(evicted_ttl)
+        if evicted_capacity:
+            self._evicted_capacity.inc(evicted_capacity)
+        self.batch_size.observe(readings)
+        self.step_seconds.observe(step_seconds)
+        self.batch_seconds.observe(batch_seconds)
+        self.latency.observe_many(latencies)
+
+    def on_dead_letters(self, by_reason: Mapping[str, int]) -> None:
+        for reason, count in by_reason.items():
+            self.dead_letters.labels(reason=reason).inc(count)
+
+    def on_lag(self, lag: Mapping[tuple[str, int], int]) -> None:
+        for (topic, partition), value in lag.items():
+            self.consumer_lag.labels(topic=topic, partition=str(partition)).set(value)
+
+    def on_poll(self) -> None:
+        self.last_batch_time.set(time.time())
+
+
+class Health:
+    """Healthy while the loop has polled within ``stale_after_s``."""
+
+    def __init__(self, stale_after_s: float) -> None:
+        self.stale_after_s = stale_after_s
+        self._last = time.monotonic()
+        self._failed: str | None = None
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def fail(self, reason: str) -> None:
+        self._failed = reason
+
+    def status(self) -> tuple[bool, str]:
+        if self._failed:
+            return False, self._failed
+        age = time.monotonic() - self._last
+        if age > self.stale_after_s:
+            return False, f"run loop has not polled for {age:.1f}s"
+        return True, "ok"
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+class MetricsServer:
+    """/metrics (Prometheus text format) and /healthz over HTTP, on a daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, health: Health, host: str, port: int) -> None:
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/healthz":
+                ok, text = health.status()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [text.encode() + b"\n"]
+            return metrics_app(environ, start_response)
+
+        self._server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        self.host = host
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

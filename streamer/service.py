@@ -1,0 +1,79 @@
+"""Wires a run together from settings: model, engine, Kafka clients, metrics server, loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from streamer.anomaly import AnomalyParams
+from streamer.engine import Engine
+from streamer.kafka import ensure_topics, make_consumer, make_producer
+from streamer.metrics import Health, Metrics, MetricsServer
+from streamer.model import load_model_file
+from streamer.pipeline import Pipeline, RunSummary
+from streamer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HEALTH_STALE_AFTER_S = 60.0
+
+
+def build_engine(settings: Settings) -> Engine:
+    bundle = load_model_file(settings.model.path)
+    anomaly = settings.anomaly
+    engine = Engine.build(
+        bundle,
+        capacity=settings.state.capacity,
+        device=settings.model.device,
+        ttl_seconds=settings.state.ttl_seconds,
+        anomaly=AnomalyParams(anomaly.threshold, anomaly.warmup, anomaly.alpha, anomaly.min_std),
+    )
+    log.info(
+        "model %s (version %s, %s) on %s, state table of %d devices",
+        bundle.path,
+        bundle.version,
+        bundle.config.to_dict(),
+        engine.device,
+        engine.table.capacity,
+    )
+    return engine
+
+
+def run_service(
+    settings: Settings, stop: threading.Event, registry: CollectorRegistry | None = None
+) -> RunSummary:
+    """Run until ``stop`` is set (or run.duration_s passes); closes everything it opened."""
+    engine = build_engine(settings)
+    kafka = settings.kafka
+    # Output and dead-letter topics with the input's default partitioning if they are missing,
+    # so the first dead letter does not wait for auto-creation.
+    ensure_topics(kafka.bootstrap_servers, {kafka.output_topic: 1, kafka.dead_letter_topic: 1}, kafka.client_id)
+    registry = registry or CollectorRegistry()
+    metrics = Metrics(registry)
+    health = Health(HEALTH_STALE_AFTER_S)
+    server = None
+    if settings.metrics.enabled:
+        server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
+        log.info("metrics at http://%s:%d/metrics, health at /healthz", server.host, server.port)
+    consumer = make_consumer(kafka, settings.batch.max_records)
+    producer = make_producer(kafka)
+    try:
+        pipeline = Pipeline(settings, engine, consumer, producer, metrics, health)
+        summary = pipeline.run(stop)
+        log.info(
+            "stopped: %d readings, %d predictions, %d dead letters, %d anomalies in %.1fs",
+            summary.readings,
+            summary.predictions,
+            summary.dead_letters,
+            summary.anomalies,
+            summary.seconds,
+        )
+        return summary
+    finally:
+        producer.flush()
+        producer.close()
+        consumer.close()
+        if server is not None:
+            server.stop()

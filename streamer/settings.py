@@ -1,0 +1,143 @@
+"""One frozen settings tree, built once in the CLI and passed down.
+
+Sources, strongest first: command-line flags, environment (STREAMER_<SECTION>__<FIELD>, e.g.
+STREAMER_KAFKA__BOOTSTRAP_SERVERS), a TOML config file (--config / STREAMER_CONFIG), defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from streamer.errors import StreamerError
+
+ENV_PREFIX = "STREAMER_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    input_topic: str = Field("sensor-readings", min_length=1, description="topic of readings (key = device id)")
+    output_topic: str = Field("sensor-predictions", min_length=1, description="topic predictions are written to")
+    dead_letter_topic: str = Field("sensor-dead-letters", min_length=1, description="topic for messages that cannot be used")
+    group_id: str = Field("streamer", min_length=1, description="consumer group id")
+    client_id: str = Field("streamer", min_length=1, description="client id shown by the broker")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a group without committed offsets starts"
+    )
+    session_timeout_ms: Annotated[int, Field(ge=6000, le=300000)] = Field(
+        10000, description="consumer session timeout"
+    )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            if not re.fullmatch(r"\[?[\w.\-:]+\]?:\d{1,5}", server.strip()):
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+
+class BatchSettings(Section):
+    max_records: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        4096, description="most readings in one micro-batch"
+    )
+    max_wait_ms: Annotated[int, Field(ge=0, le=60_000)] = Field(
+        20, description="longest a micro-batch waits to fill once it has its first reading"
+    )
+
+
+class ModelSettings(Section):
+    path: Path | None = Field(None, description="model file (torch.save of {config, state_dict, version})")
+    device: str = Field("auto", description="torch device for state and steps: auto, cpu, cuda, cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+        return value
+
+
+class StateSettings(Section):
+    capacity: Annotated[int, Field(ge=1)] = Field(100_000, description="device rows preallocated in the state table")
+    ttl_seconds: Annotated[float, Field(gt=0)] | None = Field(
+        86400.0, description="evict devices idle this long (none: never)"
+    )
+
+
+class AnomalySettings(Section):
+    threshold: Annotated[float, Field(gt=0)] = Field(4.0, description="flag readings whose residual z-score exceeds this")
+    warmup: Annotated[int, Field(ge=0)] = Field(10, description="a device's first readings that are never flagged")
+    alpha: Annotated[float, Field(gt=0, le=1)] = Field(0.01, description="weight of a new residual in the running stats")
+    min_std: Annotated[float, Field(gt=0)] = Field(1e-3, description="floor of the residual std (normalised units)")
+
+
+class MetricsSettings(Section):
+    enabled: bool = Field(True, description="serve /metrics and /healthz over HTTP")
+    host: str = Field("127.0.0.1", description="address the metrics server binds")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(9100, description="port of /metrics and /healthz (0: any free)")
+
+
+class RunSettings(Section):
+    duration_s: Annotated[float, Field(gt=0)] | None = Field(None, description="stop after this many seconds (none: run until stopped)")
+    status_interval_s: Annotated[float, Field(ge=0)] = Field(
+        5.0, description="seconds between status lines on stderr (0: none)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, frozen=True, extra="forbid"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    batch: BatchSettings = BatchSettings()
+    model: ModelSettings = ModelSettings()
+    state: StateSettings = StateSettings()
+    anomaly: AnomalySettings = AnomalySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    run: RunSettings = RunSettings()
+
+    @model_validator(mode="after")
+    def _batch_fits_table(self) -> "Settings":
+        if self.batch.max_records > self.state.capacity:
+            raise ValueError(
+                f"batch.max_records ({self.batch.max_records}) exceeds state.capacity ({self.state.capacity}):"
+                " one batch's devices must fit in the table"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def env_name(section: str, name: str) -> str:
+    return f"{ENV_PREFIX}{section}{ENV_NESTED_DELIMITER}{name}".upper()
+
+
+def load_settings(overrides: dict[str, dict[str, object]] | None = None, config_file: Path | None = None) -> Settings:
+    """Settings from flags (``overrides``, by section), env, then ``config_file`` (TOML)."""
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise StreamerError(f"config file {config_file}: no such file")
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
+    return cls(**(overrides or {}))

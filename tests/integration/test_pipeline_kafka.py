@@ -1,0 +1,149 @@
+"""End to end through the real broker: readings in, one exact prediction each out, bad input dead-lettered."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import urllib.request
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.model import ModelConfig, Normalization, init_random_model, load_model_file, save_model_file
+from streamer.service import run_service
+from streamer.settings import load_settings
+from tests.integration.conftest import free_port
+from tests.integration.helpers import create_topic, produce, read_topic
+
+pytestmark = pytest.mark.kafka
+
+N_DEVICES, N_READINGS, N_FEATURES = 40, 25, 2
+
+
+def offline(bundle, seq: np.ndarray) -> np.ndarray:
+    x = (torch.from_numpy(seq) - bundle.normalization.mean) / bundle.normalization.std
+    with torch.no_grad():
+        outs = torch.stack([bundle.model(x[None, : t + 1])[0][0] for t in range(len(seq))])
+    return (outs * bundle.normalization.std + bundle.normalization.mean).numpy()
+
+
+def reading(device: str, ts: object, values: list) -> bytes:
+    return json.dumps({"device_id": device, "ts": ts, "values": values}).encode()
+
+
+BAD_MESSAGES = [
+    # (key, value, expected reason)
+    (b"dev-000", b"{not json", "not_json"),
+    (b"dev-001", b'{"device_id": "dev-001", "values": [1.0, 2.0]}', "invalid_schema"),
+    (b"dev-002", b'{"device_id": "dev-002", "ts": 5, "values": [1.0, "x"]}', "invalid_schema"),
+    (b"dev-003", b'{"device_id": "dev-003", "ts": 5, "values": [1.0, 2.0, 3.0]}', "wrong_value_count"),
+    (b"dev-004", b'{"device_id": "dev-004", "ts": 5, "values": [1.0, NaN]}', "non_finite"),
+    (b"dev-005", b'{"device_id": "dev-005", "ts": 5, "values": [Infinity, 1.0]}', "non_finite"),
+    (b"other", b'{"device_id": "dev-006", "ts": 5, "values": [1.0, 2.0]}', "key_mismatch"),
+    (None, b'{"device_id": "dev-007", "ts": 5, "values": [1.0, 2.0]}', "key_mismatch"),
+    (b"dev-008", None, "not_json"),
+    (b"dev-009", b"\xff\xfe\x00", "not_json"),
+]
+
+
+def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: str, tmp_path):
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"], partitions=3)
+    config = ModelConfig(N_FEATURES, 16, 2, N_FEATURES)
+    norm = Normalization(torch.tensor([20.0, -3.0]), torch.tensor([5.0, 0.5]))
+    model_path = tmp_path / "model.pt"
+    save_model_file(model_path, init_random_model(config, seed=4), config, "e2e-v1", norm)
+    bundle = load_model_file(model_path)
+
+    rng = np.random.default_rng(3)
+    devices = [f"dev-{d:03d}" for d in range(N_DEVICES)]
+    sequences = {d: (rng.normal(size=(N_READINGS, N_FEATURES)) * [5.0, 0.5] + [20.0, -3.0]).astype(np.float32)
+                 for d in devices}
+    messages = []
+    bad_at = {i * (N_DEVICES * N_READINGS // len(BAD_MESSAGES)): bad for i, bad in enumerate(BAD_MESSAGES)}
+    sent = 0
+    for t in range(N_READINGS):
+        for d in devices:
+            if sent in bad_at:
+                key, value, _ = bad_at[sent]
+                messages.append((key, value, [("trace", b"abc")]))
+            ts = 1_700_000_000 + t * 60 if t % 2 else f"2023-11-14T22:{t:02d}:20+00:00"
+            messages.append((d.encode(), reading(d, ts, sequences[d][t].tolist()), None))
+            sent += 1
+    produce(kafka_bootstrap, topics["in"], messages)
+
+    port = free_port()
+    settings = load_settings({
+        "kafka": {"bootstrap_servers": kafka_bootstrap, "input_topic": topics["in"], "output_topic": topics["out"],
+                  "dead_letter_topic": topics["dlq"], "group_id": f"g-{unique}"},
+        "batch": {"max_records": 64, "max_wait_ms": 20},
+        "model": {"path": model_path, "device": "cpu"},
+        "state": {"capacity": 1000},
+        "metrics": {"port": port},
+        "run": {"status_interval_s": 0},
+    })
+    stop = threading.Event()
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(summary=run_service(settings, stop)), daemon=True)
+    runner.start()
+    try:
+        expected = N_DEVICES * N_READINGS
+        out = read_topic(kafka_bootstrap, topics["out"], expected, timeout_s=120)
+        dlq = read_topic(kafka_bootstrap, topics["dlq"], len(BAD_MESSAGES), timeout_s=30)
+        metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert health.status == 200
+    finally:
+        stop.set()
+        runner.join(timeout=60)
+    assert not runner.is_alive()
+
+    # Exactly one prediction per reading, each equal to the offline model over the sequence so far.
+    assert len(out) == expected
+    by_device = defaultdict(list)
+    for record in out:
+        body = json.loads(record.value)
+        assert record.key == body["device_id"].encode()
+        assert set(body) == {"device_id", "ts", "forecast", "anomaly_score", "is_anomaly", "model_version"}
+        assert body["model_version"] == "e2e-v1" and isinstance(body["is_anomaly"], bool)
+        assert math.isfinite(body["anomaly_score"])
+        by_device[body["device_id"]].append(body)
+    assert sorted(by_device) == devices
+    for d in devices:
+        preds = by_device[d]  # one partition per device: output order is reading order
+        assert len(preds) == N_READINGS
+        assert isinstance(preds[0]["ts"], float) and preds[1]["ts"] == 1_700_000_060.0
+        np.testing.assert_allclose(np.array([p["forecast"] for p in preds]), offline(bundle, sequences[d]),
+                                   atol=1e-5, rtol=1e-6)
+
+    # Every bad message dead-lettered with its reason, original bytes and source position.
+    assert len(dlq) == len(BAD_MESSAGES)
+    expected_reasons = Counter(reason for _, _, reason in BAD_MESSAGES)
+    got_reasons = Counter()
+    originals = {(k, v) for k, v, _ in BAD_MESSAGES}
+    for record in dlq:
+        headers = dict(record.headers)
+        got_reasons[headers["streamer.reason"].decode()] += 1
+        assert (record.key, record.value) in originals
+        assert headers["trace"] == b"abc"
+        assert headers["streamer.source.topic"].decode() == topics["in"]
+        assert int(headers["streamer.source.offset"]) >= 0 and headers["streamer.error"]
+    assert got_reasons == expected_reasons
+
+    # The same counts through /metrics over HTTP.
+    def metric(line_start: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(line_start))
+
+    assert metric("streamer_readings_total ") == expected
+    assert metric("streamer_predictions_total ") == expected
+    for reason, count in expected_reasons.items():
+        assert metric(f'streamer_dead_letters_total{{reason="{reason}"}}') == count
+    assert metric("streamer_active_devices ") == N_DEVICES
+    assert metric("streamer_table_capacity ") == 1000
+    assert metric("streamer_event_to_publish_seconds_count ") == expected
+    assert metric("streamer_step_seconds_count ") >= 1
+    assert "streamer_consumer_lag{" in metrics_text
+    assert result["summary"].predictions == expected
