@@ -20,6 +20,8 @@ from streamer.errors import StreamerError
 from streamer.model import ModelBundle, StepWeights
 from streamer.state import DeviceStateTable
 
+CPU_ROWS_PER_STEP = 4096
+
 
 @dataclass(frozen=True)
 class ReadingBatch:
@@ -160,6 +162,9 @@ class Engine:
         self.device = table.device
         self.anomaly = anomaly or AnomalyParams()
         self.weights = StepWeights(bundle.model, self.device)
+        # On a CPU, steps over more rows than fit in cache run several times slower per row
+        # (fresh multi-MB temporaries fault their pages in on every call): cut waves into chunks.
+        self.max_rows_per_step = CPU_ROWS_PER_STEP if self.device.type == "cpu" else None
         norm = bundle.normalization
         self._mean = norm.mean.to(self.device) if norm else None
         self._std = norm.std.to(self.device) if norm else None
@@ -214,24 +219,34 @@ class Engine:
         x_all = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(device)
         if self._mean is not None:
             x_all = (x_all - self._mean) / self._std
-        single = len(plan.waves) == 1
-        if not single:
+        pieces = list(self._pieces(plan))
+        if len(pieces) > 1:
             out_all = torch.empty(n, out_size, device=device)
             score_all = torch.empty(n, device=device)
             flag_all = torch.empty(n, dtype=torch.bool, device=device)
-        for reading_idx, unique_idx in plan.waves:
+        for reading_idx, unique_idx in pieces:
             slots = torch.from_numpy(unique_slots[unique_idx]).to(device)
-            out, score, flag = self._step_wave(x_all if single else x_all[torch.from_numpy(reading_idx).to(device)], slots)
-            if single:
-                out_all, score_all, flag_all = out, score, flag
-            else:
-                at = torch.from_numpy(reading_idx).to(device)
-                out_all.index_copy_(0, at, out)
-                score_all.index_copy_(0, at, score)
-                flag_all.index_copy_(0, at, flag)
+            if len(pieces) == 1:
+                out_all, score_all, flag_all = self._step_wave(x_all, slots)
+                continue
+            at = torch.from_numpy(reading_idx).to(device)
+            out, score, flag = self._step_wave(x_all.index_select(0, at), slots)
+            out_all.index_copy_(0, at, out)
+            score_all.index_copy_(0, at, score)
+            flag_all.index_copy_(0, at, flag)
         if self._mean is not None:
             out_all = out_all * self._std + self._mean
         return out_all.cpu().numpy(), score_all.cpu().numpy(), flag_all.cpu().numpy()
+
+    def _pieces(self, plan: Plan):
+        """The plan's waves, each cut into chunks of at most max_rows_per_step readings, in order."""
+        limit = self.max_rows_per_step
+        for reading_idx, unique_idx in plan.waves:
+            if limit is None or len(reading_idx) <= limit:
+                yield reading_idx, unique_idx
+                continue
+            for start in range(0, len(reading_idx), limit):
+                yield reading_idx[start : start + limit], unique_idx[start : start + limit]
 
     def _step_wave(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Gather the wave's rows, score the readings, step the LSTM, scatter the rows back."""

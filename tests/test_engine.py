@@ -34,12 +34,14 @@ def test_plan_waves_keeps_per_device_order():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalized", [False, True])
-def test_streaming_equals_offline_model(device: str, normalized: bool):
+@pytest.mark.parametrize("rows_per_step", [None, 5])
+def test_streaming_equals_offline_model(device: str, normalized: bool, rows_per_step: int | None):
     rng = np.random.default_rng(7)
     n_features, n_devices = 3, 12
     norm = Normalization(torch.tensor([10.0, -1.0, 0.5]), torch.tensor([2.0, 0.5, 4.0])) if normalized else None
     bundle = make_bundle(input_size=n_features, hidden_size=16, num_layers=2, seed=11, normalization=norm)
     engine = Engine.build(bundle, capacity=64, device=device)
+    engine.max_rows_per_step = rows_per_step  # 5: waves cut into many small steps
 
     # Devices with different lengths, joining at different points; readings interleaved at random,
     # cut into micro-batches of random size so a device often has several readings in one batch.

@@ -1,0 +1,44 @@
+# streamer: `make demo` runs the whole product on a local broker; `make test` runs every test.
+# Both install what they need into a virtualenv kept outside the clone (torch is several GB),
+# reused by later runs and other clones; set VENV to put it elsewhere.
+
+PYTHON ?= python3
+VENV ?= $(HOME)/.cache/streamer/venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.streamer-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-8)
+PYTEST_ARGS ?=
+
+.PHONY: install test test-unit test-kafka demo bench kafka-start kafka-stop clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.streamer-*
+	@touch $@
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not kafka" $(PYTEST_ARGS)
+
+test-kafka: install
+	$(BIN)/python -m pytest -m kafka $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python deploy/demo.py
+
+bench: install
+	$(BIN)/python bench/bench.py
+
+kafka-start:
+	deploy/kafka/local-kafka start
+
+kafka-stop:
+	deploy/kafka/local-kafka stop
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""streamer's benchmark: one JSON object per figure on stdout.
+
+Engine: device-steps/s of Engine.step for B distinct devices (one reading each) in
+{1k, 16k, 131k}, and of the naive per-message loop (state in a dict, nn.LSTM on a batch of
+one, as in the note), in the same process. End to end through a real broker: readings/s of
+the streamer pipeline vs, over the same topic, a consume-only kafka-python loop and a
+passthrough loop (consume, produce one message per reading, flush, commit; no model).
+
+BENCH_READINGS (200000) sets the end-to-end size; KAFKA_BOOTSTRAP_SERVERS an existing broker
+(else deploy/kafka/local-kafka is started on free ports and stopped afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
+from kafka.structs import OffsetAndMetadata, TopicPartition  # noqa: E402
+
+from streamer.engine import Engine, ReadingBatch, plan_waves  # noqa: E402
+from streamer.kafka import ensure_topics  # noqa: E402
+from streamer.model import ModelBundle, ModelConfig, init_random_model, save_model_file  # noqa: E402
+
+HIDDEN, LAYERS, FEATURES = 64, 2, 1
+E2E_READINGS = int(os.environ.get("BENCH_READINGS", "200000"))
+E2E_DEVICES = 5000
+E2E_PARTITIONS = 6
+
+
+def emit(**figure: object) -> None:
+    print(json.dumps(figure), flush=True)
+
+
+def timed(fn, min_seconds: float = 2.0, min_runs: int = 3) -> float:
+    """Median seconds per call of fn() over enough runs to fill min_seconds."""
+    fn()  # warm-up
+    runs = []
+    started = time.perf_counter()
+    while len(runs) < min_runs or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return float(np.median(runs))
+
+
+def bench_engine(device: str) -> None:
+    config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
+    model = init_random_model(config, seed=0)
+    bundle = ModelBundle(model, config, "bench", None)
+    rng = np.random.default_rng(0)
+    for batch in (1024, 16384, 131072):
+        engine = Engine.build(bundle, capacity=batch, device=device)
+        ids = [f"d{i}" for i in range(batch)]
+        values = rng.normal(size=(batch, FEATURES)).astype(np.float32)
+        readings = ReadingBatch(ids, np.zeros(batch), values)
+        seconds = timed(lambda: engine.step(readings, now=0.0))
+        # Without the CPU-side planning (waves, slots): gather, score, LSTM step, scatter.
+        plan = plan_waves(ids)
+        slots = engine.table.acquire(plan.unique, now=0.0).slots
+
+        def kernel() -> None:
+            engine._execute(plan, slots, values)
+
+        kernel_seconds = timed(kernel)
+        emit(figure="engine_step", device=str(engine.device), batch=batch, hidden=HIDDEN, layers=LAYERS,
+             device_steps_per_s=round(batch / seconds), step_ms=round(seconds * 1e3, 3),
+             kernel_device_steps_per_s=round(batch / kernel_seconds))
+    # The note's way: one dict of per-device states, nn.LSTM on a batch of one per reading.
+    states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    n_devices, n_readings = 1000, 5000
+    xs = torch.from_numpy(rng.normal(size=(n_readings, 1, 1, FEATURES)).astype(np.float32))
+
+    def naive() -> None:
+        with torch.inference_mode():
+            for i in range(n_readings):
+                key = f"d{i % n_devices}"
+                _, hidden = model(xs[i], states.get(key))
+                states[key] = hidden
+
+    seconds = timed(naive, min_seconds=3.0)
+    emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS,
+         device_steps_per_s=round(n_readings / seconds))
+
+
+def start_broker() -> tuple[str, dict | None]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return os.environ["KAFKA_BOOTSTRAP_SERVERS"], None
+    while True:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        with socket.socket() as b:
+            try:
+                b.bind(("127.0.0.1", port + 1))
+                break
+            except OSError:
+                continue
+    env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_STATE_DIR": tempfile.mkdtemp(prefix="streamer-bench-kafka-")}
+    out = subprocess.run([str(REPO / "deploy/kafka/local-kafka"), "start"], env=env, stdout=subprocess.PIPE,
+                         text=True, check=True)
+    return out.stdout.strip().splitlines()[-1], env
+
+
+def fill_topic(bootstrap: str, topic: str) -> None:
+    ensure_topics(bootstrap, {topic: E2E_PARTITIONS})
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=512 * 1024, acks="all")
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=E2E_READINGS).round(4)
+    ts = time.time()
+    for i in range(E2E_READINGS):
+        device = f"sensor-{i % E2E_DEVICES:05d}"
+        body = json.dumps({"device_id": device, "ts": ts + i * 1e-3, "values": [float(values[i])]})
+        producer.send(topic, key=device.encode(), value=body.encode())
+    producer.flush()
+    producer.close()
+
+
+def consume_only(bootstrap: str, topic: str) -> float:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-consume-{uuid.uuid4().hex[:6]}",
+                             auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=4096,
+                             fetch_max_wait_ms=100)
+    seen, started = 0, None
+    while seen < E2E_READINGS:
+        polled = consumer.poll(timeout_ms=500, max_records=4096)
+        if polled and started is None:
+            started = time.perf_counter()
+        for messages in polled.values():
+            for message in messages:
+                seen += message.value is not None
+    seconds = time.perf_counter() - started
+    consumer.close()
+    return seconds
+
+
+def passthrough(bootstrap: str, topic: str) -> float:
+    out_topic = f"{topic}-passthrough"
+    ensure_topics(bootstrap, {out_topic: E2E_PARTITIONS})
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-pass-{uuid.uuid4().hex[:6]}",
+                             auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=4096,
+                             fetch_max_wait_ms=100)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, batch_size=256 * 1024, acks="all")
+    seen, started = 0, None
+    while seen < E2E_READINGS:
+        polled = consumer.poll(timeout_ms=500, max_records=4096)
+        if not polled:
+            continue
+        started = started or time.perf_counter()
+        offsets = {}
+        for tp, messages in polled.items():
+            for message in messages:
+                producer.send(out_topic, key=message.key, value=message.value)
+            offsets[tp] = OffsetAndMetadata(messages[-1].offset + 1, "", -1)
+            seen += len(messages)
+        producer.flush()
+        consumer.commit(offsets)
+    seconds = time.perf_counter() - started
+    producer.close()
+    consumer.close()
+    return seconds
+
+
+def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
+    from prometheus_client import CollectorRegistry
+
+    from streamer.kafka import make_consumer, make_producer
+    from streamer.metrics import Health, Metrics
+    from streamer.pipeline import Pipeline
+    from streamer.service import build_engine
+    from streamer.settings import load_settings
+
+    settings = load_settings({
+        "kafka": {"bootstrap_servers": bootstrap, "input_topic": topic, "output_topic": f"{topic}-predictions",
+                  "dead_letter_topic": f"{topic}-dlq", "group_id": f"bench-streamer-{uuid.uuid4().hex[:6]}"},
+        "batch": {"max_records": 4096, "max_wait_ms": 20},
+        "model": {"path": model_path, "device": "cpu"},
+        "state": {"capacity": 2 * E2E_DEVICES},
+        "metrics": {"enabled": False},
+        "run": {"status_interval_s": 0},
+    })
+    ensure_topics(bootstrap, {f"{topic}-predictions": E2E_PARTITIONS, f"{topic}-dlq": 1})
+    engine = build_engine(settings)
+    consumer = make_consumer(settings.kafka, settings.batch.max_records)
+    producer = make_producer(settings.kafka)
+    pipeline = Pipeline(settings, engine, consumer, producer, Metrics(CollectorRegistry()), Health(60))
+    consumer.subscribe([topic])
+    stop = threading.Event()
+    started = None
+    while pipeline.summary.readings < E2E_READINGS:
+        if pipeline.run_once(stop) and started is None:
+            started = time.perf_counter()  # from the first batch, like the baselines
+    seconds = time.perf_counter() - started
+    producer.close()
+    consumer.close()
+    return seconds
+
+
+def bench_end_to_end() -> None:
+    bootstrap, broker_env = start_broker()
+    try:
+        topic = f"bench-{uuid.uuid4().hex[:8]}"
+        fill_topic(bootstrap, topic)
+        model_path = Path(tempfile.mkdtemp(prefix="streamer-bench-")) / "model.pt"
+        config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
+        save_model_file(model_path, init_random_model(config), config, "bench")
+        figures = {
+            "consume_only": consume_only(bootstrap, topic),
+            "passthrough": passthrough(bootstrap, topic),
+            "streamer": streamer_pipeline(bootstrap, topic, model_path),
+        }
+        for name, seconds in figures.items():
+            emit(figure="end_to_end", loop=name, readings=E2E_READINGS, devices=E2E_DEVICES,
+                 readings_per_s=round(E2E_READINGS / seconds),
+                 vs_consume_only=round(figures["consume_only"] / seconds, 3),
+                 vs_passthrough=round(figures["passthrough"] / seconds, 3))
+    finally:
+        if broker_env is not None:
+            subprocess.run([str(REPO / "deploy/kafka/local-kafka"), "stop"], env=broker_env, capture_output=True)
+
+
+def main() -> None:
+    emit(figure="machine", python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
+         torch_threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    bench_engine("cpu")
+    if torch.cuda.is_available():
+        bench_engine("cuda")
+    if os.environ.get("BENCH_SKIP_KAFKA") != "1":
+        bench_end_to_end()
+
+
+if __name__ == "__main__":
+    main()
