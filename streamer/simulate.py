@@ -251,7 +251,8 @@ def run_simulator(
 
     Message: key = device_id (utf-8), value = JSON ``{"device_id", "ts", "values"}`` with ts the
     emission time (time.time(), epoch seconds). Rounds are emitted in device order, one round
-    after another. Stops after ``duration_s`` seconds, after ``max_readings`` readings, or when
+    after another, in chunks of about 20 ms worth of readings (so the rate holds to within one
+    chunk). Stops after ``duration_s`` seconds, after ``max_readings`` readings, or when
     ``stop`` is set, whichever comes first; at least one of duration_s and max_readings is needed.
     If ``labels_path`` is given, it is overwritten with one JSON line
     ``{"device_id", "ts", "step", "kind"}`` per anomalous reading sent (ts as in the message).
@@ -269,10 +270,15 @@ def run_simulator(
 
     config: dict = {"linger_ms": 5, "acks": "all"}
     config.update(producer_config or {})
+    labels_file: IO[str] | None = open(labels_path, "w", encoding="utf-8") if labels_path is not None else None
     try:
         producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **config)
-    except KafkaError as exc:
-        raise SimulationError(bootstrap_servers, topic, f"cannot create producer: {exc!r}") from exc
+    except BaseException as exc:
+        if labels_file is not None:
+            labels_file.close()
+        if isinstance(exc, KafkaError):
+            raise SimulationError(bootstrap_servers, topic, f"cannot create producer: {exc!r}") from exc
+        raise
 
     failures: list[BaseException] = []
     failures_lock = threading.Lock()  # errbacks run on the producer's I/O thread
@@ -285,7 +291,6 @@ def run_simulator(
     # Pace in chunks of about 20 ms worth of readings: sleep between chunks, not between messages.
     chunk = max(1, int(rate * 0.02)) if rate > 0 else spec.devices
     sent = anomalies = 0
-    labels_file: IO[str] | None = open(labels_path, "w", encoding="utf-8") if labels_path is not None else None
     start = time.monotonic()
     deadline = start + duration_s if duration_s is not None else None
     error: SimulationError | None = None
