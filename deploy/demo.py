@@ -102,12 +102,11 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float) -> lis
 
 def report(predictions: list, labels_path: Path) -> None:
     flagged = {}
-    samples = []
-    for record in predictions:
-        body = json.loads(record.value)
+    bodies = [json.loads(record.value) for record in predictions]
+    for body in bodies:
         flagged[(body["device_id"], body["ts"])] = body["is_anomaly"]
-        if len(samples) < 5 and body["ts"] and record.offset > 50:
-            samples.append(body)
+    # The last readings of a few devices, and the latest flagged one.
+    samples = bodies[-4:] + [b for b in bodies if b["is_anomaly"]][-1:]
     say("some predictions from the output topic:")
     for body in samples:
         forecast = ", ".join(f"{v:.3f}" for v in body["forecast"])
