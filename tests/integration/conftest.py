@@ -7,6 +7,7 @@ else deploy/kafka/local-kafka started on a free port for this session and stoppe
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -66,6 +67,7 @@ def kafka_bootstrap() -> Iterator[str]:
         yield started.stdout.strip().splitlines()[-1]
     finally:
         subprocess.run([str(LOCAL_KAFKA), "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture
