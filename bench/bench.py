@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -102,17 +101,7 @@ def bench_engine(device: str) -> None:
 def start_broker() -> tuple[str, dict | None]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         return os.environ["KAFKA_BOOTSTRAP_SERVERS"], None
-    while True:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        with socket.socket() as b:
-            try:
-                b.bind(("127.0.0.1", port + 1))
-                break
-            except OSError:
-                continue
-    env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_STATE_DIR": tempfile.mkdtemp(prefix="streamer-bench-kafka-")}
+    env = {**os.environ, "KAFKA_PORT": "auto", "KAFKA_STATE_DIR": tempfile.mkdtemp(prefix="streamer-bench-kafka-")}
     out = subprocess.run([str(REPO / "deploy/kafka/local-kafka"), "start"], env=env, stdout=subprocess.PIPE,
                          text=True, check=True)
     return out.stdout.strip().splitlines()[-1], env

@@ -42,24 +42,16 @@ def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                    return port
-                except OSError:
-                    continue
-    raise RuntimeError("no two consecutive free ports")
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_broker(work: Path) -> tuple[str, dict | None]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         return os.environ["KAFKA_BOOTSTRAP_SERVERS"], None
-    env = {**os.environ, "KAFKA_PORT": str(free_port_pair()), "KAFKA_STATE_DIR": str(work / "kafka")}
+    env = {**os.environ, "KAFKA_PORT": "auto", "KAFKA_STATE_DIR": str(work / "kafka")}
     say("starting a local Kafka broker (the first run downloads the broker jars with Maven)")
     result = subprocess.run([str(REPO / "deploy/kafka/local-kafka"), "start"], env=env, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
@@ -146,7 +138,7 @@ def main() -> int:
         subprocess.run(streamer("train", "--out", str(model), "--devices", "200", "--history", "1000",
                                 "--time-budget", "40"), check=True)
 
-        metrics_port = free_port_pair()
+        metrics_port = free_port()
         run_env = {
             **os.environ,
             "STREAMER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,

@@ -49,17 +49,8 @@ def kafka_bootstrap() -> Iterator[str]:
         with KafkaContainer().with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    # Two consecutive free ports: client and controller.
-    for _ in range(20):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-                break
-            except OSError:
-                continue
     state_dir = tempfile.mkdtemp(prefix="streamer-test-kafka-")
-    env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_STATE_DIR": state_dir}
+    env = {**os.environ, "KAFKA_PORT": "auto", "KAFKA_STATE_DIR": state_dir}
     started = subprocess.run([str(LOCAL_KAFKA), "start"], env=env, capture_output=True, text=True, timeout=900)
     if started.returncode != 0:
         pytest.fail(f"local Kafka did not start:\n{started.stderr[-4000:]}")
