@@ -36,6 +36,12 @@ class KafkaSettings(Section):
     session_timeout_ms: Annotated[int, Field(ge=6000, le=300000)] = Field(
         10000, description="consumer session timeout"
     )
+    exactly_once: bool = Field(
+        False, description="commit predictions and input offsets in one Kafka transaction (read_committed downstream)"
+    )
+    transactional_id_prefix: str = Field(
+        "streamer", min_length=1, description="prefix of this process's transactional id (exactly-once mode)"
+    )
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -58,6 +64,9 @@ class BatchSettings(Section):
 class ModelSettings(Section):
     path: Path | None = Field(None, description="model file (torch.save of {config, state_dict, version})")
     device: str = Field("auto", description="torch device for state and steps: auto, cpu, cuda, cuda:N")
+    reload_interval_s: Annotated[float, Field(ge=0)] = Field(
+        10.0, description="seconds between checks of the model file for a new version (0: never)"
+    )
 
     @field_validator("device")
     @classmethod
@@ -72,6 +81,19 @@ class StateSettings(Section):
     ttl_seconds: Annotated[float, Field(gt=0)] | None = Field(
         86400.0, description="evict devices idle this long (none: never)"
     )
+
+
+class CheckpointSettings(Section):
+    enabled: bool = Field(True, description="checkpoint device state per input partition")
+    directory: Path = Field(
+        Path("streamer-checkpoints"),
+        description="where checkpoints are kept; a directory shared by several hosts lets them hand devices over",
+    )
+    interval_s: Annotated[float, Field(gt=0)] = Field(30.0, description="checkpoint a partition at least this often")
+    interval_readings: Annotated[int, Field(ge=1)] = Field(
+        100_000, description="checkpoint a partition after this many readings of it"
+    )
+    keep: Annotated[int, Field(ge=1, le=100)] = Field(3, description="checkpoints kept per partition")
 
 
 class AnomalySettings(Section):
@@ -104,6 +126,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     model: ModelSettings = ModelSettings()
     state: StateSettings = StateSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
     anomaly: AnomalySettings = AnomalySettings()
     metrics: MetricsSettings = MetricsSettings()
     run: RunSettings = RunSettings()
