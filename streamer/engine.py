@@ -25,11 +25,13 @@ CPU_ROWS_PER_STEP = 4096
 
 @dataclass(frozen=True)
 class ReadingBatch:
-    """Decoded readings in offset order. values: (n, input_size) float32; ts: (n,) epoch seconds."""
+    """Decoded readings in offset order. values: (n, input_size) float32; ts: (n,) epoch seconds;
+    partitions: (n,) int32 input partition of each reading, when it came from one."""
 
     device_ids: list[str]
     ts: np.ndarray
     values: np.ndarray
+    partitions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.device_ids)
@@ -54,6 +56,18 @@ class PredictionBatch:
 
 
 @dataclass(frozen=True)
+class PartitionState:
+    """Exported rows of one input partition's devices: ids (n,), rows (n, width) float32, last seen (n,)."""
+
+    device_ids: list[str]
+    rows: np.ndarray
+    last_seen: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.device_ids)
+
+
+@dataclass(frozen=True)
 class StepReport:
     readings: int
     devices: int
@@ -67,9 +81,11 @@ class StepReport:
 
 @dataclass(frozen=True)
 class Plan:
-    """unique: distinct devices in first-seen order; waves: per wave, (reading idx, unique idx)."""
+    """unique: distinct devices in first-seen order; first: the reading index where each first
+    appears; waves: per wave, (reading idx, unique idx)."""
 
     unique: list[str]
+    first: np.ndarray
     waves: list[tuple[np.ndarray, np.ndarray]]
 
 
@@ -77,6 +93,7 @@ def plan_waves(device_ids: list[str]) -> Plan:
     """Group readings into waves: the j-th reading of each device goes in wave j."""
     position: dict[str, int] = {}
     count: list[int] = []
+    first: list[int] = []
     unique_index = np.empty(len(device_ids), dtype=np.int64)
     wave = np.empty(len(device_ids), dtype=np.int64)
     for i, device_id in enumerate(device_ids):
@@ -84,20 +101,22 @@ def plan_waves(device_ids: list[str]) -> Plan:
         if u is None:
             u = position[device_id] = len(count)
             count.append(0)
+            first.append(i)
         unique_index[i] = u
         wave[i] = count[u]
         count[u] += 1
     unique = list(position)
+    first_index = np.asarray(first, dtype=np.int64)
     n_waves = max(count, default=0)
     if n_waves <= 1:
-        return Plan(unique, [(np.arange(len(device_ids)), unique_index)] if device_ids else [])
+        return Plan(unique, first_index, [(np.arange(len(device_ids)), unique_index)] if device_ids else [])
     order = np.argsort(wave, kind="stable")
     bounds = np.searchsorted(wave[order], np.arange(n_waves + 1))
     waves = []
     for j in range(n_waves):
         idx = order[bounds[j] : bounds[j + 1]]
         waves.append((idx, unique_index[idx]))
-    return Plan(unique, waves)
+    return Plan(unique, first_index, waves)
 
 
 @dataclass(frozen=True)
@@ -195,7 +214,8 @@ class Engine:
             raise StreamerError(f"values shape {batch.values.shape} != ({n}, {self.config.input_size})")
         evicted_idle = self.table.evict_idle(now)
         plan = plan_waves(batch.device_ids)
-        acquired = self.table.acquire(plan.unique, now)
+        partitions = None if batch.partitions is None else batch.partitions[plan.first]
+        acquired = self.table.acquire(plan.unique, now, partitions)
         forecast, score, flagged = self._execute(plan, acquired.slots, batch.values)
         predictions = PredictionBatch(batch.device_ids, batch.ts, forecast, score, flagged)
         report = StepReport(
@@ -209,6 +229,19 @@ class Engine:
             step_seconds=time.perf_counter() - started,
         )
         return predictions, report
+
+    def export_partition(self, partition: int) -> "PartitionState":
+        """The rows of every device reading from ``partition``, on the CPU."""
+        ids, rows, last_seen = self.table.export(self.table.slots_of_partition(partition))
+        return PartitionState(ids, rows, last_seen)
+
+    def restore_partition(self, partition: int, state: "PartitionState") -> int:
+        """Put a partition's exported rows back; returns devices evicted to make room."""
+        return self.table.restore(state.device_ids, state.rows, state.last_seen, partition)
+
+    def drop_partition(self, partition: int) -> int:
+        """Forget every device of ``partition``; returns how many."""
+        return self.table.drop_partition(partition)
 
     @torch.inference_mode()
     def _execute(self, plan: Plan, unique_slots: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:

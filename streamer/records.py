@@ -154,6 +154,7 @@ class ReadingDecoder:
             ids,
             np.asarray(ts, dtype=np.float64),
             np.asarray(values, dtype=np.float32).reshape(len(ids), self.input_size),
+            np.fromiter((p.partition for p in positions), dtype=np.int32, count=len(positions)),
         )
         return DecodedBatch(batch, positions, dead)
 

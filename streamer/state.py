@@ -21,6 +21,8 @@ from torch import Tensor
 
 from streamer.errors import CapacityError
 
+NO_PARTITION = -1
+
 
 @dataclass(frozen=True)
 class Acquired:
@@ -54,6 +56,7 @@ class DeviceStateTable:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently seen first
         self._device_of: list[str | None] = [None] * capacity
         self._last_seen = np.zeros(capacity, dtype=np.float64)
+        self._partition = np.full(capacity, NO_PARTITION, dtype=np.int32)  # input partition per slot
         self._free: list[int] = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
 
     def __len__(self) -> int:
@@ -73,11 +76,12 @@ class DeviceStateTable:
         """Known devices, least recently seen first."""
         return list(self._slot_of)
 
-    def acquire(self, device_ids: Sequence[str], now: float) -> Acquired:
+    def acquire(self, device_ids: Sequence[str], now: float, partitions: np.ndarray | None = None) -> Acquired:
         """Slots for distinct ``device_ids``, marking them seen at ``now``.
 
         Known devices keep their slot and rows; new ones get a zeroed slot, from the free list
-        or by evicting the least recently seen devices outside this call.
+        or by evicting the least recently seen devices outside this call. ``partitions`` (one per
+        device) records which input partition each device's readings come from.
         """
         if len(device_ids) > self.capacity:
             raise CapacityError(
@@ -106,6 +110,8 @@ class DeviceStateTable:
             self._device_of[slot] = device_id
             slots[pos] = slot
         self._last_seen[slots] = now
+        if partitions is not None:
+            self._partition[slots] = partitions
         if new_positions:
             fresh = torch.from_numpy(slots[new_positions]).to(self.device)
             self.rows.index_fill_(0, fresh, 0)
@@ -132,6 +138,41 @@ class DeviceStateTable:
         self._release(device_id)
         return True
 
+    def slots_of_partition(self, partition: int) -> np.ndarray:
+        """Occupied slots whose devices read from ``partition``, ascending."""
+        return np.flatnonzero(self._partition == partition)
+
+    def export(self, slots: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(device ids, rows (n, width) float32 on the CPU, last seen (n,)) of ``slots``."""
+        ids = [self._device_of[int(slot)] for slot in slots]
+        rows = self.gather(torch.from_numpy(slots).to(self.device)).cpu().numpy()
+        return ids, rows, self._last_seen[slots].copy()
+
+    def restore(self, device_ids: Sequence[str], rows: np.ndarray, last_seen: np.ndarray, partition: int) -> int:
+        """Put exported devices back, bitwise, replacing what the table had for them.
+
+        Returns the devices evicted to make room. Restored devices keep their last-seen times
+        and enter the recency order oldest first.
+        """
+        if rows.shape != (len(device_ids), self.width):
+            raise ValueError(f"rows of shape {rows.shape} for {len(device_ids)} devices of width {self.width}")
+        if len(device_ids) == 0:
+            return 0
+        order = np.argsort(last_seen, kind="stable")
+        ids = [device_ids[i] for i in order]
+        acquired = self.acquire(ids, now=0.0, partitions=np.full(len(ids), partition, np.int32))
+        self._last_seen[acquired.slots] = last_seen[order]
+        slots = torch.from_numpy(acquired.slots).to(self.device)
+        self.scatter(slots, torch.from_numpy(np.ascontiguousarray(rows[order])).to(self.device, self.rows.dtype))
+        return acquired.evicted_for_capacity
+
+    def drop_partition(self, partition: int) -> int:
+        """Evict every device of ``partition`` (its partition moved elsewhere); returns how many."""
+        slots = self.slots_of_partition(partition)
+        for slot in slots:
+            self._release(self._device_of[int(slot)])
+        return len(slots)
+
     def gather(self, slots: Tensor) -> Tensor:
         """rows[slots]: (n, width), a copy."""
         return self.rows.index_select(0, slots)
@@ -147,4 +188,5 @@ class DeviceStateTable:
     def _release(self, device_id: str) -> None:
         slot = self._slot_of.pop(device_id)
         self._device_of[slot] = None
+        self._partition[slot] = NO_PARTITION
         self._free.append(slot)

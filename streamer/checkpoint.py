@@ -1,0 +1,234 @@
+"""Per-partition checkpoints of device state: where state goes between hosts and restarts.
+
+A checkpoint of an input partition holds every row of that partition's devices (h, c, the last
+forecast and the residual statistics) and the input offset it includes: every reading before
+``offset`` has been applied, none after. The run loop writes one only after the offsets up to
+``offset`` have been committed, so a checkpoint never runs ahead of the group.
+
+File format (little endian), no pickle:
+
+    b"STRMCKP1"                   magic and format version
+    u32 header length, header     JSON: topic, partition, offset, count, width, ids_bytes, created, model_version
+    u32[count] id lengths, ids    device ids, UTF-8
+    f32[count * width]            rows
+    f64[count]                    last seen (epoch s)
+    32 bytes                      SHA-256 of everything above
+
+Files are written to a temporary name, fsynced and renamed into place, so a reader sees a whole
+checkpoint or none; the checksum refuses a torn or corrupted one, and the loader falls back to
+the previous checkpoint. ``DirectoryCheckpointStore`` keeps them as
+<root>/<group>/<topic>/<partition>/<offset>.ckpt: on a local disk for one host, or on a
+directory shared by several hosts (NFS and the like: rename is atomic there too), which is how
+processes on different hosts hand partitions over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamer.engine import PartitionState
+from streamer.errors import StreamerError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"STRMCKP1"
+SUFFIX = ".ckpt"
+DIGEST_SIZE = 32
+
+
+class CheckpointError(StreamerError):
+    """A checkpoint file that cannot be used."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"checkpoint {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    topic: str
+    partition: int
+    offset: int  # the next input offset: readings before it are applied, none after
+    state: PartitionState
+    width: int
+    model_version: str = ""
+    created: float = 0.0
+
+
+def encode(checkpoint: Checkpoint) -> bytes:
+    state = checkpoint.state
+    count = len(state)
+    rows = np.ascontiguousarray(state.rows, dtype="<f4")
+    if rows.shape != (count, checkpoint.width):
+        raise ValueError(f"rows {rows.shape} do not match {count} devices of width {checkpoint.width}")
+    encoded_ids = [device_id.encode("utf-8") for device_id in state.device_ids]
+    ids_blob = b"".join(encoded_ids)
+    header = json.dumps(
+        {
+            "topic": checkpoint.topic,
+            "partition": checkpoint.partition,
+            "offset": checkpoint.offset,
+            "count": count,
+            "width": checkpoint.width,
+            "ids_bytes": len(ids_blob),
+            "created": checkpoint.created or time.time(),
+            "model_version": checkpoint.model_version,
+        },
+        separators=(",", ":"),
+    ).encode()
+    body = b"".join(
+        [
+            MAGIC,
+            struct.pack("<I", len(header)),
+            header,
+            np.asarray([len(b) for b in encoded_ids], dtype="<u4").tobytes(),
+            ids_blob,
+            rows.tobytes(),
+            np.ascontiguousarray(state.last_seen, dtype="<f8").tobytes(),
+        ]
+    )
+    return body + hashlib.sha256(body).digest()
+
+
+def decode(data: bytes, path: object = "<bytes>") -> Checkpoint:
+    """Parse and verify; any defect is a CheckpointError naming ``path``."""
+    if len(data) < len(MAGIC) + 4 + DIGEST_SIZE or not data.startswith(MAGIC):
+        raise CheckpointError(path, "not a streamer checkpoint (bad magic or too short)")
+    body, digest = data[:-DIGEST_SIZE], data[-DIGEST_SIZE:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointError(path, "checksum mismatch: the file is truncated or corrupted")
+    (header_len,) = struct.unpack_from("<I", body, len(MAGIC))
+    at = len(MAGIC) + 4
+    try:
+        header = json.loads(body[at : at + header_len])
+        count, width, ids_bytes = int(header["count"]), int(header["width"]), int(header["ids_bytes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(path, f"unreadable header ({exc})") from None
+    at += header_len
+    expected = at + 4 * count + ids_bytes + 4 * count * width + 8 * count
+    if expected != len(body):
+        raise CheckpointError(path, f"size {len(body)} does not match its header (expected {expected})")
+    lengths = np.frombuffer(body, dtype="<u4", count=count, offset=at)
+    at += 4 * count
+    ids_blob = body[at : at + ids_bytes]
+    at += ids_bytes
+    ids, cursor = [], 0
+    for length in lengths.tolist():
+        ids.append(ids_blob[cursor : cursor + length].decode("utf-8"))
+        cursor += length
+    rows = np.frombuffer(body, dtype="<f4", count=count * width, offset=at).reshape(count, width).astype(np.float32)
+    at += 4 * count * width
+    last_seen = np.frombuffer(body, dtype="<f8", count=count, offset=at).astype(np.float64)
+    return Checkpoint(
+        topic=str(header["topic"]),
+        partition=int(header["partition"]),
+        offset=int(header["offset"]),
+        state=PartitionState(ids, rows, last_seen),
+        width=width,
+        model_version=str(header.get("model_version", "")),
+        created=float(header.get("created", 0.0)),
+    )
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A checkpoint file skipped while loading, and why."""
+
+    path: Path
+    reason: str
+
+
+class DirectoryCheckpointStore:
+    """Checkpoints as files under ``root``/<group>/<topic>/<partition>/, the last ``keep`` kept."""
+
+    def __init__(self, root: Path, group_id: str, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.group_id = group_id
+        self.keep = keep
+
+    def _dir(self, topic: str, partition: int) -> Path:
+        return self.root / _safe(self.group_id) / _safe(topic) / str(partition)
+
+    def paths(self, topic: str, partition: int) -> list[Path]:
+        """Checkpoint files of a partition, newest (highest offset) first."""
+        directory = self._dir(topic, partition)
+        if not directory.is_dir():
+            return []
+        found = []
+        for path in directory.iterdir():
+            if path.suffix == SUFFIX and path.stem.isdigit():
+                found.append((int(path.stem), path))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def save(self, checkpoint: Checkpoint) -> Path:
+        directory = self._dir(checkpoint.topic, checkpoint.partition)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{checkpoint.offset:020d}{SUFFIX}"
+        tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+        data = encode(checkpoint)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+        for old in self.paths(checkpoint.topic, checkpoint.partition)[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(
+        self, topic: str, partition: int, width: int, max_offset: int | None = None
+    ) -> tuple[Checkpoint | None, list[Refused]]:
+        """The newest usable checkpoint with offset <= ``max_offset`` (when given), and the
+        newer files refused on the way (corrupt, truncated, or of another row width)."""
+        refused: list[Refused] = []
+        for path in self.paths(topic, partition):
+            try:
+                checkpoint = decode(path.read_bytes(), path)
+            except (OSError, CheckpointError) as exc:
+                reason = exc.reason if isinstance(exc, CheckpointError) else str(exc)
+                log.warning("checkpoint %s refused: %s; trying the previous one", path, reason)
+                refused.append(Refused(path, reason))
+                continue
+            if checkpoint.topic != topic or checkpoint.partition != partition:
+                refused.append(Refused(path, f"belongs to {checkpoint.topic}[{checkpoint.partition}]"))
+                continue
+            if checkpoint.width != width:
+                reason = f"rows of width {checkpoint.width}, this model needs {width}"
+                log.warning("checkpoint %s refused: %s", path, reason)
+                refused.append(Refused(path, reason))
+                continue
+            if max_offset is not None and checkpoint.offset > max_offset:
+                continue  # ahead of the group's committed offset: not this group's history
+            return checkpoint, refused
+        return None, refused
+
+
+def _safe(name: str) -> str:
+    """A path component for a topic or group name (Kafka allows [a-zA-Z0-9._-] in topics)."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else f"%{ord(ch):02x}" for ch in name) or "%"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
