@@ -188,7 +188,7 @@ def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
     consumer = make_consumer(settings.kafka, settings.batch.max_records)
     producer = make_producer(settings.kafka)
     pipeline = Pipeline(settings, engine, consumer, producer, Metrics(CollectorRegistry()), Health(60))
-    consumer.subscribe([topic])
+    pipeline.subscribe()
     stop = threading.Event()
     started = None
     while pipeline.summary.readings < E2E_READINGS:

@@ -205,6 +205,23 @@ class Engine:
     def model_version(self) -> str:
         return self.bundle.version
 
+    def swap_model(self, bundle: ModelBundle) -> None:
+        """Serve ``bundle`` from the next step on, keeping every device's state.
+
+        Only a model of the same shape can take over carried state; others are refused.
+        """
+        if bundle.config != self.config:
+            raise StreamerError(
+                f"model {bundle.path}: shape {bundle.config.to_dict()} differs from the running "
+                f"{self.config.to_dict()}; restart to change shape (carried state would not fit)"
+            )
+        weights = StepWeights(bundle.model, self.device)
+        norm = bundle.normalization
+        self._mean = norm.mean.to(self.device) if norm else None
+        self._std = norm.std.to(self.device) if norm else None
+        self.weights = weights
+        self.bundle = bundle
+
     def step(self, batch: ReadingBatch, now: float | None = None) -> tuple[PredictionBatch, StepReport]:
         """One prediction per reading of ``batch``. ``now`` (epoch s) drives TTL and LRU."""
         started = time.perf_counter()

@@ -101,6 +101,35 @@ class Metrics:
         self.active_devices = Gauge("streamer_active_devices", "Devices in the state table", registry=registry)
         self.table_capacity = Gauge("streamer_table_capacity", "Rows of the state table", registry=registry)
         self.model_info = Gauge("streamer_model_info", "The model being served", ["version"], registry=registry)
+        self.recoveries = Counter(
+            "streamer_partition_recoveries",
+            "Partitions taken on, by how their state was recovered (checkpoint, fresh, no_checkpoint)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.replayed = Counter(
+            "streamer_replayed_messages", "Input messages replayed with output suppressed", registry=registry
+        )
+        self.checkpoints = Counter("streamer_checkpoints", "Partition checkpoints written", registry=registry)
+        self.checkpoint_failures = Counter(
+            "streamer_checkpoint_failures", "Partition checkpoints that could not be written", registry=registry
+        )
+        self.checkpoints_refused = Counter(
+            "streamer_checkpoints_refused", "Checkpoint files refused on load (corrupt, truncated, other model)",
+            registry=registry,
+        )
+        self.checkpoint_seconds = Histogram(
+            "streamer_checkpoint_seconds", "Time to write one partition checkpoint", buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.model_reloads = Counter(
+            "streamer_model_reloads", "Model file changes seen, by outcome (loaded, failed)", ["outcome"],
+            registry=registry,
+        )
+        self.transactions_aborted = Counter(
+            "streamer_transactions_aborted", "Batches whose transaction was aborted (exactly-once mode)",
+            registry=registry,
+        )
         self.last_batch_time = Gauge(
             "streamer_last_batch_timestamp_seconds", "When the loop last completed a poll", registry=registry
         )
@@ -143,6 +172,31 @@ class Metrics:
     def on_lag(self, lag: Mapping[tuple[str, int], int]) -> None:
         for (topic, partition), value in lag.items():
             self.consumer_lag.labels(topic=topic, partition=str(partition)).set(value)
+
+    def on_recovery(self, outcome: str) -> None:
+        self.recoveries.labels(outcome=outcome).inc()
+
+    def on_replayed(self, messages: int) -> None:
+        self.replayed.inc(messages)
+
+    def on_checkpoint(self, seconds: float, devices: int) -> None:
+        self.checkpoints.inc()
+        self.checkpoint_seconds.observe(seconds)
+
+    def on_checkpoint_failed(self) -> None:
+        self.checkpoint_failures.inc()
+
+    def on_checkpoints_refused(self, count: int) -> None:
+        self.checkpoints_refused.inc(count)
+
+    def on_model_reload(self, outcome: str, version: str | None = None) -> None:
+        self.model_reloads.labels(outcome=outcome).inc()
+        if version is not None:
+            self.model_info.clear()
+            self.model_info.labels(version=version).set(1)
+
+    def on_transaction_aborted(self) -> None:
+        self.transactions_aborted.inc()
 
     def on_poll(self) -> None:
         self.last_batch_time.set(time.time())

@@ -1,7 +1,11 @@
-"""The run loop: Kafka poll -> decode -> step -> produce -> acknowledge -> commit.
+"""The run loop: Kafka poll -> decode -> step -> produce -> acknowledge -> commit -> checkpoint.
 
-At-least-once: a batch's offsets are committed only after every prediction and dead letter of
-that batch has been acknowledged by the broker. A crash between the two re-delivers the batch.
+At-least-once (default): a batch's offsets are committed only after every prediction and dead
+letter of that batch has been acknowledged by the broker; a crash in between re-delivers the
+batch. Exactly-once (kafka.exactly_once): the batch's predictions, dead letters and input
+offsets are committed in one transaction; an aborted batch's partitions are recovered again
+from their checkpoints, since the engine had applied readings whose output never became
+visible. Checkpoints follow commits (see partitions.py).
 """
 
 from __future__ import annotations
@@ -11,21 +15,27 @@ import threading
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from streamer.engine import Engine
-from streamer.errors import PipelineError
+from streamer.checkpoint import DirectoryCheckpointStore
+from streamer.engine import Engine, PredictionBatch, StepReport
+from streamer.errors import PipelineError, StreamerError
 from streamer.metrics import Health, Metrics
-from streamer.records import ReadingDecoder, encode_predictions
+from streamer.model import load_model_file
+from streamer.partitions import CheckpointPolicy, PartitionManager
+from streamer.records import DeadLetter, ReadingDecoder, encode_predictions
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200
 LAG_INTERVAL_S = 1.0
+COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 
 
 @dataclass
@@ -35,8 +45,38 @@ class RunSummary:
     dead_letters: int = 0
     anomalies: int = 0
     batches: int = 0
+    replayed: int = 0
+    aborted_batches: int = 0
     seconds: float = 0.0
     dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class ModelWatcher:
+    """Notices when the model file changes (mtime or size), checking at most every interval_s."""
+
+    def __init__(self, path: Path, interval_s: float) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._signature = self._stat()
+        self._next_check = time.monotonic() + interval_s
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def changed(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + self.interval_s
+        signature = self._stat()
+        if signature is None or signature == self._signature:
+            return False
+        self._signature = signature
+        return True
 
 
 class Pipeline:
@@ -48,6 +88,7 @@ class Pipeline:
         producer: KafkaProducer,
         metrics: Metrics | None = None,
         health: Health | None = None,
+        store: DirectoryCheckpointStore | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -55,17 +96,28 @@ class Pipeline:
         self.producer = producer
         self.metrics = metrics
         self.health = health
+        self.exactly_once = settings.kafka.exactly_once
         self.decoder = ReadingDecoder(engine.config.input_size)
+        policy = CheckpointPolicy(settings.checkpoint.interval_s, settings.checkpoint.interval_readings)
+        self.partitions = PartitionManager(consumer, engine, store, policy, metrics)
         self.summary = RunSummary()
+        model = settings.model
+        self.model_watcher = (
+            ModelWatcher(model.path, model.reload_interval_s) if model.path and model.reload_interval_s else None
+        )
         self._last_lag = 0.0
         self._last_status = time.monotonic()
         self._status_readings = 0
         if metrics is not None:
             metrics.watch_table(lambda: len(engine.table), engine.table.capacity, engine.model_version)
 
+    def subscribe(self) -> None:
+        self.consumer.subscribe([self.settings.kafka.input_topic], listener=self.partitions.listener())
+
     def run(self, stop: threading.Event) -> RunSummary:
-        """Process micro-batches until ``stop`` is set or run.duration_s has passed."""
-        self.consumer.subscribe([self.settings.kafka.input_topic])
+        """Process micro-batches until ``stop`` is set or run.duration_s has passed; then
+        checkpoint every owned partition (everything applied is committed by then)."""
+        self.subscribe()
         started = time.monotonic()
         duration = self.settings.run.duration_s
         try:
@@ -74,6 +126,7 @@ class Pipeline:
                     break
                 self.run_once(stop)
                 self._maybe_status()
+            self.partitions.checkpoint_all()
         except Exception as exc:
             if self.health is not None:
                 self.health.fail(f"run loop stopped: {exc}")
@@ -85,55 +138,94 @@ class Pipeline:
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Poll one micro-batch and process it completely; returns the messages handled."""
         records = self._poll_batch(stop)
+        self.partitions.recover_pending()
         if self.health is not None:
             self.health.beat()
         if self.metrics is not None:
             self.metrics.on_poll()
         if records:
             self._process(records)
+        self._maybe_reload_model()
         self._maybe_lag()
         return len(records)
 
     def _poll_batch(self, stop: threading.Event | None) -> list:
-        """Up to batch.max_records messages, waiting at most batch.max_wait_ms after the first."""
+        """Up to batch.max_records messages of owned, recovered partitions, waiting at most
+        batch.max_wait_ms after the first; per partition in offset order."""
         max_records = self.settings.batch.max_records
         max_wait = self.settings.batch.max_wait_ms / 1000
-        records: list = []
+        chunks: list[tuple[TopicPartition, list]] = []
+        count = 0
         deadline: float | None = None
-        while len(records) < max_records:
+        while count < max_records:
             if deadline is None:
                 timeout_ms = IDLE_POLL_MS
             else:
                 timeout_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records - len(records))
-            for messages in polled.values():
-                records.extend(messages)
-            if not records:
-                return records  # idle: let the caller check stop and deadlines
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records - count)
+            for tp, messages in polled.items():
+                chunks.append((tp, messages))
+                count += len(messages)
+            if not count:
+                break  # idle: let the caller check stop and deadlines
             if deadline is None:
                 deadline = time.monotonic() + max_wait
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 break
-        return records
+        # A partition revoked (or assigned and not yet recovered) while polling: its messages
+        # are someone else's, or will be read again from its recovered position.
+        return [msg for tp, messages in chunks if self.partitions.accepts(tp) for msg in messages]
 
     def _process(self, records: list) -> None:
         """The commit order, step by step."""
         started = time.perf_counter()
-        kafka = self.settings.kafka
         # 1. Decode and validate; bad messages become dead letters, never exceptions.
         decoded = self.decoder.decode(records)
+        next_offsets, readings_per_partition = _progress(records)
+        # Readings below a recovered partition's committed offset were published before.
+        bounds = self.partitions.replay_bounds()
+        replay = np.fromiter(
+            (p.offset < bounds.get((p.topic, p.partition), -1) for p in decoded.positions),
+            dtype=bool,
+            count=len(decoded.positions),
+        ) if bounds else np.zeros(len(decoded.positions), dtype=bool)
+        letters = [d for d in decoded.dead_letters if d.source.offset >= bounds.get((d.source.topic, d.source.partition), -1)]
         # 2. Step every device with a new reading, in offset order per device.
-        predictions, report = self.engine.step(decoded.readings)
-        # 3. Produce predictions and dead letters.
+        with self.partitions.lock:
+            predictions, report = self.engine.step(decoded.readings)
+            self.partitions.applied(next_offsets, readings_per_partition)
+        published = _select(predictions, ~replay) if replay.any() else predictions
+        offsets = self.partitions.offsets_to_commit(next_offsets)
+        # 3-5. Produce predictions and dead letters; once the broker has them, commit offsets.
+        if self.exactly_once:
+            if not self._publish_transaction(published, letters, offsets, next_offsets):
+                return
+        else:
+            self._publish(published, letters)
+            if offsets and not self._commit(offsets):
+                return
+        acked_at = time.time()
+        # 6. Checkpoint the partitions that are due, now that their offsets are committed.
+        self.partitions.committed(offsets)
+        # 7. Account for it.
+        by_reason = Tally(letter.reason.value for letter in letters)
+        self.summary.replayed += int(replay.sum())
+        self._account(report, len(published), by_reason, acked_at - published.ts, time.perf_counter() - started)
+
+    def _sends(self, predictions: PredictionBatch, letters: list[DeadLetter]) -> list:
+        kafka = self.settings.kafka
         futures = [
             self.producer.send(kafka.output_topic, key=key, value=value)
             for key, value in encode_predictions(predictions, self.engine.model_version)
         ]
-        for letter in decoded.dead_letters:
+        for letter in letters:
             futures.append(
                 self.producer.send(kafka.dead_letter_topic, key=letter.key, value=letter.value, headers=letter.kafka_headers())
             )
-        # 4. Wait until the broker has acknowledged all of them.
+        return futures
+
+    def _publish(self, predictions: PredictionBatch, letters: list[DeadLetter]) -> None:
+        futures = self._sends(predictions, letters)
         self.producer.flush()
         failed = [f for f in futures if f.failed()]
         if failed:
@@ -141,25 +233,58 @@ class Pipeline:
                 f"{len(failed)} of {len(futures)} sends of this batch failed (first: {failed[0].exception!r});"
                 " offsets not committed, the batch will be re-delivered"
             )
-        acked_at = time.time()
-        # 5. Commit the offsets of every message of the batch, used or dead-lettered.
-        self.consumer.commit(self._next_offsets(records))
-        # 6. Account for it.
-        by_reason = Tally(letter.reason.value for letter in decoded.dead_letters)
-        self._account(report, by_reason, acked_at - predictions.ts, time.perf_counter() - started)
 
-    @staticmethod
-    def _next_offsets(records: list) -> dict[TopicPartition, OffsetAndMetadata]:
-        last: dict[TopicPartition, int] = {}
-        for msg in records:
-            last[TopicPartition(msg.topic, msg.partition)] = msg.offset
-        return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> bool:
+        """Commit, retrying while the broker is away; False if the group took the partitions
+        meanwhile (their new owner re-reads from the last commit: at-least-once holds)."""
+        deadline = time.monotonic() + COMMIT_RETRY_S
+        while True:
+            try:
+                self.consumer.commit(offsets)
+                return True
+            except CommitFailedError as exc:
+                log.warning("commit refused, the group rebalanced meanwhile: %s", exc)
+                return False
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
+                    raise PipelineError(f"cannot commit offsets: {exc!r}") from exc
+                log.warning("commit failed (%r), retrying", exc)
+                time.sleep(0.5)
 
-    def _account(self, report, by_reason: Tally, latencies: np.ndarray, batch_seconds: float) -> None:
+    def _publish_transaction(
+        self,
+        predictions: PredictionBatch,
+        letters: list[DeadLetter],
+        offsets: dict[TopicPartition, OffsetAndMetadata],
+        next_offsets: dict[TopicPartition, int],
+    ) -> bool:
+        """One transaction: outputs and input offsets. False when it was aborted."""
+        try:
+            self.producer.begin_transaction()
+            self._sends(predictions, letters)
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+            return True
+        except KafkaError as exc:
+            log.warning("transaction aborted (%r): recovering %d partitions", exc, len(next_offsets))
+            try:
+                self.producer.abort_transaction()
+            except KafkaError as abort_exc:
+                raise PipelineError(f"cannot abort the transaction after {exc!r}: {abort_exc!r}") from abort_exc
+            self.partitions.reset(next_offsets)
+            self.summary.aborted_batches += 1
+            if self.metrics is not None:
+                self.metrics.on_transaction_aborted()
+            return False
+
+    def _account(
+        self, report: StepReport, published: int, by_reason: Tally, latencies: np.ndarray, batch_seconds: float
+    ) -> None:
         s = self.summary
         s.batches += 1
         s.readings += report.readings
-        s.predictions += report.readings
+        s.predictions += published
         s.anomalies += report.anomalies
         dead = sum(by_reason.values())
         s.dead_letters += dead
@@ -170,7 +295,7 @@ class Pipeline:
             return
         self.metrics.on_batch(
             readings=report.readings,
-            predictions=report.readings,
+            predictions=published,
             anomalies=report.anomalies,
             new_devices=report.new_devices,
             evicted_ttl=report.evicted_idle,
@@ -181,6 +306,23 @@ class Pipeline:
         )
         if by_reason:
             self.metrics.on_dead_letters(by_reason)
+
+    def _maybe_reload_model(self) -> None:
+        if self.model_watcher is None or not self.model_watcher.changed():
+            return
+        path = self.model_watcher.path
+        try:
+            bundle = load_model_file(path)
+            with self.partitions.lock:
+                self.engine.swap_model(bundle)
+        except StreamerError as exc:
+            log.error("model file changed but cannot be used, still serving %s: %s", self.engine.model_version, exc)
+            if self.metrics is not None:
+                self.metrics.on_model_reload("failed")
+            return
+        log.info("now serving model %s from %s", bundle.version, path)
+        if self.metrics is not None:
+            self.metrics.on_model_reload("loaded", bundle.version)
 
     def _maybe_lag(self) -> None:
         if self.metrics is None or time.monotonic() - self._last_lag < LAG_INTERVAL_S:
@@ -214,12 +356,37 @@ class Pipeline:
         lag = sum(self.lag().values())
         s = self.summary
         log.info(
-            "%.0f readings/s | %d devices | %d anomalies | %d dead letters | lag %d",
+            "%.0f readings/s | %d devices | %d partitions | %d anomalies | %d dead letters | lag %d",
             self._status_readings / elapsed,
             len(self.engine.table),
+            len(self.partitions.owned),
             s.anomalies,
             s.dead_letters,
             lag,
         )
         self._last_status = now
         self._status_readings = 0
+
+
+def _progress(records: list) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Per partition: the offset after its last message here, and how many messages."""
+    next_offsets: dict[TopicPartition, int] = {}
+    counts: dict[TopicPartition, int] = {}
+    current = None
+    for msg in records:
+        if current is None or current.topic != msg.topic or current.partition != msg.partition:
+            current = TopicPartition(msg.topic, msg.partition)
+        next_offsets[current] = msg.offset + 1
+        counts[current] = counts.get(current, 0) + 1
+    return next_offsets, counts
+
+
+def _select(predictions: PredictionBatch, mask: np.ndarray) -> PredictionBatch:
+    index = np.flatnonzero(mask)
+    return PredictionBatch(
+        [predictions.device_ids[i] for i in index],
+        predictions.ts[index],
+        predictions.forecast[index],
+        predictions.anomaly_score[index],
+        predictions.is_anomaly[index],
+    )

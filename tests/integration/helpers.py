@@ -25,10 +25,16 @@ def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes
         producer.close()
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0, settle_s: float = 1.0) -> list:
+def read_topic(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0, settle_s: float = 1.0,
+    committed_only: bool = False,
+) -> list:
     """Every record of ``topic`` from the beginning: waits for ``expected`` and then ``settle_s``
-    more, so that a surplus (duplicates) would be seen too."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    more, so that a surplus (duplicates) would be seen too. ``committed_only``: read_committed."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+        isolation_level="read_committed" if committed_only else "read_uncommitted",
+    )
     try:
         deadline = time.monotonic() + timeout_s
         partitions = None

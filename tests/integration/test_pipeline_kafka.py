@@ -82,6 +82,7 @@ def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: s
         "batch": {"max_records": 64, "max_wait_ms": 20},
         "model": {"path": model_path, "device": "cpu"},
         "state": {"capacity": 1000},
+        "checkpoint": {"directory": tmp_path / "checkpoints"},
         "metrics": {"port": port},
         "run": {"status_interval_s": 0},
     })

@@ -1,0 +1,266 @@
+"""State that survives restarts and follows partitions, through the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamer.checkpoint import DirectoryCheckpointStore
+from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
+from streamer.service import run_service
+from streamer.settings import load_settings
+from tests.integration.helpers import create_topic, produce, read_topic
+from tests.test_engine import offline_forecasts
+
+pytestmark = pytest.mark.kafka
+
+DEVICES, PARTITIONS = 24, 3
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Scenario:
+    """One input topic, devices with known sequences, and services run against it."""
+
+    def __init__(self, bootstrap: str, unique: str, tmp_path: Path, exactly_once: bool = False) -> None:
+        self.bootstrap = bootstrap
+        self.topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+        create_topic(bootstrap, self.topics["in"], PARTITIONS)
+        create_topic(bootstrap, self.topics["out"], 1)
+        self.group = f"g-{unique}"
+        self.checkpoints = tmp_path / "checkpoints"
+        config = ModelConfig(2, 12, 2, 2)
+        self.model_path = tmp_path / "model.pt"
+        save_model_file(self.model_path, init_random_model(config, seed=9), config, "v1")
+        self.rng = np.random.default_rng(5)
+        self.devices = [f"dev-{d:02d}" for d in range(DEVICES)]
+        self.sequences: dict[str, list[np.ndarray]] = {d: [] for d in self.devices}
+        self.exactly_once = exactly_once
+
+    @property
+    def readings(self) -> int:
+        return sum(len(s) for s in self.sequences.values())
+
+    def produce(self, per_device: int) -> None:
+        messages = []
+        for _ in range(per_device):
+            for device in self.devices:
+                value = self.rng.normal(size=2).astype(np.float32)
+                t = len(self.sequences[device])
+                self.sequences[device].append(value)
+                body = {"device_id": device, "ts": 1_700_000_000.0 + t, "values": value.tolist()}
+                messages.append((device.encode(), json.dumps(body).encode(), None))
+        produce(self.bootstrap, self.topics["in"], messages)
+
+    def settings(self, **sections):
+        base = {
+            "kafka": {"bootstrap_servers": self.bootstrap, "input_topic": self.topics["in"],
+                      "output_topic": self.topics["out"], "dead_letter_topic": self.topics["dlq"],
+                      "group_id": self.group, "session_timeout_ms": 6000, "exactly_once": self.exactly_once},
+            "batch": {"max_records": 50, "max_wait_ms": 10},
+            "model": {"path": self.model_path, "device": "cpu", "reload_interval_s": 0.2},
+            "state": {"capacity": 1000},
+            "checkpoint": {"directory": self.checkpoints, "interval_s": 3600},
+            "metrics": {"enabled": False},
+            "run": {"status_interval_s": 0},
+        }
+        for name, values in sections.items():
+            base[name] = {**base[name], **values}
+        return load_settings(base)
+
+    def start(self, **sections) -> "Running":
+        return Running(self.settings(**sections))
+
+    def outputs(self, expected: int, timeout_s: float = 90) -> list[dict]:
+        records = read_topic(self.bootstrap, self.topics["out"], expected, timeout_s=timeout_s,
+                             committed_only=self.exactly_once)
+        return [json.loads(r.value) for r in records]
+
+    def check(self, outputs: list[dict], bundle=None) -> dict[str, int]:
+        """Every reading so far has a prediction equal to the offline model; returns counts."""
+        bundle = bundle or load_model_file(self.model_path)
+        by_key = defaultdict(list)
+        for o in outputs:
+            by_key[(o["device_id"], o["ts"])].append(o)
+        for device, seq in self.sequences.items():
+            reference = offline_forecasts(bundle, np.stack(seq))
+            for t, expected in enumerate(reference):
+                got = by_key.get((device, 1_700_000_000.0 + t))
+                assert got, f"{device} reading {t} has no prediction"
+                for prediction in got:
+                    np.testing.assert_allclose(prediction["forecast"], expected, atol=1e-5, rtol=0,
+                                               err_msg=f"{device} reading {t}")
+        return {"predictions": len(outputs), "distinct": len(by_key), "duplicates": len(outputs) - len(by_key)}
+
+
+class Running:
+    def __init__(self, settings) -> None:
+        self.registry = CollectorRegistry()
+        self.stop_event = threading.Event()
+        self.result: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(settings,), daemon=True)
+        self.thread.start()
+
+    def _run(self, settings) -> None:
+        try:
+            self.result["summary"] = run_service(settings, self.stop_event, self.registry)
+        except BaseException as exc:  # surfaced by stop()
+            self.result["error"] = exc
+
+    def metric(self, name: str, **labels) -> float:
+        return self.registry.get_sample_value(name, labels or None) or 0.0
+
+    def stop(self):
+        self.stop_event.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the run loop did not stop"
+        if "error" in self.result:
+            raise self.result["error"]
+        return self.result["summary"]
+
+
+def test_restart_resumes_every_device_from_its_checkpoint(kafka_bootstrap, unique, tmp_path):
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    s.produce(6)
+    first = s.start()
+    s.check(s.outputs(s.readings))
+    first.stop()
+    assert first.metric("streamer_partition_recoveries_total", outcome="fresh") == PARTITIONS
+    store = DirectoryCheckpointStore(s.checkpoints, s.group)
+    assert sum(int(store.paths(s.topics["in"], p)[0].stem) for p in range(PARTITIONS)) == s.readings
+
+    s.produce(6)
+    second = s.start()
+    counts = s.check(s.outputs(s.readings))
+    second.stop()
+    assert counts["duplicates"] == 0
+    assert second.metric("streamer_partition_recoveries_total", outcome="checkpoint") == PARTITIONS
+    assert second.metric("streamer_replayed_messages_total") == 0
+
+
+def test_lost_or_corrupt_checkpoints_are_rebuilt_by_replay_without_republishing(kafka_bootstrap, unique, tmp_path):
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    s.produce(8)
+    first = s.start()
+    s.outputs(s.readings)
+    first.stop()
+    store = DirectoryCheckpointStore(s.checkpoints, s.group)
+    newest = [store.paths(s.topics["in"], p)[0] for p in range(PARTITIONS)]
+    # As if the process had died before checkpointing: partition 0's newest checkpoint is torn,
+    # partition 1's is gone; partition 2 keeps its own. The older ones are at offset 0.
+    newest[0].write_bytes(newest[0].read_bytes()[:-100])
+    newest[1].unlink()
+    replay = sum(int(newest[p].stem) for p in (0, 1))
+
+    s.produce(4)
+    second = s.start()
+    counts = s.check(s.outputs(s.readings))
+    second.stop()
+    assert counts["duplicates"] == 0, "replayed readings must not be published again"
+    assert second.metric("streamer_replayed_messages_total") == replay
+    assert second.metric("streamer_checkpoints_refused_total") == 1
+    assert second.metric("streamer_partition_recoveries_total", outcome="no_checkpoint") == 0
+
+
+def test_two_processes_hand_devices_back_and_forth(kafka_bootstrap, unique, tmp_path):
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    a = s.start()
+    s.produce(5)
+    s.outputs(s.readings)
+    b = s.start()  # takes some partitions from a
+    time.sleep(8)
+    s.produce(5)
+    s.outputs(s.readings)
+    a_summary = a.stop()  # b takes everything
+    s.produce(5)
+    s.outputs(s.readings)
+    c = s.start()  # and hands some back to a new process
+    time.sleep(8)
+    s.produce(5)
+    counts = s.check(s.outputs(s.readings))
+    b_summary, c_summary = b.stop(), c.stop()
+    assert counts["distinct"] == s.readings
+    for running in (a, b, c):
+        assert running.metric("streamer_partition_recoveries_total", outcome="no_checkpoint") == 0
+    assert b.metric("streamer_partition_recoveries_total", outcome="checkpoint") >= 1
+    assert c.metric("streamer_partition_recoveries_total", outcome="checkpoint") >= 1
+    assert min(a_summary.readings, b_summary.readings, c_summary.readings) > 0
+
+
+def test_exactly_once_outputs_each_prediction_once(kafka_bootstrap, unique, tmp_path):
+    s = Scenario(kafka_bootstrap, unique, tmp_path, exactly_once=True)
+    s.produce(6)
+    running = s.start()
+    counts = s.check(s.outputs(s.readings))
+    running.stop()
+    s.produce(4)
+    again = s.start()
+    counts = s.check(s.outputs(s.readings))
+    again.stop()
+    assert counts["duplicates"] == 0 and counts["distinct"] == s.readings
+
+
+def test_corrupt_model_file_keeps_the_old_model_serving(kafka_bootstrap, unique, tmp_path):
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    old = load_model_file(s.model_path)
+    running = s.start()
+    s.produce(3)
+    s.outputs(s.readings)
+    s.model_path.write_bytes(b"\x00 this is no longer a model")
+    deadline = time.monotonic() + 20
+    while running.metric("streamer_model_reloads_total", outcome="failed") < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    s.produce(3)
+    outputs = s.outputs(s.readings)
+    s.check(outputs, bundle=old)
+    assert {o["model_version"] for o in outputs} == {"v1"}
+    assert running.metric("streamer_model_reloads_total", outcome="failed") == 1
+    # A good file of the same shape takes over without a restart, state carried on.
+    config = ModelConfig(2, 12, 2, 2)
+    save_model_file(s.model_path, init_random_model(config, seed=10), config, "v2")
+    deadline = time.monotonic() + 20
+    while running.metric("streamer_model_reloads_total", outcome="loaded") < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    s.produce(1)
+    outputs = s.outputs(s.readings)
+    running.stop()
+    assert {o["model_version"] for o in outputs[-DEVICES:]} == {"v2"}
+
+
+def test_sigterm_finishes_commits_checkpoints_and_exits_zero(kafka_bootstrap, unique, tmp_path):
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    s.produce(5)
+    env = {**os.environ}
+    for section, values in {
+        "KAFKA": {"BOOTSTRAP_SERVERS": kafka_bootstrap, "INPUT_TOPIC": s.topics["in"], "OUTPUT_TOPIC": s.topics["out"],
+                  "DEAD_LETTER_TOPIC": s.topics["dlq"], "GROUP_ID": s.group},
+        "MODEL": {"PATH": str(s.model_path), "DEVICE": "cpu"},
+        "CHECKPOINT": {"DIRECTORY": str(s.checkpoints), "INTERVAL_S": "3600"},
+        "METRICS": {"ENABLED": "false"},
+    }.items():
+        for name, value in values.items():
+            env[f"STREAMER_{section}__{name}"] = value
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        s.check(s.outputs(s.readings))
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - sent < 15
+    assert json.loads(out.strip().splitlines()[-1])["summary"]["predictions"] == s.readings
+    store = DirectoryCheckpointStore(s.checkpoints, s.group)
+    assert sum(int(store.paths(s.topics["in"], p)[0].stem) for p in range(PARTITIONS)) == s.readings
