@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
-from kafka.structs import OffsetAndMetadata, TopicPartition  # noqa: E402
+from kafka.structs import OffsetAndMetadata  # noqa: E402
 
 from streamer.engine import Engine, ReadingBatch, plan_waves  # noqa: E402
 from streamer.kafka import ensure_topics  # noqa: E402

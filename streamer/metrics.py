@@ -179,7 +179,7 @@ class Metrics:
     def on_replayed(self, messages: int) -> None:
         self.replayed.inc(messages)
 
-    def on_checkpoint(self, seconds: float, devices: int) -> None:
+    def on_checkpoint(self, seconds: float) -> None:
         self.checkpoints.inc()
         self.checkpoint_seconds.observe(seconds)
 

@@ -245,7 +245,7 @@ class PartitionManager:
         owned.checkpoint_time = time.monotonic()
         owned.readings_since_checkpoint = 0
         if self.metrics is not None:
-            self.metrics.on_checkpoint(time.perf_counter() - started, len(state))
+            self.metrics.on_checkpoint(time.perf_counter() - started)
 
 
 def _name(tp: TopicPartition) -> str:
