@@ -8,8 +8,10 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from streamer.anomaly import AnomalyParams
+from streamer.checkpoint import DirectoryCheckpointStore
 from streamer.engine import Engine
 from streamer.kafka import ensure_topics, make_consumer, make_producer
+from streamer.kafka.clients import security_config
 from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model import load_model_file
 from streamer.pipeline import Pipeline, RunSummary
@@ -49,7 +51,12 @@ def run_service(
     kafka = settings.kafka
     # Output and dead-letter topics with the input's default partitioning if they are missing,
     # so the first dead letter does not wait for auto-creation.
-    ensure_topics(kafka.bootstrap_servers, {kafka.output_topic: 1, kafka.dead_letter_topic: 1}, kafka.client_id)
+    ensure_topics(
+        kafka.bootstrap_servers,
+        {kafka.output_topic: 1, kafka.dead_letter_topic: 1},
+        kafka.client_id,
+        security=security_config(kafka),
+    )
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     health = Health(HEALTH_STALE_AFTER_S)
@@ -57,10 +64,14 @@ def run_service(
     if settings.metrics.enabled:
         server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
         log.info("metrics at http://%s:%d/metrics, health at /healthz", server.host, server.port)
+    store = None
+    if settings.checkpoint.enabled:
+        store = DirectoryCheckpointStore(settings.checkpoint.directory, kafka.group_id, settings.checkpoint.keep)
+        log.info("checkpoints in %s", settings.checkpoint.directory.resolve())
     consumer = make_consumer(kafka, settings.batch.max_records)
     producer = make_producer(kafka)
     try:
-        pipeline = Pipeline(settings, engine, consumer, producer, metrics, health)
+        pipeline = Pipeline(settings, engine, consumer, producer, metrics, health, store)
         summary = pipeline.run(stop)
         log.info(
             "stopped: %d readings, %d predictions, %d dead letters, %d anomalies in %.1fs",
@@ -72,7 +83,6 @@ def run_service(
         )
         return summary
     finally:
-        producer.flush()
         producer.close()
         consumer.close()
         if server is not None:

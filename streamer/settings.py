@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from streamer.errors import StreamerError
@@ -42,6 +42,21 @@ class KafkaSettings(Section):
     transactional_id_prefix: str = Field(
         "streamer", min_length=1, description="prefix of this process's transactional id (exactly-once mode)"
     )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients talk to the brokers: plain or TLS, with or without SASL authentication"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (needed by SASL_PLAINTEXT and SASL_SSL)"
+    )
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged or shown)")
+    ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates (none: the system's CAs)"
+    )
+    ssl_certfile: Path | None = Field(None, description="PEM client certificate chain, for brokers that ask for one")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of the client certificate")
+    ssl_password: SecretStr | None = Field(None, description="password of the encrypted ssl_keyfile (never logged or shown)")
+    ssl_check_hostname: bool = Field(True, description="check that a broker's certificate names the host connected to")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -50,6 +65,32 @@ class KafkaSettings(Section):
             if not re.fullmatch(r"\[?[\w.\-:]+\]?:\d{1,5}", server.strip()):
                 raise ValueError(f"{server!r} is not host:port")
         return value
+
+    @model_validator(mode="after")
+    def _security_complete(self) -> "KafkaSettings":
+        if self.security_protocol.startswith("SASL_"):
+            missing = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"security_protocol {self.security_protocol} needs {', '.join(missing)}")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path}: no such file")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError(f"ssl_keyfile {self.ssl_keyfile} is given without ssl_certfile")
+        return self
+
+    # Defined after _security_complete so that it wraps it: errors raised there then record the
+    # section's input with the secrets already masked (pydantic shows that input in its messages).
+    @model_validator(mode="wrap")
+    @classmethod
+    def _mask_secret_input(cls, data: Any, handler: ModelWrapValidatorHandler["KafkaSettings"]) -> "KafkaSettings":
+        if isinstance(data, dict):
+            data = {
+                key: SecretStr(value) if key in ("sasl_password", "ssl_password") and isinstance(value, str) else value
+                for key, value in data.items()
+            }
+        return handler(data)
 
 
 class BatchSettings(Section):

@@ -2,49 +2,208 @@
 
 Consumer: manual commits only (offsets are committed after the batch's predictions are
 acknowledged), raw bytes. Producer: acks=all, idempotent, small linger so a batch's sends
-share requests.
+share requests. Every client gets the same security settings (security_config); a broker that
+cannot be used at the start is a KafkaBootstrapError (KafkaLoginError when it refused the login).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError, TopicAlreadyExistsError
 
+from streamer.errors import StreamerError
 from streamer.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
+REDACTED = "**********"
+
+
+class _SecretRedaction(logging.Filter):
+    """Replaces the passwords handed to kafka-python in its log records.
+
+    At DEBUG kafka-python logs the admin client's configuration, every request (PLAIN's
+    SaslAuthenticate bytes hold the password) and the raw bytes it sends.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def add(self, secret: str) -> None:
+        # As text, and as it shows inside the repr of bytes.
+        self.secrets.update({secret, repr(secret.encode())[2:-1]} - {""})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            try:
+                message = record.getMessage()
+            except Exception:  # a malformed record: left for the handler to report
+                return True
+            redacted = message
+            for secret in self.secrets:
+                redacted = redacted.replace(secret, REDACTED)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True
+
+
+_REDACTION = _SecretRedaction()
+
+
+def _redact_kafka_loggers() -> None:
+    # A logger's filters see only the records logged on it, so each of kafka-python's loggers gets
+    # one: those that exist once kafka is imported, and the three seen logging secrets.
+    names = {"kafka.admin.client", "kafka.net.connection", "kafka.protocol.parser"}
+    names.update(
+        name for name, logger in list(logging.root.manager.loggerDict.items())
+        if name.split(".")[0] == "kafka" and isinstance(logger, logging.Logger)
+    )
+    for name in names:
+        logging.getLogger(name).addFilter(_REDACTION)
+
+
+_redact_kafka_loggers()
+
+
+class KafkaBootstrapError(StreamerError):
+    """No broker of ``bootstrap_servers`` could be used before kafka-python's bootstrap timeout."""
+
+    def __init__(self, bootstrap_servers: str, security: dict[str, object], reason: str) -> None:
+        super().__init__(f"Kafka at {bootstrap_servers} ({_describe(security)}): {reason}")
+        self.bootstrap_servers = bootstrap_servers
+        self.reason = reason
+
+
+class KafkaLoginError(KafkaBootstrapError):
+    """The brokers refused this client's SASL login (user, password or mechanism)."""
+
+    def __init__(self, bootstrap_servers: str, security: dict[str, object], refusal: SaslAuthenticationFailedError) -> None:
+        super().__init__(bootstrap_servers, security, f"the SASL login was refused: {refusal}")
+        self.refusal = refusal
+
+
+def _describe(security: dict[str, object]) -> str:
+    protocol = security.get("security_protocol", "PLAINTEXT")
+    if "sasl_mechanism" in security:
+        return f"{protocol}, {security['sasl_mechanism']} as user {security.get('sasl_plain_username')!r}"
+    return str(protocol)
+
+
+class _LoginRefusals(logging.Filter):
+    """Collects the SASL refusals that kafka-python logs (as an argument of an ERROR record)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals: list[SaslAuthenticationFailedError] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            self.refusals.extend(arg for arg in record.args if isinstance(arg, SaslAuthenticationFailedError))
+        return True
+
+
+@contextmanager
+def _bootstrap_failure_explained(bootstrap_servers: str, security: dict[str, object]) -> Iterator[None]:
+    """Turns kafka-python's bare bootstrap timeout into KafkaLoginError or KafkaBootstrapError.
+
+    kafka-python 3.0.12 retries a refused login until bootstrap_timeout_ms (30 s by default) and then
+    raises KafkaTimeoutError; the refusal is only logged (logger kafka.net.connection, which must let
+    ERROR through for it to be seen here). Often it is not even seen: the broker sends its refusal and
+    closes the connection at once, and kafka-python drops data read together with the close
+    ("socket disconnected"). Hence the hedged reason of KafkaBootstrapError.
+    """
+    logger = logging.getLogger("kafka.net.connection")
+    refusals = _LoginRefusals()
+    logger.addFilter(refusals)
+    try:
+        yield
+    except KafkaTimeoutError as exc:
+        if refusals.refusals:
+            raise KafkaLoginError(bootstrap_servers, security, refusals.refusals[-1]) from exc
+        reason = "no broker could be used before the bootstrap timeout: not reachable, a TLS failure"
+        if "sasl_mechanism" in security:
+            reason += ", or a refused login (check the user and password)"
+        raise KafkaBootstrapError(bootstrap_servers, security, reason + "; kafka-python's log has the details") from exc
+    finally:
+        logger.removeFilter(refusals)
+
+
+def security_config(settings: KafkaSettings) -> dict[str, object]:
+    """kafka-python keyword arguments for ``settings.security_protocol``: only those that apply to it.
+
+    The one place the secrets are unwrapped; from here on kafka-python's log records have them redacted.
+    """
+    config: dict[str, object] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol.startswith("SASL_"):
+        assert settings.sasl_password is not None  # KafkaSettings checks SASL_* settings are complete
+        # kafka-python takes the SCRAM credentials from the sasl_plain_* arguments too.
+        config.update(
+            sasl_mechanism=settings.sasl_mechanism,
+            sasl_plain_username=settings.sasl_username,
+            sasl_plain_password=settings.sasl_password.get_secret_value(),
+        )
+        _REDACTION.add(settings.sasl_password.get_secret_value())
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        config["ssl_check_hostname"] = settings.ssl_check_hostname
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(settings, name)
+            if path is not None:
+                config[name] = str(path)
+        if settings.ssl_password is not None:
+            config["ssl_password"] = settings.ssl_password.get_secret_value()
+            _REDACTION.add(settings.ssl_password.get_secret_value())
+    return config
+
 
 def make_consumer(settings: KafkaSettings, max_poll_records: int) -> KafkaConsumer:
-    return KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers.split(","),
-        group_id=settings.group_id,
-        client_id=settings.client_id,
-        enable_auto_commit=False,
-        auto_offset_reset=settings.auto_offset_reset,
-        max_poll_records=max_poll_records,
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
-        fetch_max_wait_ms=100,
-    )
+    security = security_config(settings)
+    with _bootstrap_failure_explained(settings.bootstrap_servers, security):
+        return KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            group_id=settings.group_id,
+            client_id=settings.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=settings.auto_offset_reset,
+            max_poll_records=max_poll_records,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
+            fetch_max_wait_ms=100,
+            **security,
+        )
 
 
 def make_producer(settings: KafkaSettings) -> KafkaProducer:
-    return KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers.split(","),
-        client_id=settings.client_id,
-        acks="all",
-        linger_ms=5,
-        batch_size=256 * 1024,
-    )
+    security = security_config(settings)
+    with _bootstrap_failure_explained(settings.bootstrap_servers, security):
+        return KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            client_id=settings.client_id,
+            acks="all",
+            linger_ms=5,
+            batch_size=256 * 1024,
+            **security,
+        )
 
 
-def ensure_topics(bootstrap_servers: str, topics: dict[str, int], client_id: str = "streamer-admin") -> list[str]:
-    """Create the topics (name -> partitions) that do not exist yet; returns those created."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), client_id=client_id)
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: dict[str, int],
+    client_id: str = "streamer-admin",
+    security: dict[str, object] | None = None,
+) -> list[str]:
+    """Create the topics (name -> partitions) that do not exist yet; returns those created.
+
+    ``security``: kafka-python security arguments, as security_config returns them.
+    """
+    security = security or {}
+    with _bootstrap_failure_explained(bootstrap_servers, security):
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), client_id=client_id, **security)
     try:
         existing = set(admin.list_topics())
         missing = [NewTopic(name, partitions, 1) for name, partitions in topics.items() if name not in existing]
