@@ -39,6 +39,11 @@ class KafkaSettings(Section):
     exactly_once: bool = Field(
         False, description="commit predictions and input offsets in one Kafka transaction (read_committed downstream)"
     )
+    instance_id: str | None = Field(
+        None,
+        description="stable name of this process (e.g. the pod's); exactly-once mode fences a crashed "
+        "predecessor's open transaction by it (none: random)",
+    )
     transactional_id_prefix: str = Field(
         "streamer", min_length=1, description="prefix of this process's transactional id (exactly-once mode)"
     )
@@ -159,8 +164,13 @@ class RunSettings(Section):
 
 
 class Settings(BaseSettings):
+    # hide_input_in_errors: a whole-tree error would otherwise carry every raw value, secrets too.
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, frozen=True, extra="forbid"
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        frozen=True,
+        extra="forbid",
+        hide_input_in_errors=True,
     )
 
     kafka: KafkaSettings = KafkaSettings()

@@ -9,17 +9,23 @@ cannot be used at the start is a KafkaBootstrapError (KafkaLoginError when it re
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError, TopicAlreadyExistsError
 
 from streamer.errors import StreamerError
 from streamer.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+# An open transaction of a process that died blocks read_committed consumers until it times
+# out: keep that short (a batch's transaction takes well under a second).
+TRANSACTION_TIMEOUT_MS = 15_000
 
 REDACTED = "**********"
 
@@ -174,21 +180,39 @@ def make_consumer(settings: KafkaSettings, max_poll_records: int) -> KafkaConsum
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
             fetch_max_wait_ms=100,
+            # KIP-429: only partitions that actually move are revoked, so the others keep their
+            # device state in memory through a rebalance.
+            partition_assignment_strategy=(CooperativeStickyAssignor,),
+            isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
             **security,
         )
 
 
 def make_producer(settings: KafkaSettings) -> KafkaProducer:
+    """Idempotent, acks=all. In exactly-once mode transactional, transactions initialised: the
+    transactional id is the prefix, the group and kafka.instance_id (random when unset), so a
+    restarted instance fences its predecessor's open transaction at once."""
     security = security_config(settings)
+    transactional: dict[str, object] = {}
+    if settings.exactly_once:
+        instance = settings.instance_id or uuid.uuid4().hex[:12]
+        transactional = {
+            "transactional_id": f"{settings.transactional_id_prefix}-{settings.group_id}-{instance}",
+            "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
+        }
     with _bootstrap_failure_explained(settings.bootstrap_servers, security):
-        return KafkaProducer(
+        producer = KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
             client_id=settings.client_id,
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,
+            **transactional,
             **security,
         )
+    if settings.exactly_once:
+        producer.init_transactions()
+    return producer
 
 
 def ensure_topics(
