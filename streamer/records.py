@@ -1,8 +1,9 @@
 """Boundary types and codecs: bytes from Kafka in, readings or dead letters out; predictions to bytes.
 
 Input value (JSON): {"device_id": str, "ts": epoch seconds | ISO-8601, "values": [float, ...]},
-with key = device id. Unknown extra fields are ignored. Output value (JSON): {"device_id",
-"ts" (epoch seconds), "forecast", "anomaly_score", "is_anomaly", "model_version"}.
+with key = device id; values and ts must be finite, values as float32 (the model's dtype).
+Unknown extra fields are ignored. Output value (JSON): {"device_id", "ts" (epoch seconds),
+"forecast", "anomaly_score", "is_anomaly", "model_version"}.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic_core import PydanticCustomError
 from streamer.engine import PredictionBatch, ReadingBatch
 
 MAX_DEVICE_ID_LENGTH = 256
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class DeadLetterReason(StrEnum):
@@ -49,7 +51,10 @@ class Reading(BaseModel):
         if isinstance(raw, bool):
             raise ValueError("ts must be epoch seconds or an ISO-8601 string, not a boolean")
         if isinstance(raw, int | float):
-            value = float(raw)
+            try:
+                value = float(raw)
+            except OverflowError:  # JSON integers are unbounded: 10**400 is beyond any float
+                value = math.inf
         elif isinstance(raw, str):
             try:
                 parsed = datetime.fromisoformat(raw)
@@ -117,6 +122,12 @@ class ReadingDecoder:
             reading = Reading.model_validate_json(value)
         except ValidationError as exc:
             return _classify(exc)
+        beyond = next((i for i, v in enumerate(reading.values) if abs(v) > FLOAT32_MAX), None)
+        if beyond is not None:  # finite as a float64, infinite in the model's float32
+            return (
+                DeadLetterReason.NON_FINITE,
+                f"values.{beyond}: {reading.values[beyond]!r} is beyond float32, the model's dtype",
+            )
         if len(reading.values) != self.input_size:
             return (
                 DeadLetterReason.WRONG_VALUE_COUNT,
