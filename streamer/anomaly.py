@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# Residuals are capped (normalised units) so that absurd readings that are still finite, say
+# 1e20, cannot overflow the float32 statistics: anything near the cap is an anomaly anyway.
+RESIDUAL_CAP = 1e6
+
 
 @dataclass(frozen=True)
 class AnomalyParams:
@@ -43,7 +47,8 @@ def score_and_update(
 
     seen, mean, var: (B,) the devices' statistics before these readings.
     """
-    residual = torch.sqrt(torch.mean((x - forecast) ** 2, dim=1))
+    diff = (x - forecast).clamp(-RESIDUAL_CAP, RESIDUAL_CAP)
+    residual = torch.sqrt(torch.mean(diff * diff, dim=1))
     has_residual = seen >= 1
     past = seen - 1  # residuals already folded into mean/var
     std = torch.sqrt(var).clamp_min(params.min_std)

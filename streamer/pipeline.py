@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamer.checkpoint import DirectoryCheckpointStore
@@ -36,6 +42,9 @@ log = logging.getLogger(__name__)
 IDLE_POLL_MS = 200
 LAG_INTERVAL_S = 1.0
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
+# A commit refused because partitions are moving: whoever owns them next re-reads from the last
+# commit, so the batch's predictions are repeated, never lost.
+GROUP_MOVED_ON = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 
 
 @dataclass
@@ -219,8 +228,10 @@ class Pipeline:
             for key, value in encode_predictions(predictions, self.engine.model_version)
         ]
         for letter in letters:
+            # Kafka clients cannot send a message without key and value: keep an empty value.
+            value = letter.value if letter.value is not None or letter.key is not None else b""
             futures.append(
-                self.producer.send(kafka.dead_letter_topic, key=letter.key, value=letter.value, headers=letter.kafka_headers())
+                self.producer.send(kafka.dead_letter_topic, key=letter.key, value=value, headers=letter.kafka_headers())
             )
         return futures
 
@@ -242,8 +253,8 @@ class Pipeline:
             try:
                 self.consumer.commit(offsets)
                 return True
-            except CommitFailedError as exc:
-                log.warning("commit refused, the group rebalanced meanwhile: %s", exc)
+            except GROUP_MOVED_ON as exc:
+                log.warning("commit refused, the group is rebalancing or has rebalanced: %r", exc)
                 return False
             except KafkaError as exc:
                 if not getattr(exc, "retriable", False) or time.monotonic() > deadline:

@@ -100,3 +100,12 @@ def test_anomaly_flags_a_spike_after_warmup_only():
     assert flagged[200] and not flagged[5]
     assert scores[0] == 0.0 and scores[1] == 0.0
     assert sum(flagged) <= 3, [t for t, f in enumerate(flagged) if f]
+
+
+def test_absurd_but_finite_readings_keep_scores_finite():
+    bundle = make_bundle(input_size=2, hidden_size=8, num_layers=1, seed=2)
+    engine = Engine.build(bundle, capacity=4, device="cpu")
+    sequence = [[1.0, 2.0], [1e20, 2.0], [1.0, 2.0], [1.0, 2.0], [3e38, -3e38], [1.0, 2.0], [1.0, 2.0]]
+    for t, values in enumerate(sequence):
+        preds, _ = engine.step(ReadingBatch(["d"], np.zeros(1), np.array([values], np.float32)), now=float(t))
+        assert np.isfinite(preds.forecast).all() and np.isfinite(preds.anomaly_score).all(), t
