@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200
 LAG_INTERVAL_S = 1.0
+TRANSACTION_CALL_TIMEOUT_S = 60.0  # kafka-python waits on transaction calls without a bound
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 # A commit refused because partitions are moving: whoever owns them next re-reads from the last
 # commit, so the batch's predictions are repeated, never lost.
@@ -98,8 +100,12 @@ class Pipeline:
         metrics: Metrics | None = None,
         health: Health | None = None,
         store: DirectoryCheckpointStore | None = None,
+        producer_factory: Callable[[], KafkaProducer] | None = None,
     ) -> None:
+        """``producer_factory`` makes a replacement for a transactional producer that got stuck
+        (exactly-once mode); without it such a producer stops the loop."""
         self.settings = settings
+        self.producer_factory = producer_factory
         self.engine = engine
         self.consumer = consumer
         self.producer = producer
@@ -269,25 +275,42 @@ class Pipeline:
         offsets: dict[TopicPartition, OffsetAndMetadata],
         next_offsets: dict[TopicPartition, int],
     ) -> bool:
-        """One transaction: outputs and input offsets. False when it was aborted."""
+        """One transaction: outputs and input offsets. False when it was aborted; then the
+        batch's partitions are recovered again (the engine applied what nobody will see)."""
+        producer = self.producer
         try:
-            self.producer.begin_transaction()
+            producer.begin_transaction()
             self._sends(predictions, letters)
             if offsets:
-                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-            self.producer.commit_transaction()
+                group = self.consumer.group_metadata()
+                _bounded(lambda: producer.send_offsets_to_transaction(offsets, group), "send_offsets_to_transaction")
+            _bounded(producer.commit_transaction, "commit_transaction")
             return True
-        except KafkaError as exc:
+        except (KafkaError, TransactionStuck) as exc:
             log.warning("transaction aborted (%r): recovering %d partitions", exc, len(next_offsets))
             try:
-                self.producer.abort_transaction()
-            except KafkaError as abort_exc:
-                raise PipelineError(f"cannot abort the transaction after {exc!r}: {abort_exc!r}") from abort_exc
+                if isinstance(exc, TransactionStuck):
+                    raise exc
+                _bounded(producer.abort_transaction, "abort_transaction")
+            except (KafkaError, TransactionStuck) as abort_exc:
+                self._replace_producer(abort_exc)
             self.partitions.reset(next_offsets)
             self.summary.aborted_batches += 1
             if self.metrics is not None:
                 self.metrics.on_transaction_aborted()
             return False
+
+    def _replace_producer(self, cause: BaseException) -> None:
+        """A producer whose transaction cannot be finished is dropped; its successor (same
+        transactional id) fences it and aborts what it left open."""
+        if self.producer_factory is None:
+            raise PipelineError(f"the transaction can be neither committed nor aborted: {cause!r}") from cause
+        log.warning("replacing the transactional producer after %r", cause)
+        try:
+            self.producer.close(timeout=0)
+        except Exception:  # a broken producer may fail to close; its successor fences it anyway
+            log.debug("closing the old producer failed", exc_info=True)
+        self.producer = self.producer_factory()
 
     def _account(
         self, report: StepReport, published: int, by_reason: Tally, latencies: np.ndarray, batch_seconds: float
@@ -377,6 +400,29 @@ class Pipeline:
         )
         self._last_status = now
         self._status_readings = 0
+
+
+class TransactionStuck(StreamerError):
+    """A transaction call that did not return in time (seen after broker restarts)."""
+
+
+def _bounded(call: Callable[[], object], what: str, timeout_s: float = TRANSACTION_CALL_TIMEOUT_S) -> None:
+    """Run ``call`` on a helper thread and wait at most timeout_s for it; raise what it raised."""
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"kafka-{what}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TransactionStuck(f"{what} did not return within {timeout_s:.0f}s")
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def _progress(records: list) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 
+from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from streamer.anomaly import AnomalyParams
@@ -69,9 +71,13 @@ def run_service(
         store = DirectoryCheckpointStore(settings.checkpoint.directory, kafka.group_id, settings.checkpoint.keep)
         log.info("checkpoints in %s", settings.checkpoint.directory.resolve())
     consumer = make_consumer(kafka, settings.batch.max_records)
-    producer = make_producer(kafka)
+    instance_id = kafka.instance_id or uuid.uuid4().hex[:12]  # one transactional id per process
+
+    def new_producer() -> KafkaProducer:
+        return make_producer(kafka, instance_id)
+
+    pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer)
     try:
-        pipeline = Pipeline(settings, engine, consumer, producer, metrics, health, store)
         summary = pipeline.run(stop)
         log.info(
             "stopped: %d readings, %d predictions, %d dead letters, %d anomalies in %.1fs",
@@ -83,7 +89,7 @@ def run_service(
         )
         return summary
     finally:
-        producer.close()
+        pipeline.producer.close()
         consumer.close()
         if server is not None:
             server.stop()

@@ -188,14 +188,14 @@ def make_consumer(settings: KafkaSettings, max_poll_records: int) -> KafkaConsum
         )
 
 
-def make_producer(settings: KafkaSettings) -> KafkaProducer:
+def make_producer(settings: KafkaSettings, instance_id: str | None = None) -> KafkaProducer:
     """Idempotent, acks=all. In exactly-once mode transactional, transactions initialised: the
     transactional id is the prefix, the group and kafka.instance_id (random when unset), so a
     restarted instance fences its predecessor's open transaction at once."""
     security = security_config(settings)
     transactional: dict[str, object] = {}
     if settings.exactly_once:
-        instance = settings.instance_id or uuid.uuid4().hex[:12]
+        instance = instance_id or settings.instance_id or uuid.uuid4().hex[:12]
         transactional = {
             "transactional_id": f"{settings.transactional_id_prefix}-{settings.group_id}-{instance}",
             "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
