@@ -64,22 +64,28 @@ class Fleet:
         self.started = 0
         self.events: list[str] = []
 
-    def start(self) -> None:
+    def start(self, instance: str | None = None) -> None:
+        """Start a process; ``instance`` names the one it replaces (a supervisor restarting a pod)."""
         self.started += 1
+        instance = instance or f"instance-{self.started}"
         log = open(self.logs / f"run-{self.started}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=self.env, stdout=log,
+        env = {**self.env, "STREAMER_KAFKA__INSTANCE_ID": instance}
+        proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=REPO)
+        proc.instance = instance
         self.procs[self.started] = proc
-        self.events.append(f"start #{self.started}")
+        self.events.append(f"start #{self.started} ({instance})")
 
     def alive(self) -> list[int]:
         return [n for n, p in self.procs.items() if p.poll() is None]
 
-    def kill9(self, rng: random.Random) -> None:
+    def kill9(self, rng: random.Random) -> str:
+        """kill -9 a random live process; returns its instance name."""
         victim = rng.choice(self.alive())
         self.procs[victim].send_signal(signal.SIGKILL)
         self.procs[victim].wait()
         self.events.append(f"kill -9 #{victim}")
+        return self.procs[victim].instance
 
     def terminate(self, n: int, timeout: float = 60.0) -> int:
         proc = self.procs[n]
@@ -191,8 +197,7 @@ def test_chaos(own_broker, tmp_path: Path, exactly_once: bool):
                 fleet.events.append("broker restart")
                 restart_broker()
             elif action == "kill -9":
-                fleet.kill9(rng)
-                fleet.start()  # a supervisor would restart it
+                fleet.start(fleet.kill9(rng))  # as a supervisor would restart it
             elif action == "scale to 1":
                 for n in fleet.alive()[:-1]:
                     assert fleet.terminate(n) == 0
