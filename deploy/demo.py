@@ -147,6 +147,7 @@ def main() -> int:
             "STREAMER_KAFKA__DEAD_LETTER_TOPIC": TOPICS["dlq"],
             "STREAMER_KAFKA__GROUP_ID": "demo",
             "STREAMER_MODEL__PATH": str(model),
+            "STREAMER_CHECKPOINT__DIRECTORY": str(work / "checkpoints"),
             "STREAMER_METRICS__PORT": str(metrics_port),
             "STREAMER_RUN__STATUS_INTERVAL_S": "0",
         }
