@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200
 LAG_INTERVAL_S = 1.0
+BROKER_AWAY_BACKOFF_S = 0.5
 TRANSACTION_CALL_TIMEOUT_S = 60.0  # kafka-python waits on transaction calls without a bound
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 # A commit refused because partitions are moving: whoever owns them next re-reads from the last
@@ -153,7 +154,12 @@ class Pipeline:
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Poll one micro-batch and process it completely; returns the messages handled."""
         records = self._poll_batch(stop)
-        self.partitions.recover_pending()
+        try:
+            self.partitions.recover_pending()
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False):
+                raise
+            log.warning("recovering partitions must wait, the broker is away: %r", exc)  # they stay paused
         if self.health is not None:
             self.health.beat()
         if self.metrics is not None:
@@ -177,7 +183,7 @@ class Pipeline:
                 timeout_ms = IDLE_POLL_MS
             else:
                 timeout_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records - count)
+            polled = self._poll(timeout_ms, max_records - count)
             for tp, messages in polled.items():
                 chunks.append((tp, messages))
                 count += len(messages)
@@ -190,6 +196,18 @@ class Pipeline:
         # A partition revoked (or assigned and not yet recovered) while polling: its messages
         # are someone else's, or will be read again from its recovered position.
         return [msg for tp, messages in chunks if self.partitions.accepts(tp) for msg in messages]
+
+    def _poll(self, timeout_ms: int, max_records: int) -> dict:
+        """consumer.poll, riding out a broker that is away (kafka-python raises then, at times,
+        instead of retrying by itself)."""
+        try:
+            return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False):
+                raise
+            log.warning("poll failed, the broker is away: %r; retrying", exc)
+            time.sleep(BROKER_AWAY_BACKOFF_S)
+            return {}
 
     def _process(self, records: list) -> None:
         """The commit order, step by step."""

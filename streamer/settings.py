@@ -39,6 +39,11 @@ class KafkaSettings(Section):
     exactly_once: bool = Field(
         False, description="commit predictions and input offsets in one Kafka transaction (read_committed downstream)"
     )
+    assignment: Literal["auto", "cooperative-sticky", "range"] = Field(
+        "auto",
+        description="partition assignment: cooperative-sticky moves only what must move; range revokes all on "
+        "every rebalance (auto: cooperative-sticky, range in exactly-once mode)",
+    )
     instance_id: str | None = Field(
         None,
         description="stable name of this process (e.g. the pod's); exactly-once mode fences a crashed "

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError, TopicAlreadyExistsError
 
 from streamer.errors import StreamerError
@@ -167,6 +168,18 @@ def security_config(settings: KafkaSettings) -> dict[str, object]:
     return config
 
 
+def assignor(settings: KafkaSettings) -> type:
+    """Cooperative-sticky (KIP-429) keeps unmoved partitions' state in memory through a
+    rebalance. In exactly-once mode the eager range assignor is the default: every member gives
+    up all its partitions before any is handed out again, so no two members ever hold one
+    partition in the same generation (seen with kafka-python's cooperative protocol after a
+    broker restart, which let two members commit transactions for one partition)."""
+    name = settings.assignment
+    if name == "auto":
+        name = "range" if settings.exactly_once else "cooperative-sticky"
+    return RangePartitionAssignor if name == "range" else CooperativeStickyAssignor
+
+
 def make_consumer(settings: KafkaSettings, max_poll_records: int) -> KafkaConsumer:
     security = security_config(settings)
     with _bootstrap_failure_explained(settings.bootstrap_servers, security):
@@ -180,9 +193,7 @@ def make_consumer(settings: KafkaSettings, max_poll_records: int) -> KafkaConsum
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
             fetch_max_wait_ms=100,
-            # KIP-429: only partitions that actually move are revoked, so the others keep their
-            # device state in memory through a rebalance.
-            partition_assignment_strategy=(CooperativeStickyAssignor,),
+            partition_assignment_strategy=(assignor(settings),),
             isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
             **security,
         )
