@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -58,3 +59,59 @@ def read_topic(
         return records
     finally:
         consumer.close()
+
+
+def service_settings(bootstrap: str, topics: dict[str, str], group: str, model_path, checkpoints, **sections):
+    """Settings for a test run of the service: topics {"in", "out", "dlq"}, CPU, no status lines,
+    metrics off; ``sections`` override or add settings by section."""
+    from streamer.settings import load_settings
+
+    base: dict[str, dict] = {
+        "kafka": {"bootstrap_servers": bootstrap, "input_topic": topics["in"], "output_topic": topics["out"],
+                  "dead_letter_topic": topics["dlq"], "group_id": group},
+        "batch": {"max_records": 64, "max_wait_ms": 20},
+        "model": {"path": model_path, "device": "cpu"},
+        "state": {"capacity": 1000},
+        "checkpoint": {"directory": checkpoints},
+        "metrics": {"enabled": False},
+        "run": {"status_interval_s": 0},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return load_settings(base)
+
+
+class ServiceThread:
+    """streamer.service.run_service on a thread, with its own metrics registry."""
+
+    def __init__(self, settings) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry()
+        self.stop_event = threading.Event()
+        self.result: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(settings,), daemon=True)
+        self.thread.start()
+
+    def _run(self, settings) -> None:
+        from streamer.service import run_service
+
+        try:
+            self.result["summary"] = run_service(settings, self.stop_event, self.registry)
+        except BaseException as exc:  # surfaced by stop()
+            self.result["error"] = exc
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def metric(self, name: str, **labels) -> float:
+        return self.registry.get_sample_value(name, labels or None) or 0.0
+
+    def stop(self, timeout_s: float = 60.0):
+        """Stop the loop; returns its RunSummary, or raises what stopped it."""
+        self.stop_event.set()
+        self.thread.join(timeout=timeout_s)
+        assert not self.thread.is_alive(), "the run loop did not stop"
+        if "error" in self.result:
+            raise self.result["error"]
+        return self.result["summary"]

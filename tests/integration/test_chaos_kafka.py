@@ -117,6 +117,37 @@ def produce_slowly(bootstrap: str, topic: str, values: np.ndarray, stop: threadi
     producer.close()
 
 
+def read_positions(bootstrap: str, topic: str) -> dict[tuple[str, float], tuple[int, int]]:
+    """(device_id, ts) -> (partition, offset) of every reading on the input topic."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning()
+    end = consumer.end_offsets(partitions)
+    positions = {}
+    while any(consumer.position(tp) < end[tp] for tp in partitions):
+        for batch in consumer.poll(timeout_ms=500, max_records=10000).values():
+            for r in batch:
+                body = json.loads(r.value)
+                positions[(body["device_id"], body["ts"])] = (r.partition, r.offset)
+    consumer.close()
+    return positions
+
+
+def ranges(offsets: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'"""
+    out, start, prev = [], None, None
+    for o in sorted(offsets) + [None]:
+        if start is None:
+            start = prev = o
+        elif o is not None and o == prev + 1:
+            prev = o
+        else:
+            out.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = o
+    return ", ".join(out)
+
+
 def read_outputs(bootstrap: str, topic: str, committed_only: bool) -> list[dict]:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              isolation_level="read_committed" if committed_only else "read_uncommitted")
@@ -230,6 +261,14 @@ def test_chaos(own_broker, tmp_path: Path, exactly_once: bool):
         max_score_error = max(max_score_error, abs(o["anomaly_score"] - float(ref_score[d, t])))
     duplicates = len(outputs) - len(seen)
     missing = expected - len(seen)
+    positions = read_positions(bootstrap, topics["in"])
+    assert len(positions) == expected, f"the input topic holds {len(positions)} readings, not {expected}"
+    if missing:
+        lost: dict[int, list[int]] = {}
+        for key, (partition, offset) in positions.items():
+            if key not in seen:
+                lost.setdefault(partition, []).append(offset)
+        print("missing input offsets: " + "; ".join(f"[{p}] {ranges(o)}" for p, o in sorted(lost.items())))
     print(f"chaos {'exactly-once' if exactly_once else 'at-least-once'}: events {fleet.events}")
     print(f"readings {expected}, predictions {len(outputs)}, duplicates {duplicates}, missing {missing}, "
           f"max error {max_error:.2e}, max score error {max_score_error:.2e}")

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import threading
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -25,9 +24,7 @@ from hypothesis import strategies as st
 
 from streamer.model import ModelConfig, Normalization, init_random_model, load_model_file, save_model_file
 from streamer.records import Reading, ReadingDecoder
-from streamer.service import run_service
-from streamer.settings import load_settings
-from tests.integration.helpers import create_topic, produce, read_topic
+from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
 from tests.integration.test_pipeline_kafka import offline, reading
 from tests.test_records_fuzz import FUZZ, GOOD, Payload, bad_payloads
 
@@ -94,38 +91,15 @@ def test_bad_input_between_good_readings(kafka_bootstrap: str, unique: str, tmp_
             messages.append(next(good_left))
     produce(kafka_bootstrap, topics["in"], messages)
 
-    settings_ = load_settings({
-        "kafka": {"bootstrap_servers": kafka_bootstrap, "input_topic": topics["in"], "output_topic": topics["out"],
-                  "dead_letter_topic": topics["dlq"], "group_id": f"g-{unique}"},
-        "batch": {"max_records": 500, "max_wait_ms": 20},
-        "model": {"path": model_path, "device": "cpu"},
-        "state": {"capacity": 1000},
-        "checkpoint": {"directory": tmp_path / "checkpoints"},
-        "metrics": {"enabled": False},
-        "run": {"status_interval_s": 0},
-    })  # fmt: skip
-    stop = threading.Event()
-    result: dict = {}
-
-    def serve() -> None:
-        try:
-            result["summary"] = run_service(settings_, stop)
-        except BaseException as exc:  # kept for the assertion below, with the seed printed above
-            result["error"] = exc
-            raise
-
-    runner = threading.Thread(target=serve, daemon=True)
-    runner.start()
+    service = ServiceThread(service_settings(
+        kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "checkpoints", batch={"max_records": 500}))
     try:
         out = read_topic(kafka_bootstrap, topics["out"], len(good), timeout_s=60)
         dlq = read_topic(kafka_bootstrap, topics["dlq"], len(bad), timeout_s=30)
         sent = read_topic(kafka_bootstrap, topics["in"], len(messages), timeout_s=30, settle_s=0)
-        assert runner.is_alive(), f"the service stopped on its own: {result.get('error')!r}"
+        assert service.alive(), f"the service stopped on its own: {service.result.get('error')!r}"
     finally:
-        stop.set()
-        runner.join(timeout=60)
-    assert not runner.is_alive() and "summary" in result, result.get("error")
-    summary = result["summary"]
+        summary = service.stop()
     assert (summary.readings, summary.dead_letters) == (len(good), len(bad))
 
     # Every bad message once on the dead-letter topic: its reason, its bytes, its headers, its source.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import urllib.request
 from collections import Counter, defaultdict
 
@@ -13,10 +12,8 @@ import pytest
 import torch
 
 from streamer.model import ModelConfig, Normalization, init_random_model, load_model_file, save_model_file
-from streamer.service import run_service
-from streamer.settings import load_settings
 from tests.integration.conftest import free_port
-from tests.integration.helpers import create_topic, produce, read_topic
+from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
 
 pytestmark = pytest.mark.kafka
 
@@ -76,20 +73,8 @@ def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: s
     produce(kafka_bootstrap, topics["in"], messages)
 
     port = free_port()
-    settings = load_settings({
-        "kafka": {"bootstrap_servers": kafka_bootstrap, "input_topic": topics["in"], "output_topic": topics["out"],
-                  "dead_letter_topic": topics["dlq"], "group_id": f"g-{unique}"},
-        "batch": {"max_records": 64, "max_wait_ms": 20},
-        "model": {"path": model_path, "device": "cpu"},
-        "state": {"capacity": 1000},
-        "checkpoint": {"directory": tmp_path / "checkpoints"},
-        "metrics": {"port": port},
-        "run": {"status_interval_s": 0},
-    })
-    stop = threading.Event()
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(summary=run_service(settings, stop)), daemon=True)
-    runner.start()
+    service = ServiceThread(service_settings(
+        kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "checkpoints", metrics={"enabled": True, "port": port}))
     try:
         expected = N_DEVICES * N_READINGS
         out = read_topic(kafka_bootstrap, topics["out"], expected, timeout_s=120)
@@ -98,9 +83,7 @@ def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: s
         health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10)
         assert health.status == 200
     finally:
-        stop.set()
-        runner.join(timeout=60)
-    assert not runner.is_alive()
+        summary = service.stop()
 
     # Exactly one prediction per reading, each equal to the offline model over the sequence so far.
     assert len(out) == expected
@@ -147,4 +130,4 @@ def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: s
     assert metric("streamer_event_to_publish_seconds_count ") == expected
     assert metric("streamer_step_seconds_count ") >= 1
     assert "streamer_consumer_lag{" in metrics_text
-    assert result["summary"].predictions == expected
+    assert summary.predictions == expected

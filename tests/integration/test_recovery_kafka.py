@@ -7,20 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
 from streamer.checkpoint import DirectoryCheckpointStore
 from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
-from streamer.service import run_service
-from streamer.settings import load_settings
-from tests.integration.helpers import create_topic, produce, read_topic
+from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
 from tests.test_engine import offline_forecasts
 
 pytestmark = pytest.mark.kafka
@@ -63,23 +59,18 @@ class Scenario:
         produce(self.bootstrap, self.topics["in"], messages)
 
     def settings(self, **sections):
-        base = {
-            "kafka": {"bootstrap_servers": self.bootstrap, "input_topic": self.topics["in"],
-                      "output_topic": self.topics["out"], "dead_letter_topic": self.topics["dlq"],
-                      "group_id": self.group, "session_timeout_ms": 6000, "exactly_once": self.exactly_once},
+        overrides = {
+            "kafka": {"session_timeout_ms": 6000, "exactly_once": self.exactly_once},
             "batch": {"max_records": 50, "max_wait_ms": 10},
-            "model": {"path": self.model_path, "device": "cpu", "reload_interval_s": 0.2},
-            "state": {"capacity": 1000},
-            "checkpoint": {"directory": self.checkpoints, "interval_s": 3600},
-            "metrics": {"enabled": False},
-            "run": {"status_interval_s": 0},
+            "model": {"reload_interval_s": 0.2},
+            "checkpoint": {"interval_s": 3600},
         }
         for name, values in sections.items():
-            base[name] = {**base[name], **values}
-        return load_settings(base)
+            overrides[name] = {**overrides.get(name, {}), **values}
+        return service_settings(self.bootstrap, self.topics, self.group, self.model_path, self.checkpoints, **overrides)
 
-    def start(self, **sections) -> "Running":
-        return Running(self.settings(**sections))
+    def start(self, **sections) -> ServiceThread:
+        return ServiceThread(self.settings(**sections))
 
     def outputs(self, expected: int, timeout_s: float = 90) -> list[dict]:
         records = read_topic(self.bootstrap, self.topics["out"], expected, timeout_s=timeout_s,
@@ -101,32 +92,6 @@ class Scenario:
                     np.testing.assert_allclose(prediction["forecast"], expected, atol=1e-5, rtol=0,
                                                err_msg=f"{device} reading {t}")
         return {"predictions": len(outputs), "distinct": len(by_key), "duplicates": len(outputs) - len(by_key)}
-
-
-class Running:
-    def __init__(self, settings) -> None:
-        self.registry = CollectorRegistry()
-        self.stop_event = threading.Event()
-        self.result: dict = {}
-        self.thread = threading.Thread(target=self._run, args=(settings,), daemon=True)
-        self.thread.start()
-
-    def _run(self, settings) -> None:
-        try:
-            self.result["summary"] = run_service(settings, self.stop_event, self.registry)
-        except BaseException as exc:  # surfaced by stop()
-            self.result["error"] = exc
-
-    def metric(self, name: str, **labels) -> float:
-        return self.registry.get_sample_value(name, labels or None) or 0.0
-
-    def stop(self):
-        self.stop_event.set()
-        self.thread.join(timeout=60)
-        assert not self.thread.is_alive(), "the run loop did not stop"
-        if "error" in self.result:
-            raise self.result["error"]
-        return self.result["summary"]
 
 
 def test_restart_resumes_every_device_from_its_checkpoint(kafka_bootstrap, unique, tmp_path):

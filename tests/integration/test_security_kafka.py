@@ -27,6 +27,7 @@ from streamer.model import ModelConfig, Normalization, init_random_model, save_m
 from streamer.service import run_service
 from streamer.settings import KafkaSettings, Settings, load_settings
 from tests.integration.conftest import LOCAL_KAFKA, free_port
+from tests.integration.helpers import ServiceThread
 
 pytestmark = pytest.mark.kafka
 
@@ -170,27 +171,14 @@ def test_service_end_to_end_over_sasl_ssl(secure_broker, model_path, unique, tmp
     finally:
         producer.close()
 
-    stop = threading.Event()
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["summary"] = run_service(settings, stop)
-        except BaseException as exc:  # surfaced below
-            result["error"] = exc
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
+    service = ServiceThread(settings)
     try:
         out = read_secure(kafka, kafka.output_topic, N_DEVICES * N_READINGS)
     finally:
-        stop.set()
-        runner.join(timeout=30)
-    assert not runner.is_alive()
-    assert "error" not in result, result.get("error")
+        summary = service.stop(timeout_s=30)
     assert len(out) == N_DEVICES * N_READINGS
     assert {json.loads(record.value)["model_version"] for record in out} == {"sec-v1"}
-    assert result["summary"].predictions == N_DEVICES * N_READINGS
+    assert summary.predictions == N_DEVICES * N_READINGS
 
     # The run's own logs, kafka-python's DEBUG included (the admin client logs its configuration).
     assert any("KafkaAdminClient" in record.getMessage() for record in caplog.records)
