@@ -212,6 +212,10 @@ class Pipeline:
     def _process(self, records: list) -> None:
         """The commit order, step by step."""
         started = time.perf_counter()
+        # The group membership this batch is committed under, taken before anything else: if the
+        # consumer loses its partitions meanwhile (kafka-python's IO thread), the broker refuses
+        # the transaction's offsets instead of accepting them under a newer membership.
+        group = self.consumer.group_metadata() if self.exactly_once else None
         # 1. Decode and validate; bad messages become dead letters, never exceptions.
         decoded = self.decoder.decode(records)
         next_offsets, readings_per_partition = _progress(records)
@@ -231,7 +235,7 @@ class Pipeline:
         offsets = self.partitions.offsets_to_commit(next_offsets)
         # 3-5. Produce predictions and dead letters; once the broker has them, commit offsets.
         if self.exactly_once:
-            if not self._publish_transaction(published, letters, offsets, next_offsets):
+            if not self._publish_transaction(published, letters, offsets, next_offsets, group):
                 return
         else:
             self._publish(published, letters)
@@ -292,18 +296,28 @@ class Pipeline:
         letters: list[DeadLetter],
         offsets: dict[TopicPartition, OffsetAndMetadata],
         next_offsets: dict[TopicPartition, int],
+        group: object,
     ) -> bool:
         """One transaction: outputs and input offsets. False when it was aborted; then the
         batch's partitions are recovered again (the engine applied what nobody will see)."""
         producer = self.producer
         try:
+            # Outputs only ever travel with their partition's offsets: those are what the broker
+            # fences. A partition that left this process mid-batch has none, so the batch aborts.
+            unfenced = {tp for tp in next_offsets if not self.partitions.accepts(tp)}
+            if unfenced:
+                raise PartitionsMoved(f"partitions left this process during the batch: {sorted(unfenced)}")
             producer.begin_transaction()
             self._sends(predictions, letters)
             if offsets:
-                group = self.consumer.group_metadata()
                 _bounded(lambda: producer.send_offsets_to_transaction(offsets, group), "send_offsets_to_transaction")
             _bounded(producer.commit_transaction, "commit_transaction")
             return True
+        except PartitionsMoved as exc:
+            log.warning("batch dropped: %s", exc)
+            self.partitions.reset(next_offsets)
+            self.summary.aborted_batches += 1
+            return False
         except (KafkaError, TransactionStuck) as exc:
             log.warning("transaction aborted (%r): recovering %d partitions", exc, len(next_offsets))
             try:
@@ -418,6 +432,10 @@ class Pipeline:
         )
         self._last_status = now
         self._status_readings = 0
+
+
+class PartitionsMoved(StreamerError):
+    """Partitions of the batch in hand were revoked or lost while it was processed."""
 
 
 class TransactionStuck(StreamerError):

@@ -263,12 +263,13 @@ def test_chaos(own_broker, tmp_path: Path, exactly_once: bool):
     missing = expected - len(seen)
     positions = read_positions(bootstrap, topics["in"])
     assert len(positions) == expected, f"the input topic holds {len(positions)} readings, not {expected}"
-    if missing:
-        lost: dict[int, list[int]] = {}
+    for name, wrong in (("missing", lambda n: n == 0), ("duplicated", lambda n: n > 1)):
+        found: dict[int, list[int]] = {}
         for key, (partition, offset) in positions.items():
-            if key not in seen:
-                lost.setdefault(partition, []).append(offset)
-        print("missing input offsets: " + "; ".join(f"[{p}] {ranges(o)}" for p, o in sorted(lost.items())))
+            if wrong(seen.get(key, 0)):
+                found.setdefault(partition, []).append(offset)
+        if found:
+            print(f"{name} input offsets: " + "; ".join(f"[{p}] {ranges(o)}" for p, o in sorted(found.items())))
     print(f"chaos {'exactly-once' if exactly_once else 'at-least-once'}: events {fleet.events}")
     print(f"readings {expected}, predictions {len(outputs)}, duplicates {duplicates}, missing {missing}, "
           f"max error {max_error:.2e}, max score error {max_score_error:.2e}")
