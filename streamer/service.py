@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
@@ -13,7 +16,7 @@ from streamer.anomaly import AnomalyParams
 from streamer.checkpoint import DirectoryCheckpointStore
 from streamer.engine import Engine
 from streamer.kafka import ensure_topics, make_consumer, make_producer
-from streamer.kafka.clients import security_config
+from streamer.kafka.clients import KafkaBootstrapError, KafkaLoginError, security_config
 from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model import load_model_file
 from streamer.pipeline import Pipeline, RunSummary
@@ -22,6 +25,8 @@ from streamer.settings import Settings
 log = logging.getLogger(__name__)
 
 HEALTH_STALE_AFTER_S = 60.0
+STARTUP_RETRY_S = 2.0
+T = TypeVar("T")
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -45,6 +50,21 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
+def _until_reachable(connect: Callable[[], T], deadline: float) -> T:
+    """``connect()``, tried again while no broker answers (a broker restarting as we start),
+    until ``deadline`` (monotonic). A refused login is final at once."""
+    while True:
+        try:
+            return connect()
+        except KafkaLoginError:
+            raise
+        except KafkaBootstrapError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s; trying again", exc)
+            time.sleep(STARTUP_RETRY_S)
+
+
 def run_service(
     settings: Settings, stop: threading.Event, registry: CollectorRegistry | None = None
 ) -> RunSummary:
@@ -53,11 +73,15 @@ def run_service(
     kafka = settings.kafka
     # Output and dead-letter topics with the input's default partitioning if they are missing,
     # so the first dead letter does not wait for auto-creation.
-    ensure_topics(
-        kafka.bootstrap_servers,
-        {kafka.output_topic: 1, kafka.dead_letter_topic: 1},
-        kafka.client_id,
-        security=security_config(kafka),
+    reachable_by = time.monotonic() + kafka.startup_wait_s
+    _until_reachable(
+        lambda: ensure_topics(
+            kafka.bootstrap_servers,
+            {kafka.output_topic: 1, kafka.dead_letter_topic: 1},
+            kafka.client_id,
+            security=security_config(kafka),
+        ),
+        reachable_by,
     )
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
@@ -70,13 +94,14 @@ def run_service(
     if settings.checkpoint.enabled:
         store = DirectoryCheckpointStore(settings.checkpoint.directory, kafka.group_id, settings.checkpoint.keep)
         log.info("checkpoints in %s", settings.checkpoint.directory.resolve())
-    consumer = make_consumer(kafka, settings.batch.max_records)
+    consumer = _until_reachable(lambda: make_consumer(kafka, settings.batch.max_records), reachable_by)
     instance_id = kafka.instance_id or uuid.uuid4().hex[:12]  # one transactional id per process
 
     def new_producer() -> KafkaProducer:
         return make_producer(kafka, instance_id)
 
-    pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer)
+    producer = _until_reachable(new_producer, reachable_by)
+    pipeline = Pipeline(settings, engine, consumer, producer, metrics, health, store, new_producer)
     try:
         summary = pipeline.run(stop)
         log.info(

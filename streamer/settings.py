@@ -36,6 +36,9 @@ class KafkaSettings(Section):
     session_timeout_ms: Annotated[int, Field(ge=6000, le=300000)] = Field(
         10000, description="consumer session timeout"
     )
+    startup_wait_s: Annotated[float, Field(ge=0)] = Field(
+        120.0, description="how long start-up keeps trying to reach the brokers (0: give up at the first failure)"
+    )
     exactly_once: bool = Field(
         False, description="commit predictions and input offsets in one Kafka transaction (read_committed downstream)"
     )

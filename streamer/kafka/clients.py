@@ -221,8 +221,8 @@ def make_producer(settings: KafkaSettings, instance_id: str | None = None) -> Ka
             **transactional,
             **security,
         )
-    if settings.exactly_once:
-        producer.init_transactions()
+        if settings.exactly_once:
+            producer.init_transactions()  # waits for a transaction coordinator: a broker must answer
     return producer
 
 
