@@ -320,12 +320,15 @@ class Pipeline:
             return False
         except (KafkaError, TransactionStuck) as exc:
             log.warning("transaction aborted (%r): recovering %d partitions", exc, len(next_offsets))
-            try:
-                if isinstance(exc, TransactionStuck):
-                    raise exc
-                _bounded(producer.abort_transaction, "abort_transaction")
-            except (KafkaError, TransactionStuck) as abort_exc:
-                self._replace_producer(abort_exc)
+            if not isinstance(exc, TransactionStuck):
+                try:
+                    _bounded(producer.abort_transaction, "abort_transaction")
+                except (KafkaError, TransactionStuck) as abort_exc:
+                    log.warning("abort failed too: %r", abort_exc)
+            # Always start over with a new producer epoch: kafka-python 3.0 was seen to commit an
+            # aborted batch's offsets later on (its offsets request retried into the next
+            # transaction), which loses that batch. The successor fences every request of this one.
+            self._replace_producer(exc)
             self.partitions.reset(next_offsets)
             self.summary.aborted_batches += 1
             if self.metrics is not None:
@@ -333,10 +336,12 @@ class Pipeline:
             return False
 
     def _replace_producer(self, cause: BaseException) -> None:
-        """A producer whose transaction cannot be finished is dropped; its successor (same
+        """A producer whose transaction was aborted or got stuck is dropped; its successor (same
         transactional id) fences it and aborts what it left open."""
         if self.producer_factory is None:
-            raise PipelineError(f"the transaction can be neither committed nor aborted: {cause!r}") from cause
+            if isinstance(cause, TransactionStuck):
+                raise PipelineError(f"the transaction can be neither committed nor aborted: {cause!r}") from cause
+            return  # nothing to replace it with: carry on with this one
         log.warning("replacing the transactional producer after %r", cause)
         try:
             self.producer.close(timeout=0)

@@ -98,10 +98,9 @@ def run_service(
     instance_id = kafka.instance_id or uuid.uuid4().hex[:12]  # one transactional id per process
 
     def new_producer() -> KafkaProducer:
-        return make_producer(kafka, instance_id)
+        return _until_reachable(lambda: make_producer(kafka, instance_id), time.monotonic() + kafka.startup_wait_s)
 
-    producer = _until_reachable(new_producer, reachable_by)
-    pipeline = Pipeline(settings, engine, consumer, producer, metrics, health, store, new_producer)
+    pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer)
     try:
         summary = pipeline.run(stop)
         log.info(
