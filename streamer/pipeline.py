@@ -236,14 +236,15 @@ class Pipeline:
         # 3-5. Produce predictions and dead letters; once the broker has them, commit offsets.
         if self.exactly_once:
             if not self._publish_transaction(published, letters, offsets, next_offsets, group):
-                return
+                return  # nothing of this batch became visible
+            committed = True
         else:
             self._publish(published, letters)
-            if offsets and not self._commit(offsets):
-                return
+            committed = not offsets or self._commit(offsets)  # published either way
         acked_at = time.time()
         # 6. Checkpoint the partitions that are due, now that their offsets are committed.
-        self.partitions.committed(offsets)
+        if committed:
+            self.partitions.committed(offsets)
         # 7. Account for it.
         by_reason = Tally(letter.reason.value for letter in letters)
         self.summary.replayed += int(replay.sum())
