@@ -39,11 +39,11 @@ def read_topic(
     try:
         deadline = time.monotonic() + timeout_s
         partitions = None
-        while partitions is None and time.monotonic() < deadline:
+        while not partitions and time.monotonic() < deadline:  # None, or empty while being created
             partitions = consumer.partitions_for_topic(topic)
-            if partitions is None:
+            if not partitions:
                 time.sleep(0.2)
-        if partitions is None:
+        if not partitions:
             return []
         consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
         consumer.seek_to_beginning()
