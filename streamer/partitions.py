@@ -118,7 +118,7 @@ class PartitionManager:
             return
         with self.lock:
             pending = sorted(self.pending)
-        committed = self._committed(pending)
+        committed = {tp: self.consumer.committed(tp) for tp in pending}
         for tp in pending:
             with self.lock:
                 if tp not in self.pending:
@@ -126,9 +126,6 @@ class PartitionManager:
                 self._recover(tp, committed.get(tp))
                 self.pending.discard(tp)
             self.consumer.resume(tp)
-
-    def _committed(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
-        return {tp: self.consumer.committed(tp) for tp in partitions}
 
     def _recover(self, tp: TopicPartition, committed: int | None) -> None:
         start = committed if committed is not None else self.consumer.position(tp)

@@ -18,14 +18,12 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from streamer.model import ModelConfig, Normalization, init_random_model, load_model_file, save_model_file
 from streamer.records import Reading, ReadingDecoder
 from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
-from tests.integration.test_pipeline_kafka import offline, reading
+from tests.integration.test_pipeline_kafka import offline, reading, write_model
 from tests.test_records_fuzz import FUZZ, GOOD, Payload, bad_payloads
 
 pytestmark = pytest.mark.kafka
@@ -65,11 +63,8 @@ def test_bad_input_between_good_readings(kafka_bootstrap: str, unique: str, tmp_
     print(f"\nfuzz seed {SEED}: STREAMER_FUZZ_SEED={SEED} replays this run")
     topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
     create_topic(kafka_bootstrap, topics["in"], partitions=3)
-    config = ModelConfig(N_FEATURES, 16, 2, N_FEATURES)
-    norm = Normalization(torch.tensor([20.0, -3.0]), torch.tensor([5.0, 0.5]))
     model_path = tmp_path / "model.pt"
-    save_model_file(model_path, init_random_model(config, seed=11), config, "fuzz-v1", norm)
-    bundle = load_model_file(model_path)
+    bundle = write_model(model_path, seed=11, version="fuzz-v1")
 
     # Good readings in time order; bad messages at random places between them.
     rng = np.random.default_rng(SEED)

@@ -27,6 +27,14 @@ def offline(bundle, seq: np.ndarray) -> np.ndarray:
     return (outs * bundle.normalization.std + bundle.normalization.mean).numpy()
 
 
+def write_model(path, seed: int, version: str):
+    """A random two-feature model with normalisation (readings around (20, -3)), saved and loaded back."""
+    config = ModelConfig(2, 16, 2, 2)
+    norm = Normalization(torch.tensor([20.0, -3.0]), torch.tensor([5.0, 0.5]))
+    save_model_file(path, init_random_model(config, seed=seed), config, version, norm)
+    return load_model_file(path)
+
+
 def reading(device: str, ts: object, values: list) -> bytes:
     return json.dumps({"device_id": device, "ts": ts, "values": values}).encode()
 
@@ -49,11 +57,8 @@ BAD_MESSAGES = [
 def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: str, tmp_path):
     topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
     create_topic(kafka_bootstrap, topics["in"], partitions=3)
-    config = ModelConfig(N_FEATURES, 16, 2, N_FEATURES)
-    norm = Normalization(torch.tensor([20.0, -3.0]), torch.tensor([5.0, 0.5]))
     model_path = tmp_path / "model.pt"
-    save_model_file(model_path, init_random_model(config, seed=4), config, "e2e-v1", norm)
-    bundle = load_model_file(model_path)
+    bundle = write_model(model_path, seed=4, version="e2e-v1")
 
     rng = np.random.default_rng(3)
     devices = [f"dev-{d:03d}" for d in range(N_DEVICES)]
