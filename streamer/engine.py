@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from streamer.anomaly import AnomalyParams, score_and_update
+from streamer.anomaly import AnomalyParams, residual_of, score_and_update
 from streamer.errors import StreamerError
-from streamer.model import ModelBundle, StepWeights
+from streamer.features import denormalize, normalize_step, time_features
+from streamer.model import ModelBundle, ModelConfig, StepWeights
 from streamer.state import DeviceStateTable
 
 CPU_ROWS_PER_STEP = 4096
@@ -25,7 +26,7 @@ CPU_ROWS_PER_STEP = 4096
 
 @dataclass(frozen=True)
 class ReadingBatch:
-    """Decoded readings in offset order. values: (n, input_size) float32; ts: (n,) epoch seconds;
+    """Decoded readings in offset order. values: (n, values_size) float32; ts: (n,) epoch seconds;
     partitions: (n,) int32 input partition of each reading, when it came from one."""
 
     device_ids: list[str]
@@ -43,13 +44,19 @@ class ReadingBatch:
 
 @dataclass(frozen=True)
 class PredictionBatch:
-    """One prediction per reading, in the readings' order. forecast in the readings' units."""
+    """One prediction per reading, in the readings' order. forecast: the next reading, in the
+    readings' units; residual: this reading against the previous forecast, in normalised units
+    (0 for a device's first reading); anomaly_score: 1 - tail probability, in [0, 1] (float64, so
+    that scores near 1 stay distinct); surprise: -log10 of the tail probability (0 when not
+    scored), the same ranking without the float64 ceiling near 1."""
 
     device_ids: list[str]
     ts: np.ndarray  # (n,) float64
-    forecast: np.ndarray  # (n, output_size) float32
-    anomaly_score: np.ndarray  # (n,) float32
+    forecast: np.ndarray  # (n, values_size) float32
+    anomaly_score: np.ndarray  # (n,) float64
     is_anomaly: np.ndarray  # (n,) bool
+    residual: np.ndarray  # (n,) float32
+    surprise: np.ndarray  # (n,) float32
 
     def __len__(self) -> int:
         return len(self.device_ids)
@@ -121,11 +128,18 @@ def plan_waves(device_ids: list[str]) -> Plan:
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Column layout of a device row: h and c of every layer, last forecast, residual stats."""
+    """Column layout of a device row: h and c of every layer, the last forecast (normalised
+    units), the running input normalisation when the model uses one (count, mean, variance per
+    value), then the reading count and the residual statistics of streamer.anomaly."""
 
     num_layers: int
     hidden_size: int
-    output_size: int
+    values_size: int
+    device_norm: bool = False
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> "StateLayout":
+        return cls(config.num_layers, config.hidden_size, config.values_size, config.device_norm_alpha is not None)
 
     @property
     def lh(self) -> int:
@@ -141,15 +155,38 @@ class StateLayout:
 
     @property
     def forecast(self) -> slice:
-        return slice(2 * self.lh, 2 * self.lh + self.output_size)
+        return slice(2 * self.lh, 2 * self.lh + self.values_size)
+
+    @property
+    def _norm_base(self) -> int:
+        return 2 * self.lh + self.values_size
+
+    @property
+    def norm_width(self) -> int:
+        return 1 + 2 * self.values_size if self.device_norm else 0
+
+    @property
+    def norm_count(self) -> int:
+        return self._norm_base
+
+    @property
+    def norm_mean(self) -> slice:
+        return slice(self._norm_base + 1, self._norm_base + 1 + self.values_size)
+
+    @property
+    def norm_var(self) -> slice:
+        return slice(self._norm_base + 1 + self.values_size, self._norm_base + 1 + 2 * self.values_size)
 
     @property
     def seen(self) -> int:
-        return 2 * self.lh + self.output_size
+        """Readings the device consumed; then n, mean, var, short, streak of the residuals."""
+        return self._norm_base + self.norm_width
+
+    STATS = 6  # seen, n, mean, var, short, streak
 
     @property
     def width(self) -> int:
-        return 2 * self.lh + self.output_size + 3
+        return self.seen + self.STATS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,27 +203,24 @@ class Engine:
     """Streams readings through the model, one step per reading, state carried per device."""
 
     def __init__(self, bundle: ModelBundle, table: DeviceStateTable, anomaly: AnomalyParams | None = None):
-        config = bundle.config
-        if config.output_size != config.input_size:
-            raise StreamerError(
-                f"model {bundle.path}: output_size {config.output_size} != input_size {config.input_size};"
-                " forecasts must predict the next reading to be scored"
-            )
-        self.layout = StateLayout(config.num_layers, config.hidden_size, config.output_size)
+        self.layout = StateLayout.of(bundle.config)
         if table.width != self.layout.width:
             raise StreamerError(f"state table width {table.width} != {self.layout.width} needed by the model")
-        self.bundle = bundle
-        self.config = config
         self.table = table
         self.device = table.device
         self.anomaly = anomaly or AnomalyParams()
-        self.weights = StepWeights(bundle.model, self.device)
         # On a CPU, steps over more rows than fit in cache run several times slower per row
         # (fresh multi-MB temporaries fault their pages in on every call): cut waves into chunks.
         self.max_rows_per_step = CPU_ROWS_PER_STEP if self.device.type == "cpu" else None
+        self._serve(bundle)
+
+    def _serve(self, bundle: ModelBundle) -> None:
+        self.weights = StepWeights(bundle.model, self.device)
         norm = bundle.normalization
         self._mean = norm.mean.to(self.device) if norm else None
         self._std = norm.std.to(self.device) if norm else None
+        self.bundle = bundle
+        self.config = bundle.config
 
     @classmethod
     def build(
@@ -197,7 +231,7 @@ class Engine:
         ttl_seconds: float | None = None,
         anomaly: AnomalyParams | None = None,
     ) -> "Engine":
-        layout = StateLayout(bundle.config.num_layers, bundle.config.hidden_size, bundle.config.output_size)
+        layout = StateLayout.of(bundle.config)
         table = DeviceStateTable(capacity, layout.width, resolve_device(device), ttl_seconds=ttl_seconds)
         return cls(bundle, table, anomaly)
 
@@ -205,36 +239,38 @@ class Engine:
     def model_version(self) -> str:
         return self.bundle.version
 
-    def swap_model(self, bundle: ModelBundle) -> None:
-        """Serve ``bundle`` from the next step on, keeping every device's state.
+    def swap_model(self, bundle: ModelBundle) -> bool:
+        """Serve ``bundle`` from the next step on.
 
-        Only a model of the same shape can take over carried state; others are refused.
+        A model of the same config takes over every device's carried state. One of another
+        shape or input (hidden size, layers, time features, normalisation) cannot: the table is
+        replaced by an empty one of the new row width, and every device starts from zeros.
+        Returns True when the table was reset.
         """
-        if bundle.config != self.config:
-            raise StreamerError(
-                f"model {bundle.path}: shape {bundle.config.to_dict()} differs from the running "
-                f"{self.config.to_dict()}; restart to change shape (carried state would not fit)"
-            )
-        weights = StepWeights(bundle.model, self.device)
-        norm = bundle.normalization
-        self._mean = norm.mean.to(self.device) if norm else None
-        self._std = norm.std.to(self.device) if norm else None
-        self.weights = weights
-        self.bundle = bundle
+        reset = bundle.config != self.config
+        if reset:
+            self.layout = StateLayout.of(bundle.config)
+            old = self.table
+            self.table = DeviceStateTable(old.capacity, self.layout.width, old.device, ttl_seconds=old.ttl_seconds)
+        self._serve(bundle)
+        return reset
 
     def step(self, batch: ReadingBatch, now: float | None = None) -> tuple[PredictionBatch, StepReport]:
         """One prediction per reading of ``batch``. ``now`` (epoch s) drives TTL and LRU."""
         started = time.perf_counter()
         now = time.time() if now is None else now
         n = len(batch)
-        if batch.values.shape != (n, self.config.input_size):
-            raise StreamerError(f"values shape {batch.values.shape} != ({n}, {self.config.input_size})")
+        if batch.values.shape != (n, self.config.values_size):
+            raise StreamerError(f"values shape {batch.values.shape} != ({n}, {self.config.values_size})")
         evicted_idle = self.table.evict_idle(now)
         plan = plan_waves(batch.device_ids)
         partitions = None if batch.partitions is None else batch.partitions[plan.first]
         acquired = self.table.acquire(plan.unique, now, partitions)
-        forecast, score, flagged = self._execute(plan, acquired.slots, batch.values)
-        predictions = PredictionBatch(batch.device_ids, batch.ts, forecast, score, flagged)
+        forecast, log_tail, flagged, residual = self._execute(plan, acquired.slots, batch.values, batch.ts)
+        log_tail = log_tail.astype(np.float64)
+        score = -np.expm1(log_tail)  # 1 - tail, exact near 0 and near 1
+        surprise = (log_tail * (-1.0 / np.log(10.0))).astype(np.float32) + np.float32(0.0)  # no -0.0
+        predictions = PredictionBatch(batch.device_ids, batch.ts, forecast, score, flagged, residual, surprise)
         report = StepReport(
             readings=n,
             devices=len(plan.unique),
@@ -261,32 +297,41 @@ class Engine:
         return self.table.drop_partition(partition)
 
     @torch.inference_mode()
-    def _execute(self, plan: Plan, unique_slots: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
-        n, out_size = len(values), self.config.output_size
+    def _execute(
+        self, plan: Plan, unique_slots: np.ndarray, values: np.ndarray, ts: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        """(forecast (n, F) reading units, ln tail (n,), flags (n,), residual (n,)) in reading order."""
+        n, out_size = len(values), self.config.values_size
         device = self.device
         if n == 0:
-            return np.zeros((0, out_size), np.float32), np.zeros(0, np.float32), np.zeros(0, bool)
+            empty = np.zeros(0, np.float32)
+            return np.zeros((0, out_size), np.float32), empty, np.zeros(0, bool), empty
         x_all = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(device)
         if self._mean is not None:
             x_all = (x_all - self._mean) / self._std
+        if self.config.time_features:
+            clock = torch.from_numpy(time_features(ts, self.config.time_features)).to(device)
+            x_all = torch.cat([x_all, clock], dim=1)
         pieces = list(self._pieces(plan))
         if len(pieces) > 1:
             out_all = torch.empty(n, out_size, device=device)
-            score_all = torch.empty(n, device=device)
+            tail_all = torch.empty(n, device=device)
             flag_all = torch.empty(n, dtype=torch.bool, device=device)
+            res_all = torch.empty(n, device=device)
         for reading_idx, unique_idx in pieces:
             slots = torch.from_numpy(unique_slots[unique_idx]).to(device)
             if len(pieces) == 1:
-                out_all, score_all, flag_all = self._step_wave(x_all, slots)
+                out_all, tail_all, flag_all, res_all = self._step_wave(x_all, slots)
                 continue
             at = torch.from_numpy(reading_idx).to(device)
-            out, score, flag = self._step_wave(x_all.index_select(0, at), slots)
+            out, tail, flag, res = self._step_wave(x_all.index_select(0, at), slots)
             out_all.index_copy_(0, at, out)
-            score_all.index_copy_(0, at, score)
+            tail_all.index_copy_(0, at, tail)
             flag_all.index_copy_(0, at, flag)
+            res_all.index_copy_(0, at, res)
         if self._mean is not None:
             out_all = out_all * self._std + self._mean
-        return out_all.cpu().numpy(), score_all.cpu().numpy(), flag_all.cpu().numpy()
+        return out_all.cpu().numpy(), tail_all.cpu().numpy(), flag_all.cpu().numpy(), res_all.cpu().numpy()
 
     def _pieces(self, plan: Plan):
         """The plan's waves, each cut into chunks of at most max_rows_per_step readings, in order."""
@@ -298,23 +343,33 @@ class Engine:
             for start in range(0, len(reading_idx), limit):
                 yield reading_idx[start : start + limit], unique_idx[start : start + limit]
 
-    def _step_wave(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Gather the wave's rows, score the readings, step the LSTM, scatter the rows back."""
-        lay, b = self.layout, len(slots)
+    def _step_wave(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gather the wave's rows, normalise and score the readings, step the LSTM, scatter the rows.
+
+        x: (b, values_size + time features), values already globally normalised if the model
+        says so. Returns (forecast in reading units, or normalised units under a global
+        normalisation (undone by the caller), ln tail, flags, residual), each over b readings.
+        """
+        lay, b, f = self.layout, len(slots), self.config.values_size
         rows = self.table.gather(slots)
         h = rows[:, lay.h].view(b, lay.num_layers, lay.hidden_size)
         c = rows[:, lay.c].view(b, lay.num_layers, lay.hidden_size)
         s = lay.seen
-        scored = score_and_update(x, rows[:, lay.forecast], rows[:, s], rows[:, s + 1], rows[:, s + 2], self.anomaly)
+        seen, n, mean, var, short, streak = rows[:, s : s + lay.STATS].unbind(1)
+        if lay.device_norm:
+            z, norm_mean, norm_var = normalize_step(
+                x[:, :f], rows[:, lay.norm_count], rows[:, lay.norm_mean], rows[:, lay.norm_var],
+                self.config.device_norm_alpha,
+            )
+            x = torch.cat([z, x[:, f:]], dim=1) if x.shape[1] > f else z
+        residual = torch.where(seen >= 1, residual_of(x[:, :f], rows[:, lay.forecast]), torch.zeros_like(seen))
+        scored = score_and_update(residual, seen >= 1, n, mean, var, short, streak, self.anomaly)
         out, h_new, c_new = self.weights.step(x, h, c)
-        new_rows = torch.cat(
-            [
-                h_new.reshape(b, -1),
-                c_new.reshape(b, -1),
-                out,
-                torch.stack([scored.seen, scored.mean, scored.var], dim=1),
-            ],
-            dim=1,
-        )
-        self.table.scatter(slots, new_rows)
-        return out, scored.score, scored.is_anomaly
+        parts = [h_new.reshape(b, -1), c_new.reshape(b, -1), out]
+        if lay.device_norm:
+            count = torch.where(scored.restart, torch.zeros_like(seen), rows[:, lay.norm_count] + 1.0)
+            parts += [count.unsqueeze(1), norm_mean, norm_var]
+            out = denormalize(out, norm_mean, norm_var)
+        stats = torch.stack([seen + 1.0, scored.n, scored.mean, scored.var, scored.short, scored.streak], dim=1)
+        self.table.scatter(slots, torch.cat(parts + [stats], dim=1))
+        return out, scored.log_tail, scored.is_anomaly, residual

@@ -123,7 +123,7 @@ class Metrics:
             registry=registry,
         )
         self.model_reloads = Counter(
-            "streamer_model_reloads", "Model file changes seen, by outcome (loaded, failed)", ["outcome"],
+            "streamer_model_reloads", "Model file changes seen, by outcome (loaded; reset: a new shape, table emptied; failed)", ["outcome"],
             registry=registry,
         )
         self.transactions_aborted = Counter(

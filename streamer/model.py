@@ -10,23 +10,49 @@ plus the gate nonlinearities (nn.LSTM with seq_len=1 is several times slower for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from streamer.errors import ModelFileError
+from streamer.features import check_time_features
 
 MODEL_FILE_KEYS = ("config", "state_dict", "version")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The LSTM's shape and what it reads.
+
+    output_size: values per reading (the forecast predicts the next reading's values);
+    input_size: output_size + 2 * len(time_features) (sine and cosine per period, see
+    streamer.features); device_norm_alpha: running per-device normalisation of the values with
+    this weight (None: the file's fixed ``normalization``, or none).
+    """
+
     input_size: int
     hidden_size: int
     num_layers: int
     output_size: int
+    time_features: tuple[str, ...] = ()
+    device_norm_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        expected = self.output_size + 2 * len(self.time_features)
+        if self.input_size != expected:
+            raise ValueError(
+                f"input_size {self.input_size} != output_size {self.output_size} + 2 x "
+                f"{len(self.time_features)} time features"
+            )
+        if self.device_norm_alpha is not None and not 0 < self.device_norm_alpha <= 1:
+            raise ValueError(f"device_norm_alpha must be in (0, 1], got {self.device_norm_alpha}")
+
+    @property
+    def values_size(self) -> int:
+        """Values per reading."""
+        return self.output_size
 
     @classmethod
     def from_dict(cls, raw: object, path: object) -> "ModelConfig":
@@ -39,18 +65,33 @@ class ModelConfig:
             if not isinstance(raw.get(name), int) or raw[name] < 1:
                 raise ModelFileError(path, f"config.{name} must be a positive int, got {raw.get(name)!r}")
             values[name] = raw[name]
-        output_size = raw.get("output_size", values["input_size"])
+        try:
+            time_names = check_time_features(raw.get("time_features") or ())
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(path, f"config.time_features: {exc}") from None
+        output_size = raw.get("output_size", values["input_size"] - 2 * len(time_names))
         if not isinstance(output_size, int) or output_size < 1:
             raise ModelFileError(path, f"config.output_size must be a positive int, got {output_size!r}")
-        return cls(output_size=output_size, **values)
+        alpha = raw.get("device_norm_alpha")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, int | float)):
+            raise ModelFileError(path, f"config.device_norm_alpha must be a number, got {alpha!r}")
+        try:
+            return cls(output_size=output_size, time_features=time_names, device_norm_alpha=alpha, **values)
+        except ValueError as exc:
+            raise ModelFileError(path, f"config: {exc}") from None
 
-    def to_dict(self) -> dict[str, int]:
-        return {
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
             "input_size": self.input_size,
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
             "output_size": self.output_size,
         }
+        if self.time_features:
+            out["time_features"] = list(self.time_features)
+        if self.device_norm_alpha is not None:
+            out["device_norm_alpha"] = self.device_norm_alpha
+        return out
 
 
 class LSTMModel(nn.Module):
@@ -83,13 +124,14 @@ class Normalization:
 
 @dataclass(frozen=True)
 class ModelBundle:
-    """A loaded model file."""
+    """A loaded model file. meta: what training recorded (data range, losses, settings)."""
 
     model: LSTMModel
     config: ModelConfig
     version: str
     normalization: Normalization | None
     path: Path | None = None
+    meta: dict = field(default_factory=dict)
 
 
 def save_model_file(
@@ -98,8 +140,12 @@ def save_model_file(
     config: ModelConfig,
     version: str,
     normalization: Normalization | None = None,
+    meta: dict | None = None,
 ) -> None:
-    """Write the model file contract: {config, state_dict, version[, normalization]}."""
+    """Write the model file contract: {config, state_dict, version[, normalization][, meta]}.
+
+    meta: plain JSON-like values only (str, numbers, bools, lists, dicts), so that the file
+    still loads with weights_only=True."""
     payload: dict[str, object] = {
         "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -110,6 +156,8 @@ def save_model_file(
             "mean": normalization.mean.detach().cpu().float(),
             "std": normalization.std.detach().cpu().float(),
         }
+    if meta:
+        payload["meta"] = meta
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -143,7 +191,12 @@ def load_model_file(path: str | Path) -> ModelBundle:
         raise ModelFileError(path, f"state_dict does not match config {config.to_dict()}: {exc}") from exc
     model.eval()
     normalization = _load_normalization(raw.get("normalization"), config, path)
-    return ModelBundle(model, config, str(raw["version"]), normalization, path)
+    if normalization is not None and config.device_norm_alpha is not None:
+        raise ModelFileError(path, "has both a fixed 'normalization' and config.device_norm_alpha; pick one")
+    meta = raw.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ModelFileError(path, f"'meta' must be a dict, got {type(meta).__name__}")
+    return ModelBundle(model, config, str(raw["version"]), normalization, path, meta)
 
 
 def _load_normalization(raw: object, config: ModelConfig, path: Path) -> Normalization | None:
@@ -154,8 +207,8 @@ def _load_normalization(raw: object, config: ModelConfig, path: Path) -> Normali
     mean = torch.as_tensor(raw["mean"], dtype=torch.float32).flatten()
     std = torch.as_tensor(raw["std"], dtype=torch.float32).flatten()
     for name, t in (("mean", mean), ("std", std)):
-        if t.numel() != config.input_size:
-            raise ModelFileError(path, f"normalization.{name} has {t.numel()} values, input_size is {config.input_size}")
+        if t.numel() != config.values_size:
+            raise ModelFileError(path, f"normalization.{name} has {t.numel()} values, readings have {config.values_size}")
         if not torch.isfinite(t).all():
             raise ModelFileError(path, f"normalization.{name} has non-finite values")
     if (std <= 0).any():

@@ -113,7 +113,7 @@ class Pipeline:
         self.metrics = metrics
         self.health = health
         self.exactly_once = settings.kafka.exactly_once
-        self.decoder = ReadingDecoder(engine.config.input_size)
+        self.decoder = ReadingDecoder(engine.config.values_size)
         policy = CheckpointPolicy(settings.checkpoint.interval_s, settings.checkpoint.interval_readings)
         self.partitions = PartitionManager(consumer, engine, store, policy, metrics)
         self.summary = RunSummary()
@@ -386,15 +386,23 @@ class Pipeline:
         try:
             bundle = load_model_file(path)
             with self.partitions.lock:
-                self.engine.swap_model(bundle)
+                devices = len(self.engine.table)
+                reset = self.engine.swap_model(bundle)
         except StreamerError as exc:
             log.error("model file changed but cannot be used, still serving %s: %s", self.engine.model_version, exc)
             if self.metrics is not None:
                 self.metrics.on_model_reload("failed")
             return
-        log.info("now serving model %s from %s", bundle.version, path)
+        if reset:
+            self.decoder = ReadingDecoder(bundle.config.values_size)
+            log.warning(
+                "model %s from %s has a new shape (%s): state table reset, %d devices start from zeros",
+                bundle.version, path, bundle.config.to_dict(), devices,
+            )
+        else:
+            log.info("now serving model %s from %s", bundle.version, path)
         if self.metrics is not None:
-            self.metrics.on_model_reload("loaded", bundle.version)
+            self.metrics.on_model_reload("reset" if reset else "loaded", bundle.version)
 
     def _maybe_lag(self) -> None:
         if self.metrics is None or time.monotonic() - self._last_lag < LAG_INTERVAL_S:
@@ -488,4 +496,6 @@ def _select(predictions: PredictionBatch, mask: np.ndarray) -> PredictionBatch:
         predictions.forecast[index],
         predictions.anomaly_score[index],
         predictions.is_anomaly[index],
+        predictions.residual[index],
+        predictions.surprise[index],
     )

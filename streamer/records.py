@@ -3,7 +3,7 @@
 Input value (JSON): {"device_id": str, "ts": epoch seconds | ISO-8601, "values": [float, ...]},
 with key = device id; values and ts must be finite, values as float32 (the model's dtype).
 Unknown extra fields are ignored. Output value (JSON): {"device_id", "ts" (epoch seconds),
-"forecast", "anomaly_score", "is_anomaly", "model_version"}.
+"forecast", "anomaly_score", "is_anomaly", "residual", "model_version"}.
 """
 
 from __future__ import annotations
@@ -190,6 +190,7 @@ def encode_predictions(predictions: PredictionBatch, model_version: str) -> list
     forecasts = predictions.forecast.tolist()
     scores = predictions.anomaly_score.tolist()
     flags = predictions.is_anomaly.tolist()
+    residuals = predictions.residual.tolist()
     ts = predictions.ts.tolist()
     dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
     out = []
@@ -200,6 +201,7 @@ def encode_predictions(predictions: PredictionBatch, model_version: str) -> list
             "forecast": forecasts[i],
             "anomaly_score": scores[i],
             "is_anomaly": flags[i],
+            "residual": residuals[i],
             "model_version": model_version,
         }
         out.append((device_id.encode("utf-8"), dumps(body).encode("utf-8")))

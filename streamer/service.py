@@ -29,15 +29,18 @@ STARTUP_RETRY_S = 2.0
 T = TypeVar("T")
 
 
+def anomaly_params(settings: Settings) -> AnomalyParams:
+    return AnomalyParams(**settings.anomaly.model_dump())
+
+
 def build_engine(settings: Settings) -> Engine:
     bundle = load_model_file(settings.model.path)
-    anomaly = settings.anomaly
     engine = Engine.build(
         bundle,
         capacity=settings.state.capacity,
         device=settings.model.device,
         ttl_seconds=settings.state.ttl_seconds,
-        anomaly=AnomalyParams(anomaly.threshold, anomaly.warmup, anomaly.alpha, anomaly.min_std),
+        anomaly=anomaly_params(settings),
     )
     log.info(
         "model %s (version %s, %s) on %s, state table of %d devices",

@@ -151,10 +151,22 @@ class CheckpointSettings(Section):
 
 
 class AnomalySettings(Section):
-    threshold: Annotated[float, Field(gt=0)] = Field(4.0, description="flag readings whose residual z-score exceeds this")
-    warmup: Annotated[int, Field(ge=0)] = Field(10, description="a device's first readings that are never flagged")
-    alpha: Annotated[float, Field(gt=0, le=1)] = Field(0.01, description="weight of a new residual in the running stats")
-    min_std: Annotated[float, Field(gt=0)] = Field(1e-3, description="floor of the residual std (normalised units)")
+    """See streamer.anomaly for what each one does; its AnomalyParams has the same defaults."""
+
+    threshold: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.9999, description="flag readings whose anomaly score (1 - tail probability) is at least this"
+    )
+    warmup: Annotated[int, Field(ge=0)] = Field(50, description="residuals a device needs before it is scored")
+    short_alpha: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.5, description="weight of a new residual in the short-run mean"
+    )
+    long_alpha: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.001, description="weight of a new residual in the long-run residual mean and variance"
+    )
+    min_std: Annotated[float, Field(gt=0)] = Field(0.01, description="floor of the residual std (normalised units)")
+    adapt_after: Annotated[int, Field(ge=1)] = Field(
+        100, description="readings in a row with tail probability < 0.001 before a device's statistics restart"
+    )
 
 
 class MetricsSettings(Section):

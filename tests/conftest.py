@@ -18,8 +18,13 @@ def make_bundle(
     seed: int = 0,
     normalization: Normalization | None = None,
     version: str = "test-1",
+    time_features: tuple[str, ...] = (),
+    device_norm_alpha: float | None = None,
 ) -> ModelBundle:
-    config = ModelConfig(input_size, hidden_size, num_layers, input_size)
+    """A random model for readings of ``input_size`` values (plus 2 inputs per time feature)."""
+    config = ModelConfig(
+        input_size + 2 * len(time_features), hidden_size, num_layers, input_size, time_features, device_norm_alpha
+    )
     return ModelBundle(init_random_model(config, seed), config, version, normalization)
 
 

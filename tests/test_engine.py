@@ -6,21 +6,30 @@ import torch
 
 from streamer.anomaly import AnomalyParams
 from streamer.engine import Engine, ReadingBatch, plan_waves
+from streamer.features import denormalize, normalize_sequences_with_stats, time_features
 from streamer.model import Normalization
 from tests.conftest import DEVICES, make_bundle
 
 
-def offline_forecasts(bundle, seq: np.ndarray) -> np.ndarray:
-    """LSTMModel.forward over every prefix of one device's sequence (T, F) -> (T, F)."""
+def offline_forecasts(bundle, seq: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
+    """LSTMModel.forward over every prefix of one device's sequence (T, F) -> (T, F), with the
+    model file's inputs built offline: whole-sequence normalisation and time features."""
     x = torch.from_numpy(seq).float()
-    norm = bundle.normalization
+    norm, config = bundle.normalization, bundle.config
     if norm is not None:
         x = (x - norm.mean) / norm.std
+    if config.device_norm_alpha is not None:
+        z, mean, var = (torch.from_numpy(a) for a in normalize_sequences_with_stats([seq], config.device_norm_alpha)[0])
+        x = z
+    if config.time_features:
+        x = torch.cat([x, torch.from_numpy(time_features(ts, config.time_features))], dim=1)
     with torch.no_grad():
         outs = [bundle.model(x[None, : t + 1])[0][0] for t in range(len(seq))]
     out = torch.stack(outs)
     if norm is not None:
         out = out * norm.std + norm.mean
+    if config.device_norm_alpha is not None:
+        out = denormalize(out, mean, var)
     return out.numpy()
 
 
@@ -33,21 +42,25 @@ def test_plan_waves_keeps_per_device_order():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("inputs", ["raw", "global", "device+time"])
 @pytest.mark.parametrize("rows_per_step", [None, 5])
-def test_streaming_equals_offline_model(device: str, normalized: bool, rows_per_step: int | None):
+def test_streaming_equals_offline_model(device: str, inputs: str, rows_per_step: int | None):
     rng = np.random.default_rng(7)
     n_features, n_devices = 3, 12
-    norm = Normalization(torch.tensor([10.0, -1.0, 0.5]), torch.tensor([2.0, 0.5, 4.0])) if normalized else None
-    bundle = make_bundle(input_size=n_features, hidden_size=16, num_layers=2, seed=11, normalization=norm)
+    norm = Normalization(torch.tensor([10.0, -1.0, 0.5]), torch.tensor([2.0, 0.5, 4.0])) if inputs == "global" else None
+    extra = {"time_features": ("day", "week"), "device_norm_alpha": 0.05} if inputs == "device+time" else {}
+    bundle = make_bundle(input_size=n_features, hidden_size=16, num_layers=2, seed=11, normalization=norm, **extra)
     engine = Engine.build(bundle, capacity=64, device=device)
     engine.max_rows_per_step = rows_per_step  # 5: waves cut into many small steps
 
     # Devices with different lengths, joining at different points; readings interleaved at random,
     # cut into micro-batches of random size so a device often has several readings in one batch.
     lengths = rng.integers(5, 40, size=n_devices)
-    sequences = {f"dev-{d}": rng.normal(size=(lengths[d], n_features)).astype(np.float32) * 3 for d in range(n_devices)}
+    sequences = {
+        f"dev-{d}": (rng.normal(size=(lengths[d], n_features)) * 3 + 10**d).astype(np.float32) for d in range(n_devices)
+    }
     join_at = {f"dev-{d}": int(rng.integers(0, 60)) for d in range(n_devices)}
+    stamps = {dev: 1.7e9 + np.cumsum(rng.uniform(1, 20_000, size=len(seq))) for dev, seq in sequences.items()}
     stream = []
     for dev, seq in sequences.items():
         stream += [(join_at[dev] + t + rng.random(), dev, t) for t in range(len(seq))]
@@ -62,13 +75,17 @@ def test_streaming_equals_offline_model(device: str, normalized: bool, rows_per_
         ids = [dev for _, dev, _ in chunk]
         multi_reading_batches += len(set(ids)) < len(ids)
         values = np.stack([sequences[dev][t] for _, dev, t in chunk])
-        preds, report = engine.step(ReadingBatch(ids, np.arange(len(ids), dtype=np.float64), values), now=float(i))
+        ts = np.array([stamps[dev][t] for _, dev, t in chunk])
+        preds, report = engine.step(ReadingBatch(ids, ts, values), now=float(i))
         assert report.readings == len(chunk)
         for dev, forecast in zip(preds.device_ids, preds.forecast):
             streamed[dev].append(forecast)
     assert multi_reading_batches > 5
     for dev, seq in sequences.items():
-        np.testing.assert_allclose(np.stack(streamed[dev]), offline_forecasts(bundle, seq), atol=1e-5, rtol=0)
+        expected = offline_forecasts(bundle, seq, stamps[dev])
+        # Devices' levels reach 1e11: compare relative to each device's scale.
+        scale = 1.0 if inputs == "raw" else float(np.abs(seq).max())
+        np.testing.assert_allclose(np.stack(streamed[dev]) / scale, expected / scale, atol=1e-5, rtol=0)
 
 
 def test_evicted_device_restarts_from_zeros():
@@ -86,19 +103,20 @@ def test_evicted_device_restarts_from_zeros():
 
 
 def test_anomaly_flags_a_spike_after_warmup_only():
-    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=5)
-    engine = Engine.build(bundle, capacity=4, device="cpu", anomaly=AnomalyParams(threshold=5.0, warmup=20))
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=5, device_norm_alpha=0.01)
+    engine = Engine.build(bundle, capacity=4, device="cpu", anomaly=AnomalyParams(warmup=20))
     rng = np.random.default_rng(1)
-    signal = (np.sin(np.arange(300) / 8.0) + rng.normal(scale=0.05, size=300)).astype(np.float32)
+    signal = (np.sin(np.arange(400) / 8.0) + rng.normal(scale=0.05, size=400)).astype(np.float32)
     signal[5] += 40.0  # inside the warm-up: never flagged
-    signal[200] += 40.0
+    signal[300] += 40.0
     flagged, scores = [], []
     for t, value in enumerate(signal):
         preds, _ = engine.step(ReadingBatch(["s"], np.array([float(t)]), np.array([[value]])), now=float(t))
         flagged.append(bool(preds.is_anomaly[0]))
         scores.append(float(preds.anomaly_score[0]))
-    assert flagged[200] and not flagged[5]
-    assert scores[0] == 0.0 and scores[1] == 0.0
+        assert 0.0 <= scores[-1] <= 1.0
+    assert flagged[300] and not flagged[5]
+    assert scores[:21] == [0.0] * 21
     assert sum(flagged) <= 3, [t for t, f in enumerate(flagged) if f]
 
 
@@ -109,3 +127,19 @@ def test_absurd_but_finite_readings_keep_scores_finite():
     for t, values in enumerate(sequence):
         preds, _ = engine.step(ReadingBatch(["d"], np.zeros(1), np.array([values], np.float32)), now=float(t))
         assert np.isfinite(preds.forecast).all() and np.isfinite(preds.anomaly_score).all(), t
+
+
+def test_swap_to_a_new_shape_resets_the_table_same_shape_keeps_rows():
+    engine = Engine.build(make_bundle(input_size=2, hidden_size=8, seed=1), capacity=8, device="cpu")
+    values = np.ones((3, 2), np.float32)
+    engine.step(ReadingBatch(["a", "b", "c"], np.zeros(3), values), now=1.0)
+    rows = engine.table.rows.clone()
+    assert engine.swap_model(make_bundle(input_size=2, hidden_size=8, seed=2, version="v2")) is False
+    assert len(engine.table) == 3 and torch.equal(engine.table.rows, rows)
+
+    bigger = make_bundle(input_size=2, hidden_size=12, num_layers=1, seed=3, version="v3", time_features=("day",))
+    assert engine.swap_model(bigger) is True
+    assert len(engine.table) == 0 and engine.table.capacity == 8 and engine.model_version == "v3"
+    preds, report = engine.step(ReadingBatch(["a"], np.zeros(1), values[:1]), now=2.0)
+    assert report.new_devices == 1
+    np.testing.assert_allclose(preds.forecast, offline_forecasts(bigger, values[:1], np.zeros(1)), atol=1e-5)

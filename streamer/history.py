@@ -1,0 +1,468 @@
+"""Device histories from CSV or Parquet, for training and replay.
+
+Three layouts, detected per file by the presence of a ``device_id`` column:
+
+* long: ``device_id``, ``timestamp`` (or ``ts``) and value columns, many devices mixed;
+* per device: ``timestamp`` (or ``ts``) and value columns; the device id is the file's path
+  relative to the directory given, without suffix, or the file stem for a single file;
+* a directory: every ``*.csv`` / ``*.parquet`` under it (recursive, sorted by path), each
+  long or per device; all files must have the same number of value columns.
+
+Value columns are ``value_columns`` when given, else every column other than ``device_id`` and
+the timestamp column (unnamed columns, e.g. a written index, are ignored). Timestamps are epoch
+seconds, ISO-8601 text (naive means UTC) or Parquet timestamp/date columns. Each device's rows
+come back sorted by timestamp, equal timestamps in file order. A device id belongs to one file:
+the same id in two files is an error naming both.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from streamer.errors import StreamerError
+
+SUFFIXES = (".csv", ".parquet")
+DEVICE_COLUMN = "device_id"
+TIME_COLUMNS = ("timestamp", "ts")  # first one present wins
+SHOWN_CHARS = 80  # offending text is cut to this many characters
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _short(text: object) -> str:
+    text = str(text)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+class HistoryError(StreamerError):
+    """History data that cannot be used; names the file, line and value when there is one."""
+
+    def __init__(self, reason: str, path: object = None, line: int | None = None, value: object = None) -> None:
+        where = ""
+        if path is not None:
+            where = f" {path}" + (f" line {line}" if line is not None else "")
+        shown = f" (got {_short(value)!r})" if value is not None else ""
+        super().__init__(f"history{where}: {reason}{shown}")
+        self.reason = reason
+        self.path = path
+        self.line = line
+        self.value = value
+
+
+@dataclass(frozen=True)
+class DeviceHistory:
+    """One device's readings: ts (T,) float64 epoch seconds, non-decreasing; values (T, F)
+    float32, finite; lines (T,) int64 CSV line (header = 1) or 1-based Parquet row of each."""
+
+    device_id: str
+    ts: np.ndarray
+    values: np.ndarray
+    source: str
+    lines: np.ndarray
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A skipped row: file, CSV line or Parquet row, why, and the offending text (<= 80 chars)."""
+
+    path: str
+    line: int
+    reason: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Histories:
+    """Devices in first-seen order (files in path order, rows in file order)."""
+
+    devices: dict[str, DeviceHistory]
+    value_columns: tuple[str, ...]
+    bad_rows: list[BadRow] = field(default_factory=list)  # only filled when on_bad="skip"
+
+    def time_range(self) -> tuple[float, float]:
+        """(earliest, latest) timestamp over all devices."""
+        return (float(min(h.ts[0] for h in self.devices.values())), float(max(h.ts[-1] for h in self.devices.values())))
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+
+
+def _parse_one_ts(text: str) -> float:
+    """Epoch seconds from epoch-seconds or ISO-8601 text (naive = UTC). Raises ValueError."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+
+
+def _floats(texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """float() of every text; (values, unparsable mask). Unparsable entries are NaN."""
+    n = len(texts)
+    try:  # fast path: everything parses
+        return np.fromiter(map(float, texts), np.float64, n), np.zeros(n, bool)
+    except (ValueError, TypeError):
+        pass
+    out, bad = np.full(n, np.nan), np.zeros(n, bool)
+    for i, text in enumerate(texts):
+        try:
+            out[i] = float(text)
+        except (ValueError, TypeError):
+            bad[i] = True
+    return out, bad
+
+
+def _timestamps_from_arrow(arr: pa.Array) -> np.ndarray:
+    """Epoch seconds float64 of a timestamp array; nulls become NaN."""
+    unit = arr.type.unit
+    raw = pc.fill_null(arr.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+    per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
+    secs = (raw // per_second).astype(np.float64) + (raw % per_second) / per_second
+    secs[arr.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return secs
+
+
+def _timestamp_texts(texts: list | None, arr: pa.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch seconds of timestamp texts (a list, or a string Arrow array); (seconds,
+    unparsable mask). None is unparsable."""
+    if texts is not None:
+        n = len(texts)
+        try:  # epoch seconds
+            return np.fromiter(map(float, texts), np.float64, n), np.zeros(n, bool)
+        except (ValueError, TypeError):
+            arr = pa.array(texts, pa.string())
+    assert arr is not None
+    n = len(arr)
+    # numbers, or ISO text all naive or all with offsets: Arrow parses the column at C speed
+    if arr.null_count == 0:
+        for kind in (pa.float64(), pa.timestamp("us"), pa.timestamp("us", tz="UTC")):
+            try:
+                parsed = pc.cast(arr, kind)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+            secs = parsed.to_numpy(zero_copy_only=False) if kind == pa.float64() else _timestamps_from_arrow(parsed)
+            return secs, np.zeros(n, bool)
+    texts = arr.to_pylist() if texts is None else texts
+    out, bad = np.full(n, np.nan), np.zeros(n, bool)  # mixed or bad: one at a time
+    for i, text in enumerate(texts):
+        try:
+            out[i] = _parse_one_ts(text)
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            bad[i] = True
+    return out, bad
+
+
+@dataclass
+class _Table:
+    """One file's rows before checks: raw columns plus the text to show for a bad entry."""
+
+    path: Path
+    n: int
+    lines: np.ndarray  # int64
+    device_codes: np.ndarray | None  # long format: int64 index into device_names per row, -1 = null
+    device_names: list[str]  # stripped ids, in first-seen order; "" = empty
+    ts: np.ndarray  # float64 seconds, NaN where unparsable
+    ts_bad: np.ndarray  # bool: unparsable
+    values: list[np.ndarray]  # float64 per value column
+    values_bad: list[np.ndarray]  # bool per value column: unparsable
+    value_names: tuple[str, ...]
+    show_ts: Callable[[int], object]  # row -> timestamp as read, for BadRow.value
+    show_value: Callable[[int, int], object]  # (value column, row) -> value as read
+    early_bad: list[BadRow]  # rows never parsed (too few fields, malformed CSV)
+
+
+def _layout(names: list[str], value_columns: Sequence[str] | None, path: Path) -> tuple[str | None, str, list[str]]:
+    """(device column or None, timestamp column, value columns) of a file's header."""
+    time_col = next((name for name in TIME_COLUMNS if name in names), None)
+    if time_col is None:
+        raise HistoryError(f"no timestamp column (want one of {list(TIME_COLUMNS)})", path, value=names)
+    device_col = DEVICE_COLUMN if DEVICE_COLUMN in names else None
+    if value_columns is not None:
+        missing = [name for name in value_columns if name not in names]
+        if missing:
+            raise HistoryError(f"missing value column(s) {missing}", path, value=names)
+        chosen = list(value_columns)
+    else:
+        chosen = [name for name in names if name and name not in (DEVICE_COLUMN, time_col)]
+    if not chosen:
+        raise HistoryError("no value columns", path, value=names)
+    return device_col, time_col, chosen
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Millions of new row lists (no cycles) would trigger many useless GC passes."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _read_csv(path: Path, value_columns: Sequence[str] | None) -> _Table:
+    try:
+        with _gc_paused(), path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: drop a BOM
+            return _parse_csv(path, csv.reader(handle), value_columns)
+    except UnicodeDecodeError as exc:
+        raise HistoryError(f"not UTF-8 text ({exc.reason} at byte {exc.start} of a read block)", path) from None
+    except OSError as exc:
+        raise HistoryError(f"unreadable: {exc.strerror or exc}", path) from exc
+
+
+def _parse_csv(path: Path, reader: Any, value_columns: Sequence[str] | None) -> _Table:
+    """Columns of an open csv.reader (needs its line_num); short or broken rows go to early_bad."""
+    try:
+        header = [name.strip() for name in next(reader)]
+    except StopIteration:
+        raise HistoryError("empty file (no header)", path) from None
+    except csv.Error as exc:
+        raise HistoryError(f"malformed CSV header: {exc}", path, 1) from exc
+    device_col, time_col, chosen = _layout(header, value_columns, path)
+    di = header.index(device_col) if device_col else None
+    ti = header.index(time_col)
+    vis = [header.index(name) for name in chosen]
+    need = max([ti, *vis] + ([di] if di is not None else [])) + 1
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    early: list[BadRow] = []
+    keep_row, keep_line = rows.append, lines.append
+    while True:  # csv.reader goes on after an error; restart the loop on the next line
+        try:
+            for row in reader:
+                if len(row) >= need:
+                    keep_row(row)
+                    keep_line(reader.line_num)
+                elif row:  # blank lines are no data
+                    early.append(BadRow(str(path), reader.line_num, "too few fields", _short(",".join(row))))
+            break
+        except csv.Error as exc:
+            early.append(BadRow(str(path), reader.line_num, "malformed CSV", _short(exc)))
+    ts_texts = list(map(itemgetter(ti), rows))
+    ts, ts_bad = _timestamp_texts(ts_texts)
+    value_texts = [list(map(itemgetter(vi), rows)) for vi in vis]
+    parsed = [_floats(texts) for texts in value_texts]
+    codes, index = None, {}
+    if di is not None:  # C-speed loops only: dict.fromkeys keeps first-seen order
+        ids = list(map(str.strip, map(itemgetter(di), rows)))
+        index = dict.fromkeys(ids)
+        for code, device in enumerate(index):
+            index[device] = code
+        codes = np.fromiter(map(index.__getitem__, ids), np.int64, len(ids))
+    return _Table(
+        path, len(rows), np.array(lines, np.int64), codes, list(index), ts, ts_bad,
+        [p[0] for p in parsed], [p[1] for p in parsed], tuple(chosen),
+        show_ts=lambda i: ts_texts[i], show_value=lambda c, i: value_texts[c][i], early_bad=early,
+    )
+
+
+def _parquet_numbers(col: pa.Array, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """float64 of a numeric or numeric-text column; (values, unparsable-or-null mask)."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        try:
+            col = pc.cast(col, pa.float64())
+        except pa.ArrowInvalid:
+            return _floats(col.to_pylist())
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+        raise HistoryError(f"column {name!r} has type {col.type}, not numbers", path)
+    nulls = col.is_null().to_numpy(zero_copy_only=False)
+    return pc.fill_null(col.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False), nulls
+
+
+def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
+    try:
+        names = pq.read_schema(path).names
+        device_col, time_col, chosen = _layout(names, value_columns, path)
+        wanted = ([device_col] if device_col else []) + [time_col] + chosen
+        table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
+    except (pa.ArrowException, OSError) as exc:
+        raise HistoryError(f"unreadable Parquet: {exc}", path) from exc
+    n = table.num_rows
+    tcol = table.column(time_col).combine_chunks()
+    if pa.types.is_dictionary(tcol.type):
+        tcol = tcol.cast(tcol.type.value_type)
+    if pa.types.is_date(tcol.type):
+        tcol = tcol.cast(pa.timestamp("ms"))
+    if pa.types.is_timestamp(tcol.type):  # stored as UTC instants; naive ones taken as UTC
+        ts, ts_bad = _timestamps_from_arrow(tcol), tcol.is_null().to_numpy(zero_copy_only=False)
+    elif pa.types.is_string(tcol.type) or pa.types.is_large_string(tcol.type):
+        ts, ts_bad = _timestamp_texts(None, tcol)
+    else:
+        ts, ts_bad = _parquet_numbers(tcol, time_col, path)
+    vcols = [table.column(name).combine_chunks() for name in chosen]
+    parsed = [_parquet_numbers(col, name, path) for col, name in zip(vcols, chosen)]
+    codes, device_names = None, []
+    if device_col:  # dictionary_encode numbers ids in first-seen order
+        ids = pc.utf8_trim_whitespace(table.column(device_col).cast(pa.string()).combine_chunks())
+        encoded = pc.dictionary_encode(ids)
+        codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        device_names = encoded.dictionary.to_pylist()
+    return _Table(
+        path, n, np.arange(1, n + 1, dtype=np.int64), codes, device_names, ts, ts_bad,
+        [p[0] for p in parsed], [p[1] for p in parsed], tuple(chosen),
+        show_ts=lambda i: tcol[i].as_py(), show_value=lambda c, i: vcols[c][i].as_py(), early_bad=[],
+    )
+
+
+def _check(table: _Table) -> tuple[np.ndarray, list[BadRow]]:
+    """(good-row mask, bad rows in line order); a row's first failing check names it."""
+    where = str(table.path)
+    reason: dict[int, tuple[str, object]] = {}
+
+    def flag(mask: np.ndarray, why: str, show: Callable[[int], object]) -> None:
+        for i in np.flatnonzero(mask):
+            reason.setdefault(int(i), (why, show(int(i))))
+
+    if table.device_codes is not None:
+        empty = table.device_codes < 0
+        if "" in table.device_names:
+            empty |= table.device_codes == table.device_names.index("")
+        flag(empty, "empty device_id", lambda i: "")
+    flag(table.ts_bad, "unparsable timestamp", table.show_ts)
+    flag(~table.ts_bad & ~np.isfinite(table.ts), "non-finite timestamp", table.show_ts)
+    for c, (vals, bad) in enumerate(zip(table.values, table.values_bad)):
+        show = lambda i, c=c: table.show_value(c, i)  # noqa: E731
+        flag(bad, "unparsable value", show)
+        finite = np.isfinite(vals)
+        flag(~bad & ~finite, "non-finite value", show)
+        flag(finite & (np.abs(vals) > _F32_MAX), "value out of float32 range", show)
+    good = np.ones(table.n, bool)
+    good[list(reason)] = False
+    bad_rows = [BadRow(where, int(table.lines[i]), why, _short(value)) for i, (why, value) in reason.items()]
+    bad_rows += table.early_bad
+    bad_rows.sort(key=lambda b: b.line)
+    return good, bad_rows
+
+
+def _data_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise HistoryError("no such file or directory", path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise HistoryError(f"no data files ({' or '.join('*' + s for s in SUFFIXES)}) in directory", path)
+        return files
+    if path.suffix.lower() not in SUFFIXES:
+        raise HistoryError(f"unsupported file type {path.suffix!r} (want .csv or .parquet)", path)
+    return [path]
+
+
+def load_histories(
+    path: str | Path,
+    *,
+    value_columns: Sequence[str] | None = None,
+    on_bad: Literal["refuse", "skip"] = "refuse",
+) -> Histories:
+    """Load every device's history from a file or directory (layouts: see the module doc).
+
+    A bad row (unparsable or non-finite timestamp or value, empty device_id, too few fields,
+    malformed CSV) raises HistoryError naming file, line and text with on_bad="refuse" (the
+    first bad line of the first file that has one); with "skip" it is left out and reported in
+    ``bad_rows``. Devices whose rows are all bad are left out. Raises HistoryError for a
+    missing path, no data files, missing columns, differing value-column counts, a device id
+    in two files, an unknown suffix, or no good rows at all.
+    """
+    if on_bad not in ("refuse", "skip"):
+        raise ValueError(f"on_bad must be 'refuse' or 'skip', not {on_bad!r}")
+    root = Path(path)
+    files = _data_files(root)
+    devices: dict[str, DeviceHistory] = {}
+    bad_rows: list[BadRow] = []
+    names: tuple[str, ...] | None = None
+    first_file: Path | None = None
+    for file in files:
+        reader = _read_parquet if file.suffix.lower() == ".parquet" else _read_csv
+        table = reader(file, value_columns)
+        if names is None:
+            names, first_file = table.value_names, file
+        elif len(table.value_names) != len(names):
+            raise HistoryError(
+                f"{len(table.value_names)} value column(s) {list(table.value_names)}, but {first_file} has "
+                f"{len(names)} {list(names)}", file)
+        good, bad = _check(table)
+        if bad and on_bad == "refuse":
+            raise HistoryError(bad[0].reason, file, bad[0].line, bad[0].value)
+        bad_rows += bad
+        values = np.stack(table.values, axis=1)[good].astype(np.float32)
+        ts, lines = table.ts[good], table.lines[good]
+        if table.device_codes is None:
+            device = file.stem if file == root else file.relative_to(root).with_suffix("").as_posix()
+            groups = [(device, np.argsort(ts, kind="stable"))] if len(ts) else []
+        else:
+            groups = _group(table.device_codes[good], table.device_names, ts)
+        for device, order in groups:
+            if device in devices:
+                raise HistoryError(f"device {device!r} also in {devices[device].source}", file)
+            devices[device] = DeviceHistory(device, ts[order], values[order], str(file), lines[order])
+    if not devices:
+        raise HistoryError("no rows", root)
+    assert names is not None
+    return Histories(devices, names, bad_rows)
+
+
+def _group(codes: np.ndarray, names: list[str], ts: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(device, row indices sorted by ts, stable) per device present in codes, devices in order
+    of their first row here (a device whose first rows were bad moves to its first good row)."""
+    if not len(codes):
+        return []
+    uniq, first, dense = np.unique(codes, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniq), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    dense = rank[dense.reshape(-1)]
+    order = np.lexsort((ts, dense))  # lexsort is stable: equal (device, ts) keep file order
+    bounds = np.cumsum(np.bincount(dense, minlength=len(uniq)))[:-1]
+    ids = [names[code] for code in uniq[np.argsort(first, kind="stable")]]
+    return list(zip(ids, np.split(order, bounds)))
+
+
+def iter_time_order(histories: Histories) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """All readings merged by timestamp: (device id per reading, ts (N,), values (N, F)).
+
+    Ties keep device order (``histories.devices``), then row order within a device.
+    """
+    hs = list(histories.devices.values())
+    ts = np.concatenate([h.ts for h in hs])
+    values = np.concatenate([h.values for h in hs])
+    codes = np.repeat(np.arange(len(hs)), [len(h.ts) for h in hs])
+    order = np.argsort(ts, kind="stable")
+    ids = np.array([h.device_id for h in hs], dtype=object)[codes[order]].tolist()
+    return ids, ts[order], values[order]
+
+
+def write_table(path: str | Path, columns: dict[str, np.ndarray]) -> None:
+    """Write equal-length 1-D columns as CSV or Parquet, chosen by suffix.
+
+    CSV floats are written at shortest round-trip precision (float() reads back the same value).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise HistoryError(f"unsupported file type {path.suffix!r} (want .csv or .parquet)", path)
+    arrays = {name: np.asarray(col) for name, col in columns.items()}
+    lengths = {name: col.shape for name, col in arrays.items()}
+    if len({shape for shape in lengths.values()}) > 1 or any(len(shape) != 1 for shape in lengths.values()):
+        raise HistoryError(f"columns must be 1-D and of equal length, got shapes {lengths}", path)
+    table = pa.table({name: pa.array(col.tolist() if col.dtype == object else col) for name, col in arrays.items()})
+    if suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        pacsv.write_csv(table, path)

@@ -1,0 +1,105 @@
+"""Anomaly scores: calibrated, comparable across devices, independent of the threshold, adaptive."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.anomaly import AnomalyParams, score_and_update
+from streamer.engine import Engine, ReadingBatch
+from streamer.settings import AnomalySettings
+from tests.conftest import make_bundle
+
+
+def run_scores(residuals: np.ndarray, params: AnomalyParams) -> tuple[np.ndarray, np.ndarray]:
+    """Feed (T, B) residuals through score_and_update -> (anomaly score, flags), both (T, B)."""
+    t_len, b = residuals.shape
+    n, mean, var, short, streak = (torch.zeros(b) for _ in range(5))
+    scores, flags = np.zeros((t_len, b)), np.zeros((t_len, b), bool)
+    has = torch.ones(b, dtype=torch.bool)
+    for t in range(t_len):
+        s = score_and_update(torch.from_numpy(residuals[t]).float(), has, n, mean, var, short, streak, params)
+        n, mean, var, short, streak = s.n, s.mean, s.var, s.short, s.streak
+        scores[t] = -np.expm1(s.log_tail.double().numpy())
+        flags[t] = s.is_anomaly.numpy()
+    return scores, flags
+
+
+def stream(engine: Engine, device: str, values: np.ndarray, t0: int = 0):
+    """Step one device through ``values`` (T,) one reading at a time -> list of PredictionBatch."""
+    out = []
+    for t, value in enumerate(values):
+        ts = np.array([1.7e9 + 300.0 * (t0 + t)])
+        preds, _ = engine.step(ReadingBatch([device], ts, np.array([[value]], np.float32)), now=0.0)
+        out.append(preds)
+    return out
+
+
+def test_settings_and_params_share_defaults():
+    assert AnomalySettings().model_dump() == dataclasses.asdict(AnomalyParams())
+
+
+@pytest.mark.parametrize(("p", "low", "high"), [(0.99, 0.6, 1.25), (0.999, 0.4, 1.25), (0.9999, 0.1, 1.25)])
+def test_flag_rate_on_stationary_noise_matches_the_threshold(p: float, low: float, high: float):
+    """Residuals of a device behaving as it always did (|gaussian noise|): the share flagged at
+    threshold p is at most 1.25 x (1 - p), and not far below it (measured: 0.87, 0.60, 0.27 x)."""
+    rng = np.random.default_rng(0)
+    residuals = np.abs(rng.normal(size=(10_000, 50)))
+    _, flags = run_scores(residuals, AnomalyParams(threshold=p, warmup=200))
+    ratio = flags[1000:].mean() / (1 - p)
+    assert low <= ratio <= high, ratio
+
+
+def test_scale_of_the_readings_does_not_change_scores():
+    """Two devices, the same noisy cycle at scales 1 and 1e6 (and an offset): same scores."""
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=4, device_norm_alpha=0.01)
+    engine = Engine.build(bundle, capacity=4, device="cpu", anomaly=AnomalyParams(warmup=20))
+    rng = np.random.default_rng(3)
+    base = np.sin(np.arange(600) / 10.0) + rng.normal(scale=0.1, size=600)
+    base[400] += 20.0
+    small = stream(engine, "small", base)
+    large = stream(engine, "large", base * 1e6 + 3e6)
+    s_small = np.array([p.anomaly_score[0] for p in small])
+    s_large = np.array([p.anomaly_score[0] for p in large])
+    np.testing.assert_allclose(s_small, s_large, atol=1e-3)
+    assert s_small[400] > 0.9999 and s_large[400] > 0.9999
+
+
+def test_threshold_changes_flags_only():
+    rng = np.random.default_rng(1)
+    residuals = np.abs(rng.normal(size=(3000, 8)))
+    residuals[2000:2005] += 6.0
+    low, flags_low = run_scores(residuals, AnomalyParams(threshold=0.99))
+    high, flags_high = run_scores(residuals, AnomalyParams(threshold=0.999999))
+    np.testing.assert_array_equal(low, high)
+    assert flags_high.sum() < flags_low.sum()
+    assert flags_high[2000:2005].any(axis=0).all()
+
+
+@pytest.mark.parametrize("shift", [3.0, 10.0, 1000.0])
+def test_a_lasting_change_stops_being_flagged(shift: float):
+    """A device whose level and noise change for good: flagged at first, then no more flags
+    after adapt_after + warmup readings (the documented bound)."""
+    params = AnomalyParams(warmup=50, adapt_after=100)
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=6, device_norm_alpha=0.001)
+    engine = Engine.build(bundle, capacity=2, device="cpu", anomaly=params)
+    rng = np.random.default_rng(2)
+    before = 10 + rng.normal(scale=0.5, size=1500)
+    after = 10 + shift + rng.normal(scale=0.5 * (1 + shift / 10), size=2500)
+    flags = np.array([p.is_anomaly[0] for p in stream(engine, "d", np.concatenate([before, after]))])
+    assert flags[1500:1510].any()
+    bound = params.adapt_after + params.warmup
+    assert not flags[1500 + bound :].any(), np.flatnonzero(flags[1500:])[-5:]
+
+
+def test_scores_leave_lstm_state_alone():
+    """The forecast path does not read the anomaly statistics: streamed forecasts are identical
+    whatever the scoring parameters."""
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=200) * 3
+    out = []
+    for params in (AnomalyParams(), AnomalyParams(threshold=0.5, short_alpha=1.0, long_alpha=0.5, adapt_after=1)):
+        engine = Engine.build(make_bundle(input_size=1, hidden_size=8, seed=2), capacity=2, device="cpu", anomaly=params)
+        out.append(np.stack([p.forecast[0] for p in stream(engine, "d", values)]))
+    np.testing.assert_array_equal(out[0], out[1])

@@ -1,0 +1,258 @@
+"""Loading device histories from CSV / Parquet (long, per device, directories) and writing tables."""
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from streamer.errors import StreamerError
+from streamer.history import BadRow, HistoryError, iter_time_order, load_histories, write_table
+
+NAB = Path("/work/shared/data/nab/data")
+T0 = 1_392_388_200.0  # 2014-02-14 14:30:00 UTC
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_long_csv_is_sorted_per_device_in_first_seen_order(tmp_path):
+    path = write(tmp_path / "data.csv", (
+        "device_id,timestamp,a,b\n"
+        "x,30,3,30\n"
+        "y,2014-02-14T14:30:00Z,1,10\n"  # ISO with offset and epoch seconds mix
+        "x,10,1,10\n"
+        "z,5,0.5,5\n"
+        "x,20,2,20\n"
+        "y,1392388100,0,0\n"
+        "x,20,2.5,25\n"  # same timestamp as line 6: keeps file order
+    ))
+    h = load_histories(path)
+    assert list(h.devices) == ["x", "y", "z"]
+    assert h.value_columns == ("a", "b")
+    assert h.bad_rows == []
+    x = h.devices["x"]
+    np.testing.assert_array_equal(x.ts, [10, 20, 20, 30])
+    np.testing.assert_array_equal(x.values, np.array([[1, 10], [2, 20], [2.5, 25], [3, 30]], np.float32))
+    np.testing.assert_array_equal(x.lines, [4, 6, 8, 2])
+    assert x.ts.dtype == np.float64 and x.values.dtype == np.float32 and x.lines.dtype == np.int64
+    assert x.source == str(path)
+    np.testing.assert_array_equal(h.devices["y"].ts, [1392388100, T0])
+    assert h.time_range() == (5.0, T0)
+
+
+def test_value_columns_pick_and_order(tmp_path):
+    path = write(tmp_path / "d.csv", "ts,device_id,a,b,c\n1,x,1,2,3\n2,x,4,5,6\n")
+    h = load_histories(path, value_columns=["c", "a"])
+    assert h.value_columns == ("c", "a")
+    np.testing.assert_array_equal(h.devices["x"].values, [[3, 1], [6, 4]])
+    with pytest.raises(HistoryError, match=r"d\.csv.*missing value column\(s\) \['nope'\]"):
+        load_histories(path, value_columns=["nope"])
+
+
+def test_directory_of_per_device_files_nested(tmp_path):
+    write(tmp_path / "b" / "inner" / "dev2.csv", "timestamp,value\n2014-02-14 14:35:00,2\n2014-02-14 14:30:00,1\n")
+    write(tmp_path / "a" / "dev1.csv", "timestamp,value\n100,7\n")
+    write(tmp_path / "notes.txt", "ignored")
+    h = load_histories(tmp_path)
+    assert list(h.devices) == ["a/dev1", "b/inner/dev2"]  # sorted by path
+    dev2 = h.devices["b/inner/dev2"]
+    np.testing.assert_array_equal(dev2.ts, [T0, T0 + 300])
+    np.testing.assert_array_equal(dev2.lines, [3, 2])
+    assert dev2.source == str(tmp_path / "b" / "inner" / "dev2.csv")
+
+
+def test_single_per_device_file_is_named_by_stem(tmp_path):
+    h = load_histories(write(tmp_path / "sub" / "pump-7.csv", "timestamp,v1,v2\n1,1,2\n"))
+    assert list(h.devices) == ["pump-7"]
+    assert h.devices["pump-7"].values.shape == (1, 2)
+
+
+def test_parquet_long_and_per_device_with_arrow_timestamps(tmp_path):
+    stamps = [datetime(2014, 2, 14, 14, 35), datetime(2014, 2, 14, 14, 30), datetime(2014, 2, 14, 14, 40)]
+    pq.write_table(pa.table({
+        "device_id": ["p", "q", "p"],
+        "timestamp": pa.array(stamps, pa.timestamp("ms")),  # naive: taken as UTC
+        "load": pa.array([1, 2, 3], pa.int32()),
+        "temp": [0.5, 1.5, 2.5],
+    }), tmp_path / "long.parquet")
+    pq.write_table(pa.table({
+        "ts": pa.array([datetime(2014, 2, 14, 15, 30, tzinfo=timezone.utc)] * 2, pa.timestamp("us", tz="Europe/Berlin")),
+        "load": [9.0, 8.0],
+        "temp": [1.0, 2.0],
+    }), tmp_path / "solo.parquet")
+    pq.write_table(pa.table({"timestamp": ["2014-02-14 14:30:00", "1392388201"], "x": ["1.5", "2"], "y": [1, 2]}),
+                   tmp_path / "text.parquet")
+    h = load_histories(tmp_path)
+    assert list(h.devices) == ["p", "q", "solo", "text"]
+    assert h.value_columns == ("load", "temp")
+    np.testing.assert_array_equal(h.devices["p"].ts, [T0 + 300, T0 + 600])
+    np.testing.assert_array_equal(h.devices["p"].values, [[1, 0.5], [3, 2.5]])
+    np.testing.assert_array_equal(h.devices["p"].lines, [1, 3])  # 1-based rows
+    np.testing.assert_array_equal(h.devices["solo"].ts, [T0 + 3600, T0 + 3600])
+    np.testing.assert_array_equal(h.devices["solo"].lines, [1, 2])
+    np.testing.assert_array_equal(h.devices["text"].ts, [T0, T0 + 1])
+    np.testing.assert_array_equal(h.devices["text"].values, [[1.5, 1], [2, 2]])
+
+
+def test_parquet_bad_rows_name_the_row(tmp_path):
+    path = tmp_path / "long.parquet"
+    pq.write_table(pa.table({
+        "device_id": ["a", None, "a", " "],
+        "timestamp": [1.0, 2.0, float("nan"), 4.0],
+        "value": [1.0, 2.0, 3.0, None],
+    }), path)
+    with pytest.raises(HistoryError, match=r"long\.parquet line 2: empty device_id"):
+        load_histories(path)
+    h = load_histories(path, on_bad="skip")
+    assert [(b.line, b.reason) for b in h.bad_rows] == [
+        (2, "empty device_id"), (3, "non-finite timestamp"), (4, "empty device_id")]
+    np.testing.assert_array_equal(h.devices["a"].lines, [1])
+
+
+BAD_CSV = (
+    "device_id,timestamp,value\n"  # line 1
+    "d,1,1.0\n"  # 2
+    "d,2,abc\n"  # 3 unparsable value
+    "d,yesterday,3\n"  # 4 unparsable timestamp
+    ",4,4\n"  # 5 empty device_id
+    "d,5\n"  # 6 too few fields
+    "d,6,inf\n"  # 7 non-finite value
+    "\n"  # 8 blank: no data, not bad
+    "d,nan,8\n"  # 9 non-finite timestamp
+    "d,10,1e39\n"  # 10 overflows float32
+    "e,11," + "9" * 100 + "x\n"  # 11 long text is shortened
+    "d,12,12\n"  # 12
+)
+
+
+def test_refuse_names_file_line_and_value(tmp_path):
+    path = write(tmp_path / "data.csv", BAD_CSV)
+    with pytest.raises(HistoryError, match=r"^history .*data\.csv line 3: unparsable value \(got 'abc'\)$") as err:
+        load_histories(path)
+    assert isinstance(err.value, StreamerError)
+    assert (err.value.line, err.value.reason) == (3, "unparsable value")
+
+
+def test_skip_reports_every_bad_row_and_keeps_the_good(tmp_path):
+    path = write(tmp_path / "data.csv", BAD_CSV)
+    h = load_histories(path, on_bad="skip")
+    got = [(b.line, b.reason) for b in h.bad_rows]
+    assert got == [
+        (3, "unparsable value"), (4, "unparsable timestamp"), (5, "empty device_id"), (6, "too few fields"),
+        (7, "non-finite value"), (9, "non-finite timestamp"), (10, "value out of float32 range"),
+        (11, "unparsable value"),
+    ]
+    assert all(b.path == str(path) for b in h.bad_rows)
+    assert h.bad_rows[0] == BadRow(str(path), 3, "unparsable value", "abc")
+    assert len(h.bad_rows[-1].value) == 80 and h.bad_rows[-1].value.endswith("...")
+    assert list(h.devices) == ["d"]  # e had only a bad row
+    np.testing.assert_array_equal(h.devices["d"].lines, [2, 12])
+    np.testing.assert_array_equal(h.devices["d"].values[:, 0], [1, 12])
+
+
+def test_malformed_csv_is_a_bad_row(tmp_path):
+    import csv
+
+    old_limit = csv.field_size_limit(50)  # a field over the limit is a csv.Error
+    try:
+        path = write(tmp_path / "m.csv", "timestamp,value\n1,1\n2," + "7" * 60 + "\n3,3\n")
+        with pytest.raises(HistoryError, match=r"m\.csv line 3: malformed CSV"):
+            load_histories(path)
+        h = load_histories(path, on_bad="skip")
+    finally:
+        csv.field_size_limit(old_limit)
+    assert [(b.line, b.reason) for b in h.bad_rows] == [(3, "malformed CSV")]
+    np.testing.assert_array_equal(h.devices["m"].ts, [1, 3])
+
+
+def test_mixed_value_counts_are_refused_naming_the_file(tmp_path):
+    write(tmp_path / "a.csv", "timestamp,value\n1,1\n")
+    write(tmp_path / "b.csv", "timestamp,v1,v2\n1,1,2\n")
+    with pytest.raises(HistoryError, match=r"b\.csv: 2 value column\(s\).*a\.csv has 1"):
+        load_histories(tmp_path)
+
+
+def test_duplicate_device_across_files_names_both(tmp_path):
+    write(tmp_path / "x.csv", "timestamp,value\n1,1\n")
+    pq.write_table(pa.table({"timestamp": [2.0], "value": [2.0]}), tmp_path / "x.parquet")
+    with pytest.raises(HistoryError, match=r"x\.parquet: device 'x' also in .*x\.csv"):
+        load_histories(tmp_path)
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda d: d / "missing.csv", "no such file"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "no data files"),
+    (lambda d: write(d / "data.json", "{}"), "unsupported file type '.json'"),
+    (lambda d: write(d / "h.csv", "device_id,timestamp,value\n"), "no rows"),
+    (lambda d: write(d / "h.csv", "device_id,value\nx,1\n"), "no timestamp column"),
+    (lambda d: write(d / "h.csv", "device_id,timestamp\nx,1\n"), "no value columns"),
+    (lambda d: write(d / "h.csv", ""), "empty file"),
+])
+def test_unusable_inputs_name_the_path(tmp_path, make, pattern):
+    path = make(tmp_path)
+    with pytest.raises(HistoryError, match=pattern) as err:
+        load_histories(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.skipif(not NAB.is_dir(), reason="NAB data not present")
+def test_real_nab_file():
+    path = NAB / "realAWSCloudwatch" / "ec2_cpu_utilization_24ae8d.csv"
+    h = load_histories(path)
+    dev = h.devices["ec2_cpu_utilization_24ae8d"]
+    assert len(dev.ts) == 4032 and dev.values.shape == (4032, 1)
+    assert dev.ts[0] == T0 and np.all(np.diff(dev.ts) >= 0)
+    assert dev.values[0, 0] == np.float32(0.132) and dev.lines[0] == 2
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_write_table_round_trip(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    ts = T0 + np.arange(6) * 0.1  # fractional seconds survive
+    cols = {
+        "device_id": np.array(["a", "b", "a", "b", "a", "b"]),
+        "timestamp": ts,
+        "forecast": rng.normal(size=6),  # float64: full precision
+        "score": rng.normal(size=6).astype(np.float32),
+    }
+    path = tmp_path / f"out{suffix}"
+    write_table(path, cols)
+    h = load_histories(path)
+    assert h.value_columns == ("forecast", "score")
+    a = h.devices["a"]
+    np.testing.assert_array_equal(a.ts, ts[::2])
+    np.testing.assert_array_equal(a.values[:, 1], cols["score"][::2])
+    if suffix == ".csv":  # values come back as float32; check the text keeps float64 exactly
+        import csv
+
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [float(r["forecast"]) for r in rows] == cols["forecast"].tolist()
+        assert [float(r["timestamp"]) for r in rows] == ts.tolist()
+    else:
+        assert pq.read_table(path).column("forecast").to_pylist() == cols["forecast"].tolist()
+    with pytest.raises(HistoryError, match="equal length"):
+        write_table(path, {"a": np.zeros(2), "b": np.zeros(3)})
+
+
+def test_iter_time_order_is_stable_on_ties(tmp_path):
+    path = write(tmp_path / "d.csv", (
+        "device_id,timestamp,value\n"
+        "b,2,20\n"
+        "a,2,21\n"
+        "b,1,10\n"
+        "a,2,22\n"
+        "c,0,0\n"
+    ))
+    h = load_histories(path)
+    assert list(h.devices) == ["b", "a", "c"]
+    ids, ts, values = iter_time_order(h)
+    assert ids == ["c", "b", "b", "a", "a"]
+    np.testing.assert_array_equal(ts, [0, 1, 2, 2, 2])
+    np.testing.assert_array_equal(values[:, 0], [0, 10, 20, 21, 22])
