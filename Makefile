@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.streamer-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-8)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-kafka demo bench kafka-start kafka-stop clean-venv
+.PHONY: install test test-unit test-kafka demo bench nab kafka-start kafka-stop clean-venv
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench.py
+
+# The NAB series in ../shared/data/nab (or NAB_DATA) through the replay engine, scored by NAB's method.
+NAB_DATA ?= $(CURDIR)/../shared/data/nab
+nab: install
+	$(BIN)/python bench/nab.py --data $(NAB_DATA)
 
 kafka-start:
 	deploy/kafka/local-kafka start
