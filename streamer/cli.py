@@ -2,7 +2,7 @@
 
   streamer run       the service: Kafka in, predictions and metrics out
   streamer simulate  a fleet of simulated sensors writing to the input topic
-  streamer train     train the LSTM on simulated history or a CSV and write a model file
+  streamer train     train the LSTM on CSV/Parquet or simulated history, write a model file
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from streamer.settings import Settings, env_name, load_settings
 log = logging.getLogger("streamer")
 
 NONE_WORDS = {"none", "null"}
+MAX_BAD_ROWS_SHOWN = 20  # train --on-bad skip: rows printed, then a count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,18 +69,49 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--labels", type=Path, default=None, help="write the injected anomalies here (JSON lines)")
     sim.set_defaults(handler=_simulate)
 
-    train = commands.add_parser("train", help="train the LSTM and write a model file")
+    train = commands.add_parser(
+        "train",
+        help="train the LSTM and write a model file",
+        description="Train the LSTM to forecast each device's next reading, on device histories (CSV or "
+        "Parquet, a file or a directory) or on simulated history, and write a model file. The last "
+        "--val-fraction of the data's time range validates; training stops early when it stops improving.",
+    )
     train.add_argument("--out", type=Path, required=True, help="model file to write")
-    train.add_argument("--csv", type=Path, default=None, help="train on this CSV (device_id,timestamp,value) "
-                       "instead of simulated history")
-    train.add_argument("--devices", type=_positive_int, default=200, help="simulated devices (without --csv)")
-    train.add_argument("--history", type=_positive_int, default=1000, help="simulated readings per device")
-    train.add_argument("--features", type=_positive_int, default=1, help="values per simulated reading")
-    train.add_argument("--hidden-size", type=_positive_int, default=32)
-    train.add_argument("--num-layers", type=_positive_int, default=2)
-    train.add_argument("--steps", type=_positive_int, default=300, help="optimiser steps")
-    train.add_argument("--time-budget", type=_positive_float, default=None, help="stop training after this many seconds")
-    train.add_argument("--seed", type=int, default=0)
+    data = train.add_argument_group("data")
+    data.add_argument("--data", type=Path, default=None, metavar="PATH",
+                      help="CSV or Parquet file, or a directory of them (see streamer.history); "
+                      "without it: simulated history")
+    data.add_argument("--csv", type=Path, dest="data", help=argparse.SUPPRESS)  # deprecated alias of --data
+    data.add_argument("--value-columns", type=_names, default=None, metavar="A,B",
+                      help="value columns to read (default: every column but device_id and the timestamp)")
+    data.add_argument("--on-bad", choices=("refuse", "skip"), default="refuse",
+                      help="a bad row stops training (refuse), or is skipped and reported (skip) [default: refuse]")
+    data.add_argument("--devices", type=_positive_int, default=200, help="simulated devices (without --data)")
+    data.add_argument("--history", type=_positive_int, default=1000, help="simulated readings per device")
+    data.add_argument("--features", type=_positive_int, default=1, help="values per simulated reading")
+    fit = train.add_argument_group("model and training")
+    fit.add_argument("--hidden-size", type=_positive_int, default=32)
+    fit.add_argument("--num-layers", type=_positive_int, default=2)
+    fit.add_argument("--time-features", type=_time_features, default=(), metavar="day,week|none",
+                     help="sine and cosine of each reading's phase in these periods, as inputs [default: none]")
+    fit.add_argument("--normalization", choices=("device", "global", "none"), default="device",
+                     help="values as running per-device z-scores, z-scores with the training data's mean and "
+                     "std, or raw [default: device]")
+    fit.add_argument("--norm-alpha", type=_unit_interval, default=0.001,
+                     help="weight of a reading in the device normalisation, once 1/alpha seen [default: 0.001]")
+    fit.add_argument("--window", type=_positive_int, default=64, help="readings per training window [default: 64]")
+    fit.add_argument("--epochs", type=_positive_int, default=20, help="most epochs (each covers the training "
+                     "readings once) [default: 20]")
+    fit.add_argument("--batch-size", type=_positive_int, default=64, help="windows per step [default: 64]")
+    fit.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate [default: 0.01]")
+    fit.add_argument("--val-fraction", type=_fraction, default=0.2,
+                     help="last part of the time range kept for validation, 0 for none [default: 0.2]")
+    fit.add_argument("--patience", type=_positive_int, default=3,
+                     help="epochs without a better validation loss before stopping [default: 3]")
+    fit.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N [default: auto]")
+    fit.add_argument("--time-budget", type=_positive_float, default=None, help="stop training after this many seconds")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     train.add_argument("--version", default=None, help="model version string (default: derived from the settings)")
     train.set_defaults(handler=_train)
     return parser
@@ -210,40 +242,87 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     _setup_logging("INFO")
-    from streamer.simulate import FleetSpec, history
-    from streamer.train import load_csv, save, train_model
+    from streamer.history import load_histories
+    from streamer.simulate import FleetSpec
+    from streamer.train import TrainOptions, check_output_path, save, simulated_series, train_model
 
-    if args.csv is not None:
-        sequences = list(load_csv(args.csv).values())
-        source = f"csv:{args.csv.name}"
+    options = TrainOptions(
+        hidden_size=args.hidden_size, num_layers=args.num_layers, window=args.window, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, patience=args.patience,
+        time_features=args.time_features, normalization=args.normalization, norm_alpha=args.norm_alpha,
+        device=args.device, seed=args.seed, time_budget_s=args.time_budget, progress=args.progress,
+    )
+    check_output_path(args.out)  # before minutes of loading and training
+    extra_meta: dict[str, object]
+    if args.data is not None:
+        histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad)
+        for bad in histories.bad_rows[:MAX_BAD_ROWS_SHOWN]:
+            print(f"{bad.path}:{bad.line}: {bad.reason} ({bad.value})", file=sys.stderr)
+        if histories.bad_rows:
+            print(f"streamer: skipped {len(histories.bad_rows)} bad row(s)", file=sys.stderr)
+        series = [(h.ts, h.values) for h in histories.devices.values()]
+        source = args.data.name
+        extra_meta = {"source": str(args.data), "value_columns": list(histories.value_columns),
+                      "bad_rows_skipped": len(histories.bad_rows)}
     else:
         spec = FleetSpec(devices=args.devices, features=args.features, seed=args.seed)
-        sequences = list(history(spec, args.history))
+        series = simulated_series(spec, args.history)
         source = f"sim{args.devices}x{args.history}"
-    result = train_model(
-        sequences,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        steps=args.steps,
-        seed=args.seed,
-        time_budget_s=args.time_budget,
-    )
-    version = args.version or f"lstm-h{args.hidden_size}-l{args.num_layers}-{source}-s{result.steps}"
-    save(result, args.out, version)
-    print(
-        json.dumps(
-            {
-                "model": str(args.out),
-                "version": version,
-                "loss_first": round(result.loss_first, 6),
-                "loss_last": round(result.loss_last, 6),
-                "steps": result.steps,
-                "seconds": round(result.seconds, 2),
-            }
-        ),
-        flush=True,
-    )
+        extra_meta = {"source": "simulated", "simulation": {"devices": args.devices, "readings": args.history,
+                                                            "features": args.features, "seed": args.seed}}
+    result = train_model(series, options)
+    features = "-" + "+".join(options.time_features) if options.time_features else ""
+    version = args.version or (
+        f"lstm-h{args.hidden_size}-l{args.num_layers}-{options.normalization}{features}-{source}-e{result.best_epoch}")
+    save(result, args.out, version, extra_meta)
+    summary = {
+        "model": str(args.out),
+        "version": version,
+        "loss": round(result.train_loss, 6),
+        "val_loss": None if result.val_loss is None else round(result.val_loss, 6),
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs_run,
+        "seconds": round(result.seconds, 2),
+    }
+    print(json.dumps(summary), flush=True)
     return 0
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name")
+    return names
+
+
+def _time_features(text: str) -> tuple[str, ...]:
+    from streamer.features import check_time_features
+
+    if text.strip().lower() in NONE_WORDS:
+        return ()
+    try:
+        return check_time_features(_names(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    """A number in (0, 1]."""
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -1,134 +1,319 @@
-"""Training on simulated history; the trained model streams and round-trips through the model file."""
+"""Training: inputs as the engine computes them, validation by time, early stopping, the model
+file's meta, and `streamer train` on CSV, Parquet and simulated history."""
 
+import json
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from streamer.model import load_model_file
+from streamer.cli import main
+from streamer.errors import StreamerError
+from streamer.features import normalize_sequences, time_features
+from streamer.history import write_table
+from streamer.model import ModelConfig, Normalization, load_model_file
 from streamer.simulate import FleetSpec, history
-from streamer.train import TrainingDataError, load_csv, save, train_model
+from streamer.train import (
+    SIM_END_TS,
+    TrainingDataError,
+    TrainOptions,
+    TrainOptionsError,
+    _validation_loss,
+    _validation_windows,
+    check_output_path,
+    model_inputs,
+    save,
+    simulated_series,
+    train_model,
+)
 
-SMALL = dict(hidden_size=16, num_layers=1, seq_len=32, batch_size=32)
+T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+SMALL = TrainOptions(hidden_size=16, num_layers=1, window=32, batch_size=32, progress=False)
+TINY = ["--hidden-size", "8", "--num-layers", "1", "--window", "16", "--epochs", "1", "--no-progress"]
+
+
+def daily_sine(devices: int = 6, days: int = 4, noise: float = 0.02, seed: int = 0) -> list[tuple]:
+    """Per device a daily sine with its own level, amplitude and phase, a reading every 5 min."""
+    rng = np.random.default_rng(seed)
+    ts = T0 + 300.0 * np.arange(days * 288)
+    out = []
+    for _ in range(devices):
+        base, amp, phase = rng.uniform(10, 50), rng.uniform(2, 10), rng.uniform(0, 2 * np.pi)
+        values = base + amp * (np.sin(2 * np.pi * ts / 86_400 + phase) + noise * rng.standard_normal(len(ts)))
+        out.append((ts, values[:, None].astype(np.float32)))
+    return out
 
 
 @pytest.fixture(scope="module")
-def fleet_history() -> list[np.ndarray]:
-    return list(history(FleetSpec(devices=24, features=1, seed=1, period=48), 240))
+def sine_series():
+    return daily_sine()
 
 
 @pytest.fixture(scope="module")
-def trained(fleet_history):
-    return train_model(fleet_history, steps=60, seed=0, **SMALL)
+def sine_trained(sine_series):
+    return train_model(sine_series, replace(SMALL, epochs=30, patience=5, time_features=("day", "week")))
 
 
-def test_training_reduces_the_loss(trained):
-    assert trained.steps == 60
-    assert trained.loss_last < 0.5 * trained.loss_first
-    assert not trained.model.training
+def test_daily_sine_reaches_a_low_validation_loss(sine_trained):
+    r = sine_trained
+    assert r.val_loss is not None and r.val_loss < 0.02  # a zero forecast scores ~1
+    assert r.val_loss == min(e.val_loss for e in r.epoch_losses)
+    assert r.epoch_losses[r.best_epoch - 1].val_loss == r.val_loss
+    assert r.config == ModelConfig(5, 16, 1, 1, ("day", "week"), 0.001)
+    assert r.normalization is None and not r.model.training
+    # validation: the last 20% of the time range, for every device
+    first, last = T0, T0 + 300.0 * (4 * 288 - 1)
+    assert (r.data.first_ts, r.data.last_ts) == (first, last)
+    assert r.data.cutoff_ts == pytest.approx(first + 0.8 * (last - first))
+    before = int(np.sum(T0 + 300.0 * np.arange(4 * 288) < r.data.cutoff_ts))  # per device
+    assert (r.data.devices, r.data.train_readings, r.data.val_readings) == (6, 6 * before, 6 * (4 * 288 - before))
 
 
-def test_normalization_is_per_feature_mean_and_std(fleet_history, trained):
-    data = np.concatenate(fleet_history)
-    torch.testing.assert_close(trained.normalization.mean, torch.tensor(data.mean(0)), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(trained.normalization.std, torch.tensor(data.std(0)), rtol=1e-4, atol=1e-4)
+def test_model_file_records_the_training(tmp_path: Path, sine_trained, sine_series):
+    path = tmp_path / "model.pt"
+    save(sine_trained, path, "sine-1", {"source": "daily_sine"})
+    bundle = load_model_file(path)
+    assert bundle.version == "sine-1" and bundle.config == sine_trained.config and bundle.normalization is None
+    meta = bundle.meta
+    assert meta["data"]["first"] == "2023-11-14T22:13:20+00:00"
+    assert meta["data"]["last"] == datetime.fromtimestamp(sine_trained.data.last_ts, timezone.utc).isoformat()
+    assert meta["data"]["devices"] == 6
+    assert meta["data"]["train_readings"] + meta["data"]["val_readings"] == 6 * 4 * 288
+    assert meta["val_loss"] == sine_trained.val_loss and meta["train_loss"] == sine_trained.train_loss
+    assert (meta["best_epoch"], meta["epochs_run"]) == (sine_trained.best_epoch, sine_trained.epochs_run)
+    assert meta["options"] == sine_trained.options.to_dict()
+    assert meta["options"]["time_features"] == ["day", "week"] and meta["options"]["window"] == 32
+    assert meta["source"] == "daily_sine" and meta["seconds"] > 0
+    x = torch.from_numpy(model_inputs(sine_series[:1], bundle.config)[0][None, :50])
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model(x)[0], sine_trained.model(x)[0])
+    with pytest.raises(ValueError, match="clash"):
+        save(sine_trained, path, "sine-1", {"val_loss": 0})
 
 
-def test_training_is_deterministic_per_seed(fleet_history):
-    a = train_model(fleet_history, steps=5, seed=3, **SMALL)
-    b = train_model(fleet_history, steps=5, seed=3, **SMALL)
-    assert a.loss_last == b.loss_last
+def test_inputs_are_the_engines_device_normalisation_and_time_features(sine_series):
+    series = [(ts[: 300 + 50 * i], values[: 300 + 50 * i]) for i, (ts, values) in enumerate(sine_series[:3])]
+    config = ModelConfig(5, 8, 1, 1, ("day", "week"), 0.01)
+    inputs = model_inputs(series, config)
+    expected_z = normalize_sequences([values for _, values in series], 0.01)
+    for (ts, _), x, z in zip(series, inputs, expected_z):
+        assert x.dtype == np.float32 and x.shape == (len(ts), 5)
+        np.testing.assert_array_equal(x[:, :1], z)
+        np.testing.assert_array_equal(x[:, 1:], time_features(ts, ("day", "week")))
+
+
+def test_the_engine_streams_the_residuals_training_fitted(tmp_path: Path, sine_trained, sine_series):
+    from streamer.engine import Engine, ReadingBatch
+
+    path = tmp_path / "model.pt"
+    save(sine_trained, path, "sine-1")
+    bundle = load_model_file(path)
+    series = [(ts[:200], values[:200]) for ts, values in sine_series[:2]]
+    engine = Engine.build(bundle, capacity=4, device="cpu")
+    streamed = np.zeros((2, 200), np.float32)
+    for t in range(200):  # both devices' reading t in one batch
+        batch = ReadingBatch(["a", "b"], np.array([ts[t] for ts, _ in series]), np.stack([v[t] for _, v in series]))
+        streamed[:, t] = engine.step(batch, now=float(series[0][0][t]))[0].residual
+    for i, x in enumerate(model_inputs(series, bundle.config)):
+        with torch.no_grad():
+            forecast = bundle.model.fc(bundle.model.lstm(torch.from_numpy(x[None]))[0])[0].numpy()
+        np.testing.assert_allclose(streamed[i, 1:], np.abs(x[1:, 0] - forecast[:-1, 0]), atol=1e-5)
+
+
+def test_inputs_with_global_or_no_normalisation(sine_series):
+    ts, values = sine_series[0]
+    norm = Normalization(torch.tensor([30.0]), torch.tensor([4.0]))
+    (x,) = model_inputs([(ts, values)], ModelConfig(1, 8, 1, 1), norm)
+    np.testing.assert_array_equal(x, (values - np.float32(30)) / np.float32(4))
+    (raw,) = model_inputs([(ts, values)], ModelConfig(3, 8, 1, 1, ("day",)))
+    np.testing.assert_array_equal(raw[:, :1], values)
+
+
+def test_global_normalisation_comes_from_the_training_readings_only(sine_series):
+    r = train_model(sine_series, replace(SMALL, epochs=1, normalization="global"))
+    before = [values[ts < r.data.cutoff_ts] for ts, values in sine_series]
+    data = np.concatenate(before).astype(np.float64)
+    assert r.config.device_norm_alpha is None
+    torch.testing.assert_close(r.normalization.mean, torch.tensor(data.mean(0), dtype=torch.float32))
+    torch.testing.assert_close(r.normalization.std, torch.tensor(data.std(0), dtype=torch.float32))
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    rng = np.random.default_rng(5)
+    ts = T0 + 60.0 * np.arange(2000)
+    noise = [(ts, rng.standard_normal((2000, 1)).astype(np.float32)) for _ in range(4)]  # nothing to learn
+    options = replace(SMALL, epochs=50, patience=1, normalization="none", lr=0.05)
+    r = train_model(noise, options)
+    assert r.epochs_run < 50
+    vals = [e.val_loss for e in r.epoch_losses]
+    assert r.best_epoch == r.epochs_run - 1  # patience 1: the epoch after the best one stops
+    assert vals[-1] >= r.val_loss == min(vals)
+    # the returned weights are the best epoch's: recompute its validation loss
+    inputs = model_inputs(noise, r.config)
+    val_pieces = [x[ts >= r.data.cutoff_ts] for x in inputs]
+    assert _validation_loss(r.model, *_validation_windows(val_pieces, options.window), 1) == pytest.approx(r.val_loss)
+
+
+def test_validation_covers_every_transition_once_in_shorter_windows_when_needed():
+    pieces = [np.arange(10, dtype=np.float32)[:, None], np.arange(1, dtype=np.float32)[:, None],
+              np.arange(4, dtype=np.float32)[:, None]]
+    windows, mask = _validation_windows(pieces, 4)
+    assert windows.shape == (4, 5, 1) and int(mask.sum()) == 9 + 3
+    targets = sorted(windows[:, 1:, 0][mask].tolist())
+    assert targets == sorted(list(range(1, 10)) + [1, 2, 3])
+    short, short_mask = _validation_windows([np.zeros((3, 2), np.float32)], 64)
+    assert short.shape == (1, 3, 2) and short_mask.all()
+    assert _validation_windows([np.zeros((1, 1), np.float32)], 8) is None
+
+
+def test_no_validation_readings_trains_all_epochs_with_a_warning(sine_series, caplog):
+    r = train_model(sine_series, replace(SMALL, epochs=3, val_fraction=0.0))
+    assert r.val_loss is None and r.data.cutoff_ts is None and r.data.val_readings == 0
+    assert (r.epochs_run, r.best_epoch) == (3, 3)
+    # one reading after the cutoff per device: nothing to validate
+    ts = T0 + 300.0 * np.arange(100)
+    lonely = [(np.append(ts, T0 + 1e6), np.zeros((101, 1), np.float32))]
+    r = train_model(lonely, replace(SMALL, epochs=2, val_fraction=0.1))
+    assert r.val_loss is None and r.data.val_readings == 1 and r.epochs_run == 2
+    assert "no validation" in caplog.text
+
+
+def test_epoch_covers_the_training_readings_once(sine_series):
+    r = train_model(sine_series, replace(SMALL, epochs=2))
+    windows = -(-r.data.train_readings // 32)
+    assert r.steps == 2 * -(-windows // 32)
+
+
+def test_training_is_deterministic_per_seed(sine_series):
+    a = train_model(sine_series, replace(SMALL, epochs=2, seed=3))
+    b = train_model(sine_series, replace(SMALL, epochs=2, seed=3))
+    assert a.epoch_losses == b.epoch_losses
     for key, value in a.model.state_dict().items():
         assert torch.equal(value, b.model.state_dict()[key])
 
 
-def test_saved_model_loads_with_normalization(tmp_path: Path, fleet_history, trained):
-    path = tmp_path / "model.pt"
-    save(trained, path, "sim-1")
-    bundle = load_model_file(path)
-    assert bundle.version == "sim-1" and bundle.config == trained.config
-    assert bundle.normalization is not None
-    torch.testing.assert_close(bundle.normalization.mean, trained.normalization.mean)
-    torch.testing.assert_close(bundle.normalization.std, trained.normalization.std)
-    x = (torch.from_numpy(fleet_history[0][None, :50]) - bundle.normalization.mean) / bundle.normalization.std
-    with torch.no_grad():
-        torch.testing.assert_close(bundle.model(x)[0], trained.model(x)[0])
+def test_time_budget_stops_after_one_step(sine_series):
+    r = train_model(sine_series, replace(SMALL, epochs=100, time_budget_s=0.0))
+    assert r.steps == 1 and r.epochs_run == 1
 
 
-def test_time_budget_stops_early(fleet_history):
-    result = train_model(fleet_history, steps=10_000, time_budget_s=0.0, **SMALL)
-    assert result.steps == 1
-
-
-def test_short_sequences_are_skipped_and_none_long_enough_is_an_error(fleet_history):
-    short = np.ones((10, 1), dtype=np.float32)
-    result = train_model([short, fleet_history[0]], steps=2, **SMALL)
-    assert result.steps == 2
-    with pytest.raises(TrainingDataError, match="seq_len \\+ 1 = 33.*got 10") as info:
-        train_model([short, short], steps=2, **SMALL)
-    assert info.value.value == 10
+def test_simulated_series_have_real_timestamps():
+    spec = FleetSpec(devices=3, seed=1)
+    series = simulated_series(spec, 10)
+    ts = series[0][0]
+    np.testing.assert_array_equal(ts, SIM_END_TS - 300.0 * np.arange(10, 0, -1))
+    np.testing.assert_array_equal(np.stack([v for _, v in series]), history(spec, 10))
 
 
 @pytest.mark.parametrize(
-    "sequences, message",
+    "series, message",
     [
-        ([], "no sequences"),
-        ([np.ones(100, dtype=np.float32)], "sequence 0 must be a \\(T, F\\)"),
-        ([np.ones((100, 1)), np.ones((100, 2))], "sequence 1 has 2 features"),
-        ([np.array([[1.0], [np.nan]] * 50)], "sequence 0 has non-finite"),
+        ([], "no series"),
+        ([(np.arange(5.0), np.ones(5))], "series 0 must be ts"),
+        ([(np.arange(5.0), np.ones((4, 1)))], "series 0 must be ts"),
+        ([(np.arange(5.0), np.ones((5, 1))), (np.arange(5.0), np.ones((5, 2)))], "series 1 has 2 values"),
+        ([(np.arange(5.0), np.array([[1.0], [np.nan]] * 2 + [[1.0]]))], "series 0 has non-finite"),
+        ([(np.array([1.0, 3.0, 2.0]), np.ones((3, 1)))], "series 0 is not in time order.*got 2"),
+        ([(np.arange(20.0), np.ones((20, 1)))], "window \\+ 1 = 33 readings.*got 16"),
     ],
 )
-def test_malformed_sequences(sequences, message):
+def test_malformed_series(series, message):
     with pytest.raises(TrainingDataError, match=message):
-        train_model(sequences, steps=1, **SMALL)
+        train_model(series, SMALL)
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "readings.csv"
-    path.write_text(text)
+@pytest.mark.parametrize(
+    "field, value",
+    [("window", 0), ("epochs", 1.5), ("lr", 0.0), ("val_fraction", 1.0), ("norm_alpha", 2.0),
+     ("normalization", "zscore"), ("time_features", ("month",)), ("device", "tpu"), ("patience", 0)],
+)
+def test_bad_options_name_the_field(field, value):
+    with pytest.raises(TrainOptionsError, match=field):
+        replace(SMALL, **{field: value})
+
+
+def test_check_output_path(tmp_path: Path):
+    check_output_path(tmp_path / "m.pt")
+    for bad, why in [(tmp_path / "missing" / "m.pt", "does not exist"), (tmp_path, "is a directory")]:
+        with pytest.raises(StreamerError, match=why) as info:
+            check_output_path(bad)
+        assert str(bad) in str(info.value)
+
+
+# --- streamer train ----------------------------------------------------------------------------
+
+
+def write_long_csv(path: Path, series, devices=("a", "b")) -> Path:
+    ts = np.concatenate([s[0] for s in series])
+    write_table(path, {"device_id": np.repeat(np.array(devices, dtype=object), [len(s[0]) for s in series]),
+                       "timestamp": ts, "value": np.concatenate([s[1][:, 0] for s in series])})
     return path
 
 
-def test_load_csv_groups_and_sorts_by_timestamp(tmp_path: Path):
-    path = write(
-        tmp_path,
-        "value,site,device_id,timestamp\n"
-        "3.0,x,a,1700000120\n"
-        "1.5,x,b,2023-11-14T22:13:20Z\n"
-        "1.0,x,a,1700000000\n"
-        "2.5,y,b,2023-11-14T22:15:20+00:00\n"
-        "2.0,x,a,2023-11-14T22:14:20\n",  # naive ISO is UTC: 1700000060
-    )
-    data = load_csv(path)
-    assert list(data) == ["a", "b"]
-    assert data["a"].dtype == np.float32 and data["a"].shape == (3, 1)
-    np.testing.assert_array_equal(data["a"][:, 0], [1.0, 2.0, 3.0])
-    np.testing.assert_array_equal(data["b"][:, 0], [1.5, 2.5])
+def test_cli_out_into_a_missing_directory_exits_at_once(tmp_path: Path, capsys):
+    out = tmp_path / "nowhere" / "m.pt"
+    started = time.monotonic()
+    assert main(["train", "--out", str(out), "--data", str(tmp_path / "absent.csv")]) == 2
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "absent.csv" not in err[0]
+
+
+def test_cli_trains_on_csv_and_on_a_parquet_directory(tmp_path: Path, capsys, sine_series):
+    csv_path = write_long_csv(tmp_path / "long.csv", sine_series[:2])
+    parquet_dir = tmp_path / "parquet"
+    parquet_dir.mkdir()
+    for i, (ts, values) in enumerate(sine_series[:2]):
+        write_table(parquet_dir / f"dev{i}.parquet", {"timestamp": ts, "value": values[:, 0]})
+    for data, devices in [(csv_path, ["a", "b"]), (parquet_dir, ["dev0", "dev1"])]:
+        out = tmp_path / f"{data.stem}.pt"
+        assert main(["train", "--data", str(data), "--out", str(out), "--time-features", "day", *TINY]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["model"] == str(out) and summary["epochs"] == 1 and summary["val_loss"] is not None
+        assert set(summary) == {"model", "version", "loss", "val_loss", "best_epoch", "epochs", "seconds"}
+        bundle = load_model_file(out)
+        assert bundle.config.time_features == ("day",) and bundle.meta["source"] == str(data)
+        assert bundle.meta["data"]["devices"] == len(devices)
+
+
+def test_cli_bad_rows_are_refused_or_skipped_with_file_and_line(tmp_path: Path, capsys, sine_series):
+    path = write_long_csv(tmp_path / "long.csv", sine_series[:2])
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4].rsplit(",", 1)[0] + ",warm"  # file line 5
+    lines[9] = lines[9].split(",", 1)[0] + ",yesterday," + lines[9].rsplit(",", 1)[1]  # file line 10
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m.pt"
+    assert main(["train", "--data", str(path), "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} line 5" in err and "warm" in err and not out.exists()
+    assert main(["train", "--csv", str(path), "--on-bad", "skip", "--out", str(out), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert f"{path}:5: unparsable value (warm)" in err
+    assert f"{path}:10: unparsable timestamp (yesterday)" in err
+    assert "skipped 2 bad row(s)" in err
+    assert load_model_file(out).meta["bad_rows_skipped"] == 2
+
+
+def test_cli_trains_on_simulated_history(tmp_path: Path, capsys):
+    out = tmp_path / "sim.pt"
+    args = ["train", "--out", str(out), "--devices", "4", "--history", "300", "--time-features", "none", *TINY]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["version"].startswith("lstm-h8-l1-device-sim4x300-e")
+    meta = load_model_file(out).meta
+    assert meta["source"] == "simulated" and meta["data"]["last"] == "2023-12-31T23:55:00+00:00"
 
 
 @pytest.mark.parametrize(
-    "text, line, message",
-    [
-        ("device_id,value\na,1\n", 1, "missing column.*timestamp"),
-        ("device_id,timestamp,value\na,1,1\na,2,warm\n", 3, "unparsable value.*'warm'"),
-        ("device_id,timestamp,value\na,1,1\na,yesterday,2\n", 3, "unparsable timestamp.*'yesterday'"),
-        ("device_id,timestamp,value\na,1,nan\n", 2, "non-finite value.*'nan'"),
-        ("device_id,timestamp,value\na,1,inf\n", 2, "non-finite value"),
-        ("device_id,timestamp,value\na,1,1\na,2\n", 3, "too few fields"),
-        ("device_id,timestamp,value\n,1,1\n", 2, "empty device_id"),
-    ],
+    "flag, value",
+    [("--val-fraction", "1"), ("--norm-alpha", "0"), ("--time-features", "month"), ("--window", "0"),
+     ("--normalization", "zscore"), ("--lr", "-1")],
 )
-def test_load_csv_errors_name_file_and_line(tmp_path: Path, text: str, line: int, message: str):
-    path = write(tmp_path, text)
-    with pytest.raises(TrainingDataError, match=message) as info:
-        load_csv(path)
-    assert f"{path} line {line}:" in str(info.value)
-    assert info.value.path == path and info.value.line == line
-
-
-def test_load_csv_missing_or_empty_file(tmp_path: Path):
-    with pytest.raises(TrainingDataError, match="no such file"):
-        load_csv(tmp_path / "absent.csv")
-    with pytest.raises(TrainingDataError, match="no data rows"):
-        load_csv(write(tmp_path, "device_id,timestamp,value\n"))
+def test_cli_bad_values_exit_2(tmp_path: Path, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(tmp_path / "m.pt"), flag, value])
+    assert info.value.code == 2 and flag in capsys.readouterr().err
