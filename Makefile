@@ -33,6 +33,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/engine_vs.py
 
 # The NAB series in ../shared/data/nab (or NAB_DATA) through the replay engine, scored by NAB's method.
 NAB_DATA ?= $(CURDIR)/../shared/data/nab

@@ -75,7 +75,7 @@ def bench_engine(device: str) -> None:
         slots = engine.table.acquire(plan.unique, now=0.0).slots
 
         def kernel() -> None:
-            engine._execute(plan, slots, values)
+            engine._execute(plan, slots, values, readings.ts)
 
         kernel_seconds = timed(kernel)
         emit(figure="engine_step", device=str(engine.device), batch=batch, hidden=HIDDEN, layers=LAYERS,

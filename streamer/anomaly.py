@@ -39,7 +39,7 @@ RESIDUAL_CAP = 1e6
 # Statistics are kept of residual ** RESIDUAL_POWER: a residual of independent noise is |noise|,
 # whose short means are skewed to the right; the power makes them near normal, so that tail
 # probabilities hold in the far tail too (see tests/test_anomaly.py for the measured rates).
-RESIDUAL_POWER = 0.5
+RESIDUAL_POWER = 0.5  # applied as a square root
 ADAPT_TAIL = 1e-3  # a reading this unlikely counts towards a lasting change
 LOG_ADAPT_TAIL = math.log(ADAPT_TAIL)
 
@@ -72,7 +72,7 @@ class AnomalyParams:
 class Scored:
     """log_tail: (B,) ln P(Z > z), 0 where not scored; is_anomaly (B,) bool; restart (B,) bool:
     devices whose statistics restart after this reading; the rest: (B,) updated statistics
-    (var: the mean square of short - mean)."""
+    (var: the mean square of short - mean), all zeros where restart (see ``stacked``)."""
 
     log_tail: Tensor
     is_anomaly: Tensor
@@ -105,7 +105,7 @@ def score_and_update(
     has_residual: (B,) bool, False for a device's first reading (no forecast yet): it is not
     scored and leaves the statistics as they are. var: the mean square of short - mean.
     """
-    level = residual.pow(RESIDUAL_POWER)
+    level = torch.sqrt(residual)  # residual ** RESIDUAL_POWER
     short_new = short + torch.clamp(1.0 / (n + 1.0), min=params.short_alpha) * (level - short)
     floor = params.min_std * math.sqrt(params.short_alpha / (2.0 - params.short_alpha))
     excess = short_new - mean
@@ -121,14 +121,7 @@ def score_and_update(
     n_new = torch.where(has_residual, n + 1.0, n)
     streak_new = torch.where(scored & (log_tail <= LOG_ADAPT_TAIL), streak + 1.0, torch.zeros_like(streak))
     restart = streak_new >= params.adapt_after
-    zero = torch.zeros_like(n)
-    return Scored(
-        log_tail,
-        is_anomaly,
-        restart,
-        torch.where(restart, zero, n_new),
-        torch.where(restart, zero, mean_new),
-        torch.where(restart, zero, var_new),
-        torch.where(restart, zero, short_new),
-        torch.where(restart, zero, streak_new),
-    )
+    # One select over the stacked statistics, not one per statistic: this runs every step.
+    stats = torch.stack([n_new, mean_new, var_new, short_new, streak_new], dim=1)
+    stats = torch.where(restart.unsqueeze(1), torch.zeros((), dtype=stats.dtype, device=stats.device), stats)
+    return Scored(log_tail, is_anomaly, restart, *stats.unbind(1))

@@ -1,0 +1,75 @@
+"""Engine device-steps/s of this tree against another commit's, in the same run.
+
+    python bench/engine_vs.py [BASE_REF]   (default: the commit before the anomaly likelihood)
+
+Checks BASE_REF out into a temporary git worktree and times `Engine.step` over B devices (one
+reading each; H=64, L=2, 1 value, CPU) in both trees, alternating base and head ROUNDS times in
+fresh processes, so that machine noise hits both alike. Prints one JSON line per batch size
+with the median device-steps/s of each and their ratio (head / base).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_REF = "de7d5ac"  # the last commit with the residual z-score
+ROUNDS = 3
+SNIPPET = r"""
+import json, sys, time
+import numpy as np, torch
+from streamer.engine import Engine, ReadingBatch
+from streamer.model import ModelBundle, ModelConfig, init_random_model
+torch.set_num_threads(1)
+config = ModelConfig(1, 64, 2, 1)
+bundle = ModelBundle(init_random_model(config, 0), config, "bench", None)
+out = {}
+for batch in (1024, 16384):
+    engine = Engine.build(bundle, capacity=batch, device="cpu")
+    readings = ReadingBatch([f"d{i}" for i in range(batch)], np.zeros(batch),
+                            np.random.default_rng(0).normal(size=(batch, 1)).astype(np.float32))
+    engine.step(readings, now=0.0)
+    runs = []
+    t_end = time.perf_counter() + 2.0
+    while time.perf_counter() < t_end or len(runs) < 3:
+        t0 = time.perf_counter(); engine.step(readings, now=0.0); runs.append(time.perf_counter() - t0)
+    out[batch] = batch / float(np.median(runs))
+print(json.dumps(out))
+"""
+
+
+def run(tree: Path) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", SNIPPET], cwd=tree, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    base_ref = sys.argv[1] if len(sys.argv) > 1 else BASE_REF
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), base_ref], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            results: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
+            for _ in range(ROUNDS):
+                results["base"].append(run(base))
+                results["head"].append(run(ROOT))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
+    for batch in results["head"][0]:
+        b = float(np.median([r[batch] for r in results["base"]]))
+        h = float(np.median([r[batch] for r in results["head"]]))
+        print(json.dumps({"figure": "engine_step_vs_base", "base": base_ref, "batch": int(batch),
+                          "base_device_steps_per_s": round(b), "head_device_steps_per_s": round(h),
+                          "ratio": round(h / b, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
