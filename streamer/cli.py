@@ -3,6 +3,7 @@
   streamer run       the service: Kafka in, predictions and metrics out
   streamer simulate  a fleet of simulated sensors writing to the input topic
   streamer train     train the LSTM on CSV/Parquet or simulated history, write a model file
+  streamer replay    device histories through the engine, no broker: a results table and plots
 """
 
 from __future__ import annotations
@@ -15,19 +16,23 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
 from streamer.errors import StreamerError
 from streamer.settings import Settings, env_name, load_settings
 
+if TYPE_CHECKING:
+    from streamer.history import Histories
+
 log = logging.getLogger("streamer")
 
 NONE_WORDS = {"none", "null"}
-MAX_BAD_ROWS_SHOWN = 20  # train --on-bad skip: rows printed, then a count
+MAX_BAD_ROWS_SHOWN = 20  # train and replay --on-bad skip: rows printed, then a count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,15 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     train.add_argument("--version", default=None, help="model version string (default: derived from the settings)")
     train.set_defaults(handler=_train)
+    _add_replay_parser(commands)
     return parser
 
 
 # --- run ---------------------------------------------------------------------------------------
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting, --<section>-<field>, whose help names its environment variable."""
+def _add_settings_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    """One flag per setting, --<section>-<field>, whose help names its environment variable;
+    of ``sections`` only, when given (the others still come from env, config file, default)."""
     for section, section_field in Settings.model_fields.items():
+        if sections is not None and section not in sections:
+            continue
         group = parser.add_argument_group(f"{section} settings")
         model_cls = section_field.annotation
         assert isinstance(model_cls, type) and issubclass(model_cls, BaseModel)
@@ -197,8 +206,7 @@ def _describe_validation(exc: ValidationError) -> str:
 def _run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level)
-    if settings.model.path is None:
-        raise StreamerError("no model file: set --model-path (env STREAMER_MODEL__PATH)")
+    _require_model_path(settings)
     from streamer.service import run_service
 
     stop = threading.Event()
@@ -323,6 +331,103 @@ def _unit_interval(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
     return value
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+REPLAY_SECTIONS = ("model", "state", "anomaly")  # the settings replay takes flags for
+
+
+def _add_replay_parser(commands: argparse._SubParsersAction) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="replay device histories through the engine, no broker: a results table and plots",
+        description="Step device histories through the engine `streamer run` serves, in timestamp order, and "
+        "write one row per reading: its values, the forecast of the device's next reading, the residual, "
+        "anomaly score, surprise and flag. The state table's TTL follows the readings' timestamps. Model, "
+        "state and anomaly settings are read as `streamer run` reads them: flag, else environment variable, "
+        "else the config file, else the default.",
+    )
+    replay.add_argument("--data", type=Path, required=True, metavar="PATH",
+                        help="CSV or Parquet file, or a directory of them (see streamer.history)")
+    replay.add_argument("--out", type=Path, required=True, metavar="FILE",
+                        help="results table to write, .csv or .parquet (one row per reading, grouped by device)")
+    replay.add_argument("--value-columns", type=_names, default=None, metavar="A,B",
+                        help="value columns to read (default: every column but device_id and the timestamp)")
+    replay.add_argument("--on-bad", choices=("refuse", "skip"), default="refuse",
+                        help="a bad row stops the replay (refuse), or is skipped and reported (skip) [default: refuse]")
+    # One engine step's readings is what batch.max_records is to `streamer run`: the same setting.
+    replay.add_argument("--batch-size", type=_positive_int, dest="batch.max_records", default=argparse.SUPPRESS,
+                        metavar="N", help="readings per engine step (the batch.max_records setting, env "
+                        f"{env_name('batch', 'max_records')}) [default: {Settings.model_fields['batch'].default.max_records}]")
+    replay.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                        help="write a PNG per device here: readings, forecast, flags, anomaly score")
+    replay.add_argument("--max-plots", type=_positive_int, default=50, metavar="N",
+                        help="plot at most N devices, those with the most flagged readings first [default: 50]")
+    replay.add_argument("--plots-page", type=Path, default=None, metavar="FILE",
+                        help="write one PNG with a grid of the devices with the most flagged readings")
+    replay.add_argument("--page-devices", type=_positive_int, default=16, metavar="N",
+                        help="devices on the --plots-page grid [default: 16]")
+    replay.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    replay.add_argument("--config", type=Path, default=None, help="TOML config file (env STREAMER_CONFIG)")
+    _add_settings_flags(replay, REPLAY_SECTIONS)
+    replay.set_defaults(handler=_replay)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    settings = settings_from_args(args)
+    _setup_logging(settings.run.log_level)
+    from streamer.history import load_histories
+    from streamer.replay import check_output_file, make_output_dir, plot_devices, plot_page, replay
+    from streamer.service import build_engine
+
+    # Everything that can be refused without the data, before minutes of loading and stepping.
+    check_output_file(args.out, ("csv", "parquet"), "--out")
+    if args.plots_page is not None:
+        check_output_file(args.plots_page, ("png",), "--plots-page")
+    if args.plots is not None:
+        make_output_dir(args.plots, "--plots")
+    _require_model_path(settings)
+    engine = build_engine(settings)
+
+    histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad)
+    _show_bad_rows(histories)
+    result = replay(histories, engine, batch_size=settings.batch.max_records, progress=args.progress)
+    result.write(args.out)
+    plots = plot_devices(result, args.plots, max_devices=args.max_plots) if args.plots is not None else []
+    if args.plots_page is not None:
+        plot_page(result, args.plots_page, max_devices=args.page_devices)
+    summary = {
+        "readings": len(result),
+        "devices": len(result.device_rows),
+        "flagged": result.flagged,
+        "skipped_rows": len(histories.bad_rows),
+        "evicted_ttl": result.evicted_ttl,
+        "evicted_capacity": result.evicted_capacity,
+        "model_version": result.model_version,
+        "replay_seconds": round(result.seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+        "out": str(args.out),
+        "plots": len(plots),
+        "plots_dir": None if args.plots is None else str(args.plots),
+        "plots_page": None if args.plots_page is None else str(args.plots_page),
+    }
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _show_bad_rows(histories: Histories) -> None:
+    """The first MAX_BAD_ROWS_SHOWN skipped rows and their count, on stderr."""
+    for bad in histories.bad_rows[:MAX_BAD_ROWS_SHOWN]:
+        print(f"{bad.path}:{bad.line}: {bad.reason} ({bad.value})", file=sys.stderr)
+    if histories.bad_rows:
+        print(f"streamer: skipped {len(histories.bad_rows)} bad row(s)", file=sys.stderr)
+
+
+def _require_model_path(settings: Settings) -> None:
+    if settings.model.path is None:
+        raise StreamerError("no model file: set --model-path (env STREAMER_MODEL__PATH)")
 
 
 # --- helpers -----------------------------------------------------------------------------------
