@@ -96,7 +96,7 @@ def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: s
     for record in out:
         body = json.loads(record.value)
         assert record.key == body["device_id"].encode()
-        assert set(body) == {"device_id", "ts", "forecast", "anomaly_score", "is_anomaly", "model_version"}
+        assert set(body) == {"device_id", "ts", "forecast", "anomaly_score", "is_anomaly", "residual", "model_version"}
         assert body["model_version"] == "e2e-v1" and isinstance(body["is_anomaly"], bool)
         assert math.isfinite(body["anomaly_score"])
         by_device[body["device_id"]].append(body)
