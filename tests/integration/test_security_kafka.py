@@ -153,6 +153,7 @@ def read_secure(kafka: KafkaSettings, topic: str, expected: int, timeout_s: floa
 @pytest.mark.parametrize("mechanism, user", [("SCRAM-SHA-256", ALICE), ("PLAIN", BOB)], ids=["scram", "plain"])
 def test_service_end_to_end_over_sasl_ssl(secure_broker, model_path, unique, tmp_path, caplog, mechanism, user):
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="kafka")  # the CLI, run by earlier tests, quiets it to WARNING
     settings = secure_settings(secure_broker, mechanism, user, unique, model_path, tmp_path)
     kafka = settings.kafka
     assert ensure_topics(kafka.bootstrap_servers, {kafka.input_topic: 2}, security=security_config(kafka)) == [
