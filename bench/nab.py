@@ -3,7 +3,8 @@ NAB's method (bench/nab_score.py).
 
 One recipe for every file, no labels, no per-file settings: for each file (one device, one
 value), a model is trained on that file's probationary rows only (the first
-min(15% of rows, 750)), with the options in RECIPE; then every row of the file goes through
+min(15% of rows, 750)), with the options in RECIPE (early stopping on the last quarter of
+those rows); then every row of the file goes through
 the same Engine `streamer run` and `streamer replay` build, with the default anomaly settings,
 oldest first. The detector's score for NAB is the anomaly score mapped monotonically into
 [0, 1) through its surprise s = -log10(tail probability): s / (1 + s), which keeps apart the
@@ -43,9 +44,10 @@ RECIPE = TrainOptions(
     hidden_size=16,
     num_layers=1,
     window=64,
-    epochs=100,
+    epochs=200,
     batch_size=32,
-    val_fraction=0.0,
+    val_fraction=0.25,  # the last quarter of the probationary rows, for early stopping
+    patience=5,
     normalization="device",
     norm_alpha=1e-3,
     device="cpu",

@@ -3,26 +3,37 @@
 For a device's reading (normalised units, see streamer.features) and the forecast it made one
 step earlier, the residual is r = RMS over features of (reading - forecast). Each device keeps,
 in its state row: ``n`` (residuals folded in since its statistics (re)started), the long-run
-mean of its residuals, a short-run mean of its residuals (weight max(1/n, short_alpha): about
-the last 1/short_alpha residuals), the long-run mean square of (short - long mean), and
-``streak`` (consecutive readings with tail probability below ADAPT_TAIL). Long-run statistics
-are exact while 1/n > long_alpha, then exponentially weighted with long_alpha.
+mean m of its residuals, a short-run mean s (weight max(1/n, short_alpha): about the last
+1/short_alpha residuals), the long-run mean square v of (s - m), ``streak`` (consecutive
+readings with tail probability below ADAPT_TAIL) and ``peak`` (see novelty below). Long-run
+statistics are exact while 1/n > long_alpha, then exponentially weighted with long_alpha.
 
-The tail probability of a reading is P(Z > z), Z standard normal, with
-z = (short mean - long mean) / max(sqrt(mean square), min_std * sqrt(short_alpha / (2 - short_alpha))):
-how unusual the recent residual level is against the device's own history of that level. The
-short mean's spread is measured, not derived from the residuals' variance, so residuals that
-are correlated in time (a model that misses a whole phase of a cycle) do not inflate scores.
-The anomaly score is 1 - tail: the same scale on every device whatever its units or noise,
-and a threshold p flags readings whose recent residual level is beyond the device's usual
-p-quantile (0.9999: about one reading in 10,000 on a device behaving as it used to).
-The threshold only decides flags; scores and statistics never depend on it.
+Tail probability. The short mean of positive, right-skewed residuals is modelled by a gamma
+distribution with the device's own mean and spread: mean max(m, min_std), variance
+max(v, (min_std * sqrt(short_alpha / (2 - short_alpha)))**2); the tail of a reading is
+P(S >= s) under it. The spread is measured, not derived from the residuals' variance, so
+residuals correlated in time (a model that misses a whole phase of a cycle) do not inflate
+scores; the gamma shape keeps the far tail honest for skewed residuals (a normal one would
+flag |noise| 10x more often than its probability says at 0.9999).
 
-Behaviour that changes for good: once ``adapt_after`` readings in a row have tail < ADAPT_TAIL,
-the device's residual statistics (and its running input normalisation, when the model uses
-one) start afresh, as a new device's would, so the new behaviour becomes its normal: flags stop
-within adapt_after + warmup readings of a lasting change. Scores start after ``warmup``
-residuals (at least 2) since the statistics (re)started; before that the score is 0.
+Novelty. A device in trouble stays improbable for many readings; what an operator needs is
+the moment it starts, or gets worse. ``peak`` is the largest surprise (-log10 tail) the device
+showed recently, shrinking by the factor ``novelty_decay`` per reading (0.995: halved in ~140
+readings). A reading's reported tail is its own when its surprise exceeds ``peak``, else 1.
+novelty_decay = 0 reports every tail as it is.
+
+The anomaly score is 1 - reported tail: the same scale on every device whatever its units or
+noise. A threshold p flags readings whose recent residual level is beyond the device's usual
+p-quantile and beyond anything it showed recently (0.9999: at most about one reading in 10,000
+on a device behaving as it used to; tests/test_anomaly.py measures the rates). The threshold
+only decides flags; scores and statistics never depend on it.
+
+Behaviour that changes for good: once ``adapt_after`` readings in a row have tail < ADAPT_TAIL
+(before novelty), the device's residual statistics (and its running input normalisation, when
+the model uses one) start afresh, as a new device's would, so the new behaviour becomes its
+normal: flags stop within adapt_after + warmup readings of a lasting change (with novelty,
+usually at once). Scores start after ``warmup`` residuals (at least 2) since the statistics
+(re)started; before that the score is 0.
 """
 
 from __future__ import annotations
@@ -36,22 +47,22 @@ from torch import Tensor
 # Residuals are capped (normalised units) so that absurd readings that are still finite, say
 # 1e20 with a fixed normalisation, cannot overflow the float32 statistics.
 RESIDUAL_CAP = 1e6
-# Statistics are kept of residual ** RESIDUAL_POWER: a residual of independent noise is |noise|,
-# whose short means are skewed to the right; the power makes them near normal, so that tail
-# probabilities hold in the far tail too (see tests/test_anomaly.py for the measured rates).
-RESIDUAL_POWER = 0.5  # applied as a square root
 ADAPT_TAIL = 1e-3  # a reading this unlikely counts towards a lasting change
 LOG_ADAPT_TAIL = math.log(ADAPT_TAIL)
+MIN_TAIL = 1e-300  # float64 tails below this are taken from the asymptotic form instead
+SHAPE_RANGE = (1e-3, 1e4)  # gamma shapes outside this add nothing but slow, unstable maths
+LN10 = math.log(10.0)
 
 
 @dataclass(frozen=True)
 class AnomalyParams:
     threshold: float = 0.9999  # flag when the anomaly score (1 - tail probability) is >= this
     warmup: int = 50  # residuals a device's statistics need before it is scored
-    short_alpha: float = 0.5  # weight of a new residual in the short-run mean (~ the last 1/alpha)
-    long_alpha: float = 0.001  # weight of a new residual in the long-run mean and variance
-    min_std: float = 1e-2  # floor of the long-run residual std (normalised units)
+    short_alpha: float = 0.3  # weight of a new residual in the short-run mean (~ the last 1/alpha)
+    long_alpha: float = 0.001  # weight of a new residual in the long-run statistics
+    min_std: float = 1e-2  # floor of the residuals' mean and spread (normalised units)
     adapt_after: int = 100  # readings in a row with tail < ADAPT_TAIL before statistics restart
+    novelty_decay: float = 0.995  # per reading shrink of the recent peak surprise (0: no novelty)
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
@@ -59,6 +70,8 @@ class AnomalyParams:
         for name in ("short_alpha", "long_alpha"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 <= self.novelty_decay < 1:
+            raise ValueError(f"novelty_decay must be in [0, 1), got {self.novelty_decay}")
         if self.min_std <= 0 or self.warmup < 0 or self.adapt_after < 1:
             raise ValueError(f"min_std > 0, warmup >= 0 and adapt_after >= 1 needed, got {self}")
 
@@ -70,9 +83,9 @@ class AnomalyParams:
 
 @dataclass(frozen=True)
 class Scored:
-    """log_tail: (B,) ln P(Z > z), 0 where not scored; is_anomaly (B,) bool; restart (B,) bool:
-    devices whose statistics restart after this reading; the rest: (B,) updated statistics
-    (var: the mean square of short - mean), all zeros where restart (see ``stacked``)."""
+    """log_tail: (B,) ln of the reported tail, 0 where not scored; is_anomaly (B,) bool; restart
+    (B,) bool: devices whose statistics restart after this reading; the rest: (B,) updated
+    statistics (var: the mean square of short - mean), all zeros where restart."""
 
     log_tail: Tensor
     is_anomaly: Tensor
@@ -82,12 +95,32 @@ class Scored:
     var: Tensor
     short: Tensor
     streak: Tensor
+    peak: Tensor
 
 
 def residual_of(x: Tensor, forecast: Tensor) -> Tensor:
     """RMS over features of x - forecast, both (B, F) in normalised units -> (B,), capped."""
     diff = (x - forecast).clamp(-RESIDUAL_CAP, RESIDUAL_CAP)
     return torch.sqrt(torch.mean(diff * diff, dim=1))
+
+
+def gamma_log_tail(level: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """ln P(S >= level) for S gamma with the given mean (> 0) and variance (> 0), all (B,),
+    computed in float64 (float32 tails underflow near 1e-38), returned as level's dtype.
+    Far tails, beyond float64, use ln Q(k, x) ~ (k - 1) ln x - x - ln Gamma(k): still ordered,
+    so a worse reading always has the smaller tail."""
+    mean64 = mean.double()
+    rate = mean64 / var.double()
+    shape = (mean64 * rate).clamp(*SHAPE_RANGE)
+    x = level.double().clamp_min(0.0) * rate
+    tail = torch.special.gammaincc(shape, x)
+    deep = tail <= MIN_TAIL
+    # On a CPU the check is free and the far branch rarely needed; on an accelerator the check
+    # would stall the queue, so the far branch is always computed there.
+    if x.device.type != "cpu" or bool(deep.any()):
+        far = ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - torch.lgamma(shape)).clamp_max(math.log(MIN_TAIL))
+        return torch.where(deep, far, torch.log(tail.clamp_min(MIN_TAIL))).to(level.dtype)
+    return torch.log(tail).to(level.dtype)
 
 
 def score_and_update(
@@ -98,30 +131,39 @@ def score_and_update(
     var: Tensor,
     short: Tensor,
     streak: Tensor,
+    peak: Tensor,
     params: AnomalyParams,
 ) -> Scored:
     """Score residuals (B,) and fold them into the devices' statistics (all (B,), float32).
 
     has_residual: (B,) bool, False for a device's first reading (no forecast yet): it is not
-    scored and leaves the statistics as they are. var: the mean square of short - mean.
+    scored and leaves the statistics as they are. var: the mean square of short - mean;
+    peak: the recent peak surprise (-log10 tail).
     """
-    level = torch.sqrt(residual)  # residual ** RESIDUAL_POWER
-    short_new = short + torch.clamp(1.0 / (n + 1.0), min=params.short_alpha) * (level - short)
+    # A device's first reading (no residual) gets weight 0 everywhere: its statistics stay.
+    first = 1.0 / (n + 1.0)
+    live = has_residual.to(residual.dtype)
+    short_new = short + torch.clamp(first, min=params.short_alpha) * live * (residual - short)
     floor = params.min_std * math.sqrt(params.short_alpha / (2.0 - params.short_alpha))
     excess = short_new - mean
-    z = excess / torch.sqrt(var).clamp_min(floor)
+    tail = gamma_log_tail(short_new, mean.clamp_min(params.min_std), var.clamp_min(floor * floor))
     scored = has_residual & (n >= max(params.warmup, 2))
-    log_tail = torch.where(scored, torch.special.log_ndtr(-z), torch.zeros_like(z))
-    is_anomaly = scored & (log_tail <= params.log_tail_threshold)
+    log_tail = torch.where(scored, tail, torch.zeros_like(tail))
+    surprise = log_tail * (-1.0 / LN10)
+    if params.novelty_decay > 0:
+        reported = torch.where(surprise > peak, log_tail, torch.zeros_like(log_tail))
+        peak_new = torch.maximum(surprise, peak * params.novelty_decay)
+    else:
+        reported, peak_new = log_tail, peak
+    is_anomaly = scored & (reported <= params.log_tail_threshold)
 
-    weight = torch.clamp(1.0 / (n + 1.0), min=params.long_alpha)
-    mean_new = torch.where(has_residual, mean + weight * (level - mean), mean)
-    var_new = torch.where(has_residual, var + weight * (excess * excess - var), var)
-    short_new = torch.where(has_residual, short_new, short)
-    n_new = torch.where(has_residual, n + 1.0, n)
+    weight = torch.clamp(first, min=params.long_alpha) * live
+    mean_new = mean + weight * (residual - mean)
+    var_new = var + weight * (excess * excess - var)
+    n_new = n + live
     streak_new = torch.where(scored & (log_tail <= LOG_ADAPT_TAIL), streak + 1.0, torch.zeros_like(streak))
     restart = streak_new >= params.adapt_after
     # One select over the stacked statistics, not one per statistic: this runs every step.
-    stats = torch.stack([n_new, mean_new, var_new, short_new, streak_new], dim=1)
+    stats = torch.stack([n_new, mean_new, var_new, short_new, streak_new, peak_new], dim=1)
     stats = torch.where(restart.unsqueeze(1), torch.zeros((), dtype=stats.dtype, device=stats.device), stats)
-    return Scored(log_tail, is_anomaly, restart, *stats.unbind(1))
+    return Scored(reported, is_anomaly, restart, *stats.unbind(1))

@@ -158,14 +158,19 @@ class AnomalySettings(Section):
     )
     warmup: Annotated[int, Field(ge=0)] = Field(50, description="residuals a device needs before it is scored")
     short_alpha: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.5, description="weight of a new residual in the short-run mean"
+        0.3, description="weight of a new residual in the short-run mean"
     )
     long_alpha: Annotated[float, Field(gt=0, le=1)] = Field(
         0.001, description="weight of a new residual in the long-run residual mean and variance"
     )
-    min_std: Annotated[float, Field(gt=0)] = Field(0.01, description="floor of the residual std (normalised units)")
+    min_std: Annotated[float, Field(gt=0)] = Field(
+        0.01, description="floor of the residuals' mean and spread (normalised units)"
+    )
     adapt_after: Annotated[int, Field(ge=1)] = Field(
         100, description="readings in a row with tail probability < 0.001 before a device's statistics restart"
+    )
+    novelty_decay: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.995, description="per-reading shrink of a device's recent peak surprise; a reading scores only above it (0: off)"
     )
 
 
