@@ -49,9 +49,14 @@ from torch import Tensor
 RESIDUAL_CAP = 1e6
 ADAPT_TAIL = 1e-3  # a reading this unlikely counts towards a lasting change
 LOG_ADAPT_TAIL = math.log(ADAPT_TAIL)
-MIN_TAIL = 1e-300  # float64 tails below this are taken from the asymptotic form instead
+MIN_TAIL = 1e-30  # float32 tails below this are taken from the asymptotic form instead
+LOG_MIN_TAIL = math.log(MIN_TAIL)
 SHAPE_RANGE = (1e-3, 1e4)  # gamma shapes outside this add nothing but slow, unstable maths
 LN10 = math.log(10.0)
+LN2 = math.log(2.0)
+# Novelty compares a reading's surprise with the recent peak; peaks are remembered up to this
+# surprise (a tail of 1e-10), so that one absurd reading cannot mask every later anomaly.
+PEAK_CAP = 10.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class Scored:
     mean: Tensor
     var: Tensor
     short: Tensor
+    var_one: Tensor
     streak: Tensor
     peak: Tensor
 
@@ -105,22 +111,22 @@ def residual_of(x: Tensor, forecast: Tensor) -> Tensor:
 
 
 def gamma_log_tail(level: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """ln P(S >= level) for S gamma with the given mean (> 0) and variance (> 0), all (B,),
-    computed in float64 (float32 tails underflow near 1e-38), returned as level's dtype.
-    Far tails, beyond float64, use ln Q(k, x) ~ (k - 1) ln x - x - ln Gamma(k): still ordered,
-    so a worse reading always has the smaller tail."""
-    mean64 = mean.double()
-    rate = mean64 / var.double()
-    shape = (mean64 * rate).clamp(*SHAPE_RANGE)
-    x = level.double().clamp_min(0.0) * rate
+    """ln P(S >= level) for S gamma with the given mean (> 0) and variance (> 0), all (B,).
+
+    Tails below MIN_TAIL, where float32 runs out, use ln Q(k, x) ~ (k - 1) ln x - x - ln Gamma(k)
+    (capped at ln MIN_TAIL): still ordered, so a worse reading always has the smaller tail.
+    """
+    rate = mean / var
+    shape = (mean * rate).clamp(*SHAPE_RANGE)
+    x = level.clamp_min(0.0) * rate
     tail = torch.special.gammaincc(shape, x)
     deep = tail <= MIN_TAIL
     # On a CPU the check is free and the far branch rarely needed; on an accelerator the check
     # would stall the queue, so the far branch is always computed there.
     if x.device.type != "cpu" or bool(deep.any()):
-        far = ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - torch.lgamma(shape)).clamp_max(math.log(MIN_TAIL))
-        return torch.where(deep, far, torch.log(tail.clamp_min(MIN_TAIL))).to(level.dtype)
-    return torch.log(tail).to(level.dtype)
+        far = ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - torch.lgamma(shape)).clamp_max(LOG_MIN_TAIL)
+        return torch.where(deep, far, torch.log(tail.clamp_min(MIN_TAIL)))
+    return torch.log(tail)
 
 
 def score_and_update(
@@ -130,6 +136,7 @@ def score_and_update(
     mean: Tensor,
     var: Tensor,
     short: Tensor,
+    var_one: Tensor,
     streak: Tensor,
     peak: Tensor,
     params: AnomalyParams,
@@ -146,13 +153,23 @@ def score_and_update(
     short_new = short + torch.clamp(first, min=params.short_alpha) * live * (residual - short)
     floor = params.min_std * math.sqrt(params.short_alpha / (2.0 - params.short_alpha))
     excess = short_new - mean
-    tail = gamma_log_tail(short_new, mean.clamp_min(params.min_std), var.clamp_min(floor * floor))
+    jump = residual - mean
+    typical = mean.clamp_min(params.min_std)
+    # Two time scales, the short mean and the reading alone: the tail is taken at the one whose
+    # standardised excess is larger (one gamma evaluation, the step's dearest operation), and
+    # doubled (Bonferroni) so that looking twice does not flag more often than it says.
+    spread_short = var.clamp_min(floor * floor)
+    spread_one = var_one.clamp_min(params.min_std * params.min_std)
+    use_one = jump * torch.rsqrt(spread_one) > excess * torch.rsqrt(spread_short)
+    tail = gamma_log_tail(
+        torch.where(use_one, residual, short_new), typical, torch.where(use_one, spread_one, spread_short)
+    )
     scored = has_residual & (n >= max(params.warmup, 2))
-    log_tail = torch.where(scored, tail, torch.zeros_like(tail))
+    log_tail = torch.where(scored, (tail + LN2).clamp_max(0.0), torch.zeros_like(tail))
     surprise = log_tail * (-1.0 / LN10)
     if params.novelty_decay > 0:
         reported = torch.where(surprise > peak, log_tail, torch.zeros_like(log_tail))
-        peak_new = torch.maximum(surprise, peak * params.novelty_decay)
+        peak_new = torch.maximum(surprise.clamp_max(PEAK_CAP), peak * params.novelty_decay)
     else:
         reported, peak_new = log_tail, peak
     is_anomaly = scored & (reported <= params.log_tail_threshold)
@@ -160,10 +177,11 @@ def score_and_update(
     weight = torch.clamp(first, min=params.long_alpha) * live
     mean_new = mean + weight * (residual - mean)
     var_new = var + weight * (excess * excess - var)
+    var_one_new = var_one + weight * (jump * jump - var_one)
     n_new = n + live
     streak_new = torch.where(scored & (log_tail <= LOG_ADAPT_TAIL), streak + 1.0, torch.zeros_like(streak))
     restart = streak_new >= params.adapt_after
     # One select over the stacked statistics, not one per statistic: this runs every step.
-    stats = torch.stack([n_new, mean_new, var_new, short_new, streak_new, peak_new], dim=1)
+    stats = torch.stack([n_new, mean_new, var_new, short_new, var_one_new, streak_new, peak_new], dim=1)
     stats = torch.where(restart.unsqueeze(1), torch.zeros((), dtype=stats.dtype, device=stats.device), stats)
     return Scored(reported, is_anomaly, restart, *stats.unbind(1))

@@ -179,10 +179,11 @@ class StateLayout:
 
     @property
     def seen(self) -> int:
-        """Readings the device consumed; then n, mean, var, short, streak, peak of the residuals."""
+        """Readings the device consumed; then n, mean, var, short, var_one, streak, peak of the
+        residuals (streamer.anomaly)."""
         return self._norm_base + self.norm_width
 
-    STATS = 7  # seen, n, mean, var, short, streak, peak
+    STATS = 8  # seen, n, mean, var, short, var_one, streak, peak
 
     @property
     def width(self) -> int:
@@ -355,7 +356,7 @@ class Engine:
         h = rows[:, lay.h].view(b, lay.num_layers, lay.hidden_size)
         c = rows[:, lay.c].view(b, lay.num_layers, lay.hidden_size)
         s = lay.seen
-        seen, n, mean, var, short, streak, peak = rows[:, s : s + lay.STATS].unbind(1)
+        seen, n, mean, var, short, var_one, streak, peak = rows[:, s : s + lay.STATS].unbind(1)
         if lay.device_norm:
             z, norm_mean, norm_var = normalize_step(
                 x[:, :f], rows[:, lay.norm_count], rows[:, lay.norm_mean], rows[:, lay.norm_var],
@@ -363,7 +364,7 @@ class Engine:
             )
             x = torch.cat([z, x[:, f:]], dim=1) if x.shape[1] > f else z
         residual = torch.where(seen >= 1, residual_of(x[:, :f], rows[:, lay.forecast]), torch.zeros_like(seen))
-        scored = score_and_update(residual, seen >= 1, n, mean, var, short, streak, peak, self.anomaly)
+        scored = score_and_update(residual, seen >= 1, n, mean, var, short, var_one, streak, peak, self.anomaly)
         out, h_new, c_new = self.weights.step(x, h, c)
         parts = [h_new.reshape(b, -1), c_new.reshape(b, -1), out]
         if lay.device_norm:
@@ -371,7 +372,8 @@ class Engine:
             parts += [count.unsqueeze(1), norm_mean, norm_var]
             out = denormalize(out, norm_mean, norm_var)
         stats = torch.stack(
-            [seen + 1.0, scored.n, scored.mean, scored.var, scored.short, scored.streak, scored.peak], dim=1
+            [seen + 1.0, scored.n, scored.mean, scored.var, scored.short, scored.var_one, scored.streak, scored.peak],
+            dim=1,
         )
         self.table.scatter(slots, torch.cat(parts + [stats], dim=1))
         return out, scored.log_tail, scored.is_anomaly, residual
