@@ -8,18 +8,24 @@ forecast and the residual statistics) and the input offset it includes: every re
 File format (little endian), no pickle:
 
     b"STRMCKP1"                   magic and format version
-    u32 header length, header     JSON: topic, partition, offset, count, width, ids_bytes, created, model_version
+    u32 header length, header     JSON: topic, partition, offset, count, width, ids_bytes, created,
+                                  model_version, model_config
     u32[count] id lengths, ids    device ids, UTF-8
     f32[count * width]            rows
     f64[count]                    last seen (epoch s)
     32 bytes                      SHA-256 of everything above
 
+``model_version`` and ``model_config`` name the model that applies the partition's readings from
+``offset`` on (the run loop writes a checkpoint of every owned partition at each model switch),
+so a loader can tell whether replaying from a checkpoint would cross a switch (see
+``DirectoryCheckpointStore.load_latest``).
+
 Files are written to a temporary name, fsynced and renamed into place, so a reader sees a whole
-checkpoint or none; the checksum refuses a torn or corrupted one, and the loader falls back to
-the previous checkpoint. ``DirectoryCheckpointStore`` keeps them as
-<root>/<group>/<topic>/<partition>/<offset>.ckpt: on a local disk for one host, or on a
-directory shared by several hosts (NFS and the like: rename is atomic there too), which is how
-processes on different hosts hand partitions over.
+checkpoint or none; a write that fails removes its temporary file. The checksum refuses a torn
+or corrupted one, and the loader falls back to the previous checkpoint.
+``DirectoryCheckpointStore`` keeps them as <root>/<group>/<topic>/<partition>/<offset>.ckpt: on a
+local disk for one host, or on a directory shared by several hosts (NFS and the like: rename is
+atomic there too), which is how processes on different hosts hand partitions over.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ log = logging.getLogger(__name__)
 MAGIC = b"STRMCKP1"
 SUFFIX = ".ckpt"
 DIGEST_SIZE = 32
+# A temporary file this old was left by a writer that died mid-write (kill -9): no live writer
+# takes minutes over a checkpoint, so it is removed.
+STALE_TMP_S = 600.0
 
 
 class CheckpointError(StreamerError):
@@ -61,8 +70,9 @@ class Checkpoint:
     offset: int  # the next input offset: readings before it are applied, none after
     state: PartitionState
     width: int
-    model_version: str = ""
+    model_version: str = ""  # the model that applies the readings from ``offset`` on
     created: float = 0.0
+    model_config: dict | None = None  # its ModelConfig.to_dict(); None in older files
 
 
 def encode(checkpoint: Checkpoint) -> bytes:
@@ -83,6 +93,7 @@ def encode(checkpoint: Checkpoint) -> bytes:
             "ids_bytes": len(ids_blob),
             "created": checkpoint.created or time.time(),
             "model_version": checkpoint.model_version,
+            "model_config": checkpoint.model_config,
         },
         separators=(",", ":"),
     ).encode()
@@ -137,6 +148,7 @@ def decode(data: bytes, path: object = "<bytes>") -> Checkpoint:
         width=width,
         model_version=str(header.get("model_version", "")),
         created=float(header.get("created", 0.0)),
+        model_config=header.get("model_config") if isinstance(header.get("model_config"), dict) else None,
     )
 
 
@@ -173,28 +185,58 @@ class DirectoryCheckpointStore:
         return [path for _, path in sorted(found, reverse=True)]
 
     def save(self, checkpoint: Checkpoint) -> Path:
+        """Write ``checkpoint`` atomically and prune the oldest beyond ``keep``. Raises OSError
+        (a full disk, a lost mount) with no temporary file left behind."""
         directory = self._dir(checkpoint.topic, checkpoint.partition)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{checkpoint.offset:020d}{SUFFIX}"
         tmp = directory / f".{path.name}.{os.getpid()}.tmp"
         data = encode(checkpoint)
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                log.debug("could not remove %s: %s", tmp, exc)
+            raise
         _fsync_dir(directory)
-        for old in self.paths(checkpoint.topic, checkpoint.partition)[self.keep :]:
-            old.unlink(missing_ok=True)
+        stale_before = time.time() - STALE_TMP_S
+        leftovers = [p for p in directory.glob(".*.tmp") if _mtime(p) < stale_before]
+        for old in self.paths(checkpoint.topic, checkpoint.partition)[self.keep :] + leftovers:
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as exc:  # the new checkpoint is in place; an old one can go next time
+                log.debug("could not prune %s: %s", old, exc)
         return path
 
     def load_latest(
-        self, topic: str, partition: int, width: int, max_offset: int | None = None
+        self,
+        topic: str,
+        partition: int,
+        width: int,
+        max_offset: int | None = None,
+        model: ModelStamp | None = None,
     ) -> tuple[Checkpoint | None, list[Refused]]:
         """The newest usable checkpoint with offset <= ``max_offset`` (when given), and the
-        newer files refused on the way (corrupt, truncated, or of another row width)."""
+        files refused on the way.
+
+        A corrupt or truncated file is refused and the previous one tried. A file of another row
+        width, or (when ``model`` is given) of another model version, was written under another
+        model than this one: replaying from it would cross a model switch, and so would
+        replaying from any older one, so the search stops there with nothing usable. The one
+        exception is a checkpoint of another version but the same model config at
+        ``max_offset`` itself: nothing to replay, and its rows carry over to the new model as a
+        hot reload carries them.
+        """
         refused: list[Refused] = []
         for path in self.paths(topic, partition):
+            if max_offset is not None and int(path.stem) > max_offset:
+                continue  # ahead of the group's committed offset: not this group's history
             try:
                 checkpoint = decode(path.read_bytes(), path)
             except (OSError, CheckpointError) as exc:
@@ -205,20 +247,55 @@ class DirectoryCheckpointStore:
             if checkpoint.topic != topic or checkpoint.partition != partition:
                 refused.append(Refused(path, f"belongs to {checkpoint.topic}[{checkpoint.partition}]"))
                 continue
-            if checkpoint.width != width:
-                reason = f"rows of width {checkpoint.width}, this model needs {width}"
-                log.warning("checkpoint %s refused: %s", path, reason)
-                refused.append(Refused(path, reason))
-                continue
             if max_offset is not None and checkpoint.offset > max_offset:
-                continue  # ahead of the group's committed offset: not this group's history
+                continue
+            reason = _model_mismatch(checkpoint, width, model, max_offset)
+            if reason is not None:
+                log.warning("checkpoint %s refused: %s; no older one is used either", path, reason)
+                refused.append(Refused(path, reason))
+                return None, refused
             return checkpoint, refused
         return None, refused
+
+
+@dataclass(frozen=True)
+class ModelStamp:
+    """The model a checkpoint is written or loaded under: its version and config (to_dict())."""
+
+    version: str
+    config: dict
+
+    @classmethod
+    def of(cls, version: str, config: dict) -> "ModelStamp":
+        """With ``config`` as a checkpoint header gives it back (through JSON)."""
+        return cls(version, json.loads(json.dumps(config)))
+
+
+def _model_mismatch(checkpoint: Checkpoint, width: int, model: ModelStamp | None, replay_to: int | None) -> str | None:
+    """Why ``checkpoint`` cannot be replayed under ``model`` (rows of ``width``), or None."""
+    if checkpoint.width != width:
+        return f"rows of width {checkpoint.width}, this model needs {width}"
+    if model is None or checkpoint.model_version == model.version:
+        return None
+    written_under = f"written under model {checkpoint.model_version or '(unknown)'}, serving {model.version}"
+    if checkpoint.model_config != model.config:
+        return f"{written_under} of another config"
+    if replay_to is None or checkpoint.offset < replay_to:
+        upto = "" if replay_to is None else f"..{replay_to - 1}"
+        return f"{written_under}: readings {checkpoint.offset}{upto} were applied under the old model"
+    return None
 
 
 def _safe(name: str) -> str:
     """A path component for a topic or group name (Kafka allows [a-zA-Z0-9._-] in topics)."""
     return "".join(ch if ch.isalnum() or ch in "._-" else f"%{ord(ch):02x}" for ch in name) or "%"
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # gone meanwhile
+        return float("inf")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -9,6 +9,15 @@ with zero state, which is counted. On revocation its rows are checkpointed and f
 
 Checkpoints are written only for offsets the group has committed, so a checkpoint never runs
 ahead of the group and replay never re-publishes what downstream has not seen.
+
+Replay never crosses a model switch: every owned partition is checkpointed when the model
+changes (``model_switched``), each checkpoint names the model that applies the readings after
+it, and recovery refuses one of another model when readings would have to be replayed from it
+(the devices then start from zero state, counted as ``no_checkpoint``).
+
+A checkpoint that cannot be written (a full disk) is retried with exponential backoff rather
+than on every batch; a failure episode logs one line when it starts and one when checkpoints
+work again, and every failed attempt is counted.
 """
 
 from __future__ import annotations
@@ -16,13 +25,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from streamer.checkpoint import Checkpoint, DirectoryCheckpointStore
+from streamer.checkpoint import Checkpoint, DirectoryCheckpointStore, ModelStamp
 from streamer.engine import Engine
 from streamer.metrics import Metrics
 
@@ -32,7 +41,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Owned:
     """An owned, recovered partition. next_offset: the next input offset after what the engine
-    has applied; replay_until: offsets below it are replayed with output suppressed."""
+    has applied; replay_until: offsets below it are replayed with output suppressed;
+    committed_offset: the group's committed offset as this process knows it; unsaved_since:
+    monotonic time since when applied readings (past the replay) are in no checkpoint."""
 
     next_offset: int
     replay_until: int
@@ -40,12 +51,51 @@ class Owned:
     checkpoint_time: float = 0.0
     readings_since_checkpoint: int = 0
     replayed: int = 0
+    committed_offset: int = 0
+    unsaved_since: float | None = None
 
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
+    """When partitions are due a checkpoint, and how a failing store is retried: after a failure
+    no due checkpoint is tried for retry_initial_s, doubling per failure up to retry_max_s."""
+
     interval_s: float = 30.0
     interval_readings: int = 100_000
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+
+
+@dataclass
+class FailureEpisode:
+    """Consecutive failed checkpoint writes, from the first failure to the next success."""
+
+    initial_s: float
+    max_s: float
+    failed: int = 0  # attempts failed in this episode; 0: the store works
+    started: float = 0.0
+    retry_at: float = 0.0
+    delay_s: float = 0.0
+
+    def waiting(self, now: float) -> bool:
+        """True while a failing store is in its backoff: due checkpoints wait."""
+        return self.failed > 0 and now < self.retry_at
+
+    def fail(self, now: float) -> bool:
+        """Count a failed attempt and back off; True when it starts an episode."""
+        first = self.failed == 0
+        if first:
+            self.started, self.delay_s = now, self.initial_s
+        else:
+            self.delay_s = min(self.max_s, self.delay_s * 2)
+        self.failed += 1
+        self.retry_at = now + self.delay_s
+        return first
+
+    def succeed(self) -> int:
+        """End the episode; returns the attempts that failed in it (0: there was none)."""
+        failed, self.failed = self.failed, 0
+        return failed
 
 
 class PartitionManager:
@@ -56,12 +106,19 @@ class PartitionManager:
         store: DirectoryCheckpointStore | None,
         policy: CheckpointPolicy,
         metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.consumer = consumer
         self.engine = engine
         self.store = store
         self.policy = policy
         self.metrics = metrics
+        self.clock = clock
+        self.failures = FailureEpisode(policy.retry_initial_s, policy.retry_max_s)
+        # Computed at scrape time where metrics.py offers the hook (streamer_checkpoint_lag_seconds).
+        watch = getattr(metrics, "watch_checkpoint_lag", None)
+        if callable(watch):
+            watch(self.checkpoint_lag)
         # Held while the engine's state changes: rebalance callbacks run on kafka-python's IO
         # thread and must not checkpoint a partition while a batch is being stepped.
         self.lock = threading.RLock()
@@ -132,22 +189,24 @@ class PartitionManager:
         self.engine.drop_partition(tp.partition)
         checkpoint = None
         if self.store is not None:
-            checkpoint, refused = self.store.load_latest(tp.topic, tp.partition, self.engine.layout.width, start)
+            checkpoint, refused = self.store.load_latest(
+                tp.topic, tp.partition, self.engine.layout.width, start, self._model_stamp()
+            )
             if refused and self.metrics is not None:
                 self.metrics.on_checkpoints_refused(len(refused))
         if checkpoint is not None:
             evicted = self.engine.restore_partition(tp.partition, checkpoint.state)
             self.consumer.seek(tp, checkpoint.offset)
-            owned = Owned(checkpoint.offset, start, checkpoint.offset, time.monotonic())
+            owned = Owned(checkpoint.offset, start, checkpoint.offset, self.clock(), committed_offset=start)
             outcome = "checkpoint"
             log.info(
-                "recovered %s from checkpoint at offset %d (%d devices%s), replaying to %d",
+                "recovered %s from checkpoint at offset %d (%d devices%s, model %s), replaying to %d",
                 _name(tp), checkpoint.offset, len(checkpoint.state),
-                f", {evicted} evicted for room" if evicted else "", start,
+                f", {evicted} evicted for room" if evicted else "", checkpoint.model_version, start,
             )
         else:
             self.consumer.seek(tp, start)
-            owned = Owned(start, start)
+            owned = Owned(start, start, committed_offset=start)
             if committed is None:
                 outcome = "fresh"  # the group never read this partition: zero state is right
                 if self.store is not None:
@@ -176,6 +235,8 @@ class PartitionManager:
                     self.metrics.on_replayed(replayed)
                 if offset >= owned.replay_until:
                     log.info("%s caught up after replaying %d messages", _name(tp), owned.replayed)
+            if owned.unsaved_since is None and offset > max(owned.replay_until, owned.checkpoint_offset or 0):
+                owned.unsaved_since = self.clock()
             owned.next_offset = offset
             owned.readings_since_checkpoint += readings.get(tp, 0)
 
@@ -189,27 +250,56 @@ class PartitionManager:
         return result
 
     def committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        """These offsets are committed: checkpoint the partitions that are due."""
-        if self.store is None:
-            return
-        now = time.monotonic()
+        """These offsets are committed: checkpoint the partitions that are due (unless a failing
+        store is backing off: they stay due)."""
+        now = self.clock()
         with self.lock:
             for tp in offsets:
                 owned = self.owned.get(tp)
-                if owned is None or owned.next_offset != offsets[tp].offset:
+                if owned is None:
+                    continue
+                owned.committed_offset = max(owned.committed_offset, offsets[tp].offset)
+                if self.store is None or owned.next_offset != offsets[tp].offset:
                     continue
                 due = (
                     now - owned.checkpoint_time >= self.policy.interval_s
                     or owned.readings_since_checkpoint >= self.policy.interval_readings
                 )
-                if due:
+                if due and not self.failures.waiting(now):
                     self._save(tp, owned)
 
     def checkpoint_all(self) -> None:
-        """Checkpoint every owned partition (clean shutdown)."""
+        """Checkpoint every owned partition (clean shutdown: tried even while backing off)."""
         with self.lock:
             for tp, owned in self.owned.items():
                 self._save(tp, owned)
+
+    def model_switched(self) -> None:
+        """The engine serves a new model from the next step on: checkpoint every owned partition
+        at the offset the engine has applied, named after the new model, so that a recovery
+        replays only readings the new model applied. Call after the batch in hand is committed
+        and before the next one is stepped, under ``lock`` together with the swap. A partition
+        whose applied offset the group has not committed (its commit was refused: the group is
+        moving it) is left out; its next owner will not replay across the switch either (see
+        DirectoryCheckpointStore.load_latest)."""
+        with self.lock:
+            for tp, owned in self.owned.items():
+                if owned.next_offset > owned.committed_offset:
+                    log.warning(
+                        "%s not checkpointed at the model switch: offset %d is not committed (%d is)",
+                        _name(tp), owned.next_offset, owned.committed_offset,
+                    )
+                    continue
+                self._save(tp, owned, rewrite=True)
+
+    def checkpoint_lag(self) -> dict[tuple[str, int], float]:
+        """Per owned partition, seconds its applied readings have gone without a checkpoint:
+        0 when its newest checkpoint includes everything applied (read at scrape time)."""
+        now = self.clock()
+        return {
+            (tp.topic, tp.partition): 0.0 if owned.unsaved_since is None else now - owned.unsaved_since
+            for tp, owned in list(self.owned.items())
+        }
 
     def reset(self, partitions: Iterable[TopicPartition]) -> None:
         """Throw away these partitions' state and recover them again (after an aborted
@@ -221,28 +311,58 @@ class PartitionManager:
                 self.engine.drop_partition(tp.partition)
         self.assign(partitions)
 
-    def _save(self, tp: TopicPartition, owned: Owned) -> None:
-        if self.store is None or owned.checkpoint_offset == owned.next_offset:
-            return
-        if owned.next_offset < owned.replay_until and owned.checkpoint_offset is not None:
-            return  # still replaying: the checkpoint we started from is as good
+    def _model_stamp(self) -> ModelStamp:
+        return ModelStamp.of(self.engine.model_version, self.engine.config.to_dict())
+
+    def _save(self, tp: TopicPartition, owned: Owned, rewrite: bool = False) -> bool:
+        """Checkpoint ``tp`` at its applied offset; False when the store failed. ``rewrite``: also
+        when a checkpoint at that offset exists or the partition is still replaying (a model
+        switch: the checkpoint must name the model that applies the readings after it)."""
+        if self.store is None:
+            return False
+        if not rewrite:
+            if owned.checkpoint_offset == owned.next_offset:
+                return True
+            if owned.next_offset < owned.replay_until and owned.checkpoint_offset is not None:
+                return True  # still replaying: the checkpoint we started from is as good
         started = time.perf_counter()
         state = self.engine.export_partition(tp.partition)
+        stamp = self._model_stamp()
         checkpoint = Checkpoint(
-            tp.topic, tp.partition, owned.next_offset, state, self.engine.layout.width, self.engine.model_version
+            tp.topic, tp.partition, owned.next_offset, state, self.engine.layout.width, stamp.version,
+            model_config=stamp.config,
         )
         try:
             self.store.save(checkpoint)
         except OSError as exc:
-            log.error("checkpoint of %s at offset %d failed: %s", _name(tp), owned.next_offset, exc)
-            if self.metrics is not None:
-                self.metrics.on_checkpoint_failed()
-            return
+            self._failed(tp, owned, exc)
+            return False
+        failed = self.failures.succeed()
+        if failed:
+            log.warning(
+                "checkpoints are written again (%s at offset %d) after %d failed attempts over %.1fs",
+                _name(tp), owned.next_offset, failed, self.clock() - self.failures.started,
+            )
         owned.checkpoint_offset = owned.next_offset
-        owned.checkpoint_time = time.monotonic()
+        owned.checkpoint_time = self.clock()
         owned.readings_since_checkpoint = 0
+        owned.unsaved_since = None
         if self.metrics is not None:
             self.metrics.on_checkpoint(time.perf_counter() - started)
+        return True
+
+    def _failed(self, tp: TopicPartition, owned: Owned, exc: OSError) -> None:
+        """One failed write: counted always, logged only when it starts a failure episode."""
+        if self.failures.fail(self.clock()):
+            log.error(
+                "checkpoint of %s at offset %d failed: %s; retrying in %.0fs, backing off up to %.0fs"
+                " (further failures: streamer_checkpoint_failures_total, debug log)",
+                _name(tp), owned.next_offset, exc, self.failures.delay_s, self.failures.max_s,
+            )
+        else:
+            log.debug("checkpoint of %s at offset %d failed again: %s", _name(tp), owned.next_offset, exc)
+        if self.metrics is not None:
+            self.metrics.on_checkpoint_failed()
 
 
 def _name(tp: TopicPartition) -> str:

@@ -1,10 +1,17 @@
+import errno
+import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from streamer.checkpoint import Checkpoint, CheckpointError, DirectoryCheckpointStore, decode, encode
+from streamer import checkpoint as checkpoint_module
+from streamer.checkpoint import Checkpoint, CheckpointError, DirectoryCheckpointStore, ModelStamp, decode, encode
 from streamer.engine import Engine, ReadingBatch
+from streamer.partitions import CheckpointPolicy, PartitionManager
 from tests.conftest import make_bundle
 
 
@@ -97,3 +104,250 @@ def test_empty_partition_checkpoint_round_trips(tmp_path: Path):
     assert len(cp.state) == 0
     back = decode(encode(cp))
     assert back.offset == 0 and len(back.state) == 0 and back.state.rows.shape == (0, engine.layout.width)
+
+
+# --- failures of the store, and checkpoints across model switches (streamer/partitions.py) ---
+
+
+class FakeConsumer:
+    """What PartitionManager asks of a consumer: committed offsets, pause/resume, seek."""
+
+    def __init__(self, committed: dict[TopicPartition, int] | None = None) -> None:
+        self.committed_offsets = committed or {}
+        self.positions: dict[TopicPartition, int] = {}
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        return self.committed_offsets.get(tp)
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.positions.get(tp, 0)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+    def pause(self, *tps: TopicPartition) -> None:
+        pass
+
+    def resume(self, *tps: TopicPartition) -> None:
+        pass
+
+
+class Recorder:
+    """Metrics hooks, counted."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list] = {}
+
+    def __getattr__(self, name: str):
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+        return lambda *args: self.calls.setdefault(name, []).append(args)
+
+    def count(self, name: str) -> int:
+        return len(self.calls.get(name, []))
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+TP0 = TopicPartition("readings", 0)
+TP1 = TopicPartition("readings", 1)
+
+
+def stamp_of(engine: Engine) -> ModelStamp:
+    return ModelStamp.of(engine.model_version, engine.config.to_dict())
+
+
+def stamped(engine: Engine, partition: int, offset: int, version: str | None = None) -> Checkpoint:
+    return Checkpoint("readings", partition, offset, engine.export_partition(partition), engine.layout.width,
+                      version or engine.model_version, model_config=engine.config.to_dict())
+
+
+def manager(engine: Engine, store, committed: dict[TopicPartition, int], policy=CheckpointPolicy(), clock=None):
+    metrics = Recorder()
+    partitions = PartitionManager(FakeConsumer(committed), engine, store, policy, metrics, clock=clock or Clock())
+    partitions.assign(committed)
+    partitions.recover_pending()
+    return partitions, metrics
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch, failing: str):
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    store.save(checkpoint_of(engine, 0, 10))
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, failing, disk_full)
+    for offset in range(20, 30):
+        with pytest.raises(OSError, match="No space"):
+            store.save(checkpoint_of(engine, 0, offset))
+    monkeypatch.undo()
+    directory = tmp_path / "group" / "readings" / "0"
+    assert sorted(p.name for p in directory.iterdir()) == [f"{10:020d}.ckpt"]
+    assert store.load_latest("readings", 0, engine.layout.width)[0].offset == 10
+
+
+def test_a_failing_store_is_retried_with_backoff_and_logged_once_per_episode(tmp_path: Path, monkeypatch, caplog):
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    clock = Clock()
+    policy = CheckpointPolicy(interval_s=3600, interval_readings=1, retry_initial_s=1.0, retry_max_s=8.0)
+    partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0}, policy, clock)
+    real_save, attempts = store.save, []
+
+    def disk_full(checkpoint):
+        attempts.append(clock.now)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def batch(offset: int) -> None:
+        clock.now += 0.2
+        partitions.applied({TP0: offset, TP1: offset}, {TP0: 1, TP1: 1})
+        partitions.committed({TP0: OffsetAndMetadata(offset, "", -1), TP1: OffsetAndMetadata(offset, "", -1)})
+
+    monkeypatch.setattr(store, "save", disk_full)
+    caplog.set_level(logging.INFO, logger="streamer.partitions")
+    for offset in range(1, 201):  # 40 s of batches, both partitions due every batch
+        batch(offset)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "No space" in errors[0].getMessage()
+    # Tried at 0.2 s, then after 1, 2, 4, 8, 8, 8 ... s: not 400 times.
+    assert 5 <= len(attempts) <= 10, attempts
+    assert metrics.count("on_checkpoint_failed") == len(attempts)
+    assert partitions.checkpoint_lag()[("readings", 0)] == pytest.approx(40.0 - 0.2)
+
+    monkeypatch.setattr(store, "save", real_save)
+    caplog.clear()
+    clock.now += 10
+    batch(201)
+    recovered = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(recovered) == 1 and f"after {len(attempts)} failed attempts" in recovered[0]
+    assert [int(p.stem) for p in store.paths("readings", 0)][0] == 201
+    assert [int(p.stem) for p in store.paths("readings", 1)][0] == 201
+    assert partitions.checkpoint_lag() == {("readings", 0): 0.0, ("readings", 1): 0.0}
+
+    monkeypatch.setattr(store, "save", disk_full)  # a second episode is logged again
+    batch(202)
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
+def test_revoke_and_shutdown_checkpoints_are_tried_while_backing_off(tmp_path: Path, monkeypatch):
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    clock = Clock()
+    partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 1), clock)
+    real_save = store.save
+    monkeypatch.setattr(store, "save", lambda cp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    partitions.applied({TP0: 5, TP1: 5}, {TP0: 5, TP1: 5})
+    partitions.committed({TP0: OffsetAndMetadata(5, "", -1), TP1: OffsetAndMetadata(5, "", -1)})
+    assert metrics.count("on_checkpoint_failed") == 1  # the second partition waits for the backoff
+    monkeypatch.setattr(store, "save", real_save)
+    partitions.release([TP1], checkpoint=True)
+    partitions.checkpoint_all()
+    assert int(store.paths("readings", 0)[0].stem) == 5 and int(store.paths("readings", 1)[0].stem) == 5
+
+
+def test_a_checkpoint_of_another_model_is_not_replayed(tmp_path: Path):
+    old = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    store.save(stamped(old, 0, 10))
+    new = stepped_engine()
+    new.swap_model(make_bundle(input_size=2, hidden_size=8, num_layers=2, seed=1, version="v2"))
+    width, stamp = new.layout.width, stamp_of(new)
+
+    # Readings 10..19 were applied under test-1: replaying them under v2 would not be what was published.
+    loaded, refused = store.load_latest("readings", 0, width, 20, stamp)
+    assert loaded is None and "test-1" in refused[0].reason and "v2" in refused[0].reason
+    # Nothing to replay, same config: the rows carry over, as a hot reload carries them.
+    loaded, refused = store.load_latest("readings", 0, width, 10, stamp)
+    assert loaded.offset == 10 and refused == []
+    # Another config (of the same row width): never.
+    other = ModelStamp("v2", {**stamp.config, "time_features": ["hour"]})
+    loaded, refused = store.load_latest("readings", 0, width, 10, other)
+    assert loaded is None and "config" in refused[0].reason
+    # An older checkpoint of the model now served lies before the switch: not used either.
+    store.save(stamped(new, 0, 5))
+    assert store.load_latest("readings", 0, width, 20, stamp)[0] is None
+    assert store.load_latest("readings", 0, width, 20, stamp_of(old))[0].offset == 10
+
+
+def test_a_checkpoint_of_another_row_width_is_refused_and_no_older_one_used(tmp_path: Path):
+    narrow = stepped_engine()
+    wide = Engine.build(make_bundle(input_size=2, hidden_size=8, num_layers=2, device_norm_alpha=0.1),
+                        capacity=64, device="cpu")
+    assert wide.layout.width != narrow.layout.width
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    store.save(stamped(narrow, 0, 5))
+    store.save(stamped(wide, 0, 10))
+    partitions, metrics = manager(narrow, store, {TP0: 12})
+    assert metrics.calls["on_recovery"] == [("no_checkpoint",)]
+    assert metrics.calls["on_checkpoints_refused"] == [(1,)]
+    assert partitions.consumer.positions[TP0] == 12 and narrow.export_partition(0).device_ids == []
+
+
+def test_recovery_under_a_new_model_starts_devices_from_zero_and_counts_it(tmp_path: Path):
+    old = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    store.save(stamped(old, 0, 10))
+    old.swap_model(make_bundle(input_size=2, hidden_size=8, num_layers=2, seed=1, version="v2"))
+
+    partitions, metrics = manager(old, store, {TP0: 20})
+    assert metrics.calls["on_recovery"] == [("no_checkpoint",)] and metrics.count("on_checkpoints_refused") == 1
+    assert partitions.consumer.positions[TP0] == 20 and len(old.export_partition(0)) == 0
+    assert partitions.replay_bounds() == {}
+
+    partitions, metrics = manager(old, store, {TP0: 10})  # nothing to replay: rows carried over
+    assert metrics.calls["on_recovery"] == [("checkpoint",)] and metrics.count("on_checkpoints_refused") == 0
+    assert partitions.consumer.positions[TP0] == 10 and len(old.export_partition(0)) == 5
+
+
+def test_a_model_switch_checkpoints_every_owned_partition_under_the_new_model(tmp_path: Path):
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0})
+    partitions.applied({TP0: 7, TP1: 9}, {TP0: 7, TP1: 9})
+    partitions.committed({TP0: OffsetAndMetadata(7, "", -1)})  # TP1's commit was refused
+    partitions.checkpoint_all()  # TP0 already has a checkpoint at 7, under the old model
+    before = {tp: store.load_latest("readings", tp.partition, engine.layout.width)[0] for tp in (TP0, TP1)}
+    assert before[TP0].model_version == "test-1" and before[TP0].offset == 7
+
+    engine.swap_model(make_bundle(input_size=2, hidden_size=8, num_layers=2, seed=1, version="v2"))
+    partitions.model_switched()
+    after = store.load_latest("readings", 0, engine.layout.width, 7, stamp_of(engine))[0]
+    assert after.offset == 7 and after.model_version == "v2" and after.model_config == engine.config.to_dict()
+    # Not checkpointed past what the group committed: the old one (offset 9, test-1) stays newest.
+    assert store.load_latest("readings", 1, engine.layout.width)[0].model_version == "test-1"
+
+
+def test_a_switch_to_another_shape_checkpoints_empty_rows_of_the_new_width(tmp_path: Path):
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    partitions, _ = manager(engine, store, {TP0: 0})
+    partitions.applied({TP0: 7}, {TP0: 7})
+    partitions.committed({TP0: OffsetAndMetadata(7, "", -1)})
+    assert engine.swap_model(make_bundle(input_size=2, hidden_size=4, num_layers=1, version="small"))
+    partitions.model_switched()
+    # After a crash, readings from 7 on are replayed under the new model from zero state, as served.
+    loaded, refused = store.load_latest("readings", 0, engine.layout.width, 12, stamp_of(engine))
+    assert refused == [] and loaded.offset == 7 and len(loaded.state) == 0 and loaded.model_version == "small"
+
+
+def test_temporary_files_left_by_a_dead_writer_are_removed(tmp_path: Path):
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    store.save(checkpoint_of(engine, 0, 10))
+    directory = tmp_path / "group" / "readings" / "0"
+    dead, live = directory / f".{20:020d}.ckpt.999999.tmp", directory / f".{20:020d}.ckpt.999998.tmp"
+    dead.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    old = time.time() - checkpoint_module.STALE_TMP_S - 60
+    os.utime(dead, (old, old))
+    store.save(checkpoint_of(engine, 0, 30))
+    assert not dead.exists() and live.exists()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from streamer.checkpoint import DirectoryCheckpointStore
+from streamer.engine import Engine, ReadingBatch
 from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
 from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
 from tests.test_engine import offline_forecasts
@@ -71,6 +73,24 @@ class Scenario:
 
     def start(self, **sections) -> ServiceThread:
         return ServiceThread(self.settings(**sections))
+
+    def process_env(self, **sections: dict[str, str]) -> dict[str, str]:
+        """Environment for ``python -m streamer run`` against this scenario, sections overridden."""
+        env = {**os.environ}
+        settings = {
+            "KAFKA": {"BOOTSTRAP_SERVERS": self.bootstrap, "INPUT_TOPIC": self.topics["in"],
+                      "OUTPUT_TOPIC": self.topics["out"], "DEAD_LETTER_TOPIC": self.topics["dlq"],
+                      "GROUP_ID": self.group},
+            "MODEL": {"PATH": str(self.model_path), "DEVICE": "cpu"},
+            "CHECKPOINT": {"DIRECTORY": str(self.checkpoints), "INTERVAL_S": "3600"},
+            "METRICS": {"ENABLED": "false"},
+        }
+        for section, values in sections.items():
+            settings[section] = {**settings.get(section, {}), **values}
+        for section, values in settings.items():
+            for name, value in values.items():
+                env[f"STREAMER_{section}__{name}"] = value
+        return env
 
     def outputs(self, expected: int, timeout_s: float = 90) -> list[dict]:
         records = read_topic(self.bootstrap, self.topics["out"], expected, timeout_s=timeout_s,
@@ -205,17 +225,7 @@ def test_corrupt_model_file_keeps_the_old_model_serving(kafka_bootstrap, unique,
 def test_sigterm_finishes_commits_checkpoints_and_exits_zero(kafka_bootstrap, unique, tmp_path):
     s = Scenario(kafka_bootstrap, unique, tmp_path)
     s.produce(5)
-    env = {**os.environ}
-    for section, values in {
-        "KAFKA": {"BOOTSTRAP_SERVERS": kafka_bootstrap, "INPUT_TOPIC": s.topics["in"], "OUTPUT_TOPIC": s.topics["out"],
-                  "DEAD_LETTER_TOPIC": s.topics["dlq"], "GROUP_ID": s.group},
-        "MODEL": {"PATH": str(s.model_path), "DEVICE": "cpu"},
-        "CHECKPOINT": {"DIRECTORY": str(s.checkpoints), "INTERVAL_S": "3600"},
-        "METRICS": {"ENABLED": "false"},
-    }.items():
-        for name, value in values.items():
-            env[f"STREAMER_{section}__{name}"] = value
-    proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=s.process_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         s.check(s.outputs(s.readings))
@@ -229,3 +239,81 @@ def test_sigterm_finishes_commits_checkpoints_and_exits_zero(kafka_bootstrap, un
     assert json.loads(out.strip().splitlines()[-1])["summary"]["predictions"] == s.readings
     store = DirectoryCheckpointStore(s.checkpoints, s.group)
     assert sum(int(store.paths(s.topics["in"], p)[0].stem) for p in range(PARTITIONS)) == s.readings
+
+
+def forecasts_under(bundles: dict, seq: list[np.ndarray], versions: list[str]) -> np.ndarray:
+    """One device's forecasts from streamer.engine, reading by reading, switching to the model
+    named in ``versions`` where it changes (as a hot reload does: state carried over)."""
+    engine = Engine.build(bundles[versions[0]], capacity=4, device="cpu")
+    out = []
+    for t, (value, version) in enumerate(zip(seq, versions)):
+        if version != engine.model_version:
+            engine.swap_model(bundles[version])
+        batch = ReadingBatch(["d"], np.array([1_700_000_000.0 + t]), value[None].astype(np.float32))
+        out.append(engine.step(batch)[0].forecast[0])
+    return np.stack(out)
+
+
+def test_a_model_switch_then_a_crash_replays_each_reading_under_the_model_that_applied_it(
+    kafka_bootstrap, unique, tmp_path
+):
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    config = ModelConfig(2, 12, 2, 2)
+    bundles = {"v1": load_model_file(s.model_path)}
+    log_path = tmp_path / "first.log"
+    env = s.process_env(MODEL={"RELOAD_INTERVAL_S": "0.2"}, KAFKA={"SESSION_TIMEOUT_MS": "6000"},
+                        BATCH={"MAX_RECORDS": "50", "MAX_WAIT_MS": "10"})
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, cwd=REPO,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        s.produce(4)
+        s.outputs(s.readings)
+
+        def feed() -> None:  # readings keep coming while the new model file is picked up
+            for _ in range(8):
+                s.produce(1)
+                time.sleep(0.15)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        time.sleep(0.4)
+        save_model_file(s.model_path, init_random_model(config, seed=10), config, "v2")  # written, then renamed
+        feeder.join()
+        s.produce(4)  # applied under v2 after the switch: replayed after the crash
+        first = s.outputs(s.readings)
+        assert {o["model_version"] for o in first[-DEVICES:]} == {"v2"}, log_path.read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    bundles["v2"] = load_model_file(s.model_path)
+
+    s.produce(4)
+    second = s.start(kafka={"session_timeout_ms": 6000})
+    outputs = s.outputs(s.readings)
+    second.stop()
+    assert second.metric("streamer_partition_recoveries_total", outcome="checkpoint") >= PARTITIONS
+    assert second.metric("streamer_partition_recoveries_total", outcome="no_checkpoint") == 0
+    assert second.metric("streamer_replayed_messages_total") > 0, "the crash should leave readings to replay"
+
+    published: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for o in outputs:
+        published[(o["device_id"], o["ts"])].append(o)
+    crossed = 0
+    for device, seq in s.sequences.items():
+        keys = [(device, 1_700_000_000.0 + t) for t in range(len(seq))]
+        assert all(published[k] for k in keys), f"{device}: a reading has no prediction"
+        versions = []
+        for key in keys:
+            seen = {o["model_version"] for o in published[key]}
+            assert len(seen) == 1, f"{key} published under {seen}"
+            versions.append(seen.pop())
+        assert versions == sorted(versions), f"{device}: {versions}"
+        crossed += "v1" in versions and "v2" in versions
+        expected = forecasts_under(bundles, seq, versions)
+        for t, key in enumerate(keys):
+            for o in published[key]:
+                np.testing.assert_allclose(o["forecast"], expected[t], atol=1e-5, rtol=0,
+                                           err_msg=f"{device} reading {t} ({versions[t]})")
+    assert crossed == DEVICES
