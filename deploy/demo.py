@@ -165,7 +165,7 @@ def main() -> int:
         say(f"simulating {DEVICES} sensors at {RATE:.0f} readings/s for {SECONDS:.0f}s; "
             f"metrics at http://127.0.0.1:{metrics_port}/metrics")
         simulator = subprocess.Popen(
-            streamer("simulate", "--bootstrap-servers", bootstrap, "--topic", TOPICS["input"], "--devices", str(DEVICES),
+            streamer("simulate", "--kafka-bootstrap-servers", bootstrap, "--topic", TOPICS["input"], "--devices", str(DEVICES),
                      "--rate", str(RATE), "--duration", str(SECONDS), "--labels", str(labels), "--seed", "7"),
             stdout=subprocess.PIPE, text=True)
         procs.append(simulator)

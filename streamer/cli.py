@@ -4,16 +4,20 @@
   streamer simulate  a fleet of simulated sensors writing to the input topic
   streamer train     train the LSTM on CSV/Parquet or simulated history, write a model file
   streamer replay    device histories through the engine, no broker: a results table and plots
+  streamer check-config  the settings `run` would use, secrets masked
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import json
 import logging
+import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -24,7 +28,17 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from streamer.errors import StreamerError
-from streamer.settings import Settings, env_name, load_settings
+from streamer.settings import (
+    CONFIG_ENV,
+    Settings,
+    closest_setting,
+    describe_setting,
+    env_name,
+    flag_name,
+    load_settings,
+    setting_names,
+    unknown_env_vars,
+)
 
 if TYPE_CHECKING:
     from streamer.history import Histories
@@ -49,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"streamer {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -61,18 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(run)
     run.set_defaults(handler=_run)
 
-    sim = commands.add_parser("simulate", help="write readings of a simulated sensor fleet to Kafka")
-    sim.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="Kafka bootstrap servers")
-    sim.add_argument("--topic", default="sensor-readings", help="topic to write readings to")
+    sim = commands.add_parser(
+        "simulate",
+        help="write readings of a simulated sensor fleet to Kafka",
+        description="Write readings of a simulated sensor fleet to the input topic. Kafka settings (brokers, "
+        "topic, TLS, SASL) are read as `streamer run` reads them: flag, else environment variable, else the "
+        "config file, else the default.",
+    )
+    sim.add_argument("--topic", dest="kafka.input_topic", default=argparse.SUPPRESS, metavar="TOPIC",
+                     help="topic to write readings to (the same as --kafka-input-topic)")
+    sim.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers", default=argparse.SUPPRESS,
+                     action=_DeprecatedAlias, new_flag="--kafka-bootstrap-servers", help=argparse.SUPPRESS)
     sim.add_argument("--devices", type=_positive_int, default=100, help="number of sensors")
     sim.add_argument("--features", type=_positive_int, default=1, help="values per reading")
-    sim.add_argument("--rate", type=float, default=1000.0, help="readings per second in all (<= 0: as fast as possible)")
+    sim.add_argument("--rate", type=_non_negative_float, default=1000.0, help="readings per second in all (0: as fast as possible)")
     sim.add_argument("--duration", type=_positive_float, default=None, help="seconds to run")
     sim.add_argument("--max-readings", type=_positive_int, default=None, help="readings to write in all")
     sim.add_argument("--anomaly-rate", type=float, default=0.002, help="probability per reading that an anomaly starts")
     sim.add_argument("--seed", type=int, default=0, help="random seed of the fleet")
     sim.add_argument("--labels", type=Path, default=None, help="write the injected anomalies here (JSON lines)")
+    sim.add_argument("--progress-interval", type=_non_negative_float, default=5.0, metavar="S",
+                     help="seconds between progress lines on stderr (0: none) [default: 5]")
+    sim.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
+    _add_settings_flags(sim, ("kafka",))
     sim.set_defaults(handler=_simulate)
+
+    check = commands.add_parser(
+        "check-config",
+        help="print the settings `run` would use (secrets masked), or the error that stops it",
+        description="Resolve the settings as `streamer run` does (flag, else environment variable, else the "
+        "config file, else the default), print them with passwords masked and exit 0, or print the first "
+        "problem and exit 2.",
+    )
+    check.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
+    check.add_argument("--format", choices=("toml", "json"), default="toml", help="output format [default: toml]")
+    _add_settings_flags(check)
+    check.set_defaults(handler=_check_config)
 
     train = commands.add_parser(
         "train",
@@ -136,7 +175,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, sections: tuple[str, ..
         model_cls = section_field.annotation
         assert isinstance(model_cls, type) and issubclass(model_cls, BaseModel)
         for name, info in model_cls.model_fields.items():
-            flag = f"--{section}-{name}".replace("_", "-")
+            flag = flag_name(section, name)
             choices = _literal_choices(info.annotation)
             help_text = f"{info.description} (env {env_name(section, name)})"
             group.add_argument(
@@ -178,8 +217,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides.setdefault(section, {})[name] = value
     config_file = args.config
     if config_file is None:
-        env_config = os.environ.get("STREAMER_CONFIG")
+        env_config = os.environ.get(CONFIG_ENV)
         config_file = Path(env_config) if env_config else None
+    for warning in unknown_env_vars():
+        print(f"streamer: warning: {warning}", file=sys.stderr)
     try:
         return load_settings(overrides, config_file)
     except ValidationError as exc:
@@ -187,32 +228,39 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _describe_validation(exc: ValidationError) -> str:
-    lines = ["invalid settings:"]
+    """One line: each bad value with its setting, flag and variable, separated by "; "."""
+    problems = []
     for error in exc.errors(include_url=False):
         loc = [str(p) for p in error["loc"]]
-        if len(loc) >= 2:
-            section, name = loc[0], loc[1]
-            where = f"{section}.{name} (flag {('--' + section + '-' + name).replace('_', '-')}, env {env_name(section, name)})"
+        if len(loc) >= 2 and (loc[0], loc[1]) in setting_names():
+            where = describe_setting(loc[0], loc[1])
+        elif len(loc) >= 2:  # e.g. a key in STREAMER_KAFKA='{...}': name no flag that does not exist
+            match = closest_setting(loc[0], loc[1])
+            where = f"{loc[0]}.{loc[1]} (not a setting{'; did you mean ' + describe_setting(*match) if match else ''})"
         elif loc:
             where = loc[0]
         else:
             where = "settings"
         given = error.get("input")
-        shown = "" if isinstance(given, dict) else f" = {given!r}"
-        lines.append(f"  {where}{shown}: {error['msg']}")
-    return "\n".join(lines)
+        # A key that is no setting may be a mistyped password: its value is not shown.
+        shown = "" if isinstance(given, dict) or error["type"] == "extra_forbidden" else f" = {given!r}"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{where}{shown}: {message}")
+    return "invalid settings: " + "; ".join(problems)
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level)
     _require_model_path(settings)
+    if settings.metrics.enabled:
+        _check_metrics_port(settings.metrics.host, settings.metrics.port)
     from streamer.service import run_service
 
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
-        log.info("received %s, finishing the current batch", signal.Signals(signum).name)
+        log.info("received %s, stopping (the batch in hand is finished and committed)", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
@@ -223,11 +271,72 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_metrics_port(host: str, port: int) -> None:
+    """Refuse a metrics address that cannot be bound, before minutes of model loading and broker
+    connecting. The probe socket is closed at once: the server (streamer.metrics) binds its own,
+    after the broker answers. Another process could take the port in between; that rare race
+    ends in the server's own error, not in a silent clash."""
+    if port == 0:
+        return  # any free port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As the server does (socketserver's allow_reuse_address): a port in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StreamerError(
+                f"{describe_setting('metrics', 'port')} = {port}: {host}:{port} is already in use") from None
+        raise StreamerError(
+            f"{describe_setting('metrics', 'host')} = {host!r}: cannot bind {host}:{port} "
+            f"({exc.strerror or exc})") from None
+    finally:
+        probe.close()
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    resolved = settings.model_dump(mode="json")  # SecretStr dumps as "**********"
+    if args.format == "json":
+        print(json.dumps(resolved, indent=2))
+    else:
+        print(_toml(resolved), end="")
+    return 0
+
+
+def _toml(tree: dict[str, dict[str, object]]) -> str:
+    """The settings tree as TOML; unset (None) settings as comments, TOML having no null."""
+    lines = []
+    for section, values in tree.items():
+        lines.append(f"[{section}]")
+        for name, value in values.items():
+            # JSON's strings, numbers and booleans are TOML's too.
+            lines.append(f"# {name} = (unset)" if value is None else f"{name} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --- simulate, train ---------------------------------------------------------------------------
 
 
+class _DeprecatedAlias(argparse.Action):
+    """Stores like the flag it stands for, and says to use that flag instead."""
+
+    def __init__(self, *args: Any, new_flag: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"streamer: warning: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _simulate(args: argparse.Namespace) -> int:
-    _setup_logging("INFO")
+    settings = settings_from_args(args)
+    _setup_logging(settings.run.log_level)
+    from streamer.kafka.clients import security_config
     from streamer.simulate import FleetSpec, run_simulator
 
     if args.duration is None and args.max_readings is None:
@@ -235,14 +344,26 @@ def _simulate(args: argparse.Namespace) -> int:
     if not 0 <= args.anomaly_rate <= 1:
         raise StreamerError(f"--anomaly-rate must be in [0, 1], got {args.anomaly_rate}")
     spec = FleetSpec(devices=args.devices, features=args.features, seed=args.seed, anomaly_rate=args.anomaly_rate)
+    kafka = settings.kafka
+    last = [0, 0.0]  # readings sent and seconds at the previous progress line
+
+    def progress(sent: int, elapsed: float) -> None:
+        recent = (sent - last[0]) / max(elapsed - last[1], 1e-9)
+        last[:] = [sent, elapsed]
+        print(f"streamer simulate: {sent} readings sent in {elapsed:.0f} s, {recent:.0f} readings/s "
+              f"to {kafka.input_topic}", file=sys.stderr, flush=True)
+
     summary = run_simulator(
-        args.bootstrap_servers,
-        args.topic,
+        kafka.bootstrap_servers,
+        kafka.input_topic,
         spec,
         rate=args.rate,
         duration_s=args.duration,
         max_readings=args.max_readings,
         labels_path=args.labels,
+        producer_config={"client_id": kafka.client_id, **security_config(kafka)},
+        progress=progress if args.progress_interval > 0 else None,
+        progress_interval_s=args.progress_interval or 5.0,
     )
     print(json.dumps({"simulated": summary.__dict__}), flush=True)
     return 0
@@ -316,12 +437,24 @@ def _time_features(text: str) -> tuple[str, ...]:
 
 def _fraction(text: str) -> float:
     """A number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _non_negative_float(text: str) -> float:
+    """A finite number >= 0 (not nan, not inf)."""
+    value = _number(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
 
 
@@ -444,13 +577,21 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
     return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamer")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from streamer import __version__
+
+        return __version__
 
 
 def _setup_logging(level: str) -> None:

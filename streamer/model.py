@@ -172,7 +172,9 @@ def load_model_file(path: str | Path) -> ModelBundle:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise ModelFileError(path, f"cannot be read as a torch file ({type(exc).__name__}: {exc})") from exc
+        # Not chained, and without torch's advice to load with weights_only=False: that would
+        # run whatever code the file holds, which a model file never needs.
+        raise ModelFileError(path, f"cannot be read as a torch file of tensors ({_torch_load_reason(exc)})") from None
     if not isinstance(raw, dict):
         raise ModelFileError(path, f"expected a dict with {MODEL_FILE_KEYS}, got {type(raw).__name__}")
     missing = [k for k in MODEL_FILE_KEYS if k not in raw]
@@ -197,6 +199,17 @@ def load_model_file(path: str | Path) -> ModelBundle:
     if not isinstance(meta, dict):
         raise ModelFileError(path, f"'meta' must be a dict, got {type(meta).__name__}")
     return ModelBundle(model, config, str(raw["version"]), normalization, path, meta)
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """torch.load's failure in one line: the unpickler's own reason, not the advice around it."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        # Cut the allow-listing advice ("Please use `torch.serialization.add_safe_globals` ...").
+        text = text.split("Please use", 1)[0].split("Check the documentation", 1)[0]
+    reason = " ".join(text.split()).rstrip(". ")
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def _load_normalization(raw: object, config: ModelConfig, path: Path) -> Normalization | None:

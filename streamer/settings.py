@@ -6,17 +6,33 @@ STREAMER_KAFKA__BOOTSTRAP_SERVERS), a TOML config file (--config / STREAMER_CONF
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from streamer.errors import StreamerError
 
 ENV_PREFIX = "STREAMER_"
 ENV_NESTED_DELIMITER = "__"
+CONFIG_ENV = "STREAMER_CONFIG"
+# Kafka's rule for topic names (kafka.common.internals.Topic): 1-249 of these characters, not "." or "..".
+TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+# Variables Kubernetes sets for a Service named "streamer" (service links): not ours, never warned about.
+KUBERNETES_SERVICE_ENV = re.compile(r"STREAMER_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
 class Section(BaseModel):
@@ -78,6 +94,24 @@ class KafkaSettings(Section):
             if not re.fullmatch(r"\[?[\w.\-:]+\]?:\d{1,5}", server.strip()):
                 raise ValueError(f"{server!r} is not host:port")
         return value
+
+    @field_validator("input_topic", "output_topic", "dead_letter_topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"not a Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not '.' or '..')")
+        return value
+
+    @model_validator(mode="after")
+    def _topics_apart(self) -> "KafkaSettings":
+        # The service would read its own output back: each prediction (or dead letter) a new bad reading.
+        for name in ("output_topic", "dead_letter_topic"):
+            if getattr(self, name) == self.input_topic:
+                raise ValueError(
+                    f"{describe_setting('kafka', name)} is the input topic "
+                    f"{self.input_topic!r}: streamer would consume what it writes"
+                )
+        return self
 
     @model_validator(mode="after")
     def _security_complete(self) -> "KafkaSettings":
@@ -178,6 +212,16 @@ class MetricsSettings(Section):
     enabled: bool = Field(True, description="serve /metrics and /healthz over HTTP")
     host: str = Field("127.0.0.1", description="address the metrics server binds")
     port: Annotated[int, Field(ge=0, le=65535)] = Field(9100, description="port of /metrics and /healthz (0: any free)")
+    event_time_future_s: Annotated[float, Field(ge=0)] = Field(
+        300.0,
+        description="event times more than this far ahead are counted in streamer_event_time_skew_total"
+        " and kept out of the latency histogram",
+    )
+    event_time_past_s: Annotated[float, Field(gt=0)] = Field(
+        604800.0,
+        description="event times older than this are counted in streamer_event_time_skew_total"
+        " and kept out of the latency histogram",
+    )
 
 
 class RunSettings(Section):
@@ -225,18 +269,146 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+        return init_settings, _KnownSettingsOnly(settings_cls, env_settings), TomlConfigSettingsSource(settings_cls)
+
+
+class _KnownSettingsOnly(PydanticBaseSettingsSource):
+    """The environment's settings without names that are not settings (``unknown_env_vars`` warns
+    of those): a stray STREAMER_KAFKA__TYPO is ignored like STREAMER_KAFAK__TYPO, not refused."""
+
+    def __init__(self, settings_cls: type[BaseSettings], source: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._source = source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ asks the wrapped source
+
+    def __call__(self) -> dict[str, Any]:
+        known = setting_names()
+        environ = {name.upper() for name in os.environ}
+
+        def dropped(section: str, key: str) -> bool:
+            # Only keys of STREAMER_<SECTION>__<KEY> variables; a key inside STREAMER_<SECTION>='{json}' is refused.
+            return (section, key) not in known and env_name(section, key) in environ
+
+        return {
+            section: {k: v for k, v in values.items() if not dropped(section, k)} if isinstance(values, dict) else values
+            for section, values in self._source().items()
+        }
 
 
 def env_name(section: str, name: str) -> str:
     return f"{ENV_PREFIX}{section}{ENV_NESTED_DELIMITER}{name}".upper()
 
 
+def flag_name(section: str, name: str) -> str:
+    return f"--{section}-{name}".replace("_", "-")
+
+
+def setting_names() -> set[tuple[str, str]]:
+    """Every (section, name) of the settings tree."""
+    return {
+        (section, name)
+        for section, info in Settings.model_fields.items()
+        for name in info.annotation.model_fields  # type: ignore[union-attr]
+    }
+
+
+def describe_setting(section: str, name: str) -> str:
+    """``section.name (flag --section-name, env STREAMER_SECTION__NAME)``: where an operator sets it."""
+    return f"{section}.{name} (flag {flag_name(section, name)}, env {env_name(section, name)})"
+
+
+def closest_setting(section: str | None, name: str) -> tuple[str, str] | None:
+    """The real setting a mistyped ``section.name`` most likely meant (difflib), or None."""
+    names = {f"{s}.{n}": (s, n) for s, n in setting_names()}
+    if section is not None and section in Settings.model_fields:
+        # Within the section first: [kafka] bootstrap_server -> kafka.bootstrap_servers.
+        local = [n for s, n in names.values() if s == section]
+        match = difflib.get_close_matches(name, local, n=1, cutoff=0.6)
+        if match:
+            return section, match[0]
+    match = difflib.get_close_matches(f"{section}.{name}" if section else name, list(names), n=1, cutoff=0.6)
+    if not match and section is None:  # a bare name: any section's setting of that name
+        match = difflib.get_close_matches(name, [n for _, n in names.values()], n=1, cutoff=0.8)
+        match = [f"{s}.{n}" for s, n in sorted(names.values()) if n == match[0]][:1] if match else []
+    return names[match[0]] if match else None
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per STREAMER_* variable that is no setting (ignored), naming the closest real one."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(s, n): (s, n) for s, n in setting_names()}
+    sections = {f"{ENV_PREFIX}{s}".upper() for s in Settings.model_fields}  # a whole section as JSON
+    warnings = []
+    for var in sorted(environ):
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in sections or upper == CONFIG_ENV:
+            continue
+        if KUBERNETES_SERVICE_ENV.fullmatch(upper):
+            continue
+        # Compared without the common prefix, which would make every name look alike.
+        suffixes = {name[len(ENV_PREFIX):]: name for name in [*known, CONFIG_ENV]}
+        match = [suffixes[m] for m in difflib.get_close_matches(upper[len(ENV_PREFIX):], list(suffixes), n=1, cutoff=0.6)]
+        if match and match[0] in known:
+            hint = f"; did you mean {match[0]} (flag {flag_name(*known[match[0]])})?"
+        elif match:
+            hint = f"; did you mean {match[0]}?"
+        else:
+            hint = f"; settings are {ENV_PREFIX}<SECTION>{ENV_NESTED_DELIMITER}<NAME>, listed by `streamer run --help`"
+        warnings.append(f"environment variable {var} is not a setting, ignored{hint}")
+    return warnings
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file's tables, checked to hold only settings; StreamerError names the file and
+    the line (bad syntax) or the key (not a setting, with the closest real one)."""
+    if not path.is_file():
+        raise StreamerError(f"config file {path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
+        raise StreamerError(f"config file {path}: invalid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StreamerError(f"config file {path}: cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    problems = []
+    for section, values in data.items():
+        if section in Settings.model_fields and isinstance(values, dict):
+            problems += [_not_a_setting(section, key) for key in values if (section, key) not in setting_names()]
+        elif section in Settings.model_fields:
+            problems.append(f"{section} must be a table ([{section}]), got {values!r}")
+        elif isinstance(values, dict):
+            match = difflib.get_close_matches(section, list(Settings.model_fields), n=1, cutoff=0.6)
+            hint = f"; did you mean [{match[0]}]?" if match else f"; sections are {', '.join(Settings.model_fields)}"
+            problems.append(f"[{section}] is not a settings section{hint}")
+        else:
+            problems.append(_not_a_setting(None, section))
+    if problems:
+        raise StreamerError(f"config file {path}: " + "; ".join(problems))
+    return data
+
+
+def _not_a_setting(section: str | None, key: str) -> str:
+    where = f"[{section}] {key}" if section else f"{key} (outside any [section])"
+    match = closest_setting(section, key)
+    if match is None:
+        return f"{where} is not a setting (`streamer run --help` lists them)"
+    flags = f"(flag {flag_name(*match)}, env {env_name(*match)})"
+    if section is None:
+        return f"{where} is not a setting; did you mean {match[1]} under [{match[0]}] {flags}?"
+    return f"{where} is not a setting; did you mean {match[1]} {flags}?"
+
+
 def load_settings(overrides: dict[str, dict[str, object]] | None = None, config_file: Path | None = None) -> Settings:
-    """Settings from flags (``overrides``, by section), env, then ``config_file`` (TOML)."""
+    """Settings from flags (``overrides``, by section), env, then ``config_file`` (TOML).
+
+    Raises StreamerError for a config file that is missing, not TOML or has keys that are no
+    settings, and pydantic's ValidationError for bad values."""
     cls: type[Settings] = Settings
     if config_file is not None:
-        if not config_file.is_file():
-            raise StreamerError(f"config file {config_file}: no such file")
+        read_config_file(config_file)
         cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
-    return cls(**(overrides or {}))
+    try:
+        return cls(**(overrides or {}))
+    except SettingsError as exc:  # e.g. STREAMER_KAFKA='{not json'
+        raise StreamerError(f"settings from the environment: {exc}") from None

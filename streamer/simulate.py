@@ -18,8 +18,10 @@ parameters, the history noise, the live noise and the anomalies.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -246,6 +248,8 @@ def run_simulator(
     labels_path: str | Path | None = None,
     producer_config: dict | None = None,
     stop: threading.Event | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    progress_interval_s: float = 5.0,
 ) -> SimulationSummary:
     """Produce the fleet's readings to ``topic`` at ``rate`` readings/s overall (<= 0: unpaced).
 
@@ -257,9 +261,14 @@ def run_simulator(
     If ``labels_path`` is given, it is overwritten with one JSON line
     ``{"device_id", "ts", "step", "kind"}`` per anomalous reading sent (ts as in the message).
     The producer is flushed and closed before returning; any failed send raises SimulationError.
+    ``progress(readings sent, seconds since the start)`` is called about every ``progress_interval_s``.
     """
     if duration_s is None and max_readings is None:
         raise ValueError("run_simulator needs duration_s or max_readings (or both), got neither")
+    if math.isnan(rate) or math.isinf(rate):
+        raise ValueError(f"rate must be a finite number of readings/s (<= 0: unpaced), got {rate!r}")
+    if not progress_interval_s > 0:
+        raise ValueError(f"progress_interval_s must be > 0, got {progress_interval_s!r}")
     if duration_s is not None and not duration_s >= 0:
         raise ValueError(f"duration_s must be >= 0, got {duration_s!r}")
     if max_readings is not None and max_readings < 0:
@@ -293,6 +302,7 @@ def run_simulator(
     sent = anomalies = 0
     start = time.monotonic()
     deadline = start + duration_s if duration_s is not None else None
+    next_progress = start + progress_interval_s
     error: SimulationError | None = None
     try:
         round_: list[SimReading] = []
@@ -322,6 +332,9 @@ def run_simulator(
                         label = {"device_id": reading.device_id, "ts": ts, "step": reading.step, "kind": reading.anomaly}
                         labels_file.write(json.dumps(label) + "\n")
             pos += n
+            if progress is not None and time.monotonic() >= next_progress:
+                progress(sent, time.monotonic() - start)
+                next_progress = max(next_progress + progress_interval_s, time.monotonic())
             if rate > 0:
                 wait = start + sent / rate - time.monotonic()
                 if deadline is not None:

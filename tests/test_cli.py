@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -94,3 +99,194 @@ def test_simulate_and_train_reject_bad_values():
     result = run_cli("simulate", "--devices", "3")
     assert result.returncode == 2 and "--duration or --max-readings" in result.stderr
     assert run_cli("train").returncode == 2  # --out is required
+
+
+# --- issue 7: one-line errors, suggestions that exist, operator niceties -------------------------
+
+
+def one_line_error(capsys) -> str:
+    """stderr of a refused command: one line, no traceback."""
+    err = capsys.readouterr().err
+    assert err.startswith("streamer: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    import streamer
+
+    assert capsys.readouterr().out.strip() == f"streamer {streamer.__version__}"
+
+
+def test_broken_toml_names_the_file_and_line(tmp_path: Path, capsys):
+    config = tmp_path / "broken.toml"
+    config.write_text('[batch]\nmax_records = 10\n[kafka\nbootstrap_servers = "a:1"\n')
+    assert main(["run", "--config", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert "broken.toml" in err and "line 3" in err
+
+
+@pytest.mark.parametrize(
+    "text, suggested",
+    [
+        ('[kafka]\nbootstrap_server = "a:1"\n', "bootstrap_servers (flag --kafka-bootstrap-servers, env STREAMER_KAFKA__BOOTSTRAP_SERVERS)"),
+        ('[kafak]\nbootstrap_servers = "a:1"\n', "[kafka]"),
+        ('bootstrap_servers = "a:1"\n', "bootstrap_servers under [kafka]"),
+        ('[state]\nttl_secs = 5\n', "ttl_seconds (flag --state-ttl-seconds, env STREAMER_STATE__TTL_SECONDS)"),
+    ],
+)
+def test_config_key_typo_suggests_the_real_key_flag_and_variable(tmp_path: Path, capsys, text: str, suggested: str):
+    config = tmp_path / "typo.toml"
+    config.write_text(text)
+    assert main(["run", "--config", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert "typo.toml" in err and f"did you mean {suggested}" in err
+    # Only flags and variables that exist are named.
+    assert "--kafka-bootstrap-server " not in err and "STREAMER_KAFKA__BOOTSTRAP_SERVER " not in err
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["STREAMER_KAFAK__BOOTSTRAP_SERVERS", "STREAMER_KAFKA_BOOTSTRAP_SERVERS", "STREAMER_KAFKA__BOOTSTRAP_SERVER"],
+)
+def test_unknown_streamer_variables_are_warned_about_with_the_closest_name(monkeypatch, capsys, variable: str):
+    for name in [name for name in os.environ if name.upper().startswith("STREAMER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(variable, "elsewhere:9092")
+    monkeypatch.setenv("STREAMER_PORT", "tcp://10.0.0.1:9100")  # a Kubernetes service link: not ours, no warning
+    assert main(["check-config"]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: environment variable {variable} is not a setting, ignored" in err
+    assert "did you mean STREAMER_KAFKA__BOOTSTRAP_SERVERS" in err and err.count("\n") == 1
+    assert 'bootstrap_servers = "127.0.0.1:9092"' in out  # ignored, not used
+
+
+@pytest.mark.parametrize("topic", ["bad/topic", ".", "..", "a" * 250, "spaced topic"])
+def test_invalid_topic_names_are_refused(capsys, topic: str):
+    assert main(["check-config", "--kafka-output-topic", topic]) == 2
+    err = one_line_error(capsys)
+    assert "--kafka-output-topic" in err and "not a Kafka topic name" in err
+    assert main(["check-config", "--kafka-output-topic", "a" * 249]) == 0
+
+
+@pytest.mark.parametrize("flag, name", [("--kafka-output-topic", "output_topic"), ("--kafka-dead-letter-topic", "dead_letter_topic")])
+def test_topics_written_must_differ_from_the_input_topic(capsys, flag: str, name: str):
+    assert main(["check-config", "--kafka-input-topic", "readings", flag, "readings"]) == 2
+    err = one_line_error(capsys)
+    assert f"kafka.{name} (flag {flag}" in err and "is the input topic 'readings'" in err
+
+
+def test_busy_metrics_port_is_refused_before_connecting_to_kafka(tmp_path: Path, capsys):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    started = time.monotonic()
+    try:
+        code = main(["run", "--model-path", str(tmp_path / "m.pt"), "--kafka-bootstrap-servers", "127.0.0.1:1",
+                     "--metrics-port", str(port)])
+    finally:
+        busy.close()
+    assert code == 2 and time.monotonic() - started < 5
+    err = one_line_error(capsys)
+    assert f"metrics.port (flag --metrics-port, env STREAMER_METRICS__PORT) = {port}" in err and "in use" in err
+
+
+def test_garbage_model_file_gives_our_error_without_torch_advice(tmp_path: Path, capsys, monkeypatch):
+    import faulthandler
+    import signal
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # main's handlers: not in the test process
+    monkeypatch.setattr(faulthandler, "register", lambda *args, **kwargs: None)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage" * 20)
+    assert main(["run", "--model-path", str(garbage), "--metrics-enabled", "false"]) == 2
+    err = one_line_error(capsys)
+    assert "garbage.pt" in err and "cannot be read as a torch file" in err
+    assert "weights_only" not in err and "torch.load" not in err
+
+
+@pytest.mark.parametrize("rate", ["nan", "inf", "-inf", "-5", "lots"])
+def test_simulate_refuses_a_meaningless_rate(capsys, rate: str):
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate", "--rate", rate, "--max-readings", "5"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--rate" in err and "Traceback" not in err
+
+
+def test_check_config_prints_resolved_settings_with_secrets_masked(tmp_path: Path, monkeypatch, capsys):
+    config = tmp_path / "streamer.toml"
+    config.write_text('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\nsasl_username = "u"\n'
+                      '[batch]\nmax_records = 64\n')
+    monkeypatch.setenv("STREAMER_KAFKA__SASL_PASSWORD", "hunter2")
+    assert main(["check-config", "--config", str(config), "--state-capacity", "500"]) == 0
+    out = capsys.readouterr().out
+    resolved = tomllib.loads(out)  # TOML that reads back, unset settings as comments
+    assert resolved["kafka"]["sasl_password"] == "**********" and "hunter2" not in out
+    assert resolved["batch"]["max_records"] == 64 and resolved["state"]["capacity"] == 500
+    assert "# instance_id = (unset)" in out
+    assert main(["check-config", "--config", str(config), "--format", "json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json["kafka"]["sasl_password"] == "**********" and as_json["kafka"]["security_protocol"] == "SASL_SSL"
+    assert main(["check-config", "--batch-max-records", "0"]) == 2
+    assert "--batch-max-records" in one_line_error(capsys)
+
+
+def test_simulate_takes_the_kafka_settings_run_takes(tmp_path: Path, monkeypatch, capsys):
+    import streamer.simulate
+    from streamer.simulate import SimulationSummary
+
+    calls = []
+
+    def fake_run_simulator(bootstrap_servers, topic, spec, **kwargs):
+        calls.append((bootstrap_servers, topic, kwargs))
+        return SimulationSummary(0, 0, spec.devices, 0.0)
+
+    monkeypatch.setattr(streamer.simulate, "run_simulator", fake_run_simulator)
+    config = tmp_path / "streamer.toml"
+    config.write_text('[kafka]\ninput_topic = "from-file"\nsecurity_protocol = "SASL_PLAINTEXT"\n'
+                      'sasl_mechanism = "SCRAM-SHA-256"\nsasl_username = "sim"\n')
+    monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "from-env:9092")
+    monkeypatch.setenv("STREAMER_KAFKA__SASL_PASSWORD", "s3cret")
+    assert main(["simulate", "--config", str(config), "--max-readings", "3"]) == 0
+    bootstrap, topic, kwargs = calls[-1]
+    assert (bootstrap, topic) == ("from-env:9092", "from-file")
+    assert kwargs["producer_config"]["security_protocol"] == "SASL_PLAINTEXT"
+    assert kwargs["producer_config"]["sasl_plain_password"] == "s3cret"
+    assert kwargs["progress"] is not None
+    # Flags beat both; the old --bootstrap-servers still works, with a warning.
+    assert main(["simulate", "--config", str(config), "--max-readings", "3", "--kafka-input-topic", "from-flag",
+                 "--bootstrap-servers", "old-flag:9092"]) == 0
+    assert calls[-1][:2] == ("old-flag:9092", "from-flag")
+    assert "--bootstrap-servers is deprecated, use --kafka-bootstrap-servers" in capsys.readouterr().err
+    assert main(["simulate", "--topic", "t2", "--max-readings", "3", "--progress-interval", "0"]) == 0
+    assert calls[-1][1] == "t2" and calls[-1][2]["progress"] is None
+    assert main(["simulate", "--max-readings", "3", "--kafka-security-protocol", "SASL_SSL"]) == 2
+    assert "sasl_mechanism" in one_line_error(capsys)
+
+
+def test_simulate_prints_a_progress_line_every_few_seconds(monkeypatch, capsys):
+    import kafka
+
+    from tests.test_simulate import _FakeProducer
+
+    monkeypatch.setattr(kafka, "KafkaProducer", _FakeProducer)
+    assert main(["simulate", "--devices", "5", "--rate", "1000", "--duration", "0.45", "--progress-interval", "0.1"]) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("streamer simulate: ")]
+    assert 3 <= len(lines) <= 5, err
+    assert all("readings sent in" in line and "readings/s to sensor-readings" in line for line in lines)
+    assert json.loads(out)["simulated"]["readings"] > 0
+
+
+def test_a_section_as_json_in_the_environment_is_checked_too(monkeypatch, capsys):
+    monkeypatch.setenv("STREAMER_KAFKA", '{"sasl_pasword": "hunter2"}')
+    assert main(["check-config"]) == 2
+    err = one_line_error(capsys)
+    assert "kafka.sasl_pasword (not a setting; did you mean kafka.sasl_password" in err and "hunter2" not in err
+    monkeypatch.setenv("STREAMER_KAFKA", "{not json")
+    assert main(["check-config"]) == 2
+    assert 'field "kafka"' in one_line_error(capsys)

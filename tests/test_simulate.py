@@ -133,3 +133,55 @@ def test_no_anomalies_at_rate_zero_and_all_at_rate_one():
 def test_run_simulator_needs_a_stopping_condition():
     with pytest.raises(ValueError, match="duration_s or max_readings"):
         run_simulator("127.0.0.1:1", "t", FleetSpec(devices=1), rate=10)
+
+
+class _FakeFuture:
+    def add_errback(self, callback) -> None:
+        pass
+
+
+class _FakeProducer:
+    """kafka.KafkaProducer's surface run_simulator uses; keeps what it was given."""
+
+    made: list["_FakeProducer"] = []
+
+    def __init__(self, **config) -> None:
+        self.config = config
+        self.sent = 0
+        _FakeProducer.made.append(self)
+
+    def send(self, topic, key, value) -> _FakeFuture:
+        self.sent += 1
+        return _FakeFuture()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("rate", [float("nan"), float("inf"), float("-inf")])
+def test_run_simulator_refuses_a_rate_that_is_not_finite(rate: float):
+    with pytest.raises(ValueError, match="rate must be a finite number"):
+        run_simulator("127.0.0.1:1", "t", FleetSpec(devices=1), rate=rate, max_readings=1)
+
+
+def test_run_simulator_reports_progress_and_passes_the_producer_config(monkeypatch):
+    import kafka
+
+    monkeypatch.setattr(kafka, "KafkaProducer", _FakeProducer)
+    reports: list[tuple[int, float]] = []
+    summary = run_simulator(
+        "127.0.0.1:1", "t", FleetSpec(devices=10), rate=2000, duration_s=0.5,
+        producer_config={"security_protocol": "SSL"},
+        progress=lambda sent, elapsed: reports.append((sent, elapsed)), progress_interval_s=0.1,
+    )
+    producer = _FakeProducer.made[-1]
+    assert producer.config["security_protocol"] == "SSL" and producer.sent == summary.readings
+    assert 3 <= len(reports) <= 6, reports
+    sent, elapsed = zip(*reports)
+    assert list(sent) == sorted(sent) and 0 < sent[0] and sent[-1] <= summary.readings
+    assert all(b - a > 0.05 for a, b in zip(elapsed, elapsed[1:]))
+    # About the pace asked: 2000 readings/s.
+    assert all(abs(s / e - 2000) < 400 for s, e in reports), reports

@@ -66,3 +66,21 @@ def test_simulator_produces_keyed_json_readings_and_labels(kafka_bootstrap: str,
         assert set(label) == {"device_id", "ts", "step", "kind"}
         assert label["kind"] in {"spike", "level_shift", "dropout"}
         assert (label["device_id"], label["ts"]) in by_key, label
+
+
+
+@pytest.mark.kafka
+def test_simulate_command_reads_kafka_settings_from_env_and_config(kafka_bootstrap: str, tmp_path: Path, monkeypatch, capsys):
+    from streamer.cli import main
+    from tests.integration.helpers import create_topic, read_topic
+
+    topic = f"test-simulate-cli-{uuid.uuid4().hex}"
+    config = tmp_path / "streamer.toml"
+    config.write_text(f'[kafka]\ninput_topic = "{topic}"\nbootstrap_servers = "127.0.0.1:1"\n')
+    monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap)  # env beats the file
+    create_topic(kafka_bootstrap, topic)
+    assert main(["simulate", "--config", str(config), "--devices", "4", "--max-readings", "20", "--rate", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["simulated"]["readings"] == 20
+    messages = read_topic(kafka_bootstrap, topic, 20, timeout_s=30)
+    assert len(messages) == 20
+    assert {m.key for m in messages} == {f"sensor-{i:05d}".encode() for i in range(4)}
