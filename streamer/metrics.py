@@ -15,13 +15,33 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 # Steps take tens of microseconds to tens of milliseconds.
 STEP_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 BATCH_SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 LATENCY_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Event times outside [now - EVENT_TIME_PAST_S, now + EVENT_TIME_FUTURE_S] are a device's clock or a
+# replayed backlog, not latency: they are counted apart and kept out of the latency histogram.
+EVENT_TIME_FUTURE_S = 300.0
+EVENT_TIME_PAST_S = 7 * 24 * 3600.0
+
+
+def split_skewed(
+    latencies: np.ndarray, future_s: float = EVENT_TIME_FUTURE_S, past_s: float = EVENT_TIME_PAST_S
+) -> tuple[np.ndarray, int, int]:
+    """``latencies`` (seconds, acknowledgement time minus event time) -> (those within the bounds,
+    clipped at 0, how many are more than ``future_s`` in the future, how many more than ``past_s`` old).
+
+    An event time up to ``future_s`` ahead is clock skew between hosts: it counts as latency 0, so
+    the histogram's sum never goes down.
+    """
+    future = latencies < -future_s
+    past = latencies > past_s
+    n_future, n_past = int(future.sum()), int(past.sum())
+    kept = latencies[~(future | past)] if n_future or n_past else latencies
+    return np.maximum(kept, 0.0), n_future, n_past
 
 
 class BulkHistogram(Collector):
@@ -62,8 +82,15 @@ class BulkHistogram(Collector):
 class Metrics:
     """Every metric of a run, registered on ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        event_time_future_s: float = EVENT_TIME_FUTURE_S,
+        event_time_past_s: float = EVENT_TIME_PAST_S,
+    ) -> None:
         self.registry = registry
+        self.event_time_future_s = event_time_future_s
+        self.event_time_past_s = event_time_past_s
         self.readings = Counter("streamer_readings", "Valid readings consumed", registry=registry)
         self.predictions = Counter("streamer_predictions", "Predictions acknowledged by the broker", registry=registry)
         self.dead_letters = Counter(
@@ -94,6 +121,19 @@ class Metrics:
             "From a reading's event time to its prediction's acknowledgement by the broker",
             LATENCY_BUCKETS,
             registry,
+        )
+        self.event_time_skew = Counter(
+            "streamer_event_time_skew",
+            f"Readings whose event time was more than {event_time_future_s:g}s in the future or more than"
+            f" {event_time_past_s:g}s in the past when published (not in streamer_event_to_publish_seconds)",
+            ["direction"],
+            registry=registry,
+        )
+        self._skew_future = self.event_time_skew.labels(direction="future")
+        self._skew_past = self.event_time_skew.labels(direction="past")
+        self.broker_reachable = Gauge(
+            "streamer_broker_reachable", "1 while the last broker probe (end offsets) answered, else 0",
+            registry=registry,
         )
         self.consumer_lag = Gauge(
             "streamer_consumer_lag", "Records behind the partition's end", ["topic", "partition"], registry=registry
@@ -134,6 +174,11 @@ class Metrics:
             "streamer_last_batch_timestamp_seconds", "When the loop last completed a poll", registry=registry
         )
 
+    def watch_checkpoint_lag(self, lag: Callable[[], Mapping[tuple[str, int], float]]) -> None:
+        """Export ``lag()`` ({(topic, partition): seconds}) at scrape time as
+        streamer_checkpoint_lag_seconds; partitions come and go with the assignment."""
+        self.registry.register(_CheckpointLag(lag))
+
     def watch_table(self, active: Callable[[], int], capacity: int, model_version: str) -> None:
         self.active_devices.set_function(active)
         self.table_capacity.set(capacity)
@@ -163,7 +208,12 @@ class Metrics:
         self.batch_size.observe(readings)
         self.step_seconds.observe(step_seconds)
         self.batch_seconds.observe(batch_seconds)
-        self.latency.observe_many(latencies)
+        kept, future, past = split_skewed(latencies, self.event_time_future_s, self.event_time_past_s)
+        if future:
+            self._skew_future.inc(future)
+        if past:
+            self._skew_past.inc(past)
+        self.latency.observe_many(kept)
 
     def on_dead_letters(self, by_reason: Mapping[str, int]) -> None:
         for reason, count in by_reason.items():
@@ -203,12 +253,15 @@ class Metrics:
 
 
 class Health:
-    """Healthy while the loop has polled within ``stale_after_s``."""
+    """Liveness (/healthz): the loop has polled within ``stale_after_s`` and has not failed.
+    Readiness (/readyz): live, and the brokers answered the loop's last probe."""
 
     def __init__(self, stale_after_s: float) -> None:
         self.stale_after_s = stale_after_s
         self._last = time.monotonic()
         self._failed: str | None = None
+        self._broker_away: str | None = None  # why the last probe failed; None while it answers
+        self._broker_away_since: float | None = None
 
     def beat(self) -> None:
         self._last = time.monotonic()
@@ -216,12 +269,36 @@ class Health:
     def fail(self, reason: str) -> None:
         self._failed = reason
 
+    def broker_answered(self) -> None:
+        self._broker_away = None
+        self._broker_away_since = None
+
+    def broker_away(self, reason: str) -> None:
+        if self._broker_away_since is None:
+            self._broker_away_since = time.monotonic()
+        self._broker_away = reason
+
     def status(self) -> tuple[bool, str]:
+        """Liveness: (ok, text). A broker that is away does not fail it (restarting us would not
+        bring the broker back); the text says so."""
         if self._failed:
             return False, self._failed
         age = time.monotonic() - self._last
         if age > self.stale_after_s:
             return False, f"run loop has not polled for {age:.1f}s"
+        ready, reason = self.readiness()
+        return True, "ok" if ready else f"ok (not ready: {reason})"
+
+    def readiness(self) -> tuple[bool, str]:
+        """Readiness: (ok, text); not ready while the loop is not live or the broker is away."""
+        if self._failed:
+            return False, self._failed
+        age = time.monotonic() - self._last
+        if age > self.stale_after_s:
+            return False, f"run loop has not polled for {age:.1f}s"
+        if self._broker_away is not None:
+            away = time.monotonic() - (self._broker_away_since or time.monotonic())
+            return False, f"broker unreachable for {away:.0f}s: {self._broker_away}"
         return True, "ok"
 
 
@@ -235,14 +312,16 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class MetricsServer:
-    """/metrics (Prometheus text format) and /healthz over HTTP, on a daemon thread."""
+    """/metrics (Prometheus text format), /healthz (liveness) and /readyz (readiness) over HTTP,
+    on a daemon thread; 503 with the reason as text when not healthy or not ready."""
 
     def __init__(self, registry: CollectorRegistry, health: Health, host: str, port: int) -> None:
         metrics_app = make_wsgi_app(registry)
 
         def app(environ, start_response):
-            if environ.get("PATH_INFO") == "/healthz":
-                ok, text = health.status()
+            path = environ.get("PATH_INFO")
+            if path in ("/healthz", "/readyz"):
+                ok, text = health.status() if path == "/healthz" else health.readiness()
                 start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
                 return [text.encode() + b"\n"]
             return metrics_app(environ, start_response)
@@ -259,3 +338,19 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _CheckpointLag(Collector):
+    def __init__(self, lag: Callable[[], Mapping[tuple[str, int], float]]) -> None:
+        self.lag = lag
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "streamer_checkpoint_lag_seconds",
+            "Seconds the partition's applied readings have gone without a checkpoint (0 when its newest"
+            " checkpoint includes them all)",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), seconds in self.lag().items():
+            family.add_metric([topic, str(partition)], seconds)
+        yield family

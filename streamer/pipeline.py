@@ -24,6 +24,7 @@ from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
     KafkaError,
+    KafkaTimeoutError,
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 IDLE_POLL_MS = 200
 LAG_INTERVAL_S = 1.0
 BROKER_AWAY_BACKOFF_S = 0.5
+# Each LAG_INTERVAL_S the loop asks the brokers for the end offsets of its partitions, waiting at
+# most this long: the answer is the lag, no answer makes the process not ready (/readyz).
+BROKER_PROBE_TIMEOUT_MS = 1000
 TRANSACTION_CALL_TIMEOUT_S = 60.0  # kafka-python waits on transaction calls without a bound
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 # A commit refused because partitions are moving: whoever owns them next re-reads from the last
@@ -122,6 +126,8 @@ class Pipeline:
             ModelWatcher(model.path, model.reload_interval_s) if model.path and model.reload_interval_s else None
         )
         self._last_lag = 0.0
+        self._end_offsets: dict[TopicPartition, int] = {}  # last known, kept while the broker is away
+        self._stop: threading.Event | None = None
         self._last_status = time.monotonic()
         self._status_readings = 0
         if metrics is not None:
@@ -133,6 +139,7 @@ class Pipeline:
     def run(self, stop: threading.Event) -> RunSummary:
         """Process micro-batches until ``stop`` is set or run.duration_s has passed; then
         checkpoint every owned partition (everything applied is committed by then)."""
+        self._stop = stop
         self.subscribe()
         started = time.monotonic()
         duration = self.settings.run.duration_s
@@ -239,7 +246,8 @@ class Pipeline:
                 return  # nothing of this batch became visible
             committed = True
         else:
-            self._publish(published, letters)
+            if not self._publish(published, letters):
+                return  # stopping with the broker away: nothing committed, the batch is re-delivered
             committed = not offsets or self._commit(offsets)  # published either way
         acked_at = time.time()
         # 6. Checkpoint the partitions that are due, now that their offsets are committed.
@@ -264,15 +272,34 @@ class Pipeline:
             )
         return futures
 
-    def _publish(self, predictions: PredictionBatch, letters: list[DeadLetter]) -> None:
+    def _publish(self, predictions: PredictionBatch, letters: list[DeadLetter]) -> bool:
+        """Send and wait for every acknowledgement; False when stopped while the broker is away
+        (then nothing of the batch may be committed)."""
         futures = self._sends(predictions, letters)
-        self.producer.flush()
+        if not self._flush():
+            log.warning("stopping with the broker away: this batch stays uncommitted and will be re-delivered")
+            return False
         failed = [f for f in futures if f.failed()]
         if failed:
             raise PipelineError(
                 f"{len(failed)} of {len(futures)} sends of this batch failed (first: {failed[0].exception!r});"
                 " offsets not committed, the batch will be re-delivered"
             )
+        return True
+
+    def _flush(self) -> bool:
+        """producer.flush(), a second at a time: while the broker is away the loop stays live, probes
+        the broker (readiness, lag) and notices ``stop`` (False then). The producer's
+        delivery timeout still fails the sends of a broker that stays away."""
+        while True:
+            try:
+                self.producer.flush(timeout=BROKER_PROBE_TIMEOUT_MS / 1000)
+                return True
+            except KafkaTimeoutError:
+                pass
+            if self._stop is not None and self._stop.is_set():
+                return False
+            self._still_waiting("predictions wait for the broker's acknowledgement")
 
     def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> bool:
         """Commit, retrying while the broker is away; False if the group took the partitions
@@ -288,8 +315,13 @@ class Pipeline:
             except KafkaError as exc:
                 if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
                     raise PipelineError(f"cannot commit offsets: {exc!r}") from exc
+                if self._stop is not None and self._stop.is_set():
+                    # Stopping: the batch stays uncommitted and is re-delivered (at-least-once).
+                    log.warning("stopping with the broker away: this batch's offsets stay uncommitted (%r)", exc)
+                    return False
                 log.warning("commit failed (%r), retrying", exc)
                 time.sleep(0.5)
+                self._still_waiting(f"offsets cannot be committed ({type(exc).__name__})")
 
     def _publish_transaction(
         self,
@@ -388,6 +420,7 @@ class Pipeline:
             with self.partitions.lock:
                 devices = len(self.engine.table)
                 reset = self.engine.swap_model(bundle)
+                self.partitions.model_switched()  # so that no replay after a crash crosses the switch
         except StreamerError as exc:
             log.error("model file changed but cannot be used, still serving %s: %s", self.engine.model_version, exc)
             if self.metrics is not None:
@@ -404,25 +437,62 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.on_model_reload("reset" if reset else "loaded", bundle.version)
 
+    def _still_waiting(self, why: str) -> None:
+        """The loop waits on the broker inside a batch: it is live, readiness follows the probe."""
+        if self.health is not None:
+            self.health.beat()
+            self.health.broker_away(why)
+        self._maybe_lag()
+
     def _maybe_lag(self) -> None:
-        if self.metrics is None or time.monotonic() - self._last_lag < LAG_INTERVAL_S:
+        if time.monotonic() - self._last_lag < LAG_INTERVAL_S:
             return
         self._last_lag = time.monotonic()
-        self.metrics.on_lag(self.lag())
+        self._probe_broker()
+        if self.metrics is not None:
+            self.metrics.on_lag(self.lag())
+
+    def _probe_partitions(self) -> list[TopicPartition]:
+        assigned = list(self.consumer.assignment())
+        if assigned:
+            return assigned
+        # Nothing assigned (yet): still find out whether the brokers answer, on the input topic's
+        # partition 0 (partitions_for_topic could wait 30 s for metadata from an absent broker).
+        return [TopicPartition(self.settings.kafka.input_topic, 0)]
+
+    def _probe_broker(self) -> None:
+        """Ask for the end offsets (at most BROKER_PROBE_TIMEOUT_MS): they feed lag(), and whether
+        an answer came decides readiness."""
+        try:
+            ends = self.consumer.end_offsets(self._probe_partitions(), timeout_ms=BROKER_PROBE_TIMEOUT_MS)
+        except KafkaError as exc:
+            reason = f"no answer to an end-offsets request within {BROKER_PROBE_TIMEOUT_MS} ms ({type(exc).__name__})"
+            if self.health is not None:
+                self.health.broker_away(reason)
+            if self.metrics is not None:
+                self.metrics.broker_reachable.set(0)
+            return
+        self._end_offsets.update({tp: end for tp, end in ends.items() if end is not None})
+        if self.health is not None:
+            self.health.broker_answered()
+        if self.metrics is not None:
+            self.metrics.broker_reachable.set(1)
 
     def lag(self) -> dict[tuple[str, int], int]:
-        """Records behind the end of each assigned partition, where the consumer knows both."""
+        """Records behind the end of each assigned partition, where the consumer knows both; the
+        end is the newest of the fetch's high watermark and the last end offsets the brokers gave,
+        so while they are away lag is reported from what was last known."""
         lag = {}
         for tp in self.consumer.assignment():
-            end = self.consumer.highwater(tp)
-            if end is None:
+            ends = [e for e in (self.consumer.highwater(tp), self._end_offsets.get(tp)) if e is not None]
+            if not ends:
                 continue
             try:
                 position = self.consumer.position(tp, timeout_ms=0)
             except Exception:  # unknown until the partition's first fetch; lag is best effort
                 continue
             if position is not None:
-                lag[(tp.topic, tp.partition)] = max(0, end - position)
+                lag[(tp.topic, tp.partition)] = max(0, max(ends) - position)
         return lag
 
     def _maybe_status(self) -> None:

@@ -16,7 +16,7 @@ from streamer.anomaly import AnomalyParams
 from streamer.checkpoint import DirectoryCheckpointStore
 from streamer.engine import Engine
 from streamer.kafka import ensure_topics, make_consumer, make_producer
-from streamer.kafka.clients import KafkaBootstrapError, KafkaLoginError, security_config
+from streamer.kafka.clients import KafkaBootstrapError, KafkaLoginError, kafka_logs_folded, security_config
 from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model import load_model_file
 from streamer.pipeline import Pipeline, RunSummary
@@ -25,7 +25,11 @@ from streamer.settings import Settings
 log = logging.getLogger(__name__)
 
 HEALTH_STALE_AFTER_S = 60.0
-STARTUP_RETRY_S = 2.0
+STARTUP_RETRY_S = 1.0  # between tries to reach the brokers at start-up
+MIN_ATTEMPT_S = 3.0  # a try waits for a broker at least this long (kafka.startup_wait_s = 0: one try); TLS and SASL handshakes fit
+MAX_ATTEMPT_S = 30.0  # ... and at most this long, so a long wait still reports each failed try
+STOP_CHECK_S = 0.1
+CLOSE_TIMEOUT_S = 2.0  # closing the clients at the end, the broker possibly away
 T = TypeVar("T")
 
 
@@ -53,58 +57,136 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
-def _until_reachable(connect: Callable[[], T], deadline: float) -> T:
-    """``connect()``, tried again while no broker answers (a broker restarting as we start),
-    until ``deadline`` (monotonic). A refused login is final at once."""
-    while True:
-        try:
-            return connect()
-        except KafkaLoginError:
-            raise
-        except KafkaBootstrapError as exc:
-            if time.monotonic() >= deadline:
+class StartupInterrupted(Exception):
+    """``stop`` was set while start-up waited for the brokers (not an error: the run ends with 0)."""
+
+
+def _until_reachable(
+    connect: Callable[[int], T], deadline: float, stop: threading.Event | None = None, what: str = "Kafka"
+) -> T:
+    """``connect(bootstrap_timeout_ms)``, tried again while no broker answers (a broker restarting
+    as we start), until ``deadline`` (monotonic): each try waits at most what is left (at least
+    MIN_ATTEMPT_S), so giving up comes within MIN_ATTEMPT_S of the deadline. A refused login is
+    final at once. ``stop`` set meanwhile raises StartupInterrupted within STOP_CHECK_S.
+    kafka-python's own log lines are folded into one line of ours per failed try."""
+    attempt = 0
+    with kafka_logs_folded() as complaint:
+        while True:
+            attempt += 1
+            timeout_s = min(MAX_ATTEMPT_S, max(MIN_ATTEMPT_S, deadline - time.monotonic()))
+            try:
+                return _interruptible(lambda: connect(int(timeout_s * 1000)), stop)
+            except KafkaLoginError:
                 raise
-            log.warning("%s; trying again", exc)
-            time.sleep(STARTUP_RETRY_S)
+            except KafkaBootstrapError as exc:
+                left = deadline - time.monotonic()
+                detail = f" ({complaint.first})" if complaint.first else ""
+                complaint.first = None
+                if left <= 0:
+                    log.error("%s at %s: no broker answered in %d tries%s; giving up", what, exc.bootstrap_servers, attempt, detail)
+                    raise
+                log.warning(
+                    "%s at %s: no broker answered in %.0fs%s; trying again for %.0fs more",
+                    what, exc.bootstrap_servers, timeout_s, detail, left,
+                )
+            if stop is not None and stop.wait(min(STARTUP_RETRY_S, max(0.0, deadline - time.monotonic()))):
+                raise StartupInterrupted()
+
+
+def _interruptible(call: Callable[[], T], stop: threading.Event | None) -> T:
+    """``call()`` on a helper thread, abandoned when ``stop`` is set (StartupInterrupted): kafka-python's
+    bootstrap does not look at signals. What an abandoned call still makes is closed."""
+    if stop is None:
+        return call()
+    outcome: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            result: object = call()
+            key = "result"
+        except BaseException as exc:  # handed to the caller below
+            result, key = exc, "error"
+        with lock:
+            outcome[key] = result
+            abandoned = outcome.get("abandoned", False)
+        if abandoned and key == "result":
+            try:
+                result.close()  # type: ignore[attr-defined]
+            except Exception:
+                log.debug("closing a client made after stop failed", exc_info=True)
+
+    worker = threading.Thread(target=run, name="kafka-startup", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if stop.wait(STOP_CHECK_S):
+            with lock:
+                if "result" not in outcome and "error" not in outcome:
+                    outcome["abandoned"] = True
+                    raise StartupInterrupted()
+        worker.join(0.0)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
 
 
 def run_service(
     settings: Settings, stop: threading.Event, registry: CollectorRegistry | None = None
 ) -> RunSummary:
-    """Run until ``stop`` is set (or run.duration_s passes); closes everything it opened."""
+    """Run until ``stop`` is set (or run.duration_s passes); closes everything it opened.
+
+    ``stop`` set while start-up waits for the brokers ends the run at once with an empty summary.
+    """
     engine = build_engine(settings)
     kafka = settings.kafka
     # Output and dead-letter topics with the input's default partitioning if they are missing,
     # so the first dead letter does not wait for auto-creation.
     reachable_by = time.monotonic() + kafka.startup_wait_s
-    _until_reachable(
-        lambda: ensure_topics(
-            kafka.bootstrap_servers,
-            {kafka.output_topic: 1, kafka.dead_letter_topic: 1},
-            kafka.client_id,
-            security=security_config(kafka),
-        ),
-        reachable_by,
-    )
-    registry = registry or CollectorRegistry()
-    metrics = Metrics(registry)
-    health = Health(HEALTH_STALE_AFTER_S)
+    opened: list[Callable[[], object]] = []  # closers, last opened first
     server = None
-    if settings.metrics.enabled:
-        server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
-        log.info("metrics at http://%s:%d/metrics, health at /healthz", server.host, server.port)
-    store = None
-    if settings.checkpoint.enabled:
-        store = DirectoryCheckpointStore(settings.checkpoint.directory, kafka.group_id, settings.checkpoint.keep)
-        log.info("checkpoints in %s", settings.checkpoint.directory.resolve())
-    consumer = _until_reachable(lambda: make_consumer(kafka, settings.batch.max_records), reachable_by)
-    instance_id = kafka.instance_id or uuid.uuid4().hex[:12]  # one transactional id per process
-
-    def new_producer() -> KafkaProducer:
-        return _until_reachable(lambda: make_producer(kafka, instance_id), time.monotonic() + kafka.startup_wait_s)
-
-    pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer)
+    pipeline: Pipeline | None = None
     try:
+        _until_reachable(
+            lambda timeout_ms: ensure_topics(
+                kafka.bootstrap_servers,
+                {kafka.output_topic: 1, kafka.dead_letter_topic: 1},
+                kafka.client_id,
+                security=security_config(kafka),
+                bootstrap_timeout_ms=timeout_ms,
+            ),
+            reachable_by,
+            stop,
+        )
+        registry = registry or CollectorRegistry()
+        metrics_settings = settings.metrics
+        metrics = Metrics(
+            registry,
+            event_time_future_s=metrics_settings.event_time_future_s,
+            event_time_past_s=metrics_settings.event_time_past_s,
+        )
+        health = Health(HEALTH_STALE_AFTER_S)
+        if settings.metrics.enabled:
+            server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
+            log.info("metrics at http://%s:%d/metrics, liveness at /healthz, readiness at /readyz", server.host, server.port)
+        store = None
+        if settings.checkpoint.enabled:
+            store = DirectoryCheckpointStore(settings.checkpoint.directory, kafka.group_id, settings.checkpoint.keep)
+            log.info("checkpoints in %s", settings.checkpoint.directory.resolve())
+        consumer = _until_reachable(
+            lambda timeout_ms: make_consumer(kafka, settings.batch.max_records, timeout_ms), reachable_by, stop
+        )
+        opened.append(lambda: consumer.close(autocommit=False, timeout_ms=int(CLOSE_TIMEOUT_S * 1000)))
+        instance_id = kafka.instance_id or uuid.uuid4().hex[:12]  # one transactional id per process
+
+        def new_producer() -> KafkaProducer:
+            return _until_reachable(
+                lambda timeout_ms: make_producer(kafka, instance_id, timeout_ms),
+                time.monotonic() + kafka.startup_wait_s,
+                stop,
+            )
+
+        pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer)
+        opened.append(lambda: pipeline.producer.close(timeout=CLOSE_TIMEOUT_S))
         summary = pipeline.run(stop)
         log.info(
             "stopped: %d readings, %d predictions, %d dead letters, %d anomalies in %.1fs",
@@ -115,8 +197,14 @@ def run_service(
             summary.seconds,
         )
         return summary
+    except StartupInterrupted:
+        log.info("stopped while waiting for Kafka at %s", kafka.bootstrap_servers)
+        return pipeline.summary if pipeline is not None else RunSummary()
     finally:
-        pipeline.producer.close()
-        consumer.close()
+        for close in reversed(opened):
+            try:
+                close()
+            except Exception:  # the broker may be away: what was not flushed is re-delivered
+                log.warning("closing a Kafka client failed", exc_info=True)
         if server is not None:
             server.stop()

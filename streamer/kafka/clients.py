@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # An open transaction of a process that died blocks read_committed consumers until it times
 # out: keep that short (a batch's transaction takes well under a second).
 TRANSACTION_TIMEOUT_MS = 15_000
+# kafka-python backs off reconnecting exponentially up to 30 s by default, so a broker that came
+# back was used only ~20 s later; 1 s caps the wait after a return at about a second.
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 REDACTED = "**********"
 
@@ -180,7 +183,12 @@ def assignor(settings: KafkaSettings) -> type:
     return RangePartitionAssignor if name == "range" else CooperativeStickyAssignor
 
 
-def make_consumer(settings: KafkaSettings, max_poll_records: int) -> KafkaConsumer:
+def _bootstrap_timeout(bootstrap_timeout_ms: int | None) -> dict[str, int]:
+    return {} if bootstrap_timeout_ms is None else {"bootstrap_timeout_ms": max(1, int(bootstrap_timeout_ms))}
+
+
+def make_consumer(settings: KafkaSettings, max_poll_records: int, bootstrap_timeout_ms: int | None = None) -> KafkaConsumer:
+    """``bootstrap_timeout_ms``: how long to wait for a first broker (kafka-python's 30 s when None)."""
     security = security_config(settings)
     with _bootstrap_failure_explained(settings.bootstrap_servers, security):
         return KafkaConsumer(
@@ -195,11 +203,15 @@ def make_consumer(settings: KafkaSettings, max_poll_records: int) -> KafkaConsum
             fetch_max_wait_ms=100,
             partition_assignment_strategy=(assignor(settings),),
             isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            **_bootstrap_timeout(bootstrap_timeout_ms),
             **security,
         )
 
 
-def make_producer(settings: KafkaSettings, instance_id: str | None = None) -> KafkaProducer:
+def make_producer(
+    settings: KafkaSettings, instance_id: str | None = None, bootstrap_timeout_ms: int | None = None
+) -> KafkaProducer:
     """Idempotent, acks=all. In exactly-once mode transactional, transactions initialised: the
     transactional id is the prefix, the group and kafka.instance_id (random when unset), so a
     restarted instance fences its predecessor's open transaction at once."""
@@ -218,6 +230,8 @@ def make_producer(settings: KafkaSettings, instance_id: str | None = None) -> Ka
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            **_bootstrap_timeout(bootstrap_timeout_ms),
             **transactional,
             **security,
         )
@@ -231,6 +245,7 @@ def ensure_topics(
     topics: dict[str, int],
     client_id: str = "streamer-admin",
     security: dict[str, object] | None = None,
+    bootstrap_timeout_ms: int | None = None,
 ) -> list[str]:
     """Create the topics (name -> partitions) that do not exist yet; returns those created.
 
@@ -238,7 +253,10 @@ def ensure_topics(
     """
     security = security or {}
     with _bootstrap_failure_explained(bootstrap_servers, security):
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), client_id=client_id, **security)
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers.split(","), client_id=client_id,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS, **_bootstrap_timeout(bootstrap_timeout_ms), **security,
+        )
     try:
         existing = set(admin.list_topics())
         missing = [NewTopic(name, partitions, 1) for name, partitions in topics.items() if name not in existing]
@@ -254,3 +272,38 @@ def ensure_topics(
         return created
     finally:
         admin.close()
+
+
+class _LastComplaint(logging.Handler):
+    """Keeps the first WARNING or worse that kafka-python logged since ``first`` was reset (the
+    reason a connect failed, e.g. "Connection failed: KafkaConnectionError: 111 ECONNREFUSED")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.first: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first is not None:
+            return
+        try:
+            self.first = record.getMessage()
+        except Exception:  # a malformed record: nothing to keep
+            pass
+
+
+@contextmanager
+def kafka_logs_folded() -> Iterator[_LastComplaint]:
+    """While inside, kafka-python's log records go nowhere but to the handler yielded, which keeps
+    the first complaint for a line of our own. Filters on kafka's loggers (secret redaction, login
+    refusals) still see every record: only propagation to the application's handlers stops."""
+    logger = logging.getLogger("kafka")
+    complaint = _LastComplaint()
+    complaint.addFilter(_REDACTION)
+    propagate = logger.propagate
+    logger.addHandler(complaint)
+    logger.propagate = False
+    try:
+        yield complaint
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(complaint)

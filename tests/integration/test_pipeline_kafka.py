@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.request
 from collections import Counter, defaultdict
 
@@ -14,6 +15,8 @@ import torch
 from streamer.model import ModelConfig, Normalization, init_random_model, load_model_file, save_model_file
 from tests.integration.conftest import free_port
 from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
+
+YEAR_S = 365 * 24 * 3600
 
 pytestmark = pytest.mark.kafka
 
@@ -132,7 +135,32 @@ def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: s
         assert metric(f'streamer_dead_letters_total{{reason="{reason}"}}') == count
     assert metric("streamer_active_devices ") == N_DEVICES
     assert metric("streamer_table_capacity ") == 1000
-    assert metric("streamer_event_to_publish_seconds_count ") == expected
+    # Event times of 2023: more than the past bound old, counted apart from the latency histogram.
+    assert metric('streamer_event_time_skew_total{direction="past"}') == expected
+    assert metric("streamer_event_to_publish_seconds_count ") == 0
     assert metric("streamer_step_seconds_count ") >= 1
     assert "streamer_consumer_lag{" in metrics_text
     assert summary.predictions == expected
+
+
+def test_event_times_far_off_are_counted_apart_from_latency(kafka_bootstrap: str, unique: str, tmp_path):
+    """A reading a year in the future once drove the latency histogram's sum to -31 million."""
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"])
+    model_path = tmp_path / "model.pt"
+    write_model(model_path, seed=5, version="skew-v1")
+    now = time.time()
+    stamps = [now] * 20 + [now + YEAR_S, now + 3600, now - 30 * 24 * 3600, now - 60]
+    produce(kafka_bootstrap, topics["in"], [
+        (b"dev-1", reading("dev-1", ts, [20.0 + i, -3.0]), None) for i, ts in enumerate(stamps)
+    ])
+    service = ServiceThread(service_settings(kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "cp"))
+    try:
+        out = read_topic(kafka_bootstrap, topics["out"], len(stamps), timeout_s=60, settle_s=0.5)
+    finally:
+        service.stop()
+    assert len(out) == len(stamps)  # every reading is still predicted
+    assert service.metric("streamer_event_time_skew_total", direction="future") == 2  # a year, an hour ahead
+    assert service.metric("streamer_event_time_skew_total", direction="past") == 1  # 30 days old
+    assert service.metric("streamer_event_to_publish_seconds_count") == 21
+    assert 0 <= service.metric("streamer_event_to_publish_seconds_sum") < 21 * 60 + 21 * 60

@@ -1,0 +1,162 @@
+"""Fault cases around the broker, each on a real process or broker: stopping during start-up,
+giving up on an unreachable broker in time, and a broker that goes away and comes back
+(readiness, lag, resumption)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import LOCAL_KAFKA, REPO, free_port
+from tests.integration.helpers import ServiceThread, create_topic, produce, service_settings
+from tests.integration.test_pipeline_kafka import reading, write_model
+from tests.test_metrics import get
+
+pytestmark = pytest.mark.kafka
+
+STOP_BOUND_S = 5.0  # SIGTERM -> exit 0, at any moment (README "Reliability")
+GIVE_UP_SLACK_S = 3.5  # start-up gives up within kafka.startup_wait_s + MIN_ATTEMPT_S (3 s) of starting to connect
+MAX_START_UP_LINES = 5  # lines a failed start-up may print (ours and the CLI's error)
+READY_FAILS_WITHIN_S = 5.0  # /readyz turns 503 this long after the broker went away, at most
+RESUMES_WITHIN_S = 5.0  # consumption resumes this long after the broker answers again, at most
+
+
+def start_process(model: Path, bootstrap: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamer", "run", "--model-path", str(model), "--kafka-bootstrap-servers", bootstrap,
+         "--run-status-interval-s", "0", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")},
+    )
+
+
+def wait_for(condition, timeout_s: float, interval_s: float = 0.1) -> float | None:
+    """Seconds until ``condition()`` held, or None when it did not within ``timeout_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(interval_s)
+    return None
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pt"
+    write_model(path, seed=11, version="faults-v1")
+    return path
+
+
+def test_sigterm_while_waiting_for_the_broker_exits_0_promptly(model: Path):
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    process = start_process(model, closed, "--kafka-startup-wait-s", "120", "--metrics-enabled", "false")
+    time.sleep(2.0)
+    assert process.poll() is None, process.communicate()[0]
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    took = time.monotonic() - signalled
+    assert process.returncode == 0, output
+    assert took < STOP_BOUND_S, f"exited {took:.1f}s after SIGTERM"
+    assert json.loads(output.strip().splitlines()[-1])["summary"]["readings"] == 0
+
+
+def test_sigint_while_running_exits_0_promptly(model: Path, kafka_bootstrap: str, unique: str):
+    port = free_port()
+    create_topic(kafka_bootstrap, f"in-{unique}")
+    process = start_process(
+        model, kafka_bootstrap, "--kafka-input-topic", f"in-{unique}", "--kafka-output-topic", f"out-{unique}",
+        "--kafka-dead-letter-topic", f"dlq-{unique}", "--kafka-group-id", f"g-{unique}",
+        "--metrics-port", str(port), "--checkpoint-enabled", "false",
+    )
+    try:
+        assert wait_for(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 45) is not None
+    except AssertionError:
+        process.kill()
+        raise AssertionError(process.communicate()[0])
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert time.monotonic() - signalled < STOP_BOUND_S, output
+
+
+@pytest.mark.parametrize("wait_s", [0, 4])
+def test_unreachable_broker_gives_up_within_startup_wait(model: Path, wait_s: int):
+    closed = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    process = start_process(model, closed, "--kafka-startup-wait-s", str(wait_s), "--metrics-enabled", "false")
+    output, _ = process.communicate(timeout=60)
+    took = time.monotonic() - started
+    assert process.returncode == 2, output
+    lines = output.strip().splitlines()
+    # From the model loaded (the last thing before connecting) to giving up, by the log's clock.
+    stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in lines if line[:2] == "20"]
+    waited = (stamps[-1] - stamps[0]).total_seconds()
+    assert waited < wait_s + GIVE_UP_SLACK_S, f"gave up after {waited:.1f}s\n{output}"
+    assert took < wait_s + GIVE_UP_SLACK_S + 10, f"exited after {took:.1f}s\n{output}"  # interpreter, torch
+    assert len(lines) <= MAX_START_UP_LINES, output
+    assert not any(" kafka." in line for line in lines), output  # kafka-python's lines are folded into ours
+    assert "ECONNREFUSED" in output and closed in lines[-1]
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path):
+    """A broker this test may stop and start (the session's may be shared or external)."""
+    env = {**os.environ, "KAFKA_PORT": "auto", "KAFKA_STATE_DIR": str(tmp_path / "kafka")}
+
+    def local_kafka(command: str) -> str:
+        done = subprocess.run([str(LOCAL_KAFKA), command], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    bootstrap = local_kafka("start").strip().splitlines()[-1]
+    yield bootstrap, local_kafka
+    subprocess.run([str(LOCAL_KAFKA), "clean"], env=env, capture_output=True, timeout=120)
+
+
+def test_broker_away_not_ready_lag_kept_and_prompt_resume(own_broker, model: Path, tmp_path: Path, unique: str):
+    bootstrap, local_kafka = own_broker
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(bootstrap, topics["in"])
+    # A backlog the service works through one reading a batch, so lag is large when the broker goes.
+    produce(bootstrap, topics["in"], [
+        (f"dev-{i % 50}".encode(), reading(f"dev-{i % 50}", 1_700_000_000 + i, [20.0, -3.0]), None) for i in range(4000)
+    ])
+    port = free_port()
+    service = ServiceThread(service_settings(
+        bootstrap, topics, f"g-{unique}", model, tmp_path / "checkpoints",
+        batch={"max_records": 1, "max_wait_ms": 0}, metrics={"enabled": True, "port": port},
+    ))
+    readyz = f"http://127.0.0.1:{port}/readyz"
+    try:
+        assert wait_for(lambda: service.metric("streamer_readings_total") >= 50
+                        and service.metric("streamer_consumer_lag", topic=topics["in"], partition="0") > 0, 45)
+        local_kafka("stop")
+        not_ready = wait_for(lambda: get(readyz)[0] == 503, 30)
+        assert not_ready is not None and not_ready < READY_FAILS_WITHIN_S, f"not ready after {not_ready}s"
+        status, reason = get(readyz)
+        assert status == 503 and "broker unreachable" in reason, reason
+        time.sleep(3.0)  # the loop keeps probing an absent broker
+        lag = service.metric("streamer_consumer_lag", topic=topics["in"], partition="0")
+        consumed = service.metric("streamer_readings_total")
+        # The last known end, not 0 (a batch in hand when the broker went is in neither).
+        assert lag > 0 and lag + consumed >= 4000 - 5, (lag, consumed)
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200  # live: waiting for the broker is no crash
+        assert service.metric("streamer_broker_reachable") == 0
+
+        local_kafka("start")  # returns once the broker accepts connections
+        resumed = wait_for(lambda: service.metric("streamer_readings_total") > consumed, 60)
+        assert resumed is not None and resumed < RESUMES_WITHIN_S, f"resumed after {resumed}s"
+        print(f"not ready {not_ready:.1f}s after the broker stopped; resumed {resumed:.1f}s after it answered")
+        assert wait_for(lambda: get(readyz)[0] == 200, RESUMES_WITHIN_S) is not None
+    finally:
+        service.stop(timeout_s=30)

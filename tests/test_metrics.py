@@ -1,0 +1,113 @@
+"""Metrics bundle and health/readiness, no broker: event-time skew kept out of the latency histogram."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamer.metrics import EVENT_TIME_FUTURE_S, EVENT_TIME_PAST_S, Health, Metrics, MetricsServer, split_skewed
+
+YEAR = 365 * 24 * 3600.0
+
+
+def batch(metrics: Metrics, latencies: list[float]) -> None:
+    metrics.on_batch(
+        readings=len(latencies), predictions=len(latencies), anomalies=0, new_devices=0, evicted_ttl=0,
+        evicted_capacity=0, step_seconds=1e-3, batch_seconds=2e-3, latencies=np.asarray(latencies, dtype=np.float64),
+    )
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels or None) or 0.0
+
+
+def test_split_skewed_bounds():
+    latencies = np.array([-YEAR, -EVENT_TIME_FUTURE_S - 1, -EVENT_TIME_FUTURE_S, -1.0, 0.5, EVENT_TIME_PAST_S,
+                          EVENT_TIME_PAST_S + 1, 10 * YEAR])
+    kept, future, past = split_skewed(latencies)
+    assert (future, past) == (2, 2)
+    # Within the bounds: kept; a little in the future (host clock skew) counts as 0, never negative.
+    assert kept.tolist() == [0.0, 0.0, 0.5, EVENT_TIME_PAST_S]
+
+
+def test_future_and_ancient_event_times_are_counted_apart_not_observed():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    batch(metrics, [0.02, 0.03, -YEAR, 2 * YEAR, -5.0])
+    assert sample(registry, "streamer_event_time_skew_total", direction="future") == 1
+    assert sample(registry, "streamer_event_time_skew_total", direction="past") == 1
+    assert sample(registry, "streamer_event_to_publish_seconds_count") == 3
+    assert sample(registry, "streamer_event_to_publish_seconds_sum") == pytest.approx(0.05)
+    assert sample(registry, "streamer_readings_total") == 5  # the readings themselves still count
+
+
+def test_skew_bounds_are_settable():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, event_time_future_s=1.0, event_time_past_s=60.0)
+    batch(metrics, [-2.0, 61.0, 30.0])
+    assert sample(registry, "streamer_event_time_skew_total", direction="future") == 1
+    assert sample(registry, "streamer_event_time_skew_total", direction="past") == 1
+    assert sample(registry, "streamer_event_to_publish_seconds_count") == 1
+
+
+def test_health_live_but_not_ready_while_the_broker_is_away():
+    health = Health(60.0)
+    assert health.status() == (True, "ok") and health.readiness() == (True, "ok")
+    health.broker_away("no answer to an end-offsets request")
+    ready, reason = health.readiness()
+    assert not ready and "broker unreachable" in reason and "end-offsets" in reason
+    live, text = health.status()
+    assert live and "not ready: broker unreachable" in text
+    health.broker_answered()
+    assert health.readiness() == (True, "ok")
+
+
+def test_health_stale_or_failed_is_neither_live_nor_ready():
+    health = Health(0.0)
+    health._last -= 1.0
+    assert not health.status()[0] and not health.readiness()[0]
+    health = Health(60.0)
+    health.fail("run loop stopped: boom")
+    assert health.status() == (False, "run loop stopped: boom") == health.readiness()
+
+
+def get(url: str) -> tuple[int, str]:
+    """(HTTP status, body); (0, the error) when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, repr(exc)
+
+
+def test_readyz_over_http():
+    registry = CollectorRegistry()
+    health = Health(60.0)
+    server = MetricsServer(registry, health, "127.0.0.1", 0).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert get(base + "/readyz") == (200, "ok\n")
+        health.broker_away("timed out")
+        status, text = get(base + "/readyz")
+        assert status == 503 and "broker unreachable" in text
+        status, text = get(base + "/healthz")
+        assert status == 200 and text.startswith("ok (not ready")
+    finally:
+        server.stop()
+
+
+def test_checkpoint_lag_is_read_at_scrape_time():
+    registry = CollectorRegistry()
+    lag = {("readings", 0): 2.5}
+    Metrics(registry).watch_checkpoint_lag(lambda: dict(lag))
+    assert registry.get_sample_value("streamer_checkpoint_lag_seconds", {"topic": "readings", "partition": "0"}) == 2.5
+    lag.clear()
+    lag[("readings", 3)] = 0.0
+    assert registry.get_sample_value("streamer_checkpoint_lag_seconds", {"topic": "readings", "partition": "0"}) is None
+    assert registry.get_sample_value("streamer_checkpoint_lag_seconds", {"topic": "readings", "partition": "3"}) == 0.0

@@ -1,0 +1,78 @@
+"""Start-up's wait for the brokers, no broker: bounded by kafka.startup_wait_s, interrupted by stop,
+kafka-python's log lines folded into ours."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from streamer.kafka.clients import KafkaBootstrapError, KafkaLoginError
+from streamer.service import MIN_ATTEMPT_S, StartupInterrupted, _until_reachable
+
+
+class Unreachable:
+    """A connect that waits its bootstrap timeout, logs like kafka-python, then fails."""
+
+    def __init__(self) -> None:
+        self.timeouts_ms: list[int] = []
+
+    def __call__(self, timeout_ms: int) -> object:
+        self.timeouts_ms.append(timeout_ms)
+        for _ in range(5):
+            logging.getLogger("kafka.net.manager").error("Connection failed: KafkaConnectionError: 111 ECONNREFUSED")
+        time.sleep(timeout_ms / 1000)
+        raise KafkaBootstrapError("127.0.0.1:1", {}, "no broker could be used")
+
+
+def test_gives_up_within_the_wait_with_a_few_lines_of_ours(caplog):
+    caplog.set_level(logging.INFO)
+    connect = Unreachable()
+    started = time.monotonic()
+    with pytest.raises(KafkaBootstrapError):
+        _until_reachable(connect, started + 3.0, threading.Event())
+    elapsed = time.monotonic() - started
+    assert 3.0 <= elapsed < 3.0 + MIN_ATTEMPT_S + 0.5
+    assert not [r for r in caplog.records if r.name.startswith("kafka")]  # folded
+    ours = [r for r in caplog.records if r.name == "streamer.service"]
+    assert 1 <= len(ours) <= 3
+    assert "ECONNREFUSED" in ours[-1].getMessage() and "giving up" in ours[-1].getMessage()
+
+
+def test_zero_wait_is_one_short_try():
+    connect = Unreachable()
+    started = time.monotonic()
+    with pytest.raises(KafkaBootstrapError):
+        _until_reachable(connect, time.monotonic(), threading.Event())
+    assert connect.timeouts_ms == [int(MIN_ATTEMPT_S * 1000)]
+    assert time.monotonic() - started < MIN_ATTEMPT_S + 0.5
+
+
+def test_stop_interrupts_a_try_in_progress():
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(StartupInterrupted):
+        _until_reachable(Unreachable(), time.monotonic() + 60, stop)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_refused_login_is_final():
+    calls = []
+
+    def refused(timeout_ms: int) -> object:
+        calls.append(timeout_ms)
+        raise KafkaLoginError("127.0.0.1:1", {}, Exception("bad password"))  # type: ignore[arg-type]
+
+    with pytest.raises(KafkaLoginError):
+        _until_reachable(refused, time.monotonic() + 60, threading.Event())
+    assert len(calls) == 1
+
+
+def test_kafka_logs_propagate_again_after_start_up(caplog):
+    caplog.set_level(logging.INFO)
+    _until_reachable(lambda timeout_ms: "client", time.monotonic() + 5, threading.Event())
+    logging.getLogger("kafka.net.manager").error("after start-up")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("kafka")] == ["after start-up"]
