@@ -166,6 +166,10 @@ class Metrics:
             "streamer_model_reloads", "Model file changes seen, by outcome (loaded; reset: a new shape, table emptied; failed)", ["outcome"],
             registry=registry,
         )
+        self.group_rejoins = Counter(
+            "streamer_group_rejoins_forced", "Rejoins forced on a consumer found stuck outside its group",
+            registry=registry,
+        )
         self.transactions_aborted = Counter(
             "streamer_transactions_aborted", "Batches whose transaction was aborted (exactly-once mode)",
             registry=registry,
@@ -262,6 +266,7 @@ class Health:
         self._failed: str | None = None
         self._broker_away: str | None = None  # why the last probe failed; None while it answers
         self._broker_away_since: float | None = None
+        self._outside_group: str | None = None  # the consumer is stuck outside its group: why
 
     def beat(self) -> None:
         self._last = time.monotonic()
@@ -278,6 +283,11 @@ class Health:
             self._broker_away_since = time.monotonic()
         self._broker_away = reason
 
+    def outside_group(self, reason: str | None) -> None:
+        """The consumer is stuck outside its group (``reason``), or back in it (None): liveness
+        fails meanwhile, since a restart would also get it back in."""
+        self._outside_group = reason
+
     def status(self) -> tuple[bool, str]:
         """Liveness: (ok, text). A broker that is away does not fail it (restarting us would not
         bring the broker back); the text says so."""
@@ -286,6 +296,8 @@ class Health:
         age = time.monotonic() - self._last
         if age > self.stale_after_s:
             return False, f"run loop has not polled for {age:.1f}s"
+        if self._outside_group is not None:
+            return False, f"consumer outside its group: {self._outside_group}"
         ready, reason = self.readiness()
         return True, "ok" if ready else f"ok (not ready: {reason})"
 
@@ -296,6 +308,8 @@ class Health:
         age = time.monotonic() - self._last
         if age > self.stale_after_s:
             return False, f"run loop has not polled for {age:.1f}s"
+        if self._outside_group is not None:
+            return False, f"consumer outside its group: {self._outside_group}"
         if self._broker_away is not None:
             away = time.monotonic() - (self._broker_away_since or time.monotonic())
             return False, f"broker unreachable for {away:.0f}s: {self._broker_away}"

@@ -33,6 +33,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from streamer.checkpoint import DirectoryCheckpointStore
 from streamer.engine import Engine, PredictionBatch, StepReport
 from streamer.errors import PipelineError, StreamerError
+from streamer.kafka.clients import OUTSIDE_GROUP_SESSIONS, MembershipWatch
 from streamer.metrics import Health, Metrics
 from streamer.model import load_model_file
 from streamer.partitions import CheckpointPolicy, PartitionManager
@@ -128,6 +129,8 @@ class Pipeline:
         self._last_lag = 0.0
         self._end_offsets: dict[TopicPartition, int] = {}  # last known, kept while the broker is away
         self._stop: threading.Event | None = None
+        self._broker_answers = True  # whether the last broker probe answered
+        self.membership = MembershipWatch(consumer, OUTSIDE_GROUP_SESSIONS * settings.kafka.session_timeout_ms / 1000)
         self._last_status = time.monotonic()
         self._status_readings = 0
         if metrics is not None:
@@ -171,6 +174,7 @@ class Pipeline:
             self.health.beat()
         if self.metrics is not None:
             self.metrics.on_poll()
+        self._watch_membership()
         if records:
             self._process(records)
         self._maybe_reload_model()
@@ -437,8 +441,17 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.on_model_reload("reset" if reset else "loaded", bundle.version)
 
+    def _watch_membership(self) -> None:
+        """A consumer stuck outside its group (kafka-python 3.0.12, see MembershipWatch) is made
+        to rejoin, and liveness fails while it stays out."""
+        if self.membership.check(self._broker_answers) and self.metrics is not None:
+            self.metrics.group_rejoins.inc()
+        if self.health is not None:
+            self.health.outside_group(self.membership.outside)
+
     def _still_waiting(self, why: str) -> None:
         """The loop waits on the broker inside a batch: it is live, readiness follows the probe."""
+        self._broker_answers = False
         if self.health is not None:
             self.health.beat()
             self.health.broker_away(why)
@@ -467,11 +480,13 @@ class Pipeline:
             ends = self.consumer.end_offsets(self._probe_partitions(), timeout_ms=BROKER_PROBE_TIMEOUT_MS)
         except KafkaError as exc:
             reason = f"no answer to an end-offsets request within {BROKER_PROBE_TIMEOUT_MS} ms ({type(exc).__name__})"
+            self._broker_answers = False
             if self.health is not None:
                 self.health.broker_away(reason)
             if self.metrics is not None:
                 self.metrics.broker_reachable.set(0)
             return
+        self._broker_answers = True
         self._end_offsets.update({tp: end for tp, end in ends.items() if end is not None})
         if self.health is not None:
             self.health.broker_answered()
