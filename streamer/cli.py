@@ -385,10 +385,7 @@ def _train(args: argparse.Namespace) -> int:
     extra_meta: dict[str, object]
     if args.data is not None:
         histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad)
-        for bad in histories.bad_rows[:MAX_BAD_ROWS_SHOWN]:
-            print(f"{bad.path}:{bad.line}: {bad.reason} ({bad.value})", file=sys.stderr)
-        if histories.bad_rows:
-            print(f"streamer: skipped {len(histories.bad_rows)} bad row(s)", file=sys.stderr)
+        _show_bad_rows(histories)
         series = [(h.ts, h.values) for h in histories.devices.values()]
         source = args.data.name
         extra_meta = {"source": str(args.data), "value_columns": list(histories.value_columns),

@@ -363,8 +363,9 @@ class Engine:
                 self.config.device_norm_alpha,
             )
             x = torch.cat([z, x[:, f:]], dim=1) if x.shape[1] > f else z
-        residual = torch.where(seen >= 1, residual_of(x[:, :f], rows[:, lay.forecast]), torch.zeros_like(seen))
-        scored = score_and_update(residual, seen >= 1, n, mean, var, short, var_one, streak, peak, self.anomaly)
+        has_forecast = seen >= 1
+        residual = torch.where(has_forecast, residual_of(x[:, :f], rows[:, lay.forecast]), torch.zeros_like(seen))
+        scored = score_and_update(residual, has_forecast, n, mean, var, short, var_one, streak, peak, self.anomaly)
         out, h_new, c_new = self.weights.step(x, h, c)
         parts = [h_new.reshape(b, -1), c_new.reshape(b, -1), out]
         if lay.device_norm:

@@ -71,14 +71,19 @@ def normalize_step(
     delta = x - mean
     mean = mean + weight * delta
     var = (1.0 - weight) * (var + weight * delta * delta)
-    std = torch.sqrt(var) + REL_STD_FLOOR * mean.abs()
+    std = _scale(mean, var)
     z = torch.where(std > 0, (x - mean) / torch.where(std > 0, std, 1.0), torch.zeros_like(x))
     return z.clamp(-Z_CAP, Z_CAP), mean, var
 
 
 def denormalize(forecast: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     """A forecast in a device's normalised units back to reading units, with its current stats."""
-    return forecast * (torch.sqrt(var) + REL_STD_FLOOR * mean.abs()) + mean
+    return forecast * _scale(mean, var) + mean
+
+
+def _scale(mean: Tensor, var: Tensor) -> Tensor:
+    """The std a device's values are divided by: sqrt(var), floored relative to the level."""
+    return torch.sqrt(var) + REL_STD_FLOOR * mean.abs()
 
 
 def normalize_sequences(sequences: Sequence[np.ndarray], alpha: float) -> list[np.ndarray]:

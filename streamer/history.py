@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -466,3 +467,18 @@ def write_table(path: str | Path, columns: dict[str, np.ndarray]) -> None:
         pq.write_table(table, path)
     else:
         pacsv.write_csv(table, path)
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (it is a directory, its directory is missing or
+    not writable, or the file is there and not writable), or None when it can."""
+    if path.is_dir():
+        return "is a directory"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"directory {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"directory {parent} is not writable"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "not writable"
+    return None

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from streamer.engine import Engine, ReadingBatch
 from streamer.errors import StreamerError
-from streamer.history import Histories, iter_time_order, write_table
+from streamer.history import Histories, iter_time_order, unwritable_reason, write_table
 
 MAX_NAME_CHARS = 120  # of a plot's file name from its device id (file systems allow 255 bytes)
 
@@ -194,13 +194,9 @@ def check_output_file(path: Path, suffixes: Sequence[str], what: str) -> None:
     name = f"{what} {path}"
     if path.suffix.lower().lstrip(".") not in suffixes:
         raise ReplayError(f"{name}: want a file ending in {' or '.join('.' + s for s in suffixes)}")
-    if path.is_dir():
-        raise ReplayError(f"{name}: is a directory")
-    parent = path.parent
-    if not parent.is_dir():
-        raise ReplayError(f"{name}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ReplayError(f"{name}: not writable")
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise ReplayError(f"{name}: {reason}")
 
 
 def make_output_dir(path: Path, what: str) -> None:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from streamer.engine import resolve_device
 from streamer.errors import StreamerError
 from streamer.features import check_time_features, normalize_sequences, time_features
+from streamer.history import unwritable_reason
 from streamer.model import LSTMModel, ModelConfig, Normalization, save_model_file
 from streamer.simulate import FleetSpec, history
 
@@ -216,15 +217,9 @@ def check_output_path(path: str | Path) -> None:
     """Raise StreamerError naming path when a model file cannot be written there (the path is a
     directory, or its directory is missing or not writable)."""
     path = Path(path)
-    parent = path.parent
-    if path.is_dir():
-        raise StreamerError(f"cannot write model file {path}: it is a directory")
-    if not parent.is_dir():
-        raise StreamerError(f"cannot write model file {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StreamerError(f"cannot write model file {path}: directory {parent} is not writable")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise StreamerError(f"cannot write model file {path}: it is not writable")
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise StreamerError(f"cannot write model file {path}: {reason}")
 
 
 def _iso(ts: float) -> str:
