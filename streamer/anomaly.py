@@ -25,8 +25,20 @@ novelty_decay = 0 reports every tail as it is.
 The anomaly score is 1 - reported tail: the same scale on every device whatever its units or
 noise. A threshold p flags readings whose recent residual level is beyond the device's usual
 p-quantile and beyond anything it showed recently (0.9999: at most about one reading in 10,000
-on a device behaving as it used to; tests/test_anomaly.py measures the rates). The threshold
+on a device behaving as it used to; tests/test_anomaly.py measures the rates; range breaks add
+about 2e-4 per reading over readings 1,000 to 6,000 of Gaussian noise, falling as 1/n). The threshold
 only decides flags; scores and statistics never depend on it.
+
+Range. Independently of the forecast, a reading beyond the range of values the device has shown
+since its statistics (re)started, by more than ``range_tolerance`` times that range on any
+feature, has a surprise of at least RANGE_SURPRISE (score >= 1 - 1e-5; flagged at any threshold
+up to 0.99999): a value a device has never come near is worth a look even when the model, which
+continues whatever it sees, forecast it. Each break widens the range by more than the tolerance,
+so a device that drifts to new levels for good breaks it at most about
+ln(final range / first range) / ln(1 + range_tolerance) times; slow trends (a step per reading
+below range_tolerance x range) never do. ``range_tolerance`` None turns it off. Breaks are
+reported from the same reading as tails (``warmup``) and do not feed ``peak`` or the
+adaptation streak.
 
 Behaviour that changes for good: once ``adapt_after`` readings in a row have tail < ADAPT_TAIL
 (before novelty), the device's residual statistics (and its running input normalisation, when
@@ -57,6 +69,9 @@ LN2 = math.log(2.0)
 # Novelty compares a reading's surprise with the recent peak; peaks are remembered up to this
 # surprise (a tail of 1e-10), so that one absurd reading cannot mask every later anomaly.
 PEAK_CAP = 10.0
+# The surprise (-log10 tail) of a reading beyond the device's range (see Range above).
+RANGE_SURPRISE = 5.0
+LOG_RANGE_TAIL = -RANGE_SURPRISE * LN10
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,7 @@ class AnomalyParams:
     min_std: float = 1e-2  # floor of the residuals' mean and spread (normalised units)
     adapt_after: int = 100  # readings in a row with tail < ADAPT_TAIL before statistics restart
     novelty_decay: float = 0.995  # per reading shrink of the recent peak surprise (0: no novelty)
+    range_tolerance: float | None = 0.05  # a reading this far (x range) beyond the device's range (None: off)
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
@@ -77,6 +93,8 @@ class AnomalyParams:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.novelty_decay < 1:
             raise ValueError(f"novelty_decay must be in [0, 1), got {self.novelty_decay}")
+        if self.range_tolerance is not None and not 0 <= self.range_tolerance < math.inf:
+            raise ValueError(f"range_tolerance must be >= 0 and finite, or None, got {self.range_tolerance}")
         if self.min_std <= 0 or self.warmup < 0 or self.adapt_after < 1:
             raise ValueError(f"min_std > 0, warmup >= 0 and adapt_after >= 1 needed, got {self}")
 
@@ -90,7 +108,8 @@ class AnomalyParams:
 class Scored:
     """log_tail: (B,) ln of the reported tail, 0 where not scored; is_anomaly (B,) bool; restart
     (B,) bool: devices whose statistics restart after this reading; the rest: (B,) updated
-    statistics (var: the mean square of short - mean), all zeros where restart."""
+    statistics (var: the mean square of short - mean), all zeros where restart; low, high:
+    (B, F) the range of values (see Range), the reading alone where the statistics are fresh."""
 
     log_tail: Tensor
     is_anomaly: Tensor
@@ -102,6 +121,8 @@ class Scored:
     var_one: Tensor
     streak: Tensor
     peak: Tensor
+    low: Tensor
+    high: Tensor
 
 
 def residual_of(x: Tensor, forecast: Tensor) -> Tensor:
@@ -139,13 +160,17 @@ def score_and_update(
     var_one: Tensor,
     streak: Tensor,
     peak: Tensor,
+    values: Tensor,
+    low: Tensor,
+    high: Tensor,
     params: AnomalyParams,
 ) -> Scored:
     """Score residuals (B,) and fold them into the devices' statistics (all (B,), float32).
 
     has_residual: (B,) bool, False for a device's first reading (no forecast yet): it is not
     scored and leaves the statistics as they are. var: the mean square of short - mean;
-    peak: the recent peak surprise (-log10 tail).
+    peak: the recent peak surprise (-log10 tail). values, low, high: (B, F) the readings (in
+    units fixed for the device: raw, or under a global normalisation) and the range so far.
     """
     # A device's first reading (no residual) gets weight 0 everywhere: its statistics stay.
     first = 1.0 / (n + 1.0)
@@ -172,6 +197,14 @@ def score_and_update(
         peak_new = torch.maximum(surprise.clamp_max(PEAK_CAP), peak * params.novelty_decay)
     else:
         reported, peak_new = log_tail, peak
+    fresh = (n < 1.0).unsqueeze(1)  # statistics (re)started: the range starts at this reading
+    low_new = torch.where(fresh, values, torch.minimum(low, values))
+    high_new = torch.where(fresh, values, torch.maximum(high, values))
+    if params.range_tolerance is not None:
+        width = high - low
+        beyond = torch.maximum(values - high, low - values)
+        broke = ((beyond > params.range_tolerance * width) & (width > 0)).any(dim=1) & scored
+        reported = torch.where(broke, reported.clamp_max(LOG_RANGE_TAIL), reported)
     is_anomaly = scored & (reported <= params.log_tail_threshold)
 
     weight = torch.clamp(first, min=params.long_alpha) * live
@@ -184,4 +217,4 @@ def score_and_update(
     # One select over the stacked statistics, not one per statistic: this runs every step.
     stats = torch.stack([n_new, mean_new, var_new, short_new, var_one_new, streak_new, peak_new], dim=1)
     stats = torch.where(restart.unsqueeze(1), torch.zeros((), dtype=stats.dtype, device=stats.device), stats)
-    return Scored(reported, is_anomaly, restart, *stats.unbind(1))
+    return Scored(reported, is_anomaly, restart, *stats.unbind(1), low_new, high_new)

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from streamer.errors import StreamerError
 from streamer.settings import (
     CONFIG_ENV,
+    NONE_WORDS,
     Settings,
     closest_setting,
     describe_setting,
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamer")
 
-NONE_WORDS = {"none", "null"}
 MAX_BAD_ROWS_SHOWN = 20  # train and replay --on-bad skip: rows printed, then a count
 
 
@@ -201,10 +201,6 @@ def _metavar(annotation: Any, choices: tuple[str, ...] | None) -> str:
     return {int: "INT", float: "FLOAT", bool: "BOOL", Path: "PATH"}.get(base, "TEXT")
 
 
-def _allows_none(annotation: Any) -> bool:
-    return get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation)
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags over env over config file; a bad value raises StreamerError naming flag and env."""
     overrides: dict[str, dict[str, object]] = {}
@@ -212,9 +208,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if "." not in dest:
             continue
         section, name = dest.split(".", 1)
-        info = Settings.model_fields[section].annotation.model_fields[name]
-        value: object = None if (_allows_none(info.annotation) and str(raw).lower() in NONE_WORDS) else raw
-        overrides.setdefault(section, {})[name] = value
+        overrides.setdefault(section, {})[name] = raw  # "none" is None where allowed (settings.Section)
     config_file = args.config
     if config_file is None:
         env_config = os.environ.get(CONFIG_ENV)

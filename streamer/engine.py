@@ -130,7 +130,8 @@ def plan_waves(device_ids: list[str]) -> Plan:
 class StateLayout:
     """Column layout of a device row: h and c of every layer, the last forecast (normalised
     units), the running input normalisation when the model uses one (count, mean, variance per
-    value), then the reading count and the residual statistics of streamer.anomaly."""
+    value), then the reading count and the residual statistics of streamer.anomaly, then the
+    range of values (low, high per value) of streamer.anomaly."""
 
     num_layers: int
     hidden_size: int
@@ -186,8 +187,16 @@ class StateLayout:
     STATS = 8  # seen, n, mean, var, short, var_one, streak, peak
 
     @property
+    def low(self) -> slice:
+        return slice(self.seen + self.STATS, self.seen + self.STATS + self.values_size)
+
+    @property
+    def high(self) -> slice:
+        return slice(self.seen + self.STATS + self.values_size, self.seen + self.STATS + 2 * self.values_size)
+
+    @property
     def width(self) -> int:
-        return self.seen + self.STATS
+        return self.seen + self.STATS + 2 * self.values_size
 
 
 def resolve_device(name: str) -> torch.device:
@@ -357,6 +366,7 @@ class Engine:
         c = rows[:, lay.c].view(b, lay.num_layers, lay.hidden_size)
         s = lay.seen
         seen, n, mean, var, short, var_one, streak, peak = rows[:, s : s + lay.STATS].unbind(1)
+        values = x[:, :f]
         if lay.device_norm:
             z, norm_mean, norm_var = normalize_step(
                 x[:, :f], rows[:, lay.norm_count], rows[:, lay.norm_mean], rows[:, lay.norm_var],
@@ -365,7 +375,10 @@ class Engine:
             x = torch.cat([z, x[:, f:]], dim=1) if x.shape[1] > f else z
         has_forecast = seen >= 1
         residual = torch.where(has_forecast, residual_of(x[:, :f], rows[:, lay.forecast]), torch.zeros_like(seen))
-        scored = score_and_update(residual, has_forecast, n, mean, var, short, var_one, streak, peak, self.anomaly)
+        scored = score_and_update(
+            residual, has_forecast, n, mean, var, short, var_one, streak, peak,
+            values, rows[:, lay.low], rows[:, lay.high], self.anomaly,
+        )
         out, h_new, c_new = self.weights.step(x, h, c)
         parts = [h_new.reshape(b, -1), c_new.reshape(b, -1), out]
         if lay.device_norm:
@@ -376,5 +389,5 @@ class Engine:
             [seen + 1.0, scored.n, scored.mean, scored.var, scored.short, scored.var_one, scored.streak, scored.peak],
             dim=1,
         )
-        self.table.scatter(slots, torch.cat(parts + [stats], dim=1))
+        self.table.scatter(slots, torch.cat(parts + [stats, scored.low, scored.high], dim=1))
         return out, scored.log_tail, scored.is_anomaly, residual

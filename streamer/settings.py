@@ -12,7 +12,8 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -35,8 +36,29 @@ TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 KUBERNETES_SERVICE_ENV = re.compile(r"STREAMER_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
+NONE_WORDS = frozenset({"none", "null"})
+
+
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_words(cls, data: Any) -> Any:
+        """"none" (or "null") from a flag, a variable or TOML is None where a setting allows it."""
+        if not isinstance(data, Mapping):
+            return data
+        return {
+            name: None
+            if isinstance(value, str) and value.lower() in NONE_WORDS
+            and name in cls.model_fields and _allows_none(cls.model_fields[name].annotation)
+            else value
+            for name, value in data.items()
+        }
+
+
+def _allows_none(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation)
 
 
 class KafkaSettings(Section):
@@ -205,6 +227,11 @@ class AnomalySettings(Section):
     )
     novelty_decay: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.995, description="per-reading shrink of a device's recent peak surprise; a reading scores only above it (0: off)"
+    )
+    range_tolerance: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        0.05,
+        description="a reading beyond the device's range of values by more than this fraction of it scores at "
+        "least 0.99999 (none: off)",
     )
 
 

@@ -94,6 +94,18 @@ def test_flags_beat_env_beat_config_file(tmp_path: Path, monkeypatch):
     assert settings.state.ttl_seconds is None
 
 
+def test_none_turns_off_a_setting_from_env_and_config_file(tmp_path: Path, monkeypatch):
+    from streamer.settings import load_settings
+
+    monkeypatch.setenv("STREAMER_STATE__TTL_SECONDS", "none")
+    config = tmp_path / "streamer.toml"
+    config.write_text('[anomaly]\nrange_tolerance = "null"\n')
+    settings = load_settings({}, config)
+    assert settings.state.ttl_seconds is None and settings.anomaly.range_tolerance is None
+    monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID", "none")  # a setting that cannot be None keeps the word
+    assert load_settings({}, None).kafka.group_id == "none"
+
+
 def test_simulate_and_train_reject_bad_values():
     assert run_cli("simulate", "--devices", "0", "--max-readings", "5").returncode == 2
     result = run_cli("simulate", "--devices", "3")
