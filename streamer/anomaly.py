@@ -25,20 +25,28 @@ novelty_decay = 0 reports every tail as it is.
 The anomaly score is 1 - reported tail: the same scale on every device whatever its units or
 noise. A threshold p flags readings whose recent residual level is beyond the device's usual
 p-quantile and beyond anything it showed recently (0.9999: at most about one reading in 10,000
-on a device behaving as it used to; tests/test_anomaly.py measures the rates; range breaks add
+on a device behaving as it used to; tests/test_anomaly.py measures the rates; record breaks add
 about 2e-4 per reading over readings 1,000 to 6,000 of Gaussian noise, falling as 1/n). The threshold
 only decides flags; scores and statistics never depend on it.
 
-Range. Independently of the forecast, a reading beyond the range of values the device has shown
-since its statistics (re)started, by more than ``range_tolerance`` times that range on any
-feature, has a surprise of at least RANGE_SURPRISE (score >= 1 - 1e-5; flagged at any threshold
-up to 0.99999): a value a device has never come near is worth a look even when the model, which
-continues whatever it sees, forecast it. Each break widens the range by more than the tolerance,
-so a device that drifts to new levels for good breaks it at most about
-ln(final range / first range) / ln(1 + range_tolerance) times; slow trends (a step per reading
-below range_tolerance x range) never do. ``range_tolerance`` None turns it off. Breaks are
-reported from the same reading as tails (``warmup``) and do not feed ``peak`` or the
-adaptation streak.
+Records (``record_breaks``). Independently of the forecast, a reading that breaks one of the
+device's records has a surprise of at least RECORD_SURPRISE (score >= 1 - 1e-5; flagged at any
+threshold up to 0.99999): the model continues whatever it sees, and a device that does what it
+never did is worth a look even when the forecast followed it. Two records, both scale free:
+- range: a reading beyond the range of values the device has shown since its statistics
+  (re)started, by more than ``range_tolerance`` times that range, on any feature, whose
+  residual is also unusual (tail below 0.01 before novelty: a young device's daily cycle
+  widens its range every day, and the model forecasts it). Each break widens the range by
+  more than the tolerance, so a device that moves to new levels for good breaks it at most
+  about ln(final range / first range) / ln(1 + range_tolerance) times; slow trends (a step per
+  reading below range_tolerance x range) never do. None turns it off.
+- flat run (``flat_runs``): a reading that makes the run of identical readings (every feature
+  equal to the previous reading's) one longer than any the device finished before: a sensor
+  stuck at its last value, which continuous noise never repeats. One break per record run, so
+  a device stuck for good is flagged once; a coarsely quantised sensor's runs set their records
+  early (about ln(n) breaks in n readings, like the range).
+Breaks are reported from the same reading as tails (``warmup``) and feed neither ``peak`` nor
+the adaptation streak.
 
 Behaviour that changes for good: once ``adapt_after`` readings in a row have tail < ADAPT_TAIL
 (before novelty), the device's residual statistics (and its running input normalisation, when
@@ -69,9 +77,12 @@ LN2 = math.log(2.0)
 # Novelty compares a reading's surprise with the recent peak; peaks are remembered up to this
 # surprise (a tail of 1e-10), so that one absurd reading cannot mask every later anomaly.
 PEAK_CAP = 10.0
-# The surprise (-log10 tail) of a reading beyond the device's range (see Range above).
-RANGE_SURPRISE = 5.0
-LOG_RANGE_TAIL = -RANGE_SURPRISE * LN10
+# The surprise (-log10 tail) of a reading that breaks one of the device's records (see Records).
+RECORD_SURPRISE = 5.0
+LOG_RECORD_TAIL = -RECORD_SURPRISE * LN10
+# A range break counts only where the residual's own tail is below this: a cycle the device
+# has not yet shown in full widens its range every day, and the model forecasts it.
+LOG_RANGE_GATE = math.log(0.01)
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,7 @@ class AnomalyParams:
     adapt_after: int = 100  # readings in a row with tail < ADAPT_TAIL before statistics restart
     novelty_decay: float = 0.995  # per reading shrink of the recent peak surprise (0: no novelty)
     range_tolerance: float | None = 0.05  # a reading this far (x range) beyond the device's range (None: off)
+    flat_runs: bool = True  # a run of identical readings longer than any before is a record break
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
@@ -108,8 +120,7 @@ class AnomalyParams:
 class Scored:
     """log_tail: (B,) ln of the reported tail, 0 where not scored; is_anomaly (B,) bool; restart
     (B,) bool: devices whose statistics restart after this reading; the rest: (B,) updated
-    statistics (var: the mean square of short - mean), all zeros where restart; low, high:
-    (B, F) the range of values (see Range), the reading alone where the statistics are fresh."""
+    statistics (var: the mean square of short - mean), all zeros where restart."""
 
     log_tail: Tensor
     is_anomaly: Tensor
@@ -121,8 +132,59 @@ class Scored:
     var_one: Tensor
     streak: Tensor
     peak: Tensor
+
+
+@dataclass(frozen=True)
+class Records:
+    """broke: (B,) bool, the reading breaks its flat-run record and is scored; beyond_range:
+    (B,) bool, it is beyond its range and scored (a break if its residual is unusual too, see
+    score_and_update); low, high, last: (B, F) the range of values and the reading; run: (B,) identical readings in a row,
+    this one included; longest: (B,) the longest run the device finished."""
+
+    broke: Tensor
+    beyond_range: Tensor
     low: Tensor
     high: Tensor
+    last: Tensor
+    run: Tensor
+    longest: Tensor
+
+    def columns(self) -> Tensor:
+        """(B, 3F + 2): low, high, last, run, longest, as a state row keeps them."""
+        return torch.cat([self.low, self.high, self.last, self.run[:, None], self.longest[:, None]], dim=1)
+
+
+def record_breaks(
+    values: Tensor,
+    has_residual: Tensor,
+    n: Tensor,
+    low: Tensor,
+    high: Tensor,
+    last: Tensor,
+    run: Tensor,
+    longest: Tensor,
+    params: AnomalyParams,
+) -> Records:
+    """Check readings against the devices' records and update them.
+
+    values, low, high, last: (B, F) in units fixed per device (raw, or under a global
+    normalisation); has_residual, n: as for score_and_update (the range restarts with the
+    residual statistics, n = 0); run, longest: (B,). A device's first reading starts both.
+    """
+    scored = has_residual & (n >= max(params.warmup, 2))
+    beyond_range = torch.zeros_like(has_residual)
+    fresh = (n < 1.0).unsqueeze(1)  # statistics (re)started: the range starts at this reading
+    if params.range_tolerance is not None:
+        width = high - low
+        beyond = torch.maximum(values - high, low - values)
+        beyond_range = ((beyond > params.range_tolerance * width) & (width > 0)).any(dim=1)
+    low_new = torch.where(fresh, values, torch.minimum(low, values))
+    high_new = torch.where(fresh, values, torch.maximum(high, values))
+    same = has_residual & (values == last).all(dim=1)
+    run_new = torch.where(same, run + 1.0, torch.ones_like(run))
+    longest_new = torch.where(same | ~has_residual, longest, torch.maximum(longest, run))
+    flat = same & (run_new == longest + 1.0) if params.flat_runs else torch.zeros_like(same)
+    return Records(flat & scored, beyond_range & scored, low_new, high_new, values, run_new, longest_new)
 
 
 def residual_of(x: Tensor, forecast: Tensor) -> Tensor:
@@ -160,17 +222,17 @@ def score_and_update(
     var_one: Tensor,
     streak: Tensor,
     peak: Tensor,
-    values: Tensor,
-    low: Tensor,
-    high: Tensor,
+    broke: Tensor,
+    beyond_range: Tensor,
     params: AnomalyParams,
 ) -> Scored:
     """Score residuals (B,) and fold them into the devices' statistics (all (B,), float32).
 
     has_residual: (B,) bool, False for a device's first reading (no forecast yet): it is not
     scored and leaves the statistics as they are. var: the mean square of short - mean;
-    peak: the recent peak surprise (-log10 tail). values, low, high: (B, F) the readings (in
-    units fixed for the device: raw, or under a global normalisation) and the range so far.
+    peak: the recent peak surprise (-log10 tail). broke, beyond_range: (B,) bool from
+    ``record_breaks``: a reading that breaks a record, or one beyond its range whose residual
+    tail is below 0.01 too, has a tail of at most 10**-RECORD_SURPRISE.
     """
     # A device's first reading (no residual) gets weight 0 everywhere: its statistics stay.
     first = 1.0 / (n + 1.0)
@@ -197,14 +259,8 @@ def score_and_update(
         peak_new = torch.maximum(surprise.clamp_max(PEAK_CAP), peak * params.novelty_decay)
     else:
         reported, peak_new = log_tail, peak
-    fresh = (n < 1.0).unsqueeze(1)  # statistics (re)started: the range starts at this reading
-    low_new = torch.where(fresh, values, torch.minimum(low, values))
-    high_new = torch.where(fresh, values, torch.maximum(high, values))
-    if params.range_tolerance is not None:
-        width = high - low
-        beyond = torch.maximum(values - high, low - values)
-        broke = ((beyond > params.range_tolerance * width) & (width > 0)).any(dim=1) & scored
-        reported = torch.where(broke, reported.clamp_max(LOG_RANGE_TAIL), reported)
+    broke = broke | (beyond_range & (log_tail <= LOG_RANGE_GATE))
+    reported = torch.where(broke, reported.clamp_max(LOG_RECORD_TAIL), reported)
     is_anomaly = scored & (reported <= params.log_tail_threshold)
 
     weight = torch.clamp(first, min=params.long_alpha) * live
@@ -217,4 +273,4 @@ def score_and_update(
     # One select over the stacked statistics, not one per statistic: this runs every step.
     stats = torch.stack([n_new, mean_new, var_new, short_new, var_one_new, streak_new, peak_new], dim=1)
     stats = torch.where(restart.unsqueeze(1), torch.zeros((), dtype=stats.dtype, device=stats.device), stats)
-    return Scored(reported, is_anomaly, restart, *stats.unbind(1), low_new, high_new)
+    return Scored(reported, is_anomaly, restart, *stats.unbind(1))

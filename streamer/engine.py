@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from streamer.anomaly import AnomalyParams, residual_of, score_and_update
+from streamer.anomaly import AnomalyParams, record_breaks, residual_of, score_and_update
 from streamer.errors import StreamerError
 from streamer.features import denormalize, normalize_step, time_features
 from streamer.model import ModelBundle, ModelConfig, StepWeights
@@ -130,8 +130,9 @@ def plan_waves(device_ids: list[str]) -> Plan:
 class StateLayout:
     """Column layout of a device row: h and c of every layer, the last forecast (normalised
     units), the running input normalisation when the model uses one (count, mean, variance per
-    value), then the reading count and the residual statistics of streamer.anomaly, then the
-    range of values (low, high per value) of streamer.anomaly."""
+    value), then the reading count and the residual statistics of streamer.anomaly, then its
+    records: the range of values (low, high per value), the last reading, the current and the
+    longest run of identical readings."""
 
     num_layers: int
     hidden_size: int
@@ -195,8 +196,17 @@ class StateLayout:
         return slice(self.seen + self.STATS + self.values_size, self.seen + self.STATS + 2 * self.values_size)
 
     @property
+    def last(self) -> slice:
+        return slice(self.high.stop, self.high.stop + self.values_size)
+
+    @property
+    def runs(self) -> slice:
+        """The current and the longest finished run of identical readings."""
+        return slice(self.last.stop, self.last.stop + 2)
+
+    @property
     def width(self) -> int:
-        return self.seen + self.STATS + 2 * self.values_size
+        return self.runs.stop
 
 
 def resolve_device(name: str) -> torch.device:
@@ -375,9 +385,13 @@ class Engine:
             x = torch.cat([z, x[:, f:]], dim=1) if x.shape[1] > f else z
         has_forecast = seen >= 1
         residual = torch.where(has_forecast, residual_of(x[:, :f], rows[:, lay.forecast]), torch.zeros_like(seen))
+        run, longest = rows[:, lay.runs].unbind(1)
+        records = record_breaks(
+            values, has_forecast, n, rows[:, lay.low], rows[:, lay.high], rows[:, lay.last], run, longest, self.anomaly
+        )
         scored = score_and_update(
-            residual, has_forecast, n, mean, var, short, var_one, streak, peak,
-            values, rows[:, lay.low], rows[:, lay.high], self.anomaly,
+            residual, has_forecast, n, mean, var, short, var_one, streak, peak, records.broke, records.beyond_range,
+            self.anomaly,
         )
         out, h_new, c_new = self.weights.step(x, h, c)
         parts = [h_new.reshape(b, -1), c_new.reshape(b, -1), out]
@@ -389,5 +403,5 @@ class Engine:
             [seen + 1.0, scored.n, scored.mean, scored.var, scored.short, scored.var_one, scored.streak, scored.peak],
             dim=1,
         )
-        self.table.scatter(slots, torch.cat(parts + [stats, scored.low, scored.high], dim=1))
+        self.table.scatter(slots, torch.cat(parts + [stats, records.columns()], dim=1))
         return out, scored.log_tail, scored.is_anomaly, residual

@@ -233,6 +233,9 @@ class AnomalySettings(Section):
         description="a reading beyond the device's range of values by more than this fraction of it scores at "
         "least 0.99999 (none: off)",
     )
+    flat_runs: bool = Field(
+        True, description="a run of identical readings longer than any the device finished scores at least 0.99999"
+    )
 
 
 class MetricsSettings(Section):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.anomaly import AnomalyParams, score_and_update
+from streamer.anomaly import AnomalyParams, record_breaks, score_and_update
 from streamer.engine import Engine, ReadingBatch
 from streamer.settings import AnomalySettings
 from tests.conftest import make_bundle
@@ -15,20 +15,25 @@ from tests.conftest import make_bundle
 def run_scores(
     residuals: np.ndarray, params: AnomalyParams, readings: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Feed (T, B) residuals (and readings (T, B, F), by default constant: never out of their
-    range) through score_and_update -> (anomaly score, flags), both (T, B)."""
+    """Feed (T, B) residuals and readings (T, B, F) through record_breaks and score_and_update
+    -> (anomaly score, flags), both (T, B). Readings default to a different constant per step:
+    never out of range, never a run."""
     t_len, b = residuals.shape
-    readings = np.zeros((t_len, b, 1)) if readings is None else readings
-    n, mean, var, short, var_one, streak, peak = (torch.zeros(b) for _ in range(7))
-    low = high = torch.zeros(b, readings.shape[2])
+    if readings is None:
+        readings = np.tile((np.arange(t_len) % 2)[:, None, None], (1, b, 1))
+    n, mean, var, short, var_one, streak, peak, run, longest = (torch.zeros(b) for _ in range(9))
+    low = high = last = torch.zeros(b, readings.shape[2])
     scores, flags = np.zeros((t_len, b)), np.zeros((t_len, b), bool)
-    has = torch.ones(b, dtype=torch.bool)
     for t in range(t_len):
+        has = torch.full((b,), t > 0)
         residual = torch.from_numpy(residuals[t]).float()
         values = torch.from_numpy(readings[t]).float()
-        s = score_and_update(residual, has, n, mean, var, short, var_one, streak, peak, values, low, high, params)
+        r = record_breaks(values, has, n, low, high, last, run, longest, params)
+        low, high, last, run, longest = r.low, r.high, r.last, r.run, r.longest
+        s = score_and_update(
+            residual, has, n, mean, var, short, var_one, streak, peak, r.broke, r.beyond_range, params
+        )
         n, mean, var, short, var_one, streak, peak = s.n, s.mean, s.var, s.short, s.var_one, s.streak, s.peak
-        low, high = s.low, s.high
         scores[t] = -np.expm1(s.log_tail.double().numpy())
         flags[t] = s.is_anomaly.numpy()
     return scores, flags
@@ -120,22 +125,41 @@ def test_a_lasting_change_stops_being_flagged(shift: float):
     assert len(late[0.05]) <= 3, late[0.05]
 
 
-def test_a_reading_beyond_the_range_is_flagged_whatever_its_residual():
-    """Readings in [0, 1] with residuals that never change: 1.2 (20% of the range beyond it) on
-    feature 2 scores at least 1 - 1e-5 and is flagged; 1.04 (within the tolerance) is not; a
-    break is judged on the range before the reading, which then widens."""
+def test_a_reading_beyond_the_range_with_an_unusual_residual_is_flagged():
+    """Readings in [0, 1], residuals |N(0, 1)|. On feature 2: 1.2 (20% of the range beyond it)
+    with a residual of 3.5 (tail below 0.01, above 1e-4: not flagged by itself) scores
+    1 - 1e-5 and is flagged; 1.04 (within the tolerance) with the same residual is not; 1.2
+    with an ordinary residual is not (the forecast saw it coming). A slow trend breaks nothing."""
     rng = np.random.default_rng(7)
     t_len = 600
     readings = rng.uniform(size=(t_len, 1, 2))
-    readings[:300, 0, 1] = np.linspace(0.0, 1.0, 300)  # a slow trend breaks nothing
-    readings[400, 0, 1] = 1.04
-    readings[500, 0, 1] = 1.2
-    residuals = np.full((t_len, 1), 0.5)
+    readings[:200, 0, 1] = np.linspace(0.0, 1.0, 200)
+    residuals = np.abs(rng.normal(size=(t_len, 1)))
+    readings[300, 0, 1], residuals[300] = 1.2, 0.5
+    readings[400, 0, 1], residuals[400] = 1.04, 3.5
+    readings[500, 0, 1], residuals[500] = 1.3, 3.5
     scores, flags = run_scores(residuals, AnomalyParams(), readings)
     assert np.flatnonzero(flags[:, 0]).tolist() == [500]
-    assert scores[500, 0] == pytest.approx(1 - 1e-5, abs=1e-9)  # the residuals alone: unsurprising
+    assert scores[500, 0] == pytest.approx(1 - 1e-5, abs=1e-9)
+    assert 0.99 < scores[400, 0] < 0.9999
     off, off_flags = run_scores(residuals, AnomalyParams(range_tolerance=None), readings)
-    assert not off_flags.any() and off[500, 0] < 0.5
+    assert not off_flags.any() and 0.99 < off[500, 0] < 0.9999
+
+
+def test_a_run_of_identical_readings_longer_than_any_before_is_flagged_once():
+    """Noise, then a sensor stuck at its last value for 6 readings (a run of 7 identical
+    readings): flagged at the first repeat only; stuck for 4 later sets no record; stuck for 9
+    breaks it at the run's 8th reading; off with flat_runs=False. Residuals never change, so
+    only records can flag."""
+    rng = np.random.default_rng(9)
+    readings = rng.normal(size=(1000, 1, 2))
+    for start, length in ((300, 6), (500, 4), (700, 9)):
+        readings[start : start + length] = readings[start - 1]
+    residuals = np.full((1000, 1), 0.5)
+    _, flags = run_scores(residuals, AnomalyParams(range_tolerance=None), readings)
+    assert np.flatnonzero(flags[:, 0]).tolist() == [300, 706]
+    _, off = run_scores(residuals, AnomalyParams(range_tolerance=None, flat_runs=False), readings)
+    assert not off.any()
 
 
 def test_range_breaks_on_stationary_noise_are_rare():
