@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.streamer-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-8)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-kafka demo bench nab kafka-start kafka-stop clean-venv
+.PHONY: install test test-unit test-kafka demo bench bench-scale bench-gpu nab kafka-start kafka-stop clean-venv deploy-tools
 
 install: $(STAMP)
 
@@ -34,11 +34,27 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/engine_vs.py
+	$(BIN)/python bench/codecs.py
+	$(BIN)/python bench/kafka_clients.py
+	$(BIN)/python bench/latency.py
+
+# A table of 10M devices on this host (about 6 GiB at the defaults; see bench/scale.py).
+bench-scale: install
+	$(BIN)/python bench/scale.py
+
+# The fused GPU step against nn.LSTM and cuDNN, then the equivalence tests on CUDA.
+bench-gpu: install
+	$(BIN)/python bench/gpu_check.py
 
 # The NAB series in ../shared/data/nab (or NAB_DATA) through the replay engine, scored by NAB's method.
 NAB_DATA ?= $(CURDIR)/../shared/data/nab
 nab: install
 	$(BIN)/python bench/nab.py --data $(NAB_DATA)
+
+# prometheus and promtool (Debian's package) for tests/test_deploy.py and the observability test,
+# which skip without them; as root on Debian or Ubuntu.
+deploy-tools:
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 kafka-start:
 	deploy/kafka/local-kafka start

@@ -59,29 +59,9 @@ def timed(fn, min_seconds: float = 2.0, min_runs: int = 3) -> float:
     return float(np.median(runs))
 
 
-def bench_engine(device: str) -> None:
-    config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
-    model = init_random_model(config, seed=0)
-    bundle = ModelBundle(model, config, "bench", None)
-    rng = np.random.default_rng(0)
-    for batch in (1024, 16384, 131072):
-        engine = Engine.build(bundle, capacity=batch, device=device)
-        ids = [f"d{i}" for i in range(batch)]
-        values = rng.normal(size=(batch, FEATURES)).astype(np.float32)
-        readings = ReadingBatch(ids, np.zeros(batch), values)
-        seconds = timed(lambda: engine.step(readings, now=0.0))
-        # Without the CPU-side planning (waves, slots): gather, score, LSTM step, scatter.
-        plan = plan_waves(ids)
-        slots = engine.table.acquire(plan.unique, now=0.0).slots
-
-        def kernel() -> None:
-            engine._execute(plan, slots, values, readings.ts)
-
-        kernel_seconds = timed(kernel)
-        emit(figure="engine_step", device=str(engine.device), batch=batch, hidden=HIDDEN, layers=LAYERS,
-             device_steps_per_s=round(batch / seconds), step_ms=round(seconds * 1e3, 3),
-             kernel_device_steps_per_s=round(batch / kernel_seconds))
-    # The note's way: one dict of per-device states, nn.LSTM on a batch of one per reading.
+def naive_per_message(model: torch.nn.Module, rng: np.random.Generator) -> float:
+    """Device-steps/s of the note's way: one dict of per-device states, nn.LSTM on a batch of
+    one per reading (CPU)."""
     states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     n_devices, n_readings = 1000, 5000
     xs = torch.from_numpy(rng.normal(size=(n_readings, 1, 1, FEATURES)).astype(np.float32))
@@ -93,9 +73,38 @@ def bench_engine(device: str) -> None:
                 _, hidden = model(xs[i], states.get(key))
                 states[key] = hidden
 
-    seconds = timed(naive, min_seconds=3.0)
-    emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS,
-         device_steps_per_s=round(n_readings / seconds))
+    return n_readings / timed(naive, min_seconds=3.0)
+
+
+def bench_engine(device: str) -> None:
+    """Engine.step over B distinct devices, float32 and bfloat16 state, as a ratio of the
+    per-message loop measured in the same process."""
+    config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
+    model = init_random_model(config, seed=0)
+    bundle = ModelBundle(model, config, "bench", None)
+    rng = np.random.default_rng(0)
+    naive = naive_per_message(model, rng)
+    emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS, device_steps_per_s=round(naive))
+    for state_dtype in (torch.float32, torch.bfloat16):
+        for batch in (1024, 16384, 131072):
+            engine = Engine.build(bundle, capacity=batch, device=device, state_dtype=state_dtype)
+            ids = [f"d{i}" for i in range(batch)]
+            values = rng.normal(size=(batch, FEATURES)).astype(np.float32)
+            readings = ReadingBatch(ids, np.zeros(batch), values)
+            seconds = timed(lambda: engine.step(readings, now=0.0))
+            # Without the CPU-side planning (waves, slots): gather, score, LSTM step, scatter.
+            plan = plan_waves(ids)
+            slots = engine.table.acquire(plan.unique, now=0.0).slots
+
+            def kernel() -> None:
+                engine._execute(plan, slots, values, readings.ts)
+
+            kernel_seconds = timed(kernel)
+            emit(figure="engine_step", device=str(engine.device), batch=batch, hidden=HIDDEN, layers=LAYERS,
+                 state_dtype=str(state_dtype).removeprefix("torch."), fused=engine.lstm.fused,
+                 device_steps_per_s=round(batch / seconds), step_ms=round(seconds * 1e3, 3),
+                 kernel_device_steps_per_s=round(batch / kernel_seconds),
+                 vs_naive_per_message=round(batch / seconds / naive, 1))
 
 
 def start_broker() -> tuple[str, dict | None]:
@@ -168,7 +177,7 @@ def passthrough(bootstrap: str, topic: str) -> float:
 def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
     from prometheus_client import CollectorRegistry
 
-    from streamer.kafka import make_consumer, make_producer
+    from streamer.kafka import open_consumer, open_producer
     from streamer.metrics import Health, Metrics
     from streamer.pipeline import Pipeline
     from streamer.service import build_engine
@@ -185,8 +194,8 @@ def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
     })
     ensure_topics(bootstrap, {f"{topic}-predictions": E2E_PARTITIONS, f"{topic}-dlq": 1})
     engine = build_engine(settings)
-    consumer = make_consumer(settings.kafka, settings.batch.max_records)
-    producer = make_producer(settings.kafka)
+    consumer = open_consumer(settings.kafka, settings.batch.max_records)
+    producer = open_producer(settings.kafka)
     pipeline = Pipeline(settings, engine, consumer, producer, Metrics(CollectorRegistry()), Health(60))
     pipeline.subscribe()
     stop = threading.Event()
@@ -195,8 +204,8 @@ def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
         if pipeline.run_once(stop) and started is None:
             started = time.perf_counter()  # from the first batch, like the baselines
     seconds = time.perf_counter() - started
-    producer.close()
-    consumer.close()
+    producer.close(5)
+    consumer.close(5)
     return seconds
 
 

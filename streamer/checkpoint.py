@@ -18,7 +18,7 @@ File format (little endian), no pickle:
 ``model_version`` and ``model_config`` name the model that applies the partition's readings from
 ``offset`` on (the run loop writes a checkpoint of every owned partition at each model switch),
 so a loader can tell whether replaying from a checkpoint would cross a switch (see
-``DirectoryCheckpointStore.load_latest``).
+``pick_latest``).
 
 Files are written to a temporary name, fsynced and renamed into place, so a reader sees a whole
 checkpoint or none; a write that fails removes its temporary file. The checksum refuses a torn
@@ -26,6 +26,9 @@ or corrupted one, and the loader falls back to the previous checkpoint.
 ``DirectoryCheckpointStore`` keeps them as <root>/<group>/<topic>/<partition>/<offset>.ckpt: on a
 local disk for one host, or on a directory shared by several hosts (NFS and the like: rename is
 atomic there too), which is how processes on different hosts hand partitions over.
+``checkpoint_kafka.KafkaCheckpointStore`` keeps the same bytes in a compacted changelog topic, so
+that hosts share nothing but the brokers. Both are a ``CheckpointStore`` (checkpoint.store selects
+one) and pick what to load by the same rules (``pick_latest``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import logging
 import os
 import struct
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,13 +159,94 @@ def decode(data: bytes, path: object = "<bytes>") -> Checkpoint:
 
 @dataclass(frozen=True)
 class Refused:
-    """A checkpoint file skipped while loading, and why."""
+    """A checkpoint skipped while loading, and why: ``path`` is its file (directory store) or its
+    changelog key (Kafka store)."""
 
-    path: Path
+    path: Path | str
     reason: str
 
 
-class DirectoryCheckpointStore:
+class CheckpointStore(ABC):
+    """Where checkpoints of one consumer group go: save one, load the newest usable one.
+
+    ``save`` is atomic: a reader sees a whole checkpoint or none, and the last ``keep`` of a
+    partition are kept. ``load_latest`` follows ``pick_latest``'s rules."""
+
+    keep: int
+
+    @abstractmethod
+    def save(self, checkpoint: Checkpoint) -> object:
+        """Store ``checkpoint`` (replacing one at the same offset) and prune beyond ``keep``;
+        returns where it went. Raises OSError or StreamerError when it could not be stored."""
+
+    @abstractmethod
+    def offsets(self, topic: str, partition: int) -> list[int]:
+        """Offsets of the stored checkpoints of a partition, newest (highest) first, unverified."""
+
+    @abstractmethod
+    def load_latest(
+        self,
+        topic: str,
+        partition: int,
+        width: int,
+        max_offset: int | None = None,
+        model: ModelStamp | None = None,
+    ) -> tuple[Checkpoint | None, list[Refused]]:
+        """The newest usable checkpoint with offset <= ``max_offset``, and those refused on the way
+        (see ``pick_latest``)."""
+
+    def close(self) -> None:
+        """Release what the store holds open (clients); nothing by default."""
+
+
+Candidate = tuple[int, "Path | str", Callable[[], bytes]]  # (offset, where, read its bytes)
+
+
+def pick_latest(
+    candidates: Iterable[Candidate],
+    topic: str,
+    partition: int,
+    width: int,
+    max_offset: int | None = None,
+    model: ModelStamp | None = None,
+) -> tuple[Checkpoint | None, list[Refused]]:
+    """The newest usable checkpoint of ``candidates`` (newest first) with offset <= ``max_offset``
+    (when given), and those refused on the way.
+
+    One that cannot be read or verified (``read`` raises OSError or CheckpointError) is refused
+    and the previous one tried. One of another row width, or (when ``model`` is given) of another
+    model version, was written under another model than this one: replaying from it would cross
+    a model switch, and so would replaying from any older one, so the search stops there with
+    nothing usable. The one exception is a checkpoint of another version but the same model
+    config at ``max_offset`` itself: nothing to replay, and its rows carry over to the new model
+    as a hot reload carries them.
+    """
+    refused: list[Refused] = []
+    for offset, where, read in candidates:
+        if max_offset is not None and offset > max_offset:
+            continue  # ahead of the group's committed offset: not this group's history
+        try:
+            checkpoint = decode(read(), where)
+        except (OSError, CheckpointError) as exc:
+            reason = exc.reason if isinstance(exc, CheckpointError) else str(exc)
+            log.warning("checkpoint %s refused: %s; trying the previous one", where, reason)
+            refused.append(Refused(where, reason))
+            continue
+        if checkpoint.topic != topic or checkpoint.partition != partition:
+            refused.append(Refused(where, f"belongs to {checkpoint.topic}[{checkpoint.partition}]"))
+            continue
+        if max_offset is not None and checkpoint.offset > max_offset:
+            continue
+        reason = _model_mismatch(checkpoint, width, model, max_offset)
+        if reason is not None:
+            log.warning("checkpoint %s refused: %s; no older one is used either", where, reason)
+            refused.append(Refused(where, reason))
+            return None, refused
+        return checkpoint, refused
+    return None, refused
+
+
+class DirectoryCheckpointStore(CheckpointStore):
     """Checkpoints as files under ``root``/<group>/<topic>/<partition>/, the last ``keep`` kept."""
 
     def __init__(self, root: Path, group_id: str, keep: int = 3) -> None:
@@ -214,6 +300,9 @@ class DirectoryCheckpointStore:
                 log.debug("could not prune %s: %s", old, exc)
         return path
 
+    def offsets(self, topic: str, partition: int) -> list[int]:
+        return [int(path.stem) for path in self.paths(topic, partition)]
+
     def load_latest(
         self,
         topic: str,
@@ -222,40 +311,9 @@ class DirectoryCheckpointStore:
         max_offset: int | None = None,
         model: ModelStamp | None = None,
     ) -> tuple[Checkpoint | None, list[Refused]]:
-        """The newest usable checkpoint with offset <= ``max_offset`` (when given), and the
-        files refused on the way.
-
-        A corrupt or truncated file is refused and the previous one tried. A file of another row
-        width, or (when ``model`` is given) of another model version, was written under another
-        model than this one: replaying from it would cross a model switch, and so would
-        replaying from any older one, so the search stops there with nothing usable. The one
-        exception is a checkpoint of another version but the same model config at
-        ``max_offset`` itself: nothing to replay, and its rows carry over to the new model as a
-        hot reload carries them.
-        """
-        refused: list[Refused] = []
-        for path in self.paths(topic, partition):
-            if max_offset is not None and int(path.stem) > max_offset:
-                continue  # ahead of the group's committed offset: not this group's history
-            try:
-                checkpoint = decode(path.read_bytes(), path)
-            except (OSError, CheckpointError) as exc:
-                reason = exc.reason if isinstance(exc, CheckpointError) else str(exc)
-                log.warning("checkpoint %s refused: %s; trying the previous one", path, reason)
-                refused.append(Refused(path, reason))
-                continue
-            if checkpoint.topic != topic or checkpoint.partition != partition:
-                refused.append(Refused(path, f"belongs to {checkpoint.topic}[{checkpoint.partition}]"))
-                continue
-            if max_offset is not None and checkpoint.offset > max_offset:
-                continue
-            reason = _model_mismatch(checkpoint, width, model, max_offset)
-            if reason is not None:
-                log.warning("checkpoint %s refused: %s; no older one is used either", path, reason)
-                refused.append(Refused(path, reason))
-                return None, refused
-            return checkpoint, refused
-        return None, refused
+        """The newest usable checkpoint file (``pick_latest``); a file that cannot be read is refused."""
+        candidates = ((int(path.stem), path, path.read_bytes) for path in self.paths(topic, partition))
+        return pick_latest(candidates, topic, partition, width, max_offset, model)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
   streamer train     train the LSTM on CSV/Parquet or simulated history, write a model file
   streamer replay    device histories through the engine, no broker: a results table and plots
   streamer check-config  the settings `run` would use, secrets masked
+  streamer topics create  the input, output, dead-letter and checkpoint topics, as settings say
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamer")
 
+MIN_BOOTSTRAP_S = 5.0  # topics create waits at least this long for a broker (kafka.startup_wait_s when longer)
 MAX_BAD_ROWS_SHOWN = 20  # train and replay --on-bad skip: rows printed, then a count
 
 
@@ -95,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--anomaly-rate", type=float, default=0.002, help="probability per reading that an anomaly starts")
     sim.add_argument("--seed", type=int, default=0, help="random seed of the fleet")
     sim.add_argument("--labels", type=Path, default=None, help="write the injected anomalies here (JSON lines)")
+    sim.add_argument("--format", dest="message_format", choices=("json", "arrow"), default="json",
+                     help="json: a message per reading, keyed by device; arrow: batch messages of a gateway's "
+                     "devices (README, Topics and messages) [default: json]")
+    sim.add_argument("--batch-rows", type=_positive_int, default=None, metavar="N",
+                     help="with --format arrow: devices per gateway, the readings of one batch message [default: 1000]")
     sim.add_argument("--progress-interval", type=_non_negative_float, default=5.0, metavar="S",
                      help="seconds between progress lines on stderr (0: none) [default: 5]")
     sim.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
@@ -159,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--version", default=None, help="model version string (default: derived from the settings)")
     train.set_defaults(handler=_train)
     _add_replay_parser(commands)
+    _add_topics_parser(commands)
     return parser
 
 
@@ -167,13 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_settings_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
     """One flag per setting, --<section>-<field>, whose help names its environment variable;
-    of ``sections`` only, when given (the others still come from env, config file, default)."""
+    of ``sections`` only, when given (the others still come from env, config file, default).
+    The parsed namespace's ``setting_flags`` names the (section, name) pairs the command offers."""
+    offered: set[tuple[str, str]] = set(parser.get_default("setting_flags") or ())
     for section, section_field in Settings.model_fields.items():
         if sections is not None and section not in sections:
             continue
         group = parser.add_argument_group(f"{section} settings")
         model_cls = section_field.annotation
         assert isinstance(model_cls, type) and issubclass(model_cls, BaseModel)
+        offered |= {(section, name) for name in model_cls.model_fields}
         for name, info in model_cls.model_fields.items():
             flag = flag_name(section, name)
             choices = _literal_choices(info.annotation)
@@ -185,6 +196,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, sections: tuple[str, ..
                 metavar=_metavar(info.annotation, choices),
                 help=help_text + f" [default: {info.default}]",
             )
+    parser.set_defaults(setting_flags=frozenset(offered))
 
 
 def _literal_choices(annotation: Any) -> tuple[str, ...] | None:
@@ -218,16 +230,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         return load_settings(overrides, config_file)
     except ValidationError as exc:
-        raise StreamerError(_describe_validation(exc)) from None
+        raise StreamerError(_describe_validation(exc, getattr(args, "setting_flags", None))) from None
 
 
-def _describe_validation(exc: ValidationError) -> str:
-    """One line: each bad value with its setting, flag and variable, separated by "; "."""
+def _describe_validation(exc: ValidationError, offered: set[tuple[str, str]] | None = None) -> str:
+    """One line: each bad value with its setting, flag (where the command has one, ``offered``:
+    (section, name) pairs; None: every setting's) and variable, separated by "; "."""
     problems = []
     for error in exc.errors(include_url=False):
         loc = [str(p) for p in error["loc"]]
         if len(loc) >= 2 and (loc[0], loc[1]) in setting_names():
-            where = describe_setting(loc[0], loc[1])
+            where = describe_setting(loc[0], loc[1], offered is None or (loc[0], loc[1]) in offered)
         elif len(loc) >= 2:  # e.g. a key in STREAMER_KAFKA='{...}': name no flag that does not exist
             match = closest_setting(loc[0], loc[1])
             where = f"{loc[0]}.{loc[1]} (not a setting{'; did you mean ' + describe_setting(*match) if match else ''})"
@@ -245,7 +258,7 @@ def _describe_validation(exc: ValidationError) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    _setup_logging(settings.run.log_level)
+    _setup_logging(settings.run.log_level, settings.run.log_format)
     _require_model_path(settings)
     if settings.metrics.enabled:
         _check_metrics_port(settings.metrics.host, settings.metrics.port)
@@ -311,6 +324,49 @@ def _toml(tree: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+# --- topics ------------------------------------------------------------------------------------
+
+
+def _add_topics_parser(commands: argparse._SubParsersAction) -> None:
+    topics = commands.add_parser(
+        "topics",
+        help="create the Kafka topics streamer uses",
+        description="Manage the Kafka topics streamer uses.",
+    )
+    actions = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        help="create the input, output and dead-letter topics (and the checkpoint changelog)",
+        description="Create the input, output and dead-letter topics with the partitions, replication factor "
+        "and retention of the settings section `topics`, and, with checkpoint.store = kafka, the checkpoint "
+        "changelog (cleanup.policy=compact). Topics that exist are left as they are. Prints one JSON object.",
+    )
+    create.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
+    _add_settings_flags(create, ("kafka", "topics", "checkpoint"))
+    create.set_defaults(handler=_topics_create)
+
+
+def _topics_create(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    _setup_logging(settings.run.log_level, settings.run.log_format)
+    from streamer.kafka import ensure_topics
+    from streamer.kafka.clients import security_config
+    from streamer.kafka.topics import topic_specs
+
+    kafka = settings.kafka
+    specs = topic_specs(settings)
+    created = ensure_topics(
+        kafka.bootstrap_servers, specs, kafka.client_id, security=security_config(kafka),
+        bootstrap_timeout_ms=int(max(MIN_BOOTSTRAP_S, kafka.startup_wait_s) * 1000),
+    )
+    print(json.dumps({"topics": [
+        {"name": name, "partitions": spec.partitions, "replication_factor": spec.replication_factor,
+         "configs": spec.configs, "created": name in created}
+        for name, spec in specs.items()
+    ]}), flush=True)
+    return 0
+
+
 # --- simulate, train ---------------------------------------------------------------------------
 
 
@@ -329,14 +385,16 @@ class _DeprecatedAlias(argparse.Action):
 
 def _simulate(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    _setup_logging(settings.run.log_level)
+    _setup_logging(settings.run.log_level, settings.run.log_format)
     from streamer.kafka.clients import security_config
-    from streamer.simulate import FleetSpec, run_simulator
+    from streamer.simulate import DEFAULT_BATCH_ROWS, FleetSpec, run_simulator
 
     if args.duration is None and args.max_readings is None:
         raise StreamerError("simulate needs --duration or --max-readings")
     if not 0 <= args.anomaly_rate <= 1:
         raise StreamerError(f"--anomaly-rate must be in [0, 1], got {args.anomaly_rate}")
+    if args.batch_rows is not None and args.message_format != "arrow":
+        raise StreamerError("--batch-rows applies to --format arrow only")
     spec = FleetSpec(devices=args.devices, features=args.features, seed=args.seed, anomaly_rate=args.anomaly_rate)
     kafka = settings.kafka
     last = [0, 0.0]  # readings sent and seconds at the previous progress line
@@ -358,6 +416,8 @@ def _simulate(args: argparse.Namespace) -> int:
         producer_config={"client_id": kafka.client_id, **security_config(kafka)},
         progress=progress if args.progress_interval > 0 else None,
         progress_interval_s=args.progress_interval or 5.0,
+        message_format=args.message_format,
+        batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS,
     )
     print(json.dumps({"simulated": summary.__dict__}), flush=True)
     return 0
@@ -501,7 +561,7 @@ def _add_replay_parser(commands: argparse._SubParsersAction) -> None:
 def _replay(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     settings = settings_from_args(args)
-    _setup_logging(settings.run.log_level)
+    _setup_logging(settings.run.log_level, settings.run.log_format)
     from streamer.history import load_histories
     from streamer.replay import check_output_file, make_output_dir, plot_devices, plot_page, replay
     from streamer.service import build_engine
@@ -585,9 +645,22 @@ def _version() -> str:
         return __version__
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+def log_formatter(log_format: str) -> logging.Formatter:
+    """text: a readable line per record; json: one object per line with timestamp (ISO 8601,
+    UTC), level, name, message and the record's context fields (``extra``: topic, partition...)."""
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        return JsonFormatter("{levelname}{name}{message}", style="{", rename_fields={"levelname": "level"}, timestamp=True)
+    return logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(log_format))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("librdkafka").setLevel(logging.WARNING)  # confluent-kafka's, see streamer/kafka/confluent.py
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from torch import Tensor
 from streamer.anomaly import AnomalyParams, record_breaks, residual_of, score_and_update
 from streamer.errors import StreamerError
 from streamer.features import denormalize, normalize_step, time_features
-from streamer.model import ModelBundle, ModelConfig, StepWeights
+from streamer.kernels import make_lstm_step
+from streamer.model import ModelBundle, ModelConfig
 from streamer.state import DeviceStateTable
 
 CPU_ROWS_PER_STEP = 4096
@@ -98,6 +99,9 @@ class Plan:
 
 def plan_waves(device_ids: list[str]) -> Plan:
     """Group readings into waves: the j-th reading of each device goes in wave j."""
+    if len(dict.fromkeys(device_ids)) == len(device_ids):  # one reading per device (C speed)
+        every = np.arange(len(device_ids))
+        return Plan(list(device_ids), every, [(every, every)] if device_ids else [])
     position: dict[str, int] = {}
     count: list[int] = []
     first: list[int] = []
@@ -235,7 +239,8 @@ class Engine:
         self._serve(bundle)
 
     def _serve(self, bundle: ModelBundle) -> None:
-        self.weights = StepWeights(bundle.model, self.device)
+        # The LSTM step: the fused Triton kernel on CUDA, torch ops elsewhere (streamer.kernels).
+        self.lstm = make_lstm_step(bundle.model, self.device, self.table.lead_dtype)
         norm = bundle.normalization
         self._mean = norm.mean.to(self.device) if norm else None
         self._std = norm.std.to(self.device) if norm else None
@@ -250,9 +255,15 @@ class Engine:
         device: str = "auto",
         ttl_seconds: float | None = None,
         anomaly: AnomalyParams | None = None,
+        state_dtype: torch.dtype = torch.float32,
     ) -> "Engine":
+        """state_dtype: of the LSTM's h and c in the table (float32 or bfloat16; the rest of a
+        row stays float32). The bfloat16 error bound is in streamer.kernels."""
         layout = StateLayout.of(bundle.config)
-        table = DeviceStateTable(capacity, layout.width, resolve_device(device), ttl_seconds=ttl_seconds)
+        table = DeviceStateTable(
+            capacity, layout.width, resolve_device(device), ttl_seconds=ttl_seconds,
+            lead_width=layout.c.stop, lead_dtype=state_dtype,
+        )
         return cls(bundle, table, anomaly)
 
     @property
@@ -271,7 +282,10 @@ class Engine:
         if reset:
             self.layout = StateLayout.of(bundle.config)
             old = self.table
-            self.table = DeviceStateTable(old.capacity, self.layout.width, old.device, ttl_seconds=old.ttl_seconds)
+            self.table = DeviceStateTable(
+                old.capacity, self.layout.width, old.device, ttl_seconds=old.ttl_seconds,
+                lead_width=self.layout.c.stop, lead_dtype=old.lead_dtype,
+            )
         self._serve(bundle)
         return reset
 
@@ -370,10 +384,9 @@ class Engine:
         says so. Returns (forecast in reading units, or normalised units under a global
         normalisation (undone by the caller), ln tail, flags, residual), each over b readings.
         """
-        lay, b, f = self.layout, len(slots), self.config.values_size
-        rows = self.table.gather(slots)
-        h = rows[:, lay.h].view(b, lay.num_layers, lay.hidden_size)
-        c = rows[:, lay.c].view(b, lay.num_layers, lay.hidden_size)
+        lay, f = self.layout, self.config.values_size
+        # h and c: read by the LSTM step from these rows, or from the table itself (reads_lead).
+        rows = self.table.gather(slots, lead=not self.lstm.reads_lead)
         s = lay.seen
         seen, n, mean, var, short, var_one, streak, peak = rows[:, s : s + lay.STATS].unbind(1)
         values = x[:, :f]
@@ -393,8 +406,8 @@ class Engine:
             residual, has_forecast, n, mean, var, short, var_one, streak, peak, records.broke, records.beyond_range,
             self.anomaly,
         )
-        out, h_new, c_new = self.weights.step(x, h, c)
-        parts = [h_new.reshape(b, -1), c_new.reshape(b, -1), out]
+        out = self.lstm(x, slots, rows, self.table.lead)  # h and c of the slots written in the table
+        parts = [out]
         if lay.device_norm:
             count = torch.where(scored.restart, torch.zeros_like(seen), rows[:, lay.norm_count] + 1.0)
             parts += [count.unsqueeze(1), norm_mean, norm_var]
@@ -403,5 +416,5 @@ class Engine:
             [seen + 1.0, scored.n, scored.mean, scored.var, scored.short, scored.var_one, scored.streak, scored.peak],
             dim=1,
         )
-        self.table.scatter(slots, torch.cat(parts + [stats, records.columns()], dim=1))
+        self.table.scatter(slots, torch.cat(parts + [stats, records.columns()], dim=1), start=lay.forecast.start)
         return out, scored.log_tail, scored.is_anomaly, residual

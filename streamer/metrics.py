@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from streamer.records import DeadLetterReason
+
 # Steps take tens of microseconds to tens of milliseconds.
 STEP_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 BATCH_SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
@@ -26,6 +28,10 @@ LATENCY_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 
 # replayed backlog, not latency: they are counted apart and kept out of the latency histogram.
 EVENT_TIME_FUTURE_S = 300.0
 EVENT_TIME_PAST_S = 7 * 24 * 3600.0
+# Label values of counters that are exported at 0 from the start, so that rate() and alerts on
+# them have a series before the first event (a labelled child exists only once created).
+RECOVERY_OUTCOMES = ("checkpoint", "fresh", "no_checkpoint")
+MODEL_RELOAD_OUTCOMES = ("loaded", "reset", "failed")
 
 
 def split_skewed(
@@ -96,6 +102,8 @@ class Metrics:
         self.dead_letters = Counter(
             "streamer_dead_letters", "Messages sent to the dead-letter topic", ["reason"], registry=registry
         )
+        for reason in DeadLetterReason:
+            self.dead_letters.labels(reason=reason.value)
         self.anomalies = Counter("streamer_anomalies", "Readings flagged as anomalous", registry=registry)
         self.evictions = Counter(
             "streamer_evictions", "Devices evicted from the state table", ["reason"], registry=registry
@@ -138,6 +146,7 @@ class Metrics:
         self.consumer_lag = Gauge(
             "streamer_consumer_lag", "Records behind the partition's end", ["topic", "partition"], registry=registry
         )
+        self._lag_series: set[tuple[str, str]] = set()  # (topic, partition) series consumer_lag has
         self.active_devices = Gauge("streamer_active_devices", "Devices in the state table", registry=registry)
         self.table_capacity = Gauge("streamer_table_capacity", "Rows of the state table", registry=registry)
         self.model_info = Gauge("streamer_model_info", "The model being served", ["version"], registry=registry)
@@ -147,8 +156,10 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        for outcome in RECOVERY_OUTCOMES:
+            self.recoveries.labels(outcome=outcome)
         self.replayed = Counter(
-            "streamer_replayed_messages", "Input messages replayed with output suppressed", registry=registry
+            "streamer_replayed_messages", "Readings replayed with output suppressed (a batch message counts its rows)", registry=registry
         )
         self.checkpoints = Counter("streamer_checkpoints", "Partition checkpoints written", registry=registry)
         self.checkpoint_failures = Counter(
@@ -166,6 +177,8 @@ class Metrics:
             "streamer_model_reloads", "Model file changes seen, by outcome (loaded; reset: a new shape, table emptied; failed)", ["outcome"],
             registry=registry,
         )
+        for outcome in MODEL_RELOAD_OUTCOMES:
+            self.model_reloads.labels(outcome=outcome)
         self.group_rejoins = Counter(
             "streamer_group_rejoins_forced", "Rejoins forced on a consumer found stuck outside its group",
             registry=registry,
@@ -224,14 +237,21 @@ class Metrics:
             self.dead_letters.labels(reason=reason).inc(count)
 
     def on_lag(self, lag: Mapping[tuple[str, int], int]) -> None:
+        """``lag`` covers the partitions owned now: the series of any other partition (revoked,
+        lost) is removed, not left at its last value."""
+        series = {(topic, str(partition)) for topic, partition in lag}
+        for gone in self._lag_series - series:
+            self.consumer_lag.remove(*gone)
+        self._lag_series = series
         for (topic, partition), value in lag.items():
             self.consumer_lag.labels(topic=topic, partition=str(partition)).set(value)
 
     def on_recovery(self, outcome: str) -> None:
         self.recoveries.labels(outcome=outcome).inc()
 
-    def on_replayed(self, messages: int) -> None:
-        self.replayed.inc(messages)
+    def on_replayed(self, readings: int) -> None:
+        """Readings applied again after a recovery, output suppressed (a batch message counts its rows)."""
+        self.replayed.inc(readings)
 
     def on_checkpoint(self, seconds: float) -> None:
         self.checkpoints.inc()

@@ -25,17 +25,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer
-from kafka.structs import OffsetAndMetadata, TopicPartition
-
-from streamer.checkpoint import Checkpoint, DirectoryCheckpointStore, ModelStamp
+from streamer.checkpoint import Checkpoint, CheckpointStore, ModelStamp
 from streamer.engine import Engine
+from streamer.kafka.abstract import Consumer, KafkaClientError, RebalanceHooks, TopicPartition
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+BROKER_CALL_TIMEOUT_S = 30.0  # committed offsets and positions asked for during recovery
 
 
 @dataclass
@@ -64,6 +65,28 @@ class CheckpointPolicy:
     interval_readings: int = 100_000
     retry_initial_s: float = 1.0
     retry_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What the partition manager decides for one batch, once, before it is stepped.
+
+    next_offsets / readings: per partition of the batch, the offset after its last message and
+    how many messages it has. replay_until: for partitions still replaying, offsets below this
+    are applied with their output suppressed (published before). commit: the offsets to commit
+    once the batch's output is acknowledged (never below what the group has). checkpoint_due:
+    the partitions to checkpoint once those offsets are committed.
+    """
+
+    next_offsets: Mapping[TopicPartition, int]
+    readings: Mapping[TopicPartition, int]
+    replay_until: Mapping[TopicPartition, int]
+    commit: Mapping[TopicPartition, int]
+    checkpoint_due: frozenset[TopicPartition]
+
+    def replayed(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether this message's output is suppressed (it was published before)."""
+        return offset < self.replay_until.get(TopicPartition(topic, partition), -1)
 
 
 @dataclass
@@ -101,9 +124,9 @@ class FailureEpisode:
 class PartitionManager:
     def __init__(
         self,
-        consumer: KafkaConsumer,
+        consumer: Consumer,
         engine: Engine,
-        store: DirectoryCheckpointStore | None,
+        store: CheckpointStore | None,
         policy: CheckpointPolicy,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -119,35 +142,29 @@ class PartitionManager:
         watch = getattr(metrics, "watch_checkpoint_lag", None)
         if callable(watch):
             watch(self.checkpoint_lag)
-        # Held while the engine's state changes: rebalance callbacks run on kafka-python's IO
-        # thread and must not checkpoint a partition while a batch is being stepped.
+        # Held while the engine's state changes: rebalance callbacks may run on a client's own
+        # thread (kafka-python's IO thread) and must not checkpoint a partition while a batch
+        # is being stepped.
         self.lock = threading.RLock()
         self.owned: dict[TopicPartition, Owned] = {}
         self.pending: set[TopicPartition] = set()
+        self.restart_at: dict[TopicPartition, int] = {}  # see reset
 
-    # --- rebalance callbacks (kafka-python's IO thread, while the run loop is inside poll) ---
+    # --- rebalance callbacks (during Consumer.poll, possibly on the client's own thread) ---
 
-    def listener(self) -> ConsumerRebalanceListener:
-        manager = self
-
-        class Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-                manager.release(revoked, checkpoint=True)
-
-            def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-                manager.assign(assigned)
-
-            def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
-                manager.release(lost, checkpoint=False)
-
-        return Listener()
+    def hooks(self) -> RebalanceHooks:
+        return RebalanceHooks(
+            assigned=self.assign,
+            revoked=lambda partitions: self.release(partitions, checkpoint=True),
+            lost=lambda partitions: self.release(partitions, checkpoint=False),
+        )
 
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         new = [tp for tp in partitions if tp not in self.owned]
         if not new:
             return
         # Nothing of these is processed before recovery has put their state and position right.
-        self.consumer.pause(*new)
+        self.consumer.pause(new)
         with self.lock:
             self.pending.update(new)
         log.info("assigned %s", _names(new))
@@ -156,13 +173,15 @@ class PartitionManager:
         with self.lock:
             for tp in list(partitions):
                 self.pending.discard(tp)
+                self.restart_at.pop(tp, None)
                 owned = self.owned.pop(tp, None)
                 if owned is None:
                     continue
                 if checkpoint:
                     self._save(tp, owned)
                 dropped = self.engine.drop_partition(tp.partition)
-                log.info("%s %s: %d devices freed", "revoked" if checkpoint else "lost", _name(tp), dropped)
+                log.info("%s %s: %d devices freed", "revoked" if checkpoint else "lost", _name(tp), dropped,
+                         extra=_context(tp))
 
     # --- run loop side ---
 
@@ -175,17 +194,25 @@ class PartitionManager:
             return
         with self.lock:
             pending = sorted(self.pending)
-        committed = {tp: self.consumer.committed(tp) for tp in pending}
+        committed = self.consumer.committed(pending, BROKER_CALL_TIMEOUT_S)
         for tp in pending:
             with self.lock:
                 if tp not in self.pending:
                     continue  # revoked again meanwhile
                 self._recover(tp, committed.get(tp))
                 self.pending.discard(tp)
-            self.consumer.resume(tp)
+            self.consumer.resume([tp])
 
     def _recover(self, tp: TopicPartition, committed: int | None) -> None:
-        start = committed if committed is not None else self.consumer.position(tp)
+        restart_at = self.restart_at.pop(tp, None)
+        if committed is not None:
+            start: int | None = committed
+        elif restart_at is not None:
+            start = restart_at
+        else:
+            start = self.consumer.position(tp, BROKER_CALL_TIMEOUT_S)
+        if start is None:
+            raise KafkaClientError(f"no position for {_name(tp)} within {BROKER_CALL_TIMEOUT_S:.0f}s", retriable=True)
         self.engine.drop_partition(tp.partition)
         checkpoint = None
         if self.store is not None:
@@ -203,6 +230,7 @@ class PartitionManager:
                 "recovered %s from checkpoint at offset %d (%d devices%s, model %s), replaying to %d",
                 _name(tp), checkpoint.offset, len(checkpoint.state),
                 f", {evicted} evicted for room" if evicted else "", checkpoint.model_version, start,
+                extra=_context(tp),
             )
         else:
             self.consumer.seek(tp, start)
@@ -213,59 +241,62 @@ class PartitionManager:
                     self._save(tp, owned)  # recovery has a starting point from here on
             else:
                 outcome = "no_checkpoint"
-                log.warning("%s has no usable checkpoint: its devices start from zero at offset %d", _name(tp), start)
+                log.warning("%s has no usable checkpoint: its devices start from zero at offset %d", _name(tp), start,
+                            extra=_context(tp))
         self.owned[tp] = owned
         if self.metrics is not None:
             self.metrics.on_recovery(outcome)
 
-    def replay_bounds(self) -> dict[TopicPartition, int]:
-        """replay_until of the partitions still replaying (offsets below it: output suppressed)."""
-        return {tp: o.replay_until for tp, o in self.owned.items() if o.next_offset < o.replay_until}
-
-    def applied(self, next_offsets: dict[TopicPartition, int], readings: dict[TopicPartition, int]) -> None:
-        """The engine has applied everything before ``next_offsets`` of these partitions."""
+    def plan(self, next_offsets: dict[TopicPartition, int], readings: dict[TopicPartition, int]) -> BatchPlan:
+        """The plan of a batch reaching ``next_offsets`` with ``readings`` messages per partition.
+        Call under ``lock``, right before the batch is stepped (then ``applied``)."""
+        now = self.clock()
+        replay_until, commit, due = {}, {}, set()
         for tp, offset in next_offsets.items():
             owned = self.owned.get(tp)
             if owned is None:
                 continue
             if owned.next_offset < owned.replay_until:
-                replayed = min(offset, owned.replay_until) - owned.next_offset
-                owned.replayed += replayed
-                if self.metrics is not None:
-                    self.metrics.on_replayed(replayed)
+                replay_until[tp] = owned.replay_until
+            if offset > owned.replay_until:
+                commit[tp] = offset
+                if self.store is not None and (
+                    now - owned.checkpoint_time >= self.policy.interval_s
+                    or owned.readings_since_checkpoint + readings.get(tp, 0) >= self.policy.interval_readings
+                ):
+                    due.add(tp)
+        return BatchPlan(
+            MappingProxyType(dict(next_offsets)), MappingProxyType(dict(readings)), MappingProxyType(replay_until),
+            MappingProxyType(commit), frozenset(due),
+        )
+
+    def applied(self, plan: BatchPlan) -> None:
+        """The engine has applied everything before ``plan.next_offsets`` of these partitions."""
+        for tp, offset in plan.next_offsets.items():
+            owned = self.owned.get(tp)
+            if owned is None:
+                continue
+            if owned.next_offset < owned.replay_until:
+                # Messages, for the log line; the pipeline counts the replayed readings.
+                owned.replayed += min(offset, owned.replay_until) - owned.next_offset
                 if offset >= owned.replay_until:
-                    log.info("%s caught up after replaying %d messages", _name(tp), owned.replayed)
+                    log.info("%s caught up after replaying %d messages", _name(tp), owned.replayed, extra=_context(tp))
             if owned.unsaved_since is None and offset > max(owned.replay_until, owned.checkpoint_offset or 0):
                 owned.unsaved_since = self.clock()
             owned.next_offset = offset
-            owned.readings_since_checkpoint += readings.get(tp, 0)
+            owned.readings_since_checkpoint += plan.readings.get(tp, 0)
 
-    def offsets_to_commit(self, next_offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
-        """Offsets of a batch worth committing: never below what the group already has."""
-        result = {}
-        for tp, offset in next_offsets.items():
-            owned = self.owned.get(tp)
-            if owned is not None and offset > owned.replay_until:
-                result[tp] = OffsetAndMetadata(offset, "", -1)
-        return result
-
-    def committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        """These offsets are committed: checkpoint the partitions that are due (unless a failing
-        store is backing off: they stay due)."""
+    def committed(self, plan: BatchPlan) -> None:
+        """``plan.commit`` is committed: checkpoint its partitions that are due and still owned at
+        that offset (unless a failing store is backing off: they stay due)."""
         now = self.clock()
         with self.lock:
-            for tp in offsets:
+            for tp, offset in plan.commit.items():
                 owned = self.owned.get(tp)
                 if owned is None:
                     continue
-                owned.committed_offset = max(owned.committed_offset, offsets[tp].offset)
-                if self.store is None or owned.next_offset != offsets[tp].offset:
-                    continue
-                due = (
-                    now - owned.checkpoint_time >= self.policy.interval_s
-                    or owned.readings_since_checkpoint >= self.policy.interval_readings
-                )
-                if due and not self.failures.waiting(now):
+                owned.committed_offset = max(owned.committed_offset, offset)
+                if tp in plan.checkpoint_due and owned.next_offset == offset and not self.failures.waiting(now):
                     self._save(tp, owned)
 
     def checkpoint_all(self) -> None:
@@ -281,13 +312,13 @@ class PartitionManager:
         and before the next one is stepped, under ``lock`` together with the swap. A partition
         whose applied offset the group has not committed (its commit was refused: the group is
         moving it) is left out; its next owner will not replay across the switch either (see
-        DirectoryCheckpointStore.load_latest)."""
+        CheckpointStore.load_latest)."""
         with self.lock:
             for tp, owned in self.owned.items():
                 if owned.next_offset > owned.committed_offset:
                     log.warning(
                         "%s not checkpointed at the model switch: offset %d is not committed (%d is)",
-                        _name(tp), owned.next_offset, owned.committed_offset,
+                        _name(tp), owned.next_offset, owned.committed_offset, extra=_context(tp),
                     )
                     continue
                 self._save(tp, owned, rewrite=True)
@@ -307,7 +338,9 @@ class PartitionManager:
         partitions = [tp for tp in partitions if tp in self.owned]
         with self.lock:
             for tp in partitions:
-                self.owned.pop(tp)
+                # Where it restarts when the group has no commit for it yet: the consumer's fetch
+                # position is past the dropped batch by now, whose output nobody has seen.
+                self.restart_at[tp] = self.owned.pop(tp).committed_offset
                 self.engine.drop_partition(tp.partition)
         self.assign(partitions)
 
@@ -341,7 +374,7 @@ class PartitionManager:
         if failed:
             log.warning(
                 "checkpoints are written again (%s at offset %d) after %d failed attempts over %.1fs",
-                _name(tp), owned.next_offset, failed, self.clock() - self.failures.started,
+                _name(tp), owned.next_offset, failed, self.clock() - self.failures.started, extra=_context(tp),
             )
         owned.checkpoint_offset = owned.next_offset
         owned.checkpoint_time = self.clock()
@@ -357,16 +390,22 @@ class PartitionManager:
             log.error(
                 "checkpoint of %s at offset %d failed: %s; retrying in %.0fs, backing off up to %.0fs"
                 " (further failures: streamer_checkpoint_failures_total, debug log)",
-                _name(tp), owned.next_offset, exc, self.failures.delay_s, self.failures.max_s,
+                _name(tp), owned.next_offset, exc, self.failures.delay_s, self.failures.max_s, extra=_context(tp),
             )
         else:
-            log.debug("checkpoint of %s at offset %d failed again: %s", _name(tp), owned.next_offset, exc)
+            log.debug("checkpoint of %s at offset %d failed again: %s", _name(tp), owned.next_offset, exc,
+                      extra=_context(tp))
         if self.metrics is not None:
             self.metrics.on_checkpoint_failed()
 
 
 def _name(tp: TopicPartition) -> str:
     return f"{tp.topic}[{tp.partition}]"
+
+
+def _context(tp: TopicPartition) -> dict[str, object]:
+    """A log record's context fields (run.log_format = "json") for one partition."""
+    return {"topic": tp.topic, "partition": tp.partition}
 
 
 def _names(tps: Iterable[TopicPartition]) -> str:

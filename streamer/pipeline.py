@@ -2,42 +2,44 @@
 
 At-least-once (default): a batch's offsets are committed only after every prediction and dead
 letter of that batch has been acknowledged by the broker; a crash in between re-delivers the
-batch. Exactly-once (kafka.exactly_once): the batch's predictions, dead letters and input
+batch. Pipelined: batch n is produced and left in flight while batch n+1 is polled and decoded;
+batch n is then settled (acknowledged, committed, checkpointed) before batch n+1 is stepped, so
+commits and checkpoints keep batch order, a failed delivery of batch n lets nothing after it
+commit, and the engine's state matches every checkpoint's offset. With nothing new to poll (or
+a revocation, or stopping) the batch in flight is settled at once. Exactly-once (kafka.exactly_once): the batch's predictions, dead letters and input
 offsets are committed in one transaction; an aborted batch's partitions are recovered again
 from their checkpoints, since the engine had applied readings whose output never became
 visible. Checkpoints follow commits (see partitions.py).
+
+The loop is written against the client seam (streamer.kafka.abstract: Consumer, Producer), so
+either client library runs it, and tests drive it with the in-process broker (kafka/memory.py).
+The partition manager decides each batch once (a frozen BatchPlan: what is replayed, what is
+committed, which partitions are due a checkpoint); the loop carries it through the steps.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import (
-    CommitFailedError,
-    IllegalGenerationError,
-    KafkaError,
-    KafkaTimeoutError,
-    RebalanceInProgressError,
-    UnknownMemberIdError,
-)
-from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from streamer.checkpoint import DirectoryCheckpointStore
-from streamer.engine import Engine, PredictionBatch, StepReport
+from streamer.checkpoint import CheckpointStore
+from streamer.engine import Engine, PredictionBatch, ReadingBatch, StepReport
 from streamer.errors import PipelineError, StreamerError
-from streamer.kafka.clients import OUTSIDE_GROUP_SESSIONS, MembershipWatch
+from streamer.kafka.abstract import Consumer, GroupMovedOn, KafkaClientError, Message, Producer, TopicPartition
+from streamer.kafka.clients import OUTSIDE_GROUP_SESSIONS
+from streamer.kafka.outage import BrokerOutageLog
 from streamer.metrics import Health, Metrics
 from streamer.model import load_model_file
-from streamer.partitions import CheckpointPolicy, PartitionManager
-from streamer.records import DeadLetter, ReadingDecoder, encode_predictions
+from streamer.partitions import BatchPlan, CheckpointPolicy, PartitionManager
+from streamer.records import DeadLetter, DecodedBatch, ReadingDecoder, encode_predictions
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,8 @@ BROKER_AWAY_BACKOFF_S = 0.5
 # Each LAG_INTERVAL_S the loop asks the brokers for the end offsets of its partitions, waiting at
 # most this long: the answer is the lag, no answer makes the process not ready (/readyz).
 BROKER_PROBE_TIMEOUT_MS = 1000
-TRANSACTION_CALL_TIMEOUT_S = 60.0  # kafka-python waits on transaction calls without a bound
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
-# A commit refused because partitions are moving: whoever owns them next re-reads from the last
-# commit, so the batch's predictions are repeated, never lost.
-GROUP_MOVED_ON = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
+COMMIT_RETRY_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -66,6 +65,21 @@ class RunSummary:
     aborted_batches: int = 0
     seconds: float = 0.0
     dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """A batch stepped and produced whose sends are not yet known to be acknowledged: its offsets
+    (plan.commit) are committed, and its due partitions checkpointed, only once they are.
+    event_ts: the published predictions' event times (latency is measured to the acknowledgement)."""
+
+    plan: BatchPlan
+    report: StepReport
+    published: int
+    replayed: int
+    by_reason: Tally
+    event_ts: np.ndarray
+    started: float
 
 
 class ModelWatcher:
@@ -101,12 +115,12 @@ class Pipeline:
         self,
         settings: Settings,
         engine: Engine,
-        consumer: KafkaConsumer,
-        producer: KafkaProducer,
+        consumer: Consumer,
+        producer: Producer,
         metrics: Metrics | None = None,
         health: Health | None = None,
-        store: DirectoryCheckpointStore | None = None,
-        producer_factory: Callable[[], KafkaProducer] | None = None,
+        store: CheckpointStore | None = None,
+        producer_factory: Callable[[], Producer] | None = None,
     ) -> None:
         """``producer_factory`` makes a replacement for a transactional producer that got stuck
         (exactly-once mode); without it such a producer stops the loop."""
@@ -130,28 +144,55 @@ class Pipeline:
         self._end_offsets: dict[TopicPartition, int] = {}  # last known, kept while the broker is away
         self._stop: threading.Event | None = None
         self._broker_answers = True  # whether the last broker probe answered
-        self.membership = MembershipWatch(consumer, OUTSIDE_GROUP_SESSIONS * settings.kafka.session_timeout_ms / 1000)
+        # A client's known way of leaving a member outside its group (kafka-python's), or None.
+        self.membership = consumer.group_watch(OUTSIDE_GROUP_SESSIONS * settings.kafka.session_timeout_ms / 1000)
+        self.outage = BrokerOutageLog()
         self._last_status = time.monotonic()
         self._status_readings = 0
+        self._unsettled: Unsettled | None = None  # at-least-once: the batch produced, not yet committed
+        self._loop_thread: threading.Thread | None = None
+        self._commits_heard = False  # whether a commit went through since the last lag check
+        self._settling = False  # a revocation inside _settle's own flush or commit must not recurse
         if metrics is not None:
             metrics.watch_table(lambda: len(engine.table), engine.table.capacity, engine.model_version)
 
     def subscribe(self) -> None:
-        self.consumer.subscribe([self.settings.kafka.input_topic], listener=self.partitions.listener())
+        """Join the group; from here on this thread is the loop's."""
+        self._loop_thread = threading.current_thread()
+        hooks = self.partitions.hooks()
+        self.consumer.subscribe([self.settings.kafka.input_topic], hooks._replace(revoked=self._revoking(hooks.revoked)))
+
+    def _revoking(self, revoked: Callable[[list[TopicPartition]], None]) -> Callable[[list[TopicPartition]], None]:
+        """Revocation settles the batch in flight first, while its partitions are still ours, so
+        that their checkpoints are at a committed offset. Only on the loop's own thread (the
+        rebalance runs inside its poll); on a client's thread the commit is refused as before."""
+
+        def hook(partitions: list[TopicPartition]) -> None:
+            if threading.current_thread() is self._loop_thread and not self._settling:
+                self._settle()
+            revoked(partitions)
+
+        return hook
 
     def run(self, stop: threading.Event) -> RunSummary:
         """Process micro-batches until ``stop`` is set or run.duration_s has passed; then
         checkpoint every owned partition (everything applied is committed by then)."""
         self._stop = stop
         self.subscribe()
+        # What exists now (model, engine, clients, imported modules) lives as long as the loop:
+        # out of the collector's sight, the full collections that tens of thousands of messages a
+        # second set off stay cheap (they scanned it all: a third of the poll's time).
+        gc.freeze()
         started = time.monotonic()
         duration = self.settings.run.duration_s
         try:
-            while not stop.is_set():
-                if duration is not None and time.monotonic() - started >= duration:
-                    break
-                self.run_once(stop)
-                self._maybe_status()
+            with self.outage.installed():
+                while not stop.is_set():
+                    if duration is not None and time.monotonic() - started >= duration:
+                        break
+                    self.run_once(stop)
+                    self._maybe_status()
+                self._settle()
             self.partitions.checkpoint_all()
         except Exception as exc:
             if self.health is not None:
@@ -159,17 +200,22 @@ class Pipeline:
             raise
         finally:
             self.summary.seconds = time.monotonic() - started
+            gc.unfreeze()  # collectable again at exit (nanobind, pyarrow's binding, counts leaks then)
         return self.summary
 
     def run_once(self, stop: threading.Event | None = None) -> int:
-        """Poll one micro-batch and process it completely; returns the messages handled."""
+        """Poll one micro-batch and process it; returns the messages handled. At-least-once, the
+        batch before it is committed on the way (when nothing came: at once, no linger)."""
         records = self._poll_batch(stop)
+        if not records:
+            self._settle()
         try:
             self.partitions.recover_pending()
-        except KafkaError as exc:
-            if not getattr(exc, "retriable", False):
+        except KafkaClientError as exc:
+            if not exc.retriable:
                 raise
-            log.warning("recovering partitions must wait, the broker is away: %r", exc)  # they stay paused
+            self._commits_heard = False
+            self.outage.away(f"recovering partitions must wait ({exc})")  # they stay paused
         if self.health is not None:
             self.health.beat()
         if self.metrics is not None:
@@ -181,47 +227,50 @@ class Pipeline:
         self._maybe_lag()
         return len(records)
 
-    def _poll_batch(self, stop: threading.Event | None) -> list:
+    def _poll_batch(self, stop: threading.Event | None) -> list[Message]:
         """Up to batch.max_records messages of owned, recovered partitions, waiting at most
         batch.max_wait_ms after the first; per partition in offset order."""
         max_records = self.settings.batch.max_records
         max_wait = self.settings.batch.max_wait_ms / 1000
-        chunks: list[tuple[TopicPartition, list]] = []
-        count = 0
+        polled: list[Message] = []
         deadline: float | None = None
-        while count < max_records:
+        while len(polled) < max_records:
             if deadline is None:
-                timeout_ms = IDLE_POLL_MS
+                # A batch in flight is settled at once when nothing new comes.
+                timeout_s = IDLE_POLL_MS / 1000 if self._unsettled is None else 0.0
             else:
-                timeout_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            polled = self._poll(timeout_ms, max_records - count)
-            for tp, messages in polled.items():
-                chunks.append((tp, messages))
-                count += len(messages)
-            if not count:
+                timeout_s = max(0.0, deadline - time.monotonic())
+            polled.extend(self._poll(timeout_s, max_records - len(polled)))
+            if not polled:
                 break  # idle: let the caller check stop and deadlines
+            if self._unsettled is not None:
+                self._settle(wait=False)  # acknowledged meanwhile: commit now, not after the batch fills
             if deadline is None:
                 deadline = time.monotonic() + max_wait
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 break
         # A partition revoked (or assigned and not yet recovered) while polling: its messages
         # are someone else's, or will be read again from its recovered position.
-        return [msg for tp, messages in chunks if self.partitions.accepts(tp) for msg in messages]
+        foreign = {tp for tp in {(m.topic, m.partition) for m in polled} if not self.partitions.accepts(TopicPartition(*tp))}
+        return [m for m in polled if (m.topic, m.partition) not in foreign] if foreign else polled
 
-    def _poll(self, timeout_ms: int, max_records: int) -> dict:
+    def _poll(self, timeout_s: float, max_records: int) -> list[Message]:
         """consumer.poll, riding out a broker that is away (kafka-python raises then, at times,
         instead of retrying by itself)."""
         try:
-            return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        except KafkaError as exc:
-            if not getattr(exc, "retriable", False):
+            return self.consumer.poll(timeout_s, max_records)
+        except KafkaClientError as exc:
+            if not exc.retriable:
                 raise
-            log.warning("poll failed, the broker is away: %r; retrying", exc)
+            self._commits_heard = False
+            self.outage.away(f"poll failed ({exc})")
             time.sleep(BROKER_AWAY_BACKOFF_S)
-            return {}
+            return []
 
-    def _process(self, records: list) -> None:
-        """The commit order, step by step."""
+    def _process(self, records: list[Message]) -> None:
+        """The commit order, step by step. At-least-once, the batch leaves this method produced
+        and unacknowledged (``_unsettled``): the next run_once settles it after polling and
+        decoding the next batch, before stepping it. Exactly-once, its transaction ends here."""
         started = time.perf_counter()
         # The group membership this batch is committed under, taken before anything else: if the
         # consumer loses its partitions meanwhile (kafka-python's IO thread), the broker refuses
@@ -229,111 +278,153 @@ class Pipeline:
         group = self.consumer.group_metadata() if self.exactly_once else None
         # 1. Decode and validate; bad messages become dead letters, never exceptions.
         decoded = self.decoder.decode(records)
-        next_offsets, readings_per_partition = _progress(records)
-        # Readings below a recovered partition's committed offset were published before.
-        bounds = self.partitions.replay_bounds()
+        next_offsets = _next_offsets(records)
+        # 2. The batch before this one: acknowledged, committed, checkpointed (at-least-once).
+        if not self._settle():
+            return  # stopping with the broker away: neither batch is committed, both are re-delivered
+        # 3. Plan (what is replayed, what is committed, what is due a checkpoint) and step every
+        #    device with a new reading, in offset order per device.
+        with self.partitions.lock:
+            plan = self.partitions.plan(next_offsets, _readings_per_partition(decoded, next_offsets))
+            predictions, report = self._step(decoded.readings)
+            self.partitions.applied(plan)
+        # Readings below a recovering partition's committed offset were published before.
         replay = np.fromiter(
-            (p.offset < bounds.get((p.topic, p.partition), -1) for p in decoded.positions),
+            (plan.replayed(p.topic, p.partition, p.offset) for p in decoded.positions),
             dtype=bool,
             count=len(decoded.positions),
-        ) if bounds else np.zeros(len(decoded.positions), dtype=bool)
-        letters = [d for d in decoded.dead_letters if d.source.offset >= bounds.get((d.source.topic, d.source.partition), -1)]
-        # 2. Step every device with a new reading, in offset order per device.
-        with self.partitions.lock:
-            predictions, report = self.engine.step(decoded.readings)
-            self.partitions.applied(next_offsets, readings_per_partition)
+        ) if plan.replay_until else np.zeros(len(decoded.positions), dtype=bool)
+        letters = [d for d in decoded.dead_letters if not plan.replayed(d.source.topic, d.source.partition, d.source.offset)]
         published = _select(predictions, ~replay) if replay.any() else predictions
-        offsets = self.partitions.offsets_to_commit(next_offsets)
-        # 3-5. Produce predictions and dead letters; once the broker has them, commit offsets.
+        batch = Unsettled(plan, report, len(published), int(replay.sum()), Tally(letter.reason.value for letter in letters),
+                          published.ts, started)
+        # 4-6. Produce predictions and dead letters; once the broker has them, commit offsets,
+        #    then checkpoint the partitions that are due.
         if self.exactly_once:
-            if not self._publish_transaction(published, letters, offsets, next_offsets, group):
+            if not self._publish_transaction(published, letters, plan, group):
                 return  # nothing of this batch became visible
-            committed = True
+            self._done(batch, committed=True)
         else:
-            if not self._publish(published, letters):
-                return  # stopping with the broker away: nothing committed, the batch is re-delivered
-            committed = not offsets or self._commit(offsets)  # published either way
-        acked_at = time.time()
-        # 6. Checkpoint the partitions that are due, now that their offsets are committed.
-        if committed:
-            self.partitions.committed(offsets)
-        # 7. Account for it.
-        by_reason = Tally(letter.reason.value for letter in letters)
-        self.summary.replayed += int(replay.sum())
-        self._account(report, len(published), by_reason, acked_at - published.ts, time.perf_counter() - started)
+            self._sends(published, letters)
+            self._unsettled = batch  # settled by the next batch, an idle poll, a revocation or stop
 
-    def _sends(self, predictions: PredictionBatch, letters: list[DeadLetter]) -> list:
+    def _settle(self, wait: bool = True) -> bool:
+        """The batch in flight (at-least-once), once every send of it is acknowledged: check the
+        deliveries, commit its offsets, checkpoint its due partitions, account for it. ``wait``
+        False: only if the acknowledgements are in already. False when the batch is still in
+        flight (not waiting, or stopping with the broker away); True when none is left."""
+        batch = self._unsettled
+        if batch is None or self._settling:
+            return batch is None
+        self._settling = True
+        try:
+            return self._settle_batch(batch, wait)
+        finally:
+            self._settling = False
+
+    def _settle_batch(self, batch: Unsettled, wait: bool) -> bool:
+        if wait:
+            if not self._flush():
+                log.warning("stopping with the broker away: the batch in flight stays uncommitted and will be re-delivered")
+                return False
+        elif not self.producer.flush(0):
+            return False
+        self._unsettled = None
+        failed = self.producer.delivery_failures()
+        if failed:
+            raise PipelineError(
+                f"{len(failed)} of {batch.published + sum(batch.by_reason.values())} sends of this batch failed"
+                f" (first: {failed[0]!r}); offsets not committed, the batch will be re-delivered"
+            )
+        plan = batch.plan
+        committed = not plan.commit or self._commit(dict(plan.commit))  # published either way
+        self._done(batch, committed)
+        return True
+
+    def _done(self, batch: "Unsettled", committed: bool) -> None:
+        acked_at = time.time()
+        if committed:
+            self.partitions.committed(batch.plan)
+            self._commits_heard = self._commits_heard or bool(batch.plan.commit)
+        self.summary.replayed += batch.replayed
+        if batch.replayed and self.metrics is not None:
+            self.metrics.on_replayed(batch.replayed)
+        self._account(batch.report, batch.published, batch.by_reason, acked_at - batch.event_ts,
+                      time.perf_counter() - batch.started)
+
+    def _step(self, readings: ReadingBatch) -> tuple[PredictionBatch, StepReport]:
+        """engine.step over the batch, in chunks of at most the table's capacity of distinct
+        devices (a batch message can carry more devices than the table holds), in order."""
+        chunks = _chunks(readings, self.engine.table.capacity)
+        if len(chunks) == 1:
+            return self.engine.step(readings)
+        stepped = [self.engine.step(chunk) for chunk in chunks]
+        return _concat([p for p, _ in stepped]), _total([r for _, r in stepped])
+
+    def _sends(self, predictions: PredictionBatch, letters: list[DeadLetter]) -> int:
+        """Queue the batch's predictions and dead letters; returns how many."""
         kafka = self.settings.kafka
-        futures = [
-            self.producer.send(kafka.output_topic, key=key, value=value)
-            for key, value in encode_predictions(predictions, self.engine.model_version)
-        ]
+        produce = self.producer.produce
+        sent = 0
+        for key, value in encode_predictions(predictions, self.engine.model_version):
+            produce(kafka.output_topic, key, value)
+            sent += 1
         for letter in letters:
             # Kafka clients cannot send a message without key and value: keep an empty value.
             value = letter.value if letter.value is not None or letter.key is not None else b""
-            futures.append(
-                self.producer.send(kafka.dead_letter_topic, key=letter.key, value=value, headers=letter.kafka_headers())
-            )
-        return futures
-
-    def _publish(self, predictions: PredictionBatch, letters: list[DeadLetter]) -> bool:
-        """Send and wait for every acknowledgement; False when stopped while the broker is away
-        (then nothing of the batch may be committed)."""
-        futures = self._sends(predictions, letters)
-        if not self._flush():
-            log.warning("stopping with the broker away: this batch stays uncommitted and will be re-delivered")
-            return False
-        failed = [f for f in futures if f.failed()]
-        if failed:
-            raise PipelineError(
-                f"{len(failed)} of {len(futures)} sends of this batch failed (first: {failed[0].exception!r});"
-                " offsets not committed, the batch will be re-delivered"
-            )
-        return True
+            produce(kafka.dead_letter_topic, letter.key, value, letter.kafka_headers())
+        return sent + len(letters)
 
     def _flush(self) -> bool:
         """producer.flush(), a second at a time: while the broker is away the loop stays live, probes
         the broker (readiness, lag) and notices ``stop`` (False then). The producer's
         delivery timeout still fails the sends of a broker that stays away."""
-        while True:
-            try:
-                self.producer.flush(timeout=BROKER_PROBE_TIMEOUT_MS / 1000)
-                return True
-            except KafkaTimeoutError:
-                pass
+        while not self.producer.flush(BROKER_PROBE_TIMEOUT_MS / 1000):
             if self._stop is not None and self._stop.is_set():
                 return False
             self._still_waiting("predictions wait for the broker's acknowledgement")
+        return True
 
-    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> bool:
+    def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
         """Commit, retrying while the broker is away; False if the group took the partitions
         meanwhile (their new owner re-reads from the last commit: at-least-once holds)."""
         deadline = time.monotonic() + COMMIT_RETRY_S
         while True:
             try:
-                self.consumer.commit(offsets)
+                if not self._commit_waiting(offsets):
+                    log.warning("stopping with the broker away: this batch's offsets stay uncommitted (no answer)")
+                    return False
                 return True
-            except GROUP_MOVED_ON as exc:
-                log.warning("commit refused, the group is rebalancing or has rebalanced: %r", exc)
+            except GroupMovedOn as exc:
+                log.warning("commit refused, the group is rebalancing or has rebalanced: %s", exc)
                 return False
-            except KafkaError as exc:
-                if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
-                    raise PipelineError(f"cannot commit offsets: {exc!r}") from exc
+            except KafkaClientError as exc:
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise PipelineError(f"cannot commit offsets: {exc}") from exc
                 if self._stop is not None and self._stop.is_set():
                     # Stopping: the batch stays uncommitted and is re-delivered (at-least-once).
-                    log.warning("stopping with the broker away: this batch's offsets stay uncommitted (%r)", exc)
+                    log.warning("stopping with the broker away: this batch's offsets stay uncommitted (%s)", exc)
                     return False
-                log.warning("commit failed (%r), retrying", exc)
-                time.sleep(0.5)
-                self._still_waiting(f"offsets cannot be committed ({type(exc).__name__})")
+                self.outage.away(f"commit failed, retrying ({exc})")
+                time.sleep(COMMIT_RETRY_INTERVAL_S)
+                self._still_waiting(f"offsets cannot be committed ({type(exc.cause or exc).__name__})")
+
+    def _commit_waiting(self, offsets: dict[TopicPartition, int]) -> bool:
+        """consumer.commit on a helper thread, waited for a second at a time: both clients' commit
+        can block for ever once the group coordinator is gone (after the batch's acknowledgement,
+        before its commit). Meanwhile the loop is live and reports the broker away (without
+        probing: the consumer is busy); False when stopped first (the commit is left behind,
+        the batch stays uncommitted as far as the loop knows: at-least-once holds either way)."""
+        worker = _Call(lambda: self.consumer.commit(offsets), "commit")
+        while not worker.done(BROKER_PROBE_TIMEOUT_MS / 1000):
+            if self._stop is not None and self._stop.is_set():
+                return False
+            self._still_waiting("offsets wait for the group coordinator's answer", probe=False)
+        worker.result()
+        return True
 
     def _publish_transaction(
-        self,
-        predictions: PredictionBatch,
-        letters: list[DeadLetter],
-        offsets: dict[TopicPartition, OffsetAndMetadata],
-        next_offsets: dict[TopicPartition, int],
-        group: object,
+        self, predictions: PredictionBatch, letters: list[DeadLetter], plan: BatchPlan, group: object
     ) -> bool:
         """One transaction: outputs and input offsets. False when it was aborted; then the
         batch's partitions are recovered again (the engine applied what nobody will see)."""
@@ -341,32 +432,34 @@ class Pipeline:
         try:
             # Outputs only ever travel with their partition's offsets: those are what the broker
             # fences. A partition that left this process mid-batch has none, so the batch aborts.
-            unfenced = {tp for tp in next_offsets if not self.partitions.accepts(tp)}
+            unfenced = {tp for tp in plan.next_offsets if not self.partitions.accepts(tp)}
             if unfenced:
                 raise PartitionsMoved(f"partitions left this process during the batch: {sorted(unfenced)}")
             producer.begin_transaction()
             self._sends(predictions, letters)
-            if offsets:
-                _bounded(lambda: producer.send_offsets_to_transaction(offsets, group), "send_offsets_to_transaction")
-            _bounded(producer.commit_transaction, "commit_transaction")
+            if plan.commit:
+                offsets = dict(plan.commit)
+                _bounded(lambda: producer.send_offsets_to_transaction(offsets, group), "send_offsets_to_transaction",
+                         producer.transaction_stuck_after_s)
+            _bounded(producer.commit_transaction, "commit_transaction", producer.transaction_stuck_after_s)
             return True
         except PartitionsMoved as exc:
             log.warning("batch dropped: %s", exc)
-            self.partitions.reset(next_offsets)
+            self.partitions.reset(plan.next_offsets)
             self.summary.aborted_batches += 1
             return False
-        except (KafkaError, TransactionStuck) as exc:
-            log.warning("transaction aborted (%r): recovering %d partitions", exc, len(next_offsets))
+        except (KafkaClientError, TransactionStuck) as exc:
+            log.warning("transaction aborted (%s): recovering %d partitions", exc, len(plan.next_offsets))
             if not isinstance(exc, TransactionStuck):
                 try:
-                    _bounded(producer.abort_transaction, "abort_transaction")
-                except (KafkaError, TransactionStuck) as abort_exc:
-                    log.warning("abort failed too: %r", abort_exc)
+                    _bounded(producer.abort_transaction, "abort_transaction", producer.transaction_stuck_after_s)
+                except (KafkaClientError, TransactionStuck) as abort_exc:
+                    log.warning("abort failed too: %s", abort_exc)
             # Always start over with a new producer epoch: kafka-python 3.0 was seen to commit an
             # aborted batch's offsets later on (its offsets request retried into the next
             # transaction), which loses that batch. The successor fences every request of this one.
             self._replace_producer(exc)
-            self.partitions.reset(next_offsets)
+            self.partitions.reset(plan.next_offsets)
             self.summary.aborted_batches += 1
             if self.metrics is not None:
                 self.metrics.on_transaction_aborted()
@@ -381,7 +474,7 @@ class Pipeline:
             return  # nothing to replace it with: carry on with this one
         log.warning("replacing the transactional producer after %r", cause)
         try:
-            self.producer.close(timeout=0)
+            self.producer.close(0)
         except Exception:  # a broken producer may fail to close; its successor fences it anyway
             log.debug("closing the old producer failed", exc_info=True)
         self.producer = self.producer_factory()
@@ -444,24 +537,39 @@ class Pipeline:
     def _watch_membership(self) -> None:
         """A consumer stuck outside its group (kafka-python 3.0.12, see MembershipWatch) is made
         to rejoin, and liveness fails while it stays out."""
+        if self.membership is None:
+            return
         if self.membership.check(self._broker_answers) and self.metrics is not None:
             self.metrics.group_rejoins.inc()
         if self.health is not None:
             self.health.outside_group(self.membership.outside)
 
-    def _still_waiting(self, why: str) -> None:
-        """The loop waits on the broker inside a batch: it is live, readiness follows the probe."""
+    def _still_waiting(self, why: str, probe: bool = True) -> None:
+        """The loop waits on the broker inside a batch: it is live, readiness follows the probe
+        (``probe`` False: not ready, no probe while a helper thread uses the consumer)."""
         self._broker_answers = False
+        self._commits_heard = False  # what went through before this wait says nothing of now
+        self.outage.away(why)
         if self.health is not None:
             self.health.beat()
             self.health.broker_away(why)
-        self._maybe_lag()
+        if self.metrics is not None:
+            self.metrics.broker_reachable.set(0)
+        if probe:
+            self._maybe_lag()
 
     def _maybe_lag(self) -> None:
         if time.monotonic() - self._last_lag < LAG_INTERVAL_S:
             return
         self._last_lag = time.monotonic()
-        self._probe_broker()
+        if self._commits_heard:
+            # A commit went through since the last look: the brokers answer, and the fetches tell
+            # the partitions' ends (highwater). An end-offsets request would wait behind the
+            # fetches (up to fetch.wait.max.ms a partition), stalling the loop.
+            self._commits_heard = False
+            self._broker_answered()
+        else:
+            self._probe_broker()
         if self.metrics is not None:
             self.metrics.on_lag(self.lag())
 
@@ -477,17 +585,22 @@ class Pipeline:
         """Ask for the end offsets (at most BROKER_PROBE_TIMEOUT_MS): they feed lag(), and whether
         an answer came decides readiness."""
         try:
-            ends = self.consumer.end_offsets(self._probe_partitions(), timeout_ms=BROKER_PROBE_TIMEOUT_MS)
-        except KafkaError as exc:
-            reason = f"no answer to an end-offsets request within {BROKER_PROBE_TIMEOUT_MS} ms ({type(exc).__name__})"
+            ends = self.consumer.end_offsets(self._probe_partitions(), BROKER_PROBE_TIMEOUT_MS / 1000)
+        except KafkaClientError as exc:
+            reason = f"no answer to an end-offsets request within {BROKER_PROBE_TIMEOUT_MS} ms ({type(exc.cause or exc).__name__})"
             self._broker_answers = False
+            self.outage.away(reason)
             if self.health is not None:
                 self.health.broker_away(reason)
             if self.metrics is not None:
                 self.metrics.broker_reachable.set(0)
             return
+        self._end_offsets.update(ends)
+        self._broker_answered()
+
+    def _broker_answered(self) -> None:
         self._broker_answers = True
-        self._end_offsets.update({tp: end for tp, end in ends.items() if end is not None})
+        self.outage.back()
         if self.health is not None:
             self.health.broker_answered()
         if self.metrics is not None:
@@ -503,7 +616,7 @@ class Pipeline:
             if not ends:
                 continue
             try:
-                position = self.consumer.position(tp, timeout_ms=0)
+                position = self.consumer.position(tp, 0)
             except Exception:  # unknown until the partition's first fetch; lag is best effort
                 continue
             if position is not None:
@@ -518,16 +631,18 @@ class Pipeline:
         elapsed = now - self._last_status
         if elapsed < interval:
             return
-        lag = sum(self.lag().values())
-        s = self.summary
+        status = {
+            "readings_per_s": round(self._status_readings / elapsed, 1),
+            "devices": len(self.engine.table),
+            "partitions": len(self.partitions.owned),
+            "anomalies": self.summary.anomalies,
+            "dead_letters": self.summary.dead_letters,
+            "lag": sum(self.lag().values()),
+        }
         log.info(
             "%.0f readings/s | %d devices | %d partitions | %d anomalies | %d dead letters | lag %d",
-            self._status_readings / elapsed,
-            len(self.engine.table),
-            len(self.partitions.owned),
-            s.anomalies,
-            s.dead_letters,
-            lag,
+            *status.values(),
+            extra=status,  # fields of their own in JSON logs
         )
         self._last_status = now
         self._status_readings = 0
@@ -541,36 +656,97 @@ class TransactionStuck(StreamerError):
     """A transaction call that did not return in time (seen after broker restarts)."""
 
 
-def _bounded(call: Callable[[], object], what: str, timeout_s: float = TRANSACTION_CALL_TIMEOUT_S) -> None:
-    """Run ``call`` on a helper thread and wait at most timeout_s for it; raise what it raised."""
-    outcome: dict[str, BaseException] = {}
+class _Call:
+    """``call`` running on a daemon helper thread (a client call that may not return)."""
 
-    def run() -> None:
+    def __init__(self, call: Callable[[], object], what: str) -> None:
+        self._call = call
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._run, name=f"kafka-{what}", daemon=True)
+        self._worker.start()
+
+    def _run(self) -> None:
         try:
-            call()
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
+            self._call()
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
 
-    worker = threading.Thread(target=run, name=f"kafka-{what}", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
+    def done(self, wait_s: float) -> bool:
+        """Whether it has returned, waiting at most ``wait_s``."""
+        self._worker.join(wait_s)
+        return not self._worker.is_alive()
+
+    def result(self) -> None:
+        """Raise what the call raised (call after done() was True)."""
+        if self._error is not None:
+            raise self._error
+
+
+def _bounded(call: Callable[[], object], what: str, timeout_s: float) -> None:
+    """Run ``call`` on a helper thread and wait at most timeout_s for it; raise what it raised."""
+    worker = _Call(call, what)
+    if not worker.done(timeout_s):
         raise TransactionStuck(f"{what} did not return within {timeout_s:.0f}s")
-    if "error" in outcome:
-        raise outcome["error"]
+    worker.result()
 
 
-def _progress(records: list) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
-    """Per partition: the offset after its last message here, and how many messages."""
+def _next_offsets(records: list[Message]) -> dict[TopicPartition, int]:
+    """Per partition: the offset after its last message here."""
     next_offsets: dict[TopicPartition, int] = {}
-    counts: dict[TopicPartition, int] = {}
     current = None
     for msg in records:
         if current is None or current.topic != msg.topic or current.partition != msg.partition:
             current = TopicPartition(msg.topic, msg.partition)
         next_offsets[current] = msg.offset + 1
-        counts[current] = counts.get(current, 0) + 1
-    return next_offsets, counts
+    return next_offsets
+
+
+def _readings_per_partition(decoded: DecodedBatch, next_offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+    """Per partition of the batch, its decoded readings (a batch message counts its rows; a dead
+    letter counts none): what checkpoint.interval_readings counts."""
+    counts = dict.fromkeys(next_offsets, 0)
+    partitions = decoded.readings.partitions
+    if partitions is None or not len(partitions):
+        return counts
+    by_number = {tp.partition: tp for tp in next_offsets}  # one input topic
+    numbers, tally = np.unique(partitions, return_counts=True)
+    for number, count in zip(numbers.tolist(), tally.tolist()):
+        counts[by_number[number]] = count
+    return counts
+
+
+def _chunks(readings: ReadingBatch, capacity: int) -> list[ReadingBatch]:
+    """``readings`` cut in order into runs of at most ``capacity`` distinct devices each."""
+    ids = readings.device_ids
+    if len(ids) <= capacity or len(dict.fromkeys(ids)) <= capacity:
+        return [readings]
+    cuts, seen = [0], set()
+    for i, device in enumerate(ids):
+        if device not in seen:
+            if len(seen) == capacity:
+                cuts.append(i)
+                seen = set()
+            seen.add(device)
+    cuts.append(len(ids))
+    parts = readings.partitions
+    return [
+        ReadingBatch(ids[a:b], readings.ts[a:b], readings.values[a:b], None if parts is None else parts[a:b])
+        for a, b in zip(cuts, cuts[1:])
+    ]
+
+
+def _concat(batches: list[PredictionBatch]) -> PredictionBatch:
+    """The predictions of consecutive chunks as one batch, in order."""
+    columns = {}
+    for f in fields(PredictionBatch):
+        parts = [getattr(b, f.name) for b in batches]
+        columns[f.name] = [x for part in parts for x in part] if f.name == "device_ids" else np.concatenate(parts)
+    return PredictionBatch(**columns)
+
+
+def _total(reports: list[StepReport]) -> StepReport:
+    """The reports of consecutive chunks added up (devices: per chunk, so a device in two counts twice)."""
+    return StepReport(**{f.name: sum(getattr(r, f.name) for r in reports) for f in fields(StepReport)})
 
 
 def _select(predictions: PredictionBatch, mask: np.ndarray) -> PredictionBatch:

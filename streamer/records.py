@@ -1,28 +1,62 @@
 """Boundary types and codecs: bytes from Kafka in, readings or dead letters out; predictions to bytes.
 
-Input value (JSON): {"device_id": str, "ts": epoch seconds | ISO-8601, "values": [float, ...]},
-with key = device id; values and ts must be finite, values as float32 (the model's dtype).
-Unknown extra fields are ignored. Output value (JSON): {"device_id", "ts" (epoch seconds),
-"forecast", "anomaly_score", "is_anomaly", "residual", "model_version"}.
+Two input formats, told apart by the message's ``content-type`` header:
+
+JSON (no such header, or any other value): one reading per message, value
+``{"device_id": str, "ts": epoch seconds | ISO-8601, "values": [float, ...]}`` with key = device
+id; values and ts must be finite, values as float32 (the model's dtype), ts a number or an
+ISO-8601 string (naive = UTC), never a boolean. Unknown extra fields are ignored. Decoded by
+msgspec into a typed struct; a message msgspec refuses, or one the fast path cannot vouch for
+(over FAST_PATH_MAX_BYTES, possibly nested deeper than the old parser allowed, not UTF-8), is
+read again by jiter (pydantic-core's JSON parser, the one the pydantic decoder used) and checked
+field by field, so that every message gets the reason and detail the pydantic decoder gave.
+
+Arrow batch (``content-type: application/vnd.apache.arrow.stream``): many readings of many
+devices in one message, an Arrow IPC stream with the columns ``device_id`` (string or
+large_string, 1..MAX_DEVICE_ID_LENGTH characters), ``ts`` (float64 epoch seconds, or a timestamp
+of any unit; a timestamp's time zone is ignored, its value being UTC already) and ``values``
+(fixed_size_list<float32> of the model's input size); other columns are ignored, no nulls
+anywhere. Rows are readings in the order the engine applies them (per device: time order). The
+key names the sender (a gateway id), not a device: it must be present and stable, since the key
+picks the partition and a device's state belongs to the partition its readings arrive on, so a
+device must always be sent by the same key. A message is all or nothing: one bad row
+dead-letters the whole message (one message, one dead letter, its detail naming the column,
+the first bad row and how many rows are bad); checks in this order: readable Arrow stream
+(not_arrow), columns and types (invalid_schema; a list size other than the model's input
+size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf in ts or values
+(non_finite), key present (key_mismatch). Every reading of a message shares its SourcePosition.
+
+Output value (JSON): {"device_id", "ts" (epoch seconds), "forecast", "anomaly_score",
+"is_anomaly", "residual", "model_version"}, floats written shortest-round-trip (they read back
+bit for bit), never NaN or infinity.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, NamedTuple, Protocol
 
+import msgspec
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic_core import from_json
 
 from streamer.engine import PredictionBatch, ReadingBatch
 
 MAX_DEVICE_ID_LENGTH = 256
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+CONTENT_TYPE_HEADER = "content-type"
+ARROW_CONTENT_TYPE = b"application/vnd.apache.arrow.stream"
+# The fast path vouches only for messages the old parser (jiter) surely reads the same way:
+# jiter refuses numbers of more than about 4300 digits and nesting deeper than about 200, which
+# msgspec accepts in fields it skips; a message longer than this or with this many brackets
+# takes the exact path.
+FAST_PATH_MAX_BYTES = 4096
+FAST_PATH_MAX_BRACKETS = 200
 
 
 class DeadLetterReason(StrEnum):
@@ -31,47 +65,29 @@ class DeadLetterReason(StrEnum):
     WRONG_VALUE_COUNT = "wrong_value_count"
     NON_FINITE = "non_finite"
     KEY_MISMATCH = "key_mismatch"
+    NOT_ARROW = "not_arrow"  # a batch message that is not a readable Arrow IPC stream
 
 
-FiniteFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # strict: no strings, no booleans
+class Reading(msgspec.Struct, frozen=True, gc=False):
+    """One sensor reading as it arrives on the input topic: ts in epoch seconds."""
 
-
-class Reading(BaseModel):
-    """One sensor reading as it arrives on the input topic."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    device_id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_DEVICE_ID_LENGTH)]
+    device_id: str
     ts: float
-    values: Annotated[list[FiniteFloat], Field(min_length=1)]
-
-    @field_validator("ts", mode="before")
-    @classmethod
-    def _epoch_seconds(cls, raw: object) -> float:
-        if isinstance(raw, bool):
-            raise ValueError("ts must be epoch seconds or an ISO-8601 string, not a boolean")
-        if isinstance(raw, int | float):
-            try:
-                value = float(raw)
-            except OverflowError:  # JSON integers are unbounded: 10**400 is beyond any float
-                value = math.inf
-        elif isinstance(raw, str):
-            try:
-                parsed = datetime.fromisoformat(raw)
-            except ValueError:
-                raise ValueError(f"ts {raw[:64]!r} is not ISO-8601") from None
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=timezone.utc)  # naive times are taken as UTC
-            value = parsed.timestamp()
-        else:
-            raise ValueError(f"ts must be epoch seconds or an ISO-8601 string, got {type(raw).__name__}")
-        if not math.isfinite(value):
-            raise PydanticCustomError("finite_number", "ts must be finite")
-        return value
+    values: list[float]
 
 
-@dataclass(frozen=True)
-class SourcePosition:
+class _WireReading(msgspec.Struct, gc=False):
+    """A JSON reading as the fast path reads it: ints and floats as float, no booleans, values
+    within float32's range, extra fields skipped."""
+
+    device_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DEVICE_ID_LENGTH)]
+    ts: float | str
+    values: Annotated[list[Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]], msgspec.Meta(min_length=1)]
+
+
+class SourcePosition(msgspec.Struct, frozen=True, gc=False):
+    """Where a message was read: a value (equal and hashed by its fields), cheap to make per message."""
+
     topic: str
     partition: int
     offset: int
@@ -102,11 +118,34 @@ class DeadLetter:
 
 @dataclass
 class DecodedBatch:
-    """Readings that passed validation (offset order) and the dead letters of the rest."""
+    """Readings that passed validation (offset order; a batch message's rows in row order, sharing
+    its position) and the dead letters of the rest (one per message)."""
 
     readings: ReadingBatch
     positions: list[SourcePosition]  # one per reading
     dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+class KafkaMessage(Protocol):
+    """What the decoder reads of a consumed message (kafka-python's ConsumerRecord, streamer.kafka's Message)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]] | None
+
+
+Refusal = tuple[DeadLetterReason, str]
+
+
+class ArrowRows(NamedTuple):
+    """The readings of one batch message: ts (n,) float64 epoch seconds, values (n, input_size) float32."""
+
+    device_ids: list[str]
+    ts: np.ndarray
+    values: np.ndarray
 
 
 class ReadingDecoder:
@@ -114,95 +153,365 @@ class ReadingDecoder:
 
     def __init__(self, input_size: int) -> None:
         self.input_size = input_size
+        self._wire = msgspec.json.Decoder(_WireReading)
 
-    def decode_one(self, key: bytes | None, value: bytes | None) -> Reading | tuple[DeadLetterReason, str]:
+    def decode_one(self, key: bytes | None, value: bytes | None) -> Reading | Refusal:
+        """One JSON message: its reading, or the reason and detail it is refused."""
         if value is None:
             return DeadLetterReason.NOT_JSON, "empty message (null value)"
-        try:
-            reading = Reading.model_validate_json(value)
-        except ValidationError as exc:
-            return _classify(exc)
-        beyond = next((i for i, v in enumerate(reading.values) if abs(v) > FLOAT32_MAX), None)
-        if beyond is not None:  # finite as a float64, infinite in the model's float32
-            return (
-                DeadLetterReason.NON_FINITE,
-                f"values.{beyond}: {reading.values[beyond]!r} is beyond float32, the model's dtype",
-            )
-        if len(reading.values) != self.input_size:
-            return (
-                DeadLetterReason.WRONG_VALUE_COUNT,
-                f"{len(reading.values)} values, the model takes {self.input_size}",
-            )
+        reading = self._fast(value)
+        if reading is None:
+            reading = _exact(value)
+            if type(reading) is not Reading:
+                return reading
+            values = reading.values
+            beyond = next((i for i, v in enumerate(values) if abs(v) > FLOAT32_MAX), None)
+            if beyond is not None:  # finite as a float64, infinite in the model's float32
+                return (
+                    DeadLetterReason.NON_FINITE,
+                    f"values.{beyond}: {values[beyond]!r} is beyond float32, the model's dtype",
+                )
+        values = reading.values
+        if len(values) != self.input_size:
+            return DeadLetterReason.WRONG_VALUE_COUNT, f"{len(values)} values, the model takes {self.input_size}"
         if key is None:
             return DeadLetterReason.KEY_MISMATCH, "message has no key; the key must be the device id"
         if key != reading.device_id.encode("utf-8"):
-            return (
-                DeadLetterReason.KEY_MISMATCH,
-                f"key {key[:64]!r} != device_id {reading.device_id[:64]!r}",
-            )
+            return DeadLetterReason.KEY_MISMATCH, f"key {key[:64]!r} != device_id {reading.device_id[:64]!r}"
         return reading
 
-    def decode(self, messages: list) -> DecodedBatch:
-        """``messages``: kafka-python ConsumerRecords (topic, partition, offset, key, value, headers)."""
+    def _fast(self, value: bytes) -> Reading | None:
+        """msgspec's reading of a message that is surely good as far as the schema goes, values
+        within float32; None when the exact path must decide (any refusal, or a message msgspec
+        may read laxer than jiter)."""
+        if len(value) > FAST_PATH_MAX_BYTES:
+            return None
+        if len(value) > FAST_PATH_MAX_BRACKETS and value.count(b"[") + value.count(b"{") >= FAST_PATH_MAX_BRACKETS:
+            return None
+        if not value.isascii():
+            try:  # msgspec does not check the UTF-8 of the fields it skips
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        try:
+            wire = self._wire.decode(value)
+        except Exception:  # DecodeError, ValidationError, RecursionError: the exact path says why
+            return None
+        ts = wire.ts
+        if type(ts) is str:
+            try:
+                ts = _iso_seconds(ts)
+            except ValueError:
+                return None
+            if not math.isfinite(ts):
+                return None
+        return Reading(wire.device_id, ts, wire.values)  # msgspec's floats are finite: it refuses NaN and overflow
+
+    def decode_arrow(self, key: bytes | None, value: bytes | None) -> ArrowRows | Refusal:
+        """One Arrow batch message: its rows, or the reason and detail the whole message is
+        refused (see the module docstring)."""
+        if value is None:
+            return DeadLetterReason.NOT_ARROW, "empty message (null value)"
+        try:
+            table = pa.ipc.open_stream(value).read_all()
+            table.validate(full=True)  # offsets within their buffers, strings UTF-8
+        except Exception as exc:  # whatever pyarrow raises for bytes that are no IPC stream
+            return DeadLetterReason.NOT_ARROW, f"not an Arrow IPC stream: {exc}"[:512]
+        refused = _schema_refusal(table.schema, self.input_size)
+        if refused is not None:
+            return refused
+        values_type = table.schema.field("values").type
+        table = table.combine_chunks()
+        ids_column = table.column("device_id").chunk(0) if table.num_rows else pa.array([], pa.string())
+        ts_column = table.column("ts").chunk(0) if table.num_rows else pa.array([], pa.float64())
+        values_column = table.column("values").chunk(0) if table.num_rows else pa.array([], values_type)
+        flat = values_column.flatten()
+        for name, column in (("device_id", ids_column), ("ts", ts_column), ("values", values_column), ("values", flat)):
+            if column.null_count:
+                return _rows_refused(DeadLetterReason.INVALID_SCHEMA, name, "null", column.is_null(), flat is column, self.input_size)
+        lengths = pc.utf8_length(ids_column)
+        bad_length = pc.or_(pc.less(lengths, 1), pc.greater(lengths, MAX_DEVICE_ID_LENGTH))
+        if pc.any(bad_length).as_py():
+            what = f"not 1..{MAX_DEVICE_ID_LENGTH} characters long"
+            return _rows_refused(DeadLetterReason.INVALID_SCHEMA, "device_id", what, bad_length, False, self.input_size)
+        if pa.types.is_timestamp(ts_column.type):
+            per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[ts_column.type.unit]
+            ts = ts_column.cast(pa.int64()).to_numpy() / per_second
+        else:
+            ts = ts_column.to_numpy()
+            if not np.isfinite(ts).all():
+                return _rows_refused(DeadLetterReason.NON_FINITE, "ts", "not finite", ~np.isfinite(ts), False, self.input_size)
+        values = flat.to_numpy().reshape(len(ts), self.input_size)
+        finite = np.isfinite(values)
+        if not finite.all():
+            return _rows_refused(DeadLetterReason.NON_FINITE, "values", "not finite", ~finite, True, self.input_size)
+        if key is None:
+            return DeadLetterReason.KEY_MISMATCH, "batch message has no key; the key must name its sender (a gateway id)"
+        # Copies: the arrays must not pin the message's buffer, and the engine may want them writable.
+        return ArrowRows(ids_column.to_pylist(), np.array(ts, dtype=np.float64), np.array(values, dtype=np.float32))
+
+    def decode(self, messages: list[KafkaMessage]) -> DecodedBatch:
+        """Every message becomes its readings (in offset order, a batch message's in row order)
+        or one dead letter; never an exception."""
         ids: list[str] = []
         ts: list[float] = []
         values: list[list[float]] = []
         positions: list[SourcePosition] = []
+        batches: list[tuple[int, ArrowRows, SourcePosition]] = []  # (JSON readings before it, rows, position)
         dead: list[DeadLetter] = []
+        decode_one = self.decode_one
         for msg in messages:
-            result = self.decode_one(msg.key, msg.value)
             position = SourcePosition(msg.topic, msg.partition, msg.offset)
-            if isinstance(result, Reading):
-                ids.append(result.device_id)
-                ts.append(result.ts)
-                values.append(result.values)
-                positions.append(position)
+            if msg.headers and _is_arrow(msg.headers):
+                result = self.decode_arrow(msg.key, msg.value)
+                if type(result) is ArrowRows:
+                    batches.append((len(ids), result, position))
+                    continue
             else:
-                reason, detail = result
-                headers = [(k, v if v is not None else b"") for k, v in (msg.headers or [])]
-                dead.append(DeadLetter(reason, detail, msg.key, msg.value, headers, position))
-        batch = ReadingBatch(
-            ids,
-            np.asarray(ts, dtype=np.float64),
-            np.asarray(values, dtype=np.float32).reshape(len(ids), self.input_size),
-            np.fromiter((p.partition for p in positions), dtype=np.int32, count=len(positions)),
-        )
-        return DecodedBatch(batch, positions, dead)
+                result = decode_one(msg.key, msg.value)
+                if type(result) is Reading:
+                    ids.append(result.device_id)
+                    ts.append(result.ts)
+                    values.append(result.values)
+                    positions.append(position)
+                    continue
+            reason, detail = result
+            headers = [(k, v if v is not None else b"") for k, v in (msg.headers or [])]
+            dead.append(DeadLetter(reason, detail, msg.key, msg.value, headers, position))
+        json_rows = ArrowRows(ids, np.asarray(ts, dtype=np.float64),
+                              np.asarray(values, dtype=np.float32).reshape(len(ids), self.input_size))
+        readings, positions = _assemble(json_rows, positions, batches) if batches else (json_rows, positions)
+        partitions = np.asarray([p.partition for p in positions], dtype=np.int32)
+        return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions), positions, dead)
 
 
-def _classify(exc: ValidationError) -> tuple[DeadLetterReason, str]:
-    errors = exc.errors(include_url=False, include_input=False)
-    first = errors[0]
-    where = ".".join(str(p) for p in first["loc"]) or "message"
-    detail = f"{where}: {first['msg']}"
-    if len(errors) > 1:
-        detail += f" (and {len(errors) - 1} more)"
-    kinds = {e["type"] for e in errors}
-    if kinds & {"json_invalid", "json_type"}:
-        return DeadLetterReason.NOT_JSON, detail
-    if "finite_number" in kinds:
-        return DeadLetterReason.NON_FINITE, detail
-    return DeadLetterReason.INVALID_SCHEMA, detail
+def _is_arrow(headers: list[tuple[str, bytes | None]]) -> bool:
+    return any(k == CONTENT_TYPE_HEADER and v == ARROW_CONTENT_TYPE for k, v in headers)
+
+
+def _assemble(
+    json_rows: ArrowRows, json_positions: list[SourcePosition], batches: list[tuple[int, ArrowRows, SourcePosition]]
+) -> tuple[ArrowRows, list[SourcePosition]]:
+    """The JSON readings with each batch message's rows put in after the JSON readings before it."""
+    ids: list[str] = []
+    ts: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    positions: list[SourcePosition] = []
+    done = 0
+    for before, rows, position in [*batches, (len(json_rows.device_ids), None, None)]:
+        ids += json_rows.device_ids[done:before]
+        ts.append(json_rows.ts[done:before])
+        values.append(json_rows.values[done:before])
+        positions += json_positions[done:before]
+        done = before
+        if rows is not None:
+            ids += rows.device_ids
+            ts.append(rows.ts)
+            values.append(rows.values)
+            positions += [position] * len(rows.device_ids)
+    return ArrowRows(ids, np.concatenate(ts), np.concatenate(values)), positions
+
+
+# --- Arrow batch messages -----------------------------------------------------------------------
+
+_ARROW_COLUMNS = (
+    ("device_id", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    ("ts", lambda t: pa.types.is_float64(t) or pa.types.is_timestamp(t), "float64 epoch seconds or a timestamp"),
+    ("values", lambda t: pa.types.is_fixed_size_list(t) and pa.types.is_float32(t.value_type), "fixed_size_list<float32>"),
+)
+
+
+def _schema_refusal(schema: pa.Schema, input_size: int) -> Refusal | None:
+    """Why a batch message's columns cannot be used, or None."""
+    for name, accepts, wanted in _ARROW_COLUMNS:
+        index = schema.get_field_index(name)
+        if index < 0:
+            present = ", ".join(schema.names)[:200]
+            return DeadLetterReason.INVALID_SCHEMA, f"column {name!r} missing or repeated (columns: {present})"
+        if not accepts(schema.field(index).type):
+            return DeadLetterReason.INVALID_SCHEMA, f"{name}: {schema.field(index).type}, expected {wanted}"
+    size = schema.field("values").type.list_size
+    if size != input_size:
+        return DeadLetterReason.WRONG_VALUE_COUNT, f"values: {size} values, the model takes {input_size}"
+    return None
+
+
+def _rows_refused(
+    reason: DeadLetterReason, column: str, what: str, bad: object, per_value: bool, input_size: int
+) -> Refusal:
+    """A whole batch message refused for its bad rows: the column, the first bad row, how many."""
+    mask = np.asarray(bad.to_numpy(zero_copy_only=False) if isinstance(bad, pa.Array) else bad, dtype=bool)
+    rows = np.flatnonzero(mask.reshape(-1, input_size).any(axis=1) if per_value else mask)
+    more = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
+    return reason, f"{column}: row {rows[0]} {what}{more}; the whole message is refused"
+
+
+def encode_arrow_readings(device_ids: list[str], ts: np.ndarray, values: np.ndarray) -> bytes:
+    """A batch message's value (send it with the header CONTENT_TYPE_HEADER: ARROW_CONTENT_TYPE
+    and a gateway id as key): ts (n,) epoch seconds, values (n, features), written as float32."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    table = pa.table({
+        "device_id": pa.array(device_ids, pa.string()),
+        "ts": pa.array(np.asarray(ts, dtype=np.float64)),
+        "values": pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1]),
+    })
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+# --- The exact path: jiter and the pydantic decoder's rules, error for error --------------------
+
+
+def _iso_seconds(text: str) -> float:
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)  # naive times are taken as UTC
+    return parsed.timestamp()
+
+
+class _Error(NamedTuple):
+    kind: str  # the pydantic error type where it decides the reason: "finite_number", else "schema"
+    where: str
+    msg: str
+
+
+def _exact(value: bytes) -> Reading | Refusal:
+    """The pydantic decoder's verdict on a message, with its reason and detail: jiter parses
+    (NaN, Infinity and out-of-range numbers included), then every field is checked and every
+    error collected in field order; non-finite numbers make it non_finite, else invalid_schema."""
+    try:
+        obj = from_json(value, allow_inf_nan=True)
+    except ValueError as exc:
+        return DeadLetterReason.NOT_JSON, f"message: Invalid JSON: {exc}"
+    if not isinstance(obj, dict):
+        return DeadLetterReason.INVALID_SCHEMA, "message: Input should be an object"
+    errors: list[_Error] = []
+    device_id = _check_device_id(obj, errors)
+    ts = _check_ts(obj, errors)
+    values = _check_values(obj, errors)
+    if errors:
+        first = errors[0]
+        detail = f"{first.where}: {first.msg}"
+        if len(errors) > 1:
+            detail += f" (and {len(errors) - 1} more)"
+        if any(e.kind == "finite_number" for e in errors):
+            return DeadLetterReason.NON_FINITE, detail
+        return DeadLetterReason.INVALID_SCHEMA, detail
+    return Reading(device_id, ts, values)
+
+
+def _check_device_id(obj: dict, errors: list[_Error]) -> str:
+    if "device_id" not in obj:
+        errors.append(_Error("schema", "device_id", "Field required"))
+        return ""
+    device_id = obj["device_id"]
+    if not isinstance(device_id, str):
+        errors.append(_Error("schema", "device_id", "Input should be a valid string"))
+    elif not device_id:
+        errors.append(_Error("schema", "device_id", "String should have at least 1 character"))
+    elif len(device_id) > MAX_DEVICE_ID_LENGTH:
+        errors.append(_Error("schema", "device_id", f"String should have at most {MAX_DEVICE_ID_LENGTH} characters"))
+    return device_id
+
+
+def _check_ts(obj: dict, errors: list[_Error]) -> float:
+    if "ts" not in obj:
+        errors.append(_Error("schema", "ts", "Field required"))
+        return 0.0
+    raw = obj["ts"]
+    if isinstance(raw, bool):
+        errors.append(_Error("schema", "ts", "Value error, ts must be epoch seconds or an ISO-8601 string, not a boolean"))
+        return 0.0
+    if isinstance(raw, int | float):
+        try:
+            seconds = float(raw)
+        except OverflowError:  # JSON integers are unbounded: 10**400 is beyond any float
+            seconds = math.inf
+    elif isinstance(raw, str):
+        try:
+            seconds = _iso_seconds(raw)
+        except ValueError:
+            errors.append(_Error("schema", "ts", f"Value error, ts {raw[:64]!r} is not ISO-8601"))
+            return 0.0
+    else:
+        kind = type(raw).__name__
+        errors.append(_Error("schema", "ts", f"Value error, ts must be epoch seconds or an ISO-8601 string, got {kind}"))
+        return 0.0
+    if not math.isfinite(seconds):
+        errors.append(_Error("finite_number", "ts", "ts must be finite"))
+    return seconds
+
+
+def _check_values(obj: dict, errors: list[_Error]) -> list[float]:
+    if "values" not in obj:
+        errors.append(_Error("schema", "values", "Field required"))
+        return []
+    raw = obj["values"]
+    if not isinstance(raw, list):
+        errors.append(_Error("schema", "values", "Input should be a valid array"))
+        return []
+    values: list[float] = []
+    for i, v in enumerate(raw):
+        if isinstance(v, bool) or not isinstance(v, int | float):  # strict: no strings, no booleans
+            errors.append(_Error("schema", f"values.{i}", "Input should be a valid number"))
+            continue
+        try:
+            number = float(v)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            errors.append(_Error("finite_number", f"values.{i}", "Input should be a finite number"))
+        values.append(number)
+    if not raw:
+        errors.append(_Error("schema", "values", "List should have at least 1 item after validation, not 0"))
+    return values
+
+
+# --- Predictions out -----------------------------------------------------------------------------
+
+
+_ENCODER = msgspec.json.Encoder()
+_PREDICTION = (
+    b'{"device_id":%b,"ts":%b,"forecast":[%b],"anomaly_score":%b,"is_anomaly":%b,"residual":%b,"model_version":'
+)
 
 
 def encode_predictions(predictions: PredictionBatch, model_version: str) -> list[tuple[bytes, bytes]]:
-    """(key, value) per prediction, in order."""
-    forecasts = predictions.forecast.tolist()
-    scores = predictions.anomaly_score.tolist()
-    flags = predictions.is_anomaly.tolist()
-    residuals = predictions.residual.tolist()
-    ts = predictions.ts.tolist()
-    dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-    out = []
-    for i, device_id in enumerate(predictions.device_ids):
-        body = {
-            "device_id": device_id,
-            "ts": ts[i],
-            "forecast": forecasts[i],
-            "anomaly_score": scores[i],
-            "is_anomaly": flags[i],
-            "residual": residuals[i],
-            "model_version": model_version,
-        }
-        out.append((device_id.encode("utf-8"), dumps(body).encode("utf-8")))
-    return out
+    """(key, value) per prediction, in order: key the device id (UTF-8), value compact JSON whose
+    floats read back exactly. ValueError when a number is NaN or infinite (JSON has none)."""
+    columns = {
+        "ts": predictions.ts,
+        "forecast": predictions.forecast,
+        "anomaly_score": predictions.anomaly_score,
+        "residual": predictions.residual,
+    }
+    for name, column in columns.items():
+        finite = np.isfinite(column)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.reshape(len(predictions), -1).all(axis=1))[0])
+            raise ValueError(
+                f"prediction {name} of device {predictions.device_ids[row]!r} is {column[row]!r}: not finite, not JSON"
+            )
+    device_ids = predictions.device_ids
+    if not device_ids:
+        return []
+    # Column by column, msgspec writing each column in one call, then one bytes template per
+    # prediction: no Python object per number, which at 100k predictions costs more than the JSON.
+    ids = _ENCODER.encode_lines(device_ids).split(b"\n")  # JSON strings escape their newlines
+    features = predictions.forecast.shape[1]
+    forecast = _json_numbers(predictions.forecast.reshape(-1))
+    if features > 1:
+        forecast = [b",".join(forecast[i : i + features]) for i in range(0, len(forecast), features)]
+    flags = [b"true" if flag else b"false" for flag in predictions.is_anomaly.tolist()]
+    template = _PREDICTION + _ENCODER.encode(model_version).replace(b"%", b"%%") + b"}"
+    rows = zip(ids, _json_numbers(predictions.ts), forecast, _json_numbers(predictions.anomaly_score), flags,
+               _json_numbers(predictions.residual))
+    return [(device_id.encode("utf-8"), template % row) for device_id, row in zip(device_ids, rows)]
+
+
+def _json_numbers(column: np.ndarray) -> list[bytes]:
+    """Each number of a 1-D float array as JSON text (shortest that reads back exactly; a float32
+    as the float64 it widens to). Numbers hold no commas, so one JSON array split on them."""
+    return _ENCODER.encode(column.tolist())[1:-1].split(b",")

@@ -9,14 +9,15 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
-from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from streamer.anomaly import AnomalyParams
-from streamer.checkpoint import DirectoryCheckpointStore
+from streamer.checkpoint import CheckpointStore, DirectoryCheckpointStore
 from streamer.engine import Engine
-from streamer.kafka import ensure_topics, make_consumer, make_producer
+from streamer.kafka import Producer, ensure_topics, open_changelog, open_consumer, open_producer
 from streamer.kafka.clients import KafkaBootstrapError, KafkaLoginError, kafka_logs_folded, security_config
+from streamer.kafka.topics import written_topics
+from streamer.kernels import STATE_DTYPES
 from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model import load_model_file
 from streamer.pipeline import Pipeline, RunSummary
@@ -38,6 +39,10 @@ def anomaly_params(settings: Settings) -> AnomalyParams:
 
 
 def build_engine(settings: Settings) -> Engine:
+    if settings.model.cpu_threads:
+        import torch
+
+        torch.set_num_threads(settings.model.cpu_threads)
     bundle = load_model_file(settings.model.path)
     engine = Engine.build(
         bundle,
@@ -45,6 +50,7 @@ def build_engine(settings: Settings) -> Engine:
         device=settings.model.device,
         ttl_seconds=settings.state.ttl_seconds,
         anomaly=anomaly_params(settings),
+        state_dtype=STATE_DTYPES[settings.state.dtype],
     )
     log.info(
         "model %s (version %s, %s) on %s, state table of %d devices",
@@ -55,6 +61,26 @@ def build_engine(settings: Settings) -> Engine:
         engine.table.capacity,
     )
     return engine
+
+
+def build_store(settings: Settings, bootstrap_timeout_ms: int | None = None) -> CheckpointStore:
+    """The checkpoint store checkpoint.store names: a directory, or a Kafka changelog topic
+    (which must exist: run_service creates it when missing)."""
+    checkpoint, kafka = settings.checkpoint, settings.kafka
+    if checkpoint.store == "kafka":
+        from streamer.checkpoint_kafka import KafkaCheckpointStore
+
+        changelog = open_changelog(kafka, checkpoint.topic, checkpoint.chunk_bytes, bootstrap_timeout_ms)
+        try:
+            store = KafkaCheckpointStore(changelog, kafka.group_id, checkpoint.keep, checkpoint.chunk_bytes)
+        except BaseException:
+            changelog.close()
+            raise
+        log.info("checkpoints in Kafka topic %s (%d partitions, chunks of at most %d bytes)",
+                 checkpoint.topic, store.partitions, checkpoint.chunk_bytes)
+        return store
+    log.info("checkpoints in %s", checkpoint.directory.resolve())
+    return DirectoryCheckpointStore(checkpoint.directory, kafka.group_id, checkpoint.keep)
 
 
 class StartupInterrupted(Exception):
@@ -139,8 +165,9 @@ def run_service(
     """
     engine = build_engine(settings)
     kafka = settings.kafka
-    # Output and dead-letter topics with the input's default partitioning if they are missing,
-    # so the first dead letter does not wait for auto-creation.
+    # The topics streamer writes (output, dead letters, the checkpoint changelog) as settings
+    # section ``topics`` says, if they are missing, so the first dead letter does not wait for
+    # auto-creation and the changelog is compacted.
     reachable_by = time.monotonic() + kafka.startup_wait_s
     opened: list[Callable[[], object]] = []  # closers, last opened first
     server = None
@@ -149,7 +176,7 @@ def run_service(
         _until_reachable(
             lambda timeout_ms: ensure_topics(
                 kafka.bootstrap_servers,
-                {kafka.output_topic: 1, kafka.dead_letter_topic: 1},
+                written_topics(settings),
                 kafka.client_id,
                 security=security_config(kafka),
                 bootstrap_timeout_ms=timeout_ms,
@@ -170,23 +197,24 @@ def run_service(
             log.info("metrics at http://%s:%d/metrics, liveness at /healthz, readiness at /readyz", server.host, server.port)
         store = None
         if settings.checkpoint.enabled:
-            store = DirectoryCheckpointStore(settings.checkpoint.directory, kafka.group_id, settings.checkpoint.keep)
-            log.info("checkpoints in %s", settings.checkpoint.directory.resolve())
+            store = _until_reachable(lambda timeout_ms: build_store(settings, timeout_ms), reachable_by, stop)
+            opened.append(store.close)
         consumer = _until_reachable(
-            lambda timeout_ms: make_consumer(kafka, settings.batch.max_records, timeout_ms), reachable_by, stop
+            lambda timeout_ms: open_consumer(kafka, settings.batch.max_records, timeout_ms), reachable_by, stop
         )
-        opened.append(lambda: consumer.close(autocommit=False, timeout_ms=int(CLOSE_TIMEOUT_S * 1000)))
+        log.info("Kafka client: %s", kafka.client)
+        opened.append(lambda: consumer.close(CLOSE_TIMEOUT_S))
         instance_id = kafka.instance_id or uuid.uuid4().hex[:12]  # one transactional id per process
 
-        def new_producer() -> KafkaProducer:
+        def new_producer() -> Producer:
             return _until_reachable(
-                lambda timeout_ms: make_producer(kafka, instance_id, timeout_ms),
+                lambda timeout_ms: open_producer(kafka, instance_id, timeout_ms),
                 time.monotonic() + kafka.startup_wait_s,
                 stop,
             )
 
         pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer)
-        opened.append(lambda: pipeline.producer.close(timeout=CLOSE_TIMEOUT_S))
+        opened.append(lambda: pipeline.producer.close(CLOSE_TIMEOUT_S))
         summary = pipeline.run(stop)
         log.info(
             "stopped: %d readings, %d predictions, %d dead letters, %d anomalies in %.1fs",

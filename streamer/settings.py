@@ -68,6 +68,10 @@ class KafkaSettings(Section):
     dead_letter_topic: str = Field("sensor-dead-letters", min_length=1, description="topic for messages that cannot be used")
     group_id: str = Field("streamer", min_length=1, description="consumer group id")
     client_id: str = Field("streamer", min_length=1, description="client id shown by the broker")
+    client: Literal["confluent-kafka", "kafka-python"] = Field(
+        "confluent-kafka",
+        description="Kafka client library: confluent-kafka (librdkafka; faster, see README) or kafka-python",
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="where a group without committed offsets starts"
     )
@@ -79,6 +83,10 @@ class KafkaSettings(Section):
     )
     exactly_once: bool = Field(
         False, description="commit predictions and input offsets in one Kafka transaction (read_committed downstream)"
+    )
+    max_message_bytes: Annotated[int, Field(ge=1024, le=1_000_000_000)] = Field(
+        16 * 1024 * 1024, description="largest message the producer sends: a dead letter carries the whole"
+        " input message, so keep it above the input topic's max.message.bytes (the output topics must accept it too)"
     )
     assignment: Literal["auto", "cooperative-sticky", "range"] = Field(
         "auto",
@@ -164,10 +172,11 @@ class KafkaSettings(Section):
 
 class BatchSettings(Section):
     max_records: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
-        4096, description="most readings in one micro-batch"
+        4096, description="most messages in one micro-batch (a batch message is one, however many readings it has)"
     )
     max_wait_ms: Annotated[int, Field(ge=0, le=60_000)] = Field(
-        20, description="longest a micro-batch waits to fill once it has its first reading"
+        0, description="longest a micro-batch waits to fill once it has its first message (0: it takes what the"
+        " client has fetched; a loop that falls behind gets bigger batches by itself, and a wait adds to latency)"
     )
 
 
@@ -176,6 +185,10 @@ class ModelSettings(Section):
     device: str = Field("auto", description="torch device for state and steps: auto, cpu, cuda, cuda:N")
     reload_interval_s: Annotated[float, Field(ge=0)] = Field(
         10.0, description="seconds between checks of the model file for a new version (0: never)"
+    )
+    cpu_threads: Annotated[int, Field(ge=0, le=1024)] = Field(
+        1, description="torch threads for steps on the CPU (0: torch's default, one per core); 1 leaves the"
+        " other cores to the Kafka client, and idle OpenMP threads spinning after a step slow the loop"
     )
 
     @field_validator("device")
@@ -191,6 +204,9 @@ class StateSettings(Section):
     ttl_seconds: Annotated[float, Field(gt=0)] | None = Field(
         86400.0, description="evict devices idle this long (none: never)"
     )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of each device's LSTM h and c (bfloat16: half the bytes, gate maths in float32)"
+    )
 
 
 class CheckpointSettings(Section):
@@ -204,6 +220,42 @@ class CheckpointSettings(Section):
         100_000, description="checkpoint a partition after this many readings of it"
     )
     keep: Annotated[int, Field(ge=1, le=100)] = Field(3, description="checkpoints kept per partition")
+    store: Literal["directory", "kafka"] = Field(
+        "directory",
+        description="directory: files under checkpoint.directory; kafka: a compacted changelog topic (checkpoint.topic), "
+        "so hosts share nothing but the brokers",
+    )
+    topic: str = Field("streamer-checkpoints", min_length=1, description="changelog topic of checkpoint.store = kafka")
+    chunk_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
+        512 * 1024, description="largest record value of the changelog (keep it under the broker's message.max.bytes)"
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+            raise ValueError("not a Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not '.' or '..')")
+        return value
+
+
+class TopicsSettings(Section):
+    """What `streamer topics create` gives the topics, and `streamer run` the ones it creates when missing."""
+
+    partitions: Annotated[int, Field(ge=1)] = Field(
+        6, description="partitions of the input and output topics (the most hosts that share the work)"
+    )
+    replication_factor: Annotated[int, Field(ge=1)] = Field(1, description="replicas of every topic streamer creates")
+    retention_ms: Annotated[int, Field(ge=-1)] | None = Field(
+        None, description="retention.ms of the input and output topics (-1: forever; none: the broker's default)"
+    )
+    dead_letter_partitions: Annotated[int, Field(ge=1)] = Field(1, description="partitions of the dead-letter topic")
+    dead_letter_retention_ms: Annotated[int, Field(ge=-1)] | None = Field(
+        None, description="retention.ms of the dead-letter topic (-1: forever; none: the broker's default)"
+    )
+    checkpoint_partitions: Annotated[int, Field(ge=1)] = Field(
+        6, description="partitions of the checkpoint changelog (cleanup.policy=compact); an input partition's "
+        "checkpoints go to one of them by hash"
+    )
 
 
 class AnomalySettings(Section):
@@ -260,6 +312,9 @@ class RunSettings(Section):
         5.0, description="seconds between status lines on stderr (0: none)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line, with context fields"
+    )
 
 
 class Settings(BaseSettings):
@@ -277,6 +332,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     state: StateSettings = StateSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+    topics: TopicsSettings = TopicsSettings()
     anomaly: AnomalySettings = AnomalySettings()
     metrics: MetricsSettings = MetricsSettings()
     run: RunSettings = RunSettings()
@@ -287,6 +343,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"batch.max_records ({self.batch.max_records}) exceeds state.capacity ({self.state.capacity}):"
                 " one batch's devices must fit in the table"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _changelog_apart(self) -> "Settings":
+        kafka = self.kafka
+        if self.checkpoint.store == "kafka" and self.checkpoint.topic in (
+            kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic
+        ):
+            raise ValueError(
+                f"{describe_setting('checkpoint', 'topic')} = {self.checkpoint.topic!r} is also a kafka topic of "
+                "readings, predictions or dead letters: the checkpoint changelog needs its own topic"
             )
         return self
 
@@ -344,8 +412,11 @@ def setting_names() -> set[tuple[str, str]]:
     }
 
 
-def describe_setting(section: str, name: str) -> str:
-    """``section.name (flag --section-name, env STREAMER_SECTION__NAME)``: where an operator sets it."""
+def describe_setting(section: str, name: str, has_flag: bool = True) -> str:
+    """``section.name (flag --section-name, env STREAMER_SECTION__NAME)``: where an operator sets
+    it; has_flag False (the command at hand has no flag for it) names the variable and the file."""
+    if not has_flag:
+        return f"{section}.{name} (env {env_name(section, name)} or the config file; this command has no flag for it)"
     return f"{section}.{name} (flag {flag_name(section, name)}, env {env_name(section, name)})"
 
 

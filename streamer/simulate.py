@@ -24,13 +24,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import numpy as np
 
 from streamer.errors import StreamerError
+from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
 
 ANOMALY_KINDS = ("spike", "level_shift", "dropout")
+
+MessageFormat = Literal["json", "arrow"]
+MESSAGE_FORMATS: tuple[MessageFormat, ...] = ("json", "arrow")
+DEFAULT_BATCH_ROWS = 1000
+ARROW_HEADERS = [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)]
 
 # Independent random streams under one seed (numpy SeedSequence entropy [seed, stream]).
 _PARAMS_STREAM, _HISTORY_STREAM, _LIVE_NOISE_STREAM, _ANOMALY_STREAM = 0, 1, 2, 3
@@ -97,6 +103,11 @@ class SimulationSummary:
 
 def device_id(index: int) -> str:
     return f"sensor-{index:05d}"
+
+
+def gateway_id(index: int) -> str:
+    """The key of gateway ``index``'s batch messages: devices index*batch_rows.. of the fleet."""
+    return f"gateway-{index:05d}"
 
 
 @dataclass(frozen=True)
@@ -238,6 +249,22 @@ class Fleet:
         return labels
 
 
+_Outgoing = tuple[bytes, bytes, list[tuple[str, bytes]] | None, float, list[SimReading]]  # key, value, headers, ts, readings
+
+
+def _json_message(reading: SimReading) -> _Outgoing:
+    ts = time.time()
+    value = json.dumps({"device_id": reading.device_id, "ts": ts, "values": reading.values}).encode()
+    return reading.device_id.encode(), value, None, ts, [reading]
+
+
+def _batch_message(readings: list[SimReading], gateway: str, features: int) -> _Outgoing:
+    ts = time.time()
+    values = np.array([r.values for r in readings]).reshape(len(readings), features)
+    value = encode_arrow_readings([r.device_id for r in readings], np.full(len(readings), ts), values)
+    return gateway.encode(), value, ARROW_HEADERS, ts, readings
+
+
 def run_simulator(
     bootstrap_servers: str,
     topic: str,
@@ -250,14 +277,20 @@ def run_simulator(
     stop: threading.Event | None = None,
     progress: Callable[[int, float], None] | None = None,
     progress_interval_s: float = 5.0,
+    message_format: MessageFormat = "json",
+    batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> SimulationSummary:
     """Produce the fleet's readings to ``topic`` at ``rate`` readings/s overall (<= 0: unpaced).
 
-    Message: key = device_id (utf-8), value = JSON ``{"device_id", "ts", "values"}`` with ts the
-    emission time (time.time(), epoch seconds). Rounds are emitted in device order, one round
-    after another, in chunks of about 20 ms worth of readings (so the rate holds to within one
-    chunk). Stops after ``duration_s`` seconds, after ``max_readings`` readings, or when
-    ``stop`` is set, whichever comes first; at least one of duration_s and max_readings is needed.
+    ``message_format`` "json": one message per reading, key = device_id (utf-8), value = JSON
+    ``{"device_id", "ts", "values"}`` with ts the emission time (time.time(), epoch seconds).
+    "arrow": batch messages (streamer.records): the fleet is split into gateways of
+    ``batch_rows`` consecutive devices, and every round each gateway sends one message with one
+    reading of each of its devices, key = gateway_id(g), header content-type
+    application/vnd.apache.arrow.stream, ts the message's emission time. Rounds are emitted in
+    device order, one round after another, in chunks of about 20 ms worth of readings (json) or
+    one message at a time (arrow), so the rate holds to within one chunk. Stops after
+    ``duration_s`` seconds, after ``max_readings`` readings, or when ``stop`` is set, whichever comes first; at least one of duration_s and max_readings is needed.
     If ``labels_path`` is given, it is overwritten with one JSON line
     ``{"device_id", "ts", "step", "kind"}`` per anomalous reading sent (ts as in the message).
     The producer is flushed and closed before returning; any failed send raises SimulationError.
@@ -273,6 +306,10 @@ def run_simulator(
         raise ValueError(f"duration_s must be >= 0, got {duration_s!r}")
     if max_readings is not None and max_readings < 0:
         raise ValueError(f"max_readings must be >= 0, got {max_readings!r}")
+    if message_format not in MESSAGE_FORMATS:
+        raise ValueError(f"message_format must be one of {MESSAGE_FORMATS}, got {message_format!r}")
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+        raise ValueError(f"batch_rows must be a positive int, got {batch_rows!r}")
 
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
@@ -298,7 +335,11 @@ def run_simulator(
 
     fleet = Fleet(spec)
     # Pace in chunks of about 20 ms worth of readings: sleep between chunks, not between messages.
+    # A batch message is a chunk of its own: gateway g's devices start at g * batch_rows, and every
+    # chunk starts at a gateway's first device, so each device is always sent under one key.
     chunk = max(1, int(rate * 0.02)) if rate > 0 else spec.devices
+    if message_format == "arrow":
+        chunk = batch_rows
     sent = anomalies = 0
     start = time.monotonic()
     deadline = start + duration_s if duration_s is not None else None
@@ -317,18 +358,21 @@ def run_simulator(
             n = min(chunk, len(round_) - pos)
             if max_readings is not None:
                 n = min(n, max_readings - sent)
-            for reading in round_[pos : pos + n]:
-                ts = time.time()
-                value = json.dumps({"device_id": reading.device_id, "ts": ts, "values": reading.values})
+            if message_format == "arrow":
+                messages = [_batch_message(round_[pos : pos + n], gateway_id(pos // batch_rows), spec.features)]
+            else:
+                messages = [_json_message(reading) for reading in round_[pos : pos + n]]
+            for key, value, headers, ts, readings in messages:
                 try:
-                    future = producer.send(topic, key=reading.device_id.encode(), value=value.encode())
+                    future = producer.send(topic, key=key, value=value, headers=headers)
                 except KafkaError as exc:
                     raise SimulationError(bootstrap_servers, topic, f"send failed after {sent} readings: {exc!r}") from exc
                 future.add_errback(on_error)
-                sent += 1
-                if reading.anomaly is not None:
-                    anomalies += 1
-                    if labels_file is not None:
+                sent += len(readings)
+                labelled = [r for r in readings if r.anomaly is not None]
+                anomalies += len(labelled)
+                if labels_file is not None:
+                    for reading in labelled:
                         label = {"device_id": reading.device_id, "ts": ts, "step": reading.step, "kind": reading.anomaly}
                         labels_file.write(json.dumps(label) + "\n")
             pos += n

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from streamer import checkpoint as checkpoint_module
 from streamer.checkpoint import Checkpoint, CheckpointError, DirectoryCheckpointStore, ModelStamp, decode, encode
@@ -116,19 +116,19 @@ class FakeConsumer:
         self.committed_offsets = committed or {}
         self.positions: dict[TopicPartition, int] = {}
 
-    def committed(self, tp: TopicPartition) -> int | None:
-        return self.committed_offsets.get(tp)
+    def committed(self, tps: list[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
+        return {tp: self.committed_offsets.get(tp) for tp in tps}
 
-    def position(self, tp: TopicPartition) -> int:
+    def position(self, tp: TopicPartition, timeout_s: float) -> int:
         return self.positions.get(tp, 0)
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.positions[tp] = offset
 
-    def pause(self, *tps: TopicPartition) -> None:
+    def pause(self, tps: list[TopicPartition]) -> None:
         pass
 
-    def resume(self, *tps: TopicPartition) -> None:
+    def resume(self, tps: list[TopicPartition]) -> None:
         pass
 
 
@@ -166,6 +166,15 @@ def stamp_of(engine: Engine) -> ModelStamp:
 def stamped(engine: Engine, partition: int, offset: int, version: str | None = None) -> Checkpoint:
     return Checkpoint("readings", partition, offset, engine.export_partition(partition), engine.layout.width,
                       version or engine.model_version, model_config=engine.config.to_dict())
+
+
+def applied_and_committed(partitions: PartitionManager, next_offsets: dict, readings: dict, commit: bool = True) -> None:
+    """A batch's plan, applied, and (``commit``) its offsets committed, as the run loop does."""
+    with partitions.lock:
+        plan = partitions.plan(next_offsets, readings)
+        partitions.applied(plan)
+    if commit:
+        partitions.committed(plan)
 
 
 def manager(engine: Engine, store, committed: dict[TopicPartition, int], policy=CheckpointPolicy(), clock=None):
@@ -209,8 +218,7 @@ def test_a_failing_store_is_retried_with_backoff_and_logged_once_per_episode(tmp
 
     def batch(offset: int) -> None:
         clock.now += 0.2
-        partitions.applied({TP0: offset, TP1: offset}, {TP0: 1, TP1: 1})
-        partitions.committed({TP0: OffsetAndMetadata(offset, "", -1), TP1: OffsetAndMetadata(offset, "", -1)})
+        applied_and_committed(partitions, {TP0: offset, TP1: offset}, {TP0: 1, TP1: 1})
 
     monkeypatch.setattr(store, "save", disk_full)
     caplog.set_level(logging.INFO, logger="streamer.partitions")
@@ -245,8 +253,7 @@ def test_revoke_and_shutdown_checkpoints_are_tried_while_backing_off(tmp_path: P
     partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 1), clock)
     real_save = store.save
     monkeypatch.setattr(store, "save", lambda cp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
-    partitions.applied({TP0: 5, TP1: 5}, {TP0: 5, TP1: 5})
-    partitions.committed({TP0: OffsetAndMetadata(5, "", -1), TP1: OffsetAndMetadata(5, "", -1)})
+    applied_and_committed(partitions, {TP0: 5, TP1: 5}, {TP0: 5, TP1: 5})
     assert metrics.count("on_checkpoint_failed") == 1  # the second partition waits for the backoff
     monkeypatch.setattr(store, "save", real_save)
     partitions.release([TP1], checkpoint=True)
@@ -301,7 +308,7 @@ def test_recovery_under_a_new_model_starts_devices_from_zero_and_counts_it(tmp_p
     partitions, metrics = manager(old, store, {TP0: 20})
     assert metrics.calls["on_recovery"] == [("no_checkpoint",)] and metrics.count("on_checkpoints_refused") == 1
     assert partitions.consumer.positions[TP0] == 20 and len(old.export_partition(0)) == 0
-    assert partitions.replay_bounds() == {}
+    assert partitions.plan({TP0: 21}, {TP0: 1}).replay_until == {}
 
     partitions, metrics = manager(old, store, {TP0: 10})  # nothing to replay: rows carried over
     assert metrics.calls["on_recovery"] == [("checkpoint",)] and metrics.count("on_checkpoints_refused") == 0
@@ -312,8 +319,8 @@ def test_a_model_switch_checkpoints_every_owned_partition_under_the_new_model(tm
     engine = stepped_engine()
     store = DirectoryCheckpointStore(tmp_path, "group")
     partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0})
-    partitions.applied({TP0: 7, TP1: 9}, {TP0: 7, TP1: 9})
-    partitions.committed({TP0: OffsetAndMetadata(7, "", -1)})  # TP1's commit was refused
+    applied_and_committed(partitions, {TP0: 7}, {TP0: 7})
+    applied_and_committed(partitions, {TP1: 9}, {TP1: 9}, commit=False)  # TP1's commit was refused
     partitions.checkpoint_all()  # TP0 already has a checkpoint at 7, under the old model
     before = {tp: store.load_latest("readings", tp.partition, engine.layout.width)[0] for tp in (TP0, TP1)}
     assert before[TP0].model_version == "test-1" and before[TP0].offset == 7
@@ -330,8 +337,7 @@ def test_a_switch_to_another_shape_checkpoints_empty_rows_of_the_new_width(tmp_p
     engine = stepped_engine()
     store = DirectoryCheckpointStore(tmp_path, "group")
     partitions, _ = manager(engine, store, {TP0: 0})
-    partitions.applied({TP0: 7}, {TP0: 7})
-    partitions.committed({TP0: OffsetAndMetadata(7, "", -1)})
+    applied_and_committed(partitions, {TP0: 7}, {TP0: 7})
     assert engine.swap_model(make_bundle(input_size=2, hidden_size=4, num_layers=1, version="small"))
     partitions.model_switched()
     # After a crash, readings from 7 on are replayed under the new model from zero state, as served.
@@ -351,3 +357,31 @@ def test_temporary_files_left_by_a_dead_writer_are_removed(tmp_path: Path):
     os.utime(dead, (old, old))
     store.save(checkpoint_of(engine, 0, 30))
     assert not dead.exists() and live.exists()
+
+
+def test_directory_store_is_a_checkpoint_store_listing_offsets_newest_first(tmp_path: Path):
+    from streamer.checkpoint import CheckpointStore
+
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group", keep=2)
+    assert isinstance(store, CheckpointStore)
+    for offset in (3, 9, 6):
+        store.save(checkpoint_of(engine, 0, offset))
+    assert store.offsets("readings", 0) == [9, 6]
+    assert store.offsets("readings", 1) == []
+    store.close()
+
+
+def test_pick_latest_refuses_what_cannot_be_read_and_takes_the_previous(tmp_path: Path):
+    from streamer.checkpoint import pick_latest
+
+    engine = stepped_engine()
+    good = encode(checkpoint_of(engine, 0, 5))
+
+    def unreadable() -> bytes:
+        raise CheckpointError("k/10", "chunk k/10/00001 is missing")
+
+    candidates = [(12, "k/12", lambda: good), (10, "k/10", unreadable), (5, "k/5", lambda: good)]
+    loaded, refused = pick_latest(candidates, "readings", 0, engine.layout.width, max_offset=11)
+    assert loaded is not None and loaded.offset == 5
+    assert [(r.path, r.reason) for r in refused] == [("k/10", "chunk k/10/00001 is missing")]

@@ -106,6 +106,41 @@ def test_none_turns_off_a_setting_from_env_and_config_file(tmp_path: Path, monke
     assert load_settings({}, None).kafka.group_id == "none"
 
 
+def test_errors_name_only_flags_the_command_has(tmp_path: Path):
+    env = {**os.environ, "STREAMER_KAFKA__GROUP_ID": ""}
+    replay = run_cli("replay", "--data", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o.csv"), env=env)
+    assert replay.returncode == 2
+    assert "--kafka-group-id" not in replay.stderr and "STREAMER_KAFKA__GROUP_ID or the config file" in replay.stderr
+    run = run_cli("check-config", env=env)
+    assert run.returncode == 2 and "flag --kafka-group-id, env STREAMER_KAFKA__GROUP_ID" in run.stderr
+
+
+def test_json_logs_one_object_per_line_with_context(tmp_path: Path):
+    import logging
+
+    from streamer.cli import log_formatter
+    from streamer.model import save_model_file
+    from tests.conftest import make_bundle
+
+    record = logging.LogRecord("streamer.partitions", logging.WARNING, __file__, 1, "%s moved", ("p-3",), None)
+    record.topic, record.partition = "readings", 3
+    line = json.loads(log_formatter("json").format(record))
+    assert line["level"] == "WARNING" and line["message"] == "p-3 moved" and line["name"] == "streamer.partitions"
+    assert line["topic"] == "readings" and line["partition"] == 3 and line["timestamp"].endswith("+00:00")
+
+    bundle = make_bundle(input_size=1)
+    model = tmp_path / "m.pt"
+    save_model_file(model, bundle.model, bundle.config, "json-logs")
+    closed = "127.0.0.1:9"  # the discard port: nothing answers
+    result = run_cli("run", "--model-path", str(model), "--kafka-bootstrap-servers", closed, "--kafka-startup-wait-s", "0",
+                     "--metrics-enabled", "false", "--run-log-format", "json")
+    assert result.returncode == 2, result.stderr
+    *records, last = result.stderr.strip().splitlines()
+    assert records and last.startswith("streamer: error:")
+    for text in records:
+        assert {"timestamp", "level", "name", "message"} <= json.loads(text).keys(), text
+
+
 def test_simulate_and_train_reject_bad_values():
     assert run_cli("simulate", "--devices", "0", "--max-readings", "5").returncode == 2
     result = run_cli("simulate", "--devices", "3")

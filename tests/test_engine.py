@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+import streamer.kernels
 from streamer.anomaly import AnomalyParams
 from streamer.engine import Engine, ReadingBatch, plan_waves
 from streamer.features import denormalize, normalize_sequences_with_stats, time_features
 from streamer.model import Normalization
 from tests.conftest import DEVICES, make_bundle
+from tests.test_kernels import interpreted_kernels
 
 
 def offline_forecasts(bundle, seq: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
@@ -44,7 +46,9 @@ def test_plan_waves_keeps_per_device_order():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inputs", ["raw", "global", "device+time"])
 @pytest.mark.parametrize("rows_per_step", [None, 5])
-def test_streaming_equals_offline_model(device: str, inputs: str, rows_per_step: int | None):
+@pytest.mark.parametrize("step", ["default", "triton"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy
+def test_streaming_equals_offline_model(device: str, inputs: str, rows_per_step: int | None, step: str):
     rng = np.random.default_rng(7)
     n_features, n_devices = 3, 12
     norm = Normalization(torch.tensor([10.0, -1.0, 0.5]), torch.tensor([2.0, 0.5, 4.0])) if inputs == "global" else None
@@ -52,6 +56,11 @@ def test_streaming_equals_offline_model(device: str, inputs: str, rows_per_step:
     bundle = make_bundle(input_size=n_features, hidden_size=16, num_layers=2, seed=11, normalization=norm, **extra)
     engine = Engine.build(bundle, capacity=64, device=device)
     engine.max_rows_per_step = rows_per_step  # 5: waves cut into many small steps
+    if step == "triton":  # the fused kernel, CUDA's default, here under Triton's interpreter
+        if device == "cuda" or streamer.kernels.triton is None:
+            pytest.skip("the default step on CUDA" if device == "cuda" else "no Triton in this torch build")
+        engine.lstm = interpreted_kernels().TritonLstmStep(bundle.model, engine.device)
+    assert engine.lstm.fused == (step == "triton" or device == "cuda")
 
     # Devices with different lengths, joining at different points; readings interleaved at random,
     # cut into micro-batches of random size so a device often has several readings in one batch.

@@ -150,6 +150,7 @@ def test_not_subscribed_never_fires():
 
 def test_pipeline_hook_fails_health_and_counts(tmp_path):
     from streamer.engine import Engine
+    from streamer.kafka.kafka_python import KafkaPythonConsumer
     from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
     from streamer.pipeline import Pipeline
     from streamer.settings import load_settings
@@ -161,7 +162,7 @@ def test_pipeline_hook_fails_health_and_counts(tmp_path):
     consumer = FakeConsumer()
     registry = CollectorRegistry()
     health = Health(60.0)
-    pipeline = Pipeline(settings, engine, consumer, producer=None, metrics=Metrics(registry), health=health)  # type: ignore[arg-type]
+    pipeline = Pipeline(settings, engine, KafkaPythonConsumer(consumer), producer=None, metrics=Metrics(registry), health=health)  # type: ignore[arg-type]
     clock = Clock()
     pipeline.membership.clock = clock
     assert pipeline.membership.grace_s == 2 * settings.kafka.session_timeout_ms / 1000
@@ -188,3 +189,12 @@ def test_pipeline_hook_fails_health_and_counts(tmp_path):
     pipeline._watch_membership()
     assert health.status()[0]
     assert registry.get_sample_value("streamer_group_rejoins_forced_total") == 1
+
+
+def test_only_kafka_python_has_a_membership_watch(tmp_path):
+    """librdkafka runs group membership on its own threads: no lost-SyncGroup work-around there."""
+    from streamer.kafka.confluent import ConfluentConsumer
+    from streamer.kafka.kafka_python import KafkaPythonConsumer
+
+    assert isinstance(KafkaPythonConsumer(FakeConsumer()).group_watch(20.0), MembershipWatch)  # type: ignore[arg-type]
+    assert ConfluentConsumer(object(), "earliest", cooperative=True).group_watch(20.0) is None  # type: ignore[arg-type]

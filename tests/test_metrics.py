@@ -111,3 +111,23 @@ def test_checkpoint_lag_is_read_at_scrape_time():
     lag[("readings", 3)] = 0.0
     assert registry.get_sample_value("streamer_checkpoint_lag_seconds", {"topic": "readings", "partition": "0"}) is None
     assert registry.get_sample_value("streamer_checkpoint_lag_seconds", {"topic": "readings", "partition": "3"}) == 0.0
+
+
+def test_counters_that_can_stay_zero_are_exported_at_zero_from_the_start():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    expected = {
+        "streamer_dead_letters_total": ("reason", ["not_json", "invalid_schema", "wrong_value_count", "non_finite",
+                                                   "key_mismatch"]),
+        "streamer_partition_recoveries_total": ("outcome", ["checkpoint", "fresh", "no_checkpoint"]),
+        "streamer_model_reloads_total": ("outcome", ["loaded", "reset", "failed"]),
+        "streamer_evictions_total": ("reason", ["ttl", "capacity"]),
+        "streamer_event_time_skew_total": ("direction", ["future", "past"]),
+    }
+    for name, (label, values) in expected.items():
+        for value in values:
+            assert registry.get_sample_value(name, {label: value}) == 0.0, (name, value)
+    metrics.on_dead_letters({"not_json": 2})
+    assert registry.get_sample_value("streamer_dead_letters_total", {"reason": "not_json"}) == 2.0
+    assert registry.get_sample_value("streamer_dead_letters_total", {"reason": "non_finite"}) == 0.0
+

@@ -148,10 +148,12 @@ class _FakeProducer:
     def __init__(self, **config) -> None:
         self.config = config
         self.sent = 0
+        self.messages: list[tuple[bytes, bytes, list | None]] = []
         _FakeProducer.made.append(self)
 
-    def send(self, topic, key, value) -> _FakeFuture:
+    def send(self, topic, key, value, headers=None) -> _FakeFuture:
         self.sent += 1
+        self.messages.append((key, value, headers))
         return _FakeFuture()
 
     def flush(self) -> None:
@@ -185,3 +187,84 @@ def test_run_simulator_reports_progress_and_passes_the_producer_config(monkeypat
     assert all(b - a > 0.05 for a, b in zip(elapsed, elapsed[1:]))
     # About the pace asked: 2000 readings/s.
     assert all(abs(s / e - 2000) < 400 for s, e in reports), reports
+
+
+@pytest.mark.parametrize("kwargs, match", [({"message_format": "xml"}, "message_format"), ({"batch_rows": 0}, "batch_rows"),
+                                           ({"message_format": "arrow", "batch_rows": 2.5}, "batch_rows")])
+def test_run_simulator_refuses_bad_message_options(kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        run_simulator("127.0.0.1:1", "t", FleetSpec(devices=1), rate=10, max_readings=1, **kwargs)
+
+
+def simulated(monkeypatch, spec: FleetSpec, max_readings: int, **kwargs) -> tuple["_FakeProducer", object]:
+    import kafka
+
+    monkeypatch.setattr(kafka, "KafkaProducer", _FakeProducer)
+    summary = run_simulator("127.0.0.1:1", "t", spec, rate=0, max_readings=max_readings, **kwargs)
+    return _FakeProducer.made[-1], summary
+
+
+def test_arrow_batch_messages_carry_the_fleets_readings_per_gateway(monkeypatch, tmp_path):
+    from streamer.records import ARROW_CONTENT_TYPE, ReadingDecoder
+    from streamer.simulate import gateway_id
+
+    spec = FleetSpec(devices=25, features=2, seed=4, anomaly_rate=0.05)
+    producer, summary = simulated(monkeypatch, spec, 63, message_format="arrow", batch_rows=10,
+                                  labels_path=tmp_path / "labels.jsonl")
+    # 25 devices in gateways of 10, 10 and 5; the last message is cut at the 63rd reading.
+    assert [len(ReadingDecoder(2).decode_arrow(k, v).device_ids) for k, v, _ in producer.messages] == [10, 10, 5] * 2 + [10, 3]
+    assert summary.readings == 63
+    decoder = ReadingDecoder(2)
+    gateway_of: dict[str, bytes] = {}
+    device_ids, values = [], []
+    for key, value, headers in producer.messages:
+        assert headers == [("content-type", ARROW_CONTENT_TYPE)]
+        rows = decoder.decode_arrow(key, value)
+        for device in rows.device_ids:
+            assert gateway_of.setdefault(device, key) == key  # a device is always sent under one key
+        assert key == gateway_id(int(rows.device_ids[0].split("-")[1]) // 10).encode()
+        assert len(set(rows.ts.tolist())) == 1
+        device_ids += rows.device_ids
+        values.append(rows.values)
+    fleet = Fleet(spec)
+    expected = [r for _ in range(3) for r in fleet.next_round()][:63]
+    assert device_ids == [r.device_id for r in expected]
+    assert np.concatenate(values).tobytes() == np.array([r.values for r in expected], dtype=np.float32).tobytes()
+    labels = (tmp_path / "labels.jsonl").read_text().splitlines()
+    assert len(labels) == summary.anomalies == sum(r.anomaly is not None for r in expected) > 0
+
+
+def test_json_and_arrow_carry_the_same_readings(monkeypatch):
+    from streamer.records import ReadingDecoder
+
+    spec = FleetSpec(devices=12, features=3, seed=1)
+    decoded = {}
+    for fmt in ("json", "arrow"):
+        producer, _ = simulated(monkeypatch, spec, 40, message_format=fmt, batch_rows=5)
+
+        class Msg:
+            def __init__(self, i, key, value, headers):
+                self.topic, self.partition, self.offset, self.key, self.value, self.headers = "t", 0, i, key, value, headers
+
+        batch = ReadingDecoder(3).decode([Msg(i, *m) for i, m in enumerate(producer.messages)])
+        assert not batch.dead_letters
+        decoded[fmt] = batch.readings
+    assert decoded["json"].device_ids == decoded["arrow"].device_ids and len(decoded["json"]) == 40
+    assert decoded["json"].values.tobytes() == decoded["arrow"].values.tobytes()
+
+
+def test_simulate_command_passes_the_message_format(monkeypatch):
+    from streamer import cli, simulate
+
+    calls = []
+    monkeypatch.setattr(simulate, "run_simulator", lambda *a, **kw: calls.append(kw) or simulate.SimulationSummary(0, 0, 1, 0.0))
+    base = ["simulate", "--max-readings", "5", "--progress-interval", "0"]
+    assert cli.main([*base, "--format", "arrow", "--batch-rows", "7"]) == 0
+    assert (calls[-1]["message_format"], calls[-1]["batch_rows"]) == ("arrow", 7)
+    assert cli.main([*base, "--format", "arrow"]) == 0
+    assert (calls[-1]["message_format"], calls[-1]["batch_rows"]) == ("arrow", simulate.DEFAULT_BATCH_ROWS)
+    assert cli.main(base) == 0 and calls[-1]["message_format"] == "json"
+    assert cli.main([*base, "--batch-rows", "7"]) == 2  # json has no batch rows
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*base, "--format", "arrow", "--batch-rows", "0"])
+    assert exited.value.code == 2

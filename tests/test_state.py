@@ -53,3 +53,46 @@ def test_capacity_evicts_least_recently_seen_never_from_the_batch():
     assert table.gather(torch.tensor([table.slot_of("a")])).item() == 5.0
     got = table.acquire(["e", "d", "c"], now=4.0)  # a is least recent outside the batch
     assert got.evicted_for_capacity == 1 and set(table.device_ids()) == {"c", "d", "e"}
+
+
+def test_a_bfloat16_lead_block_is_its_own_tensor_and_rows_read_as_float32():
+    table = DeviceStateTable(capacity=4, width=5, lead_width=3, lead_dtype=torch.bfloat16)
+    assert table.lead.dtype == torch.bfloat16 and table.rest.dtype == torch.float32
+    assert table.state_bytes == 4 * (3 * 2 + 2 * 4)
+    table.acquire(["a", "b"], now=1.0)
+    values = torch.tensor([[1.0, 2.0, 1.0 / 3.0, 4.0, 1.0 / 3.0], [5.0, 6.0, 7.0, 8.0, 9.0]])
+    table.scatter(torch.tensor([0, 1]), values)
+    got = table.gather(torch.tensor([0, 1]))
+    assert got.dtype == torch.float32
+    # Lead columns are rounded to bfloat16, the rest kept exactly.
+    assert torch.equal(got[:, :3], values[:, :3].bfloat16().float()) and torch.equal(got[:, 3:], values[:, 3:])
+    assert got[0, 2] != values[0, 2] and torch.equal(table.rows, torch.cat([got, torch.zeros(2, 5)]))
+    # A scatter from a column on writes only those columns, across the two tensors.
+    table.scatter(torch.tensor([1]), torch.tensor([[-1.0, -2.0]]), start=2)
+    assert table.gather(torch.tensor([1])).tolist() == [[5.0, 6.0, -1.0, -2.0, 9.0]]
+    # Without the lead columns, the rest is gathered in place.
+    assert torch.equal(table.gather(torch.tensor([1]), lead=False)[:, 3:], torch.tensor([[-2.0, 9.0]]))
+    with pytest.raises(ValueError, match="past the row width"):
+        table.scatter(torch.tensor([0]), torch.ones(1, 3), start=3)
+
+
+def test_one_dtype_keeps_one_tensor_and_lead_and_rest_are_views_of_it():
+    table = DeviceStateTable(capacity=3, width=4, lead_width=2)
+    table.acquire(["a"], now=0.0)
+    table.lead[0] = 7.0
+    table.rest[0] = 9.0
+    assert table.rows.tolist()[0] == [7.0, 7.0, 9.0, 9.0]
+    table.scatter(torch.tensor([0]), torch.tensor([[1.0, 2.0]]), start=1)
+    assert table.rows.tolist()[0] == [7.0, 1.0, 2.0, 9.0]
+
+
+def test_a_released_slot_is_handed_out_again_and_fresh_slots_are_zeroed_in_both_blocks():
+    table = DeviceStateTable(capacity=3, width=3, lead_width=2, lead_dtype=torch.bfloat16)
+    got = table.acquire(["a", "b", "c"], now=0.0)
+    assert list(got.slots) == [0, 1, 2]
+    table.scatter(torch.tensor([0, 1, 2]), torch.ones(3, 3))
+    assert table.evict("b") and not table.evict("b")
+    again = table.acquire(["d"], now=1.0)
+    assert list(again.slots) == [1] and table.gather(torch.tensor([1])).tolist() == [[0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="lead_width"):
+        DeviceStateTable(capacity=1, width=2, lead_width=3)

@@ -9,19 +9,22 @@ cannot be used at the start is a KafkaBootstrapError (KafkaLoginError when it re
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailedError, TopicAlreadyExistsError
 from kafka.structs import MemberState
 
 from streamer.errors import StreamerError
+from streamer.kafka.abstract import GroupWatch, KafkaClientError
 from streamer.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,7 @@ _REDACTION = _SecretRedaction()
 def _redact_kafka_loggers() -> None:
     # A logger's filters see only the records logged on it, so each of kafka-python's loggers gets
     # one: those that exist once kafka is imported, and the three seen logging secrets.
-    names = {"kafka.admin.client", "kafka.net.connection", "kafka.protocol.parser"}
+    names = {"kafka.admin.client", "kafka.net.connection", "kafka.protocol.parser", "librdkafka", "librdkafka.errors"}
     names.update(
         name for name, logger in list(logging.root.manager.loggerDict.items())
         if name.split(".")[0] == "kafka" and isinstance(logger, logging.Logger)
@@ -173,7 +176,7 @@ def security_config(settings: KafkaSettings) -> dict[str, object]:
     return config
 
 
-def assignor(settings: KafkaSettings) -> type:
+def assignment_strategy(settings: KafkaSettings) -> str:
     """Cooperative-sticky (KIP-429) keeps unmoved partitions' state in memory through a
     rebalance. In exactly-once mode the eager range assignor is the default: every member gives
     up all its partitions before any is handed out again, so no two members ever hold one
@@ -182,7 +185,24 @@ def assignor(settings: KafkaSettings) -> type:
     name = settings.assignment
     if name == "auto":
         name = "range" if settings.exactly_once else "cooperative-sticky"
-    return RangePartitionAssignor if name == "range" else CooperativeStickyAssignor
+    return name
+
+
+def assignor(settings: KafkaSettings) -> type:
+    """kafka-python's assignor class for assignment_strategy."""
+    return RangePartitionAssignor if assignment_strategy(settings) == "range" else CooperativeStickyAssignor
+
+
+def transactional_id(settings: KafkaSettings, instance_id: str | None = None) -> str:
+    """The prefix, the group and kafka.instance_id (random when unset), so a restarted instance
+    fences its predecessor's open transaction at once."""
+    instance = instance_id or settings.instance_id or uuid.uuid4().hex[:12]
+    return f"{settings.transactional_id_prefix}-{settings.group_id}-{instance}"
+
+
+def redact_secret(secret: str) -> None:
+    """From now on ``secret`` is replaced in the Kafka client libraries' log records."""
+    _REDACTION.add(secret)
 
 
 def _bootstrap_timeout(bootstrap_timeout_ms: int | None) -> dict[str, int]:
@@ -220,9 +240,8 @@ def make_producer(
     security = security_config(settings)
     transactional: dict[str, object] = {}
     if settings.exactly_once:
-        instance = instance_id or settings.instance_id or uuid.uuid4().hex[:12]
         transactional = {
-            "transactional_id": f"{settings.transactional_id_prefix}-{settings.group_id}-{instance}",
+            "transactional_id": transactional_id(settings, instance_id),
             "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
         }
     with _bootstrap_failure_explained(settings.bootstrap_servers, security):
@@ -232,6 +251,7 @@ def make_producer(
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,
+            max_request_size=settings.max_message_bytes,  # a dead letter carries a whole input message
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             **_bootstrap_timeout(bootstrap_timeout_ms),
             **transactional,
@@ -242,14 +262,67 @@ def make_producer(
     return producer
 
 
+# Room for a record's key, headers and batch framing beside its value.
+RECORD_OVERHEAD_BYTES = 64 * 1024
+
+
+def make_changelog_clients(
+    settings: KafkaSettings, max_value_bytes: int, bootstrap_timeout_ms: int | None = None
+) -> tuple[KafkaConsumer, KafkaProducer]:
+    """A group-less consumer (no commits, read_uncommitted) and an idempotent, non-transactional
+    acks=all producer for a changelog whose values are at most ``max_value_bytes``."""
+    security = security_config(settings)
+    request_bytes = max_value_bytes + RECORD_OVERHEAD_BYTES
+    with _bootstrap_failure_explained(settings.bootstrap_servers, security):
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            group_id=None,
+            client_id=f"{settings.client_id}-changelog",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=max(1024 * 1024, request_bytes),
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            **_bootstrap_timeout(bootstrap_timeout_ms),
+            **security,
+        )
+        try:
+            producer = KafkaProducer(
+                bootstrap_servers=settings.bootstrap_servers.split(","),
+                client_id=f"{settings.client_id}-changelog",
+                acks="all",
+                linger_ms=5,
+                max_request_size=max(1024 * 1024, request_bytes),
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+                **_bootstrap_timeout(bootstrap_timeout_ms),
+                **security,
+            )
+        except BaseException:
+            consumer.close(autocommit=False)
+            raise
+    return consumer, producer
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """What a topic is created with: partitions, replication factor and topic configs
+    (e.g. {"retention.ms": "604800000"} or {"cleanup.policy": "compact"})."""
+
+    partitions: int
+    replication_factor: int = 1
+    configs: dict[str, str] = field(default_factory=dict)
+
+
 def ensure_topics(
     bootstrap_servers: str,
-    topics: dict[str, int],
+    topics: Mapping[str, int | TopicSpec],
     client_id: str = "streamer-admin",
     security: dict[str, object] | None = None,
     bootstrap_timeout_ms: int | None = None,
 ) -> list[str]:
-    """Create the topics (name -> partitions) that do not exist yet; returns those created.
+    """Create the topics (name -> TopicSpec, or a partition count: replication factor 1, no
+    configs) that do not exist yet; returns those created. Topics that exist are left as they are.
+    KafkaClientError when the brokers refuse one (e.g. more replicas than brokers).
 
     ``security``: kafka-python security arguments, as security_config returns them.
     """
@@ -261,14 +334,24 @@ def ensure_topics(
         )
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(name, partitions, 1) for name, partitions in topics.items() if name not in existing]
         created = []
-        for topic in missing:
+        for name, spec in topics.items():
+            if name in existing:
+                continue
+            spec = TopicSpec(spec) if isinstance(spec, int) else spec
+            topic = NewTopic(name, spec.partitions, spec.replication_factor, topic_configs=dict(spec.configs))
             try:
                 admin.create_topics([topic])
-                created.append(topic.name)
+                created.append(name)
             except TopicAlreadyExistsError:
                 pass
+            except KafkaError as exc:
+                # kafka-python's message is the whole request and response; the broker's reason is in it.
+                reason = re.search(r"error_message='([^']*)'", str(exc))
+                raise KafkaClientError(
+                    f"creating topic {name} ({spec.partitions} partitions, replication factor "
+                    f"{spec.replication_factor}, {spec.configs or 'no configs'}): {type(exc).__name__}: "
+                    f"{reason.group(1) if reason else exc}", cause=exc) from exc
         if created:
             log.info("created topics %s", created)
         return created
@@ -293,22 +376,36 @@ class _LastComplaint(logging.Handler):
             pass
 
 
+# The loggers of the client libraries: kafka-python's and librdkafka's (confluent.py routes it there).
+CLIENT_LOGGERS = ("kafka", "librdkafka")
+
+
+@contextmanager
+def client_logs_handled_by(handler: logging.Handler) -> Iterator[None]:
+    """While inside, the client libraries' log records (CLIENT_LOGGERS) go to ``handler`` only:
+    filters on their loggers (secret redaction, login refusals) still see every record, only
+    propagation to the application's handlers stops."""
+    loggers = [logging.getLogger(name) for name in CLIENT_LOGGERS]
+    propagate = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, was in zip(loggers, propagate):
+            logger.propagate = was
+            logger.removeHandler(handler)
+
+
 @contextmanager
 def kafka_logs_folded() -> Iterator[_LastComplaint]:
-    """While inside, kafka-python's log records go nowhere but to the handler yielded, which keeps
-    the first complaint for a line of our own. Filters on kafka's loggers (secret redaction, login
-    refusals) still see every record: only propagation to the application's handlers stops."""
-    logger = logging.getLogger("kafka")
+    """While inside, the client libraries' log records go nowhere but to the handler yielded,
+    which keeps the first complaint for a line of our own."""
     complaint = _LastComplaint()
     complaint.addFilter(_REDACTION)
-    propagate = logger.propagate
-    logger.addHandler(complaint)
-    logger.propagate = False
-    try:
+    with client_logs_handled_by(complaint):
         yield complaint
-    finally:
-        logger.propagate = propagate
-        logger.removeHandler(complaint)
 
 
 # A member that holds no partitions and is not a settled member of a generation (joined, stable,
@@ -331,7 +428,7 @@ def _settled(coordinator: object) -> bool | None:
     return state is MemberState.STABLE and generation_id is not None and generation_id >= 0 and bool(member_id) and bool(heartbeats)
 
 
-class MembershipWatch:
+class MembershipWatch(GroupWatch):
     """Finds a consumer left outside its group and forces it to rejoin (a work-around for
     kafka-python 3.0.12, which cannot be patched here).
 

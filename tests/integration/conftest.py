@@ -1,7 +1,11 @@
-"""A real Kafka broker for integration tests, never a fake.
+"""A real Kafka broker for integration tests, never a fake, and the Kafka client they run on.
 
 KAFKA_BOOTSTRAP_SERVERS when set; else testcontainers' Kafka when a Docker engine answers;
 else deploy/kafka/local-kafka started on a free port for this session and stopped after it.
+
+Every integration test runs once per client library (``kafka_client``: kafka-python and
+confluent-kafka), set as STREAMER_KAFKA__CLIENT for the settings the test builds; subprocesses
+get it as --kafka-client. STREAMER_TEST_KAFKA_CLIENTS (comma-separated) narrows the list.
 """
 
 from __future__ import annotations
@@ -59,6 +63,19 @@ def kafka_bootstrap() -> Iterator[str]:
     finally:
         subprocess.run([str(LOCAL_KAFKA), "stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+KAFKA_CLIENTS = [
+    name.strip() for name in os.environ.get("STREAMER_TEST_KAFKA_CLIENTS", "kafka-python,confluent-kafka").split(",")
+    if name.strip()
+]
+
+
+@pytest.fixture(autouse=True, params=KAFKA_CLIENTS)
+def kafka_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The client library this run of the test uses (kafka.client)."""
+    monkeypatch.setenv("STREAMER_KAFKA__CLIENT", request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ giving up on an unreachable broker in time, and a broker that goes away and come
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ RESUMES_WITHIN_S = 5.0  # consumption resumes this long after the broker answers
 def start_process(model: Path, bootstrap: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "streamer", "run", "--model-path", str(model), "--kafka-bootstrap-servers", bootstrap,
-         "--run-status-interval-s", "0", *args],
+         "--kafka-client", os.environ.get("STREAMER_KAFKA__CLIENT", "kafka-python"), "--run-status-interval-s", "0", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")},
     )
@@ -58,11 +59,16 @@ def model(tmp_path: Path) -> Path:
 def test_sigterm_while_waiting_for_the_broker_exits_0_promptly(model: Path):
     closed = f"127.0.0.1:{free_port()}"  # nothing listens there
     process = start_process(model, closed, "--kafka-startup-wait-s", "120", "--metrics-enabled", "false")
-    time.sleep(2.0)
+    # Signalled once it waits for the broker: after the model is loaded (start-up on a busy machine
+    # can take seconds before that; a signal then is not what this test is about).
+    first = process.stdout.readline()
+    assert "state table of" in first, first + process.communicate(timeout=30)[0]
+    time.sleep(0.5)
     assert process.poll() is None, process.communicate()[0]
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=30)
+    output = first + output
     took = time.monotonic() - signalled
     assert process.returncode == 0, output
     assert took < STOP_BOUND_S, f"exited {took:.1f}s after SIGTERM"
@@ -123,7 +129,11 @@ def own_broker(tmp_path: Path):
     subprocess.run([str(LOCAL_KAFKA), "clean"], env=env, capture_output=True, timeout=120)
 
 
-def test_broker_away_not_ready_lag_kept_and_prompt_resume(own_broker, model: Path, tmp_path: Path, unique: str):
+MAX_OUTAGE_LINES = 6  # WARNING or worse logged while the broker is away, ours and the client library's
+
+
+def test_broker_away_not_ready_lag_kept_and_prompt_resume(own_broker, model: Path, tmp_path: Path, unique: str, caplog):
+    caplog.set_level(logging.INFO)
     bootstrap, local_kafka = own_broker
     topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
     create_topic(bootstrap, topics["in"])
@@ -140,6 +150,7 @@ def test_broker_away_not_ready_lag_kept_and_prompt_resume(own_broker, model: Pat
     try:
         assert wait_for(lambda: service.metric("streamer_readings_total") >= 50
                         and service.metric("streamer_consumer_lag", topic=topics["in"], partition="0") > 0, 45)
+        outage_starts = len(caplog.records)
         local_kafka("stop")
         not_ready = wait_for(lambda: get(readyz)[0] == 503, 30)
         assert not_ready is not None and not_ready < READY_FAILS_WITHIN_S, f"not ready after {not_ready}s"
@@ -158,5 +169,78 @@ def test_broker_away_not_ready_lag_kept_and_prompt_resume(own_broker, model: Pat
         assert resumed is not None and resumed < RESUMES_WITHIN_S, f"resumed after {resumed}s"
         print(f"not ready {not_ready:.1f}s after the broker stopped; resumed {resumed:.1f}s after it answered")
         assert wait_for(lambda: get(readyz)[0] == 200, RESUMES_WITHIN_S) is not None
+        # The outage in a few lines: one of ours when it starts, one when it ends; the client
+        # library's own lines held back in between.
+        outage = caplog.records[outage_starts:]
+        loud = [f"{r.name} {r.levelname} {r.getMessage()}" for r in outage if r.levelno >= logging.WARNING]
+        ours = [r for r in outage if r.name == "streamer.kafka.outage"]
+        print(f"{len(loud)} lines of WARNING or worse during the outage:", *loud, sep="\n  ")
+        assert len(loud) <= MAX_OUTAGE_LINES, loud
+        assert [r.levelname for r in ours][:2] == ["WARNING", "INFO"], [r.getMessage() for r in ours]
+        assert "unreachable" in ours[0].getMessage() and "answer again" in ours[1].getMessage()
     finally:
         service.stop(timeout_s=30)
+
+
+def test_a_delivery_the_broker_refuses_stops_the_loop_before_its_commit(kafka_bootstrap: str, model: Path,
+                                                                         tmp_path: Path, unique: str):
+    """A dead letter larger than its topic accepts (max.message.bytes): the broker refuses it, the
+    batch's offsets are not committed (it would be re-delivered) and the loop stops with the error."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from streamer.errors import PipelineError
+
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"])
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(topics["dlq"], 1, 1, topic_configs={"max.message.bytes": "1024"})])
+    finally:
+        admin.close()
+    produce(kafka_bootstrap, topics["in"], [
+        (b"dev-1", reading("dev-1", 1_700_000_000, [20.0, -3.0]), None),
+        (b"dev-1", b"{not json" + b"x" * 4000, None),  # its dead letter is over 1024 bytes
+    ])
+    group = f"g-{unique}"
+    service = ServiceThread(service_settings(kafka_bootstrap, topics, group, model, tmp_path / "checkpoints"))
+    service.thread.join(timeout=60)
+    assert not service.alive(), "the loop kept running after a refused delivery"
+    with pytest.raises(PipelineError, match="sends of this batch failed"):
+        service.stop()
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        assert consumer.committed(TopicPartition(topics["in"], 0)) is None
+    finally:
+        consumer.close()
+
+
+def test_a_dead_letter_of_a_message_of_a_megabyte_is_delivered(kafka_bootstrap: str, model: Path, tmp_path: Path,
+                                                               unique: str):
+    """A bad input message of about 1 MB, which the broker takes (its default max.message.bytes is
+    1 MiB) and which is over librdkafka's default message.max.bytes (1,000,000): its dead letter
+    carries it whole (kafka.max_message_bytes allows it), is delivered, and the loop goes on."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from tests.integration.helpers import read_topic
+
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    for topic in topics.values():
+        create_topic(kafka_bootstrap, topic)
+    big = b"{not json" + b"x" * 1_030_000
+    produce(kafka_bootstrap, topics["in"], [(b"dev-1", big, None)])
+    produce(kafka_bootstrap, topics["in"], [(b"dev-1", reading("dev-1", 1_700_000_000, [20.0, -3.0]), None)])
+    group = f"g-{unique}"
+    service = ServiceThread(service_settings(kafka_bootstrap, topics, group, model, tmp_path / "checkpoints"))
+    try:
+        [letter] = read_topic(kafka_bootstrap, topics["dlq"], expected=1)
+        assert letter.value == big and dict(letter.headers)["streamer.reason"] == b"not_json"
+        assert len(read_topic(kafka_bootstrap, topics["out"], expected=1)) == 1
+        consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+        try:
+            assert wait_for(lambda: consumer.committed(TopicPartition(topics["in"], 0)) == 2, 30) is not None
+        finally:
+            consumer.close()
+        assert service.alive()
+    finally:
+        service.stop()

@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer.checkpoint import DirectoryCheckpointStore
+from streamer.checkpoint import CheckpointStore, DirectoryCheckpointStore
+from streamer.checkpoint_kafka import KafkaCheckpointStore
+from streamer.kafka import ensure_topics, open_changelog
+from streamer.kafka.clients import TopicSpec
+from streamer.kafka.topics import COMPACT
+from streamer.settings import KafkaSettings
 from streamer.engine import Engine, ReadingBatch
 from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
 from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
@@ -25,16 +30,26 @@ pytestmark = pytest.mark.kafka
 
 DEVICES, PARTITIONS = 24, 3
 REPO = Path(__file__).resolve().parents[2]
+STORES = ["directory", "kafka"]  # checkpoint.store
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 class Scenario:
     """One input topic, devices with known sequences, and services run against it."""
 
-    def __init__(self, bootstrap: str, unique: str, tmp_path: Path, exactly_once: bool = False) -> None:
+    def __init__(self, bootstrap: str, unique: str, tmp_path: Path, exactly_once: bool = False,
+                 store: str = "directory") -> None:
         self.bootstrap = bootstrap
-        self.topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+        self.topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq", "ckpt")}
         create_topic(bootstrap, self.topics["in"], PARTITIONS)
         create_topic(bootstrap, self.topics["out"], 1)
+        self.store = store
+        if store == "kafka":
+            ensure_topics(bootstrap, {self.topics["ckpt"]: TopicSpec(2, 1, dict(COMPACT))})
         self.group = f"g-{unique}"
         self.checkpoints = tmp_path / "checkpoints"
         config = ModelConfig(2, 12, 2, 2)
@@ -65,7 +80,7 @@ class Scenario:
             "kafka": {"session_timeout_ms": 6000, "exactly_once": self.exactly_once},
             "batch": {"max_records": 50, "max_wait_ms": 10},
             "model": {"reload_interval_s": 0.2},
-            "checkpoint": {"interval_s": 3600},
+            "checkpoint": {"interval_s": 3600, "store": self.store, "topic": self.topics["ckpt"]},
         }
         for name, values in sections.items():
             overrides[name] = {**overrides.get(name, {}), **values}
@@ -82,7 +97,8 @@ class Scenario:
                       "OUTPUT_TOPIC": self.topics["out"], "DEAD_LETTER_TOPIC": self.topics["dlq"],
                       "GROUP_ID": self.group},
             "MODEL": {"PATH": str(self.model_path), "DEVICE": "cpu"},
-            "CHECKPOINT": {"DIRECTORY": str(self.checkpoints), "INTERVAL_S": "3600"},
+            "CHECKPOINT": {"DIRECTORY": str(self.checkpoints), "INTERVAL_S": "3600", "STORE": self.store,
+                           "TOPIC": self.topics["ckpt"]},
             "METRICS": {"ENABLED": "false"},
         }
         for section, values in sections.items():
@@ -91,6 +107,41 @@ class Scenario:
             for name, value in values.items():
                 env[f"STREAMER_{section}__{name}"] = value
         return env
+
+    def checkpoint_store(self) -> CheckpointStore:
+        """The store the services write to, opened afresh (close it)."""
+        if self.store == "kafka":
+            changelog = open_changelog(KafkaSettings(bootstrap_servers=self.bootstrap, client=os.environ["STREAMER_KAFKA__CLIENT"]),
+                                       self.topics["ckpt"], 512 * 1024, 30_000)
+            return KafkaCheckpointStore(changelog, self.group)
+        return DirectoryCheckpointStore(self.checkpoints, self.group)
+
+    def newest_checkpoints_sum(self) -> int:
+        store = self.checkpoint_store()
+        try:
+            return sum(store.offsets(self.topics["in"], p)[0] for p in range(PARTITIONS))
+        finally:
+            store.close()
+
+    def damage_newest(self, torn: int, lost: int) -> int:
+        """Partition ``torn``'s newest checkpoint corrupted, ``lost``'s deleted (as if the process
+        had died before writing them); returns the sum of their offsets."""
+        store = self.checkpoint_store()
+        topic = self.topics["in"]
+        try:
+            if isinstance(store, KafkaCheckpointStore):
+                offsets = [store.offsets(topic, p)[0] for p in (torn, lost)]
+                at = store.changelog_partition(topic, torn)
+                store.changelog.write(at, [(store._key(topic, torn, offsets[0], "00000").encode(), b"torn")], 30)
+                at = store.changelog_partition(topic, lost)
+                store.changelog.write(at, [(store._key(topic, lost, offsets[1], "manifest").encode(), None)], 30)
+                return sum(offsets)
+            newest = [store.paths(topic, p)[0] for p in (torn, lost)]
+            newest[0].write_bytes(newest[0].read_bytes()[:-100])
+            newest[1].unlink()
+            return sum(int(path.stem) for path in newest)
+        finally:
+            store.close()
 
     def outputs(self, expected: int, timeout_s: float = 90) -> list[dict]:
         records = read_topic(self.bootstrap, self.topics["out"], expected, timeout_s=timeout_s,
@@ -114,15 +165,14 @@ class Scenario:
         return {"predictions": len(outputs), "distinct": len(by_key), "duplicates": len(outputs) - len(by_key)}
 
 
-def test_restart_resumes_every_device_from_its_checkpoint(kafka_bootstrap, unique, tmp_path):
-    s = Scenario(kafka_bootstrap, unique, tmp_path)
+def test_restart_resumes_every_device_from_its_checkpoint(kafka_bootstrap, unique, tmp_path, store_kind):
+    s = Scenario(kafka_bootstrap, unique, tmp_path, store=store_kind)
     s.produce(6)
     first = s.start()
     s.check(s.outputs(s.readings))
     first.stop()
     assert first.metric("streamer_partition_recoveries_total", outcome="fresh") == PARTITIONS
-    store = DirectoryCheckpointStore(s.checkpoints, s.group)
-    assert sum(int(store.paths(s.topics["in"], p)[0].stem) for p in range(PARTITIONS)) == s.readings
+    assert s.newest_checkpoints_sum() == s.readings
 
     s.produce(6)
     second = s.start()
@@ -133,19 +183,17 @@ def test_restart_resumes_every_device_from_its_checkpoint(kafka_bootstrap, uniqu
     assert second.metric("streamer_replayed_messages_total") == 0
 
 
-def test_lost_or_corrupt_checkpoints_are_rebuilt_by_replay_without_republishing(kafka_bootstrap, unique, tmp_path):
-    s = Scenario(kafka_bootstrap, unique, tmp_path)
+def test_lost_or_corrupt_checkpoints_are_rebuilt_by_replay_without_republishing(
+    kafka_bootstrap, unique, tmp_path, store_kind
+):
+    s = Scenario(kafka_bootstrap, unique, tmp_path, store=store_kind)
     s.produce(8)
     first = s.start()
     s.outputs(s.readings)
     first.stop()
-    store = DirectoryCheckpointStore(s.checkpoints, s.group)
-    newest = [store.paths(s.topics["in"], p)[0] for p in range(PARTITIONS)]
     # As if the process had died before checkpointing: partition 0's newest checkpoint is torn,
     # partition 1's is gone; partition 2 keeps its own. The older ones are at offset 0.
-    newest[0].write_bytes(newest[0].read_bytes()[:-100])
-    newest[1].unlink()
-    replay = sum(int(newest[p].stem) for p in (0, 1))
+    replay = s.damage_newest(torn=0, lost=1)
 
     s.produce(4)
     second = s.start()
@@ -157,8 +205,8 @@ def test_lost_or_corrupt_checkpoints_are_rebuilt_by_replay_without_republishing(
     assert second.metric("streamer_partition_recoveries_total", outcome="no_checkpoint") == 0
 
 
-def test_two_processes_hand_devices_back_and_forth(kafka_bootstrap, unique, tmp_path):
-    s = Scenario(kafka_bootstrap, unique, tmp_path)
+def test_two_processes_hand_devices_back_and_forth(kafka_bootstrap, unique, tmp_path, store_kind):
+    s = Scenario(kafka_bootstrap, unique, tmp_path, store=store_kind)
     a = s.start()
     s.produce(5)
     s.outputs(s.readings)
@@ -180,6 +228,45 @@ def test_two_processes_hand_devices_back_and_forth(kafka_bootstrap, unique, tmp_
     assert b.metric("streamer_partition_recoveries_total", outcome="checkpoint") >= 1
     assert c.metric("streamer_partition_recoveries_total", outcome="checkpoint") >= 1
     assert min(a_summary.readings, b_summary.readings, c_summary.readings) > 0
+
+
+def test_three_processes_with_separate_disks_hand_devices_over_through_the_changelog(kafka_bootstrap, unique, tmp_path):
+    """Each service has its own checkpoint.directory (a pod's local disk) and shares nothing but
+    the broker: every handover still recovers from a checkpoint, never from zero."""
+    s = Scenario(kafka_bootstrap, unique, tmp_path, store="kafka")
+    disks = {name: tmp_path / f"disk-{name}" for name in ("a", "b", "c")}
+
+    def start(name: str) -> ServiceThread:
+        return s.start(checkpoint={"directory": disks[name]})
+
+    a = start("a")
+    s.produce(4)
+    s.outputs(s.readings)
+    b = start("b")  # takes some of a's partitions
+    time.sleep(8)
+    s.produce(4)
+    s.outputs(s.readings)
+    c = start("c")  # and some more
+    time.sleep(8)
+    s.produce(4)
+    s.outputs(s.readings)
+    a.stop()  # b and c take a's
+    s.produce(4)
+    s.outputs(s.readings)
+    again = start("a")  # a's partitions come back to a new process on a's disk
+    time.sleep(8)
+    s.produce(4)
+    counts = s.check(s.outputs(s.readings))
+    summaries = [b.stop(), c.stop(), again.stop()]
+    assert counts["distinct"] == s.readings
+    services = (a, b, c, again)
+    for running in services:
+        assert running.metric("streamer_partition_recoveries_total", outcome="no_checkpoint") == 0
+    assert a.metric("streamer_partition_recoveries_total", outcome="fresh") == PARTITIONS
+    assert sum(r.metric("streamer_partition_recoveries_total", outcome="fresh") for r in services) == PARTITIONS
+    assert sum(r.metric("streamer_partition_recoveries_total", outcome="checkpoint") for r in services) >= 3
+    assert min(summary.readings for summary in summaries) > 0
+    assert not any(path.is_file() for disk in disks.values() if disk.exists() for path in disk.rglob("*"))
 
 
 def test_exactly_once_outputs_each_prediction_once(kafka_bootstrap, unique, tmp_path):
@@ -222,8 +309,8 @@ def test_corrupt_model_file_keeps_the_old_model_serving(kafka_bootstrap, unique,
     assert {o["model_version"] for o in outputs[-DEVICES:]} == {"v2"}
 
 
-def test_sigterm_finishes_commits_checkpoints_and_exits_zero(kafka_bootstrap, unique, tmp_path):
-    s = Scenario(kafka_bootstrap, unique, tmp_path)
+def test_sigterm_finishes_commits_checkpoints_and_exits_zero(kafka_bootstrap, unique, tmp_path, store_kind):
+    s = Scenario(kafka_bootstrap, unique, tmp_path, store=store_kind)
     s.produce(5)
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=s.process_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -237,8 +324,7 @@ def test_sigterm_finishes_commits_checkpoints_and_exits_zero(kafka_bootstrap, un
     assert proc.returncode == 0, err[-3000:]
     assert time.monotonic() - sent < 15
     assert json.loads(out.strip().splitlines()[-1])["summary"]["predictions"] == s.readings
-    store = DirectoryCheckpointStore(s.checkpoints, s.group)
-    assert sum(int(store.paths(s.topics["in"], p)[0].stem) for p in range(PARTITIONS)) == s.readings
+    assert s.newest_checkpoints_sum() == s.readings
 
 
 def forecasts_under(bundles: dict, seq: list[np.ndarray], versions: list[str]) -> np.ndarray:
@@ -255,9 +341,9 @@ def forecasts_under(bundles: dict, seq: list[np.ndarray], versions: list[str]) -
 
 
 def test_a_model_switch_then_a_crash_replays_each_reading_under_the_model_that_applied_it(
-    kafka_bootstrap, unique, tmp_path
+    kafka_bootstrap, unique, tmp_path, store_kind
 ):
-    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    s = Scenario(kafka_bootstrap, unique, tmp_path, store=store_kind)
     config = ModelConfig(2, 12, 2, 2)
     bundles = {"v1": load_model_file(s.model_path)}
     log_path = tmp_path / "first.log"

@@ -212,6 +212,28 @@ def test_wrong_password_fails_clearly_and_in_bounded_time(secure_broker, model_p
         assert isinstance(error.refusal, SaslAuthenticationFailedError)
 
 
+def test_a_refused_login_is_named_by_each_client(secure_broker, model_path, unique, tmp_path, kafka_client, caplog):
+    """The client of kafka.client itself (the service's first contact is the topic admin, which is
+    kafka-python's on both): a consumer with a wrong password fails within its bootstrap timeout,
+    naming the user and a refused login; librdkafka always reports the refusal (KafkaLoginError)."""
+    from streamer.kafka import open_consumer
+
+    name, password = ALICE
+    wrong = "not-" + password
+    settings = secure_settings(secure_broker, "SCRAM-SHA-256", (name, wrong), unique, model_path, tmp_path)
+    assert settings.kafka.client == kafka_client
+    started = time.monotonic()
+    with pytest.raises(KafkaBootstrapError) as refused:
+        open_consumer(settings.kafka, 10, bootstrap_timeout_ms=10_000)
+    assert time.monotonic() - started < 20
+    text = str(refused.value)
+    assert secure_broker.bootstrap in text and "SCRAM-SHA-256 as user 'alice'" in text
+    assert "refused" in text and wrong not in text and password not in text
+    if kafka_client == "confluent-kafka":
+        assert isinstance(refused.value, KafkaLoginError)
+    assert wrong not in caplog.text
+
+
 def _raised(function, *args) -> BaseException | None:
     try:
         function(*args)

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""GPU figures in one run (a few minutes): one JSON object per figure on stdout.
+
+    python bench/gpu_check.py [--quick] [--no-tests]
+
+For B = 131072 devices (random slots in a table of 2B), H in {64, 128}, L = 2, one value per
+reading: device-steps/s of the fused Triton step (streamer.kernels) with float32 and bfloat16
+state, of the torch step on the same GPU, of nn.LSTM stepping seq_len=1 on rows gathered from
+the table (and scattered back), and of offline cuDNN over whole sequences; then the full engine
+step (planning, anomaly scores) for the same B. Then the equivalence tests on CUDA
+(tests/test_engine.py, tests/test_kernels.py) when pytest is installed, else the same checks
+inline. Imports only torch, numpy and streamer modules that import only torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from streamer.kernels import TorchLstmStep, TritonLstmStep  # noqa: E402
+from streamer.model import ModelConfig, StepWeights, init_random_model  # noqa: E402
+
+B = 131072
+LAYERS = 2
+TESTS_TIMEOUT_S = 200
+
+
+def emit(**figure: object) -> None:
+    print(json.dumps(figure), flush=True)
+
+
+def cuda_seconds(fn, min_seconds: float = 0.5, min_runs: int = 5) -> float:
+    """Median seconds per call of fn() on the current stream (CUDA events), after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - started < min_seconds:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    return float(np.median(times))
+
+
+def bench_steps(hidden: int, quick: bool) -> None:
+    device = torch.device("cuda")
+    config = ModelConfig(1, hidden, LAYERS, 1)
+    model = init_random_model(config, seed=0).to(device)
+    cpu_model = init_random_model(config, seed=0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    capacity = 2 * B
+    slots = torch.randperm(capacity, device=device, generator=gen)[:B]
+    x = torch.randn(B, 1, device=device, generator=gen)
+    lh = LAYERS * hidden
+    base = dict(card=torch.cuda.get_device_name(), batch=B, hidden=hidden, layers=LAYERS)
+    # Fused kernel: (dtype, block_b, num_warps) variants.
+    variants = [(torch.float32, 64, 4), (torch.bfloat16, 64, 4)]
+    if not quick and hidden <= 64:
+        variants += [(torch.bfloat16, 32, 2), (torch.bfloat16, 64, 2), (torch.bfloat16, 128, 4), (torch.bfloat16, 128, 8)]
+    for dtype, block_b, warps in variants:
+        lead = torch.zeros(capacity, 2 * lh, device=device, dtype=dtype)
+        step = TritonLstmStep(cpu_model, device, dtype, block_b=block_b, num_warps=warps)
+        try:
+            seconds = cuda_seconds(lambda: step(x, slots, None, lead))
+        except Exception as exc:  # a variant that does not compile on this card is reported, not fatal
+            emit(figure="gpu_fused_step", error=f"{type(exc).__name__}: {str(exc)[:300]}", state_dtype=str(dtype),
+                 block_b=block_b, num_warps=warps, **base)
+            continue
+        moved = B * 2 * 2 * lh * lead.element_size()  # h and c read and written
+        emit(figure="gpu_fused_step", state_dtype=str(dtype).removeprefix("torch."), block_b=block_b,
+             num_warps=warps, device_steps_per_s=round(B / seconds), us=round(seconds * 1e6, 1),
+             state_gb_per_s=round(moved / seconds / 1e9, 1), **base)
+        del lead
+    # Small batches: one launch each, from the same table.
+    for small in (1024, 16384) if hidden == 64 else ():
+        lead = torch.zeros(capacity, 2 * lh, device=device, dtype=torch.bfloat16)
+        step = TritonLstmStep(cpu_model, device, torch.bfloat16)
+        seconds = cuda_seconds(lambda: step(x[:small], slots[:small], None, lead))
+        emit(figure="gpu_fused_step_small_batch", state_dtype="bfloat16", device_steps_per_s=round(small / seconds),
+             us=round(seconds * 1e6, 1), **{**base, "batch": small})
+        del lead
+    # The torch step (gather, addmm + gates, index_copy_) on the same GPU.
+    rows_table = torch.zeros(capacity, 2 * lh + 10, device=device)
+    torch_step = TorchLstmStep(cpu_model, device)
+    seconds = cuda_seconds(lambda: torch_step(x, slots, rows_table.index_select(0, slots), rows_table[:, : 2 * lh]))
+    emit(figure="gpu_torch_step", state_dtype="float32", device_steps_per_s=round(B / seconds), **base)
+    # nn.LSTM (cuDNN), seq_len = 1, on rows gathered from a table and scattered back.
+    table = torch.zeros(capacity, 2 * lh, device=device)
+
+    def lstm_step() -> None:
+        rows = table.index_select(0, slots)
+        h = rows[:, :lh].view(B, LAYERS, hidden).transpose(0, 1).contiguous()
+        c = rows[:, lh:].view(B, LAYERS, hidden).transpose(0, 1).contiguous()
+        seq, (h2, c2) = model.lstm(x[:, None, :], (h, c))
+        model.fc(seq[:, -1])
+        table.index_copy_(0, slots, torch.cat([h2.transpose(0, 1).reshape(B, lh), c2.transpose(0, 1).reshape(B, lh)], 1))
+
+    with torch.inference_mode():
+        seconds = cuda_seconds(lstm_step)
+    emit(figure="gpu_nn_lstm_seq1_step", device_steps_per_s=round(B / seconds), **base)
+    del table, rows_table
+    # Offline cuDNN over whole sequences (no per-step state traffic): the compute ceiling.
+    seq_len = 16
+    x_seq = torch.randn(B, seq_len, 1, device=device, generator=gen)
+    with torch.inference_mode():
+        seconds = cuda_seconds(lambda: model(x_seq))
+    emit(figure="gpu_offline_cudnn", seq_len=seq_len, device_steps_per_s=round(B * seq_len / seconds), **base)
+    # StepWeights (plain addmm + gates, no table) for reference.
+    weights = StepWeights(cpu_model, device)
+    h0 = torch.zeros(B, LAYERS, hidden, device=device)
+    seconds = cuda_seconds(lambda: weights.step(x, h0, h0))
+    emit(figure="gpu_addmm_gates_no_table", device_steps_per_s=round(B / seconds), **base)
+
+
+def bench_engine(hidden: int) -> None:
+    """The whole Engine.step (plan, slots, gather, anomaly, fused step, scatter) on CUDA."""
+    try:
+        from streamer.engine import Engine, ReadingBatch, plan_waves
+        from streamer.model import ModelBundle
+    except Exception as exc:  # the engine may import more than torch one day: say so, go on
+        emit(figure="gpu_engine_step", error=f"{type(exc).__name__}: {exc}")
+        return
+    config = ModelConfig(1, hidden, LAYERS, 1)
+    bundle = ModelBundle(init_random_model(config, 0), config, "gpu-check", None)
+    rng = np.random.default_rng(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = Engine.build(bundle, capacity=2 * B, device="cuda", state_dtype=dtype)
+        ids = [f"d{i}" for i in range(B)]
+        values = rng.normal(size=(B, 1)).astype(np.float32)
+        batch = ReadingBatch(ids, np.zeros(B), values)
+        engine.step(batch, now=0.0)
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            engine.step(batch, now=0.0)
+            runs.append(time.perf_counter() - t0)
+        plan = plan_waves(ids)
+        slots = engine.table.acquire(plan.unique, now=0.0).slots
+        execute = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            engine._execute(plan, slots, values, batch.ts)
+            execute.append(time.perf_counter() - t0)
+        emit(figure="gpu_engine_step", card=torch.cuda.get_device_name(), batch=B, hidden=hidden, layers=LAYERS,
+             state_dtype=str(dtype).removeprefix("torch."), fused=engine.lstm.fused,
+             device_steps_per_s=round(B / min(runs)),
+             execute_device_steps_per_s=round(B / min(execute)))
+
+
+def run_tests() -> None:
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        emit(figure="gpu_tests", pytest=False, note="pytest missing: inline checks only")
+        inline_checks()
+        return
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_engine.py",
+             "tests/test_kernels.py"],
+            cwd=REPO, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        emit(figure="gpu_tests", pytest=True, timed_out=TESTS_TIMEOUT_S, tail=out.strip().splitlines()[-10:])
+        inline_checks()
+        return
+    tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+    emit(figure="gpu_tests", pytest=True, rc=done.returncode, seconds=round(time.perf_counter() - started, 1),
+         tail=tail)
+    if done.returncode != 0:
+        inline_checks()
+
+
+def inline_checks() -> None:
+    """The fused kernel against the offline nn.LSTM on CUDA: float32 within 1e-5, bfloat16 state
+    within the bound of tests/test_kernels.py."""
+    device = torch.device("cuda")
+    model = init_random_model(ModelConfig(2, 32, 2, 2), 4)
+    x_seq = torch.randn(16, 100, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        seq, _ = model.lstm(x_seq)
+        offline = model.fc(seq)
+    for dtype in (torch.float32, torch.bfloat16):
+        step = TritonLstmStep(model, device, dtype)
+        lead = torch.zeros(19, 128, dtype=dtype, device=device)
+        slots = torch.arange(3, 19, device=device)
+        outs = [step(x_seq[:, t].contiguous().to(device), slots, None, lead).cpu() for t in range(100)]
+        err = float((torch.stack(outs, 1) - offline).abs().max())
+        emit(figure="gpu_inline_equivalence", state_dtype=str(dtype).removeprefix("torch."), max_abs_err=err,
+             ok=err <= (1e-5 if dtype == torch.float32 else 5e-3))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="H=64 only, fewer kernel variants")
+    parser.add_argument("--no-tests", action="store_true", help="skip the equivalence tests")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        emit(figure="gpu_check", error="no CUDA device here")
+        return 1
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    emit(figure="machine", card=props.name, memory_gib=round(props.total_memory / 2**30, 1),
+         capability=f"{props.major}.{props.minor}", torch=torch.__version__, triton=triton.__version__,
+         cpus=os.cpu_count())
+    for hidden in (64,) if args.quick else (64, 128):
+        bench_steps(hidden, args.quick)
+        torch.cuda.empty_cache()
+    bench_engine(64)
+    if not args.no_tests:
+        run_tests()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

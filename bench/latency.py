@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Latency from event time to the prediction's acknowledgement, at half the measured max rate,
+default settings, from `streamer simulate` through the real broker: one JSON object per figure.
+
+1. max rate: `streamer simulate --rate 0` writes LATENCY_READINGS (100000) readings of 5000
+   devices to a topic of 6 partitions; the run loop (default settings, model of hidden 64 x 2
+   layers on the CPU) reads them all: readings/s from its first message to its last.
+2. latency: on a fresh topic the run loop runs in a thread while `streamer simulate --rate R/2
+   --duration LATENCY_SECONDS (20)` writes to it; every prediction's latency is what the loop
+   measures for streamer_latency_seconds (acknowledged at minus the reading's ts, the
+   simulator's emission time), taken here per prediction, not from the histogram's buckets.
+   The first LATENCY_WARMUP_S (3) seconds are left out.
+Figures: latency_max_rate (readings/s), latency (p50/p90/p99/max ms, the achieved input rate), at
+half the max rate and at LATENCY_ALSO_AT (10000) readings/s.
+KAFKA_BOOTSTRAP_SERVERS uses a running broker; else deploy/kafka/local-kafka is started on
+free ports and stopped afterwards. LATENCY_CLIENT picks kafka.client (default: the setting's).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from kafka_clients import emit, start_broker, stop_broker  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from streamer.kafka import ensure_topics, open_consumer, open_producer  # noqa: E402
+from streamer.metrics import Metrics  # noqa: E402
+from streamer.model import ModelConfig, init_random_model, save_model_file  # noqa: E402
+from streamer.pipeline import Pipeline  # noqa: E402
+from streamer.service import build_engine  # noqa: E402
+from streamer.settings import Settings, load_settings  # noqa: E402
+
+READINGS = int(os.environ.get("LATENCY_READINGS", "100000"))
+SECONDS = float(os.environ.get("LATENCY_SECONDS", "20"))
+WARMUP_S = float(os.environ.get("LATENCY_WARMUP_S", "3"))
+CLIENT = os.environ.get("LATENCY_CLIENT")
+# Also at these rates: `streamer simulate` (kafka-python, one process) may not reach half the
+# loop's max rate on a small host, and then its own queue is part of the latency measured.
+ALSO_AT = [float(r) for r in os.environ.get("LATENCY_ALSO_AT", "10000").split(",") if r.strip()]
+DEVICES, PARTITIONS, HIDDEN, LAYERS = 5000, 6, 64, 2
+
+
+class LatencyTaken(Metrics):
+    """The streamer's metrics, keeping each batch's per-prediction latencies (seconds) and when
+    the batch was accounted for."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.taken: list[tuple[float, np.ndarray]] = []
+
+    def on_batch(self, **figures) -> None:  # type: ignore[override]
+        self.taken.append((time.monotonic(), np.asarray(figures["latencies"], dtype=np.float64)))
+        super().on_batch(**figures)
+
+
+def settings_for(bootstrap: str, topic: str, model_path: Path, checkpoints: Path) -> Settings:
+    """Default settings but for where things are."""
+    kafka = {"bootstrap_servers": bootstrap, "input_topic": topic, "output_topic": f"{topic}-out",
+             "dead_letter_topic": f"{topic}-dlq", "group_id": f"latency-{uuid.uuid4().hex[:6]}"}
+    if CLIENT:
+        kafka["client"] = CLIENT
+    return load_settings({
+        "kafka": kafka,
+        "model": {"path": model_path, "device": "cpu"},
+        "state": {"capacity": 2 * DEVICES},
+        "checkpoint": {"directory": checkpoints},
+        "metrics": {"enabled": False},
+        "run": {"status_interval_s": 0},
+    })
+
+
+def simulate(bootstrap: str, topic: str, rate: float, *limit: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamer", "simulate", "--kafka-bootstrap-servers", bootstrap, "--topic", topic,
+         "--devices", str(DEVICES), "--features", "1", "--rate", str(rate), "--progress-interval", "3600", *limit],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def loop(settings: Settings, metrics: Metrics | None) -> Pipeline:
+    engine = build_engine(settings)
+    consumer = open_consumer(settings.kafka, settings.batch.max_records)
+    producer = open_producer(settings.kafka)
+    return Pipeline(settings, engine, consumer, producer, metrics=metrics)
+
+
+def close(pipeline: Pipeline) -> None:
+    pipeline.producer.close(5)
+    pipeline.consumer.close(5)
+
+
+def max_rate(bootstrap: str, work: Path, model_path: Path) -> float:
+    topic = f"latency-max-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, {topic: PARTITIONS, f"{topic}-out": PARTITIONS, f"{topic}-dlq": 1})
+    filled = simulate(bootstrap, topic, 0, "--max-readings", str(READINGS))
+    _, err = filled.communicate(timeout=900)
+    if filled.returncode != 0:
+        sys.exit(f"streamer simulate failed:\n{err[-3000:]}")
+    pipeline = loop(settings_for(bootstrap, topic, model_path, work / "cp-max"), None)
+    pipeline.subscribe()
+    gc.freeze()  # as Pipeline.run does
+    stop = threading.Event()
+    first: float | None = None
+    while pipeline.summary.readings < READINGS:
+        if pipeline.run_once(stop) and first is None:
+            first = time.perf_counter()
+    assert first is not None
+    seconds = time.perf_counter() - first
+    close(pipeline)
+    gc.unfreeze()
+    return READINGS / seconds
+
+
+def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[str, float]:
+    topic = f"latency-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, {topic: PARTITIONS, f"{topic}-out": PARTITIONS, f"{topic}-dlq": 1})
+    metrics = LatencyTaken(CollectorRegistry())
+    pipeline = loop(settings_for(bootstrap, topic, model_path, work / "cp-latency"), metrics)
+    stop = threading.Event()
+    runner = threading.Thread(target=pipeline.run, args=(stop,), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while len(pipeline.partitions.owned) < PARTITIONS and time.monotonic() < deadline:
+        time.sleep(0.05)  # every partition assigned and recovered before the first reading is sent
+    started = time.monotonic()
+    sim = simulate(bootstrap, topic, rate, "--duration", str(SECONDS))
+    _, err = sim.communicate(timeout=SECONDS + 300)
+    if sim.returncode != 0:
+        sys.exit(f"streamer simulate failed:\n{err[-3000:]}")
+    sent_s = time.monotonic() - started
+    time.sleep(1.0)  # the last batches acknowledged
+    stop.set()
+    runner.join(60)
+    close(pipeline)
+    taken = [lat for at, lat in metrics.taken if at - started >= WARMUP_S]
+    all_ms = np.concatenate(taken) * 1000 if taken else np.zeros(0)
+    readings = pipeline.summary.readings
+    return {
+        "readings": readings, "predictions_measured": int(all_ms.size), "input_readings_per_s": round(readings / sent_s),
+        "p50_ms": round(float(np.percentile(all_ms, 50)), 1), "p90_ms": round(float(np.percentile(all_ms, 90)), 1),
+        "p99_ms": round(float(np.percentile(all_ms, 99)), 1), "max_ms": round(float(all_ms.max()), 1),
+    }
+
+
+def main() -> None:
+    bootstrap, broker_env = start_broker()
+    work = Path(tempfile.mkdtemp(prefix="streamer-bench-latency-"))
+    try:
+        model_path = work / "model.pt"
+        config = ModelConfig(1, HIDDEN, LAYERS, 1)
+        save_model_file(model_path, init_random_model(config, seed=0), config, "bench")
+        client = settings_for(bootstrap, "x", model_path, work).kafka.client
+        top = max_rate(bootstrap, work, model_path)
+        emit(figure="latency_max_rate", client=client, readings=READINGS, readings_per_s=round(top))
+        for rate in (top / 2, *ALSO_AT):
+            figures = latency(bootstrap, work, model_path, rate)
+            emit(figure="latency", client=client, target_readings_per_s=round(rate), half_max=rate == top / 2,
+                 seconds=SECONDS, warmup_s=WARMUP_S, **figures, goal_p99_ms=50)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        stop_broker(broker_env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""A state table of millions of devices: bytes per device, the id -> slot cost, the step rate
+over random devices of a full table, and memory under device churn. One JSON object per figure.
+
+    python bench/scale.py [--devices 10000000] [--hidden 32] [--layers 2] [--state-dtype bfloat16]
+                          [--device cpu] [--batch 16384]
+
+Memory is read from /proc/self/status (VmRSS, VmHWM) on the CPU, torch.cuda's counters on a GPU.
+The defaults fit 10M devices well under 8 GiB on a CPU (H=32, bfloat16 h and c); the
+``state_bytes_per_device`` figure also gives the row bytes of H=64 and H=128 for each dtype
+(exact: columns x element size), which do not need to be allocated to be known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from streamer.engine import Engine, ReadingBatch, StateLayout  # noqa: E402
+from streamer.kernels import STATE_DTYPES  # noqa: E402
+from streamer.model import ModelBundle, ModelConfig, init_random_model  # noqa: E402
+
+MIB = 2**20
+
+
+def emit(**figure: object) -> None:
+    print(json.dumps(figure), flush=True)
+
+
+def rss() -> tuple[int, int]:
+    """(current, peak) resident bytes of this process."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def device_id(i: int) -> str:
+    return f"sensor-{i:09d}"  # 16 characters, a typical device id
+
+
+def row_bytes(hidden: int, layers: int, dtype: torch.dtype) -> int:
+    layout = StateLayout.of(ModelConfig(1, hidden, layers, 1))
+    lead = layout.c.stop
+    return lead * torch.empty(0, dtype=dtype).element_size() + (layout.width - lead) * 4
+
+
+def map_entry_bytes(n: int = 1_000_000) -> dict[str, float]:
+    """Python bytes per id -> slot entry (tracemalloc, n entries): the map's own entry with its
+    slot int (one int object per slot, as the table holds them), and the id string itself."""
+    ids = [device_id(i) for i in range(n)]
+    slots = np.arange(1000, 1000 + n)  # past the small-int cache, like most slots
+    out = {}
+    for name, kind in (("ordered_dict", OrderedDict), ("dict", dict)):
+        tracemalloc.start()
+        m = kind(zip(ids, map(int, slots)))
+        out[name] = tracemalloc.get_traced_memory()[0] / n
+        tracemalloc.stop()
+        del m
+    tracemalloc.start()
+    more = [device_id(i) for i in range(n, 2 * n)]
+    out["id_str_and_list_slot"] = tracemalloc.get_traced_memory()[0] / n
+    tracemalloc.stop()
+    del more
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=10_000_000)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--state-dtype", choices=sorted(STATE_DTYPES), default="bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=16384)
+    parser.add_argument("--churn-rounds", type=int, default=400, help="batches of new devices for the churn figure")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--map-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    n, batch = args.devices, args.batch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = STATE_DTYPES[args.state_dtype]
+
+    if args.map_only:
+        emit(figure="id_map_bytes_per_entry", **{k: round(v, 1) for k, v in map_entry_bytes().items()})
+        return 0
+    # In a process of its own: freed Python memory is reused, and would blur the figures below.
+    subprocess.run([sys.executable, __file__, "--map-only"], check=True)
+    emit(figure="state_bytes_per_device", layers=args.layers,
+         rows={f"H{h}_{name}": row_bytes(h, args.layers, dt) for h in (32, 64, 128) for name, dt in STATE_DTYPES.items()})
+
+    config = ModelConfig(1, args.hidden, args.layers, 1)
+    bundle = ModelBundle(init_random_model(config, 0), config, "scale", None)
+    start_rss = rss()[0]
+    ids = [device_id(i) for i in range(n)]
+    ids_rss = rss()[0]
+    engine = Engine.build(bundle, capacity=n, device=args.device, ttl_seconds=3600.0, state_dtype=dtype)
+    table = engine.table
+    # Fill: every device's first reading, in batches (the id -> slot insert cost).
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(batch, 1)).astype(np.float32)
+    insert_s = 0.0
+    for start in range(0, n, batch):
+        chunk = ids[start : start + batch]
+        t0 = time.perf_counter()
+        table.acquire(chunk, now=0.0)
+        insert_s += time.perf_counter() - t0
+    gc.collect()
+    full_rss, _ = rss()
+    cuda_bytes = torch.cuda.memory_allocated() if engine.device.type == "cuda" else 0
+    bookkeeping = full_rss - ids_rss - (0 if engine.device.type == "cuda" else table.state_bytes)
+    emit(figure="table_memory", devices=n, hidden=args.hidden, layers=args.layers, state_dtype=args.state_dtype,
+         device=str(engine.device), row_bytes=row_bytes(args.hidden, args.layers, dtype),
+         state_bytes_per_device=round(table.state_bytes / n, 1),
+         bookkeeping_bytes_per_device=round(bookkeeping / n, 1),
+         id_strings_bytes_per_device=round((ids_rss - start_rss) / n, 1),
+         rss_mib=round(full_rss / MIB), cuda_mib=round(cuda_bytes / MIB))
+
+    # The id -> slot cost of known devices, random among n (acquire alone, then a whole step).
+    picks = [rng.choice(n, size=batch, replace=False) for _ in range(8)]
+    batches = [[ids[i] for i in p] for p in picks]
+    t0 = time.perf_counter()
+    for k, chunk in enumerate(batches):
+        table.acquire(chunk, now=float(k + 1))
+    lookup_s = (time.perf_counter() - t0) / (len(batches) * batch)
+    emit(figure="id_to_slot", devices=n, insert_us_per_device=round(insert_s / n * 1e6, 3),
+         lookup_us_per_reading=round(lookup_s * 1e6, 3))
+
+    runs = []
+    for k, chunk in enumerate(batches * 2):
+        readings = ReadingBatch(chunk, np.zeros(batch), values)
+        t0 = time.perf_counter()
+        engine.step(readings, now=100.0 + k)
+        runs.append(time.perf_counter() - t0)
+    small = Engine.build(bundle, capacity=batch, device=args.device, state_dtype=dtype)
+    small_runs = []
+    for k in range(len(runs)):
+        readings = ReadingBatch(ids[:batch], np.zeros(batch), values)
+        t0 = time.perf_counter()
+        small.step(readings, now=100.0 + k)
+        small_runs.append(time.perf_counter() - t0)
+    del small
+    emit(figure="step_random_devices", devices=n, batch=batch, hidden=args.hidden, layers=args.layers,
+         state_dtype=args.state_dtype, device=str(engine.device), threads=torch.get_num_threads(),
+         device_steps_per_s=round(batch / float(np.median(runs[1:]))),
+         same_batch_in_a_table_of_the_batch=round(batch / float(np.median(small_runs[1:]))))
+
+    # Churn: batches of devices never seen before; at capacity each evicts the least recently
+    # seen, and its id goes with it (this script drops its own list of ids first). Memory must
+    # level off: RSS after each quarter of the rounds.
+    del ids, batches, readings
+    gc.collect()
+    before, _ = rss()
+    next_id = n
+    evicted = 0
+    rss_by_quarter = []
+    t0 = time.perf_counter()
+    for k in range(args.churn_rounds):
+        chunk = [device_id(i) for i in range(next_id, next_id + batch)]
+        next_id += batch
+        evicted += table.acquire(chunk, now=1000.0 + k).evicted_for_capacity
+        if (k + 1) % max(1, args.churn_rounds // 4) == 0:
+            rss_by_quarter.append(round(rss()[0] / MIB))
+    churn_s = time.perf_counter() - t0
+    gc.collect()
+    after, peak = rss()
+    emit(figure="churn", devices=n, new_devices=args.churn_rounds * batch, evicted=evicted, table_len=len(table),
+         us_per_new_device=round(churn_s / (args.churn_rounds * batch) * 1e6, 3),
+         rss_before_mib=round(before / MIB), rss_by_quarter_mib=rss_by_quarter, rss_after_mib=round(after / MIB),
+         peak_rss_mib=round(peak / MIB))
+    # TTL: devices idle past the TTL go, oldest first.
+    t0 = time.perf_counter()
+    gone = table.evict_idle(now=1000.0 + args.churn_rounds + 3600.0 - 1.0)
+    emit(figure="ttl_evict", evicted=gone, table_len=len(table),
+         us_per_device=round((time.perf_counter() - t0) / max(gone, 1) * 1e6, 3))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Checkpoints in a compacted changelog topic: hosts share nothing but the brokers.
+
+A checkpoint is the bytes ``checkpoint.encode`` gives (the directory store's file format, with
+its own SHA-256), cut into chunks of at most ``chunk_bytes`` (under the broker's message size)
+and written as records of the changelog:
+
+    <group>/<topic>/<partition>/<offset:020d>/<chunk:05d>   a chunk of the checkpoint's bytes
+    <group>/<topic>/<partition>/<offset:020d>/manifest      JSON: the chunks' keys, sizes, SHA-256s
+                                                            and the whole's size and SHA-256
+
+The chunks are written and acknowledged first, the manifest after: a checkpoint exists once its
+manifest is in the log, and a reader trusts it only when the manifest and every chunk it names
+are there and verify (each chunk's SHA-256, then the whole's, then the format's own checksum).
+A writer that dies between chunks and manifest leaves chunks no manifest names: they are never
+read, and the next save of that partition deletes them. After a new manifest lands, the records
+of the checkpoints beyond ``keep`` are deleted by tombstones (manifest first, then its chunks),
+and compaction (cleanup.policy=compact) drops what tombstones and newer records replaced.
+
+Layout: an input partition's records all go to one changelog partition, crc32 of
+"<group>/<topic>/<partition>" modulo the changelog's partition count (topics.checkpoint_partitions),
+so recovering a partition reads one changelog partition, shared with a few others, not the whole
+topic. Each changelog partition is indexed in memory on first use and caught up at each
+``load_latest`` (another host may have written since): the index holds this group's manifests
+and the changelog offsets of their chunks, never the chunks' bytes, which are read again by
+offset when a checkpoint is loaded. For 100 input partitions x 3 kept checkpoints that is 300
+manifests and their chunk offsets; a catch-up reads the bytes written to that changelog
+partition since the last one (at start-up: everything compaction kept, about ``keep`` checkpoints
+of each input partition that hashes there).
+
+Failures: a checkpoint that could not be written raises ``ChangelogUnavailable`` (an OSError, as a
+full disk is for the directory store: the run loop retries it later); a changelog that cannot be
+read while loading raises the client's KafkaClientError (retriable): "no checkpoint" would be a
+wrong answer, since it starts devices from zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from streamer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, ModelStamp, Refused, _safe, encode, pick_latest
+from streamer.kafka.abstract import Changelog, KafkaClientError, Message
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest"
+MANIFEST_FORMAT = 1
+CALL_TIMEOUT_S = 30.0  # a changelog read or write that takes longer is taken to have failed
+
+
+class ChangelogUnavailable(OSError):
+    """A checkpoint could not be written to the changelog (the brokers are away, a record too big)."""
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    key: str
+    topic: str
+    partition: int
+    offset: int
+    size: int
+    sha256: str
+    chunks: tuple[ChunkRef, ...]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "format": MANIFEST_FORMAT,
+                "topic": self.topic,
+                "partition": self.partition,
+                "offset": self.offset,
+                "size": self.size,
+                "sha256": self.sha256,
+                "chunks": [[c.key, c.size, c.sha256] for c in self.chunks],
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, key: str, data: bytes) -> "Manifest":
+        """Raises CheckpointError for a manifest that cannot be parsed."""
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"manifest format {doc.get('format')!r}, this reader knows {MANIFEST_FORMAT}")
+            chunks = tuple(ChunkRef(str(k), int(n), str(h)) for k, n, h in doc["chunks"])
+            return cls(key, str(doc["topic"]), int(doc["partition"]), int(doc["offset"]), int(doc["size"]),
+                       str(doc["sha256"]), chunks)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(key, f"unreadable manifest ({exc})") from None
+
+
+@dataclass
+class _PartitionIndex:
+    """What one changelog partition holds for this group, read up to ``position``."""
+
+    position: int = 0
+    manifests: dict[tuple[str, int], dict[int, Manifest]] = field(default_factory=dict)  # (topic, partition) -> offset -> manifest
+    chunks: dict[str, int] = field(default_factory=dict)  # chunk key -> changelog offset
+
+    def apply(self, key: str, value: bytes | None, at: int) -> None:
+        parts = key.split("/")
+        if len(parts) != 5 or not parts[2].isdigit() or not parts[3].isdigit():
+            log.debug("changelog record %r at %d is not a checkpoint record; ignored", key, at)
+            return
+        where, offset = (parts[1], int(parts[2])), int(parts[3])
+        if parts[4] != MANIFEST:
+            if value is None:
+                self.chunks.pop(key, None)
+            else:
+                self.chunks[key] = at
+            return
+        if value is None:
+            self.manifests.get(where, {}).pop(offset, None)
+            return
+        try:
+            manifest = Manifest.from_bytes(key, value)
+        except CheckpointError as exc:
+            log.warning("%s; that checkpoint is not used", exc)
+            self.manifests.get(where, {}).pop(offset, None)
+            return
+        self.manifests.setdefault(where, {})[offset] = manifest
+
+
+class KafkaCheckpointStore(CheckpointStore):
+    """Checkpoints of consumer group ``group_id`` in the compacted topic ``changelog.topic``, the
+    last ``keep`` of each input partition kept (see the module docstring)."""
+
+    def __init__(self, changelog: Changelog, group_id: str, keep: int = 3, chunk_bytes: int = 512 * 1024) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        self.changelog = changelog
+        self.group_id = group_id
+        self.keep = keep
+        self.chunk_bytes = chunk_bytes
+        self._prefix = _safe(group_id) + "/"
+        self.partitions = changelog.partition_count(CALL_TIMEOUT_S)
+        self._indexes: dict[int, _PartitionIndex] = {}
+
+    def changelog_partition(self, topic: str, partition: int) -> int:
+        """The changelog partition that holds the checkpoints of input ``topic``[``partition``]."""
+        return zlib.crc32(f"{self._prefix}{topic}/{partition}".encode()) % self.partitions
+
+    def _key(self, topic: str, partition: int, offset: int, suffix: str) -> str:
+        return f"{self._prefix}{topic}/{partition}/{offset:020d}/{suffix}"
+
+    def _caught_up(self, at: int) -> _PartitionIndex:
+        """The index of changelog partition ``at``, after reading what was written to it since."""
+        index = self._indexes.setdefault(at, _PartitionIndex())
+        end = self.changelog.end_offset(at, CALL_TIMEOUT_S)
+        for message in self.changelog.read(at, index.position, end, CALL_TIMEOUT_S):
+            if message.key is None:
+                continue
+            key = message.key.decode("utf-8", "replace")
+            if key.startswith(self._prefix):
+                index.apply(key, message.value, message.offset)
+        index.position = max(index.position, end)
+        return index
+
+    def _index(self, at: int) -> _PartitionIndex:
+        return self._indexes[at] if at in self._indexes else self._caught_up(at)
+
+    def offsets(self, topic: str, partition: int) -> list[int]:
+        index = self._caught_up(self.changelog_partition(topic, partition))
+        return sorted(index.manifests.get((topic, partition), {}), reverse=True)
+
+    def save(self, checkpoint: Checkpoint) -> str:
+        """Chunks, then the manifest, each batch acknowledged; then tombstones for what is beyond
+        ``keep``. Returns the manifest's key. ChangelogUnavailable when it could not be written."""
+        topic, partition, offset = checkpoint.topic, checkpoint.partition, checkpoint.offset
+        at = self.changelog_partition(topic, partition)
+        index = self._index(at)
+        data = encode(checkpoint)
+        chunks = [data[i : i + self.chunk_bytes] for i in range(0, len(data), self.chunk_bytes)]
+        refs = tuple(
+            ChunkRef(self._key(topic, partition, offset, f"{n:05d}"), len(chunk), hashlib.sha256(chunk).hexdigest())
+            for n, chunk in enumerate(chunks)
+        )
+        manifest = Manifest(self._key(topic, partition, offset, MANIFEST), topic, partition, offset, len(data),
+                            hashlib.sha256(data).hexdigest(), refs)
+        try:
+            chunk_offsets = self.changelog.write(at, [(r.key.encode(), c) for r, c in zip(refs, chunks)], CALL_TIMEOUT_S)
+            self.changelog.write(at, [(manifest.key.encode(), manifest.to_bytes())], CALL_TIMEOUT_S)
+        except KafkaClientError as exc:
+            raise ChangelogUnavailable(f"checkpoint {manifest.key} not written to {self.changelog.topic}: {exc}") from exc
+        for ref, chunk_at in zip(refs, chunk_offsets):
+            index.chunks[ref.key] = chunk_at
+        index.manifests.setdefault((topic, partition), {})[offset] = manifest
+        self._prune(at, index, topic, partition)
+        return manifest.key
+
+    def _prune(self, at: int, index: _PartitionIndex, topic: str, partition: int) -> None:
+        """Tombstones for the checkpoints of a partition beyond ``keep`` and for chunks older than
+        the oldest kept that no manifest names (a writer died before its manifest)."""
+        manifests = index.manifests.get((topic, partition), {})
+        kept = sorted(manifests, reverse=True)[: self.keep]
+        dropped = [manifests[o] for o in sorted(manifests, reverse=True)[self.keep :]]
+        named = {c.key for o in kept for c in manifests[o].chunks}
+        own = f"{self._prefix}{topic}/{partition}/"
+        orphans = [
+            key for key in index.chunks
+            if key.startswith(own) and key not in named and int(key.split("/")[3]) < kept[-1]
+        ]
+        keys = list(dict.fromkeys([k for m in dropped for k in (m.key, *(c.key for c in m.chunks))] + orphans))
+        if not keys:
+            return
+        try:
+            self.changelog.write(at, [(key.encode(), None) for key in keys], CALL_TIMEOUT_S)
+        except KafkaClientError as exc:  # the new checkpoint is in place; the old ones can go next time
+            log.debug("could not delete %d old checkpoint records of %s[%d]: %s", len(keys), topic, partition, exc)
+            return
+        for m in dropped:
+            manifests.pop(m.offset, None)
+        for key in keys:
+            index.chunks.pop(key, None)
+
+    def load_latest(
+        self,
+        topic: str,
+        partition: int,
+        width: int,
+        max_offset: int | None = None,
+        model: ModelStamp | None = None,
+    ) -> tuple[Checkpoint | None, list[Refused]]:
+        """The newest usable checkpoint (``pick_latest``), the changelog read up to its end first.
+        A manifest whose chunks are missing or do not verify is refused."""
+        at = self.changelog_partition(topic, partition)
+        index = self._caught_up(at)
+        manifests = index.manifests.get((topic, partition), {})
+        candidates = (
+            (offset, manifests[offset].key, lambda m=manifests[offset]: self._assemble(at, index, m))
+            for offset in sorted(manifests, reverse=True)
+        )
+        return pick_latest(candidates, topic, partition, width, max_offset, model)
+
+    def _assemble(self, at: int, index: _PartitionIndex, manifest: Manifest) -> bytes:
+        """The checkpoint's bytes from its chunks, each verified; CheckpointError naming what is wrong."""
+        located = []
+        for ref in manifest.chunks:
+            if ref.key not in index.chunks:
+                raise CheckpointError(manifest.key, f"chunk {ref.key} is missing")
+            located.append(index.chunks[ref.key])
+        if not located:
+            raise CheckpointError(manifest.key, "names no chunks")
+        wanted = {o: ref for o, ref in zip(located, manifest.chunks)}
+        found: dict[str, bytes] = {}
+        for message in self._read(at, min(located), max(located) + 1):
+            ref = wanted.get(message.offset)
+            if ref is not None and message.key == ref.key.encode() and message.value is not None:
+                found[ref.key] = message.value
+        parts = []
+        for ref in manifest.chunks:
+            chunk = found.get(ref.key)
+            if chunk is None:
+                raise CheckpointError(manifest.key, f"chunk {ref.key} is gone from the changelog")
+            if len(chunk) != ref.size or hashlib.sha256(chunk).hexdigest() != ref.sha256:
+                raise CheckpointError(manifest.key, f"chunk {ref.key} does not match its manifest (replaced or corrupted)")
+            parts.append(chunk)
+        data = b"".join(parts)
+        if len(data) != manifest.size or hashlib.sha256(data).hexdigest() != manifest.sha256:
+            raise CheckpointError(manifest.key, "the chunks together do not match the manifest")
+        return data
+
+    def _read(self, at: int, start: int, end: int) -> Iterator[Message]:
+        return self.changelog.read(at, start, end, CALL_TIMEOUT_S)
+
+    def close(self) -> None:
+        self.changelog.close()
+

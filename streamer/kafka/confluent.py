@@ -1,0 +1,513 @@
+"""The confluent-kafka (librdkafka) backend of the client seam (abstract.py).
+
+Configured as the kafka-python clients are (clients.py): manual commits of explicit offsets,
+idempotent acks=all producer, transactional in exactly-once mode, the same assignment strategy
+and security settings. librdkafka's log lines go to the logger ``librdkafka`` and its error
+callback's to ``librdkafka.errors`` (both folded during outages, see logs.py); the clients
+are checked against the brokers when built, so that start-up fails as with kafka-python:
+KafkaBootstrapError, or KafkaLoginError for a refused SASL login.
+
+Rebalance callbacks run inside ``poll`` on the calling thread: a partition cannot move while
+the loop is between polls. librdkafka's group membership runs on its own threads, so the
+kafka-python work-around (MembershipWatch) is not needed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from confluent_kafka import Consumer as RdConsumer
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Producer as RdProducer
+from confluent_kafka import TopicPartition as RdTopicPartition
+
+from streamer.kafka.abstract import (
+    BrokerTimeout,
+    Changelog,
+    Consumer,
+    GroupMovedOn,
+    Headers,
+    KafkaClientError,
+    Message,
+    Producer,
+    RebalanceHooks,
+    TopicPartition,
+)
+from streamer.kafka.clients import (
+    RECONNECT_BACKOFF_MAX_MS,
+    RECORD_OVERHEAD_BYTES,
+    TRANSACTION_TIMEOUT_MS,
+    KafkaBootstrapError,
+    KafkaLoginError,
+    assignment_strategy,
+    redact_secret,
+    transactional_id,
+)
+from streamer.settings import KafkaSettings
+
+LIBRDKAFKA_LOGGER = "librdkafka"
+log = logging.getLogger(LIBRDKAFKA_LOGGER)
+errors_log = logging.getLogger(LIBRDKAFKA_LOGGER + ".errors")
+
+GROUP_MOVED_ON = {
+    KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError.FENCED_INSTANCE_ID,
+    KafkaError.STALE_MEMBER_EPOCH,
+}
+TIMED_OUT = {KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+# librdkafka's transaction calls take a timeout and return a retriable error after it, except
+# send_offsets_to_transaction while its group coordinator is away (librdkafka issues #5456 and
+# #5511: it can block far longer; seen for 60 s after a broker restart). Twice the timeout marks
+# a call stuck.
+CALL_TIMEOUT_S = 10.0
+
+
+def _theirs(tp: TopicPartition, offset: int | None = None) -> RdTopicPartition:
+    return RdTopicPartition(tp.topic, tp.partition) if offset is None else RdTopicPartition(tp.topic, tp.partition, offset)
+
+
+def _ours(tps: Iterable[RdTopicPartition]) -> list[TopicPartition]:
+    return [TopicPartition(tp.topic, tp.partition) for tp in tps]
+
+
+def client_error(exc: KafkaException, what: str) -> KafkaClientError:
+    """confluent-kafka's error as the seam's: GroupMovedOn, BrokerTimeout, else KafkaClientError."""
+    error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    if error is None:
+        return KafkaClientError(f"{what}: {exc!r}", cause=exc)
+    if error.code() in GROUP_MOVED_ON:
+        return GroupMovedOn(f"{what}: {error.str()}", cause=exc)
+    if error.code() in TIMED_OUT:
+        return BrokerTimeout(f"{what}: {error.str()}", cause=exc)
+    return KafkaClientError(f"{what}: {error.str()}", retriable=error.retriable() and not error.fatal(), cause=exc)
+
+
+def security_config(settings: KafkaSettings) -> dict[str, object]:
+    """librdkafka's properties for ``settings.security_protocol``: only those that apply to it."""
+    config: dict[str, object] = {"security.protocol": settings.security_protocol.lower()}
+    if settings.security_protocol.startswith("SASL_"):
+        assert settings.sasl_password is not None  # KafkaSettings checks SASL_* settings are complete
+        password = settings.sasl_password.get_secret_value()
+        config.update({"sasl.mechanism": settings.sasl_mechanism, "sasl.username": settings.sasl_username,
+                       "sasl.password": password})
+        redact_secret(password)
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        config["ssl.endpoint.identification.algorithm"] = "https" if settings.ssl_check_hostname else "none"
+        for name, prop in (("ssl_cafile", "ssl.ca.location"), ("ssl_certfile", "ssl.certificate.location"),
+                           ("ssl_keyfile", "ssl.key.location")):
+            path = getattr(settings, name)
+            if path is not None:
+                config[prop] = str(path)
+        if settings.ssl_password is not None:
+            config["ssl.key.password"] = settings.ssl_password.get_secret_value()
+            redact_secret(settings.ssl_password.get_secret_value())
+    return config
+
+
+def _described(settings: KafkaSettings) -> dict[str, object]:
+    """What KafkaBootstrapError names of the security settings (no secrets)."""
+    described: dict[str, object] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol.startswith("SASL_"):
+        described.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username)
+    return described
+
+
+class _Errors:
+    """librdkafka's error callback: logged (folded during outages), and a refused login kept for
+    the bootstrap check."""
+
+    def __init__(self) -> None:
+        self.refusal: KafkaError | None = None
+
+    def __call__(self, error: KafkaError) -> None:
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            self.refusal = error
+        errors_log.warning("%s", error.str())
+
+
+def _common(settings: KafkaSettings, errors: _Errors) -> dict[str, object]:
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
+        "logger": log,
+        "error_cb": errors,
+        **security_config(settings),
+    }
+
+
+def _check_reachable(client: RdConsumer | RdProducer, settings: KafkaSettings, errors: _Errors, timeout_s: float) -> None:
+    """Ask for the cluster's metadata: a broker must answer within ``timeout_s``."""
+    try:
+        client.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        client.poll(0)  # serves the error callback: a refused login is only told there
+        if errors.refusal is not None:
+            raise KafkaLoginError(settings.bootstrap_servers, _described(settings), errors.refusal) from exc  # type: ignore[arg-type]
+        reason = "no broker could be used before the bootstrap timeout: not reachable, a TLS failure"
+        if settings.security_protocol.startswith("SASL_"):
+            reason += ", or a refused login (check the user and password)"
+        raise KafkaBootstrapError(settings.bootstrap_servers, _described(settings), f"{reason} ({exc.args[0].str()})") from exc
+    if errors.refusal is not None:
+        raise KafkaLoginError(settings.bootstrap_servers, _described(settings), errors.refusal)  # type: ignore[arg-type]
+
+
+def make_consumer(settings: KafkaSettings, max_poll_records: int, bootstrap_timeout_ms: int | None = None) -> "ConfluentConsumer":
+    """``bootstrap_timeout_ms``: how long to wait for a first broker (30 s when None)."""
+    errors = _Errors()
+    config = {
+        **_common(settings, errors),
+        "group.id": settings.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": settings.auto_offset_reset,
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": max(1000, settings.session_timeout_ms // 3),
+        "fetch.wait.max.ms": 100,
+        "partition.assignment.strategy": assignment_strategy(settings),
+        "isolation.level": "read_committed" if settings.exactly_once else "read_uncommitted",
+    }
+    client = RdConsumer(config)
+    try:
+        _check_reachable(client, settings, errors, (bootstrap_timeout_ms or 30_000) / 1000)
+    except BaseException:
+        client.close()
+        raise
+    return ConfluentConsumer(client, settings.auto_offset_reset, cooperative=assignment_strategy(settings) == "cooperative-sticky")
+
+
+def make_producer(
+    settings: KafkaSettings, instance_id: str | None = None, bootstrap_timeout_ms: int | None = None
+) -> "ConfluentProducer":
+    """Idempotent, acks=all; in exactly-once mode transactional with transactions initialised
+    (the transactional id as clients.transactional_id gives it)."""
+    errors = _Errors()
+    config = {
+        **_common(settings, errors),
+        "acks": "all",
+        "enable.idempotence": True,
+        # The loop produces a whole batch at once and then waits for its acknowledgement: a longer
+        # linger only delays it (latency), the batch fills librdkafka's requests anyway.
+        "linger.ms": 1,
+        "delivery.report.only.error": True,
+        "message.max.bytes": settings.max_message_bytes,  # a dead letter carries a whole input message
+    }
+    producer = ConfluentProducer(errors)
+    config["on_delivery"] = producer._delivered
+    if settings.exactly_once:
+        config.update({"transactional.id": transactional_id(settings, instance_id),
+                       "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
+    client = RdProducer(config)
+    timeout_s = (bootstrap_timeout_ms or 30_000) / 1000
+    _check_reachable(client, settings, errors, timeout_s)
+    if settings.exactly_once:
+        try:
+            client.init_transactions(timeout_s)  # waits for a transaction coordinator
+        except KafkaException as exc:
+            raise KafkaBootstrapError(settings.bootstrap_servers, _described(settings),
+                                      f"no transaction coordinator answered: {exc.args[0].str()}") from exc
+    producer.client = client
+    return producer
+
+
+class ConfluentConsumer(Consumer):
+    def __init__(self, consumer: RdConsumer, auto_offset_reset: str, cooperative: bool) -> None:
+        self.client = consumer
+        self.auto_offset_reset = auto_offset_reset
+        self.cooperative = cooperative
+
+    def subscribe(self, topics: Sequence[str], hooks: RebalanceHooks) -> None:
+        def on_assign(consumer: RdConsumer, partitions: list[RdTopicPartition]) -> None:
+            # Assigned here, not after the callback, so that the hook may pause them at once.
+            if self.cooperative:
+                consumer.incremental_assign(partitions)
+            else:
+                consumer.assign(partitions)
+            hooks.assigned(_ours(partitions))
+
+        def on_revoke(consumer: RdConsumer, partitions: list[RdTopicPartition]) -> None:
+            hooks.revoked(_ours(partitions))
+            self._unassign(consumer, partitions)
+
+        def on_lost(consumer: RdConsumer, partitions: list[RdTopicPartition]) -> None:
+            hooks.lost(_ours(partitions))
+            self._unassign(consumer, partitions)
+
+        self.client.subscribe(list(topics), on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+
+    def _unassign(self, consumer: RdConsumer, partitions: list[RdTopicPartition]) -> None:
+        if self.cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Message]:
+        # consume() waits for all of num_messages or the timeout; the seam's poll returns as soon
+        # as something came: wait for one, then take what is already fetched.
+        try:
+            first = self.client.poll(timeout_s)
+            if first is None:
+                return []
+            polled = [first]
+            if max_records > 1:
+                polled.extend(self.client.consume(num_messages=max_records - 1, timeout=0))
+        except KafkaException as exc:
+            raise client_error(exc, "poll") from exc
+        # tuple.__new__ spares NamedTuple's argument parsing: a few microseconds a message at 100k/s.
+        new = tuple.__new__
+        messages = [new(Message, (m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or [],
+                                  m.timestamp()[1])) for m in polled if m.error() is None]
+        if len(messages) < len(polled):
+            for m in polled:
+                error = m.error()
+                if error is not None:
+                    if error.fatal():
+                        raise KafkaClientError(f"poll: {error.str()}")
+                    log.debug("consumer event: %s", error.str())  # transient: the client retries by itself
+        return messages
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(_ours(self.client.assignment()))
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        self.client.pause([_theirs(tp) for tp in partitions])
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        self.client.resume([_theirs(tp) for tp in partitions])
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        try:
+            self.client.seek(_theirs(partition, offset))
+        except KafkaException as exc:
+            raise client_error(exc, f"seek {partition} to {offset}") from exc
+
+    def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
+        try:
+            answer = self.client.committed([_theirs(tp) for tp in partitions], timeout=timeout_s)
+        except KafkaException as exc:
+            raise client_error(exc, "fetching committed offsets") from exc
+        return {TopicPartition(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in answer}
+
+    def position(self, partition: TopicPartition, timeout_s: float) -> int | None:
+        [tp] = self.client.position([_theirs(partition)])
+        if tp.offset >= 0:
+            return tp.offset
+        # Not fetched yet: where auto.offset.reset puts it.
+        try:
+            low, high = self.client.get_watermark_offsets(_theirs(partition), timeout=timeout_s)
+        except KafkaException as exc:
+            raise client_error(exc, "position") from exc
+        return low if self.auto_offset_reset == "earliest" else high
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            answer = self.client.commit(offsets=[_theirs(tp, o) for tp, o in offsets.items()], asynchronous=False)
+        except KafkaException as exc:
+            raise client_error(exc, "commit") from exc
+        for tp in answer or []:
+            if tp.error is not None:
+                raise client_error(KafkaException(tp.error), f"commit of {tp.topic}[{tp.partition}]")
+
+    def end_offsets(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int]:
+        ends = {}
+        for tp in partitions:
+            try:
+                _, high = self.client.get_watermark_offsets(_theirs(tp), timeout=timeout_s, cached=False)
+            except KafkaException as exc:
+                raise client_error(exc, "end offsets") from exc
+            if high >= 0:
+                ends[tp] = high
+        return ends
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        try:
+            _, high = self.client.get_watermark_offsets(_theirs(partition), cached=True)
+        except KafkaException:
+            return None
+        return high if high >= 0 else None
+
+    def group_metadata(self) -> object:
+        return self.client.consumer_group_metadata()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.client.close()
+
+
+class ConfluentProducer(Producer):
+    transaction_stuck_after_s = 2 * CALL_TIMEOUT_S
+
+    def __init__(self, errors: _Errors) -> None:
+        self.client: RdProducer  # set by make_producer once built
+        self._errors = errors
+        self._failures: list[BaseException] = []
+
+    def _delivered(self, error: KafkaError | None, message: object) -> None:
+        if error is not None:  # delivery.report.only.error: only failures come here
+            self._failures.append(KafkaClientError(f"delivery failed: {error.str()}", retriable=error.retriable()))
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None:
+        while True:
+            try:
+                self.client.produce(topic, value=value, key=key, headers=headers)
+                return
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self.client.poll(0.05)
+
+    def flush(self, timeout_s: float) -> bool:
+        return self.client.flush(timeout_s) == 0
+
+    def delivery_failures(self) -> list[BaseException]:
+        failures, self._failures = self._failures, []
+        return failures
+
+    def _transaction_call(self, what: str, call, *args: object) -> None:
+        try:
+            call(*args)
+        except KafkaException as exc:
+            raise client_error(exc, what) from exc
+
+    def begin_transaction(self) -> None:
+        self._transaction_call("begin_transaction", self.client.begin_transaction)
+
+    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_metadata: object) -> None:
+        theirs = [_theirs(tp, o) for tp, o in offsets.items()]
+        self._transaction_call("send_offsets_to_transaction", self.client.send_offsets_to_transaction,
+                               theirs, group_metadata, CALL_TIMEOUT_S)
+
+    def commit_transaction(self) -> None:
+        self._transaction_call("commit_transaction", self.client.commit_transaction, CALL_TIMEOUT_S)
+
+    def abort_transaction(self) -> None:
+        self._transaction_call("abort_transaction", self.client.abort_transaction, CALL_TIMEOUT_S)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.client.flush(timeout_s)
+
+
+def make_changelog(settings: KafkaSettings, topic: str, max_value_bytes: int,
+                   bootstrap_timeout_ms: int | None = None) -> "ConfluentChangelog":
+    """A changelog client (abstract.Changelog): a consumer used only by assign (its group id is
+    never joined) and an idempotent, non-transactional acks=all producer, checked against the brokers."""
+    errors = _Errors()
+    request_bytes = max(1024 * 1024, max_value_bytes + RECORD_OVERHEAD_BYTES)
+    common = {**_common(settings, errors), "client.id": f"{settings.client_id}-changelog"}
+    consumer = RdConsumer({
+        **common,
+        "group.id": f"{settings.group_id}-changelog-reader",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 100,
+        "max.partition.fetch.bytes": request_bytes,
+        "isolation.level": "read_uncommitted",
+        "enable.partition.eof": True,
+    })
+    producer: RdProducer | None = None
+    try:
+        producer = RdProducer({**common, "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+                               "message.max.bytes": request_bytes})
+        timeout_s = (bootstrap_timeout_ms or 30_000) / 1000
+        _check_reachable(consumer, settings, errors, timeout_s)
+        _check_reachable(producer, settings, errors, timeout_s)
+    except BaseException:
+        consumer.close()
+        if producer is not None:
+            producer.flush(0)
+        raise
+    return ConfluentChangelog(topic, consumer, producer)
+
+
+class ConfluentChangelog(Changelog):
+    def __init__(self, topic: str, consumer: RdConsumer, producer: RdProducer) -> None:
+        self.topic = topic
+        self.consumer = consumer
+        self.producer = producer
+
+    def partition_count(self, timeout_s: float) -> int:
+        try:
+            metadata = self.consumer.list_topics(self.topic, timeout=timeout_s)
+        except KafkaException as exc:
+            raise client_error(exc, f"partitions of {self.topic}") from exc
+        found = metadata.topics.get(self.topic)
+        if found is None or found.error is not None or not found.partitions:
+            reason = found.error.str() if found is not None and found.error is not None else "no partitions"
+            raise KafkaClientError(f"changelog topic {self.topic!r} cannot be used: {reason}")
+        return len(found.partitions)
+
+    def end_offset(self, partition: int, timeout_s: float) -> int:
+        try:
+            _, high = self.consumer.get_watermark_offsets(RdTopicPartition(self.topic, partition), timeout=timeout_s)
+        except KafkaException as exc:
+            raise client_error(exc, f"end offset of {self.topic}[{partition}]") from exc
+        return high
+
+    def read(self, partition: int, start: int, end: int, timeout_s: float) -> Iterator[Message]:
+        if start >= end:
+            return
+        deadline = time.monotonic() + timeout_s
+        # Done at the record end - 1, or at the partition's end (enable.partition.eof): a compacted
+        # log may lack end - 1. position() is not used: after a new assign it can still tell the
+        # previous assignment's position.
+        try:
+            self.consumer.assign([RdTopicPartition(self.topic, partition, start)])
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerTimeout(f"reading {self.topic}[{partition}] {start}..{end}: not done in {timeout_s}s")
+                # consume() waits for all of num_messages or its timeout: wait for one, take what is fetched.
+                first = self.consumer.poll(min(left, 1.0))
+                polled = [] if first is None else [first, *self.consumer.consume(num_messages=499, timeout=0)]
+                for m in polled:
+                    error = m.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF and m.offset() >= start:
+                            return
+                        if error.fatal():
+                            raise KafkaClientError(f"reading {self.topic}[{partition}]: {error.str()}")
+                        continue  # transient; the client retries by itself
+                    if start <= m.offset() < end:
+                        yield Message(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or [],
+                                      m.timestamp()[1])
+                    if m.offset() >= end - 1:
+                        return
+        except KafkaException as exc:
+            raise client_error(exc, f"reading {self.topic}[{partition}]") from exc
+        finally:
+            self.consumer.unassign()
+
+    def write(self, partition: int, records: Sequence[tuple[bytes, bytes | None]], timeout_s: float) -> list[int]:
+        failures: list[KafkaError] = []
+        offsets: list[int] = [-1] * len(records)
+
+        def delivered_as(n: int):
+            def delivered(error: KafkaError | None, message: object) -> None:
+                if error is not None:
+                    failures.append(error)
+                else:
+                    offsets[n] = message.offset()  # type: ignore[attr-defined]
+            return delivered
+
+        for n, (key, value) in enumerate(records):
+            while True:
+                try:
+                    self.producer.produce(self.topic, value=value, key=key, partition=partition,
+                                          on_delivery=delivered_as(n))
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain it
+                    self.producer.poll(0.05)
+                except KafkaException as exc:
+                    raise client_error(exc, f"writing to {self.topic}[{partition}]") from exc
+        left = self.producer.flush(timeout_s)
+        if left or failures:
+            reason = failures[0].str() if failures else f"{left} not acknowledged in {timeout_s}s"
+            raise KafkaClientError(f"writing to {self.topic}[{partition}]: {len(failures) + left} of {len(records)} "
+                                   f"records not delivered ({reason})", retriable=True)
+        return offsets
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush(2.0)

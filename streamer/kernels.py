@@ -1,0 +1,329 @@
+"""The LSTM step over a state table's rows: h and c of every layer read at the batch's slots,
+both layers' projections and gates, h and c written back to the same slots, the head's output.
+
+Two implementations of one contract (``LstmStep.__call__``):
+
+- ``TorchLstmStep`` (any torch device; the CPU path): the maths on the rows the engine
+  gathered (under bfloat16, on h and c gathered from the table as they are), h and c written
+  back with one index_copy_. Gates are one addmm per layer into a reused
+  buffer and one in-place sigmoid over all four gates: the cell gate's weights are stored
+  doubled, so that tanh(g) = 2 sigmoid(2g) - 1 (torch's CPU tanh is several times slower than
+  its sigmoid); the absolute error of that identity is below 1e-7.
+- ``TritonLstmStep`` (CUDA, or Triton's interpreter on the CPU when this module is imported
+  with TRITON_INTERPRET=1): one fused kernel per step. Each program takes BLOCK_B devices, loads h
+  and c of each layer straight from the table at their slots, runs the projections with
+  tl.dot, the gate maths in float32, stores h and c in place and writes the head's output.
+  Nothing of the h/c block is copied through a gathered tensor.
+
+State dtype: float32, or bfloat16 for h and c (half the bytes per device). Gate maths and c's
+update run in float32 either way; under bfloat16 both steps also feed the projections bfloat16
+operands (x, h and weights rounded to bfloat16, float32 accumulation). The bound the tests hold
+(tests/test_kernels.py, ``BF16_FORECAST_ATOL``): forecasts within 5e-3 absolute of the float32
+offline model over 100 steps (unit-normal inputs, H=32, L=2; measured 4e-4 for the torch step,
+8e-4 for the kernel); the engine's forecasts under bfloat16 state stay within the same bound of
+its float32 ones. Float32 state keeps 1e-5 (the offline nn.LSTM, tests/test_engine.py).
+
+The h/c block of a row: h of layer l at columns [l H, (l + 1) H), c of layer l at
+[L H + l H, L H + (l + 1) H) (engine.StateLayout).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from streamer.model import LSTMModel, StepWeights
+
+try:  # Triton ships with CUDA builds of torch; the CPU path never needs it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BLOCK_B = 64  # devices per Triton program
+MIN_GEMM_ROWS = 8
+
+
+def make_lstm_step(model: LSTMModel, device: torch.device, dtype: torch.dtype = torch.float32) -> "LstmStep":
+    """The fused Triton step on CUDA (when Triton is importable), the torch step elsewhere.
+    dtype: of h and c in the table, one of STATE_DTYPES (ValueError otherwise)."""
+    if dtype not in STATE_DTYPES.values():
+        raise ValueError(f"state dtype {dtype} is not one of {', '.join(STATE_DTYPES)}")
+    if device.type == "cuda" and triton is not None:
+        return TritonLstmStep(model, device, dtype)
+    return TorchLstmStep(model, device, dtype)
+
+
+class LstmStep:
+    """Advance B devices by one reading, reading and writing h and c in the table.
+
+    ``fused``: one Triton kernel does the whole step. ``reads_lead``: the step reads h and c
+    from ``lead`` itself, so ``rows`` need not hold them (see ``__call__``).
+    """
+
+    fused = False
+    reads_lead = False
+    num_layers: int
+    hidden_size: int
+    state_dtype: torch.dtype
+
+    def __call__(self, x: Tensor, slots: Tensor, rows: Tensor | None, lead: Tensor) -> Tensor:
+        """x: (B, input_size) float32; slots: (B,) int64, distinct; rows: (B, >= 2 L H) float32
+        rows the caller gathered at ``slots`` (h and c in front; unused when ``reads_lead``); lead:
+        the table's (capacity, 2 L H) h/c block in ``state_dtype`` (may be a strided view).
+        Writes h' and c' into lead[slots]; returns the head's output (B, output_size) float32.
+        """
+        raise NotImplementedError
+
+
+def _lstm_weights(model: LSTMModel) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    """Float32 copies on the CPU of StepWeights' layout: per layer (in_l + H, 4H), b_ih + b_hh;
+    the head (H, F), (F,)."""
+    ref = StepWeights(model, torch.device("cpu"))
+    return [w.clone() for w in ref.w], [b.clone() for b in ref.b], ref.head_w, ref.head_b
+
+
+class TorchLstmStep(LstmStep):
+    """The step in torch ops, on the rows the engine gathered (see the module docstring).
+
+    Under bfloat16 state the projections take bfloat16 operands (x, h, weights) as the fused
+    kernel's do; oneDNN runs them about 4x faster than float32 on CPUs with AVX512-BF16 or AMX,
+    and rounds the pre-activations to bfloat16. The gate maths, c and the head stay float32.
+    """
+
+    def __init__(self, model: LSTMModel, device: torch.device, dtype: torch.dtype = torch.float32):
+        w, b, head_w, head_b = _lstm_weights(model)
+        self.num_layers = model.lstm.num_layers
+        self.hidden_size = hs = model.lstm.hidden_size
+        self.state_dtype = dtype
+        self.input_size = model.lstm.input_size
+        self.dot_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        # float32 state: h and c come with the rows (one gather). bfloat16: gathered here from
+        # the table as they are, not widened to float32 and narrowed again for the projections.
+        self.reads_lead = dtype != torch.float32
+        # tanh(g) = 2 sigmoid(2 g) - 1: the cell gate's columns doubled, one sigmoid for all gates.
+        for layer in range(self.num_layers):
+            w[layer][:, 2 * hs : 3 * hs] *= 2.0
+            b[layer][2 * hs : 3 * hs] *= 2.0
+        self.w = [m.to(device, self.dot_dtype) for m in w]
+        self.b = [v.to(device, self.dot_dtype) for v in b]
+        self.head_w = head_w.to(device)
+        self.head_b = head_b.to(device)
+        self._buffers: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def _buffers_for(self, m: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(layer input (m, max in + H) in the dot dtype, its gates (m, 4H), the gates in float32,
+        h'|c' (m, 2 L H) float32), reused per row count."""
+        bufs = self._buffers.get(m)
+        if bufs is None:
+            hs, lay = self.hidden_size, self.num_layers
+            width = max(self.input_size, hs) + hs
+            gates = torch.zeros(m, 4 * hs, device=device)
+            bufs = (torch.zeros(m, width, device=device, dtype=self.dot_dtype),
+                    gates if self.dot_dtype == torch.float32 else gates.to(self.dot_dtype), gates,
+                    torch.zeros(m, 2 * lay * hs, device=device))
+            if len(self._buffers) > 8:  # a few sizes recur (full chunks, a tail): keep those
+                self._buffers.clear()
+            self._buffers[m] = bufs
+        return bufs
+
+    def __call__(self, x: Tensor, slots: Tensor, rows: Tensor | None, lead: Tensor) -> Tensor:
+        if self.reads_lead:
+            rows = lead.index_select(0, slots)
+        elif rows is None:
+            raise ValueError("TorchLstmStep needs the gathered rows")
+        b, hs, lay = len(x), self.hidden_size, self.num_layers
+        lh = lay * hs
+        # MKL's sgemm takes another path below MIN_GEMM_ROWS rows, whose sums differ in the last
+        # bits: padding keeps a device's result independent of the batch it came in.
+        m = max(b, MIN_GEMM_ROWS)
+        cat, dot_gates, gates, new = self._buffers_for(m, x.device)
+        inp_width = x.shape[1]
+        cat[:b, :inp_width] = x
+        for layer in range(lay):
+            k = inp_width + hs
+            cat[:b, inp_width:k] = rows[:, layer * hs : (layer + 1) * hs]
+            torch.addmm(self.b[layer], cat[:, :k], self.w[layer], out=dot_gates)
+            if dot_gates is not gates:
+                gates.copy_(dot_gates)
+            gates.sigmoid_()
+            i, f, s, o = gates[:b].chunk(4, dim=1)  # s = sigmoid(2 g): tanh(g) = 2 s - 1
+            c_new = new[:b, lh + layer * hs : lh + (layer + 1) * hs]
+            h_new = new[:b, layer * hs : (layer + 1) * hs]
+            # c' = f c + i tanh(g) = f c + 2 i s - i
+            torch.mul(f, rows[:, lh + layer * hs : lh + (layer + 1) * hs], out=c_new)
+            c_new.addcmul_(i, s, value=2.0).sub_(i)
+            # h' = o tanh(c') = o - 2 o sigmoid(-2 c'), computed in h's slot of the buffer.
+            torch.mul(c_new, -2.0, out=h_new).sigmoid_()
+            torch.addcmul(o, o, h_new, value=-2.0, out=h_new)
+            cat[:b, :hs] = h_new
+            inp_width = hs
+        out = torch.addmm(self.head_b, new[:, (lay - 1) * hs : lh], self.head_w)[:b]
+        hc = new[:b]
+        lead.index_copy_(0, slots, hc if lead.dtype == hc.dtype else hc.to(lead.dtype))
+        return out
+
+
+def _next_pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+class TritonLstmStep(LstmStep):
+    """The fused kernel (see the module docstring). Weights are packed once: per layer and gate,
+    a (K, HP) block padded with zeros to powers of two (HP >= H, K >= in), in the dot dtype."""
+
+    fused = True
+    reads_lead = True
+
+    def __init__(
+        self,
+        model: LSTMModel,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        block_b: int = BLOCK_B,
+        num_warps: int = 4,
+        dot_precision: str = "tf32x3",
+    ):
+        """dot_precision: of float32 tl.dot (float32 state): "tf32x3" (three TF32 products,
+        float32 accuracy on tensor cores) or "ieee" (plain FMA: slower, and slow to compile)."""
+        if triton is None:
+            raise RuntimeError("the fused LSTM step needs Triton, which this torch build lacks")
+        w, b, head_w, head_b = _lstm_weights(model)
+        self.num_layers = lay = model.lstm.num_layers
+        self.hidden_size = hs = model.lstm.hidden_size
+        self.input_size = n_in = model.lstm.input_size
+        self.output_size = n_out = head_w.shape[1]
+        self.state_dtype = dtype
+        self.block_b = block_b
+        self.num_warps = num_warps
+        self.dot_precision = dot_precision if dtype == torch.float32 else "ieee"
+        self.hp, self.inp, self.fp = _next_pow2(hs), _next_pow2(n_in), _next_pow2(n_out)
+        dot = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        hp = self.hp
+
+        def gate_blocks(m: Tensor, k_pad: int) -> Tensor:  # (k, 4H) -> (k_pad, 4 HP)
+            out = torch.zeros(k_pad, 4 * hp)
+            for g in range(4):
+                out[: m.shape[0], g * hp : g * hp + hs] = m[:, g * hs : (g + 1) * hs]
+            return out
+
+        self.w_in0 = gate_blocks(w[0][:n_in], self.inp).to(device, dot)
+        w_x = [gate_blocks(w[layer][:hs], hp) for layer in range(1, lay)] or [torch.zeros(hp, 4 * hp)]
+        self.w_x = torch.stack(w_x).to(device, dot).contiguous()
+        self.w_h = torch.stack(
+            [gate_blocks(w[layer][w[layer].shape[0] - hs :], hp) for layer in range(lay)]
+        ).to(device, dot).contiguous()
+        bias = torch.zeros(lay, 4 * hp)
+        for layer in range(lay):
+            for g in range(4):
+                bias[layer, g * hp : g * hp + hs] = b[layer][g * hs : (g + 1) * hs]
+        self.bias = bias.to(device).contiguous()
+        hw = torch.zeros(hp, self.fp)
+        hw[:hs, :n_out] = head_w
+        hb = torch.zeros(self.fp)
+        hb[:n_out] = head_b
+        self.head_w = hw.to(device, dot).contiguous()
+        self.head_b = hb.to(device).contiguous()
+
+    def __call__(self, x: Tensor, slots: Tensor, rows: Tensor | None, lead: Tensor) -> Tensor:
+        b = len(slots)
+        if x.shape != (b, self.input_size) or x.dtype != torch.float32:
+            raise ValueError(f"x {tuple(x.shape)} {x.dtype} != ({b}, {self.input_size}) float32")
+        if lead.dtype != self.state_dtype or lead.stride(1) != 1:
+            raise ValueError(f"lead block {lead.dtype}, stride {lead.stride()} for a {self.state_dtype} step")
+        x = x.contiguous()
+        out = torch.empty(b, self.output_size, device=x.device, dtype=torch.float32)
+        if b == 0:
+            return out
+        grid = (triton.cdiv(b, self.block_b),)
+        _lstm_rows_kernel[grid](
+            x, slots, lead, out, self.w_in0, self.w_x, self.w_h, self.bias, self.head_w, self.head_b,
+            b, lead.stride(0),
+            IN=self.input_size, INP=self.inp, H=self.hidden_size, HP=self.hp, L=self.num_layers,
+            F=self.output_size, FP=self.fp, BLOCK_B=self.block_b,
+            DOT_BF16=self.state_dtype == torch.bfloat16, UPCAST=x.device.type != "cuda", PREC=self.dot_precision,
+            num_warps=self.num_warps,
+        )
+        return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gates(inp, h, wx_ptr, wh_ptr, b_ptr, K: tl.constexpr, HP: tl.constexpr, G: tl.constexpr,
+               UPCAST: tl.constexpr, PREC: tl.constexpr):
+        """Pre-activation of gate G: inp (B, K) @ wx[:, G] + h (B, HP) @ wh[:, G] + b[G], float32.
+        UPCAST: operands widened to float32 first (exact for bfloat16; the interpreter's bfloat16
+        dot is wrong)."""
+        n = tl.arange(0, HP)
+        k = tl.arange(0, K)
+        kh = tl.arange(0, HP)
+        wx = tl.load(wx_ptr + k[:, None] * (4 * HP) + G * HP + n[None, :])
+        wh = tl.load(wh_ptr + kh[:, None] * (4 * HP) + G * HP + n[None, :])
+        if UPCAST:
+            inp, h, wx, wh = inp.to(tl.float32), h.to(tl.float32), wx.to(tl.float32), wh.to(tl.float32)
+        acc = tl.dot(inp, wx, input_precision=PREC)
+        acc = tl.dot(h, wh, acc, input_precision=PREC)
+        return acc + tl.load(b_ptr + G * HP + n)[None, :]
+
+    @triton.jit
+    def _cell(inp, base, hmask, wx_ptr, wh_ptr, b_ptr, LAYER: tl.constexpr, K: tl.constexpr,
+              H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
+              PREC: tl.constexpr):
+        """One layer for a block of devices: loads h, c at ``base``, stores h', c'; returns h'."""
+        kh = tl.arange(0, HP)
+        h = tl.load(base + LAYER * H + kh[None, :], mask=hmask, other=0.0)
+        c = tl.load(base + (L + LAYER) * H + kh[None, :], mask=hmask, other=0.0).to(tl.float32)
+        if DOT_BF16:
+            h = h.to(tl.bfloat16)
+        else:
+            h = h.to(tl.float32)
+        # sigmoid(v) = 1 / (1 + exp(-v)), tanh(v) = 2 sigmoid(2 v) - 1, written out: tl.sigmoid
+        # is a library @jit function, which the interpreter cannot call unless it was on at import.
+        # Gate by gate, folded into c' at once: fewer (BLOCK_B, HP) tiles live at a time.
+        f = 1.0 / (1.0 + tl.exp(-_gates(inp, h, wx_ptr, wh_ptr, b_ptr, K, HP, 1, UPCAST, PREC)))
+        c_new = f * c
+        i = 1.0 / (1.0 + tl.exp(-_gates(inp, h, wx_ptr, wh_ptr, b_ptr, K, HP, 0, UPCAST, PREC)))
+        g = 2.0 / (1.0 + tl.exp(-2.0 * _gates(inp, h, wx_ptr, wh_ptr, b_ptr, K, HP, 2, UPCAST, PREC))) - 1.0
+        c_new += i * g
+        o = 1.0 / (1.0 + tl.exp(-_gates(inp, h, wx_ptr, wh_ptr, b_ptr, K, HP, 3, UPCAST, PREC)))
+        h_new = o * (2.0 / (1.0 + tl.exp(-2.0 * c_new)) - 1.0)
+        tl.store(base + LAYER * H + kh[None, :], h_new.to(base.dtype.element_ty), mask=hmask)
+        tl.store(base + (L + LAYER) * H + kh[None, :], c_new.to(base.dtype.element_ty), mask=hmask)
+        return h_new
+
+    @triton.jit
+    def _lstm_rows_kernel(
+        x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
+        n_rows, hc_stride,
+        IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
+        F: tl.constexpr, FP: tl.constexpr, BLOCK_B: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        r = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        live = r < n_rows
+        slot = tl.load(slot_ptr + r, mask=live, other=0)
+        base = hc_ptr + slot[:, None] * hc_stride
+        kh = tl.arange(0, HP)
+        hmask = live[:, None] & (kh[None, :] < H)
+        kin = tl.arange(0, INP)
+        inp = tl.load(x_ptr + r[:, None] * IN + kin[None, :], mask=live[:, None] & (kin[None, :] < IN), other=0.0)
+        if DOT_BF16:
+            inp = inp.to(tl.bfloat16)
+        h = _cell(inp, base, hmask, w_in0_ptr, w_h_ptr, b_ptr, 0, INP, H, HP, L, DOT_BF16, UPCAST, PREC)
+        for layer in tl.static_range(1, L):
+            if DOT_BF16:
+                h_in = h.to(tl.bfloat16)
+            else:
+                h_in = h
+            h = _cell(h_in, base, hmask, w_x_ptr + (layer - 1) * HP * 4 * HP, w_h_ptr + layer * HP * 4 * HP,
+                      b_ptr + layer * 4 * HP, layer, HP, H, HP, L, DOT_BF16, UPCAST, PREC)
+        if DOT_BF16:
+            h = h.to(tl.bfloat16)
+        kf = tl.arange(0, FP)
+        hw = tl.load(hw_ptr + kh[:, None] * FP + kf[None, :])
+        if UPCAST:
+            h, hw = h.to(tl.float32), hw.to(tl.float32)
+        out = tl.dot(h, hw, input_precision=PREC) + tl.load(hb_ptr + kf)[None, :]
+        tl.store(out_ptr + r[:, None] * F + kf[None, :], out, mask=live[:, None] & (kf[None, :] < F))

@@ -1,0 +1,438 @@
+"""The run loop's commit order, on the in-process broker (streamer.kafka.memory), no Kafka.
+
+At-least-once: produce, flush (acknowledged), commit, then checkpoint; nothing committed when
+the acknowledgement does not come or a delivery fails; no checkpoint when the commit is refused.
+Pipelined: a batch is produced and left in flight; the next run_once settles it (flush, commit,
+checkpoint) after polling and decoding the next batch, before stepping it, or at once when
+nothing new comes.
+Exactly-once: one transaction per batch (outputs, then offsets, then commit), then checkpoint; an
+aborted transaction or a partition revoked mid-batch makes nothing visible and the batch is
+processed again from the partition's recovered position, published once. Each of these is also
+proven on the real broker, on both clients (tests/integration: test_pipeline_kafka,
+test_recovery_kafka, test_chaos_kafka, test_faults_kafka).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamer.checkpoint import Checkpoint, DirectoryCheckpointStore
+from streamer.engine import Engine
+from streamer.errors import PipelineError
+from streamer.kafka.abstract import GroupMovedOn, KafkaClientError, TopicPartition
+from streamer.kafka.memory import MemoryBroker, MemoryConsumer, MemoryProducer
+from streamer.metrics import Metrics
+from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
+from streamer.pipeline import Pipeline
+from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
+from streamer.settings import load_settings
+
+P0, P1 = TopicPartition("in", 0), TopicPartition("in", 1)
+DEVICES = [f"dev-{i}" for i in range(8)]
+
+
+class JournaledStore(DirectoryCheckpointStore):
+    """The real checkpoint store, its writes noted in the broker's journal."""
+
+    def __init__(self, broker: MemoryBroker, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.broker = broker
+
+    def save(self, checkpoint: Checkpoint):
+        self.broker.journal.append(("checkpoint", checkpoint.partition, checkpoint.offset))
+        return super().save(checkpoint)
+
+
+class Rig:
+    """A pipeline over the in-process broker; ``restart`` builds a new process on the same broker
+    and checkpoint directory."""
+
+    def __init__(self, tmp_path, exactly_once: bool = False, checkpoint_readings: int = 1, capacity: int = 100,
+                 metrics: Metrics | None = None) -> None:
+        config = ModelConfig(2, 8, 1, 2)
+        self.model_path = tmp_path / "m.pt"
+        save_model_file(self.model_path, init_random_model(config, seed=3), config, "v1")
+        self.settings = load_settings({
+            "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq", "group_id": "g",
+                      "exactly_once": exactly_once},
+            "model": {"path": self.model_path, "device": "cpu"},
+            "checkpoint": {"directory": tmp_path / "cp", "interval_readings": checkpoint_readings},
+            "batch": {"max_records": 1000, "max_wait_ms": 0},
+            "metrics": {"enabled": False},
+            "run": {"status_interval_s": 0},
+        })
+        self.broker = MemoryBroker()
+        self.broker.create_topic("in", 2)
+        self.tmp_path = tmp_path
+        self.capacity = capacity
+        self.metrics = metrics
+        self.producers: list[MemoryProducer] = []
+        self.restart()
+
+    def restart(self) -> None:
+        self.consumer = MemoryConsumer(self.broker, "g")
+        store = JournaledStore(self.broker, self.tmp_path / "cp", "g")
+        engine = Engine.build(load_model_file(self.model_path), capacity=self.capacity, device="cpu")
+        step = engine.step
+
+        def journaled_step(*args, **kwargs):
+            self.broker.journal.append(("step",))
+            return step(*args, **kwargs)
+
+        engine.step = journaled_step  # type: ignore[method-assign]
+        self.pipeline = Pipeline(self.settings, engine, self.consumer, self.new_producer(), metrics=self.metrics,
+                                 store=store, producer_factory=self.new_producer)
+        self.pipeline.subscribe()
+        self.pipeline.run_once()  # assigned and paused
+        self.pipeline.run_once()  # recovered: seek, resume
+        assert self.pipeline.partitions.owned.keys() == {P0, P1}
+
+    def new_producer(self) -> MemoryProducer:
+        producer = MemoryProducer(self.broker, f"producer-{len(self.producers)}")
+        self.producers.append(producer)
+        return producer
+
+    def write(self, per_device: int, start_ts: int = 0, bad: int = 0) -> None:
+        for t in range(per_device):
+            for device in DEVICES:
+                value = json.dumps({"device_id": device, "ts": 1_700_000_000 + start_ts + t, "values": [1.0, float(t)]})
+                self.broker.append("in", device.encode(), value.encode())
+        for i in range(bad):
+            self.broker.append("in", b"dev-0", b"{not json")
+
+    def write_arrow(self, gateway: bytes, devices: list[str], ts: int = 0) -> None:
+        """One batch message: a reading of each device."""
+        values = np.tile(np.array([[1.0, 2.0]], dtype=np.float32), (len(devices), 1))
+        body = encode_arrow_readings(devices, np.full(len(devices), 1_700_000_000.0 + ts), values)
+        self.broker.append("in", gateway, body, [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)])
+
+    def mark(self) -> int:
+        return len(self.broker.journal)
+
+    def since(self, mark: int, steps: bool = False) -> list[str]:
+        """The kinds of journal entries since ``mark``, consecutive repeats folded; engine steps
+        only when ``steps``."""
+        kinds: list[str] = []
+        for entry in self.broker.journal[mark:]:
+            if entry[0] == "step" and not steps:
+                continue
+            if not kinds or kinds[-1] != entry[0]:
+                kinds.append(entry[0])
+        return kinds
+
+    def ends(self) -> dict[TopicPartition, int]:
+        return {tp: len(self.broker.topics["in"][tp.partition]) for tp in (P0, P1)}
+
+    def outputs(self) -> Counter:
+        """(device, ts) -> times published."""
+        return Counter((json.loads(m.value)["device_id"], json.loads(m.value)["ts"]) for m in self.broker.messages("out"))
+
+
+def committed(rig: Rig) -> dict[TopicPartition, int | None]:
+    return rig.consumer.committed([P0, P1], 0)
+
+
+def test_at_least_once_produces_flushes_commits_then_checkpoints(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write(per_device=3, bad=1)
+    mark = rig.mark()
+    assert rig.pipeline.run_once() == 25
+    assert rig.since(mark) == []  # produced, in flight
+    assert rig.pipeline.run_once() == 0  # nothing new: settled at once
+    assert rig.since(mark) == ["flush", "commit", "checkpoint"]
+    assert committed(rig) == rig.ends()
+    checkpoints = [e[1:] for e in rig.broker.journal[mark:] if e[0] == "checkpoint"]
+    assert sorted(checkpoints) == sorted((tp.partition, end) for tp, end in rig.ends().items())
+    assert sum(rig.outputs().values()) == 24 and len(rig.broker.messages("dlq")) == 1
+
+
+def test_no_acknowledgement_no_commit_and_the_batch_comes_again(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write(per_device=2)
+    stop = threading.Event()
+    rig.pipeline._stop = stop
+    records = rig.pipeline._poll_batch(stop)
+    rig.broker.away, _ = True, stop.set()  # the broker goes while the batch is stepped; then we stop
+    mark = rig.mark()
+    rig.pipeline._process(records)
+    assert rig.pipeline._settle() is False
+    assert rig.since(mark) == []  # no acknowledgement: no commit, no checkpoint
+    rig.broker.away = False
+    assert committed(rig) == {P0: None, P1: None}
+    rig.restart()  # a new process re-reads from the last commit
+    rig.pipeline.run_once()
+    assert set(rig.outputs()) == {(d, 1_700_000_000 + t) for d in DEVICES for t in range(2)}
+
+
+def test_a_failed_delivery_stops_the_batch_before_its_commit(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.broker.rejected_topics.add("out")
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    with pytest.raises(PipelineError, match="8 of 8 sends of this batch failed"):
+        rig.pipeline.run_once()
+    assert "commit" not in rig.since(mark) and "checkpoint" not in rig.since(mark)
+    assert committed(rig) == {P0: None, P1: None}
+
+
+def test_a_refused_commit_skips_the_checkpoint(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.broker.fail("commit", GroupMovedOn("the group is rebalancing"))
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert rig.since(mark) == ["flush"]  # published (at-least-once), neither committed nor checkpointed
+    assert sum(rig.outputs().values()) == 8
+
+
+def test_a_commit_retried_while_the_broker_is_away(tmp_path, monkeypatch):
+    monkeypatch.setattr("streamer.pipeline.COMMIT_RETRY_INTERVAL_S", 0.01)
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.broker.fail("commit", KafkaClientError("coordinator not available", retriable=True), times=2)
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert rig.since(mark) == ["flush", "commit", "checkpoint"]
+    assert committed(rig) == rig.ends()
+
+
+def test_revoked_mid_batch_at_least_once_its_offsets_are_refused(tmp_path):
+    rig = Rig(tmp_path)
+    rig.write(per_device=2)
+    flush = rig.pipeline.producer.flush
+
+    def revoke_then_flush(timeout_s: float) -> bool:
+        rig.consumer.rebalance_now(revoked=[P0])  # on the client's own thread, as kafka-python does
+        return flush(timeout_s)
+
+    rig.pipeline.producer.flush = revoke_then_flush  # type: ignore[method-assign]
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    kinds = rig.since(mark)
+    assert kinds[:2] == ["revoked", "checkpoint"]  # the revoked partition's state saved on the way out
+    assert "commit" not in kinds  # the group refused the batch: its new owner re-reads it
+    assert committed(rig) == {P0: None, P1: None}
+    assert rig.pipeline.partitions.owned.keys() == {P1}
+
+
+def test_exactly_once_one_transaction_then_checkpoint(tmp_path):
+    rig = Rig(tmp_path, exactly_once=True)
+    rig.write(per_device=3, bad=1)
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    # commit_transaction flushes the outputs first (the broker acknowledges them), as the clients do
+    assert rig.since(mark) == ["begin_transaction", "send_offsets_to_transaction", "flush", "commit_transaction",
+                               "checkpoint"]
+    assert committed(rig) == rig.ends()
+    assert sum(rig.outputs().values()) == 24 and len(rig.broker.messages("dlq")) == 1
+
+
+def test_exactly_once_abort_replaces_the_producer_and_publishes_once(tmp_path):
+    rig = Rig(tmp_path, exactly_once=True)
+    rig.write(per_device=2)
+    rig.broker.fail("commit_transaction", KafkaClientError("transaction coordinator fenced"))
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    assert rig.since(mark) == ["begin_transaction", "send_offsets_to_transaction", "abort_transaction", "close producer"]
+    assert rig.broker.messages("out") == [] and committed(rig) == {P0: None, P1: None}
+    assert rig.pipeline.producer is rig.producers[-1] and len(rig.producers) == 2
+    assert rig.pipeline.summary.aborted_batches == 1
+    rig.pipeline.run_once()  # the partitions are recovered from where the group had them
+    rig.pipeline.run_once()  # and the batch is processed again
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
+    assert committed(rig) == rig.ends()
+
+
+@pytest.mark.parametrize("when", ["before the transaction", "inside the transaction"])
+def test_exactly_once_revoked_mid_batch_nothing_becomes_visible(tmp_path, when):
+    """Before: the loop sees the partition gone and drops the batch. Inside: the broker refuses
+    the transaction's offsets (the group moved on since the batch's group metadata) and it aborts."""
+    rig = Rig(tmp_path, exactly_once=True)
+    rig.write(per_device=2)
+    target = rig.consumer if when == "before the transaction" else rig.pipeline.producer
+    name = "group_metadata" if when == "before the transaction" else "begin_transaction"
+    call = getattr(target, name)
+
+    def revoke_then_call():
+        rig.consumer.rebalance_now(revoked=[P0])  # on the client's own thread, as kafka-python does
+        setattr(target, name, call)
+        return call()
+
+    setattr(target, name, revoke_then_call)
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    kinds = rig.since(mark)
+    assert kinds[0] == "revoked"
+    if when == "before the transaction":
+        assert "begin_transaction" not in kinds
+    else:
+        assert "abort_transaction" in kinds and "commit_transaction" not in kinds
+    assert rig.broker.messages("out") == [] and rig.pipeline.summary.aborted_batches == 1
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()  # P1 recovered and processed again; P0 is someone else's now
+    p1_devices = {m.key.decode() for m in rig.broker.topics["in"][1]}
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in p1_devices for t in range(2)})
+    assert committed(rig) == {P0: None, P1: rig.ends()[P1]}
+
+
+def test_a_restart_replays_from_the_checkpoint_without_republishing(tmp_path):
+    rig = Rig(tmp_path, checkpoint_readings=10_000)  # only the fresh partitions' checkpoints at 0
+    rig.write(per_device=3)
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert committed(rig) == rig.ends()
+    rig.restart()
+    rig.write(per_device=1, start_ts=3)
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert rig.pipeline.summary.replayed == 24  # applied again to rebuild the state, not published
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(4)})
+
+
+def test_exactly_once_a_stuck_transaction_call_replaces_the_producer(tmp_path):
+    """A transaction call that does not return (librdkafka's send_offsets_to_transaction can block
+    past its timeout while the group coordinator is away) is abandoned after the producer's bound."""
+    rig = Rig(tmp_path, exactly_once=True)
+    rig.write(per_device=1)
+    stuck = rig.pipeline.producer
+    release = threading.Event()
+    stuck.transaction_stuck_after_s = 0.05
+    stuck.commit_transaction = lambda: release.wait(5)  # type: ignore[method-assign]
+    rig.pipeline.run_once()
+    release.set()
+    assert rig.pipeline.producer is not stuck and stuck.closed
+    assert rig.broker.messages("out") == [] and rig.pipeline.summary.aborted_batches == 1
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert rig.outputs() == Counter({(d, 1_700_000_000): 1 for d in DEVICES})
+
+
+def test_pipelined_the_batch_before_commits_before_the_next_is_stepped(tmp_path):
+    """Acknowledgements that come late: the next batch is polled and decoded meanwhile, then the
+    loop waits for them, commits, and only then steps the next batch; commits in batch order."""
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.pipeline.run_once()
+    first = rig.ends()
+    flush = rig.pipeline.producer.flush
+    rig.pipeline.producer.flush = lambda timeout_s: timeout_s > 0 and flush(timeout_s)  # type: ignore[method-assign]
+    rig.write(per_device=1, start_ts=1)
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    assert rig.since(mark, steps=True) == ["flush", "commit", "checkpoint", "step"]  # batch 1 settled, then batch 2 stepped
+    assert [e[1] for e in rig.broker.journal[mark:] if e[0] == "commit"] == [first]
+    rig.pipeline.run_once()  # nothing new: batch 2 settled at once
+    assert committed(rig) == rig.ends()
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
+
+
+def test_pipelined_a_failed_delivery_of_the_batch_before_commits_nothing_after_it(tmp_path):
+    """Batch 1's delivery fails, found when batch 2 is in hand: neither commits, batch 2 is not
+    stepped, the loop stops with the error; a restart re-reads both and publishes them."""
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.broker.rejected_topics.add("out")
+    rig.pipeline.run_once()
+    rig.write(per_device=1, start_ts=1)
+    mark = rig.mark()
+    with pytest.raises(PipelineError, match="8 of 8 sends of this batch failed"):
+        rig.pipeline.run_once()
+    assert "step" not in rig.since(mark, steps=True) and "commit" not in rig.since(mark)
+    assert committed(rig) == {P0: None, P1: None}
+    rig.broker.rejected_topics.clear()
+    rig.restart()
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert committed(rig) == rig.ends()
+    assert set(rig.outputs()) == {(d, 1_700_000_000 + t) for d in DEVICES for t in range(2)}
+
+
+def test_revocation_settles_the_batch_in_flight_first(tmp_path):
+    """A partition revoked inside the poll (the loop's own thread) while a batch is in flight:
+    that batch is committed first, so the revoked partition's checkpoint is at a committed offset."""
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.pipeline.run_once()
+    rig.consumer.rebalance(revoked=[P0])
+    mark = rig.mark()
+    rig.pipeline.run_once()
+    # The journal notes the revocation as it starts; inside its hook the batch is settled.
+    assert rig.since(mark) == ["revoked", "flush", "commit", "checkpoint"]
+    assert committed(rig) == rig.ends()
+    assert ("checkpoint", 0, rig.ends()[P0]) in rig.broker.journal
+
+
+def test_a_batch_message_with_more_devices_than_the_table_is_stepped_in_chunks(tmp_path):
+    """batch.max_records counts messages: one poll may carry more distinct devices than the state
+    table holds. The batch is stepped in chunks of at most the capacity, committed once."""
+    rig = Rig(tmp_path, capacity=5)
+    devices = [f"gw-dev-{i}" for i in range(12)]
+    rig.write_arrow(b"gw-0", devices[:7])
+    rig.write_arrow(b"gw-0", devices[7:] + devices[:2], ts=1)
+    mark = rig.mark()
+    assert rig.pipeline.run_once() == 2
+    rig.pipeline.run_once()
+    assert rig.since(mark, steps=True) == ["step", "flush", "commit", "checkpoint"]
+    assert sum(1 for e in rig.broker.journal[mark:] if e[0] == "step") == 3  # 14 readings of 12 devices, 5 at a time
+    assert sum(1 for e in rig.broker.journal[mark:] if e[0] == "commit") == 1
+    assert rig.pipeline.summary.readings == 14 and len(rig.broker.messages("out")) == 14
+    assert [json.loads(m.value)["device_id"] for m in rig.broker.messages("out")] == devices[:7] + devices[7:] + devices[:2]
+    tp = TopicPartition("in", rig.broker.messages("in")[0].partition)
+    assert committed(rig)[tp] == 2
+
+
+def test_checkpoint_spacing_counts_readings_not_messages(tmp_path):
+    """checkpoint.interval_readings: a batch message of 8 rows counts 8."""
+    rig = Rig(tmp_path, checkpoint_readings=8)
+    rig.write_arrow(b"gw-0", DEVICES[:7])  # 7 readings: not due
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    tp = TopicPartition("in", rig.broker.messages("in")[0].partition)
+    assert rig.pipeline.partitions.owned[tp].checkpoint_offset == 0
+    rig.write_arrow(b"gw-0", DEVICES[:1], ts=1)  # the 8th reading
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert rig.pipeline.partitions.owned[tp].checkpoint_offset == 2
+
+
+def test_the_replayed_metric_counts_readings_as_the_summary_does(tmp_path):
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, checkpoint_readings=10_000, metrics=Metrics(registry))
+    rig.write_arrow(b"gw-0", DEVICES)
+    rig.write_arrow(b"gw-0", DEVICES, ts=1)
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    rig.restart()  # replays both messages from the fresh checkpoint at 0, publishing nothing
+    rig.write_arrow(b"gw-0", DEVICES, ts=2)
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert rig.pipeline.summary.replayed == 16
+    assert registry.get_sample_value("streamer_replayed_messages_total") == 16
+    assert len(rig.broker.messages("out")) == 24
+
+
+def test_the_lag_series_of_a_revoked_partition_is_removed(tmp_path):
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, metrics=Metrics(registry))
+    rig.write(per_device=2)
+    rig.pipeline.run_once()
+    rig.pipeline._last_lag = 0.0
+    rig.pipeline._maybe_lag()
+    lag = {p: registry.get_sample_value("streamer_consumer_lag", {"topic": "in", "partition": p}) for p in "01"}
+    assert lag == {"0": 0, "1": 0}
+    rig.consumer.rebalance(revoked=[P0])
+    rig.pipeline.run_once()
+    rig.pipeline._last_lag = 0.0
+    rig.pipeline._maybe_lag()
+    assert registry.get_sample_value("streamer_consumer_lag", {"topic": "in", "partition": "0"}) is None
+    assert registry.get_sample_value("streamer_consumer_lag", {"topic": "in", "partition": "1"}) == 0

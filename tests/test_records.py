@@ -1,0 +1,488 @@
+"""The codecs: the msgspec decoder gives every JSON message the pydantic decoder's verdict (reason
+and detail, or the same reading bit for bit); Arrow batch messages; predictions that read back exactly.
+
+``PydanticDecoder`` is the decoder as it was before msgspec, kept as the reference (bench/codecs.py
+times it as the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from typing import Annotated
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from streamer.engine import PredictionBatch
+from streamer.records import (
+    ARROW_CONTENT_TYPE,
+    FLOAT32_MAX,
+    MAX_DEVICE_ID_LENGTH,
+    DeadLetterReason,
+    Reading,
+    ReadingDecoder,
+    SourcePosition,
+    encode_predictions,
+)
+from tests.test_records_fuzz import (
+    Message,
+    Payload,
+    any_json,
+    arbitrary_bytes,
+    bad_payloads,
+    clean_text,
+    dump,
+    near_valid,
+    reading_shaped,
+)
+
+R = DeadLetterReason
+ARROW = [("content-type", ARROW_CONTENT_TYPE)]
+
+
+# --- the reference: the pydantic decoder as it was --------------------------------------------
+
+FiniteFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+
+
+class PydanticReading(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    device_id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_DEVICE_ID_LENGTH)]
+    ts: float
+    values: Annotated[list[FiniteFloat], Field(min_length=1)]
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _epoch_seconds(cls, raw: object) -> float:
+        if isinstance(raw, bool):
+            raise ValueError("ts must be epoch seconds or an ISO-8601 string, not a boolean")
+        if isinstance(raw, int | float):
+            try:
+                value = float(raw)
+            except OverflowError:
+                value = math.inf
+        elif isinstance(raw, str):
+            try:
+                parsed = datetime.fromisoformat(raw)
+            except ValueError:
+                raise ValueError(f"ts {raw[:64]!r} is not ISO-8601") from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            value = parsed.timestamp()
+        else:
+            raise ValueError(f"ts must be epoch seconds or an ISO-8601 string, got {type(raw).__name__}")
+        if not math.isfinite(value):
+            raise PydanticCustomError("finite_number", "ts must be finite")
+        return value
+
+
+class PydanticDecoder:
+    """decode_one of the pydantic decoder, verbatim: a reading or (reason, detail)."""
+
+    def __init__(self, input_size: int) -> None:
+        self.input_size = input_size
+
+    def decode_one(self, key: bytes | None, value: bytes | None) -> PydanticReading | tuple[DeadLetterReason, str]:
+        if value is None:
+            return R.NOT_JSON, "empty message (null value)"
+        try:
+            reading = PydanticReading.model_validate_json(value)
+        except ValidationError as exc:
+            return _classify(exc)
+        beyond = next((i for i, v in enumerate(reading.values) if abs(v) > FLOAT32_MAX), None)
+        if beyond is not None:
+            return R.NON_FINITE, f"values.{beyond}: {reading.values[beyond]!r} is beyond float32, the model's dtype"
+        if len(reading.values) != self.input_size:
+            return R.WRONG_VALUE_COUNT, f"{len(reading.values)} values, the model takes {self.input_size}"
+        if key is None:
+            return R.KEY_MISMATCH, "message has no key; the key must be the device id"
+        if key != reading.device_id.encode("utf-8"):
+            return R.KEY_MISMATCH, f"key {key[:64]!r} != device_id {reading.device_id[:64]!r}"
+        return reading
+
+
+def _classify(exc: ValidationError) -> tuple[DeadLetterReason, str]:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"]) or "message"
+    detail = f"{where}: {first['msg']}"
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more)"
+    kinds = {e["type"] for e in errors}
+    if kinds & {"json_invalid", "json_type"}:
+        return R.NOT_JSON, detail
+    if "finite_number" in kinds:
+        return R.NON_FINITE, detail
+    return R.INVALID_SCHEMA, detail
+
+
+def verdicts(key: bytes | None, value: bytes | None, input_size: int) -> tuple[object, object]:
+    """(new, old) verdicts as comparable values: (reason, detail), or the reading's fields with
+    ts and values as bytes (bit for bit)."""
+
+    def plain(result: object) -> object:
+        if isinstance(result, tuple):
+            return result
+        assert isinstance(result, Reading | PydanticReading)
+        values = np.asarray(result.values, dtype=np.float64).tobytes()
+        return result.device_id, np.float64(result.ts).tobytes(), values
+
+    return plain(ReadingDecoder(input_size).decode_one(key, value)), plain(PydanticDecoder(input_size).decode_one(key, value))
+
+
+# --- JSON: the same verdict as the pydantic decoder --------------------------------------------
+
+HAND_MADE = [
+    None, b"", b"{", b"[]", b"1", b'"x"', b"null", b"{}", b"\xef\xbb\xbf{}", b'{"a":"\xff"}',
+    b'{"device_id":"a","ts":1,"values":[1,2]}',
+    b' \t\r\n{"device_id":"a","ts":1,"values":[1,2]}\n ',
+    b'{"device_id":"a","ts":1,"values":[1,2]}x',
+    b'{"device_id":1,"ts":true,"values":[true,"1"]}',
+    b'{"device_id":"","ts":"x","values":[]}',
+    b'{"device_id":"' + b"a" * 300 + b'","ts":null,"values":{}}',
+    b'{"device_id":"a","ts":NaN,"values":[NaN, 1e400]}',
+    b'{"device_id":"a","ts":Infinity,"values":[1, -Infinity]}',
+    b'{"device_id":"a","ts":1e400,"values":[1' + b"0" * 400 + b", 2]}",
+    b'{"device_id":"a","ts":1' + b"0" * 400 + b',"values":[1,2]}',
+    b'{"device_id":"a","ts":[],"values":[null,{}]}',
+    b'{"device_id":"a","ts":"2020-01-01","values":[1,2,3]}',
+    b'{"device_id":"a","ts":"2020-01-01T10:00:00+05:30","values":[1,2]}',
+    b'{"device_id":"a","ts":"2020-01-01T10:00:00Z","values":[1,2]}',
+    b'{"device_id":"a","ts":"1e5","values":[1,2]}',
+    b'{"device_id":"a","ts":1,"values":[1e39,2,3]}',
+    b'{"device_id":"a","ts":-1e308,"values":[-3.4028235e38, 3.4028236e38]}',
+    b'{"device_id":"a","ts":1,"values":[3.4028234663852886e38, -3.4028234663852886e38]}',
+    b'{"device_id":"a","ts":1,"values":[1e-400, -4.9e-325]}',
+    b'{"device_id":"a","ts":1,"values":[%d, %d]}' % (2**64 + 1, 2**80 + 2**27 + 1),
+    b'{"device_id":"a","ts":1,"values":[%d, 1]}' % (2**1024 - 2**970),
+    b'{"device_id":"a","ts":%d,"values":[1, 2]}' % (2**1024 - 2**971),
+    b'{"device_id":"a","ts":%d,"values":[1, 2]}' % (2**63 + 2**10 + 1),
+    b'{"device_id":"a","device_id":1,"ts":1,"values":[1,2]}',
+    b'{"device_id":1,"device_id":"a","ts":1,"values":[1,2]}',
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":"\xff"}',
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":"\xed\xa0\x80"}',
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":"\\ud800"}',
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":"\x01"}',
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":1' + b"0" * 5000 + b"}",
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":' + b"[" * 199 + b"]" * 199 + b"}",
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":' + b"[" * 200 + b"]" * 200 + b"}",
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":' + b"[" * 201 + b"]" * 201 + b"}",
+    b'{"device_id":"a","ts":1,"values":[1,2],"x":' + b"[" * 100000 + b"]" * 100000 + b"}",
+    b'{"device_id":"a","ts":1,"values":[1,2],"pad":"' + b"p" * 5000 + b'"}',
+    b'{"device_id":"\xc3\xa9","ts":1,"values":[1,2]}',
+    b'{"device_id":"a","ts":"\x00","values":[1,2]}',
+]
+
+
+@pytest.mark.parametrize("value", HAND_MADE, ids=range(len(HAND_MADE)))
+@pytest.mark.parametrize("key", [b"a", "é".encode(), None])
+def test_hand_made_messages_get_the_pydantic_verdict(value: bytes | None, key: bytes | None) -> None:
+    new, old = verdicts(key, value, 2)
+    assert new == old
+
+
+def test_hand_made_messages_cover_every_outcome() -> None:
+    """The list above is worth comparing: it holds good readings and every reason."""
+    outcomes = set()
+    for value in HAND_MADE:
+        result = ReadingDecoder(2).decode_one(b"a", value)
+        outcomes.add("good" if isinstance(result, Reading) else result[0])
+    assert outcomes == {"good", R.NOT_JSON, R.INVALID_SCHEMA, R.NON_FINITE, R.WRONG_VALUE_COUNT, R.KEY_MISMATCH}
+
+
+COMPARE = settings(deadline=None, database=None, max_examples=1500, suppress_health_check=list(HealthCheck))
+
+big_numbers = st.one_of(
+    st.integers(-(2**1030), 2**1030),
+    st.builds(lambda sign, k: sign * 10**k, st.sampled_from([1, -1]), st.integers(0, 400)),
+    st.floats(),
+)
+
+
+@st.composite
+def odd_readings(draw, input_size: int) -> Payload:
+    """Readings with big or odd numbers, duplicate fields, deep or long extras, as raw text."""
+    device_id = draw(st.sampled_from(["a", "é", "dev-1"]))
+    ts = draw(st.one_of(big_numbers, st.sampled_from(['"2020-01-01"', '"x"', "true", "null"])))
+    values = draw(st.lists(big_numbers, min_size=0, max_size=input_size + 1))
+    fields = [f'"device_id":{json.dumps(device_id)}', f'"ts":{json.dumps(ts) if not isinstance(ts, str) else ts}',
+              f'"values":{json.dumps(values)}']
+    extra = draw(st.sampled_from([
+        "", ',"device_id":1', ',"ts":"2021-01-01"', ',"values":[1]', ',"x":' + "[" * 200 + "]" * 200,
+        ',"x":' + "[" * 202 + "]" * 202, ',"x":"' + "y" * 4100 + '"', ',"x":NaN',
+    ]))
+    text = "{" + ",".join(draw(st.permutations(fields))) + extra + "}"
+    return Payload(device_id.encode(), text.encode(), None, "odd")
+
+
+def any_payloads(input_size: int) -> st.SearchStrategy[Payload]:
+    return st.one_of(
+        near_valid(input_size), bad_payloads(input_size), reading_shaped(input_size), odd_readings(input_size),
+        arbitrary_bytes, st.builds(lambda v: Payload(None, dump(v, "compact")), any_json),
+    )
+
+
+@COMPARE
+@given(st.data())
+def test_generated_messages_get_the_pydantic_verdict(data: st.DataObject) -> None:
+    input_size = data.draw(st.integers(1, 4))
+    payload = data.draw(any_payloads(input_size))
+    new, old = verdicts(payload.key, payload.value, input_size)
+    assert new == old, payload
+
+
+@settings(deadline=None, database=None, max_examples=300)
+@given(st.lists(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**70), 2**70)), min_size=1, max_size=3),
+       st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**70), 2**70)))
+def test_numbers_read_as_python_reads_them(values: list, ts: float) -> None:
+    body = json.dumps({"device_id": "d", "ts": ts, "values": values}).encode()
+    result = ReadingDecoder(len(values)).decode_one(b"d", body)
+    if any(abs(float(v)) > FLOAT32_MAX for v in values):
+        assert result[0] is R.NON_FINITE
+        return
+    assert isinstance(result, Reading)
+    assert np.float64(result.ts).tobytes() == np.float64(float(ts)).tobytes()
+    assert np.asarray(result.values).tobytes() == np.asarray([float(v) for v in values]).tobytes()
+
+
+def test_decode_keeps_offset_order_and_positions() -> None:
+    messages = [
+        Message("in", 0, 5, b"a", b'{"device_id":"a","ts":1,"values":[1.5]}', []),
+        Message("in", 1, 9, b"b", b'{"device_id":"b","ts":2,"values":[true]}', [("h", None)]),
+        Message("in", 1, 10, b"b", b'{"device_id":"b","ts":"1970-01-01T00:00:03","values":[2.5]}', []),
+    ]
+    decoded = ReadingDecoder(1).decode(messages)
+    assert decoded.readings.device_ids == ["a", "b"]
+    assert decoded.readings.ts.tolist() == [1.0, 3.0] and decoded.readings.values.tolist() == [[1.5], [2.5]]
+    assert decoded.positions == [SourcePosition("in", 0, 5), SourcePosition("in", 1, 10)]
+    assert decoded.readings.partitions.tolist() == [0, 1]
+    [letter] = decoded.dead_letters
+    assert letter.reason is R.INVALID_SCHEMA and letter.source == SourcePosition("in", 1, 9)
+    assert letter.headers == [("h", b"")]
+
+
+def test_an_empty_batch_decodes_to_no_readings() -> None:
+    decoded = ReadingDecoder(3).decode([])
+    assert len(decoded.readings) == 0 and decoded.readings.values.shape == (0, 3) and not decoded.dead_letters
+
+
+# --- Arrow batch messages -----------------------------------------------------------------------
+
+
+def arrow_message(columns: dict[str, pa.Array], batches: int = 1, compression: str | None = None) -> bytes:
+    table = pa.table(columns)
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        rows = table.num_rows
+        for i in range(batches):
+            writer.write_table(table.slice(i * rows // batches, (i + 1) * rows // batches - i * rows // batches))
+    return sink.getvalue().to_pybytes()
+
+
+def good_columns(n: int = 4, size: int = 2) -> dict[str, pa.Array]:
+    values = np.arange(n * size, dtype=np.float32).reshape(n, size) / 3
+    return {
+        "device_id": pa.array([f"dev-{i % 3}" for i in range(n)]),
+        "ts": pa.array(1.7e9 + np.arange(n, dtype=np.float64) / 7),
+        "values": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), size),
+    }
+
+
+@pytest.mark.parametrize("batches, compression", [(1, None), (3, None), (2, "zstd"), (1, "lz4")])
+def test_a_batch_message_gives_its_rows_in_order(batches: int, compression: str | None) -> None:
+    columns = {**good_columns(6), "gateway_note": pa.array(["x"] * 6)}  # extra columns are ignored
+    value = arrow_message(columns, batches, compression)
+    before = Message("in", 2, 40, b"dev-9", b'{"device_id":"dev-9","ts":5,"values":[1,2]}', [])
+    batch = Message("in", 2, 41, b"gateway-1", value, [("trace", b"t"), *ARROW])
+    after = Message("in", 2, 42, b"dev-8", b'{"device_id":"dev-8","ts":6,"values":[3,4]}', [])
+    decoded = ReadingDecoder(2).decode([before, batch, after])
+    readings = decoded.readings
+    assert not decoded.dead_letters
+    assert readings.device_ids == ["dev-9", *columns["device_id"].to_pylist(), "dev-8"]
+    assert readings.ts.tobytes() == np.concatenate([[5.0], columns["ts"].to_numpy(), [6.0]]).tobytes()
+    expected = np.concatenate([[[1, 2]], columns["values"].flatten().to_numpy().reshape(6, 2), [[3, 4]]])
+    assert readings.values.dtype == np.float32 and readings.values.tobytes() == expected.astype(np.float32).tobytes()
+    assert [p.offset for p in decoded.positions] == [40, *[41] * 6, 42]
+    assert readings.partitions.tolist() == [2] * 8
+
+
+@pytest.mark.parametrize("unit, factor", [("s", 1), ("ms", 10**3), ("us", 10**6), ("ns", 10**9)])
+@pytest.mark.parametrize("tz", [None, "UTC", "+05:30"])
+def test_batch_timestamps_are_epoch_seconds(unit: str, factor: int, tz: str | None) -> None:
+    columns = good_columns(3)
+    ticks = np.array([0, 1_700_000_000 * factor, -5 * factor], dtype=np.int64)
+    columns["ts"] = pa.array(ticks, pa.timestamp(unit, tz=tz))
+    rows = ReadingDecoder(2).decode_arrow(b"gw", arrow_message(columns))
+    assert rows.ts.tolist() == [0.0, 1.7e9, -5.0]
+
+
+def test_an_empty_batch_message_has_no_readings_and_no_dead_letter() -> None:
+    columns = {k: v.slice(0, 0) for k, v in good_columns().items()}
+    decoded = ReadingDecoder(2).decode([Message("in", 0, 1, b"gw", arrow_message(columns), ARROW)])
+    assert len(decoded.readings) == 0 and decoded.readings.values.shape == (0, 2) and not decoded.dead_letters
+
+
+def bad_utf8_ids() -> pa.Array:
+    data = pa.py_buffer(b"okbad\xff")
+    offsets = pa.py_buffer(np.array([0, 2, 6, 6, 6], dtype=np.int32).tobytes())
+    return pa.Array.from_buffers(pa.string(), 4, [None, offsets, data])
+
+
+def with_column(name: str, array: pa.Array) -> dict[str, pa.Array]:
+    return {**good_columns(4), name: array}
+
+
+def drop_column(name: str) -> dict[str, pa.Array]:
+    return {k: v for k, v in good_columns(4).items() if k != name}
+
+
+def fixed(values: list, size: int = 2, type_: pa.DataType = pa.float32()) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values, type_), size)
+
+
+FOUR_ROWS = [0.0] * 8
+BAD_BATCHES = {
+    "missing device_id": (drop_column("device_id"), R.INVALID_SCHEMA, "column 'device_id' missing"),
+    "missing values": (drop_column("values"), R.INVALID_SCHEMA, "column 'values' missing"),
+    "device_id not string": (with_column("device_id", pa.array([1, 2, 3, 4])), R.INVALID_SCHEMA, "device_id: int64"),
+    "ts int": (with_column("ts", pa.array([1, 2, 3, 4])), R.INVALID_SCHEMA, "ts: int64"),
+    "values float64": (with_column("values", fixed(FOUR_ROWS, 2, pa.float64())), R.INVALID_SCHEMA, "values: fixed_size_list"),
+    "values variable list": (with_column("values", pa.array([[0.0, 1.0]] * 4, pa.list_(pa.float32()))), R.INVALID_SCHEMA, "values: list"),
+    "values wrong size": (with_column("values", fixed([0.0] * 12, 3)), R.WRONG_VALUE_COUNT, "values: 3 values, the model takes 2"),
+    "null device_id": (with_column("device_id", pa.array(["a", None, "b", None])), R.INVALID_SCHEMA, "device_id: row 1 null (and 1 more rows)"),
+    "null ts": (with_column("ts", pa.array([1.0, 2.0, None, 4.0])), R.INVALID_SCHEMA, "ts: row 2 null"),
+    "null row of values": (with_column("values", pa.FixedSizeListArray.from_arrays(pa.array(FOUR_ROWS, pa.float32()), 2, mask=pa.array([False, False, False, True]))), R.INVALID_SCHEMA, "values: row 3 null"),
+    "null value": (with_column("values", fixed([0.0, 1.0, 2.0, None, 4.0, 5.0, None, 7.0])), R.INVALID_SCHEMA, "values: row 1 null (and 1 more rows)"),
+    "empty device_id": (with_column("device_id", pa.array(["a", "", "b", "c"])), R.INVALID_SCHEMA, "device_id: row 1 not 1..256"),
+    "long device_id": (with_column("device_id", pa.array(["a", "b", "c", "é" * 257])), R.INVALID_SCHEMA, "device_id: row 3 not 1..256"),
+    "nan ts": (with_column("ts", pa.array([1.0, math.nan, 2.0, 3.0])), R.NON_FINITE, "ts: row 1 not finite"),
+    "inf ts": (with_column("ts", pa.array([1.0, 2.0, 3.0, -math.inf])), R.NON_FINITE, "ts: row 3 not finite"),
+    "inf value": (with_column("values", fixed([0.0, 1.0, 2.0, 3.0, math.inf, 5.0, 6.0, math.nan])), R.NON_FINITE, "values: row 2 not finite (and 1 more rows)"),
+    "invalid utf-8": (with_column("device_id", bad_utf8_ids()), R.NOT_ARROW, "not an Arrow IPC stream"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+def test_a_bad_row_dead_letters_the_whole_message(case: str) -> None:
+    columns, reason, detail = BAD_BATCHES[case]
+    value = arrow_message(columns)
+    good = Message("in", 0, 7, b"dev-1", b'{"device_id":"dev-1","ts":5,"values":[1,2]}', [])
+    decoded = ReadingDecoder(2).decode([Message("in", 0, 6, b"gw", value, ARROW), good])
+    assert decoded.readings.device_ids == ["dev-1"] and decoded.positions == [SourcePosition("in", 0, 7)]
+    [letter] = decoded.dead_letters
+    assert letter.reason is reason and detail in letter.detail, letter.detail
+    assert (letter.key, letter.value, letter.source.offset) == (b"gw", value, 6)
+    assert letter.headers == ARROW
+
+
+def test_a_batch_message_needs_a_key() -> None:
+    result = ReadingDecoder(2).decode_arrow(None, arrow_message(good_columns()))
+    assert result[0] is R.KEY_MISMATCH and "gateway" in result[1]
+
+
+@pytest.mark.parametrize("value", [None, b"", b"{}", b"\xff" * 40, b'{"device_id":"a","ts":1,"values":[1,2]}'])
+def test_what_is_no_arrow_stream_is_not_arrow(value: bytes | None) -> None:
+    result = ReadingDecoder(2).decode_arrow(b"gw", value)
+    assert result[0] is R.NOT_ARROW and result[1]
+
+
+def test_only_the_arrow_content_type_makes_a_batch_message() -> None:
+    """Other content types (or none) are read as JSON, as before batch messages existed."""
+    json_value = b'{"device_id":"a","ts":1,"values":[1,2]}'
+    for headers in ([], [("content-type", b"application/json")], [("Content-Type", ARROW_CONTENT_TYPE)]):
+        decoded = ReadingDecoder(2).decode([Message("in", 0, 0, b"a", json_value, headers)])
+        assert decoded.readings.device_ids == ["a"]
+    decoded = ReadingDecoder(2).decode([Message("in", 0, 0, b"a", json_value, ARROW)])
+    assert decoded.dead_letters[0].reason is R.NOT_ARROW
+
+
+@settings(deadline=None, database=None, max_examples=400)
+@given(st.data())
+def test_damaged_batch_messages_become_dead_letters_never_exceptions(data: st.DataObject) -> None:
+    value = bytearray(arrow_message(good_columns(5), data.draw(st.integers(1, 2))))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(value) - 1))
+        value[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(value)))
+    damaged = bytes(value[:cut]) if data.draw(st.booleans()) else bytes(value)
+    decoded = ReadingDecoder(2).decode([Message("in", 0, 3, b"gw", damaged, ARROW)])
+    if decoded.dead_letters:
+        assert len(decoded.readings) == 0 and len(decoded.dead_letters) == 1
+    else:  # damage the format could not notice (inside the numbers): still well-formed readings
+        readings = decoded.readings
+        assert readings.values.shape == (len(readings), 2) and np.isfinite(readings.values).all()
+        assert all(1 <= len(d) <= MAX_DEVICE_ID_LENGTH for d in readings.device_ids)
+
+
+# --- Predictions out ----------------------------------------------------------------------------
+
+
+def old_encode(predictions: PredictionBatch, model_version: str) -> list[tuple[bytes, bytes]]:
+    """The json-module encoder it replaces."""
+    dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+    return [
+        (d.encode(), dumps({"device_id": d, "ts": t, "forecast": f, "anomaly_score": s, "is_anomaly": a,
+                            "residual": r, "model_version": model_version}).encode())
+        for d, t, f, s, a, r in zip(predictions.device_ids, predictions.ts.tolist(), predictions.forecast.tolist(),
+                                    predictions.anomaly_score.tolist(), predictions.is_anomaly.tolist(),
+                                    predictions.residual.tolist())
+    ]
+
+
+def predictions_of(ids: list[str], ts: list[float], forecast: np.ndarray, score: list[float], residual: list[float]) -> PredictionBatch:
+    """forecast: (n, features)."""
+    n = len(ids)
+    return PredictionBatch(
+        ids, np.asarray(ts, dtype=np.float64), forecast.astype(np.float32),
+        np.asarray(score, dtype=np.float64), np.asarray(score, dtype=np.float64) > 0.5,
+        np.asarray(residual, dtype=np.float32), np.zeros(n, dtype=np.float32),
+    )
+
+
+finite64 = st.floats(allow_nan=False, allow_infinity=False)
+finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(deadline=None, database=None, max_examples=300)
+@given(st.data())
+def test_predictions_read_back_exactly(data: st.DataObject) -> None:
+    n = data.draw(st.integers(0, 6))
+    features = data.draw(st.integers(1, 3))
+    ids = data.draw(st.lists(st.one_of(clean_text.filter(bool), st.just("é\n\"\\\u2028😀")), min_size=n, max_size=n))
+    batch = predictions_of(
+        ids, data.draw(st.lists(finite64, min_size=n, max_size=n)),
+        np.asarray(data.draw(st.lists(finite32, min_size=n * features, max_size=n * features)), dtype=np.float32).reshape(n, features),
+        data.draw(st.lists(finite64, min_size=n, max_size=n)), data.draw(st.lists(finite32, min_size=n, max_size=n)),
+    )
+    version = data.draw(st.one_of(st.just('v%s%%b"é'), clean_text))
+    encoded = encode_predictions(batch, version)
+    assert [k for k, _ in encoded] == [d.encode() for d in ids]
+    for row, (_, value) in enumerate(encoded):
+        body = json.loads(value)
+        assert list(body) == ["device_id", "ts", "forecast", "anomaly_score", "is_anomaly", "residual", "model_version"]
+        assert body["device_id"] == ids[row] and body["model_version"] == version
+        assert np.float64(body["ts"]).tobytes() == batch.ts[row : row + 1].tobytes()
+        assert np.asarray(body["forecast"], dtype=np.float32).tobytes() == batch.forecast[row].tobytes()
+        assert np.asarray(body["forecast"], dtype=np.float64).tobytes() == batch.forecast[row].astype(np.float64).tobytes()
+        assert np.float64(body["anomaly_score"]).tobytes() == batch.anomaly_score[row : row + 1].tobytes()
+        assert np.float64(body["residual"]).tobytes() == batch.residual[row : row + 1].astype(np.float64).tobytes()
+        assert body["is_anomaly"] is bool(batch.is_anomaly[row])
+    assert [json.loads(v) for _, v in encoded] == [json.loads(v) for _, v in old_encode(batch, version)]
+
+
+@pytest.mark.parametrize("field", ["ts", "forecast", "anomaly_score", "residual"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_prediction_that_is_not_finite_is_refused(field: str, bad: float) -> None:
+    batch = predictions_of(["a", "b"], [1.0, 2.0], np.array([[1.0], [2.0]]), [0.1, 0.2], [0.0, 0.5])
+    getattr(batch, field)[1] = bad
+    with pytest.raises(ValueError, match=rf"prediction {field} of device 'b' is .*not finite"):
+        encode_predictions(batch, "v")
