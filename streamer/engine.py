@@ -302,7 +302,7 @@ class Engine:
         acquired = self.table.acquire(plan.unique, now, partitions)
         forecast, log_tail, flagged, residual = self._execute(plan, acquired.slots, batch.values, batch.ts)
         log_tail = log_tail.astype(np.float64)
-        score = -np.expm1(log_tail)  # 1 - tail, exact near 0 and near 1
+        score = -np.expm1(log_tail) + 0.0  # 1 - tail, exact near 0 and near 1; no -0.0
         surprise = (log_tail * (-1.0 / np.log(10.0))).astype(np.float32) + np.float32(0.0)  # no -0.0
         predictions = PredictionBatch(batch.device_ids, batch.ts, forecast, score, flagged, residual, surprise)
         report = StepReport(

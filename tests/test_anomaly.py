@@ -189,3 +189,10 @@ def test_scores_leave_lstm_state_alone():
         engine = Engine.build(make_bundle(input_size=1, hidden_size=8, seed=2), capacity=2, device="cpu", anomaly=params)
         out.append(np.stack([p.forecast[0] for p in stream(engine, "d", values)]))
     np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_unscored_readings_score_plus_zero():
+    """Before warm-up the score is 0.0, never -0.0 (which JSON writes as "-0.0")."""
+    engine = Engine.build(make_bundle(input_size=1, hidden_size=8, seed=2), capacity=2, device="cpu")
+    preds = stream(engine, "d", np.arange(3, dtype=np.float32))
+    assert all(np.signbit(p.anomaly_score).sum() == 0 and p.anomaly_score[0] == 0.0 for p in preds)
