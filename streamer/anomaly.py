@@ -136,8 +136,8 @@ class Scored:
 
 @dataclass(frozen=True)
 class Records:
-    """broke: (B,) bool, the reading breaks its flat-run record and is scored; beyond_range:
-    (B,) bool, it is beyond its range and scored (a break if its residual is unusual too, see
+    """broke: (B,) bool, the reading breaks its flat-run record; beyond_range: (B,) bool, it is
+    beyond its range (a break if its residual is unusual too; both count once scored, see
     score_and_update); low, high, last: (B, F) the range of values and the reading; run: (B,) identical readings in a row,
     this one included; longest: (B,) the longest run the device finished."""
 
@@ -171,7 +171,6 @@ def record_breaks(
     normalisation); has_residual, n: as for score_and_update (the range restarts with the
     residual statistics, n = 0); run, longest: (B,). A device's first reading starts both.
     """
-    scored = has_residual & (n >= max(params.warmup, 2))
     beyond_range = torch.zeros_like(has_residual)
     fresh = (n < 1.0).unsqueeze(1)  # statistics (re)started: the range starts at this reading
     if params.range_tolerance is not None:
@@ -184,7 +183,7 @@ def record_breaks(
     run_new = torch.where(same, run + 1.0, torch.ones_like(run))
     longest_new = torch.where(same | ~has_residual, longest, torch.maximum(longest, run))
     flat = same & (run_new == longest + 1.0) if params.flat_runs else torch.zeros_like(same)
-    return Records(flat & scored, beyond_range & scored, low_new, high_new, values, run_new, longest_new)
+    return Records(flat, beyond_range, low_new, high_new, values, run_new, longest_new)
 
 
 def residual_of(x: Tensor, forecast: Tensor) -> Tensor:
@@ -259,7 +258,7 @@ def score_and_update(
         peak_new = torch.maximum(surprise.clamp_max(PEAK_CAP), peak * params.novelty_decay)
     else:
         reported, peak_new = log_tail, peak
-    broke = broke | (beyond_range & (log_tail <= LOG_RANGE_GATE))
+    broke = (broke | (beyond_range & (log_tail <= LOG_RANGE_GATE))) & scored
     reported = torch.where(broke, reported.clamp_max(LOG_RECORD_TAIL), reported)
     is_anomaly = scored & (reported <= params.log_tail_threshold)
 

@@ -197,7 +197,7 @@ class StateLayout:
 
     @property
     def high(self) -> slice:
-        return slice(self.seen + self.STATS + self.values_size, self.seen + self.STATS + 2 * self.values_size)
+        return slice(self.low.stop, self.low.stop + self.values_size)
 
     @property
     def last(self) -> slice:
@@ -392,7 +392,7 @@ class Engine:
         values = x[:, :f]
         if lay.device_norm:
             z, norm_mean, norm_var = normalize_step(
-                x[:, :f], rows[:, lay.norm_count], rows[:, lay.norm_mean], rows[:, lay.norm_var],
+                values, rows[:, lay.norm_count], rows[:, lay.norm_mean], rows[:, lay.norm_var],
                 self.config.device_norm_alpha,
             )
             x = torch.cat([z, x[:, f:]], dim=1) if x.shape[1] > f else z
