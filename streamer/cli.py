@@ -386,7 +386,7 @@ class _DeprecatedAlias(argparse.Action):
 def _simulate(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
-    from streamer.kafka.clients import security_config
+    from streamer.kafka import open_producer
     from streamer.simulate import DEFAULT_BATCH_ROWS, FleetSpec, run_simulator
 
     if args.duration is None and args.max_readings is None:
@@ -405,20 +405,25 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"streamer simulate: {sent} readings sent in {elapsed:.0f} s, {recent:.0f} readings/s "
               f"to {kafka.input_topic}", file=sys.stderr, flush=True)
 
-    summary = run_simulator(
-        kafka.bootstrap_servers,
-        kafka.input_topic,
-        spec,
-        rate=args.rate,
-        duration_s=args.duration,
-        max_readings=args.max_readings,
-        labels_path=args.labels,
-        producer_config={"client_id": kafka.client_id, **security_config(kafka)},
-        progress=progress if args.progress_interval > 0 else None,
-        progress_interval_s=args.progress_interval or 5.0,
-        message_format=args.message_format,
-        batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS,
-    )
+    # The client of kafka.client, as `run` uses it, but never transactional: readings are not a
+    # consumed batch's output.
+    producer = open_producer(kafka.model_copy(update={"exactly_once": False}))
+    try:
+        summary = run_simulator(
+            producer,
+            kafka.input_topic,
+            spec,
+            rate=args.rate,
+            duration_s=args.duration,
+            max_readings=args.max_readings,
+            labels_path=args.labels,
+            progress=progress if args.progress_interval > 0 else None,
+            progress_interval_s=args.progress_interval or 5.0,
+            message_format=args.message_format,
+            batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS,
+        )
+    finally:
+        producer.close(5)
     print(json.dumps({"simulated": summary.__dict__}), flush=True)
     return 0
 

@@ -283,44 +283,47 @@ def test_check_config_prints_resolved_settings_with_secrets_masked(tmp_path: Pat
 
 
 def test_simulate_takes_the_kafka_settings_run_takes(tmp_path: Path, monkeypatch, capsys):
-    import streamer.simulate
-    from streamer.simulate import SimulationSummary
+    import streamer.kafka
+    from streamer.kafka.memory import MemoryBroker, MemoryProducer
 
     calls = []
+    broker = MemoryBroker()
 
-    def fake_run_simulator(bootstrap_servers, topic, spec, **kwargs):
-        calls.append((bootstrap_servers, topic, kwargs))
-        return SimulationSummary(0, 0, spec.devices, 0.0)
+    def open_producer(settings):
+        calls.append(settings)
+        return MemoryProducer(broker)
 
-    monkeypatch.setattr(streamer.simulate, "run_simulator", fake_run_simulator)
+    monkeypatch.setattr(streamer.kafka, "open_producer", open_producer)
     config = tmp_path / "streamer.toml"
     config.write_text('[kafka]\ninput_topic = "from-file"\nsecurity_protocol = "SASL_PLAINTEXT"\n'
-                      'sasl_mechanism = "SCRAM-SHA-256"\nsasl_username = "sim"\n')
+                      'sasl_mechanism = "SCRAM-SHA-256"\nsasl_username = "sim"\nexactly_once = true\n'
+                      'client = "kafka-python"\n')
     monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "from-env:9092")
     monkeypatch.setenv("STREAMER_KAFKA__SASL_PASSWORD", "s3cret")
-    assert main(["simulate", "--config", str(config), "--max-readings", "3"]) == 0
-    bootstrap, topic, kwargs = calls[-1]
-    assert (bootstrap, topic) == ("from-env:9092", "from-file")
-    assert kwargs["producer_config"]["security_protocol"] == "SASL_PLAINTEXT"
-    assert kwargs["producer_config"]["sasl_plain_password"] == "s3cret"
-    assert kwargs["progress"] is not None
+    assert main(["simulate", "--config", str(config), "--max-readings", "3", "--progress-interval", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["simulated"]["readings"] == 3
+    kafka = calls[-1]
+    assert (kafka.bootstrap_servers, kafka.client) == ("from-env:9092", "kafka-python")
+    assert (kafka.security_protocol, kafka.sasl_username) == ("SASL_PLAINTEXT", "sim")
+    assert kafka.sasl_password.get_secret_value() == "s3cret"
+    assert not kafka.exactly_once  # readings are not a transaction's output
+    assert [m.key for m in broker.messages("from-file")] and len(broker.messages("from-file")) == 3
     # Flags beat both; the old --bootstrap-servers still works, with a warning.
     assert main(["simulate", "--config", str(config), "--max-readings", "3", "--kafka-input-topic", "from-flag",
                  "--bootstrap-servers", "old-flag:9092"]) == 0
-    assert calls[-1][:2] == ("old-flag:9092", "from-flag")
+    assert (calls[-1].bootstrap_servers, calls[-1].input_topic) == ("old-flag:9092", "from-flag")
     assert "--bootstrap-servers is deprecated, use --kafka-bootstrap-servers" in capsys.readouterr().err
     assert main(["simulate", "--topic", "t2", "--max-readings", "3", "--progress-interval", "0"]) == 0
-    assert calls[-1][1] == "t2" and calls[-1][2]["progress"] is None
+    assert calls[-1].input_topic == "t2" and len(broker.messages("t2")) == 3
     assert main(["simulate", "--max-readings", "3", "--kafka-security-protocol", "SASL_SSL"]) == 2
     assert "sasl_mechanism" in one_line_error(capsys)
 
 
 def test_simulate_prints_a_progress_line_every_few_seconds(monkeypatch, capsys):
-    import kafka
+    import streamer.kafka
+    from streamer.kafka.memory import MemoryBroker, MemoryProducer
 
-    from tests.test_simulate import _FakeProducer
-
-    monkeypatch.setattr(kafka, "KafkaProducer", _FakeProducer)
+    monkeypatch.setattr(streamer.kafka, "open_producer", lambda settings: MemoryProducer(MemoryBroker()))
     assert main(["simulate", "--devices", "5", "--rate", "1000", "--duration", "0.45", "--progress-interval", "0.1"]) == 0
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.startswith("streamer simulate: ")]

@@ -5,7 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from streamer.simulate import ANOMALY_KINDS, Fleet, FleetSpec, history, run_simulator
+from streamer import simulate
+from streamer.kafka.abstract import KafkaClientError
+from streamer.kafka.memory import MemoryBroker, MemoryProducer
+from streamer.simulate import ANOMALY_KINDS, Fleet, FleetSpec, SimulationError, history, run_simulator
 
 
 def rounds(fleet: Fleet, n: int) -> tuple[np.ndarray, list[list[str | None]]]:
@@ -130,57 +133,35 @@ def test_no_anomalies_at_rate_zero_and_all_at_rate_one():
     assert all(label is not None for row in busy for label in row)
 
 
+def memory_producer() -> tuple[MemoryBroker, MemoryProducer]:
+    broker = MemoryBroker()
+    broker.create_topic("t", 3)
+    return broker, MemoryProducer(broker)
+
+
+def sent_messages(broker: MemoryBroker) -> list[tuple[bytes, bytes, list | None]]:
+    return [(m.key, m.value, m.headers or None) for m in sorted(broker.messages("t"), key=lambda m: m.timestamp)]
+
+
 def test_run_simulator_needs_a_stopping_condition():
     with pytest.raises(ValueError, match="duration_s or max_readings"):
-        run_simulator("127.0.0.1:1", "t", FleetSpec(devices=1), rate=10)
-
-
-class _FakeFuture:
-    def add_errback(self, callback) -> None:
-        pass
-
-
-class _FakeProducer:
-    """kafka.KafkaProducer's surface run_simulator uses; keeps what it was given."""
-
-    made: list["_FakeProducer"] = []
-
-    def __init__(self, **config) -> None:
-        self.config = config
-        self.sent = 0
-        self.messages: list[tuple[bytes, bytes, list | None]] = []
-        _FakeProducer.made.append(self)
-
-    def send(self, topic, key, value, headers=None) -> _FakeFuture:
-        self.sent += 1
-        self.messages.append((key, value, headers))
-        return _FakeFuture()
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+        run_simulator(memory_producer()[1], "t", FleetSpec(devices=1), rate=10)
 
 
 @pytest.mark.parametrize("rate", [float("nan"), float("inf"), float("-inf")])
 def test_run_simulator_refuses_a_rate_that_is_not_finite(rate: float):
     with pytest.raises(ValueError, match="rate must be a finite number"):
-        run_simulator("127.0.0.1:1", "t", FleetSpec(devices=1), rate=rate, max_readings=1)
+        run_simulator(memory_producer()[1], "t", FleetSpec(devices=1), rate=rate, max_readings=1)
 
 
-def test_run_simulator_reports_progress_and_passes_the_producer_config(monkeypatch):
-    import kafka
-
-    monkeypatch.setattr(kafka, "KafkaProducer", _FakeProducer)
+def test_run_simulator_reports_progress_and_paces():
+    broker, producer = memory_producer()
     reports: list[tuple[int, float]] = []
     summary = run_simulator(
-        "127.0.0.1:1", "t", FleetSpec(devices=10), rate=2000, duration_s=0.5,
-        producer_config={"security_protocol": "SSL"},
+        producer, "t", FleetSpec(devices=10), rate=2000, duration_s=0.5,
         progress=lambda sent, elapsed: reports.append((sent, elapsed)), progress_interval_s=0.1,
     )
-    producer = _FakeProducer.made[-1]
-    assert producer.config["security_protocol"] == "SSL" and producer.sent == summary.readings
+    assert len(broker.messages("t")) == summary.readings and not producer.closed
     assert 3 <= len(reports) <= 6, reports
     sent, elapsed = zip(*reports)
     assert list(sent) == sorted(sent) and 0 < sent[0] and sent[-1] <= summary.readings
@@ -189,27 +170,52 @@ def test_run_simulator_reports_progress_and_passes_the_producer_config(monkeypat
     assert all(abs(s / e - 2000) < 400 for s, e in reports), reports
 
 
+def test_run_simulator_reports_failed_deliveries_and_unacknowledged_sends(monkeypatch):
+    broker, producer = memory_producer()
+    broker.rejected_topics.add("t")
+    with pytest.raises(SimulationError, match=r"topic 't': 5 of 5 sends failed, first: delivery to t failed") as failed:
+        run_simulator(producer, "t", FleetSpec(devices=2), rate=0, max_readings=5)
+    assert failed.value.failed == 5
+    broker.rejected_topics.clear()
+    broker.away = True  # flush never succeeds
+    monkeypatch.setattr(simulate, "FLUSH_TIMEOUT_S", 0.0)
+    with pytest.raises(SimulationError, match="not every send was acknowledged within 0 s"):
+        run_simulator(producer, "t", FleetSpec(devices=2), rate=0, max_readings=5)
+
+
+def test_run_simulator_turns_a_refused_send_into_a_simulation_error():
+    class Refusing(MemoryProducer):
+        def produce(self, topic, key, value, headers=None) -> None:
+            raise KafkaClientError("produce: message too large")
+
+    with pytest.raises(SimulationError, match="send failed after 0 readings: produce: message too large"):
+        run_simulator(Refusing(MemoryBroker()), "t", FleetSpec(devices=2), rate=0, max_readings=5)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"message_format": "xml"}, "message_format"), ({"batch_rows": 0}, "batch_rows"),
                                            ({"message_format": "arrow", "batch_rows": 2.5}, "batch_rows")])
 def test_run_simulator_refuses_bad_message_options(kwargs: dict, match: str):
     with pytest.raises(ValueError, match=match):
-        run_simulator("127.0.0.1:1", "t", FleetSpec(devices=1), rate=10, max_readings=1, **kwargs)
+        run_simulator(memory_producer()[1], "t", FleetSpec(devices=1), rate=10, max_readings=1, **kwargs)
 
 
-def simulated(monkeypatch, spec: FleetSpec, max_readings: int, **kwargs) -> tuple["_FakeProducer", object]:
-    import kafka
-
-    monkeypatch.setattr(kafka, "KafkaProducer", _FakeProducer)
-    summary = run_simulator("127.0.0.1:1", "t", spec, rate=0, max_readings=max_readings, **kwargs)
-    return _FakeProducer.made[-1], summary
+class _Sent:
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.messages = sent_messages(broker)
 
 
-def test_arrow_batch_messages_carry_the_fleets_readings_per_gateway(monkeypatch, tmp_path):
+def simulated(spec: FleetSpec, max_readings: int, **kwargs) -> tuple[_Sent, object]:
+    broker, producer = memory_producer()
+    summary = run_simulator(producer, "t", spec, rate=0, max_readings=max_readings, **kwargs)
+    return _Sent(broker), summary
+
+
+def test_arrow_batch_messages_carry_the_fleets_readings_per_gateway(tmp_path):
     from streamer.records import ARROW_CONTENT_TYPE, ReadingDecoder
     from streamer.simulate import gateway_id
 
     spec = FleetSpec(devices=25, features=2, seed=4, anomaly_rate=0.05)
-    producer, summary = simulated(monkeypatch, spec, 63, message_format="arrow", batch_rows=10,
+    producer, summary = simulated(spec, 63, message_format="arrow", batch_rows=10,
                                   labels_path=tmp_path / "labels.jsonl")
     # 25 devices in gateways of 10, 10 and 5; the last message is cut at the 63rd reading.
     assert [len(ReadingDecoder(2).decode_arrow(k, v).device_ids) for k, v, _ in producer.messages] == [10, 10, 5] * 2 + [10, 3]
@@ -234,13 +240,13 @@ def test_arrow_batch_messages_carry_the_fleets_readings_per_gateway(monkeypatch,
     assert len(labels) == summary.anomalies == sum(r.anomaly is not None for r in expected) > 0
 
 
-def test_json_and_arrow_carry_the_same_readings(monkeypatch):
+def test_json_and_arrow_carry_the_same_readings():
     from streamer.records import ReadingDecoder
 
     spec = FleetSpec(devices=12, features=3, seed=1)
     decoded = {}
     for fmt in ("json", "arrow"):
-        producer, _ = simulated(monkeypatch, spec, 40, message_format=fmt, batch_rows=5)
+        producer, _ = simulated(spec, 40, message_format=fmt, batch_rows=5)
 
         class Msg:
             def __init__(self, i, key, value, headers):
@@ -254,9 +260,12 @@ def test_json_and_arrow_carry_the_same_readings(monkeypatch):
 
 
 def test_simulate_command_passes_the_message_format(monkeypatch):
+    import streamer.kafka
     from streamer import cli, simulate
 
     calls = []
+    producers: list[MemoryProducer] = []
+    monkeypatch.setattr(streamer.kafka, "open_producer", lambda settings: producers.append(MemoryProducer(MemoryBroker())) or producers[-1])
     monkeypatch.setattr(simulate, "run_simulator", lambda *a, **kw: calls.append(kw) or simulate.SimulationSummary(0, 0, 1, 0.0))
     base = ["simulate", "--max-readings", "5", "--progress-interval", "0"]
     assert cli.main([*base, "--format", "arrow", "--batch-rows", "7"]) == 0
@@ -265,6 +274,7 @@ def test_simulate_command_passes_the_message_format(monkeypatch):
     assert (calls[-1]["message_format"], calls[-1]["batch_rows"]) == ("arrow", simulate.DEFAULT_BATCH_ROWS)
     assert cli.main(base) == 0 and calls[-1]["message_format"] == "json"
     assert cli.main([*base, "--batch-rows", "7"]) == 2  # json has no batch rows
+    assert len(producers) == 3 and all(p.closed for p in producers)  # none opened for a refused command
     with pytest.raises(SystemExit) as exited:
         cli.main([*base, "--format", "arrow", "--batch-rows", "0"])
     assert exited.value.code == 2

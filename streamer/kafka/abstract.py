@@ -159,7 +159,8 @@ class Producer(ABC):
 
     @abstractmethod
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None:
-        """Queue one message; its delivery is known after ``flush``."""
+        """Queue one message; its delivery is known after ``flush``. KafkaClientError when the
+        client refuses it before queueing it."""
 
     @abstractmethod
     def flush(self, timeout_s: float) -> bool:
@@ -167,8 +168,9 @@ class Producer(ABC):
 
     @abstractmethod
     def delivery_failures(self) -> list[BaseException]:
-        """The failures of the sends acknowledged since the last call (an empty list: all
-        delivered), and forgets them. Call after a ``flush`` that returned True."""
+        """The failures of the sends found settled since the last call, and forgets those sends.
+        After a ``flush`` that returned True every send before it is settled, so an empty list
+        then means all were delivered; called between flushes it returns what is known so far."""
 
     @abstractmethod
     def begin_transaction(self) -> None: ...

@@ -195,6 +195,9 @@ def make_producer(
         "linger.ms": 1,
         "delivery.report.only.error": True,
         "message.max.bytes": settings.max_message_bytes,  # a dead letter carries a whole input message
+        # A key's partition as the Java client and kafka-python choose it (murmur2), not
+        # librdkafka's default (CRC32): a device lands in the same partition whichever client wrote it.
+        "partitioner": "murmur2_random",
     }
     producer = ConfluentProducer(errors)
     config["on_delivery"] = producer._delivered
@@ -356,6 +359,8 @@ class ConfluentProducer(Producer):
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
                 self.client.poll(0.05)
+            except KafkaException as exc:  # refused before it was queued (too large, unknown topic)
+                raise client_error(exc, "produce") from exc
 
     def flush(self, timeout_s: float) -> bool:
         return self.client.flush(timeout_s) == 0

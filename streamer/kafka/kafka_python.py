@@ -147,7 +147,10 @@ class KafkaPythonProducer(Producer):
         self._sent: list[Future] = []
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None:
-        self._sent.append(self.client.send(topic, key=key, value=value, headers=headers))
+        try:
+            self._sent.append(self.client.send(topic, key=key, value=value, headers=headers))
+        except KafkaError as exc:  # refused before it was queued (too large, no metadata in time)
+            raise client_error(exc, "produce") from exc
 
     def flush(self, timeout_s: float) -> bool:
         try:

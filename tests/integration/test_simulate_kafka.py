@@ -1,4 +1,5 @@
-"""run_simulator against a real broker: every reading arrives keyed by device, labels match messages."""
+"""run_simulator against a real broker, through each client: every reading arrives keyed by device
+in the partition the Java client would pick, labels match messages."""
 
 import json
 import time
@@ -8,7 +9,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.partitioner.default import murmur2
 
+from streamer.kafka import open_producer
+from streamer.settings import load_settings
 from streamer.simulate import FleetSpec, run_simulator
 
 
@@ -20,7 +24,11 @@ def test_simulator_produces_keyed_json_readings_and_labels(kafka_bootstrap: str,
     labels_path = tmp_path / "labels.jsonl"
     spec = FleetSpec(devices=40, seed=11, anomaly_rate=0.05)
     try:
-        summary = run_simulator(kafka_bootstrap, topic, spec, rate=0, max_readings=500, labels_path=labels_path)
+        producer = open_producer(load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap}}).kafka)
+        try:
+            summary = run_simulator(producer, topic, spec, rate=0, max_readings=500, labels_path=labels_path)
+        finally:
+            producer.close(5)
         assert summary.readings == 500 and summary.devices == 40
 
         consumer = KafkaConsumer(
@@ -52,6 +60,8 @@ def test_simulator_produces_keyed_json_readings_and_labels(kafka_bootstrap: str,
         value = json.loads(message.value)
         assert set(value) == {"device_id", "ts", "values"}
         assert message.key == value["device_id"].encode()
+        # The Java client's partition for the key (murmur2), whichever client wrote it.
+        assert message.partition == (murmur2(message.key) & 0x7FFFFFFF) % 3
         assert value["device_id"].startswith("sensor-")
         assert isinstance(value["ts"], float) and abs(value["ts"] - time.time()) < 120
         assert len(value["values"]) == 1 and all(isinstance(v, float) for v in value["values"])
