@@ -5,8 +5,11 @@ letter of that batch has been acknowledged by the broker; a crash in between re-
 batch. Pipelined: batch n is produced and left in flight while batch n+1 is polled and decoded;
 batch n is then settled (acknowledged, committed, checkpointed) before batch n+1 is stepped, so
 commits and checkpoints keep batch order, a failed delivery of batch n lets nothing after it
-commit, and the engine's state matches every checkpoint's offset. With nothing new to poll (or
-a revocation, or stopping) the batch in flight is settled at once. Exactly-once (kafka.exactly_once): the batch's predictions, dead letters and input
+commit, and the engine's state matches every checkpoint's offset. While the loop is busy the
+acknowledged batches' offsets are committed together once per kafka.commit_interval_ms (a
+commit is a broker round trip in the loop's path), and at once when a checkpoint is due. With
+nothing new to poll (or a revocation, or stopping) the batch in flight is settled and
+everything acknowledged is committed at once. Exactly-once (kafka.exactly_once): the batch's predictions, dead letters and input
 offsets are committed in one transaction; an aborted batch's partitions are recovered again
 from their checkpoints, since the engine had applied readings whose output never became
 visible. Checkpoints follow commits (see partitions.py).
@@ -25,7 +28,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ from streamer.kafka.clients import OUTSIDE_GROUP_SESSIONS
 from streamer.kafka.outage import BrokerOutageLog
 from streamer.metrics import Health, Metrics
 from streamer.model import load_model_file
-from streamer.partitions import BatchPlan, CheckpointPolicy, PartitionManager
+from streamer.partitions import BatchPlan, CheckpointPolicy, Owned, PartitionManager
 from streamer.records import DeadLetter, DecodedBatch, ReadingDecoder, encode_predictions
 from streamer.settings import Settings
 
@@ -150,6 +153,11 @@ class Pipeline:
         self._last_status = time.monotonic()
         self._status_readings = 0
         self._unsettled: Unsettled | None = None  # at-least-once: the batch produced, not yet committed
+        # At-least-once: offsets of acknowledged batches not committed yet (kafka.commit_interval_ms),
+        # the plan of the newest of them and the checkpoints due among them.
+        self._to_commit: dict[TopicPartition, tuple[int, Owned]] = {}
+        self._to_commit_plan: BatchPlan | None = None
+        self._last_commit = time.monotonic()
         self._loop_thread: threading.Thread | None = None
         self._commits_heard = False  # whether a commit went through since the last lag check
         self._settling = False  # a revocation inside _settle's own flush or commit must not recurse
@@ -169,7 +177,7 @@ class Pipeline:
 
         def hook(partitions: list[TopicPartition]) -> None:
             if threading.current_thread() is self._loop_thread and not self._settling:
-                self._settle()
+                self._settle(commit=True)
             revoked(partitions)
 
         return hook
@@ -192,7 +200,7 @@ class Pipeline:
                         break
                     self.run_once(stop)
                     self._maybe_status()
-                self._settle()
+                self._settle(commit=True)
             self.partitions.checkpoint_all()
         except Exception as exc:
             if self.health is not None:
@@ -206,9 +214,13 @@ class Pipeline:
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Poll one micro-batch and process it; returns the messages handled. At-least-once, the
         batch before it is committed on the way (when nothing came: at once, no linger)."""
+        # With nothing in flight the poll waits for readings (IDLE_POLL_MS): none coming in that
+        # time is a quiet topic, and whatever was acknowledged is committed without waiting for
+        # the interval. A batch in flight makes the poll return at once: a gap between bursts.
+        quiet = self._unsettled is None
         records = self._poll_batch(stop)
         if not records:
-            self._settle()
+            self._settle(commit=quiet)
         try:
             self.partitions.recover_pending()
         except KafkaClientError as exc:
@@ -303,22 +315,30 @@ class Pipeline:
         if self.exactly_once:
             if not self._publish_transaction(published, letters, plan, group):
                 return  # nothing of this batch became visible
-            self._done(batch, committed=True)
+            self.partitions.committed(plan)
+            self._commits_heard = self._commits_heard or bool(plan.commit)
+            self._done(batch, time.time())
         else:
             self._sends(published, letters)
             self._unsettled = batch  # settled by the next batch, an idle poll, a revocation or stop
 
-    def _settle(self, wait: bool = True) -> bool:
+    def _settle(self, wait: bool = True, commit: bool = False) -> bool:
         """The batch in flight (at-least-once), once every send of it is acknowledged: check the
-        deliveries, commit its offsets, checkpoint its due partitions, account for it. ``wait``
-        False: only if the acknowledgements are in already. False when the batch is still in
-        flight (not waiting, or stopping with the broker away); True when none is left."""
+        deliveries, account for it, and commit its offsets with those of the batches before it
+        that wait for the commit interval, checkpointing the partitions that are due. ``wait``
+        False: only if the acknowledgements are in already. ``commit``: commit whatever waits,
+        whatever the interval (idle, revocation, stop). False when the batch is still in flight
+        (not waiting, or stopping with the broker away); True when none is left."""
         batch = self._unsettled
-        if batch is None or self._settling:
+        if self._settling:
             return batch is None
         self._settling = True
         try:
-            return self._settle_batch(batch, wait)
+            if batch is not None and not self._settle_batch(batch, wait):
+                return False
+            if self._to_commit and (commit or self._commit_due()):
+                self._commit_waiting_offsets()
+            return True
         finally:
             self._settling = False
 
@@ -329,6 +349,7 @@ class Pipeline:
                 return False
         elif not self.producer.flush(0):
             return False
+        acked_at = time.time()
         self._unsettled = None
         failed = self.producer.delivery_failures()
         if failed:
@@ -337,15 +358,44 @@ class Pipeline:
                 f" (first: {failed[0]!r}); offsets not committed, the batch will be re-delivered"
             )
         plan = batch.plan
-        committed = not plan.commit or self._commit(dict(plan.commit))  # published either way
-        self._done(batch, committed)
+        if plan.commit:  # published either way; committed now or with the next ones
+            for tp, offset in plan.commit.items():
+                owned = self.partitions.owned.get(tp)
+                if owned is not None:  # else it moved on: its new owner re-reads past the last commit
+                    self._to_commit[tp] = (max(offset, self._to_commit[tp][0]), owned) if tp in self._to_commit else (offset, owned)
+            due = plan.checkpoint_due | (self._to_commit_plan.checkpoint_due if self._to_commit_plan else frozenset())
+            self._to_commit_plan = replace(plan, checkpoint_due=due)
+        self._done(batch, acked_at)
         return True
 
-    def _done(self, batch: "Unsettled", committed: bool) -> None:
-        acked_at = time.time()
-        if committed:
-            self.partitions.committed(batch.plan)
-            self._commits_heard = self._commits_heard or bool(batch.plan.commit)
+    def _commit_due(self) -> bool:
+        """Whether the offsets waiting are committed now: the interval has passed, or a checkpoint
+        is due (it is taken at a committed offset)."""
+        assert self._to_commit_plan is not None
+        interval = self.settings.kafka.commit_interval_ms / 1000
+        return bool(self._to_commit_plan.checkpoint_due) or time.monotonic() - self._last_commit >= interval
+
+    def _commit_waiting_offsets(self) -> bool:
+        """Commit the offsets of every acknowledged batch not committed yet (of partitions this
+        process still owns), then checkpoint the partitions that are due. False when the group
+        refused them or the loop stopped first: their batches are re-delivered to whoever owns
+        the partitions next (at-least-once)."""
+        # Only partitions owned as they were then: one that left and came back starts afresh from
+        # the group's committed offset, which an older offset of ours must not move back.
+        owned = self.partitions.owned
+        offsets = {tp: o for tp, (o, was) in self._to_commit.items() if owned.get(tp) is was}
+        plan = self._to_commit_plan
+        assert plan is not None
+        self._to_commit, self._to_commit_plan = {}, None
+        self._last_commit = time.monotonic()
+        if not offsets or not self._commit(offsets):
+            return False
+        self.partitions.committed(replace(plan, commit=offsets))
+        self._commits_heard = True
+        return True
+
+    def _done(self, batch: "Unsettled", acked_at: float) -> None:
+        """Account for a batch whose output the broker acknowledged at ``acked_at`` (epoch s)."""
         self.summary.replayed += batch.replayed
         if batch.replayed and self.metrics is not None:
             self.metrics.on_replayed(batch.replayed)
@@ -512,6 +562,8 @@ class Pipeline:
         if self.model_watcher is None or not self.model_watcher.changed():
             return
         path = self.model_watcher.path
+        # The switch checkpoints every partition at its committed offset: settle and commit first.
+        self._settle(commit=True)
         try:
             bundle = load_model_file(path)
             with self.partitions.lock:

@@ -4,7 +4,8 @@ At-least-once: produce, flush (acknowledged), commit, then checkpoint; nothing c
 the acknowledgement does not come or a delivery fails; no checkpoint when the commit is refused.
 Pipelined: a batch is produced and left in flight; the next run_once settles it (flush, commit,
 checkpoint) after polling and decoding the next batch, before stepping it, or at once when
-nothing new comes.
+nothing new comes. While busy, acknowledged offsets wait for kafka.commit_interval_ms unless a
+checkpoint is due; idle, a revocation or a model switch commits them at once.
 Exactly-once: one transaction per batch (outputs, then offsets, then commit), then checkpoint; an
 aborted transaction or a partition revoked mid-batch makes nothing visible and the batch is
 processed again from the partition's recovered position, published once. Each of these is also
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -54,13 +56,13 @@ class Rig:
     and checkpoint directory."""
 
     def __init__(self, tmp_path, exactly_once: bool = False, checkpoint_readings: int = 1, capacity: int = 100,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, commit_interval_ms: int = 1000) -> None:
         config = ModelConfig(2, 8, 1, 2)
         self.model_path = tmp_path / "m.pt"
         save_model_file(self.model_path, init_random_model(config, seed=3), config, "v1")
         self.settings = load_settings({
             "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq", "group_id": "g",
-                      "exactly_once": exactly_once},
+                      "exactly_once": exactly_once, "commit_interval_ms": commit_interval_ms},
             "model": {"path": self.model_path, "device": "cpu"},
             "checkpoint": {"directory": tmp_path / "cp", "interval_readings": checkpoint_readings},
             "batch": {"max_records": 1000, "max_wait_ms": 0},
@@ -205,7 +207,7 @@ def test_a_commit_retried_while_the_broker_is_away(tmp_path, monkeypatch):
     assert committed(rig) == rig.ends()
 
 
-def test_revoked_mid_batch_at_least_once_its_offsets_are_refused(tmp_path):
+def test_revoked_mid_batch_at_least_once_only_the_partitions_still_owned_commit(tmp_path):
     rig = Rig(tmp_path)
     rig.write(per_device=2)
     flush = rig.pipeline.producer.flush
@@ -220,9 +222,88 @@ def test_revoked_mid_batch_at_least_once_its_offsets_are_refused(tmp_path):
     rig.pipeline.run_once()
     kinds = rig.since(mark)
     assert kinds[:2] == ["revoked", "checkpoint"]  # the revoked partition's state saved on the way out
-    assert "commit" not in kinds  # the group refused the batch: its new owner re-reads it
-    assert committed(rig) == {P0: None, P1: None}
+    # P0's offsets are not offered (its new owner re-reads it from the last commit); P1's are.
+    assert kinds[2:] == ["flush", "commit", "checkpoint"]
+    assert committed(rig) == {P0: None, P1: len(rig.broker.topics["in"][1])}
     assert rig.pipeline.partitions.owned.keys() == {P1}
+
+
+def commits(rig: Rig, mark: int) -> list[dict[TopicPartition, int]]:
+    return [e[1] for e in rig.broker.journal[mark:] if e[0] == "commit"]
+
+
+def test_busy_loop_commits_acknowledged_batches_together_once_idle_or_per_interval(tmp_path):
+    rig = Rig(tmp_path, checkpoint_readings=10_000, commit_interval_ms=60_000)
+    mark = rig.mark()
+    for t in range(3):  # three batches back to back: each settles the one before, none commits
+        rig.write(per_device=1, start_ts=t)
+        rig.pipeline.run_once()
+    assert rig.since(mark) == ["flush"] and committed(rig) == {P0: None, P1: None}
+    assert rig.pipeline.summary.readings == 16  # accounted for once acknowledged, not once committed
+    rig.pipeline.run_once()  # nothing new at once: the last batch settles, its offsets wait too
+    assert rig.since(mark) == ["flush"] and committed(rig) == {P0: None, P1: None}
+    rig.pipeline.run_once()  # nothing new for a while (the idle poll): all acknowledged commits at once
+    assert commits(rig, mark) == [rig.ends()] and committed(rig) == rig.ends()
+
+    # With no interval, a busy loop commits every batch as it settles it.
+    (tmp_path / "every").mkdir()
+    rig = Rig(tmp_path / "every", checkpoint_readings=10_000, commit_interval_ms=0)
+    mark = rig.mark()
+    for t in range(3):
+        rig.write(per_device=1, start_ts=t)
+        rig.pipeline.run_once()
+    assert len(commits(rig, mark)) == 2  # batches 1 and 2; 3 is in flight
+    rig.pipeline.run_once()
+    assert len(commits(rig, mark)) == 3 and committed(rig) == rig.ends()
+
+
+def test_a_due_checkpoint_commits_at_once_whatever_the_interval(tmp_path):
+    rig = Rig(tmp_path, checkpoint_readings=10, commit_interval_ms=60_000)
+    mark = rig.mark()
+    for t in range(4):  # 4 readings a batch per partition; a partition is due after 10 of its own
+        rig.write(per_device=1, start_ts=t)
+        rig.pipeline.run_once()
+    kinds = rig.since(mark)
+    assert "checkpoint" in kinds and kinds.index("commit") == kinds.index("checkpoint") - 1
+    saved = [e for e in rig.broker.journal[mark:] if e[0] == "checkpoint"]
+    done = commits(rig, mark)
+    # Each checkpoint is at an offset the commit just before it holds: the engine's state there.
+    assert saved and all(done[-1][TopicPartition("in", p)] == offset for _, p, offset in saved)
+
+
+def test_revocation_commits_what_waits_first_and_a_partition_back_drops_stale_offsets(tmp_path):
+    rig = Rig(tmp_path, checkpoint_readings=10_000, commit_interval_ms=60_000)
+    for t in range(2):
+        rig.write(per_device=1, start_ts=t)
+        rig.pipeline.run_once()
+    mark = rig.mark()
+    rig.consumer.rebalance(revoked=[P0])  # on the loop's thread, inside its poll
+    rig.write(per_device=1, start_ts=2)
+    rig.pipeline.run_once()
+    kinds = rig.since(mark)
+    # The hook settles the batch in flight and commits all that waits while P0 is still ours,
+    # then P0's state is saved on the way out.
+    assert kinds == ["revoked", "flush", "commit", "checkpoint"]
+    assert committed(rig)[P0] == len(rig.broker.topics["in"][0]) - sum(1 for d in DEVICES if rig_partition(d) == 0)
+
+    # A partition taken on the client's thread, while offsets wait, then given back: the offsets
+    # noted under its old ownership are never committed (they could move the group's back).
+    (tmp_path / "two").mkdir()
+    rig2 = Rig(tmp_path / "two", checkpoint_readings=10_000, commit_interval_ms=60_000)
+    for t in range(2):
+        rig2.write(per_device=1, start_ts=t)
+        rig2.pipeline.run_once()
+    taker = threading.Thread(target=rig2.consumer.rebalance_now, kwargs={"revoked": [P0]})
+    taker.start()
+    taker.join()
+    rig2.consumer.rebalance(assigned=[P0])
+    mark = rig2.mark()
+    rig2.pipeline._settle(commit=True)
+    assert [set(c) for c in commits(rig2, mark)] == [{P1}]
+
+
+def rig_partition(device: str) -> int:
+    return zlib.crc32(device.encode()) % 2
 
 
 def test_exactly_once_one_transaction_then_checkpoint(tmp_path):
@@ -288,8 +369,8 @@ def test_exactly_once_revoked_mid_batch_nothing_becomes_visible(tmp_path, when):
 def test_a_restart_replays_from_the_checkpoint_without_republishing(tmp_path):
     rig = Rig(tmp_path, checkpoint_readings=10_000)  # only the fresh partitions' checkpoints at 0
     rig.write(per_device=3)
-    rig.pipeline.run_once()
-    rig.pipeline.run_once()
+    for _ in range(3):  # the batch; its settling; the quiet poll that commits it
+        rig.pipeline.run_once()
     assert committed(rig) == rig.ends()
     rig.restart()
     rig.write(per_device=1, start_ts=3)
@@ -410,8 +491,8 @@ def test_the_replayed_metric_counts_readings_as_the_summary_does(tmp_path):
     rig = Rig(tmp_path, checkpoint_readings=10_000, metrics=Metrics(registry))
     rig.write_arrow(b"gw-0", DEVICES)
     rig.write_arrow(b"gw-0", DEVICES, ts=1)
-    rig.pipeline.run_once()
-    rig.pipeline.run_once()
+    for _ in range(3):  # the batch; its settling; the quiet poll that commits it
+        rig.pipeline.run_once()
     rig.restart()  # replays both messages from the fresh checkpoint at 0, publishing nothing
     rig.write_arrow(b"gw-0", DEVICES, ts=2)
     rig.pipeline.run_once()
