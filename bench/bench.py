@@ -76,6 +76,32 @@ def naive_per_message(model: torch.nn.Module, rng: np.random.Generator) -> float
     return n_readings / timed(naive, min_seconds=3.0)
 
 
+def step_flops(hidden: int, layers: int, features: int) -> int:
+    """Multiply-adds x 2 of one device-step: each layer's (input + H) x 4H projection, the head."""
+    flops, inp = 0, features
+    for _ in range(layers):
+        flops += 2 * (inp + hidden) * 4 * hidden
+        inp = hidden
+    return flops + 2 * hidden * features
+
+
+def cpu_ceiling(naive: float) -> None:
+    """The matrix units' bound on this CPU: GEMM GFLOP/s at the step's shapes (B = 4096 rows,
+    K = input + H, N = 4H) in float32 and bfloat16, with torch's threads, and the device-steps/s
+    they would allow if the projections were all a step did, as a multiple of the naive loop."""
+    per_step = step_flops(HIDDEN, LAYERS, FEATURES)
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(4096, HIDDEN + HIDDEN, dtype=dtype)
+        b = torch.randn(HIDDEN + HIDDEN, 4 * HIDDEN, dtype=dtype)
+        out = torch.empty(4096, 4 * HIDDEN, dtype=dtype)
+        seconds = timed(lambda: torch.mm(a, b, out=out), min_seconds=1.0)
+        gflops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / seconds / 1e9
+        ceiling = gflops * 1e9 / per_step
+        emit(figure="cpu_gemm_ceiling", dtype=str(dtype).removeprefix("torch."), torch_threads=torch.get_num_threads(),
+             gemm_gflops=round(gflops, 1), step_flops=per_step, ceiling_device_steps_per_s=round(ceiling),
+             ceiling_vs_naive_per_message=round(ceiling / naive, 1))
+
+
 def bench_engine(device: str) -> None:
     """Engine.step over B distinct devices, float32 and bfloat16 state, as a ratio of the
     per-message loop measured in the same process."""
@@ -85,6 +111,8 @@ def bench_engine(device: str) -> None:
     rng = np.random.default_rng(0)
     naive = naive_per_message(model, rng)
     emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS, device_steps_per_s=round(naive))
+    if device == "cpu":
+        cpu_ceiling(naive)
     for state_dtype in (torch.float32, torch.bfloat16):
         for batch in (1024, 16384, 131072):
             engine = Engine.build(bundle, capacity=batch, device=device, state_dtype=state_dtype)

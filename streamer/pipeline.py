@@ -42,12 +42,22 @@ from streamer.kafka.outage import BrokerOutageLog
 from streamer.metrics import Health, Metrics
 from streamer.model import load_model_file
 from streamer.partitions import BatchPlan, CheckpointPolicy, Owned, PartitionManager
-from streamer.records import DeadLetter, DecodedBatch, ReadingDecoder, encode_predictions
+from streamer.records import (
+    ARROW_CONTENT_TYPE,
+    CONTENT_TYPE_HEADER,
+    BatchSpan,
+    DeadLetter,
+    DecodedBatch,
+    ReadingDecoder,
+    encode_arrow_predictions,
+    encode_predictions,
+)
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200
+ARROW_HEADERS = [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)]
 LAG_INTERVAL_S = 1.0
 BROKER_AWAY_BACKOFF_S = 0.5
 # Each LAG_INTERVAL_S the loop asks the brokers for the end offsets of its partitions, waiting at
@@ -135,6 +145,7 @@ class Pipeline:
         self.metrics = metrics
         self.health = health
         self.exactly_once = settings.kafka.exactly_once
+        self.arrow_output = settings.kafka.batch_output == "arrow"
         self.decoder = ReadingDecoder(engine.config.values_size)
         policy = CheckpointPolicy(settings.checkpoint.interval_s, settings.checkpoint.interval_readings)
         self.partitions = PartitionManager(consumer, engine, store, policy, metrics)
@@ -308,18 +319,19 @@ class Pipeline:
         ) if plan.replay_until else np.zeros(len(decoded.positions), dtype=bool)
         letters = [d for d in decoded.dead_letters if not plan.replayed(d.source.topic, d.source.partition, d.source.offset)]
         published = _select(predictions, ~replay) if replay.any() else predictions
+        spans = _published_spans(decoded.batch_spans, replay) if self.arrow_output and decoded.batch_spans else []
         batch = Unsettled(plan, report, len(published), int(replay.sum()), Tally(letter.reason.value for letter in letters),
                           published.ts, started)
         # 4-6. Produce predictions and dead letters; once the broker has them, commit offsets,
         #    then checkpoint the partitions that are due.
         if self.exactly_once:
-            if not self._publish_transaction(published, letters, plan, group):
+            if not self._publish_transaction(published, spans, letters, plan, group):
                 return  # nothing of this batch became visible
             self.partitions.committed(plan)
             self._commits_heard = self._commits_heard or bool(plan.commit)
             self._done(batch, time.time())
         else:
-            self._sends(published, letters)
+            self._sends(published, spans, letters)
             self._unsettled = batch  # settled by the next batch, an idle poll, a revocation or stop
 
     def _settle(self, wait: bool = True, commit: bool = False) -> bool:
@@ -411,14 +423,27 @@ class Pipeline:
         stepped = [self.engine.step(chunk) for chunk in chunks]
         return _concat([p for p, _ in stepped]), _total([r for _, r in stepped])
 
-    def _sends(self, predictions: PredictionBatch, letters: list[DeadLetter]) -> int:
-        """Queue the batch's predictions and dead letters; returns how many."""
+    def _sends(self, predictions: PredictionBatch, spans: list[BatchSpan], letters: list[DeadLetter]) -> int:
+        """Queue the batch's predictions (those in ``spans``, rows of batch messages, as batch
+        messages; the rest as JSON) and dead letters; returns how many messages."""
         kafka = self.settings.kafka
         produce = self.producer.produce
+        version = self.engine.model_version
         sent = 0
-        for key, value in encode_predictions(predictions, self.engine.model_version):
-            produce(kafka.output_topic, key, value)
-            sent += 1
+        rows = predictions
+        if spans:
+            json_rows = np.ones(len(predictions), dtype=bool)
+            for span in spans:
+                json_rows[span.start : span.stop] = False
+            rows = _select(predictions, json_rows) if json_rows.any() else None
+        if rows is not None:
+            for key, value in encode_predictions(rows, version):
+                produce(kafka.output_topic, key, value)
+                sent += 1
+        for span in spans:  # after the JSON ones: each key's messages keep their order either way
+            for value in encode_arrow_predictions(_rows(predictions, span.start, span.stop), version):
+                produce(kafka.output_topic, span.key, value, ARROW_HEADERS)
+                sent += 1
         for letter in letters:
             # Kafka clients cannot send a message without key and value: keep an empty value.
             value = letter.value if letter.value is not None or letter.key is not None else b""
@@ -474,7 +499,8 @@ class Pipeline:
         return True
 
     def _publish_transaction(
-        self, predictions: PredictionBatch, letters: list[DeadLetter], plan: BatchPlan, group: object
+        self, predictions: PredictionBatch, spans: list[BatchSpan], letters: list[DeadLetter], plan: BatchPlan,
+        group: object,
     ) -> bool:
         """One transaction: outputs and input offsets. False when it was aborted; then the
         batch's partitions are recovered again (the engine applied what nobody will see)."""
@@ -486,7 +512,7 @@ class Pipeline:
             if unfenced:
                 raise PartitionsMoved(f"partitions left this process during the batch: {sorted(unfenced)}")
             producer.begin_transaction()
-            self._sends(predictions, letters)
+            self._sends(predictions, spans, letters)
             if plan.commit:
                 offsets = dict(plan.commit)
                 _bounded(lambda: producer.send_offsets_to_transaction(offsets, group), "send_offsets_to_transaction",
@@ -799,6 +825,24 @@ def _concat(batches: list[PredictionBatch]) -> PredictionBatch:
 def _total(reports: list[StepReport]) -> StepReport:
     """The reports of consecutive chunks added up (devices: per chunk, so a device in two counts twice)."""
     return StepReport(**{f.name: sum(getattr(r, f.name) for r in reports) for f in fields(StepReport)})
+
+
+def _rows(predictions: PredictionBatch, start: int, stop: int) -> PredictionBatch:
+    return PredictionBatch(
+        predictions.device_ids[start:stop], predictions.ts[start:stop], predictions.forecast[start:stop],
+        predictions.anomaly_score[start:stop], predictions.is_anomaly[start:stop], predictions.residual[start:stop],
+        predictions.surprise[start:stop],
+    )
+
+
+def _published_spans(spans: list[BatchSpan], replay: np.ndarray) -> list[BatchSpan]:
+    """The batch messages' spans among the published predictions: a message's rows share its
+    offset, so they are replayed all or none."""
+    if not replay.any():
+        return spans
+    before = np.concatenate([[0], np.cumsum(replay)])  # replayed readings before each index
+    return [span._replace(start=span.start - int(before[span.start]), stop=span.stop - int(before[span.stop]))
+            for span in spans if not replay[span.start]]
 
 
 def _select(predictions: PredictionBatch, mask: np.ndarray) -> PredictionBatch:

@@ -29,6 +29,13 @@ size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf 
 Output value (JSON): {"device_id", "ts" (epoch seconds), "forecast", "anomaly_score",
 "is_anomaly", "residual", "model_version"}, floats written shortest-round-trip (they read back
 bit for bit), never NaN or infinity.
+
+Output batch (kafka.batch_output = "arrow", for readings that came in a batch message): the
+predictions of one batch message's readings as Arrow IPC streams with the same content-type
+header and the input message's key, in row order, each of at most ARROW_OUTPUT_BYTES (a big
+input message gives several, in order): columns device_id (string), ts (float64), forecast
+(fixed_size_list<float32>), anomaly_score (float64), is_anomaly (bool), residual (float32),
+model_version (dictionary<int8, string>); the same fields and values as the JSON output.
 """
 
 from __future__ import annotations
@@ -116,14 +123,25 @@ class DeadLetter:
         ]
 
 
+class BatchSpan(NamedTuple):
+    """The readings [start, stop) of one batch message, its key and position."""
+
+    start: int
+    stop: int
+    key: bytes
+    position: SourcePosition
+
+
 @dataclass
 class DecodedBatch:
     """Readings that passed validation (offset order; a batch message's rows in row order, sharing
-    its position) and the dead letters of the rest (one per message)."""
+    its position) and the dead letters of the rest (one per message); where each batch message's
+    rows are among the readings."""
 
     readings: ReadingBatch
     positions: list[SourcePosition]  # one per reading
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    batch_spans: list[BatchSpan] = field(default_factory=list)
 
 
 class KafkaMessage(Protocol):
@@ -257,7 +275,7 @@ class ReadingDecoder:
         ts: list[float] = []
         values: list[list[float]] = []
         positions: list[SourcePosition] = []
-        batches: list[tuple[int, ArrowRows, SourcePosition]] = []  # (JSON readings before it, rows, position)
+        batches: list[tuple[int, ArrowRows, SourcePosition, bytes]] = []  # (JSON readings before it, rows, position, key)
         dead: list[DeadLetter] = []
         decode_one = self.decode_one
         for msg in messages:
@@ -265,7 +283,7 @@ class ReadingDecoder:
             if msg.headers and _is_arrow(msg.headers):
                 result = self.decode_arrow(msg.key, msg.value)
                 if type(result) is ArrowRows:
-                    batches.append((len(ids), result, position))
+                    batches.append((len(ids), result, position, msg.key))
                     continue
             else:
                 result = decode_one(msg.key, msg.value)
@@ -280,9 +298,11 @@ class ReadingDecoder:
             dead.append(DeadLetter(reason, detail, msg.key, msg.value, headers, position))
         json_rows = ArrowRows(ids, np.asarray(ts, dtype=np.float64),
                               np.asarray(values, dtype=np.float32).reshape(len(ids), self.input_size))
-        readings, positions = _assemble(json_rows, positions, batches) if batches else (json_rows, positions)
+        spans: list[BatchSpan] = []
+        readings, positions = _assemble(json_rows, positions, batches, spans) if batches else (json_rows, positions)
         partitions = np.asarray([p.partition for p in positions], dtype=np.int32)
-        return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions), positions, dead)
+        return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions), positions, dead,
+                            spans)
 
 
 def _is_arrow(headers: list[tuple[str, bytes | None]]) -> bool:
@@ -290,21 +310,26 @@ def _is_arrow(headers: list[tuple[str, bytes | None]]) -> bool:
 
 
 def _assemble(
-    json_rows: ArrowRows, json_positions: list[SourcePosition], batches: list[tuple[int, ArrowRows, SourcePosition]]
+    json_rows: ArrowRows,
+    json_positions: list[SourcePosition],
+    batches: list[tuple[int, ArrowRows, SourcePosition, bytes]],
+    spans: list[BatchSpan],
 ) -> tuple[ArrowRows, list[SourcePosition]]:
-    """The JSON readings with each batch message's rows put in after the JSON readings before it."""
+    """The JSON readings with each batch message's rows put in after the JSON readings before it;
+    appends each batch message's span to ``spans``."""
     ids: list[str] = []
     ts: list[np.ndarray] = []
     values: list[np.ndarray] = []
     positions: list[SourcePosition] = []
     done = 0
-    for before, rows, position in [*batches, (len(json_rows.device_ids), None, None)]:
+    for before, rows, position, key in [*batches, (len(json_rows.device_ids), None, None, None)]:
         ids += json_rows.device_ids[done:before]
         ts.append(json_rows.ts[done:before])
         values.append(json_rows.values[done:before])
         positions += json_positions[done:before]
         done = before
         if rows is not None:
+            spans.append(BatchSpan(len(ids), len(ids) + len(rows.device_ids), key, position))
             ids += rows.device_ids
             ts.append(rows.ts)
             values.append(rows.values)
@@ -509,6 +534,42 @@ def encode_predictions(predictions: PredictionBatch, model_version: str) -> list
     rows = zip(ids, _json_numbers(predictions.ts), forecast, _json_numbers(predictions.anomaly_score), flags,
                _json_numbers(predictions.residual))
     return [(device_id.encode("utf-8"), template % row) for device_id, row in zip(device_ids, rows)]
+
+
+# An output batch message stays below this (the broker's default max.message.bytes is 1 MiB):
+# a batch message of more rows gives several.
+ARROW_OUTPUT_BYTES = 768 * 1024
+
+
+def encode_arrow_predictions(predictions: PredictionBatch, model_version: str) -> list[bytes]:
+    """The predictions as Arrow IPC streams (the output batch format of the module docstring), in
+    row order, each of at most ARROW_OUTPUT_BYTES unless one row alone is bigger; none for none."""
+    n = len(predictions)
+    if n == 0:
+        return []
+    features = predictions.forecast.shape[1]
+    row_bytes = 8 + 8 + 4 * features + 8 + 1 + 4 + 1  # ts, forecast, score, flag, residual, version index
+    ids = pa.array(predictions.device_ids, pa.string())
+    id_bytes = ids.buffers()[2].size  # UTF-8, with an offset of 4 bytes a row
+    # IPC framing and padding are a few hundred bytes a message: the margin keeps them inside the bound.
+    per_message = max(1, int((ARROW_OUTPUT_BYTES - 4096) / (row_bytes + 4 + id_bytes / n)))
+    table = pa.table({
+        "device_id": ids,
+        "ts": pa.array(np.asarray(predictions.ts, dtype=np.float64)),
+        "forecast": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(predictions.forecast, dtype=np.float32).reshape(-1)), features),
+        "anomaly_score": pa.array(np.asarray(predictions.anomaly_score, dtype=np.float64)),
+        "is_anomaly": pa.array(np.asarray(predictions.is_anomaly, dtype=bool)),
+        "residual": pa.array(np.asarray(predictions.residual, dtype=np.float32)),
+        "model_version": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int8)), pa.array([model_version])),
+    })
+    values = []
+    for start in range(0, n, per_message):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(start, per_message))
+        values.append(sink.getvalue().to_pybytes())
+    return values
 
 
 def _json_numbers(column: np.ndarray) -> list[bytes]:

@@ -84,6 +84,11 @@ class KafkaSettings(Section):
     exactly_once: bool = Field(
         False, description="commit predictions and input offsets in one Kafka transaction (read_committed downstream)"
     )
+    batch_output: Literal["json", "arrow"] = Field(
+        "json", description="predictions of readings that came in a batch message: json (a message per prediction,"
+        " keyed by device, as for JSON readings) or arrow (batch messages keyed by the input message's key, with"
+        " its content-type header; see README, Topics and messages)"
+    )
     commit_interval_ms: Annotated[int, Field(ge=0, le=600_000)] = Field(
         1000, description="at-least-once: acknowledged batches' offsets are committed together at most this often"
         " while the loop is busy (at once when it goes idle, a checkpoint is due, partitions move or it stops);"

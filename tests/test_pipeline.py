@@ -56,13 +56,14 @@ class Rig:
     and checkpoint directory."""
 
     def __init__(self, tmp_path, exactly_once: bool = False, checkpoint_readings: int = 1, capacity: int = 100,
-                 metrics: Metrics | None = None, commit_interval_ms: int = 1000) -> None:
+                 metrics: Metrics | None = None, commit_interval_ms: int = 1000, batch_output: str = "json") -> None:
         config = ModelConfig(2, 8, 1, 2)
         self.model_path = tmp_path / "m.pt"
         save_model_file(self.model_path, init_random_model(config, seed=3), config, "v1")
         self.settings = load_settings({
             "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq", "group_id": "g",
-                      "exactly_once": exactly_once, "commit_interval_ms": commit_interval_ms},
+                      "exactly_once": exactly_once, "commit_interval_ms": commit_interval_ms,
+                      "batch_output": batch_output},
             "model": {"path": self.model_path, "device": "cpu"},
             "checkpoint": {"directory": tmp_path / "cp", "interval_readings": checkpoint_readings},
             "batch": {"max_records": 1000, "max_wait_ms": 0},
@@ -500,6 +501,66 @@ def test_the_replayed_metric_counts_readings_as_the_summary_does(tmp_path):
     assert rig.pipeline.summary.replayed == 16
     assert registry.get_sample_value("streamer_replayed_messages_total") == 16
     assert len(rig.broker.messages("out")) == 24
+
+
+def arrow_rows(messages) -> list[dict]:
+    """The rows of Arrow output messages, in order."""
+    import pyarrow as pa
+
+    return [row for m in messages for row in pa.ipc.open_stream(m.value).read_all().to_pylist()]
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_arrow_batch_output_one_message_per_batch_message_json_for_json_readings(tmp_path, exactly_once):
+    """kafka.batch_output = arrow: a batch message's predictions go out as a batch message under
+    its key and header; JSON readings keep JSON predictions; the values are those JSON carries."""
+    (tmp_path / "json").mkdir()
+    (tmp_path / "arrow").mkdir()
+    rigs = {out: Rig(tmp_path / out, exactly_once=exactly_once, batch_output=out) for out in ("json", "arrow")}
+    for rig in rigs.values():
+        rig.write(per_device=1)
+        rig.write_arrow(b"gw-0", DEVICES[:5], ts=1)
+        rig.write_arrow(b"gw-1", DEVICES[5:], ts=1)
+        rig.write(per_device=1, start_ts=2)
+        for _ in range(3):
+            rig.pipeline.run_once()
+    as_json = [json.loads(m.value) for m in rigs["json"].broker.messages("out")]
+    out = rigs["arrow"].broker.messages("out")
+    batches = [m for m in out if m.headers == [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)]]
+    assert [m.key for m in batches] == [b"gw-0", b"gw-1"]
+    singles = [json.loads(m.value) for m in out if not m.headers]
+    assert len(singles) == 16 and all(m.key == m_json["device_id"].encode() for m, m_json in
+                                      zip([m for m in out if not m.headers], singles))
+    rows = arrow_rows(batches)
+    assert [r["device_id"] for r in rows] == DEVICES
+    expected = {(o["device_id"], o["ts"]): o for o in as_json}
+    assert len(expected) == 24
+    for row in rows + singles:
+        want = expected.pop((row["device_id"], row["ts"]))
+        assert row["forecast"] == want["forecast"]  # float32 both ways: the same numbers
+        assert (row["anomaly_score"], row["is_anomaly"], row["model_version"]) == (
+            want["anomaly_score"], want["is_anomaly"], want["model_version"])
+        assert row["residual"] == want["residual"]
+    assert not expected
+    assert rigs["arrow"].pipeline.summary.readings == 24
+
+
+def test_arrow_batch_output_leaves_replayed_batch_messages_out(tmp_path):
+    rig = Rig(tmp_path, checkpoint_readings=10_000, batch_output="arrow")
+    rig.write_arrow(b"gw-0", DEVICES)
+    rig.write(per_device=1, start_ts=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    rig.restart()  # replays everything from the fresh checkpoint at 0, publishing nothing of it
+    rig.write(per_device=1, start_ts=2)
+    rig.write_arrow(b"gw-0", DEVICES, ts=3)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert rig.pipeline.summary.replayed == 16
+    out = rig.broker.messages("out")
+    batches = [m for m in out if m.headers]
+    assert len(batches) == 2 and len(out) == 2 + 16
+    assert [r["ts"] for r in arrow_rows(batches)] == [1_700_000_000.0] * 8 + [1_700_000_003.0] * 8
 
 
 def test_the_lag_series_of_a_revoked_partition_is_removed(tmp_path):

@@ -29,6 +29,7 @@ from streamer.records import (
     Reading,
     ReadingDecoder,
     SourcePosition,
+    encode_arrow_predictions,
     encode_predictions,
 )
 from tests.test_records_fuzz import (
@@ -486,3 +487,41 @@ def test_a_prediction_that_is_not_finite_is_refused(field: str, bad: float) -> N
     getattr(batch, field)[1] = bad
     with pytest.raises(ValueError, match=rf"prediction {field} of device 'b' is .*not finite"):
         encode_predictions(batch, "v")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_arrow_predictions_carry_what_json_carries_bit_for_bit(data) -> None:
+    n = data.draw(st.integers(0, 30))
+    features = data.draw(st.integers(1, 3))
+    ids = data.draw(st.lists(st.one_of(clean_text.filter(bool), st.just("é\n\"\\\u2028😀")), min_size=n, max_size=n))
+    batch = predictions_of(
+        ids, data.draw(st.lists(finite64, min_size=n, max_size=n)),
+        np.asarray(data.draw(st.lists(finite32, min_size=n * features, max_size=n * features)), dtype=np.float32).reshape(n, features),
+        data.draw(st.lists(finite64, min_size=n, max_size=n)), data.draw(st.lists(finite32, min_size=n, max_size=n)),
+    )
+    batch.is_anomaly[:] = np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+    version = data.draw(st.one_of(st.just('v%s%%b"é'), clean_text))
+    values = encode_arrow_predictions(batch, version)
+    assert len(values) == (1 if n else 0)
+    rows = [row for v in values for row in pa.ipc.open_stream(v).read_all().to_pylist()]
+    as_json = [json.loads(v) for _, v in encode_predictions(batch, version)]
+    assert [list(row) for row in rows] == [list(body) for body in as_json]
+    for row, body in zip(rows, as_json):
+        assert row == body  # forecast and residual: float32 widened, exactly as JSON writes them
+
+
+def test_arrow_predictions_are_cut_into_messages_below_the_size_bound(monkeypatch) -> None:
+    import streamer.records
+
+    monkeypatch.setattr(streamer.records, "ARROW_OUTPUT_BYTES", 12 * 1024)
+    n = 2000
+    ids = [f"sensor-{i:06d}-{'x' * (i % 40)}" for i in range(n)]
+    batch = predictions_of(ids, list(np.arange(n, dtype=float)), np.ones((n, 2)), [0.5] * n, [0.1] * n)
+    values = encode_arrow_predictions(batch, "v1")
+    assert len(values) > 5 and max(map(len, values)) <= 12 * 1024
+    tables = [pa.ipc.open_stream(v).read_all() for v in values]
+    assert tables[0].schema.field("forecast").type == pa.list_(pa.float32(), 2)
+    assert tables[0].schema.field("model_version").type == pa.dictionary(pa.int8(), pa.string())
+    joined = pa.concat_tables(tables)
+    assert joined.column("device_id").to_pylist() == ids and joined.column("ts").to_pylist() == list(range(n))

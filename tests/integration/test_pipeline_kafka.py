@@ -164,3 +164,69 @@ def test_event_times_far_off_are_counted_apart_from_latency(kafka_bootstrap: str
     assert service.metric("streamer_event_time_skew_total", direction="past") == 1  # 30 days old
     assert service.metric("streamer_event_to_publish_seconds_count") == 21
     assert 0 <= service.metric("streamer_event_to_publish_seconds_sum") < 21 * 60 + 21 * 60
+
+
+@pytest.mark.parametrize("batch_output", ["json", "arrow"])
+def test_batch_messages_end_to_end(kafka_bootstrap: str, unique: str, tmp_path, batch_output: str):
+    """Gateways' Arrow batch messages beside JSON readings through the real broker: every reading
+    gets the offline model's prediction, a batch message with a bad row is dead-lettered whole,
+    and under kafka.batch_output = arrow a batch message's predictions come back as batch messages
+    under its key."""
+    import pyarrow as pa
+
+    from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
+
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"], partitions=3)
+    model_path = tmp_path / "model.pt"
+    bundle = write_model(model_path, seed=5, version="batch-v1")
+    header = [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)]
+    rng = np.random.default_rng(4)
+    gateways = {f"gw-{g}".encode(): [f"gw{g}-dev-{d:02d}" for d in range(12)] for g in range(4)}
+    singles = [f"solo-{d:02d}" for d in range(6)]
+    rounds = 10
+    sequences = {d: (rng.normal(size=(rounds, N_FEATURES)) * [5.0, 0.5] + [20.0, -3.0]).astype(np.float32)
+                 for d in [*singles, *(d for ds in gateways.values() for d in ds)]}
+    messages = []
+    for t in range(rounds):
+        ts = 1_700_000_000.0 + 60 * t
+        for gateway, devices in gateways.items():
+            values = np.stack([sequences[d][t] for d in devices])
+            messages.append((gateway, encode_arrow_readings(devices, np.full(len(devices), ts), values), header))
+        for d in singles:
+            messages.append((d.encode(), reading(d, ts, sequences[d][t].tolist()), None))
+    bad = encode_arrow_readings(["gw0-dev-00", "gw0-dev-01"], np.array([1.0, 2.0]), np.array([[1.0, 2.0], [np.nan, 1.0]]))
+    messages.append((b"gw-0", bad, header))
+    produce(kafka_bootstrap, topics["in"], messages)
+
+    service = ServiceThread(service_settings(kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "checkpoints",
+                                             kafka={"batch_output": batch_output}))
+    readings = len(sequences) * rounds
+    batch_messages = len(gateways) * rounds
+    try:
+        expected = batch_messages + len(singles) * rounds if batch_output == "arrow" else readings
+        out = read_topic(kafka_bootstrap, topics["out"], expected, timeout_s=120)
+        dlq = read_topic(kafka_bootstrap, topics["dlq"], 1, timeout_s=30)
+    finally:
+        summary = service.stop()
+    assert summary.readings == readings and summary.predictions == readings
+    assert len(out) == expected
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for record in out:
+        if record.headers:
+            assert batch_output == "arrow" and record.headers == [("content-type", ARROW_CONTENT_TYPE)]
+            table = pa.ipc.open_stream(record.value).read_all()
+            assert table.num_rows == 12 and set(table.column("device_id").to_pylist()) == set(gateways[record.key])
+            bodies = table.to_pylist()
+        else:
+            bodies = [json.loads(record.value)]
+            assert record.key == bodies[0]["device_id"].encode()
+        for body in bodies:
+            assert body["model_version"] == "batch-v1"
+            rows[body["device_id"]].append(body)
+    assert sorted(rows) == sorted(sequences)
+    for d, seq in sequences.items():  # one partition per device (per gateway): output order is reading order
+        assert [b["ts"] for b in rows[d]] == [1_700_000_000.0 + 60 * t for t in range(rounds)]
+        np.testing.assert_allclose(np.array([b["forecast"] for b in rows[d]]), offline(bundle, seq), atol=1e-5, rtol=1e-6)
+    assert len(dlq) == 1 and dict(dlq[0].headers)["streamer.reason"] == b"non_finite"
+    assert (dlq[0].key, dlq[0].value) == (b"gw-0", bad)

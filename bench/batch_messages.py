@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Arrow batch messages through the real broker: one JSON object per figure.
+
+A topic of 6 partitions holds GATEWAYS x ROUNDS batch messages of ROWS readings each (one
+value; a gateway's devices are its own, so the table holds GATEWAYS x ROWS devices). The run loop
+(Pipeline.run_once, confluent-kafka, default settings but the topics, model of hidden 64 x 2
+layers on the CPU) reads them all, once with kafka.batch_output = arrow (a batch message out per
+batch message in) and once with json (a message per prediction). Figures: readings/s from the
+first message to the last, and as a ratio of the engine's own rate (Engine.step alone, in this
+process, over the very batches the loop stepped, on a fresh table), measured right after each
+loop run so that machine noise hits both alike.
+
+BATCH_ROWS (16384), BATCH_GATEWAYS (8), BATCH_ROUNDS (8) size it. KAFKA_BOOTSTRAP_SERVERS uses a
+running broker; else deploy/kafka/local-kafka is started on free ports and stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from kafka_clients import emit, start_broker, stop_broker  # noqa: E402
+
+from streamer.engine import ReadingBatch  # noqa: E402
+from streamer.kafka import ensure_topics, open_consumer, open_producer  # noqa: E402
+from streamer.model import ModelConfig, init_random_model, save_model_file  # noqa: E402
+from streamer.pipeline import Pipeline  # noqa: E402
+from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings  # noqa: E402
+from streamer.service import build_engine  # noqa: E402
+from streamer.settings import KafkaSettings, Settings, load_settings  # noqa: E402
+
+ROWS = int(os.environ.get("BATCH_ROWS", "16384"))
+GATEWAYS = int(os.environ.get("BATCH_GATEWAYS", "8"))
+ROUNDS = int(os.environ.get("BATCH_ROUNDS", "8"))
+PARTITIONS, HIDDEN, LAYERS = 6, 64, 2
+READINGS = ROWS * GATEWAYS * ROUNDS
+DEVICES = ROWS * GATEWAYS
+
+
+def fill_topic(bootstrap: str, topic: str) -> None:
+    ensure_topics(bootstrap, {topic: PARTITIONS})
+    producer = open_producer(KafkaSettings(bootstrap_servers=bootstrap))
+    rng = np.random.default_rng(1)
+    header = [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)]
+    ts = time.time()
+    for r in range(ROUNDS):
+        for g in range(GATEWAYS):
+            ids = [f"gw{g:03d}-sensor-{i:06d}" for i in range(ROWS)]
+            value = encode_arrow_readings(ids, np.full(ROWS, ts + r), rng.normal(size=(ROWS, 1)))
+            producer.produce(topic, f"gateway-{g:03d}".encode(), value, header)
+    assert producer.flush(120) and not producer.delivery_failures(), "filling the topic failed"
+    producer.close(10)
+
+
+def settings_for(bootstrap: str, topic: str, model_path: Path, checkpoints: Path, batch_output: str) -> Settings:
+    return load_settings({
+        "kafka": {"bootstrap_servers": bootstrap, "input_topic": topic, "output_topic": f"{topic}-out-{batch_output}",
+                  "dead_letter_topic": f"{topic}-dlq", "group_id": f"bench-batch-{uuid.uuid4().hex[:6]}",
+                  "batch_output": batch_output},
+        "model": {"path": model_path, "device": "cpu"},
+        "state": {"capacity": DEVICES},
+        "checkpoint": {"directory": checkpoints},
+        "metrics": {"enabled": False},
+        "run": {"status_interval_s": 0},
+    })
+
+
+def loop(settings: Settings) -> tuple[float, list[ReadingBatch]]:
+    """Seconds from the first message to the last, and the batches the engine stepped."""
+    engine = build_engine(settings)
+    stepped: list[ReadingBatch] = []
+    step = engine.step
+
+    def kept(batch: ReadingBatch, now: float | None = None):
+        stepped.append(batch)
+        return step(batch, now)
+
+    engine.step = kept  # type: ignore[method-assign]
+    consumer = open_consumer(settings.kafka, settings.batch.max_records)
+    producer = open_producer(settings.kafka)
+    pipeline = Pipeline(settings, engine, consumer, producer)
+    pipeline.subscribe()
+    gc.freeze()  # as Pipeline.run does
+    stop = threading.Event()
+    first: float | None = None
+    while pipeline.summary.readings < READINGS:
+        if pipeline.run_once(stop) and first is None:
+            first = time.perf_counter()
+    pipeline._settle(commit=True)  # the last batch acknowledged, as the run loop does when it stops
+    assert first is not None
+    seconds = time.perf_counter() - first
+    producer.close(5)
+    consumer.close(5)
+    gc.unfreeze()
+    return seconds, stepped
+
+
+def engine_rate(settings: Settings, stepped: list[ReadingBatch]) -> float:
+    """Readings/s of Engine.step alone over the batches the loop stepped, on a fresh table."""
+    engine = build_engine(settings)
+    for batch in stepped:  # every device in the table, as the loop's run leaves it
+        engine.step(batch, now=0.0)
+    started, done = time.perf_counter(), 0
+    while time.perf_counter() - started < 3.0:
+        for batch in stepped:
+            engine.step(batch, now=0.0)
+            done += len(batch)
+    return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    import torch
+
+    bootstrap, broker_env = start_broker()
+    work = Path(tempfile.mkdtemp(prefix="streamer-bench-batch-"))
+    try:
+        topic = f"bench-batch-{uuid.uuid4().hex[:8]}"
+        fill_topic(bootstrap, topic)
+        ensure_topics(bootstrap, {f"{topic}-out-arrow": PARTITIONS, f"{topic}-out-json": PARTITIONS, f"{topic}-dlq": 1})
+        model_path = work / "model.pt"
+        config = ModelConfig(1, HIDDEN, LAYERS, 1)
+        save_model_file(model_path, init_random_model(config, seed=0), config, "bench")
+        for batch_output in ("arrow", "json"):
+            settings = settings_for(bootstrap, topic, model_path, work / f"cp-{batch_output}", batch_output)
+            seconds, stepped = loop(settings)
+            typical = int(statistics.median(len(b) for b in stepped))
+            engine = engine_rate(settings, stepped)
+            rate = READINGS / seconds
+            emit(figure="batch_messages_end_to_end", batch_output=batch_output, client=settings.kafka.client,
+                 rows_per_message=ROWS, messages=GATEWAYS * ROUNDS, readings=READINGS, devices=DEVICES,
+                 torch_threads=torch.get_num_threads(), median_step_readings=typical, readings_per_s=round(rate),
+                 engine_readings_per_s=round(engine), vs_engine=round(rate / engine, 3),
+                 goal_readings_per_s=1_000_000, goal_vs_engine=0.8)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        stop_broker(broker_env)
+
+
+if __name__ == "__main__":
+    main()
