@@ -172,6 +172,7 @@ class Pipeline:
         self._loop_thread: threading.Thread | None = None
         self._commits_heard = False  # whether a commit went through since the last lag check
         self._settling = False  # a revocation inside _settle's own flush or commit must not recurse
+        self._polling = False  # inside consumer.poll: where a revocation may settle and commit
         if metrics is not None:
             metrics.watch_table(lambda: len(engine.table), engine.table.capacity, engine.model_version)
 
@@ -182,12 +183,14 @@ class Pipeline:
         self.consumer.subscribe([self.settings.kafka.input_topic], hooks._replace(revoked=self._revoking(hooks.revoked)))
 
     def _revoking(self, revoked: Callable[[list[TopicPartition]], None]) -> Callable[[list[TopicPartition]], None]:
-        """Revocation settles the batch in flight first, while its partitions are still ours, so
-        that their checkpoints are at a committed offset. Only on the loop's own thread (the
-        rebalance runs inside its poll); on a client's thread the commit is refused as before."""
+        """Revocation settles the batch in flight and commits what waits first, while the
+        partitions are still ours, so that their checkpoints are at a committed offset. Only
+        inside the loop's own poll (where the clients run a rebalance); on a client's thread the
+        commit is refused as before, and inside consumer.close (which revokes too) a commit can
+        hang: librdkafka was seen to hold it until the callback it is called from returns."""
 
         def hook(partitions: list[TopicPartition]) -> None:
-            if threading.current_thread() is self._loop_thread and not self._settling:
+            if self._polling and threading.current_thread() is self._loop_thread and not self._settling:
                 self._settle(commit=True)
             revoked(partitions)
 
@@ -280,6 +283,7 @@ class Pipeline:
     def _poll(self, timeout_s: float, max_records: int) -> list[Message]:
         """consumer.poll, riding out a broker that is away (kafka-python raises then, at times,
         instead of retrying by itself)."""
+        self._polling = True
         try:
             return self.consumer.poll(timeout_s, max_records)
         except KafkaClientError as exc:
@@ -289,6 +293,8 @@ class Pipeline:
             self.outage.away(f"poll failed ({exc})")
             time.sleep(BROKER_AWAY_BACKOFF_S)
             return []
+        finally:
+            self._polling = False
 
     def _process(self, records: list[Message]) -> None:
         """The commit order, step by step. At-least-once, the batch leaves this method produced

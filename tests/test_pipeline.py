@@ -578,3 +578,15 @@ def test_the_lag_series_of_a_revoked_partition_is_removed(tmp_path):
     rig.pipeline._maybe_lag()
     assert registry.get_sample_value("streamer_consumer_lag", {"topic": "in", "partition": "0"}) is None
     assert registry.get_sample_value("streamer_consumer_lag", {"topic": "in", "partition": "1"}) == 0
+
+
+def test_a_revocation_outside_the_loops_poll_commits_nothing(tmp_path):
+    """consumer.close revokes too; a commit from inside it would never return (librdkafka holds
+    it until the callback returns): only revocations inside the loop's poll settle and commit."""
+    rig = Rig(tmp_path, checkpoint_readings=10_000, commit_interval_ms=60_000)
+    for t in range(2):
+        rig.write(per_device=1, start_ts=t)
+        rig.pipeline.run_once()
+    mark = rig.mark()
+    rig.consumer._apply("revoked", [P0, P1])  # as consumer.close does, on the loop's thread
+    assert "commit" not in rig.since(mark) and committed(rig) == {P0: None, P1: None}

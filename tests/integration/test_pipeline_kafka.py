@@ -230,3 +230,43 @@ def test_batch_messages_end_to_end(kafka_bootstrap: str, unique: str, tmp_path, 
         np.testing.assert_allclose(np.array([b["forecast"] for b in rows[d]]), offline(bundle, seq), atol=1e-5, rtol=1e-6)
     assert len(dlq) == 1 and dict(dlq[0].headers)["streamer.reason"] == b"non_finite"
     assert (dlq[0].key, dlq[0].value) == (b"gw-0", bad)
+
+
+def test_closing_the_consumer_with_offsets_waiting_returns(kafka_bootstrap: str, unique: str, tmp_path):
+    """Offsets acknowledged and waiting for the commit interval when the loop's thread closes the
+    consumer: the revocation close makes must not try to commit them (with librdkafka that
+    commit never returned). They are re-delivered to the next member, as at-least-once allows."""
+    import threading
+
+    from streamer.kafka import open_consumer, open_producer
+    from streamer.pipeline import Pipeline
+    from streamer.service import build_engine
+
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"], partitions=2)
+    model_path = tmp_path / "model.pt"
+    write_model(model_path, seed=6, version="close-v1")
+    produce(kafka_bootstrap, topics["in"], [(f"dev-{d}".encode(), reading(f"dev-{d}", 1_700_000_000.0, [20.0, -3.0]), None)
+                                            for d in range(20)])
+    settings = service_settings(kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "cp",
+                                kafka={"commit_interval_ms": 60_000}, checkpoint={"interval_readings": 100_000})
+    seen: dict[str, object] = {}
+
+    def the_loop() -> None:  # subscribe, run and close on one thread, as the service does
+        consumer = open_consumer(settings.kafka, settings.batch.max_records)
+        producer = open_producer(settings.kafka)
+        pipeline = Pipeline(settings, build_engine(settings), consumer, producer)
+        pipeline.subscribe()
+        deadline = time.monotonic() + 60
+        while pipeline.summary.readings < 20 and time.monotonic() < deadline:
+            pipeline.run_once()
+        seen["readings"], seen["waiting"] = pipeline.summary.readings, dict(pipeline._to_commit)
+        consumer.close(5)
+        seen["closed"] = True
+        producer.close(5)
+
+    loop = threading.Thread(target=the_loop, daemon=True)
+    loop.start()
+    loop.join(90)
+    assert seen.get("readings") == 20 and seen.get("waiting"), seen  # acknowledged, not committed
+    assert seen.get("closed"), "consumer.close did not return"
