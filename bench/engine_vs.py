@@ -6,12 +6,13 @@ Checks BASE_REF out into a temporary git worktree and times `Engine.step` over B
 reading each; H=64, L=2, 1 value, CPU) in both trees, alternating base and head ROUNDS times in
 fresh processes, so that machine noise hits both alike. Prints one JSON line per batch size
 with the best of each tree's rounds (noise on a shared machine only slows a round down) and
-their ratio (head / base).
+their ratio (head / base). ENGINE_VS_STATE_DTYPE=bfloat16 times bfloat16 state instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 BASE_REF = "de7d5ac"  # the last commit with the residual z-score
 ROUNDS = 5
+STATE_DTYPE = os.environ.get("ENGINE_VS_STATE_DTYPE", "float32")  # or bfloat16 (a tree that has it)
 SNIPPET = r"""
 import json, sys, time
 import numpy as np, torch
@@ -32,7 +34,7 @@ config = ModelConfig(1, 64, 2, 1)
 bundle = ModelBundle(init_random_model(config, 0), config, "bench", None)
 out = {}
 for batch in (1024, 16384):
-    engine = Engine.build(bundle, capacity=batch, device="cpu")
+    engine = Engine.build(bundle, capacity=batch, device="cpu", **({"state_dtype": torch.bfloat16} if sys.argv[1] == "bfloat16" else {}))
     readings = ReadingBatch([f"d{i}" for i in range(batch)], np.zeros(batch),
                             np.random.default_rng(0).normal(size=(batch, 1)).astype(np.float32))
     engine.step(readings, now=0.0)
@@ -46,7 +48,7 @@ print(json.dumps(out))
 
 
 def run(tree: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", SNIPPET], cwd=tree, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", SNIPPET, STATE_DTYPE], cwd=tree, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -66,7 +68,7 @@ def main() -> int:
     for batch in results["head"][0]:
         b = max(r[batch] for r in results["base"])
         h = max(r[batch] for r in results["head"])
-        print(json.dumps({"figure": "engine_step_vs_base", "base": base_ref, "batch": int(batch),
+        print(json.dumps({"figure": "engine_step_vs_base", "base": base_ref, "state_dtype": STATE_DTYPE, "batch": int(batch),
                           "base_device_steps_per_s": round(b), "head_device_steps_per_s": round(h),
                           "ratio": round(h / b, 3)}))
     return 0

@@ -386,7 +386,7 @@ class Engine:
         """
         lay, f = self.layout, self.config.values_size
         # h and c: read by the LSTM step from these rows, or from the table itself (reads_lead).
-        rows = self.table.gather(slots, lead=not self.lstm.reads_lead)
+        rows = self.table.gather(slots, lead=not self.lstm.reads_lead, scratch=True)  # read before the scatter below
         s = lay.seen
         seen, n, mean, var, short, var_one, streak, peak = rows[:, s : s + lay.STATS].unbind(1)
         values = x[:, :f]

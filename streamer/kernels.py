@@ -111,6 +111,7 @@ class TorchLstmStep(LstmStep):
         self.head_w = head_w.to(device)
         self.head_b = head_b.to(device)
         self._buffers: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._lead_rows: dict[int, Tensor] = {}  # h and c gathered from the table, per row count
 
     def _buffers_for(self, m: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(layer input (m, max in + H) in the dot dtype, its gates (m, 4H), the gates in float32,
@@ -130,7 +131,14 @@ class TorchLstmStep(LstmStep):
 
     def __call__(self, x: Tensor, slots: Tensor, rows: Tensor | None, lead: Tensor) -> Tensor:
         if self.reads_lead:
-            rows = lead.index_select(0, slots)
+            # Into a buffer kept per row count: a fresh one faults its pages in on every call.
+            held = self._lead_rows.get(len(slots))
+            if held is None or held.dtype != lead.dtype or held.shape[1] != lead.shape[1]:
+                if len(self._lead_rows) > 8:
+                    self._lead_rows.clear()
+                held = self._lead_rows[len(slots)] = torch.empty(len(slots), lead.shape[1], dtype=lead.dtype,
+                                                                 device=lead.device)
+            rows = torch.index_select(lead, 0, slots, out=held)
         elif rows is None:
             raise ValueError("TorchLstmStep needs the gathered rows")
         b, hs, lay = len(x), self.hidden_size, self.num_layers
@@ -161,7 +169,9 @@ class TorchLstmStep(LstmStep):
             inp_width = hs
         out = torch.addmm(self.head_b, new[:, (lay - 1) * hs : lh], self.head_w)[:b]
         hc = new[:b]
-        lead.index_copy_(0, slots, hc if lead.dtype == hc.dtype else hc.to(lead.dtype))
+        if lead.dtype != hc.dtype:  # narrowed in the buffer h and c were gathered into (it is read by now)
+            hc = rows[:b].copy_(hc) if self.reads_lead and rows.dtype == lead.dtype else hc.to(lead.dtype)
+        lead.index_copy_(0, slots, hc)
         return out
 
 

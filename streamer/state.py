@@ -68,6 +68,7 @@ class DeviceStateTable:
         self.lead_width = lead_width
         self.lead_dtype = lead_dtype or dtype
         self._rows: Tensor | None = None
+        self._scratch: dict[int, Tensor] = {}  # gather(scratch=True)'s buffers, per row count
         if self.lead_dtype == dtype:
             self._rows = torch.zeros(capacity, width, device=self.device, dtype=dtype)
             self.lead: Tensor = self._rows[:, :lead_width]
@@ -216,16 +217,30 @@ class DeviceStateTable:
             self._release(self._device_of[int(slot)])
         return len(slots)
 
-    def gather(self, slots: Tensor, lead: bool = True) -> Tensor:
+    def gather(self, slots: Tensor, lead: bool = True, scratch: bool = False) -> Tensor:
         """rows[slots]: (n, width) in the table's dtype, a copy. lead=False leaves the lead
-        columns of the copy unset (uninitialised): for a step that reads them from ``lead``."""
+        columns of the copy unset (uninitialised): for a step that reads them from ``lead``.
+        scratch=True: the copy is written into a buffer the table keeps per row count and hands
+        out again at the next scratch gather of as many rows (a step's working copy): a fresh
+        multi-MB tensor per call faults its pages in every time, which on the CPU cost more
+        than the gather itself."""
+        out = self._scratch_for(len(slots)) if scratch else None
         if lead and self._rows is not None:
-            return self._rows.index_select(0, slots)
-        out = torch.empty(len(slots), self.width, device=self.device, dtype=self.dtype)
+            return self._rows.index_select(0, slots) if out is None else torch.index_select(self._rows, 0, slots, out=out)
+        if out is None:
+            out = torch.empty(len(slots), self.width, device=self.device, dtype=self.dtype)
         out[:, self.lead_width :] = self.rest.index_select(0, slots)
         if lead:
             out[:, : self.lead_width] = self.lead.index_select(0, slots)
         return out
+
+    def _scratch_for(self, n: int) -> Tensor:
+        buf = self._scratch.get(n)
+        if buf is None:
+            if len(self._scratch) > 8:  # a few sizes recur (full chunks, a tail): keep those
+                self._scratch.clear()
+            buf = self._scratch[n] = torch.empty(n, self.width, device=self.device, dtype=self.dtype)
+        return buf
 
     def scatter(self, slots: Tensor, values: Tensor, start: int = 0) -> None:
         """rows[slots, start : start + values.shape[1]] = values (cast to the columns' dtype);
