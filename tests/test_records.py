@@ -453,10 +453,9 @@ finite64 = st.floats(allow_nan=False, allow_infinity=False)
 finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 
 
-@settings(deadline=None, database=None, max_examples=300)
-@given(st.data())
-def test_predictions_read_back_exactly(data: st.DataObject) -> None:
-    n = data.draw(st.integers(0, 6))
+def drawn_predictions(data: st.DataObject, most: int) -> tuple[list[str], PredictionBatch, str]:
+    """Up to ``most`` predictions of 1-3 values with awkward ids and finite numbers, and a model version."""
+    n = data.draw(st.integers(0, most))
     features = data.draw(st.integers(1, 3))
     ids = data.draw(st.lists(st.one_of(clean_text.filter(bool), st.just("é\n\"\\\u2028😀")), min_size=n, max_size=n))
     batch = predictions_of(
@@ -464,7 +463,13 @@ def test_predictions_read_back_exactly(data: st.DataObject) -> None:
         np.asarray(data.draw(st.lists(finite32, min_size=n * features, max_size=n * features)), dtype=np.float32).reshape(n, features),
         data.draw(st.lists(finite64, min_size=n, max_size=n)), data.draw(st.lists(finite32, min_size=n, max_size=n)),
     )
-    version = data.draw(st.one_of(st.just('v%s%%b"é'), clean_text))
+    return ids, batch, data.draw(st.one_of(st.just('v%s%%b"é'), clean_text))
+
+
+@settings(deadline=None, database=None, max_examples=300)
+@given(st.data())
+def test_predictions_read_back_exactly(data: st.DataObject) -> None:
+    ids, batch, version = drawn_predictions(data, 6)
     encoded = encode_predictions(batch, version)
     assert [k for k, _ in encoded] == [d.encode() for d in ids]
     for row, (_, value) in enumerate(encoded):
@@ -492,16 +497,9 @@ def test_a_prediction_that_is_not_finite_is_refused(field: str, bad: float) -> N
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_arrow_predictions_carry_what_json_carries_bit_for_bit(data) -> None:
-    n = data.draw(st.integers(0, 30))
-    features = data.draw(st.integers(1, 3))
-    ids = data.draw(st.lists(st.one_of(clean_text.filter(bool), st.just("é\n\"\\\u2028😀")), min_size=n, max_size=n))
-    batch = predictions_of(
-        ids, data.draw(st.lists(finite64, min_size=n, max_size=n)),
-        np.asarray(data.draw(st.lists(finite32, min_size=n * features, max_size=n * features)), dtype=np.float32).reshape(n, features),
-        data.draw(st.lists(finite64, min_size=n, max_size=n)), data.draw(st.lists(finite32, min_size=n, max_size=n)),
-    )
+    ids, batch, version = drawn_predictions(data, 30)
+    n = len(ids)
     batch.is_anomaly[:] = np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
-    version = data.draw(st.one_of(st.just('v%s%%b"é'), clean_text))
     values = encode_arrow_predictions(batch, version)
     assert len(values) == (1 if n else 0)
     rows = [row for v in values for row in pa.ipc.open_stream(v).read_all().to_pylist()]
