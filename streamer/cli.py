@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamer")
 
-MIN_BOOTSTRAP_S = 5.0  # topics create waits at least this long for a broker (kafka.startup_wait_s when longer)
+MIN_BOOTSTRAP_S = 5.0  # topics create and simulate wait at least this long for a broker (kafka.startup_wait_s when longer)
 MAX_BAD_ROWS_SHOWN = 20  # train and replay --on-bad skip: rows printed, then a count
 
 
@@ -387,6 +387,7 @@ def _simulate(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
     from streamer.kafka import open_producer
+    from streamer.kafka.clients import kafka_logs_folded
     from streamer.simulate import DEFAULT_BATCH_ROWS, FleetSpec, run_simulator
 
     if args.duration is None and args.max_readings is None:
@@ -407,7 +408,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
     # The client of kafka.client, as `run` uses it, but never transactional: readings are not a
     # consumed batch's output.
-    producer = open_producer(kafka.model_copy(update={"exactly_once": False}))
+    with kafka_logs_folded():  # brokers that do not answer: our one line, not the library's every retry
+        producer = open_producer(kafka.model_copy(update={"exactly_once": False}),
+                                 bootstrap_timeout_ms=int(max(MIN_BOOTSTRAP_S, kafka.startup_wait_s) * 1000))
     try:
         summary = run_simulator(
             producer,

@@ -376,11 +376,13 @@ class Pipeline:
                 f" (first: {failed[0]!r}); offsets not committed, the batch will be re-delivered"
             )
         plan = batch.plan
-        if plan.commit:  # published either way; committed now or with the next ones
-            for tp, offset in plan.commit.items():
-                owned = self.partitions.owned.get(tp)
-                if owned is not None:  # else it moved on: its new owner re-reads past the last commit
-                    self._to_commit[tp] = (max(offset, self._to_commit[tp][0]), owned) if tp in self._to_commit else (offset, owned)
+        # Published either way; the offsets are committed now or with the next batches'.
+        for tp, offset in plan.commit.items():
+            owned = self.partitions.owned.get(tp)
+            if owned is not None:  # else it moved on: its new owner re-reads past the last commit
+                waiting = self._to_commit.get(tp)
+                self._to_commit[tp] = (offset if waiting is None else max(offset, waiting[0]), owned)
+        if self._to_commit:
             due = plan.checkpoint_due | (self._to_commit_plan.checkpoint_due if self._to_commit_plan else frozenset())
             self._to_commit_plan = replace(plan, checkpoint_due=due)
         self._done(batch, acked_at)

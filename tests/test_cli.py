@@ -255,6 +255,21 @@ def test_garbage_model_file_gives_our_error_without_torch_advice(tmp_path: Path,
     assert "weights_only" not in err and "torch.load" not in err
 
 
+@pytest.mark.parametrize("client", ["confluent-kafka", "kafka-python"])
+def test_simulate_against_brokers_that_do_not_answer_says_so_in_one_line(client: str):
+    """No broker: exit 2 within kafka.startup_wait_s (at least 5 s) and one line, not the client
+    library's line per refused connection (librdkafka's were a thousand in 30 s)."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "simulate", "--kafka-bootstrap-servers", "127.0.0.1:1", "--kafka-client", client,
+         "--kafka-startup-wait-s", "0", "--max-readings", "1"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2 and time.monotonic() - started < 30, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamer: error: Kafka at 127.0.0.1:1"), done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("rate", ["nan", "inf", "-inf", "-5", "lots"])
 def test_simulate_refuses_a_meaningless_rate(capsys, rate: str):
     with pytest.raises(SystemExit) as exit_:
@@ -286,11 +301,12 @@ def test_simulate_takes_the_kafka_settings_run_takes(tmp_path: Path, monkeypatch
     import streamer.kafka
     from streamer.kafka.memory import MemoryBroker, MemoryProducer
 
-    calls = []
+    calls, waits = [], []
     broker = MemoryBroker()
 
-    def open_producer(settings):
+    def open_producer(settings, bootstrap_timeout_ms=None):
         calls.append(settings)
+        waits.append(bootstrap_timeout_ms)
         return MemoryProducer(broker)
 
     monkeypatch.setattr(streamer.kafka, "open_producer", open_producer)
@@ -307,6 +323,7 @@ def test_simulate_takes_the_kafka_settings_run_takes(tmp_path: Path, monkeypatch
     assert (kafka.security_protocol, kafka.sasl_username) == ("SASL_PLAINTEXT", "sim")
     assert kafka.sasl_password.get_secret_value() == "s3cret"
     assert not kafka.exactly_once  # readings are not a transaction's output
+    assert waits[-1] == 120_000  # kafka.startup_wait_s, as `run` waits for the brokers
     assert [m.key for m in broker.messages("from-file")] and len(broker.messages("from-file")) == 3
     # Flags beat both; the old --bootstrap-servers still works, with a warning.
     assert main(["simulate", "--config", str(config), "--max-readings", "3", "--kafka-input-topic", "from-flag",
@@ -323,7 +340,7 @@ def test_simulate_prints_a_progress_line_every_few_seconds(monkeypatch, capsys):
     import streamer.kafka
     from streamer.kafka.memory import MemoryBroker, MemoryProducer
 
-    monkeypatch.setattr(streamer.kafka, "open_producer", lambda settings: MemoryProducer(MemoryBroker()))
+    monkeypatch.setattr(streamer.kafka, "open_producer", lambda settings, **_: MemoryProducer(MemoryBroker()))
     assert main(["simulate", "--devices", "5", "--rate", "1000", "--duration", "0.45", "--progress-interval", "0.1"]) == 0
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.startswith("streamer simulate: ")]

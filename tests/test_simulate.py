@@ -265,7 +265,7 @@ def test_simulate_command_passes_the_message_format(monkeypatch):
 
     calls = []
     producers: list[MemoryProducer] = []
-    monkeypatch.setattr(streamer.kafka, "open_producer", lambda settings: producers.append(MemoryProducer(MemoryBroker())) or producers[-1])
+    monkeypatch.setattr(streamer.kafka, "open_producer", lambda settings, **_: producers.append(MemoryProducer(MemoryBroker())) or producers[-1])
     monkeypatch.setattr(simulate, "run_simulator", lambda *a, **kw: calls.append(kw) or simulate.SimulationSummary(0, 0, 1, 0.0))
     base = ["simulate", "--max-readings", "5", "--progress-interval", "0"]
     assert cli.main([*base, "--format", "arrow", "--batch-rows", "7"]) == 0
