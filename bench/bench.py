@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -102,17 +101,12 @@ def cpu_ceiling(naive: float) -> None:
              ceiling_vs_naive_per_message=round(ceiling / naive, 1))
 
 
-def bench_engine(device: str) -> None:
+def bench_engine(device: str, naive: float) -> None:
     """Engine.step over B distinct devices, float32 and bfloat16 state, as a ratio of the
-    per-message loop measured in the same process."""
+    per-message loop's device-steps/s (``naive``, measured in the same process)."""
     config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
-    model = init_random_model(config, seed=0)
-    bundle = ModelBundle(model, config, "bench", None)
+    bundle = ModelBundle(init_random_model(config, seed=0), config, "bench", None)
     rng = np.random.default_rng(0)
-    naive = naive_per_message(model, rng)
-    emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS, device_steps_per_s=round(naive))
-    if device == "cpu":
-        cpu_ceiling(naive)
     for state_dtype in (torch.float32, torch.bfloat16):
         for batch in (1024, 16384, 131072):
             engine = Engine.build(bundle, capacity=batch, device=device, state_dtype=state_dtype)
@@ -133,15 +127,6 @@ def bench_engine(device: str) -> None:
                  device_steps_per_s=round(batch / seconds), step_ms=round(seconds * 1e3, 3),
                  kernel_device_steps_per_s=round(batch / kernel_seconds),
                  vs_naive_per_message=round(batch / seconds / naive, 1))
-
-
-def start_broker() -> tuple[str, dict | None]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        return os.environ["KAFKA_BOOTSTRAP_SERVERS"], None
-    env = {**os.environ, "KAFKA_PORT": "auto", "KAFKA_STATE_DIR": tempfile.mkdtemp(prefix="streamer-bench-kafka-")}
-    out = subprocess.run([str(REPO / "deploy/kafka/local-kafka"), "start"], env=env, stdout=subprocess.PIPE,
-                         text=True, check=True)
-    return out.stdout.strip().splitlines()[-1], env
 
 
 def fill_topic(bootstrap: str, topic: str) -> None:
@@ -238,6 +223,8 @@ def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
 
 
 def bench_end_to_end() -> None:
+    from kafka_clients import start_broker, stop_broker  # this script's sibling
+
     bootstrap, broker_env = start_broker()
     try:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
@@ -256,16 +243,19 @@ def bench_end_to_end() -> None:
                  vs_consume_only=round(figures["consume_only"] / seconds, 3),
                  vs_passthrough=round(figures["passthrough"] / seconds, 3))
     finally:
-        if broker_env is not None:
-            subprocess.run([str(REPO / "deploy/kafka/local-kafka"), "stop"], env=broker_env, capture_output=True)
+        stop_broker(broker_env)
 
 
 def main() -> None:
     emit(figure="machine", python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
          torch_threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    bench_engine("cpu")
+    config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
+    naive = naive_per_message(init_random_model(config, seed=0), np.random.default_rng(0))
+    emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS, device_steps_per_s=round(naive))
+    cpu_ceiling(naive)
+    bench_engine("cpu", naive)
     if torch.cuda.is_available():
-        bench_engine("cuda")
+        bench_engine("cuda", naive)
     if os.environ.get("BENCH_SKIP_KAFKA") != "1":
         bench_end_to_end()
 

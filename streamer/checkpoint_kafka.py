@@ -109,6 +109,13 @@ class _PartitionIndex:
     manifests: dict[tuple[str, int], dict[int, Manifest]] = field(default_factory=dict)  # (topic, partition) -> offset -> manifest
     chunks: dict[str, int] = field(default_factory=dict)  # chunk key -> changelog offset
 
+    def wrote(self, offsets: list[int]) -> None:
+        """Records this store wrote at ``offsets`` and put in the index itself: read past them
+        when they follow on from ``position`` (someone else's records in between are read)."""
+        for at in sorted(offsets):
+            if at == self.position:
+                self.position += 1
+
     def apply(self, key: str, value: bytes | None, at: int) -> None:
         parts = key.split("/")
         if len(parts) != 5 or not parts[2].isdigit() or not parts[3].isdigit():
@@ -193,12 +200,13 @@ class KafkaCheckpointStore(CheckpointStore):
                             hashlib.sha256(data).hexdigest(), refs)
         try:
             chunk_offsets = self.changelog.write(at, [(r.key.encode(), c) for r, c in zip(refs, chunks)], CALL_TIMEOUT_S)
-            self.changelog.write(at, [(manifest.key.encode(), manifest.to_bytes())], CALL_TIMEOUT_S)
+            manifest_offsets = self.changelog.write(at, [(manifest.key.encode(), manifest.to_bytes())], CALL_TIMEOUT_S)
         except KafkaClientError as exc:
             raise ChangelogUnavailable(f"checkpoint {manifest.key} not written to {self.changelog.topic}: {exc}") from exc
         for ref, chunk_at in zip(refs, chunk_offsets):
             index.chunks[ref.key] = chunk_at
         index.manifests.setdefault((topic, partition), {})[offset] = manifest
+        index.wrote([*chunk_offsets, *manifest_offsets])  # a recovery need not read our own writes back
         self._prune(at, index, topic, partition)
         return manifest.key
 
@@ -206,8 +214,9 @@ class KafkaCheckpointStore(CheckpointStore):
         """Tombstones for the checkpoints of a partition beyond ``keep`` and for chunks older than
         the oldest kept that no manifest names (a writer died before its manifest)."""
         manifests = index.manifests.get((topic, partition), {})
-        kept = sorted(manifests, reverse=True)[: self.keep]
-        dropped = [manifests[o] for o in sorted(manifests, reverse=True)[self.keep :]]
+        newest_first = sorted(manifests, reverse=True)
+        kept = newest_first[: self.keep]
+        dropped = [manifests[o] for o in newest_first[self.keep :]]
         named = {c.key for o in kept for c in manifests[o].chunks}
         own = f"{self._prefix}{topic}/{partition}/"
         orphans = [
@@ -218,7 +227,7 @@ class KafkaCheckpointStore(CheckpointStore):
         if not keys:
             return
         try:
-            self.changelog.write(at, [(key.encode(), None) for key in keys], CALL_TIMEOUT_S)
+            written = self.changelog.write(at, [(key.encode(), None) for key in keys], CALL_TIMEOUT_S)
         except KafkaClientError as exc:  # the new checkpoint is in place; the old ones can go next time
             log.debug("could not delete %d old checkpoint records of %s[%d]: %s", len(keys), topic, partition, exc)
             return
@@ -226,6 +235,7 @@ class KafkaCheckpointStore(CheckpointStore):
             manifests.pop(m.offset, None)
         for key in keys:
             index.chunks.pop(key, None)
+        index.wrote(written)
 
     def load_latest(
         self,

@@ -32,6 +32,7 @@ from streamer.errors import StreamerError
 from streamer.settings import (
     CONFIG_ENV,
     NONE_WORDS,
+    KafkaSettings,
     Settings,
     closest_setting,
     describe_setting,
@@ -357,7 +358,7 @@ def _topics_create(args: argparse.Namespace) -> int:
     specs = topic_specs(settings)
     created = ensure_topics(
         kafka.bootstrap_servers, specs, kafka.client_id, security=security_config(kafka),
-        bootstrap_timeout_ms=int(max(MIN_BOOTSTRAP_S, kafka.startup_wait_s) * 1000),
+        bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka),
     )
     print(json.dumps({"topics": [
         {"name": name, "partitions": spec.partitions, "replication_factor": spec.replication_factor,
@@ -381,6 +382,11 @@ class _DeprecatedAlias(argparse.Action):
                  option_string: str | None = None) -> None:
         print(f"streamer: warning: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def _bootstrap_timeout_ms(kafka: KafkaSettings) -> int:
+    """How long topics create and simulate wait for a broker: kafka.startup_wait_s, at least MIN_BOOTSTRAP_S."""
+    return int(max(MIN_BOOTSTRAP_S, kafka.startup_wait_s) * 1000)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -410,7 +416,7 @@ def _simulate(args: argparse.Namespace) -> int:
     # consumed batch's output.
     with kafka_logs_folded():  # brokers that do not answer: our one line, not the library's every retry
         producer = open_producer(kafka.model_copy(update={"exactly_once": False}),
-                                 bootstrap_timeout_ms=int(max(MIN_BOOTSTRAP_S, kafka.startup_wait_s) * 1000))
+                                 bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka))
     try:
         summary = run_simulator(
             producer,

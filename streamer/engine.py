@@ -118,9 +118,7 @@ def plan_waves(device_ids: list[str]) -> Plan:
         count[u] += 1
     unique = list(position)
     first_index = np.asarray(first, dtype=np.int64)
-    n_waves = max(count, default=0)
-    if n_waves <= 1:
-        return Plan(unique, first_index, [(np.arange(len(device_ids)), unique_index)] if device_ids else [])
+    n_waves = max(count)  # >= 2: distinct ids took the way out above
     order = np.argsort(wave, kind="stable")
     bounds = np.searchsorted(wave[order], np.arange(n_waves + 1))
     waves = []

@@ -133,7 +133,7 @@ class TorchLstmStep(LstmStep):
         if self.reads_lead:
             # Into a buffer kept per row count: a fresh one faults its pages in on every call.
             held = self._lead_rows.get(len(slots))
-            if held is None or held.dtype != lead.dtype or held.shape[1] != lead.shape[1]:
+            if held is None:
                 if len(self._lead_rows) > 8:
                     self._lead_rows.clear()
                 held = self._lead_rows[len(slots)] = torch.empty(len(slots), lead.shape[1], dtype=lead.dtype,
@@ -170,7 +170,7 @@ class TorchLstmStep(LstmStep):
         out = torch.addmm(self.head_b, new[:, (lay - 1) * hs : lh], self.head_w)[:b]
         hc = new[:b]
         if lead.dtype != hc.dtype:  # narrowed in the buffer h and c were gathered into (it is read by now)
-            hc = rows[:b].copy_(hc) if self.reads_lead and rows.dtype == lead.dtype else hc.to(lead.dtype)
+            hc = rows.copy_(hc)
         lead.index_copy_(0, slots, hc)
         return out
 

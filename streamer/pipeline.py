@@ -395,11 +395,11 @@ class Pipeline:
         interval = self.settings.kafka.commit_interval_ms / 1000
         return bool(self._to_commit_plan.checkpoint_due) or time.monotonic() - self._last_commit >= interval
 
-    def _commit_waiting_offsets(self) -> bool:
+    def _commit_waiting_offsets(self) -> None:
         """Commit the offsets of every acknowledged batch not committed yet (of partitions this
-        process still owns), then checkpoint the partitions that are due. False when the group
-        refused them or the loop stopped first: their batches are re-delivered to whoever owns
-        the partitions next (at-least-once)."""
+        process still owns), then checkpoint the partitions that are due. When the group refuses
+        them or the loop stops first, their batches are re-delivered to whoever owns the
+        partitions next (at-least-once)."""
         # Only partitions owned as they were then: one that left and came back starts afresh from
         # the group's committed offset, which an older offset of ours must not move back.
         owned = self.partitions.owned
@@ -408,11 +408,9 @@ class Pipeline:
         assert plan is not None
         self._to_commit, self._to_commit_plan = {}, None
         self._last_commit = time.monotonic()
-        if not offsets or not self._commit(offsets):
-            return False
-        self.partitions.committed(replace(plan, commit=offsets))
-        self._commits_heard = True
-        return True
+        if offsets and self._commit(offsets):
+            self.partitions.committed(replace(plan, commit=offsets))
+            self._commits_heard = True
 
     def _done(self, batch: "Unsettled", acked_at: float) -> None:
         """Account for a batch whose output the broker acknowledged at ``acked_at`` (epoch s)."""
@@ -431,13 +429,12 @@ class Pipeline:
         stepped = [self.engine.step(chunk) for chunk in chunks]
         return _concat([p for p, _ in stepped]), _total([r for _, r in stepped])
 
-    def _sends(self, predictions: PredictionBatch, spans: list[BatchSpan], letters: list[DeadLetter]) -> int:
+    def _sends(self, predictions: PredictionBatch, spans: list[BatchSpan], letters: list[DeadLetter]) -> None:
         """Queue the batch's predictions (those in ``spans``, rows of batch messages, as batch
-        messages; the rest as JSON) and dead letters; returns how many messages."""
+        messages; the rest as JSON) and dead letters."""
         kafka = self.settings.kafka
         produce = self.producer.produce
         version = self.engine.model_version
-        sent = 0
         rows = predictions
         if spans:
             json_rows = np.ones(len(predictions), dtype=bool)
@@ -447,16 +444,13 @@ class Pipeline:
         if rows is not None:
             for key, value in encode_predictions(rows, version):
                 produce(kafka.output_topic, key, value)
-                sent += 1
         for span in spans:  # after the JSON ones: each key's messages keep their order either way
             for value in encode_arrow_predictions(_rows(predictions, span.start, span.stop), version):
                 produce(kafka.output_topic, span.key, value, ARROW_HEADERS)
-                sent += 1
         for letter in letters:
             # Kafka clients cannot send a message without key and value: keep an empty value.
             value = letter.value if letter.value is not None or letter.key is not None else b""
             produce(kafka.dead_letter_topic, letter.key, value, letter.kafka_headers())
-        return sent + len(letters)
 
     def _flush(self) -> bool:
         """producer.flush(), a second at a time: while the broker is away the loop stays live, probes
@@ -633,14 +627,10 @@ class Pipeline:
     def _still_waiting(self, why: str, probe: bool = True) -> None:
         """The loop waits on the broker inside a batch: it is live, readiness follows the probe
         (``probe`` False: not ready, no probe while a helper thread uses the consumer)."""
-        self._broker_answers = False
         self._commits_heard = False  # what went through before this wait says nothing of now
-        self.outage.away(why)
+        self._broker_away(why)
         if self.health is not None:
             self.health.beat()
-            self.health.broker_away(why)
-        if self.metrics is not None:
-            self.metrics.broker_reachable.set(0)
         if probe:
             self._maybe_lag()
 
@@ -673,16 +663,19 @@ class Pipeline:
         try:
             ends = self.consumer.end_offsets(self._probe_partitions(), BROKER_PROBE_TIMEOUT_MS / 1000)
         except KafkaClientError as exc:
-            reason = f"no answer to an end-offsets request within {BROKER_PROBE_TIMEOUT_MS} ms ({type(exc.cause or exc).__name__})"
-            self._broker_answers = False
-            self.outage.away(reason)
-            if self.health is not None:
-                self.health.broker_away(reason)
-            if self.metrics is not None:
-                self.metrics.broker_reachable.set(0)
+            self._broker_away(f"no answer to an end-offsets request within {BROKER_PROBE_TIMEOUT_MS} ms"
+                              f" ({type(exc.cause or exc).__name__})")
             return
         self._end_offsets.update(ends)
         self._broker_answered()
+
+    def _broker_away(self, why: str) -> None:
+        self._broker_answers = False
+        self.outage.away(why)
+        if self.health is not None:
+            self.health.broker_away(why)
+        if self.metrics is not None:
+            self.metrics.broker_reachable.set(0)
 
     def _broker_answered(self) -> None:
         self._broker_answers = True
@@ -794,10 +787,9 @@ def _readings_per_partition(decoded: DecodedBatch, next_offsets: dict[TopicParti
     partitions = decoded.readings.partitions
     if partitions is None or not len(partitions):
         return counts
-    by_number = {tp.partition: tp for tp in next_offsets}  # one input topic
-    numbers, tally = np.unique(partitions, return_counts=True)
-    for number, count in zip(numbers.tolist(), tally.tolist()):
-        counts[by_number[number]] = count
+    tally = np.bincount(partitions)  # one input topic: partitions by number
+    for tp in counts:
+        counts[tp] = int(tally[tp.partition]) if tp.partition < len(tally) else 0
     return counts
 
 

@@ -61,6 +61,12 @@ def _allows_none(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation)
 
 
+def _topic_name(value: str) -> str:
+    if not TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError("not a Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not '.' or '..')")
+    return value
+
+
 class KafkaSettings(Section):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
     input_topic: str = Field("sensor-readings", min_length=1, description="topic of readings (key = device id)")
@@ -139,9 +145,7 @@ class KafkaSettings(Section):
     @field_validator("input_topic", "output_topic", "dead_letter_topic")
     @classmethod
     def _topic_name(cls, value: str) -> str:
-        if not TOPIC_NAME.fullmatch(value) or value in (".", ".."):
-            raise ValueError(f"not a Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not '.' or '..')")
-        return value
+        return _topic_name(value)
 
     @model_validator(mode="after")
     def _topics_apart(self) -> "KafkaSettings":
@@ -244,9 +248,7 @@ class CheckpointSettings(Section):
     @field_validator("topic")
     @classmethod
     def _topic_name(cls, value: str) -> str:
-        if not TOPIC_NAME.fullmatch(value) or value in (".", ".."):
-            raise ValueError("not a Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not '.' or '..')")
-        return value
+        return _topic_name(value)
 
 
 class TopicsSettings(Section):

@@ -32,7 +32,7 @@ import numpy as np
 
 from streamer.errors import StreamerError
 from streamer.kafka.abstract import KafkaClientError, Producer
-from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
+from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, Reading, encode_arrow_readings
 
 ANOMALY_KINDS = ("spike", "level_shift", "dropout")
 
@@ -255,20 +255,12 @@ class Fleet:
 _Outgoing = tuple[bytes, bytes, list[tuple[str, bytes]] | None, float, list[SimReading]]  # key, value, headers, ts, readings
 
 
-class _JsonReading(msgspec.Struct, gc=False):
-    """The JSON reading as it goes out: {"device_id", "ts", "values"}."""
-
-    device_id: str
-    ts: float
-    values: list[float]
-
-
 _encode_json = msgspec.json.Encoder().encode
 
 
 def _json_message(reading: SimReading) -> _Outgoing:
     ts = time.time()
-    value = _encode_json(_JsonReading(reading.device_id, ts, reading.values))
+    value = _encode_json(Reading(reading.device_id, ts, reading.values))  # {"device_id", "ts", "values"}
     return reading.device_id.encode(), value, None, ts, [reading]
 
 

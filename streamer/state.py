@@ -229,7 +229,7 @@ class DeviceStateTable:
             return self._rows.index_select(0, slots) if out is None else torch.index_select(self._rows, 0, slots, out=out)
         if out is None:
             out = torch.empty(len(slots), self.width, device=self.device, dtype=self.dtype)
-        out[:, self.lead_width :] = self.rest.index_select(0, slots)
+        torch.index_select(self.rest, 0, slots, out=out[:, self.lead_width :])
         if lead:
             out[:, : self.lead_width] = self.lead.index_select(0, slots)
         return out

@@ -266,13 +266,18 @@ def make_producer(
 RECORD_OVERHEAD_BYTES = 64 * 1024
 
 
+def changelog_request_bytes(max_value_bytes: int) -> int:
+    """The fetch and request size a changelog client needs for values of ``max_value_bytes``."""
+    return max(1024 * 1024, max_value_bytes + RECORD_OVERHEAD_BYTES)
+
+
 def make_changelog_clients(
     settings: KafkaSettings, max_value_bytes: int, bootstrap_timeout_ms: int | None = None
 ) -> tuple[KafkaConsumer, KafkaProducer]:
     """A group-less consumer (no commits, read_uncommitted) and an idempotent, non-transactional
     acks=all producer for a changelog whose values are at most ``max_value_bytes``."""
     security = security_config(settings)
-    request_bytes = max_value_bytes + RECORD_OVERHEAD_BYTES
+    request_bytes = changelog_request_bytes(max_value_bytes)
     with _bootstrap_failure_explained(settings.bootstrap_servers, security):
         consumer = KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -281,7 +286,7 @@ def make_changelog_clients(
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=100,
-            max_partition_fetch_bytes=max(1024 * 1024, request_bytes),
+            max_partition_fetch_bytes=request_bytes,
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             **_bootstrap_timeout(bootstrap_timeout_ms),
             **security,
@@ -292,7 +297,7 @@ def make_changelog_clients(
                 client_id=f"{settings.client_id}-changelog",
                 acks="all",
                 linger_ms=5,
-                max_request_size=max(1024 * 1024, request_bytes),
+                max_request_size=request_bytes,
                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 **_bootstrap_timeout(bootstrap_timeout_ms),
                 **security,

@@ -3,7 +3,7 @@
 Configured as the kafka-python clients are (clients.py): manual commits of explicit offsets,
 idempotent acks=all producer, transactional in exactly-once mode, the same assignment strategy
 and security settings. librdkafka's log lines go to the logger ``librdkafka`` and its error
-callback's to ``librdkafka.errors`` (both folded during outages, see logs.py); the clients
+callback's to ``librdkafka.errors`` (both folded during outages, see outage.py); the clients
 are checked against the brokers when built, so that start-up fails as with kafka-python:
 KafkaBootstrapError, or KafkaLoginError for a refused SASL login.
 
@@ -37,11 +37,11 @@ from streamer.kafka.abstract import (
 )
 from streamer.kafka.clients import (
     RECONNECT_BACKOFF_MAX_MS,
-    RECORD_OVERHEAD_BYTES,
     TRANSACTION_TIMEOUT_MS,
     KafkaBootstrapError,
     KafkaLoginError,
     assignment_strategy,
+    changelog_request_bytes,
     redact_secret,
     transactional_id,
 )
@@ -398,7 +398,7 @@ def make_changelog(settings: KafkaSettings, topic: str, max_value_bytes: int,
     """A changelog client (abstract.Changelog): a consumer used only by assign (its group id is
     never joined) and an idempotent, non-transactional acks=all producer, checked against the brokers."""
     errors = _Errors()
-    request_bytes = max(1024 * 1024, max_value_bytes + RECORD_OVERHEAD_BYTES)
+    request_bytes = changelog_request_bytes(max_value_bytes)
     common = {**_common(settings, errors), "client.id": f"{settings.client_id}-changelog"}
     consumer = RdConsumer({
         **common,

@@ -47,10 +47,6 @@ class BrokerOutageLog:
         self.held_back = 0  # library records held back in this episode
         self.episodes = 0
 
-    @property
-    def away_now(self) -> bool:
-        return self.since is not None
-
     def away(self, reason: str) -> None:
         """The brokers did not answer (``reason``); logs only when this starts an episode."""
         if self.since is not None:
