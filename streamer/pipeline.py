@@ -352,21 +352,31 @@ class Pipeline:
             return batch is None
         self._settling = True
         try:
-            if batch is not None and not self._settle_batch(batch, wait):
-                return False
+            acked_at = None
+            if batch is not None:
+                acked_at = self._settle_batch(batch, wait)
+                if acked_at is None:
+                    return False
             if self._to_commit and (commit or self._commit_due()):
                 self._commit_waiting_offsets()
+            if batch is not None:
+                # Accounted for once settled, with its commit made when one was due: the readings
+                # count moves on only when the loop does (after an outage the commit waits for the
+                # group to take the member back).
+                self._done(batch, acked_at)
             return True
         finally:
             self._settling = False
 
-    def _settle_batch(self, batch: Unsettled, wait: bool) -> bool:
+    def _settle_batch(self, batch: Unsettled, wait: bool) -> float | None:
+        """The batch's sends acknowledged and checked, its offsets put with those waiting to be
+        committed; when they were acknowledged (epoch s), or None while they are not."""
         if wait:
             if not self._flush():
                 log.warning("stopping with the broker away: the batch in flight stays uncommitted and will be re-delivered")
-                return False
+                return None
         elif not self.producer.flush(0):
-            return False
+            return None
         acked_at = time.time()
         self._unsettled = None
         failed = self.producer.delivery_failures()
@@ -385,8 +395,7 @@ class Pipeline:
         if self._to_commit:
             due = plan.checkpoint_due | (self._to_commit_plan.checkpoint_due if self._to_commit_plan else frozenset())
             self._to_commit_plan = replace(plan, checkpoint_due=due)
-        self._done(batch, acked_at)
-        return True
+        return acked_at
 
     def _commit_due(self) -> bool:
         """Whether the offsets waiting are committed now: the interval has passed, or a checkpoint
