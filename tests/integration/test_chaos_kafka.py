@@ -94,10 +94,12 @@ class Fleet:
         self.events.append(f"SIGTERM #{n} -> {code}")
         return code
 
-    def crashed(self) -> list[str]:
+    def crashed_numbers(self) -> list[int]:
         """Processes that exited on their own with an error (not killed by us)."""
-        return [f"#{n}: {p.returncode}" for n, p in self.procs.items()
-                if p.returncode not in (None, 0, -signal.SIGKILL)]
+        return [n for n, p in self.procs.items() if p.returncode not in (None, 0, -signal.SIGKILL)]
+
+    def crashed(self) -> list[str]:
+        return [f"#{n}: {self.procs[n].returncode}" for n in self.crashed_numbers()]
 
 
 def produce_slowly(bootstrap: str, topic: str, values: np.ndarray, stop: threading.Event) -> None:
@@ -283,8 +285,10 @@ def test_chaos(own_broker, tmp_path: Path, exactly_once: bool, store: str, kafka
     print(f"chaos {'exactly-once' if exactly_once else 'at-least-once'}, {store} store: events {fleet.events}")
     print(f"readings {expected}, predictions {len(outputs)}, duplicates {duplicates}, missing {missing}, "
           f"max error {max_error:.2e}, max score error {max_score_error:.2e}")
-    logs = "\n".join(f"--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(tmp_path.glob("run-*.log")))
-    assert not crashed, f"processes exited with errors: {crashed}\n{logs}"
+    # The crashed processes' own logs, the error line at their end (the others would push them out of sight).
+    crashed_logs = "\n".join(f"--- run-{n}.log\n" + (tmp_path / f"run-{n}.log").read_text()[-4000:]
+                              for n in fleet.crashed_numbers())
+    assert not crashed, f"processes exited with errors: {crashed}\n{crashed_logs}"
     assert fleet.events.count("broker restart") == 1 and sum(e.startswith("kill -9") for e in fleet.events) == 3
     assert missing == 0, logs
     if exactly_once:
