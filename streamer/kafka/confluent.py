@@ -59,6 +59,27 @@ GROUP_MOVED_ON = {
     KafkaError.STALE_MEMBER_EPOCH,
 }
 TIMED_OUT = {KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+# Broker errors the Kafka protocol calls retriable (a leader or coordinator moving, a broker
+# restarting). librdkafka flags an error retriable only where its own request logic did, so the
+# same "Not leader for partition" comes back unflagged from query_watermark_offsets, say (seen
+# after a rebalance; it ended a run). UNKNOWN_TOPIC_OR_PART is left out: a missing topic stays.
+TRANSIENT = {
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NETWORK_EXCEPTION,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.NOT_ENOUGH_REPLICAS,
+    KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    KafkaError.KAFKA_STORAGE_ERROR,
+    KafkaError.FENCED_LEADER_EPOCH,
+    KafkaError.UNKNOWN_LEADER_EPOCH,
+    KafkaError.OFFSET_NOT_AVAILABLE,
+    KafkaError.PREFERRED_LEADER_NOT_AVAILABLE,
+    KafkaError._WAIT_COORD,
+}
 # librdkafka's transaction calls take a timeout and return a retriable error after it, except
 # send_offsets_to_transaction while its group coordinator is away (librdkafka issues #5456 and
 # #5511: it can block far longer; seen for 60 s after a broker restart). Twice the timeout marks
@@ -83,7 +104,8 @@ def client_error(exc: KafkaException, what: str) -> KafkaClientError:
         return GroupMovedOn(f"{what}: {error.str()}", cause=exc)
     if error.code() in TIMED_OUT:
         return BrokerTimeout(f"{what}: {error.str()}", cause=exc)
-    return KafkaClientError(f"{what}: {error.str()}", retriable=error.retriable() and not error.fatal(), cause=exc)
+    retriable = (error.retriable() or error.code() in TRANSIENT) and not error.fatal()
+    return KafkaClientError(f"{what}: {error.str()}", retriable=retriable, cause=exc)
 
 
 def security_config(settings: KafkaSettings) -> dict[str, object]:
