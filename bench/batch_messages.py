@@ -33,12 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from kafka_clients import emit, start_broker, stop_broker  # noqa: E402
+from kafka_clients import close_loop, emit, open_loop, start_broker, stop_broker  # noqa: E402
 
 from streamer.engine import ReadingBatch  # noqa: E402
-from streamer.kafka import ensure_topics, open_consumer, open_producer  # noqa: E402
+from streamer.kafka import ensure_topics, open_producer  # noqa: E402
 from streamer.model import ModelConfig, init_random_model, save_model_file  # noqa: E402
-from streamer.pipeline import Pipeline  # noqa: E402
 from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings  # noqa: E402
 from streamer.service import build_engine  # noqa: E402
 from streamer.settings import KafkaSettings, Settings, load_settings  # noqa: E402
@@ -90,9 +89,7 @@ def loop(settings: Settings) -> tuple[float, list[ReadingBatch]]:
         return step(batch, now)
 
     engine.step = kept  # type: ignore[method-assign]
-    consumer = open_consumer(settings.kafka, settings.batch.max_records)
-    producer = open_producer(settings.kafka)
-    pipeline = Pipeline(settings, engine, consumer, producer)
+    pipeline = open_loop(settings, engine=engine)
     pipeline.subscribe()
     gc.freeze()  # as Pipeline.run does
     stop = threading.Event()
@@ -104,8 +101,7 @@ def loop(settings: Settings) -> tuple[float, list[ReadingBatch]]:
     pipeline._settle(commit=True)  # the last batch acknowledged, as the run loop does when it stops
     assert first is not None
     seconds = time.perf_counter() - first
-    producer.close(5)
-    consumer.close(5)
+    close_loop(pipeline)
     gc.unfreeze()
     return seconds, stepped
 

@@ -188,12 +188,10 @@ def passthrough(bootstrap: str, topic: str) -> float:
 
 
 def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
+    from kafka_clients import close_loop, open_loop  # this script's sibling
     from prometheus_client import CollectorRegistry
 
-    from streamer.kafka import open_consumer, open_producer
-    from streamer.metrics import Health, Metrics
-    from streamer.pipeline import Pipeline
-    from streamer.service import build_engine
+    from streamer.metrics import Metrics
     from streamer.settings import load_settings
 
     settings = load_settings({
@@ -202,14 +200,12 @@ def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
         "batch": {"max_records": 4096, "max_wait_ms": 20},
         "model": {"path": model_path, "device": "cpu"},
         "state": {"capacity": 2 * E2E_DEVICES},
+        "checkpoint": {"directory": model_path.parent / "checkpoints"},
         "metrics": {"enabled": False},
         "run": {"status_interval_s": 0},
     })
     ensure_topics(bootstrap, {f"{topic}-predictions": E2E_PARTITIONS, f"{topic}-dlq": 1})
-    engine = build_engine(settings)
-    consumer = open_consumer(settings.kafka, settings.batch.max_records)
-    producer = open_producer(settings.kafka)
-    pipeline = Pipeline(settings, engine, consumer, producer, Metrics(CollectorRegistry()), Health(60))
+    pipeline = open_loop(settings, Metrics(CollectorRegistry()))
     pipeline.subscribe()
     stop = threading.Event()
     started = None
@@ -217,8 +213,7 @@ def streamer_pipeline(bootstrap: str, topic: str, model_path: Path) -> float:
         if pipeline.run_once(stop) and started is None:
             started = time.perf_counter()  # from the first batch, like the baselines
     seconds = time.perf_counter() - started
-    producer.close(5)
-    consumer.close(5)
+    close_loop(pipeline)
     return seconds
 
 

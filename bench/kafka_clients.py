@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from streamer.kafka import ensure_topics, open_consumer, open_producer  # noqa: 
 from streamer.kafka.abstract import RebalanceHooks, TopicPartition  # noqa: E402
 from streamer.model import ModelConfig, init_random_model, save_model_file  # noqa: E402
 from streamer.settings import KafkaSettings, Settings, load_settings  # noqa: E402
+
+if TYPE_CHECKING:
+    from streamer.pipeline import Pipeline
 
 READINGS = int(os.environ.get("BENCH_READINGS", "200000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1"))
@@ -112,6 +116,26 @@ class Span:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+def open_loop(settings: Settings, metrics: object = None, engine: object = None) -> "Pipeline":
+    """The run loop as `streamer run` builds it from ``settings``: its checkpoint store included
+    (checkpoint.directory: a bench's temporary folder). ``engine``: one built already."""
+    from streamer.pipeline import Pipeline
+    from streamer.service import build_engine, build_store
+
+    engine = engine or build_engine(settings)
+    consumer = open_consumer(settings.kafka, settings.batch.max_records)
+    producer = open_producer(settings.kafka)
+    store = build_store(settings) if settings.checkpoint.enabled else None
+    return Pipeline(settings, engine, consumer, producer, metrics=metrics, store=store)  # type: ignore[arg-type]
+
+
+def close_loop(pipeline: "Pipeline") -> None:
+    pipeline.producer.close(5)
+    pipeline.consumer.close(5)
+    if pipeline.partitions.store is not None:
+        pipeline.partitions.store.close()
+
+
 NOTHING = RebalanceHooks(lambda tps: None, lambda tps: None, lambda tps: None)
 
 
@@ -154,14 +178,7 @@ def passthrough(settings: Settings) -> tuple[float, float]:
 
 
 def streamer_loop(settings: Settings) -> tuple[float, float]:
-    from streamer.pipeline import Pipeline
-    from streamer.service import build_engine
-
-    kafka = settings.kafka
-    engine = build_engine(settings)
-    consumer = open_consumer(kafka, settings.batch.max_records)
-    producer = open_producer(kafka)
-    pipeline = Pipeline(settings, engine, consumer, producer)
+    pipeline = open_loop(settings)
     pipeline.subscribe()
     gc.freeze()  # as Pipeline.run does
     stop = threading.Event()
@@ -170,8 +187,7 @@ def streamer_loop(settings: Settings) -> tuple[float, float]:
         if pipeline.run_once(stop):
             span.start()
     figures = span.stop()
-    producer.close(5)
-    consumer.close(5)
+    close_loop(pipeline)
     gc.unfreeze()  # as Pipeline.run does when it returns
     return figures
 

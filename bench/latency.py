@@ -36,14 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from kafka_clients import emit, start_broker, stop_broker  # noqa: E402
+from kafka_clients import close_loop, emit, open_loop, start_broker, stop_broker  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from streamer.kafka import ensure_topics, open_consumer, open_producer  # noqa: E402
+from streamer.kafka import ensure_topics  # noqa: E402
 from streamer.metrics import Metrics  # noqa: E402
 from streamer.model import ModelConfig, init_random_model, save_model_file  # noqa: E402
-from streamer.pipeline import Pipeline  # noqa: E402
-from streamer.service import build_engine  # noqa: E402
 from streamer.settings import Settings, load_settings  # noqa: E402
 
 READINGS = int(os.environ.get("LATENCY_READINGS", "100000"))
@@ -94,18 +92,6 @@ def simulate(bootstrap: str, topic: str, rate: float, *limit: str) -> subprocess
     )
 
 
-def loop(settings: Settings, metrics: Metrics | None) -> Pipeline:
-    engine = build_engine(settings)
-    consumer = open_consumer(settings.kafka, settings.batch.max_records)
-    producer = open_producer(settings.kafka)
-    return Pipeline(settings, engine, consumer, producer, metrics=metrics)
-
-
-def close(pipeline: Pipeline) -> None:
-    pipeline.producer.close(5)
-    pipeline.consumer.close(5)
-
-
 def max_rate(bootstrap: str, work: Path, model_path: Path) -> float:
     topic = f"latency-max-{uuid.uuid4().hex[:8]}"
     ensure_topics(bootstrap, {topic: PARTITIONS, f"{topic}-out": PARTITIONS, f"{topic}-dlq": 1})
@@ -113,7 +99,7 @@ def max_rate(bootstrap: str, work: Path, model_path: Path) -> float:
     _, err = filled.communicate(timeout=900)
     if filled.returncode != 0:
         sys.exit(f"streamer simulate failed:\n{err[-3000:]}")
-    pipeline = loop(settings_for(bootstrap, topic, model_path, work / "cp-max"), None)
+    pipeline = open_loop(settings_for(bootstrap, topic, model_path, work / "cp-max"))
     pipeline.subscribe()
     gc.freeze()  # as Pipeline.run does
     stop = threading.Event()
@@ -124,7 +110,7 @@ def max_rate(bootstrap: str, work: Path, model_path: Path) -> float:
             first = began
     assert first is not None
     seconds = time.perf_counter() - first
-    close(pipeline)
+    close_loop(pipeline)
     gc.unfreeze()
     return READINGS / seconds
 
@@ -133,7 +119,7 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
     topic = f"latency-{uuid.uuid4().hex[:8]}"
     ensure_topics(bootstrap, {topic: PARTITIONS, f"{topic}-out": PARTITIONS, f"{topic}-dlq": 1})
     metrics = LatencyTaken(CollectorRegistry())
-    pipeline = loop(settings_for(bootstrap, topic, model_path, work / "cp-latency"), metrics)
+    pipeline = open_loop(settings_for(bootstrap, topic, model_path, work / "cp-latency"), metrics)
     stop = threading.Event()
     runner = threading.Thread(target=pipeline.run, args=(stop,), daemon=True)
     runner.start()
@@ -149,7 +135,7 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
     time.sleep(1.0)  # the last batches acknowledged
     stop.set()
     runner.join(60)
-    close(pipeline)
+    close_loop(pipeline)
     taken = [lat for at, lat in metrics.taken if at - started >= WARMUP_S]
     all_ms = np.concatenate(taken) * 1000 if taken else np.zeros(0)
     readings = pipeline.summary.readings
