@@ -1,7 +1,10 @@
 """The device state table: one preallocated row per device slot, on the engine's torch device.
 
-CPU side: an ordered id -> slot map (least recently seen first), a free list and the last-seen
-time per slot. Accelerator side: rows of ``width`` columns, gathered and scattered for a batch
+CPU side: an id -> slot map, a free list, the last-seen time per slot and the recency order:
+a log of touches (slot, touch number) oldest first, in which a slot's entry counts only while it
+is the slot's latest touch (``_touched``), so that seeing a known device costs a vectorised
+write, not a reordering of the map per device. Eviction reads the log from its oldest end; the
+log is compacted to the live entries, one per device, when it fills. Accelerator side: rows of ``width`` columns, gathered and scattered for a batch
 by one index tensor. The first ``lead_width`` columns (the LSTM's h and c) may be kept in
 another dtype (bfloat16: half the bytes) in their own tensor ``lead``; the rest in ``rest``
 (float32). With one dtype both are views of one (capacity, width) tensor ``rows``. What a row
@@ -9,9 +12,9 @@ holds is the engine's business (see engine.StateLayout); the table only guarante
 given to a new device reads as zeros.
 
 Bytes per device: width x 4 (or lead_width x 2 + the rest x 4 under bfloat16) on the torch
-device, plus on the CPU 8 (last seen) + 4 (partition) + 8 (free stack) + 8 (slot -> id) bytes
-and the id -> slot entry (an OrderedDict entry and a Python int, ~112 bytes) with its key, the
-id string (bench/scale.py measures them).
+device, plus on the CPU 8 (last seen) + 8 (latest touch) + 4 (partition) + 8 (free stack) +
+8 (slot -> id) bytes, 12 x LOG_ROOM (the touch log) and the id -> slot entry (a dict entry and a
+Python int, ~63 bytes) with its key, the id string (bench/scale.py measures them).
 
 Eviction is explicit and counted: idle devices past the TTL, and at capacity the least recently
 seen device not in the current batch. A device evicted and seen again starts from zeros.
@@ -19,7 +22,6 @@ seen device not in the current batch. A device evicted and seen again starts fro
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +32,8 @@ from torch import Tensor
 from streamer.errors import CapacityError
 
 NO_PARTITION = -1
+LOG_ROOM = 1.25  # touch log entries per slot: compacted (to one per device) every capacity / 4 touches
+LOG_MIN = 1024
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,17 @@ class DeviceStateTable:
         else:
             self.lead = torch.zeros(capacity, lead_width, device=self.device, dtype=self.lead_dtype)
             self.rest = torch.zeros(capacity, width - lead_width, device=self.device, dtype=dtype)
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently seen first
+        self._slot_of: dict[str, int] = {}
         self._device_of: list[str | None] = [None] * capacity
         self._last_seen = np.zeros(capacity, dtype=np.float64)
+        # Recency: touch number of each slot's latest touch (0: free), and the log of touches,
+        # live between _log_head and _log_tail, oldest first.
+        self._touched = np.zeros(capacity, dtype=np.int64)
+        self._touches = 0
+        log_size = max(LOG_MIN, int(capacity * LOG_ROOM))
+        self._log_slot = np.zeros(log_size, dtype=np.int32 if capacity < 2**31 else np.int64)
+        self._log_touch = np.zeros(log_size, dtype=np.int64)
+        self._log_head = self._log_tail = 0
         self._partition = np.full(capacity, NO_PARTITION, dtype=np.int32)  # input partition per slot
         # A stack of free slots (top at _n_free - 1): slot 0 is handed out first.
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)
@@ -112,7 +124,8 @@ class DeviceStateTable:
 
     def device_ids(self) -> list[str]:
         """Known devices, least recently seen first."""
-        return list(self._slot_of)
+        device_of = self._device_of
+        return [device_of[slot] for slot in self._live_slots(self._log_head, self._log_tail).tolist()]  # type: ignore[misc]
 
     def acquire(self, device_ids: Sequence[str], now: float, partitions: np.ndarray | None = None) -> Acquired:
         """Slots for distinct ``device_ids``, marking them seen at ``now``.
@@ -126,32 +139,33 @@ class DeviceStateTable:
                 f"{len(device_ids)} distinct devices in one batch exceed the state table capacity {self.capacity}"
             )
         slot_of = self._slot_of
-        found = list(map(slot_of.get, device_ids))
+        found = list(map(slot_of.get, device_ids))  # in C, as the steady state's touch below
         # First touch every known device, so that eviction below can only pick devices outside
-        # this batch (they are all older than anything touched here). The loops run in C when
-        # every device is known, the steady state.
+        # this batch (they are all older than anything touched here).
         if None not in found:
             new_positions: list[int] = []
-            deque(map(slot_of.move_to_end, device_ids), maxlen=0)
             slots = np.array(found, dtype=np.int64)
+            self._touch(slots)
         else:
             new_positions = [pos for pos, slot in enumerate(found) if slot is None]
-            for device_id, slot in zip(device_ids, found):
-                if slot is not None:
-                    slot_of.move_to_end(device_id)
             slots = np.array([-1 if slot is None else slot for slot in found], dtype=np.int64)
-        evicted = 0
+            known = np.ones(len(slots), dtype=bool)
+            known[new_positions] = False
+            self._touch(slots[known])
+        evicted = max(0, len(new_positions) - self._n_free)
+        victims = iter(self._oldest(evicted).tolist()) if evicted else None
         device_of = self._device_of
         for pos in new_positions:
             if not self._n_free:
-                self._evict_oldest()
-                evicted += 1
+                self._release_slot(next(victims))  # type: ignore[arg-type]
             self._n_free -= 1
             slot = int(self._free[self._n_free])
             device_id = device_ids[pos]
             slot_of[device_id] = slot
             device_of[slot] = device_id
             slots[pos] = slot
+        if new_positions:
+            self._touch(slots[new_positions])
         self._last_seen[slots] = now
         if partitions is not None:
             self._partition[slots] = partitions
@@ -167,12 +181,20 @@ class DeviceStateTable:
             return 0
         cutoff = now - self.ttl_seconds
         evicted = 0
-        while self._slot_of:
-            device_id, slot = next(iter(self._slot_of.items()))
-            if self._last_seen[slot] >= cutoff:
+        while self._log_head < self._log_tail:
+            # The oldest devices in windows of the log: release up to the first one seen since.
+            stop = min(self._log_tail, self._log_head + max(LOG_MIN, 4 * evicted))
+            window = self._log_slot[self._log_head : stop]
+            live = self._touched[window] == self._log_touch[self._log_head : stop]
+            idle = live & (self._last_seen[window] < cutoff)
+            recent = np.flatnonzero(live & ~idle)
+            end = int(recent[0]) if len(recent) else len(window)
+            for slot in window[:end][idle[:end]].tolist():
+                self._release_slot(slot)
+                evicted += 1
+            self._log_head += end
+            if len(recent):
                 break
-            self._release(device_id)
-            evicted += 1
         return evicted
 
     def evict(self, device_id: str) -> bool:
@@ -213,8 +235,8 @@ class DeviceStateTable:
     def drop_partition(self, partition: int) -> int:
         """Evict every device of ``partition`` (its partition moved elsewhere); returns how many."""
         slots = self.slots_of_partition(partition)
-        for slot in slots:
-            self._release(self._device_of[int(slot)])
+        for slot in slots.tolist():
+            self._release_slot(slot)
         return len(slots)
 
     def gather(self, slots: Tensor, lead: bool = True, scratch: bool = False) -> Tensor:
@@ -263,13 +285,62 @@ class DeviceStateTable:
     def _blocks(self) -> tuple[Tensor, ...]:
         return (self._rows,) if self._rows is not None else (self.lead, self.rest)
 
-    def _evict_oldest(self) -> None:
-        device_id = next(iter(self._slot_of))
-        self._release(device_id)
+    def _touch(self, slots: np.ndarray) -> None:
+        """Mark ``slots`` seen now, in their order: they become the most recent, the last one newest."""
+        n = len(slots)
+        if not n:
+            return
+        if self._log_tail + n > len(self._log_slot):
+            self._compact_log(n)
+        touches = np.arange(self._touches + 1, self._touches + 1 + n, dtype=np.int64)
+        self._touches += n
+        self._touched[slots] = touches
+        tail = self._log_tail
+        self._log_slot[tail : tail + n] = slots
+        self._log_touch[tail : tail + n] = touches
+        self._log_tail = tail + n
+
+    def _live_slots(self, start: int, stop: int) -> np.ndarray:
+        """Slots of the live log entries in [start, stop), oldest first."""
+        window = self._log_slot[start:stop]
+        return window[self._touched[window] == self._log_touch[start:stop]]
+
+    def _compact_log(self, room: int) -> None:
+        """Keep the live entries only (one per device), at the log's start; grow it for ``room`` more."""
+        head, tail = self._log_head, self._log_tail
+        live = self._touched[self._log_slot[head:tail]] == self._log_touch[head:tail]
+        slots, touches = self._log_slot[head:tail][live], self._log_touch[head:tail][live]
+        n = len(slots)
+        if n + room > len(self._log_slot):
+            size = max(n + room, 2 * len(self._log_slot))
+            self._log_slot = np.zeros(size, dtype=self._log_slot.dtype)
+            self._log_touch = np.zeros(size, dtype=np.int64)
+        self._log_slot[:n] = slots
+        self._log_touch[:n] = touches
+        self._log_head, self._log_tail = 0, n
+
+    def _oldest(self, k: int) -> np.ndarray:
+        """The k least recently seen devices' slots, oldest first; the log's head moves past them."""
+        taken: list[np.ndarray] = []
+        found = 0
+        while found < k:
+            if self._log_head >= self._log_tail:
+                raise RuntimeError(f"the touch log ran out after {found} of {k} devices to evict")  # a bug if seen
+            stop = min(self._log_tail, self._log_head + max(LOG_MIN, 4 * (k - found)))
+            live = np.flatnonzero(self._touched[self._log_slot[self._log_head : stop]]
+                                  == self._log_touch[self._log_head : stop])[: k - found]
+            taken.append(self._log_slot[self._log_head + live].astype(np.int64))
+            found += len(live)
+            self._log_head = self._log_head + int(live[-1]) + 1 if found == k else stop
+        return np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
 
     def _release(self, device_id: str) -> None:
-        slot = self._slot_of.pop(device_id)
+        self._release_slot(self._slot_of[device_id])
+
+    def _release_slot(self, slot: int) -> None:
+        del self._slot_of[self._device_of[slot]]  # type: ignore[arg-type]
         self._device_of[slot] = None
+        self._touched[slot] = 0  # its log entries are dead
         self._partition[slot] = NO_PARTITION
         self._free[self._n_free] = slot
         self._n_free += 1

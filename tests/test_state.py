@@ -1,6 +1,13 @@
+from collections import OrderedDict
+from unittest import mock
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from streamer import state
 from streamer.errors import CapacityError
 from streamer.state import DeviceStateTable
 
@@ -96,3 +103,107 @@ def test_a_released_slot_is_handed_out_again_and_fresh_slots_are_zeroed_in_both_
     assert list(again.slots) == [1] and table.gather(torch.tensor([1])).tolist() == [[0.0, 0.0, 0.0]]
     with pytest.raises(ValueError, match="lead_width"):
         DeviceStateTable(capacity=1, width=2, lead_width=3)
+
+
+class _Reference:
+    """The table's bookkeeping as the plainest model: an ordered map, least recently seen first."""
+
+    def __init__(self, capacity: int, ttl: float) -> None:
+        self.capacity, self.ttl = capacity, ttl
+        self.order: OrderedDict[str, list] = OrderedDict()  # id -> [last seen, partition]
+
+    def acquire(self, ids: list[str], now: float, partition: int) -> tuple[int, int]:
+        for device in ids:
+            if device in self.order:
+                self.order.move_to_end(device)
+        new = [device for device in ids if device not in self.order]
+        evicted = 0
+        for device in new:
+            if len(self.order) == self.capacity:
+                self.order.popitem(last=False)
+                evicted += 1
+            self.order[device] = [now, partition]
+        for device in ids:
+            self.order[device] = [now, partition]
+        return len(new), evicted
+
+    def evict_idle(self, now: float) -> int:
+        gone = 0
+        while self.order and next(iter(self.order.values()))[0] < now - self.ttl:
+            self.order.popitem(last=False)
+            gone += 1
+        return gone
+
+    def drop_partition(self, partition: int) -> int:
+        gone = [device for device, (_, p) in self.order.items() if p == partition]
+        for device in gone:
+            del self.order[device]
+        return len(gone)
+
+
+_IDS = [f"d{i}" for i in range(12)]
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.lists(st.sampled_from(_IDS), min_size=1, max_size=7, unique=True),
+                  st.integers(0, 2)),
+        st.tuples(st.just("idle")),
+        st.tuples(st.just("evict"), st.sampled_from(_IDS)),
+        st.tuples(st.just("drop"), st.integers(0, 2)),
+        st.tuples(st.just("move"), st.integers(0, 2), st.integers(0, 2)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS, capacity=st.integers(1, 6), log_min=st.sampled_from([1, 4, state.LOG_MIN]))
+def test_recency_eviction_and_rows_follow_the_ordered_map_model(ops, capacity: int, log_min: int):
+    # Every operation against the plainest model of the bookkeeping: the devices known and their
+    # recency order, counts of new and evicted devices, and each known device's rows its own
+    # (a device evicted and seen again reads zeros). A small touch log is compacted and grown often.
+    with mock.patch.object(state, "LOG_MIN", log_min):
+        _against_the_model(ops, capacity)
+
+
+def _against_the_model(ops, capacity: int) -> None:
+    table = DeviceStateTable(capacity=capacity, width=2, ttl_seconds=3.0)
+    ref = _Reference(capacity, 3.0)
+    marker: dict[str, float] = {}
+    now = 0.0
+    for op in ops:
+        now += 1.0
+        if op[0] == "acquire":
+            ids, partition = op[1], op[2]
+            if len(ids) > capacity:
+                with pytest.raises(CapacityError):
+                    table.acquire(ids, now, np.full(len(ids), partition, np.int32))
+                continue
+            got = table.acquire(ids, now, np.full(len(ids), partition, np.int32))
+            fresh = [device for device in ids if device not in ref.order]
+            assert (got.new_devices, got.evicted_for_capacity) == ref.acquire(ids, now, partition)
+            rows = table.gather(torch.from_numpy(got.slots))
+            for device, row in zip(ids, rows[:, 0].tolist()):
+                assert row == (0.0 if device in fresh else marker[device])
+            values = torch.tensor([[marker.setdefault(d, float(_IDS.index(d) + 1))] * 2 for d in ids])
+            table.scatter(torch.from_numpy(got.slots), values)
+        elif op[0] == "idle":
+            assert table.evict_idle(now) == ref.evict_idle(now)
+        elif op[0] == "evict":
+            assert table.evict(op[1]) == (op[1] in ref.order)
+            ref.order.pop(op[1], None)
+        elif op[0] == "drop":
+            assert table.drop_partition(op[1]) == ref.drop_partition(op[1])
+        else:  # a partition's devices leave by checkpoint and come back by restore, elsewhere
+            src, dst = op[1], op[2]
+            ids, rows, seen = table.export(table.slots_of_partition(src))
+            table.drop_partition(src)
+            ref.drop_partition(src)
+            order = np.argsort(seen, kind="stable")
+            evicted = table.restore(ids, rows, seen, dst)
+            _, ref_evicted = ref.acquire([ids[i] for i in order], 0.0, dst)
+            for i in order:
+                ref.order[ids[i]][0] = float(seen[i])
+            assert evicted == ref_evicted
+        assert table.device_ids() == list(ref.order) and len(table) == len(ref.order)
+        for device, (seen_at, _) in ref.order.items():
+            assert table.last_seen(device) == seen_at
