@@ -159,6 +159,32 @@ def bench_engine(hidden: int) -> None:
              state_dtype=str(dtype).removeprefix("torch."), fused=engine.lstm.fused,
              device_steps_per_s=round(B / min(runs)),
              execute_device_steps_per_s=round(B / min(execute)))
+        del engine
+    # Small batches: the step replayed from CUDA graphs (padded buckets) against its kernels
+    # launched one by one, in the same run; and their results side by side.
+    for small in (1024, 16384):
+        ids = [f"d{i}" for i in range(small)]
+        values = rng.normal(size=(small, 1)).astype(np.float32)
+        batch = ReadingBatch(ids, np.zeros(small), values)
+        plan = plan_waves(ids)
+        rates, outputs = {}, {}
+        for graphs in (False, True):
+            engine = Engine.build(bundle, capacity=2 * small, device="cuda", state_dtype=torch.bfloat16,
+                                  cuda_graphs=graphs)
+            slots = engine.table.acquire(plan.unique, now=0.0).slots
+            outputs[graphs] = engine._execute(plan, slots, values, batch.ts)  # captures the bucket's graph
+            execute = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                engine._execute(plan, slots, values, batch.ts)
+                execute.append(time.perf_counter() - t0)
+            rates[graphs] = small / min(execute)
+            del engine
+        worst = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outputs[False], outputs[True]))
+        emit(figure="gpu_engine_small_batch", card=torch.cuda.get_device_name(), batch=small, hidden=hidden,
+             layers=LAYERS, state_dtype="bfloat16", launched_device_steps_per_s=round(rates[False]),
+             cuda_graph_device_steps_per_s=round(rates[True]), ratio=round(rates[True] / rates[False], 2),
+             first_step_max_abs_difference=worst)
 
 
 def run_tests() -> None:

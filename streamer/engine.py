@@ -8,6 +8,7 @@ Kafka or Prometheus.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -22,7 +23,14 @@ from streamer.kernels import make_lstm_step
 from streamer.model import ModelBundle, ModelConfig
 from streamer.state import DeviceStateTable
 
+log = logging.getLogger(__name__)
+
 CPU_ROWS_PER_STEP = 4096
+# On CUDA a wave of up to GRAPH_MAX_ROWS rows is padded to its bucket (a power of two, at least
+# GRAPH_MIN_ROWS) and its step replayed from a CUDA graph captured once per bucket: one launch
+# instead of dozens, which bound small batches. Larger waves are long enough to hide launches.
+GRAPH_MAX_ROWS = 16384
+GRAPH_MIN_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -224,7 +232,12 @@ def resolve_device(name: str) -> torch.device:
 class Engine:
     """Streams readings through the model, one step per reading, state carried per device."""
 
-    def __init__(self, bundle: ModelBundle, table: DeviceStateTable, anomaly: AnomalyParams | None = None):
+    def __init__(
+        self, bundle: ModelBundle, table: DeviceStateTable, anomaly: AnomalyParams | None = None,
+        cuda_graphs: bool = True,
+    ):
+        """cuda_graphs: on CUDA with the fused kernel, replay small waves' steps from CUDA graphs
+        (padded to their bucket; see GRAPH_MAX_ROWS)."""
         self.layout = StateLayout.of(bundle.config)
         if table.width != self.layout.width:
             raise StreamerError(f"state table width {table.width} != {self.layout.width} needed by the model")
@@ -234,6 +247,7 @@ class Engine:
         # On a CPU, steps over more rows than fit in cache run several times slower per row
         # (fresh multi-MB temporaries fault their pages in on every call): cut waves into chunks.
         self.max_rows_per_step = CPU_ROWS_PER_STEP if self.device.type == "cpu" else None
+        self.want_graphs = cuda_graphs
         self._serve(bundle)
 
     def _serve(self, bundle: ModelBundle) -> None:
@@ -244,6 +258,10 @@ class Engine:
         self._std = norm.std.to(self.device) if norm else None
         self.bundle = bundle
         self.config = bundle.config
+        # The graphs hold this model's weights and this table's storage: captured anew after a swap.
+        self.cuda_graphs = self.want_graphs and self.device.type == "cuda" and getattr(self.lstm, "fused", False)
+        self.pad_waves = self.cuda_graphs  # tests also pad on the CPU, running the padded step as it is
+        self._padded: dict[tuple[int, int], PaddedStep] = {}
 
     @classmethod
     def build(
@@ -254,6 +272,7 @@ class Engine:
         ttl_seconds: float | None = None,
         anomaly: AnomalyParams | None = None,
         state_dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = True,
     ) -> "Engine":
         """state_dtype: of the LSTM's h and c in the table (float32 or bfloat16; the rest of a
         row stays float32). The bfloat16 error bound is in streamer.kernels."""
@@ -262,7 +281,7 @@ class Engine:
             capacity, layout.width, resolve_device(device), ttl_seconds=ttl_seconds,
             lead_width=layout.c.stop, lead_dtype=state_dtype,
         )
-        return cls(bundle, table, anomaly)
+        return cls(bundle, table, anomaly, cuda_graphs)
 
     @property
     def model_version(self) -> str:
@@ -353,10 +372,10 @@ class Engine:
         for reading_idx, unique_idx in pieces:
             slots = torch.from_numpy(unique_slots[unique_idx]).to(device)
             if len(pieces) == 1:
-                out_all, tail_all, flag_all, res_all = self._step_wave(x_all, slots)
+                out_all, tail_all, flag_all, res_all = self._wave(x_all, slots)
                 continue
             at = torch.from_numpy(reading_idx).to(device)
-            out, tail, flag, res = self._step_wave(x_all.index_select(0, at), slots)
+            out, tail, flag, res = self._wave(x_all.index_select(0, at), slots)
             out_all.index_copy_(0, at, out)
             tail_all.index_copy_(0, at, tail)
             flag_all.index_copy_(0, at, flag)
@@ -375,7 +394,29 @@ class Engine:
             for start in range(0, len(reading_idx), limit):
                 yield reading_idx[start : start + limit], unique_idx[start : start + limit]
 
-    def _step_wave(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _wave(self, x: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
+        """_step_wave, through the wave's bucket when waves are padded (the results are views
+        valid until the next wave of that bucket)."""
+        b = len(slots)
+        if not self.pad_waves or b > GRAPH_MAX_ROWS:
+            return self._step_wave(x, slots)
+        key = (max(GRAPH_MIN_ROWS, 1 << (b - 1).bit_length()), x.shape[1])
+        padded = self._padded.get(key)
+        if padded is None:
+            try:
+                padded = self._padded[key] = PaddedStep(self, *key)
+            except Exception as exc:
+                if not self.cuda_graphs:
+                    raise
+                # A step this torch or driver cannot capture: serve it as it is, say so once.
+                log.warning("CUDA graph capture of a %d-row step failed (%s); steps launch their kernels"
+                            " one by one from now on", key[0], exc)
+                self.cuda_graphs = self.pad_waves = False
+                self._padded.clear()
+                return self._step_wave(x, slots)
+        return padded(x, slots)
+
+    def _step_wave(self, x: Tensor, slots: Tensor, scratch: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gather the wave's rows, normalise and score the readings, step the LSTM, scatter the rows.
 
         x: (b, values_size + time features), values already globally normalised if the model
@@ -384,7 +425,7 @@ class Engine:
         """
         lay, f = self.layout, self.config.values_size
         # h and c: read by the LSTM step from these rows, or from the table itself (reads_lead).
-        rows = self.table.gather(slots, lead=not self.lstm.reads_lead, scratch=True)  # read before the scatter below
+        rows = self.table.gather(slots, lead=not self.lstm.reads_lead, scratch=scratch)  # read before the scatter below
         s = lay.seen
         seen, n, mean, var, short, var_one, streak, peak = rows[:, s : s + lay.STATS].unbind(1)
         values = x[:, :f]
@@ -416,3 +457,43 @@ class Engine:
         )
         self.table.scatter(slots, torch.cat(parts + [stats, records.columns()], dim=1), start=lay.forecast.start)
         return out, scored.log_tail, scored.is_anomaly, residual
+
+
+class PaddedStep:
+    """A wave's step at a fixed row count: the readings in the first rows, zeros pointing at the
+    table's sink row in the rest. On CUDA (Engine.cuda_graphs) the step is captured once in a
+    CUDA graph and replayed; else it runs as it is (the CPU tests of the padding)."""
+
+    def __init__(self, engine: Engine, rows: int, width: int) -> None:
+        self.engine = engine
+        self.table = engine.table
+        device = engine.device
+        self.x = torch.zeros(rows, width, device=device)
+        self.slots = torch.full((rows,), self.table.sink, dtype=torch.int64, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: tuple[Tensor, ...] = ()
+        if engine.cuda_graphs:
+            # Warm up on a side stream (Triton compiles, the allocator settles) on padding alone,
+            # which reads and writes the sink row only; then capture. Under capture every
+            # temporary comes from the graph's own memory pool (no table scratch buffers).
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.inference_mode():
+                engine._step_wave(self.x, self.slots, scratch=False)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.inference_mode():
+                self.out = engine._step_wave(self.x, self.slots, scratch=False)
+
+    def __call__(self, x: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
+        b = len(slots)
+        self.x[:b].copy_(x)
+        self.x[b:].zero_()
+        self.slots[:b].copy_(slots)
+        self.slots[b:].fill_(self.table.sink)
+        if self.graph is None:
+            out = self.engine._step_wave(self.x, self.slots)
+        else:
+            self.graph.replay()
+            out = self.out
+        return tuple(t[:b] for t in out)

@@ -51,6 +51,7 @@ def build_engine(settings: Settings) -> Engine:
         ttl_seconds=settings.state.ttl_seconds,
         anomaly=anomaly_params(settings),
         state_dtype=STATE_DTYPES[settings.state.dtype],
+        cuda_graphs=settings.model.cuda_graphs,
     )
     log.info(
         "model %s (version %s, %s) on %s, state table of %d devices",

@@ -205,6 +205,10 @@ class ModelSettings(Section):
         1, description="torch threads for steps on the CPU (0: torch's default, one per core); 1 leaves the"
         " other cores to the Kafka client, and idle OpenMP threads spinning after a step slow the loop"
     )
+    cuda_graphs: bool = Field(
+        True, description="on CUDA, replay the step of waves up to 16384 readings from CUDA graphs, padded to"
+        " power-of-two buckets (one launch instead of dozens for small batches)"
+    )
 
     @field_validator("device")
     @classmethod

@@ -7,9 +7,10 @@ write, not a reordering of the map per device. Eviction reads the log from its o
 log is compacted to the live entries, one per device, when it fills. Accelerator side: rows of ``width`` columns, gathered and scattered for a batch
 by one index tensor. The first ``lead_width`` columns (the LSTM's h and c) may be kept in
 another dtype (bfloat16: half the bytes) in their own tensor ``lead``; the rest in ``rest``
-(float32). With one dtype both are views of one (capacity, width) tensor ``rows``. What a row
-holds is the engine's business (see engine.StateLayout); the table only guarantees that a slot
-given to a new device reads as zeros.
+(float32). With one dtype both are views of one (capacity + 1, width) tensor. What a row holds
+is the engine's business (see engine.StateLayout); the table only guarantees that a slot given
+to a new device reads as zeros. Row ``sink`` (= capacity) belongs to no device: a step padded to
+a fixed row count points its padding there (engine: CUDA graphs), and reads back what it wrote.
 
 Bytes per device: width x 4 (or lead_width x 2 + the rest x 4 under bfloat16) on the torch
 device, plus on the CPU 8 (last seen) + 8 (latest touch) + 4 (partition) + 8 (free stack) +
@@ -71,15 +72,16 @@ class DeviceStateTable:
         self.dtype = dtype
         self.lead_width = lead_width
         self.lead_dtype = lead_dtype or dtype
+        self.sink = capacity  # the padding row: no device's
         self._rows: Tensor | None = None
         self._scratch: dict[int, Tensor] = {}  # gather(scratch=True)'s buffers, per row count
         if self.lead_dtype == dtype:
-            self._rows = torch.zeros(capacity, width, device=self.device, dtype=dtype)
+            self._rows = torch.zeros(capacity + 1, width, device=self.device, dtype=dtype)
             self.lead: Tensor = self._rows[:, :lead_width]
             self.rest: Tensor = self._rows[:, lead_width:]
         else:
-            self.lead = torch.zeros(capacity, lead_width, device=self.device, dtype=self.lead_dtype)
-            self.rest = torch.zeros(capacity, width - lead_width, device=self.device, dtype=dtype)
+            self.lead = torch.zeros(capacity + 1, lead_width, device=self.device, dtype=self.lead_dtype)
+            self.rest = torch.zeros(capacity + 1, width - lead_width, device=self.device, dtype=dtype)
         self._slot_of: dict[str, int] = {}
         self._device_of: list[str | None] = [None] * capacity
         self._last_seen = np.zeros(capacity, dtype=np.float64)
@@ -98,11 +100,11 @@ class DeviceStateTable:
 
     @property
     def rows(self) -> Tensor:
-        """All rows (capacity, width) in the table's dtype: the storage itself when lead and rest
-        share a dtype, else a copy."""
+        """The devices' rows (capacity, width) in the table's dtype: a view of the storage when
+        lead and rest share a dtype, else a copy."""
         if self._rows is not None:
-            return self._rows
-        return torch.cat([self.lead.to(self.dtype), self.rest], dim=1)
+            return self._rows[: self.capacity]
+        return torch.cat([self.lead[: self.capacity].to(self.dtype), self.rest[: self.capacity]], dim=1)
 
     @property
     def state_bytes(self) -> int:

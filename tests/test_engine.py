@@ -47,20 +47,24 @@ def test_plan_waves_keeps_per_device_order():
 @pytest.mark.parametrize("inputs", ["raw", "global", "device+time"])
 @pytest.mark.parametrize("rows_per_step", [None, 5])
 @pytest.mark.parametrize("step", ["default", "triton"])
+@pytest.mark.parametrize("waves", ["as_they_come", "padded"])
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy
-def test_streaming_equals_offline_model(device: str, inputs: str, rows_per_step: int | None, step: str):
+def test_streaming_equals_offline_model(device: str, inputs: str, rows_per_step: int | None, step: str, waves: str):
     rng = np.random.default_rng(7)
     n_features, n_devices = 3, 12
     norm = Normalization(torch.tensor([10.0, -1.0, 0.5]), torch.tensor([2.0, 0.5, 4.0])) if inputs == "global" else None
     extra = {"time_features": ("day", "week"), "device_norm_alpha": 0.05} if inputs == "device+time" else {}
     bundle = make_bundle(input_size=n_features, hidden_size=16, num_layers=2, seed=11, normalization=norm, **extra)
-    engine = Engine.build(bundle, capacity=64, device=device)
+    # Padded waves: CUDA's default, replayed from CUDA graphs there; run as they are on the CPU.
+    engine = Engine.build(bundle, capacity=64, device=device, cuda_graphs=waves == "padded")
     engine.max_rows_per_step = rows_per_step  # 5: waves cut into many small steps
     if step == "triton":  # the fused kernel, CUDA's default, here under Triton's interpreter
         if device == "cuda" or streamer.kernels.triton is None:
             pytest.skip("the default step on CUDA" if device == "cuda" else "no Triton in this torch build")
         engine.lstm = interpreted_kernels().TritonLstmStep(bundle.model, engine.device)
     assert engine.lstm.fused == (step == "triton" or device == "cuda")
+    assert engine.cuda_graphs == (device == "cuda" and waves == "padded")
+    engine.pad_waves = waves == "padded"
 
     # Devices with different lengths, joining at different points; readings interleaved at random,
     # cut into micro-batches of random size so a device often has several readings in one batch.
@@ -152,3 +156,59 @@ def test_swap_to_a_new_shape_resets_the_table_same_shape_keeps_rows():
     preds, report = engine.step(ReadingBatch(["a"], np.zeros(1), values[:1]), now=2.0)
     assert report.new_devices == 1
     np.testing.assert_allclose(preds.forecast, offline_forecasts(bigger, values[:1], np.zeros(1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_waves_change_no_device_and_no_result(device: str):
+    # The padding of a wave to its bucket points at the table's sink row: every prediction and
+    # every device's row come out as without padding (through CUDA graphs on CUDA), with
+    # evictions, new devices and several readings per device in a batch. To the last bit but
+    # for the CPU's GEMM, whose sums differ in the last bit with the row count (1 ulp seen).
+    bundle = make_bundle(input_size=2, hidden_size=16, num_layers=2, seed=3)
+    plain = Engine.build(bundle, capacity=48, device=device, cuda_graphs=False)
+    padded = Engine.build(bundle, capacity=48, device=device)
+    padded.pad_waves = True
+    assert padded.cuda_graphs == (device == "cuda")
+    rng = np.random.default_rng(5)
+    evicted = 0
+    for k in range(30):
+        n = int(rng.choice([1, 3, 17, 64, 65, 100]))
+        ids = [f"dev-{i}" for i in rng.integers(2 * k, 2 * k + 45, size=n)]  # the fleet moves on: evictions
+        ts = np.full(n, 1.7e9 + k)
+        values = (rng.normal(size=(n, 2)) * 3).astype(np.float32)
+        values[rng.random(n) < 0.05] *= 50.0  # now and then a spike: anomaly statistics move too
+        want, want_report = plain.step(ReadingBatch(ids, ts, values), now=float(k))
+        got, got_report = padded.step(ReadingBatch(ids, ts, values), now=float(k))
+        assert got_report.evicted_capacity == want_report.evicted_capacity
+        evicted += got_report.evicted_capacity
+        np.testing.assert_array_equal(got.is_anomaly, want.is_anomaly, err_msg=f"batch {k}")
+        for name in ("forecast", "anomaly_score", "residual"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{name}, batch {k}")
+        torch.testing.assert_close(padded.table.rows, plain.table.rows, rtol=1e-6, atol=1e-7,
+                                   msg=f"table rows differ after batch {k}")
+    assert evicted > 0 and {key[0] for key in padded._padded} >= {64}
+
+
+def test_a_step_that_cannot_be_captured_is_served_as_it_is_and_said_once(monkeypatch, caplog):
+    # As on CUDA when capture fails (a driver or op that will not be captured): the wave runs
+    # without padding, and so does every later one.
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=2)
+    engine = Engine.build(bundle, capacity=8, device="cpu")
+    plain = Engine.build(bundle, capacity=8, device="cpu", cuda_graphs=False)
+    engine.cuda_graphs = engine.pad_waves = True
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", refuse)
+    batch = ReadingBatch(["a", "b"], np.zeros(2), np.ones((2, 1), np.float32))
+    for now in (0.0, 1.0):
+        got, _ = engine.step(batch, now=now)
+        want, _ = plain.step(batch, now=now)
+        np.testing.assert_array_equal(got.forecast, want.forecast)
+    assert not engine.pad_waves and not engine.cuda_graphs and not engine._padded
+    assert [r.message for r in caplog.records if "capture" in r.message] == [
+        "CUDA graph capture of a 64-row step failed (operation not permitted when stream is capturing); steps"
+        " launch their kernels one by one from now on"
+    ]

@@ -65,7 +65,7 @@ def test_capacity_evicts_least_recently_seen_never_from_the_batch():
 def test_a_bfloat16_lead_block_is_its_own_tensor_and_rows_read_as_float32():
     table = DeviceStateTable(capacity=4, width=5, lead_width=3, lead_dtype=torch.bfloat16)
     assert table.lead.dtype == torch.bfloat16 and table.rest.dtype == torch.float32
-    assert table.state_bytes == 4 * (3 * 2 + 2 * 4)
+    assert table.state_bytes == (4 + 1) * (3 * 2 + 2 * 4)  # the sink row too
     table.acquire(["a", "b"], now=1.0)
     values = torch.tensor([[1.0, 2.0, 1.0 / 3.0, 4.0, 1.0 / 3.0], [5.0, 6.0, 7.0, 8.0, 9.0]])
     table.scatter(torch.tensor([0, 1]), values)
