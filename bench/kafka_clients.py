@@ -130,6 +130,7 @@ def open_loop(settings: Settings, metrics: object = None, engine: object = None)
 
 
 def close_loop(pipeline: "Pipeline") -> None:
+    pipeline.partitions.close()
     pipeline.producer.close(5)
     pipeline.consumer.close(5)
     if pipeline.partitions.store is not None:

@@ -15,6 +15,15 @@ changes (``model_switched``), each checkpoint names the model that applies the r
 it, and recovery refuses one of another model when readings would have to be replayed from it
 (the devices then start from zero state, counted as ``no_checkpoint``).
 
+Checkpoints due while the loop runs are written by a thread of their own (CheckpointWriter): the
+loop copies the partition's rows out and goes on, while encoding, hashing and fsync, tens of
+milliseconds for a partition of 20k devices, happen beside it. One is written at a time;
+partitions due meanwhile stay due and go next, one batch after another, so the cost is spread
+and memory holds one partition's copy. A partition counts as checkpointed once its write is
+done. Every other use of the store (recovery, revocation, a model switch, shutdown) first waits
+for the write in flight, so the store is used by one thread at a time, and those checkpoints are
+written before the loop goes on.
+
 A checkpoint that cannot be written (a full disk) is retried with exponential backoff rather
 than on every batch; a failure episode logs one line when it starts and one when checkpoints
 work again, and every failed attempt is counted.
@@ -23,6 +32,7 @@ work again, and every failed attempt is counted.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -54,6 +64,9 @@ class Owned:
     replayed: int = 0
     committed_offset: int = 0
     unsaved_since: float | None = None
+    writing: int | None = None  # offset of its checkpoint in the writer's hands
+    writing_readings: int = 0  # readings_since_checkpoint when that checkpoint was taken
+    writing_since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,69 @@ class FailureEpisode:
         return failed
 
 
+@dataclass(frozen=True)
+class Written:
+    """A checkpoint the writer is done with: error None when it is stored."""
+
+    tp: TopicPartition
+    offset: int
+    error: BaseException | None
+    seconds: float
+
+
+class CheckpointWriter:
+    """Saves checkpoints to ``store`` on a thread of its own, in the order given (the partition
+    manager hands it one at a time; a second would wait in ``submit``)."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+        self._queue: queue.Queue[tuple[TopicPartition, Checkpoint] | None] = queue.Queue(maxsize=1)
+        self._done: list[Written] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, tp: TopicPartition, checkpoint: Checkpoint) -> None:
+        self._queue.put((tp, checkpoint))
+
+    def drain(self) -> None:
+        """Wait until every checkpoint submitted is stored or failed."""
+        self._queue.join()
+
+    def take(self) -> list[Written]:
+        """The writes done since the last call, in order."""
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def close(self, timeout_s: float) -> None:
+        """Stop after the writes in hand, waiting for them at most timeout_s (a store that hangs
+        is left to its daemon thread)."""
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                tp, checkpoint = item
+                started = time.perf_counter()
+                try:
+                    self.store.save(checkpoint)
+                    error = None
+                except BaseException as exc:  # handed to the loop by take()
+                    error = exc
+                with self._lock:
+                    self._done.append(Written(tp, checkpoint.offset, error, time.perf_counter() - started))
+            finally:
+                self._queue.task_done()
+
+
 class PartitionManager:
     def __init__(
         self,
@@ -134,6 +210,8 @@ class PartitionManager:
         self.consumer = consumer
         self.engine = engine
         self.store = store
+        self.writer = CheckpointWriter(store) if store is not None else None
+        self._writing = 0  # checkpoints handed to the writer and not yet accounted for
         self.policy = policy
         self.metrics = metrics
         self.clock = clock
@@ -171,6 +249,7 @@ class PartitionManager:
 
     def release(self, partitions: Iterable[TopicPartition], checkpoint: bool) -> None:
         with self.lock:
+            self.settle_writes()
             for tp in list(partitions):
                 self.pending.discard(tp)
                 self.restart_at.pop(tp, None)
@@ -193,6 +272,7 @@ class PartitionManager:
         if not self.pending:
             return
         with self.lock:
+            self.settle_writes()  # the store is read below: nothing of it in flight
             pending = sorted(self.pending)
         committed = self.consumer.committed(pending, BROKER_CALL_TIMEOUT_S)
         for tp in pending:
@@ -260,10 +340,7 @@ class PartitionManager:
                 replay_until[tp] = owned.replay_until
             if offset > owned.replay_until:
                 commit[tp] = offset
-                if self.store is not None and (
-                    now - owned.checkpoint_time >= self.policy.interval_s
-                    or owned.readings_since_checkpoint + readings.get(tp, 0) >= self.policy.interval_readings
-                ):
+                if self._due(owned, now, readings.get(tp, 0)):
                     due.add(tp)
         return BatchPlan(
             MappingProxyType(dict(next_offsets)), MappingProxyType(dict(readings)), MappingProxyType(replay_until),
@@ -287,23 +364,64 @@ class PartitionManager:
             owned.readings_since_checkpoint += plan.readings.get(tp, 0)
 
     def committed(self, plan: BatchPlan) -> None:
-        """``plan.commit`` is committed: checkpoint its partitions that are due and still owned at
-        that offset (unless a failing store is backing off: they stay due)."""
-        now = self.clock()
+        """``plan.commit`` is committed: a partition due and applied no further than that is
+        checkpointed next (see pump)."""
         with self.lock:
             for tp, offset in plan.commit.items():
                 owned = self.owned.get(tp)
-                if owned is None:
-                    continue
-                owned.committed_offset = max(owned.committed_offset, offset)
-                if tp in plan.checkpoint_due and owned.next_offset == offset and not self.failures.waiting(now):
-                    self._save(tp, owned)
+                if owned is not None:
+                    owned.committed_offset = max(owned.committed_offset, offset)
+            self.pump()
+
+    def pump(self) -> bool:
+        """Account for the writer's finished checkpoint; when it is idle, hand it the next one:
+        the partition longest without one among those due whose applied offset is committed
+        (a checkpoint never runs ahead of the group). None while a failing store backs off.
+        Called after every commit and once a loop turn. True when it handed one over."""
+        if self.writer is None:
+            return False
+        with self.lock:
+            self._apply_written()
+            now = self.clock()
+            if self._writing or self.failures.waiting(now):
+                return False
+            ready = [(owned.checkpoint_time, tp) for tp, owned in self.owned.items()
+                     if owned.next_offset == owned.committed_offset and self._due(owned, now)
+                     and owned.checkpoint_offset != owned.next_offset
+                     and not (owned.next_offset < owned.replay_until and owned.checkpoint_offset is not None)]
+            if not ready:
+                return False
+            tp = min(ready)[1]
+            self._save(tp, self.owned[tp], wait=False)
+            return True
+
+    def _due(self, owned: Owned, now: float, readings: int = 0) -> bool:
+        """Whether the policy asks for a checkpoint of this partition (``readings`` more applied)."""
+        return self.store is not None and (
+            now - owned.checkpoint_time >= self.policy.interval_s
+            or owned.readings_since_checkpoint + readings >= self.policy.interval_readings
+        )
 
     def checkpoint_all(self) -> None:
         """Checkpoint every owned partition (clean shutdown: tried even while backing off)."""
         with self.lock:
+            self.settle_writes()
             for tp, owned in self.owned.items():
                 self._save(tp, owned)
+
+    def settle_writes(self) -> None:
+        """Wait for the checkpoints in the writer's hands and account for them."""
+        if self.writer is not None:
+            with self.lock:
+                self.writer.drain()
+                self._apply_written()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the writer after the writes in hand (at most timeout_s) and account for them."""
+        if self.writer is not None:
+            self.writer.close(timeout_s)
+            with self.lock:
+                self._apply_written()
 
     def model_switched(self) -> None:
         """The engine serves a new model from the next step on: checkpoint every owned partition
@@ -314,6 +432,7 @@ class PartitionManager:
         moving it) is left out; its next owner will not replay across the switch either (see
         CheckpointStore.load_latest)."""
         with self.lock:
+            self.settle_writes()
             for tp, owned in self.owned.items():
                 if owned.next_offset > owned.committed_offset:
                     log.warning(
@@ -347,10 +466,12 @@ class PartitionManager:
     def _model_stamp(self) -> ModelStamp:
         return ModelStamp.of(self.engine.model_version, self.engine.config.to_dict())
 
-    def _save(self, tp: TopicPartition, owned: Owned, rewrite: bool = False) -> bool:
+    def _save(self, tp: TopicPartition, owned: Owned, rewrite: bool = False, wait: bool = True) -> bool:
         """Checkpoint ``tp`` at its applied offset; False when the store failed. ``rewrite``: also
         when a checkpoint at that offset exists or the partition is still replaying (a model
-        switch: the checkpoint must name the model that applies the readings after it)."""
+        switch: the checkpoint must name the model that applies the readings after it).
+        wait=False: the rows are copied out here and handed to the writer (call with nothing of
+        this partition in its hands); the outcome is accounted for by a later _apply_written."""
         if self.store is None:
             return False
         if not rewrite:
@@ -365,24 +486,60 @@ class PartitionManager:
             tp.topic, tp.partition, owned.next_offset, state, self.engine.layout.width, stamp.version,
             model_config=stamp.config,
         )
+        if not wait and self.writer is not None:
+            owned.writing, owned.writing_readings, owned.writing_since = (
+                owned.next_offset, owned.readings_since_checkpoint, self.clock())
+            self._writing += 1
+            self.writer.submit(tp, checkpoint)
+            return True
         try:
             self.store.save(checkpoint)
         except OSError as exc:
             self._failed(tp, owned, exc)
             return False
+        self._saved(tp, owned, owned.next_offset, owned.readings_since_checkpoint, None,
+                    time.perf_counter() - started)
+        return True
+
+    def _apply_written(self) -> None:
+        """Account for the writer's finished checkpoints (on the loop's side of the lock)."""
+        if self.writer is None:
+            return
+        for done in self.writer.take():
+            self._writing -= 1
+            owned = self.owned.get(done.tp)
+            if owned is not None and owned.writing != done.offset:
+                owned = None  # the partition left (and may be back): that write is not its own
+            if owned is not None:
+                owned.writing = None
+            if done.error is None:
+                if owned is not None:
+                    self._saved(done.tp, owned, done.offset, owned.writing_readings, owned.writing_since, done.seconds)
+                continue
+            if not isinstance(done.error, OSError):
+                raise done.error
+            if owned is not None:
+                self._failed(done.tp, owned, done.error)
+            elif self.metrics is not None:
+                self.metrics.on_checkpoint_failed()
+
+    def _saved(self, tp: TopicPartition, owned: Owned, offset: int, readings: int, taken_at: float | None,
+               seconds: float) -> None:
+        """``tp``'s checkpoint at ``offset`` is stored; it was taken when ``readings`` readings
+        were unsaved, at ``taken_at`` (None: just now, nothing applied since)."""
         failed = self.failures.succeed()
         if failed:
             log.warning(
                 "checkpoints are written again (%s at offset %d) after %d failed attempts over %.1fs",
-                _name(tp), owned.next_offset, failed, self.clock() - self.failures.started, extra=_context(tp),
+                _name(tp), offset, failed, self.clock() - self.failures.started, extra=_context(tp),
             )
-        owned.checkpoint_offset = owned.next_offset
+        owned.checkpoint_offset = offset
         owned.checkpoint_time = self.clock()
-        owned.readings_since_checkpoint = 0
-        owned.unsaved_since = None
+        owned.readings_since_checkpoint = max(0, owned.readings_since_checkpoint - readings)
+        # Readings applied after the checkpoint was taken were applied after taken_at.
+        owned.unsaved_since = None if owned.next_offset == offset else taken_at
         if self.metrics is not None:
-            self.metrics.on_checkpoint(time.perf_counter() - started)
-        return True
+            self.metrics.on_checkpoint(seconds)
 
     def _failed(self, tp: TopicPartition, owned: Owned, exc: OSError) -> None:
         """One failed write: counted always, logged only when it starts a failure episode."""

@@ -221,6 +221,7 @@ class Pipeline:
                 self.health.fail(f"run loop stopped: {exc}")
             raise
         finally:
+            self.partitions.close()  # the checkpoint writer: after checkpoint_all it has nothing in hand
             self.summary.seconds = time.monotonic() - started
             gc.unfreeze()  # collectable again at exit (nanobind, pyarrow's binding, counts leaks then)
         return self.summary
@@ -247,6 +248,7 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.on_poll()
         self._watch_membership()
+        self.partitions.pump()  # the checkpoint writer's next partition, if one is due
         if records:
             self._process(records)
         self._maybe_reload_model()

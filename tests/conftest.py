@@ -31,3 +31,11 @@ def make_bundle(
 @pytest.fixture
 def bundle() -> ModelBundle:
     return make_bundle()
+
+
+def written_as_the_loop_goes_on(partitions) -> None:
+    """The checkpoints due (a PartitionManager's), written one after another beside the run
+    loop's next turns: here at once."""
+    partitions.settle_writes()
+    while partitions.pump():
+        partitions.settle_writes()

@@ -1,6 +1,7 @@
 import errno
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from streamer import checkpoint as checkpoint_module
 from streamer.checkpoint import Checkpoint, CheckpointError, DirectoryCheckpointStore, ModelStamp, decode, encode
 from streamer.engine import Engine, ReadingBatch
 from streamer.partitions import CheckpointPolicy, PartitionManager
-from tests.conftest import make_bundle
+from tests.conftest import make_bundle, written_as_the_loop_goes_on
 
 
 def stepped_engine(seed: int = 0) -> Engine:
@@ -175,6 +176,7 @@ def applied_and_committed(partitions: PartitionManager, next_offsets: dict, read
         partitions.applied(plan)
     if commit:
         partitions.committed(plan)
+        written_as_the_loop_goes_on(partitions)
 
 
 def manager(engine: Engine, store, committed: dict[TopicPartition, int], policy=CheckpointPolicy(), clock=None):
@@ -385,3 +387,109 @@ def test_pick_latest_refuses_what_cannot_be_read_and_takes_the_previous(tmp_path
     loaded, refused = pick_latest(candidates, "readings", 0, engine.layout.width, max_offset=11)
     assert loaded is not None and loaded.offset == 5
     assert [(r.path, r.reason) for r in refused] == [("k/10", "chunk k/10/00001 is missing")]
+
+
+class HeldStore(DirectoryCheckpointStore):
+    """A directory store whose writes wait until released, one gate per write."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.started: list[tuple[int, int]] = []
+        self.gates: list[threading.Event] = []
+        self.fail_with: BaseException | None = None
+
+    def save(self, checkpoint: Checkpoint):
+        assert not self.gates or self.gates[-1].is_set(), "two writes at once"  # one thread at a time
+        gate = threading.Event()
+        self.gates.append(gate)
+        self.started.append((checkpoint.partition, checkpoint.offset))
+        assert gate.wait(10), "never released"
+        if self.fail_with is not None:
+            raise self.fail_with
+        return super().save(checkpoint)
+
+    def writes_started(self, count: int) -> list[tuple[int, int]]:
+        """(partition, offset) of the writes started, once ``count`` have (and a moment for more)."""
+        deadline = time.monotonic() + 10
+        while len(self.started) < count:
+            assert time.monotonic() < deadline, f"{len(self.started)} of {count} writes started"
+            time.sleep(0.001)
+        time.sleep(0.05)
+        return list(self.started)
+
+    def release_next(self) -> None:
+        deadline = time.monotonic() + 10
+        while not any(not g.is_set() for g in self.gates):
+            assert time.monotonic() < deadline, "no write started"
+            time.sleep(0.001)
+        next(g for g in self.gates if not g.is_set()).set()
+
+
+def batch_committed(partitions: PartitionManager, offset: int, readings: int = 5) -> None:
+    """A batch reaching ``offset`` on both partitions, applied and committed; the checkpoint
+    writer left to itself."""
+    with partitions.lock:
+        plan = partitions.plan({TP0: offset, TP1: offset}, {TP0: readings, TP1: readings})
+        partitions.applied(plan)
+    partitions.committed(plan)
+
+
+def test_a_slow_checkpoint_write_does_not_hold_the_loop_and_counts_once_done(tmp_path: Path):
+    engine = stepped_engine()
+    store = HeldStore(tmp_path, "group")
+    clock = Clock()
+    partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 5), clock)
+    for offset in (5, 10, 15):  # three batches, both partitions due from the first: the loop goes on
+        clock.now += 1.0
+        batch_committed(partitions, offset)
+    # One write at a time: TP0's at offset 5 is in the store's hands, nothing else has started.
+    assert store.writes_started(1) == [(0, 5)]
+    owned = partitions.owned[TP0]
+    assert owned.checkpoint_offset is None and partitions.checkpoint_lag()[("readings", 0)] == pytest.approx(2.0)
+    store.release_next()
+    partitions.settle_writes()
+    # Counted once stored, at the offset it was taken at; the readings after it are still unsaved.
+    assert owned.checkpoint_offset == 5 and owned.readings_since_checkpoint == 10
+    assert partitions.checkpoint_lag()[("readings", 0)] == pytest.approx(2.0)  # taken at 1001, now 1003
+    assert metrics.count("on_checkpoint") == 1
+    # The loop's next turn hands over the next due partition: the one longest without a checkpoint.
+    assert partitions.pump() and store.writes_started(2) == [(0, 5), (1, 15)]
+    store.release_next()
+    partitions.settle_writes()
+    assert partitions.owned[TP1].checkpoint_offset == 15 and partitions.checkpoint_lag()[("readings", 1)] == 0.0
+
+
+def test_revocation_waits_for_the_write_in_flight_then_writes_its_own(tmp_path: Path):
+    engine = stepped_engine()
+    store = HeldStore(tmp_path, "group")
+    partitions, _ = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 5))
+    batch_committed(partitions, 5)
+    assert store.writes_started(1) == [(0, 5)]
+    revoker = threading.Thread(target=partitions.release, args=([TP1], True))
+    revoker.start()
+    revoker.join(0.2)
+    assert revoker.is_alive() and store.started == [(0, 5)]  # waiting for TP0's write in flight ...
+    store.release_next()
+    assert store.writes_started(2) == [(0, 5), (1, 5)]  # ... then TP1's own,
+    store.release_next()  # written before the revocation returns
+    revoker.join(10)
+    assert not revoker.is_alive() and store.started == [(0, 5), (1, 5)]
+    assert int(store.paths("readings", 1)[0].stem) == 5 and TP1 not in partitions.owned
+
+
+def test_a_write_that_fails_is_counted_on_the_loop_and_what_is_not_a_store_failure_is_raised(tmp_path: Path):
+    engine = stepped_engine()
+    store = HeldStore(tmp_path, "group")
+    partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 5))
+    store.fail_with = OSError(errno.ENOSPC, "No space left on device")
+    batch_committed(partitions, 5)
+    store.release_next()
+    partitions.settle_writes()
+    assert metrics.count("on_checkpoint_failed") == 1 and partitions.failures.failed == 1
+    assert partitions.owned[TP0].checkpoint_offset is None and not partitions.pump()  # backing off
+    partitions.failures.retry_at = 0.0
+    store.fail_with = RuntimeError("a bug in the store")
+    assert partitions.pump()
+    store.release_next()
+    with pytest.raises(RuntimeError, match="a bug in the store"):
+        partitions.settle_writes()

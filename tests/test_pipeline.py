@@ -34,6 +34,7 @@ from streamer.model import ModelConfig, init_random_model, load_model_file, save
 from streamer.pipeline import Pipeline
 from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
 from streamer.settings import load_settings
+from tests.conftest import written_as_the_loop_goes_on
 
 P0, P1 = TopicPartition("in", 0), TopicPartition("in", 1)
 DEVICES = [f"dev-{i}" for i in range(8)]
@@ -116,13 +117,19 @@ class Rig:
         self.broker.append("in", gateway, body, [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)])
 
     def mark(self) -> int:
-        return len(self.broker.journal)
+        return len(self.journal())
+
+    def journal(self, mark: int = 0) -> list[tuple]:
+        """The journal's entries since ``mark``, once the checkpoints due are written (beside the
+        loop, one after another as it goes on: here at once)."""
+        written_as_the_loop_goes_on(self.pipeline.partitions)
+        return self.broker.journal[mark:]
 
     def since(self, mark: int, steps: bool = False) -> list[str]:
         """The kinds of journal entries since ``mark``, consecutive repeats folded; engine steps
         only when ``steps``."""
         kinds: list[str] = []
-        for entry in self.broker.journal[mark:]:
+        for entry in self.journal(mark):
             if entry[0] == "step" and not steps:
                 continue
             if not kinds or kinds[-1] != entry[0]:
@@ -150,7 +157,7 @@ def test_at_least_once_produces_flushes_commits_then_checkpoints(tmp_path):
     assert rig.pipeline.run_once() == 0  # nothing new: settled at once
     assert rig.since(mark) == ["flush", "commit", "checkpoint"]
     assert committed(rig) == rig.ends()
-    checkpoints = [e[1:] for e in rig.broker.journal[mark:] if e[0] == "checkpoint"]
+    checkpoints = [e[1:] for e in rig.journal(mark) if e[0] == "checkpoint"]
     assert sorted(checkpoints) == sorted((tp.partition, end) for tp, end in rig.ends().items())
     assert sum(rig.outputs().values()) == 24 and len(rig.broker.messages("dlq")) == 1
 
@@ -230,7 +237,7 @@ def test_revoked_mid_batch_at_least_once_only_the_partitions_still_owned_commit(
 
 
 def commits(rig: Rig, mark: int) -> list[dict[TopicPartition, int]]:
-    return [e[1] for e in rig.broker.journal[mark:] if e[0] == "commit"]
+    return [e[1] for e in rig.journal(mark) if e[0] == "commit"]
 
 
 def test_busy_loop_commits_acknowledged_batches_together_once_idle_or_per_interval(tmp_path):
@@ -266,7 +273,7 @@ def test_a_due_checkpoint_commits_at_once_whatever_the_interval(tmp_path):
         rig.pipeline.run_once()
     kinds = rig.since(mark)
     assert "checkpoint" in kinds and kinds.index("commit") == kinds.index("checkpoint") - 1
-    saved = [e for e in rig.broker.journal[mark:] if e[0] == "checkpoint"]
+    saved = [e for e in rig.journal(mark) if e[0] == "checkpoint"]
     done = commits(rig, mark)
     # Each checkpoint is at an offset the commit just before it holds: the engine's state there.
     assert saved and all(done[-1][TopicPartition("in", p)] == offset for _, p, offset in saved)
@@ -411,8 +418,10 @@ def test_pipelined_the_batch_before_commits_before_the_next_is_stepped(tmp_path)
     rig.write(per_device=1, start_ts=1)
     mark = rig.mark()
     rig.pipeline.run_once()
-    assert rig.since(mark, steps=True) == ["flush", "commit", "checkpoint", "step"]  # batch 1 settled, then batch 2 stepped
-    assert [e[1] for e in rig.broker.journal[mark:] if e[0] == "commit"] == [first]
+    kinds = rig.since(mark, steps=True)  # batch 1 settled, then batch 2 stepped; its checkpoint written beside
+    assert [k for k in kinds if k != "checkpoint"] == ["flush", "commit", "step"]
+    assert kinds.index("checkpoint") > kinds.index("commit")
+    assert [e[1] for e in rig.journal(mark) if e[0] == "commit"] == [first]
     rig.pipeline.run_once()  # nothing new: batch 2 settled at once
     assert committed(rig) == rig.ends()
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
@@ -451,7 +460,7 @@ def test_revocation_settles_the_batch_in_flight_first(tmp_path):
     # The journal notes the revocation as it starts; inside its hook the batch is settled.
     assert rig.since(mark) == ["revoked", "flush", "commit", "checkpoint"]
     assert committed(rig) == rig.ends()
-    assert ("checkpoint", 0, rig.ends()[P0]) in rig.broker.journal
+    assert ("checkpoint", 0, rig.ends()[P0]) in rig.journal()
 
 
 def test_a_batch_message_with_more_devices_than_the_table_is_stepped_in_chunks(tmp_path):
@@ -465,8 +474,8 @@ def test_a_batch_message_with_more_devices_than_the_table_is_stepped_in_chunks(t
     assert rig.pipeline.run_once() == 2
     rig.pipeline.run_once()
     assert rig.since(mark, steps=True) == ["step", "flush", "commit", "checkpoint"]
-    assert sum(1 for e in rig.broker.journal[mark:] if e[0] == "step") == 3  # 14 readings of 12 devices, 5 at a time
-    assert sum(1 for e in rig.broker.journal[mark:] if e[0] == "commit") == 1
+    assert sum(1 for e in rig.journal(mark) if e[0] == "step") == 3  # 14 readings of 12 devices, 5 at a time
+    assert sum(1 for e in rig.journal(mark) if e[0] == "commit") == 1
     assert rig.pipeline.summary.readings == 14 and len(rig.broker.messages("out")) == 14
     assert [json.loads(m.value)["device_id"] for m in rig.broker.messages("out")] == devices[:7] + devices[7:] + devices[:2]
     tp = TopicPartition("in", rig.broker.messages("in")[0].partition)
@@ -484,6 +493,7 @@ def test_checkpoint_spacing_counts_readings_not_messages(tmp_path):
     rig.write_arrow(b"gw-0", DEVICES[:1], ts=1)  # the 8th reading
     rig.pipeline.run_once()
     rig.pipeline.run_once()
+    rig.pipeline.partitions.settle_writes()
     assert rig.pipeline.partitions.owned[tp].checkpoint_offset == 2
 
 
