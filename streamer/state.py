@@ -4,8 +4,10 @@ CPU side: an id -> slot map, a free list, the last-seen time per slot and the re
 a log of touches (slot, touch number) oldest first, in which a slot's entry counts only while it
 is the slot's latest touch (``_touched``), so that seeing a known device costs a vectorised
 write, not a reordering of the map per device. Eviction reads the log from its oldest end; the
-log is compacted to the live entries, one per device, when it fills. Accelerator side: rows of ``width`` columns, gathered and scattered for a batch
-by one index tensor. The first ``lead_width`` columns (the LSTM's h and c) may be kept in
+log is compacted to the live entries, one per device, when it fills.
+
+Accelerator side: rows of ``width`` columns, gathered and scattered for a batch by one index
+tensor. The first ``lead_width`` columns (the LSTM's h and c) may be kept in
 another dtype (bfloat16: half the bytes) in their own tensor ``lead``; the rest in ``rest``
 (float32). With one dtype both are views of one (capacity + 1, width) tensor. What a row holds
 is the engine's business (see engine.StateLayout); the table only guarantees that a slot given
