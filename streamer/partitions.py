@@ -417,11 +417,13 @@ class PartitionManager:
                 self._apply_written()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the writer after the writes in hand (at most timeout_s) and account for them."""
+        """Stop the writer after the writes in hand (at most timeout_s) and account for them;
+        checkpoints from here on (a revocation as the consumer closes) are written at once."""
         if self.writer is not None:
             self.writer.close(timeout_s)
             with self.lock:
                 self._apply_written()
+                self.writer = None
 
     def model_switched(self) -> None:
         """The engine serves a new model from the next step on: checkpoint every owned partition

@@ -493,3 +493,19 @@ def test_a_write_that_fails_is_counted_on_the_loop_and_what_is_not_a_store_failu
     store.release_next()
     with pytest.raises(RuntimeError, match="a bug in the store"):
         partitions.settle_writes()
+
+
+def test_after_close_checkpoints_are_written_at_once_and_closing_again_is_harmless(tmp_path: Path):
+    # As the run loop stops: the writer is closed, then the consumer's close revokes what is owned.
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    partitions, _ = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 5))
+    batch_committed(partitions, 5)
+    partitions.close()
+    partitions.close()
+    assert partitions.owned[TP0].checkpoint_offset == 5  # the write in hand, accounted for
+    done = threading.Thread(target=partitions.release, args=([TP0, TP1], True))
+    done.start()
+    done.join(10)
+    assert not done.is_alive()
+    assert [int(store.paths("readings", p)[0].stem) for p in (0, 1)] == [5, 5]
