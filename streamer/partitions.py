@@ -145,8 +145,8 @@ class Written:
 
 
 class CheckpointWriter:
-    """Saves checkpoints to ``store`` on a thread of its own, in the order given (the partition
-    manager hands it one at a time; a second would wait in ``submit``)."""
+    """Saves checkpoints to ``store`` on a thread of its own, in the order given. The partition
+    manager hands it one at a time (its queue holds one more: a third would wait in submit)."""
 
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
@@ -169,14 +169,15 @@ class CheckpointWriter:
             done, self._done = self._done, []
         return done
 
-    def close(self, timeout_s: float) -> None:
-        """Stop after the writes in hand, waiting for them at most timeout_s (a store that hangs
-        is left to its daemon thread)."""
+    def close(self, timeout_s: float) -> bool:
+        """Stop after the writes in hand, waiting for them at most timeout_s; False when a write
+        did not return by then (a store that hangs is left to the daemon thread)."""
         try:
             self._queue.put(None, timeout=timeout_s)
         except queue.Full:
-            return
+            return False
         self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
@@ -212,6 +213,7 @@ class PartitionManager:
         self.store = store
         self.writer = CheckpointWriter(store) if store is not None else None
         self._writing = 0  # checkpoints handed to the writer and not yet accounted for
+        self._writer_error: BaseException | None = None  # not a store failure: raised by pump
         self.policy = policy
         self.metrics = metrics
         self.clock = clock
@@ -249,7 +251,8 @@ class PartitionManager:
 
     def release(self, partitions: Iterable[TopicPartition], checkpoint: bool) -> None:
         with self.lock:
-            self.settle_writes()
+            if checkpoint:  # a lost partition writes nothing: it does not wait for the store
+                self.settle_writes()
             for tp in list(partitions):
                 self.pending.discard(tp)
                 self.restart_at.pop(tp, None)
@@ -331,6 +334,10 @@ class PartitionManager:
         """The plan of a batch reaching ``next_offsets`` with ``readings`` messages per partition.
         Call under ``lock``, right before the batch is stepped (then ``applied``)."""
         now = self.clock()
+        self._apply_written()
+        # Due (the batch's commit is not held back for the interval) only when a checkpoint can
+        # start at that commit: not while the writer is busy or a failing store backs off.
+        can_start = not self._writing and not self.failures.waiting(now)
         replay_until, commit, due = {}, {}, set()
         for tp, offset in next_offsets.items():
             owned = self.owned.get(tp)
@@ -340,7 +347,7 @@ class PartitionManager:
                 replay_until[tp] = owned.replay_until
             if offset > owned.replay_until:
                 commit[tp] = offset
-                if self._due(owned, now, readings.get(tp, 0)):
+                if can_start and self._due(owned, now, readings.get(tp, 0)):
                     due.add(tp)
         return BatchPlan(
             MappingProxyType(dict(next_offsets)), MappingProxyType(dict(readings)), MappingProxyType(replay_until),
@@ -377,11 +384,15 @@ class PartitionManager:
         """Account for the writer's finished checkpoint; when it is idle, hand it the next one:
         the partition longest without one among those due whose applied offset is committed
         (a checkpoint never runs ahead of the group). None while a failing store backs off.
-        Called after every commit and once a loop turn. True when it handed one over."""
+        Called after every commit and once a loop turn. True when it handed one over. A write
+        that failed with what is not a store failure (OSError) is raised here, on the loop."""
         if self.writer is None:
             return False
         with self.lock:
             self._apply_written()
+            if self._writer_error is not None:
+                error, self._writer_error = self._writer_error, None
+                raise error
             now = self.clock()
             if self._writing or self.failures.waiting(now):
                 return False
@@ -418,12 +429,17 @@ class PartitionManager:
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the writer after the writes in hand (at most timeout_s) and account for them;
-        checkpoints from here on (a revocation as the consumer closes) are written at once."""
+        checkpoints from here on (a revocation as the consumer closes) are written at once. A
+        write still hanging then leaves the store to it: no more checkpoints are written."""
         if self.writer is not None:
-            self.writer.close(timeout_s)
+            finished = self.writer.close(timeout_s)
             with self.lock:
                 self._apply_written()
                 self.writer = None
+                if not finished:
+                    log.warning("a checkpoint write did not return within %.0fs: no more checkpoints from this"
+                                " process (the partitions' next owners replay from their last ones)", timeout_s)
+                    self.store = None
 
     def model_switched(self) -> None:
         """The engine serves a new model from the next step on: checkpoint every owned partition
@@ -497,14 +513,15 @@ class PartitionManager:
         try:
             self.store.save(checkpoint)
         except OSError as exc:
-            self._failed(tp, owned, exc)
+            self._failed(tp, owned.next_offset, exc)
             return False
         self._saved(tp, owned, owned.next_offset, owned.readings_since_checkpoint, None,
                     time.perf_counter() - started)
         return True
 
     def _apply_written(self) -> None:
-        """Account for the writer's finished checkpoints (on the loop's side of the lock)."""
+        """Account for the writer's finished checkpoints (on the loop's side of the lock). One
+        whose partition left meanwhile still counts for the store's health and the metrics."""
         if self.writer is None:
             return
         for done in self.writer.take():
@@ -515,45 +532,44 @@ class PartitionManager:
             if owned is not None:
                 owned.writing = None
             if done.error is None:
-                if owned is not None:
-                    self._saved(done.tp, owned, done.offset, owned.writing_readings, owned.writing_since, done.seconds)
-                continue
-            if not isinstance(done.error, OSError):
-                raise done.error
-            if owned is not None:
-                self._failed(done.tp, owned, done.error)
-            elif self.metrics is not None:
-                self.metrics.on_checkpoint_failed()
+                self._saved(done.tp, owned, done.offset, owned.writing_readings if owned else 0,
+                            owned.writing_since if owned else None, done.seconds)
+            elif isinstance(done.error, OSError):
+                self._failed(done.tp, done.offset, done.error)
+            else:
+                self._writer_error = self._writer_error or done.error
 
-    def _saved(self, tp: TopicPartition, owned: Owned, offset: int, readings: int, taken_at: float | None,
+    def _saved(self, tp: TopicPartition, owned: Owned | None, offset: int, readings: int, taken_at: float | None,
                seconds: float) -> None:
         """``tp``'s checkpoint at ``offset`` is stored; it was taken when ``readings`` readings
-        were unsaved, at ``taken_at`` (None: just now, nothing applied since)."""
+        were unsaved, at ``taken_at`` (None: just now, nothing applied since). ``owned``: the
+        partition, None when it has left since."""
         failed = self.failures.succeed()
         if failed:
             log.warning(
                 "checkpoints are written again (%s at offset %d) after %d failed attempts over %.1fs",
                 _name(tp), offset, failed, self.clock() - self.failures.started, extra=_context(tp),
             )
+        if self.metrics is not None:
+            self.metrics.on_checkpoint(seconds)
+        if owned is None:
+            return
         owned.checkpoint_offset = offset
         owned.checkpoint_time = self.clock()
         owned.readings_since_checkpoint = max(0, owned.readings_since_checkpoint - readings)
         # Readings applied after the checkpoint was taken were applied after taken_at.
         owned.unsaved_since = None if owned.next_offset == offset else taken_at
-        if self.metrics is not None:
-            self.metrics.on_checkpoint(seconds)
 
-    def _failed(self, tp: TopicPartition, owned: Owned, exc: OSError) -> None:
+    def _failed(self, tp: TopicPartition, offset: int, exc: OSError) -> None:
         """One failed write: counted always, logged only when it starts a failure episode."""
         if self.failures.fail(self.clock()):
             log.error(
                 "checkpoint of %s at offset %d failed: %s; retrying in %.0fs, backing off up to %.0fs"
                 " (further failures: streamer_checkpoint_failures_total, debug log)",
-                _name(tp), owned.next_offset, exc, self.failures.delay_s, self.failures.max_s, extra=_context(tp),
+                _name(tp), offset, exc, self.failures.delay_s, self.failures.max_s, extra=_context(tp),
             )
         else:
-            log.debug("checkpoint of %s at offset %d failed again: %s", _name(tp), owned.next_offset, exc,
-                      extra=_context(tp))
+            log.debug("checkpoint of %s at offset %d failed again: %s", _name(tp), offset, exc, extra=_context(tp))
         if self.metrics is not None:
             self.metrics.on_checkpoint_failed()
 
