@@ -352,6 +352,15 @@ class Engine:
         self, plan: Plan, unique_slots: np.ndarray, values: np.ndarray, ts: np.ndarray
     ) -> tuple[np.ndarray, ...]:
         """(forecast (n, F) reading units, ln tail (n,), flags (n,), residual (n,)) in reading order."""
+        if self.device.type != "cuda":
+            return self._execute_here(plan, unique_slots, values, ts)
+        # On the engine's own GPU: Triton launches and graph captures go to the current device.
+        with torch.cuda.device(self.device):
+            return self._execute_here(plan, unique_slots, values, ts)
+
+    def _execute_here(
+        self, plan: Plan, unique_slots: np.ndarray, values: np.ndarray, ts: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
         n, out_size = len(values), self.config.values_size
         device = self.device
         if n == 0:
@@ -482,7 +491,7 @@ class PaddedStep:
                 engine._step_wave(self.x, self.slots, scratch=False)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), torch.inference_mode():
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device)), torch.inference_mode():
                 self.out = engine._step_wave(self.x, self.slots, scratch=False)
 
     def __call__(self, x: Tensor, slots: Tensor) -> tuple[Tensor, ...]:

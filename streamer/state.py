@@ -16,8 +16,10 @@ a fixed row count points its padding there (engine: CUDA graphs), and reads back
 
 Bytes per device: width x 4 (or lead_width x 2 + the rest x 4 under bfloat16) on the torch
 device, plus on the CPU 8 (last seen) + 8 (latest touch) + 4 (partition) + 8 (free stack) +
-8 (slot -> id) bytes, 12 x LOG_ROOM (the touch log) and the id -> slot entry (a dict entry and a
-Python int, ~63 bytes) with its key, the id string (bench/scale.py measures them).
+8 (slot -> id) bytes, 12 x LOG_ROOM (the touch log; up to 12 x (1 + the largest batch's share
+of the capacity) once a batch has touched more than a quarter of the table) and the id -> slot
+entry (a dict entry and a Python int, ~63 bytes) with its key, the id string (bench/scale.py
+measures them).
 
 Eviction is explicit and counted: idle devices past the TTL, and at capacity the least recently
 seen device not in the current batch. A device evicted and seen again starts from zeros.
@@ -316,7 +318,7 @@ class DeviceStateTable:
         slots, touches = self._log_slot[head:tail][live], self._log_touch[head:tail][live]
         n = len(slots)
         if n + room > len(self._log_slot):
-            size = max(n + room, 2 * len(self._log_slot))
+            size = n + max(room, self.capacity // 4 + 1)  # room for a quarter of the table's touches again
             self._log_slot = np.zeros(size, dtype=self._log_slot.dtype)
             self._log_touch = np.zeros(size, dtype=np.int64)
         self._log_slot[:n] = slots

@@ -165,15 +165,20 @@ def test_padded_waves_change_no_device_and_no_result(device: str):
     # evictions, new devices and several readings per device in a batch. To the last bit but
     # for the CPU's GEMM, whose sums differ in the last bit with the row count (1 ulp seen).
     bundle = make_bundle(input_size=2, hidden_size=16, num_layers=2, seed=3)
-    plain = Engine.build(bundle, capacity=48, device=device, cuda_graphs=False)
-    padded = Engine.build(bundle, capacity=48, device=device)
+    plain = Engine.build(bundle, capacity=300, device=device, cuda_graphs=False)
+    padded = Engine.build(bundle, capacity=300, device=device)
     padded.pad_waves = True
     assert padded.cuda_graphs == (device == "cuda")
     rng = np.random.default_rng(5)
-    evicted = 0
+    evicted, buckets = 0, set()
     for k in range(30):
-        n = int(rng.choice([1, 3, 17, 64, 65, 100]))
-        ids = [f"dev-{i}" for i in rng.integers(2 * k, 2 * k + 45, size=n)]  # the fleet moves on: evictions
+        if k == 15:  # a new model of the same shape: the rows carry over, the graphs are captured anew
+            for engine in (plain, padded):
+                engine.swap_model(make_bundle(input_size=2, hidden_size=16, num_layers=2, seed=4, version="v2"))
+            assert not padded._padded
+            padded.pad_waves = True  # on the CPU: as the test asks (cuda_graphs decides on CUDA)
+        n = int(rng.choice([1, 3, 17, 64, 65, 130, 300]))
+        ids = [f"dev-{i}" for i in rng.integers(20 * k, 20 * k + 280, size=n)]  # the fleet moves on: evictions
         ts = np.full(n, 1.7e9 + k)
         values = (rng.normal(size=(n, 2)) * 3).astype(np.float32)
         values[rng.random(n) < 0.05] *= 50.0  # now and then a spike: anomaly statistics move too
@@ -187,7 +192,8 @@ def test_padded_waves_change_no_device_and_no_result(device: str):
                                        err_msg=f"{name}, batch {k}")
         torch.testing.assert_close(padded.table.rows, plain.table.rows, rtol=1e-6, atol=1e-7,
                                    msg=f"table rows differ after batch {k}")
-    assert evicted > 0 and {key[0] for key in padded._padded} >= {64}
+        buckets |= {key[0] for key in padded._padded}
+    assert evicted > 0 and buckets >= {64, 256}
 
 
 def test_a_step_that_cannot_be_captured_is_served_as_it_is_and_said_once(monkeypatch, caplog):
