@@ -434,6 +434,16 @@ def batch_committed(partitions: PartitionManager, offset: int, readings: int = 5
     partitions.committed(plan)
 
 
+def with_a_write_in_flight(tmp_path: Path) -> tuple[PartitionManager, HeldStore, Recorder]:
+    """Both partitions due after a batch to offset 5, and TP0's checkpoint held in the store."""
+    engine = stepped_engine()
+    store = HeldStore(tmp_path, "group")
+    partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 5))
+    batch_committed(partitions, 5)
+    assert store.writes_started(1) == [(0, 5)]
+    return partitions, store, metrics
+
+
 def test_a_slow_checkpoint_write_does_not_hold_the_loop_and_counts_once_done(tmp_path: Path):
     engine = stepped_engine()
     store = HeldStore(tmp_path, "group")
@@ -460,11 +470,7 @@ def test_a_slow_checkpoint_write_does_not_hold_the_loop_and_counts_once_done(tmp
 
 
 def test_revocation_waits_for_the_write_in_flight_then_writes_its_own(tmp_path: Path):
-    engine = stepped_engine()
-    store = HeldStore(tmp_path, "group")
-    partitions, _ = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 5))
-    batch_committed(partitions, 5)
-    assert store.writes_started(1) == [(0, 5)]
+    partitions, store, _ = with_a_write_in_flight(tmp_path)
     revoker = threading.Thread(target=partitions.release, args=([TP1], True))
     revoker.start()
     revoker.join(0.2)
@@ -478,11 +484,8 @@ def test_revocation_waits_for_the_write_in_flight_then_writes_its_own(tmp_path: 
 
 
 def test_a_write_that_fails_is_counted_on_the_loop_and_what_is_not_a_store_failure_is_raised(tmp_path: Path):
-    engine = stepped_engine()
-    store = HeldStore(tmp_path, "group")
-    partitions, metrics = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 5))
+    partitions, store, metrics = with_a_write_in_flight(tmp_path)
     store.fail_with = OSError(errno.ENOSPC, "No space left on device")
-    batch_committed(partitions, 5)
     store.release_next()
     partitions.settle_writes()
     assert metrics.count("on_checkpoint_failed") == 1 and partitions.failures.failed == 1
@@ -518,11 +521,7 @@ def test_after_close_checkpoints_are_written_at_once_and_closing_again_is_harmle
 
 def test_a_lost_partition_does_not_wait_for_the_write_in_flight(tmp_path: Path):
     # Lost: the group moved on (the broker was away, say); nothing is written, so nothing waits.
-    engine = stepped_engine()
-    store = HeldStore(tmp_path, "group")
-    partitions, _ = manager(engine, store, {TP0: 0, TP1: 0}, CheckpointPolicy(3600, 5))
-    batch_committed(partitions, 5)
-    assert store.writes_started(1) == [(0, 5)]
+    partitions, store, _ = with_a_write_in_flight(tmp_path)
     partitions.release([TP0, TP1], checkpoint=False)  # returns while TP0's write is held
     assert not partitions.owned
     store.release_next()
