@@ -398,8 +398,7 @@ class PartitionManager:
                 return False
             ready = [(owned.checkpoint_time, tp) for tp, owned in self.owned.items()
                      if owned.next_offset == owned.committed_offset and self._due(owned, now)
-                     and owned.checkpoint_offset != owned.next_offset
-                     and not (owned.next_offset < owned.replay_until and owned.checkpoint_offset is not None)]
+                     and not _covered(owned)]
             if not ready:
                 return False
             tp = min(ready)[1]
@@ -492,11 +491,8 @@ class PartitionManager:
         this partition in its hands); the outcome is accounted for by a later _apply_written."""
         if self.store is None:
             return False
-        if not rewrite:
-            if owned.checkpoint_offset == owned.next_offset:
-                return True
-            if owned.next_offset < owned.replay_until and owned.checkpoint_offset is not None:
-                return True  # still replaying: the checkpoint we started from is as good
+        if not rewrite and _covered(owned):
+            return True
         started = time.perf_counter()
         state = self.engine.export_partition(tp.partition)
         stamp = self._model_stamp()
@@ -572,6 +568,14 @@ class PartitionManager:
             log.debug("checkpoint of %s at offset %d failed again: %s", _name(tp), offset, exc, extra=_context(tp))
         if self.metrics is not None:
             self.metrics.on_checkpoint_failed()
+
+
+def _covered(owned: Owned) -> bool:
+    """Whether the partition's last checkpoint serves as one at its applied offset: it is at that
+    offset, or the partition is still replaying from it (the checkpoint started from is as good)."""
+    return owned.checkpoint_offset == owned.next_offset or (
+        owned.next_offset < owned.replay_until and owned.checkpoint_offset is not None
+    )
 
 
 def _name(tp: TopicPartition) -> str:

@@ -191,7 +191,7 @@ class DeviceStateTable:
             # The oldest devices in windows of the log: release up to the first one seen since.
             stop = min(self._log_tail, self._log_head + max(LOG_MIN, 4 * evicted))
             window = self._log_slot[self._log_head : stop]
-            live = self._touched[window] == self._log_touch[self._log_head : stop]
+            live = self._live(self._log_head, stop)
             idle = live & (self._last_seen[window] < cutoff)
             recent = np.flatnonzero(live & ~idle)
             end = int(recent[0]) if len(recent) else len(window)
@@ -306,15 +306,18 @@ class DeviceStateTable:
         self._log_touch[tail : tail + n] = touches
         self._log_tail = tail + n
 
+    def _live(self, start: int, stop: int) -> np.ndarray:
+        """Which log entries in [start, stop) are live: their slot's latest touch."""
+        return self._touched[self._log_slot[start:stop]] == self._log_touch[start:stop]
+
     def _live_slots(self, start: int, stop: int) -> np.ndarray:
         """Slots of the live log entries in [start, stop), oldest first."""
-        window = self._log_slot[start:stop]
-        return window[self._touched[window] == self._log_touch[start:stop]]
+        return self._log_slot[start:stop][self._live(start, stop)]
 
     def _compact_log(self, room: int) -> None:
         """Keep the live entries only (one per device), at the log's start; grow it for ``room`` more."""
         head, tail = self._log_head, self._log_tail
-        live = self._touched[self._log_slot[head:tail]] == self._log_touch[head:tail]
+        live = self._live(head, tail)
         slots, touches = self._log_slot[head:tail][live], self._log_touch[head:tail][live]
         n = len(slots)
         if n + room > len(self._log_slot):
@@ -333,8 +336,7 @@ class DeviceStateTable:
             if self._log_head >= self._log_tail:
                 raise RuntimeError(f"the touch log ran out after {found} of {k} devices to evict")  # a bug if seen
             stop = min(self._log_tail, self._log_head + max(LOG_MIN, 4 * (k - found)))
-            live = np.flatnonzero(self._touched[self._log_slot[self._log_head : stop]]
-                                  == self._log_touch[self._log_head : stop])[: k - found]
+            live = np.flatnonzero(self._live(self._log_head, stop))[: k - found]
             taken.append(self._log_slot[self._log_head + live].astype(np.int64))
             found += len(live)
             self._log_head = self._log_head + int(live[-1]) + 1 if found == k else stop
