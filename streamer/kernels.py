@@ -149,6 +149,8 @@ class TorchLstmStep(LstmStep):
         cat, dot_gates, gates, new = self._buffers_for(m, x.device)
         inp_width = x.shape[1]
         cat[:b, :inp_width] = x
+        if rows.dtype != new.dtype:  # c to float32 in its own slot of h'|c', updated there in place
+            new[:b, lh:].copy_(rows[:, lh : 2 * lh])
         for layer in range(lay):
             k = inp_width + hs
             cat[:b, inp_width:k] = rows[:, layer * hs : (layer + 1) * hs]
@@ -160,7 +162,10 @@ class TorchLstmStep(LstmStep):
             c_new = new[:b, lh + layer * hs : lh + (layer + 1) * hs]
             h_new = new[:b, layer * hs : (layer + 1) * hs]
             # c' = f c + i tanh(g) = f c + 2 i s - i
-            torch.mul(f, rows[:, lh + layer * hs : lh + (layer + 1) * hs], out=c_new)
+            if rows.dtype == new.dtype:
+                torch.mul(f, rows[:, lh + layer * hs : lh + (layer + 1) * hs], out=c_new)
+            else:  # a product of mixed dtypes takes torch's slow path: c is float32 in c_new already
+                c_new.mul_(f)
             c_new.addcmul_(i, s, value=2.0).sub_(i)
             # h' = o tanh(c') = o - 2 o sigmoid(-2 c'), computed in h's slot of the buffer.
             torch.mul(c_new, -2.0, out=h_new).sigmoid_()
