@@ -176,8 +176,16 @@ class CheckpointStore(ABC):
 
     @abstractmethod
     def save(self, checkpoint: Checkpoint) -> object:
-        """Store ``checkpoint`` (replacing one at the same offset) and prune beyond ``keep``;
+        """Store ``checkpoint`` (replacing one at the same offset) and prune beyond ``keep`` those
+        at or below its offset (one above it never pushes it out: see discard_above);
         returns where it went. Raises OSError or StreamerError when it could not be stored."""
+
+    @abstractmethod
+    def discard_above(self, topic: str, partition: int, offset: int) -> list[int]:
+        """Delete the checkpoints of a partition above ``offset`` (the group's committed offset
+        at recovery), returning their offsets, lowest first. Checkpoints are taken at committed offsets, so
+        those are of another history of the partition (its offsets reset, expired, or the topic
+        created anew); kept, they would be restored once the offsets pass them again."""
 
     @abstractmethod
     def offsets(self, topic: str, partition: int) -> list[int]:
@@ -266,7 +274,7 @@ class DirectoryCheckpointStore(CheckpointStore):
             return []
         found = []
         for path in directory.iterdir():
-            if path.suffix == SUFFIX and path.stem.isdigit():
+            if path.suffix == SUFFIX and path.stem.isascii() and path.stem.isdigit():
                 found.append((int(path.stem), path))
         return [path for _, path in sorted(found, reverse=True)]
 
@@ -293,12 +301,28 @@ class DirectoryCheckpointStore(CheckpointStore):
         _fsync_dir(directory)
         stale_before = time.time() - STALE_TMP_S
         leftovers = [p for p in directory.glob(".*.tmp") if _mtime(p) < stale_before]
-        for old in self.paths(checkpoint.topic, checkpoint.partition)[self.keep :] + leftovers:
+        at_or_below = [p for p in self.paths(checkpoint.topic, checkpoint.partition) if int(p.stem) <= checkpoint.offset]
+        for old in at_or_below[self.keep :] + leftovers:
             try:
                 old.unlink(missing_ok=True)
             except OSError as exc:  # the new checkpoint is in place; an old one can go next time
                 log.debug("could not prune %s: %s", old, exc)
         return path
+
+    def discard_above(self, topic: str, partition: int, offset: int) -> list[int]:
+        """Delete the files above ``offset`` (see CheckpointStore); one that cannot be deleted is
+        left with a warning (saves below it are not pruned by it)."""
+        removed = []
+        for path in self.paths(topic, partition):
+            if int(path.stem) <= offset:
+                break
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not delete checkpoint %s, above the committed offset %d: %s", path, offset, exc)
+                continue
+            removed.append(int(path.stem))
+        return sorted(removed)
 
     def offsets(self, topic: str, partition: int) -> list[int]:
         return [int(path.stem) for path in self.paths(topic, partition)]

@@ -4,17 +4,25 @@ A checkpoint is the bytes ``checkpoint.encode`` gives (the directory store's fil
 its own SHA-256), cut into chunks of at most ``chunk_bytes`` (under the broker's message size)
 and written as records of the changelog:
 
-    <group>/<topic>/<partition>/<offset:020d>/<chunk:05d>   a chunk of the checkpoint's bytes
-    <group>/<topic>/<partition>/<offset:020d>/manifest      JSON: the chunks' keys, sizes, SHA-256s
-                                                            and the whole's size and SHA-256
+    <group>/<topic>/<partition>/<offset:020d>/<chunk:05d>-<gen>  a chunk of the checkpoint's bytes
+    <group>/<topic>/<partition>/<offset:020d>/manifest           JSON: the chunks' keys, sizes,
+                                                                 SHA-256s and the whole's size
+                                                                 and SHA-256
+
+<gen> is the start of the whole checkpoint's SHA-256: a checkpoint written again at the same
+offset (a model switch rewrites an idle partition's) writes new chunk keys, so the checkpoint
+already there stays whole until the new manifest replaces it (its chunks are deleted then).
+Chunk keys without <gen> (written before it) are read as the manifest names them.
 
 The chunks are written and acknowledged first, the manifest after: a checkpoint exists once its
 manifest is in the log, and a reader trusts it only when the manifest and every chunk it names
 are there and verify (each chunk's SHA-256, then the whole's, then the format's own checksum).
-A writer that dies between chunks and manifest leaves chunks no manifest names: they are never
-read, and the next save of that partition deletes them. After a new manifest lands, the records
-of the checkpoints beyond ``keep`` are deleted by tombstones (manifest first, then its chunks),
-and compaction (cleanup.policy=compact) drops what tombstones and newer records replaced.
+A save that fails (or a writer that dies) between chunks and manifest leaves chunks no manifest
+names: they are never read, and a later save of that partition deletes them once they are older
+than every checkpoint kept (this process remembers its own failed writes; others' it learns of
+when it reads the changelog partition again). After a new manifest lands, the records of the
+checkpoints beyond ``keep`` are deleted by tombstones (manifest first, then its chunks), and
+compaction (cleanup.policy=compact) drops what tombstones and newer records replaced.
 
 Layout: an input partition's records all go to one changelog partition, crc32 of
 "<group>/<topic>/<partition>" modulo the changelog's partition count (topics.checkpoint_partitions),
@@ -50,6 +58,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest"
 MANIFEST_FORMAT = 1
 CALL_TIMEOUT_S = 30.0  # a changelog read or write that takes longer is taken to have failed
+GEN_HEX = 12  # hex digits of the checkpoint's SHA-256 in its chunks' keys
 
 
 class ChangelogUnavailable(OSError):
@@ -92,6 +101,8 @@ class Manifest:
         """Raises CheckpointError for a manifest that cannot be parsed."""
         try:
             doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise ValueError(f"not a JSON object but {type(doc).__name__}")
             if doc.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"manifest format {doc.get('format')!r}, this reader knows {MANIFEST_FORMAT}")
             chunks = tuple(ChunkRef(str(k), int(n), str(h)) for k, n, h in doc["chunks"])
@@ -108,6 +119,7 @@ class _PartitionIndex:
     position: int = 0
     manifests: dict[tuple[str, int], dict[int, Manifest]] = field(default_factory=dict)  # (topic, partition) -> offset -> manifest
     chunks: dict[str, int] = field(default_factory=dict)  # chunk key -> changelog offset
+    failed: dict[str, int] = field(default_factory=dict)  # key of a failed save's record -> its checkpoint's offset
 
     def wrote(self, offsets: list[int]) -> None:
         """Records this store wrote at ``offsets`` and put in the index itself: read past them
@@ -118,7 +130,7 @@ class _PartitionIndex:
 
     def apply(self, key: str, value: bytes | None, at: int) -> None:
         parts = key.split("/")
-        if len(parts) != 5 or not parts[2].isdigit() or not parts[3].isdigit():
+        if len(parts) != 5 or not _decimal(parts[2]) or not _decimal(parts[3]):
             log.debug("changelog record %r at %d is not a checkpoint record; ignored", key, at)
             return
         where, offset = (parts[1], int(parts[2])), int(parts[3])
@@ -169,11 +181,12 @@ class KafkaCheckpointStore(CheckpointStore):
         index = self._indexes.setdefault(at, _PartitionIndex())
         end = self.changelog.end_offset(at, CALL_TIMEOUT_S)
         for message in self.changelog.read(at, index.position, end, CALL_TIMEOUT_S):
-            if message.key is None:
-                continue
-            key = message.key.decode("utf-8", "replace")
-            if key.startswith(self._prefix):
-                index.apply(key, message.value, message.offset)
+            if message.key is not None:
+                key = message.key.decode("utf-8", "replace")
+                if key.startswith(self._prefix):
+                    index.apply(key, message.value, message.offset)
+            # Applied in order, each once: a read cut short (a timeout) goes on from here next time.
+            index.position = max(index.position, message.offset + 1)
         index.position = max(index.position, end)
         return index
 
@@ -189,39 +202,67 @@ class KafkaCheckpointStore(CheckpointStore):
         ``keep``. Returns the manifest's key. ChangelogUnavailable when it could not be written."""
         topic, partition, offset = checkpoint.topic, checkpoint.partition, checkpoint.offset
         at = self.changelog_partition(topic, partition)
-        index = self._index(at)
         data = encode(checkpoint)
+        digest = hashlib.sha256(data).hexdigest()
         chunks = [data[i : i + self.chunk_bytes] for i in range(0, len(data), self.chunk_bytes)]
         refs = tuple(
-            ChunkRef(self._key(topic, partition, offset, f"{n:05d}"), len(chunk), hashlib.sha256(chunk).hexdigest())
+            ChunkRef(self._key(topic, partition, offset, f"{n:05d}-{digest[:GEN_HEX]}"), len(chunk),
+                     hashlib.sha256(chunk).hexdigest())
             for n, chunk in enumerate(chunks)
         )
         manifest = Manifest(self._key(topic, partition, offset, MANIFEST), topic, partition, offset, len(data),
-                            hashlib.sha256(data).hexdigest(), refs)
+                            digest, refs)
+        index = None
         try:
+            index = self._index(at)
             chunk_offsets = self.changelog.write(at, [(r.key.encode(), c) for r, c in zip(refs, chunks)], CALL_TIMEOUT_S)
             manifest_offsets = self.changelog.write(at, [(manifest.key.encode(), manifest.to_bytes())], CALL_TIMEOUT_S)
         except KafkaClientError as exc:
+            if index is not None:  # some may have gone in: deleted once older than every checkpoint kept
+                index.failed.update((key, offset) for key in [*(r.key for r in refs), manifest.key])
             raise ChangelogUnavailable(f"checkpoint {manifest.key} not written to {self.changelog.topic}: {exc}") from exc
         for ref, chunk_at in zip(refs, chunk_offsets):
             index.chunks[ref.key] = chunk_at
         index.manifests.setdefault((topic, partition), {})[offset] = manifest
         index.wrote([*chunk_offsets, *manifest_offsets])  # a recovery need not read our own writes back
-        self._prune(at, index, topic, partition)
+        self._prune(at, index, topic, partition, offset)
         return manifest.key
 
-    def _prune(self, at: int, index: _PartitionIndex, topic: str, partition: int) -> None:
-        """Tombstones for the checkpoints of a partition beyond ``keep`` and for chunks older than
-        the oldest kept that no manifest names (a writer died before its manifest)."""
+    def discard_above(self, topic: str, partition: int, offset: int) -> list[int]:
+        """Delete the checkpoints of a partition above ``offset`` (see CheckpointStore); the
+        client's KafkaClientError (retriable) when the tombstones could not be written."""
+        at = self.changelog_partition(topic, partition)
+        index = self._index(at)
         manifests = index.manifests.get((topic, partition), {})
-        newest_first = sorted(manifests, reverse=True)
+        above = sorted(o for o in manifests if o > offset)
+        if not above:
+            return []
+        keys = [k for o in above for k in (manifests[o].key, *(c.key for c in manifests[o].chunks))]
+        written = self.changelog.write(at, [(key.encode(), None) for key in keys], CALL_TIMEOUT_S)
+        for o in above:
+            manifests.pop(o, None)
+        for key in keys:
+            index.chunks.pop(key, None)
+        index.wrote(written)
+        return above
+
+    def _prune(self, at: int, index: _PartitionIndex, topic: str, partition: int, saved: int) -> None:
+        """Tombstones for the checkpoints of a partition beyond ``keep`` at or below ``saved``
+        (the offset just saved: never itself), and for chunks no kept manifest names that are
+        older than the oldest kept (a writer died before its manifest, or a failed save of this
+        process) or at a kept offset (replaced by a checkpoint written again there)."""
+        manifests = index.manifests.get((topic, partition), {})
+        # Checkpoints above the one saved are of another history of the partition (its offsets
+        # were reset): recovery deletes them (discard_above); they never push this one out.
+        newest_first = sorted((o for o in manifests if o <= saved), reverse=True)
         kept = newest_first[: self.keep]
         dropped = [manifests[o] for o in newest_first[self.keep :]]
-        named = {c.key for o in kept for c in manifests[o].chunks}
+        named = {k for o in kept for k in (manifests[o].key, *(c.key for c in manifests[o].chunks))}
         own = f"{self._prefix}{topic}/{partition}/"
         orphans = [
-            key for key in index.chunks
-            if key.startswith(own) and key not in named and int(key.split("/")[3]) < kept[-1]
+            key for key in [*index.chunks, *index.failed]
+            if key.startswith(own) and key not in named and (int(key.split("/")[3]) < kept[-1]
+                                                             or int(key.split("/")[3]) in kept)
         ]
         keys = list(dict.fromkeys([k for m in dropped for k in (m.key, *(c.key for c in m.chunks))] + orphans))
         if not keys:
@@ -235,6 +276,7 @@ class KafkaCheckpointStore(CheckpointStore):
             manifests.pop(m.offset, None)
         for key in keys:
             index.chunks.pop(key, None)
+            index.failed.pop(key, None)
         index.wrote(written)
 
     def load_latest(
@@ -290,3 +332,8 @@ class KafkaCheckpointStore(CheckpointStore):
     def close(self) -> None:
         self.changelog.close()
 
+
+
+def _decimal(text: str) -> bool:
+    """Whether ``text`` is a decimal number int() reads ("²".isdigit() is True, int("²") fails)."""
+    return text.isascii() and text.isdigit()

@@ -304,6 +304,11 @@ class PartitionManager:
             )
             if refused and self.metrics is not None:
                 self.metrics.on_checkpoints_refused(len(refused))
+            discarded = self.store.discard_above(tp.topic, tp.partition, start)
+            if discarded:
+                log.warning("%s: deleted %d checkpoint(s) above the committed offset %d (offsets %s), of an earlier"
+                            " history of the partition (its offsets were reset or the topic created anew)",
+                            _name(tp), len(discarded), start, ", ".join(map(str, discarded)), extra=_context(tp))
         if checkpoint is not None:
             evicted = self.engine.restore_partition(tp.partition, checkpoint.state)
             self.consumer.seek(tp, checkpoint.offset)

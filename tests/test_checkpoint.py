@@ -301,6 +301,24 @@ def test_a_checkpoint_of_another_row_width_is_refused_and_no_older_one_used(tmp_
     assert partitions.consumer.positions[TP0] == 12 and narrow.export_partition(0).device_ids == []
 
 
+def test_recovery_deletes_checkpoints_above_the_committed_offset(tmp_path: Path, caplog):
+    """The group's offsets went back (reset, expired, the topic created anew): checkpoints above
+    the committed offset are of the partition's earlier history. Kept, the next saves (below them)
+    would be pruned as the oldest, and once the offsets passed them again they would be restored."""
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group", keep=3)
+    store.save(stamped(engine, 0, 5))
+    store.save(stamped(engine, 0, 900))
+    store.save(stamped(engine, 0, 1000))
+    with caplog.at_level(logging.WARNING):
+        partitions, metrics = manager(engine, store, {TP0: 7})
+    assert metrics.calls["on_recovery"] == [("checkpoint",)]
+    assert partitions.consumer.positions[TP0] == 5  # replays 5..7 from the checkpoint of this history
+    assert store.offsets("readings", 0) == [5]
+    warned = [r.getMessage() for r in caplog.records if "above the committed offset" in r.getMessage()]
+    assert len(warned) == 1 and "900, 1000" in warned[0]
+
+
 def test_recovery_under_a_new_model_starts_devices_from_zero_and_counts_it(tmp_path: Path):
     old = stepped_engine()
     store = DirectoryCheckpointStore(tmp_path, "group")
@@ -367,7 +385,7 @@ def test_directory_store_is_a_checkpoint_store_listing_offsets_newest_first(tmp_
     engine = stepped_engine()
     store = DirectoryCheckpointStore(tmp_path, "group", keep=2)
     assert isinstance(store, CheckpointStore)
-    for offset in (3, 9, 6):
+    for offset in (3, 6, 9):
         store.save(checkpoint_of(engine, 0, offset))
     assert store.offsets("readings", 0) == [9, 6]
     assert store.offsets("readings", 1) == []

@@ -7,6 +7,9 @@ of partitions not assigned to the member refused (GroupMovedOn), deliveries ackn
 ``flush``, and transactions whose messages and offsets become visible together on commit. What
 it leaves out: replication, timing, more than one member's assignment logic.
 
+``MemoryChangelog`` is a Changelog (a checkpoint store's compacted topic) over one of its topics,
+with ``compact`` doing what the log cleaner would.
+
 Every call that changes something is appended to ``MemoryBroker.journal`` as a tuple, so a test
 can read the order of produce, flush, commit and transaction calls. ``away`` makes the broker
 unreachable (flush returns False, commits and offset requests fail retriably); ``fail`` makes the
@@ -16,10 +19,11 @@ next call of a name raise the error given.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from streamer.kafka.abstract import (
     BrokerTimeout,
+    Changelog,
     Consumer,
     GroupMovedOn,
     Headers,
@@ -258,3 +262,46 @@ class MemoryProducer(Producer):
     def close(self, timeout_s: float = 0.0) -> None:
         self.closed = True
         self.broker.journal.append(("close producer", self.name))
+
+
+class MemoryChangelog(Changelog):
+    """A Changelog over ``broker``'s topic ``topic`` (created with ``partitions`` partitions);
+    ``compact()`` keeps each key's last record and drops tombstones, leaving gaps in the offsets
+    as Kafka's log cleaner does. Unreachable while the broker is ``away``."""
+
+    def __init__(self, broker: MemoryBroker, topic: str = "changelog", partitions: int = 1) -> None:
+        self.broker = broker
+        self.topic = topic
+        broker.create_topic(topic, partitions)
+        self._end = [0] * len(broker.topics[topic])
+
+    def partition_count(self, timeout_s: float) -> int:
+        self.broker._reachable("partition_count")
+        return len(self._end)
+
+    def end_offset(self, partition: int, timeout_s: float) -> int:
+        self.broker._reachable("end_offset")
+        return self._end[partition]
+
+    def read(self, partition: int, start: int, end: int, timeout_s: float) -> Iterator[Message]:
+        self.broker._reachable("changelog read")
+        return iter([m for m in self.broker.topics[self.topic][partition] if start <= m.offset < end])
+
+    def write(self, partition: int, records: Sequence[tuple[bytes, bytes | None]], timeout_s: float) -> list[int]:
+        self.broker._reachable("changelog write")
+        offsets = []
+        for key, value in records:
+            offsets.append(self._end[partition])
+            self._end[partition] += 1
+            self.broker._timestamp += 1
+            self.broker.topics[self.topic][partition].append(
+                Message(self.topic, partition, offsets[-1], key, value, [], self.broker._timestamp))
+        return offsets
+
+    def compact(self) -> None:
+        for log in self.broker.topics[self.topic]:
+            last = {m.key: m.offset for m in log}
+            log[:] = [m for m in log if last[m.key] == m.offset and m.value is not None]
+
+    def close(self) -> None:
+        pass

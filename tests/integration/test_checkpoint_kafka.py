@@ -15,6 +15,7 @@ from streamer.kafka import ensure_topics, open_changelog
 from streamer.kafka.clients import TopicSpec
 from streamer.kafka.topics import COMPACT
 from streamer.settings import KafkaSettings
+from tests.checkpoint_scenarios import SCENARIOS
 
 pytestmark = pytest.mark.kafka
 
@@ -89,6 +90,12 @@ def test_keep_prunes_with_tombstones_seen_by_other_readers(kafka_bootstrap: str,
         other.close()
 
 
+def chunk_key(store: KafkaCheckpointStore, partition: int, offset: int, chunk: int) -> str:
+    """The key of a chunk of a checkpoint ``store`` saved (as its manifest names it)."""
+    index = store._index(store.changelog_partition("readings", partition))
+    return index.manifests[("readings", partition)][offset].chunks[chunk].key
+
+
 def test_a_checkpoint_without_all_its_chunks_is_refused_and_the_previous_one_used(kafka_bootstrap: str, changelog_topic: str):
     store = open_store(kafka_bootstrap, changelog_topic)
     try:
@@ -99,7 +106,7 @@ def test_a_checkpoint_without_all_its_chunks_is_refused_and_the_previous_one_use
         # A writer that died before its manifest: chunks and no manifest are never read.
         store.changelog.write(at, [(store._key("readings", 2, 70, "00000").encode(), b"half")], 30)
         # A chunk of 60 replaced by other bytes (as if rewritten): its manifest no longer verifies.
-        store.changelog.write(at, [(store._key("readings", 2, 60, "00001").encode(), b"x" * CHUNK)], 30)
+        store.changelog.write(at, [(chunk_key(store, 2, 60, 1).encode(), b"x" * CHUNK)], 30)
         reader = open_store(kafka_bootstrap, changelog_topic)
         try:
             loaded, refused = reader.load_latest("readings", 2, WIDTH)
@@ -108,7 +115,7 @@ def test_a_checkpoint_without_all_its_chunks_is_refused_and_the_previous_one_use
             assert [r.path for r in refused] == [store._key("readings", 2, 60, "manifest")]
             assert "does not match its manifest" in refused[0].reason
             # A manifest whose chunk is deleted (a tombstone) is refused the same way.
-            store.changelog.write(at, [(store._key("readings", 2, 50, "00000").encode(), None)], 30)
+            store.changelog.write(at, [(chunk_key(store, 2, 50, 0).encode(), None)], 30)
             loaded, refused = reader.load_latest("readings", 2, WIDTH)
             assert loaded is None and "missing" in refused[-1].reason
         finally:
@@ -163,3 +170,20 @@ def test_a_write_that_cannot_be_delivered_is_an_oserror(kafka_bootstrap: str, ch
             store.save(checkpoint(0, 7, devices=40_000))
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.__name__)
+def test_fault_cases(kafka_bootstrap: str, changelog_topic: str, scenario):
+    """The fault cases of tests/checkpoint_scenarios.py (unit-tested over the in-memory changelog),
+    each store a fresh client of the real changelog topic."""
+    opened: list[KafkaCheckpointStore] = []
+
+    def open_scenario_store(keep: int = 3) -> KafkaCheckpointStore:
+        opened.append(open_store(kafka_bootstrap, changelog_topic, keep=keep))
+        return opened[-1]
+
+    try:
+        scenario(open_scenario_store)
+    finally:
+        for store in opened:
+            store.close()
