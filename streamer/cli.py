@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=_positive_float, default=None, help="seconds to run")
     sim.add_argument("--max-readings", type=_positive_int, default=None, help="readings to write in all")
     sim.add_argument("--anomaly-rate", type=float, default=0.002, help="probability per reading that an anomaly starts")
-    sim.add_argument("--seed", type=int, default=0, help="random seed of the fleet")
+    sim.add_argument("--seed", type=_seed, default=0, help="random seed of the fleet")
     sim.add_argument("--labels", type=Path, default=None, help="write the injected anomalies here (JSON lines)")
     sim.add_argument("--format", dest="message_format", choices=("json", "arrow"), default="json",
                      help="json: a message per reading, keyed by device; arrow: batch messages of a gateway's "
@@ -113,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="print the settings `run` would use (secrets masked), or the error that stops it",
         description="Resolve the settings as `streamer run` does (flag, else environment variable, else the "
-        "config file, else the default), print them with passwords masked and exit 0, or print the first "
-        "problem and exit 2.",
+        "config file, else the default), check what `run` checks before connecting to Kafka (the model file "
+        "loads, the metrics address binds, the checkpoint directory can be written), print the settings with "
+        "passwords masked and exit 0, or print the first problem and exit 2.",
     )
     check.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
     check.add_argument("--format", choices=("toml", "json"), default="toml", help="output format [default: toml]")
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="epochs without a better validation loss before stopping [default: 3]")
     fit.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N [default: auto]")
     fit.add_argument("--time-budget", type=_positive_float, default=None, help="stop training after this many seconds")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=_seed, default=0, help="random seed (in [0, 2**63))")
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     train.add_argument("--version", default=None, help="model version string (default: derived from the settings)")
     train.set_defaults(handler=_train)
@@ -263,6 +265,7 @@ def _run(args: argparse.Namespace) -> int:
     _require_model_path(settings)
     if settings.metrics.enabled:
         _check_metrics_port(settings.metrics.host, settings.metrics.port)
+    _check_checkpoint_directory(settings)
     from streamer.service import run_service
 
     stop = threading.Event()
@@ -281,11 +284,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_metrics_port(host: str, port: int) -> None:
     """Refuse a metrics address that cannot be bound, before minutes of model loading and broker
-    connecting. The probe socket is closed at once: the server (streamer.metrics) binds its own,
+    connecting (port 0: the host is checked, on a free port). The probe socket is closed at once: the server (streamer.metrics) binds its own,
     after the broker answers. Another process could take the port in between; that rare race
     ends in the server's own error, not in a silent clash."""
-    if port == 0:
-        return  # any free port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -303,8 +304,43 @@ def _check_metrics_port(host: str, port: int) -> None:
         probe.close()
 
 
+def _check_checkpoint_directory(settings: Settings, create: bool = True) -> None:
+    """Refuse a checkpoint directory that cannot be created or written (a file, a read-only
+    mount) before the run starts: every checkpoint would fail, and devices restart from zero.
+    create=False (check-config): nothing is created; the nearest existing folder is checked."""
+    checkpoint = settings.checkpoint
+    if not checkpoint.enabled or checkpoint.store != "directory":
+        return
+    where = f"{describe_setting('checkpoint', 'directory')} = {str(checkpoint.directory)!r}"
+    if not create:
+        existing = checkpoint.directory.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StreamerError(f"{where}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StreamerError(f"{where}: cannot write in {existing}")
+        return
+    try:
+        checkpoint.directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=checkpoint.directory):
+            pass
+    except FileExistsError:
+        raise StreamerError(f"{where}: not a directory") from None
+    except OSError as exc:
+        raise StreamerError(f"{where}: cannot write there ({exc.strerror or exc})") from None
+
+
 def _check_config(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    # What `run` checks before connecting to Kafka, but creating nothing.
+    if settings.model.path is not None:
+        from streamer.model import load_model_file
+
+        load_model_file(settings.model.path)
+    if settings.metrics.enabled:
+        _check_metrics_port(settings.metrics.host, settings.metrics.port)
+    _check_checkpoint_directory(settings, create=False)
     resolved = settings.model_dump(mode="json")  # SecretStr dumps as "**********"
     if args.format == "json":
         print(json.dumps(resolved, indent=2))
@@ -372,7 +408,9 @@ def _topics_create(args: argparse.Namespace) -> int:
 
 
 class _DeprecatedAlias(argparse.Action):
-    """Stores like the flag it stands for, and says to use that flag instead."""
+    """Stores like the flag it stands for (given with ``dest`` = that flag's dest, and
+    default=argparse.SUPPRESS on both), and says to use that flag instead. Both given: an error,
+    whichever came first (``_resolve_aliases``)."""
 
     def __init__(self, *args: Any, new_flag: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -381,7 +419,17 @@ class _DeprecatedAlias(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         print(f"streamer: warning: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+        aliased = namespace.__dict__.setdefault("_aliased", {})
+        aliased[self.dest] = (option_string, self.new_flag, values)
+
+
+def _resolve_aliases(args: argparse.Namespace) -> None:
+    """Put what deprecated aliases stored where their flags store it; StreamerError when a flag
+    and its alias were both given."""
+    for dest, (alias, flag, value) in args.__dict__.pop("_aliased", {}).items():
+        if hasattr(args, dest):
+            raise StreamerError(f"{alias} and {flag} both given: use {flag} alone")
+        setattr(args, dest, value)
 
 
 def _bootstrap_timeout_ms(kafka: KafkaSettings) -> int:
@@ -390,6 +438,7 @@ def _bootstrap_timeout_ms(kafka: KafkaSettings) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    _resolve_aliases(args)
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
     from streamer.kafka import open_producer
@@ -402,6 +451,11 @@ def _simulate(args: argparse.Namespace) -> int:
         raise StreamerError(f"--anomaly-rate must be in [0, 1], got {args.anomaly_rate}")
     if args.batch_rows is not None and args.message_format != "arrow":
         raise StreamerError("--batch-rows applies to --format arrow only")
+    if args.labels is not None:
+        if args.labels.is_dir():
+            raise StreamerError(f"--labels {args.labels}: is a directory")
+        if not args.labels.parent.is_dir():
+            raise StreamerError(f"--labels {args.labels}: no such directory {args.labels.parent}")
     spec = FleetSpec(devices=args.devices, features=args.features, seed=args.seed, anomaly_rate=args.anomaly_rate)
     kafka = settings.kafka
     last = [0, 0.0]  # readings sent and seconds at the previous progress line
@@ -629,6 +683,16 @@ def _require_model_path(settings: Settings) -> None:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 2**63)")
+    return value
 
 
 def _positive_int(text: str) -> int:

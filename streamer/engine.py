@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from streamer.anomaly import AnomalyParams, record_breaks, residual_of, score_and_update
-from streamer.errors import StreamerError
+from streamer.errors import CapacityError, StreamerError
 from streamer.features import denormalize, normalize_step, time_features
 from streamer.kernels import make_lstm_step
 from streamer.model import ModelBundle, ModelConfig
@@ -277,10 +277,18 @@ class Engine:
         """state_dtype: of the LSTM's h and c in the table (float32 or bfloat16; the rest of a
         row stays float32). The bfloat16 error bound is in streamer.kernels."""
         layout = StateLayout.of(bundle.config)
-        table = DeviceStateTable(
-            capacity, layout.width, resolve_device(device), ttl_seconds=ttl_seconds,
-            lead_width=layout.c.stop, lead_dtype=state_dtype,
-        )
+        where = resolve_device(device)
+        try:
+            table = DeviceStateTable(
+                capacity, layout.width, where, ttl_seconds=ttl_seconds,
+                lead_width=layout.c.stop, lead_dtype=state_dtype,
+            )
+        except (RuntimeError, MemoryError) as exc:  # torch's allocators raise RuntimeError (OutOfMemoryError)
+            row_bytes = layout.c.stop * state_dtype.itemsize + (layout.width - layout.c.stop) * 4
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CapacityError(
+                f"state table capacity {capacity}: {capacity * row_bytes / 2**30:.1f} GiB of rows on {where}"
+                f" could not be allocated ({reason})") from None
         return cls(bundle, table, anomaly, cuda_graphs)
 
     @property

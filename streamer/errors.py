@@ -15,7 +15,7 @@ class ModelFileError(StreamerError):
 
 
 class CapacityError(StreamerError):
-    """More distinct devices in one batch than the state table can hold."""
+    """More distinct devices in one batch than the state table can hold, or a table too big to allocate."""
 
 
 class PipelineError(StreamerError):

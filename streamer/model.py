@@ -190,7 +190,14 @@ def load_model_file(path: str | Path) -> ModelBundle:
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise ModelFileError(path, f"state_dict does not match config {config.to_dict()}: {exc}") from exc
+        # torch lists every mismatch on a line of its own: the first, and how many more.
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ModelFileError(path, f"state_dict does not match config {config.to_dict()}: {problems[0]}{more}") from None
+    broken = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ModelFileError(path, f"non-finite weights (NaN or inf) in {', '.join(broken[:3])}"
+                                   f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}")
     model.eval()
     normalization = _load_normalization(raw.get("normalization"), config, path)
     if normalization is not None and config.device_norm_alpha is not None:

@@ -15,13 +15,14 @@ from streamer.anomaly import AnomalyParams
 from streamer.checkpoint import CheckpointStore, DirectoryCheckpointStore
 from streamer.engine import Engine
 from streamer.kafka import Producer, ensure_topics, open_changelog, open_consumer, open_producer
-from streamer.kafka.clients import KafkaBootstrapError, KafkaLoginError, kafka_logs_folded, security_config
+from streamer.errors import StreamerError
+from streamer.kafka.clients import KafkaBootstrapError, KafkaLoginError, MissingTopics, kafka_logs_folded, security_config
 from streamer.kafka.topics import written_topics
 from streamer.kernels import STATE_DTYPES
 from streamer.metrics import Health, Metrics, MetricsServer
 from streamer.model import load_model_file
 from streamer.pipeline import Pipeline, RunSummary
-from streamer.settings import Settings
+from streamer.settings import Settings, describe_setting
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,57 @@ def build_store(settings: Settings, bootstrap_timeout_ms: int | None = None) -> 
         return store
     log.info("checkpoints in %s", checkpoint.directory.resolve())
     return DirectoryCheckpointStore(checkpoint.directory, kafka.group_id, checkpoint.keep)
+
+
+def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | None) -> None:
+    """Create the topics streamer writes that are missing, and wait until the input topic exists
+    (another team's producers or `streamer topics create` make it), until ``deadline``: then a
+    StreamerError naming kafka.input_topic. Subscribed to a topic that does not exist, the
+    consumer would sit idle, its every request for offsets unanswered."""
+    kafka = settings.kafka
+    said = False
+    while True:
+        try:
+            _until_reachable(
+                lambda timeout_ms: ensure_topics(
+                    kafka.bootstrap_servers,
+                    written_topics(settings),
+                    kafka.client_id,
+                    security=security_config(kafka),
+                    bootstrap_timeout_ms=timeout_ms,
+                    must_exist=(kafka.input_topic,),
+                ),
+                deadline,
+                stop,
+            )
+            if said:
+                log.info("input topic %s exists: starting", kafka.input_topic)
+            return
+        except MissingTopics:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StreamerError(
+                    f"{describe_setting('kafka', 'input_topic')} = {kafka.input_topic!r}: no such topic at"
+                    f" {kafka.bootstrap_servers} (waited {kafka.startup_wait_s:.0f}s; `streamer topics create`"
+                    " creates it)") from None
+            if not said:
+                log.warning("input topic %s does not exist at %s; waiting up to %.0fs for it to be created",
+                            kafka.input_topic, kafka.bootstrap_servers, left)
+                said = True
+            if stop is not None and stop.wait(min(STARTUP_RETRY_S, left)):
+                raise StartupInterrupted() from None
+
+
+def _metrics_server(registry: CollectorRegistry, health: Health, settings: Settings) -> MetricsServer:
+    """The metrics server, started; a StreamerError naming the setting when its address cannot be
+    bound (the CLI checked it at start, but something may have taken the port since)."""
+    host, port = settings.metrics.host, settings.metrics.port
+    try:
+        return MetricsServer(registry, health, host, port).start()
+    except OSError as exc:
+        raise StreamerError(
+            f"{describe_setting('metrics', 'port')} = {port}, {describe_setting('metrics', 'host')} = {host!r}:"
+            f" cannot serve metrics there ({exc.strerror or exc})") from None
 
 
 class StartupInterrupted(Exception):
@@ -174,17 +226,7 @@ def run_service(
     server = None
     pipeline: Pipeline | None = None
     try:
-        _until_reachable(
-            lambda timeout_ms: ensure_topics(
-                kafka.bootstrap_servers,
-                written_topics(settings),
-                kafka.client_id,
-                security=security_config(kafka),
-                bootstrap_timeout_ms=timeout_ms,
-            ),
-            reachable_by,
-            stop,
-        )
+        _topics_ready(settings, reachable_by, stop)
         registry = registry or CollectorRegistry()
         metrics_settings = settings.metrics
         metrics = Metrics(
@@ -194,7 +236,7 @@ def run_service(
         )
         health = Health(HEALTH_STALE_AFTER_S)
         if settings.metrics.enabled:
-            server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
+            server = _metrics_server(registry, health, settings)
             log.info("metrics at http://%s:%d/metrics, liveness at /healthz, readiness at /readyz", server.host, server.port)
         store = None
         if settings.checkpoint.enabled:

@@ -288,7 +288,7 @@ class AnomalySettings(Section):
     long_alpha: Annotated[float, Field(gt=0, le=1)] = Field(
         0.001, description="weight of a new residual in the long-run residual mean and variance"
     )
-    min_std: Annotated[float, Field(gt=0)] = Field(
+    min_std: Annotated[float, Field(gt=0, le=1e6)] = Field(
         0.01, description="floor of the residuals' mean and spread (normalised units)"
     )
     adapt_after: Annotated[int, Field(ge=1)] = Field(

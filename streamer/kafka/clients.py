@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -318,16 +318,26 @@ class TopicSpec:
     configs: dict[str, str] = field(default_factory=dict)
 
 
+class MissingTopics(StreamerError):
+    """Topics that must exist (and are not streamer's to create) do not."""
+
+    def __init__(self, topics: list[str]) -> None:
+        super().__init__(f"topics {topics} do not exist")
+        self.topics = topics
+
+
 def ensure_topics(
     bootstrap_servers: str,
     topics: Mapping[str, int | TopicSpec],
     client_id: str = "streamer-admin",
     security: dict[str, object] | None = None,
     bootstrap_timeout_ms: int | None = None,
+    must_exist: Sequence[str] = (),
 ) -> list[str]:
     """Create the topics (name -> TopicSpec, or a partition count: replication factor 1, no
     configs) that do not exist yet; returns those created. Topics that exist are left as they are.
-    KafkaClientError when the brokers refuse one (e.g. more replicas than brokers).
+    KafkaClientError when the brokers refuse one (e.g. more replicas than brokers); MissingTopics
+    when one of ``must_exist`` does not exist (after the others were created).
 
     ``security``: kafka-python security arguments, as security_config returns them.
     """
@@ -359,6 +369,9 @@ def ensure_topics(
                     f"{reason.group(1) if reason else exc}", cause=exc) from exc
         if created:
             log.info("created topics %s", created)
+        missing = [name for name in must_exist if name not in existing and name not in created]
+        if missing:
+            raise MissingTopics(missing)
         return created
     finally:
         admin.close()
