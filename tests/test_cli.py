@@ -357,3 +357,105 @@ def test_a_section_as_json_in_the_environment_is_checked_too(monkeypatch, capsys
     monkeypatch.setenv("STREAMER_KAFKA", "{not json")
     assert main(["check-config"]) == 2
     assert 'field "kafka"' in one_line_error(capsys)
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    from streamer.model import save_model_file
+    from tests.conftest import make_bundle
+
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2)
+    path = tmp_path / "model.pt"
+    save_model_file(path, bundle.model, bundle.config, "cli-test")
+    return path
+
+
+@pytest.fixture
+def no_signal_handlers(monkeypatch):
+    import faulthandler
+    import signal
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # main's handlers: not in the test process
+    monkeypatch.setattr(faulthandler, "register", lambda *args, **kwargs: None)
+
+
+def test_an_unresolvable_metrics_host_is_refused_also_on_any_free_port(model_file: Path, capsys):
+    for port in ("0", "9100"):
+        assert main(["run", "--model-path", str(model_file), "--kafka-bootstrap-servers", "127.0.0.1:1",
+                     "--metrics-host", "no such host!", "--metrics-port", port]) == 2
+        err = one_line_error(capsys)
+        assert "metrics.host (flag --metrics-host, env STREAMER_METRICS__HOST) = 'no such host!'" in err
+
+
+def test_a_checkpoint_directory_that_cannot_be_written_is_refused_before_connecting(model_file: Path, tmp_path: Path,
+                                                                                    capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for directory, says in ((a_file, "not a directory"), (a_file / "under", "Not a directory")):
+        started = time.monotonic()
+        assert main(["run", "--model-path", str(model_file), "--kafka-bootstrap-servers", "127.0.0.1:1",
+                     "--metrics-enabled", "false", "--checkpoint-directory", str(directory)]) == 2
+        assert time.monotonic() - started < 5
+        err = one_line_error(capsys)
+        assert "checkpoint.directory (flag --checkpoint-directory" in err and says in err
+    # With checkpoints off, or in Kafka, the directory is not used.
+    assert main(["check-config", "--checkpoint-directory", str(a_file), "--checkpoint-enabled", "false",
+                 "--metrics-enabled", "false"]) == 0
+
+
+def test_check_config_refuses_what_run_refuses_before_connecting(model_file: Path, tmp_path: Path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    ok = ["--model-path", str(model_file), "--metrics-enabled", "false", "--checkpoint-directory", str(tmp_path / "new" / "ck")]
+    assert main(["check-config", *ok]) == 0
+    assert not (tmp_path / "new").exists()  # nothing created
+    capsys.readouterr()
+    for extra, says in (
+        (["--model-path", str(tmp_path / "missing.pt")], "no such file"),
+        (["--checkpoint-directory", str(a_file / "ck")], "is not a directory"),
+        (["--metrics-enabled", "true", "--metrics-host", "no such host!"], "metrics.host"),
+    ):
+        assert main(["check-config", *ok, *extra]) == 2, extra
+        assert says in one_line_error(capsys)
+
+
+def test_a_model_file_of_the_wrong_shape_or_with_nan_weights_is_one_line(model_file: Path, tmp_path: Path, capsys):
+    import torch
+
+    raw = torch.load(model_file, weights_only=False)
+    shape = tmp_path / "shape.pt"
+    torch.save({**raw, "config": {**raw["config"], "hidden_size": 16}}, shape)
+    assert main(["check-config", "--model-path", str(shape), "--metrics-enabled", "false"]) == 2
+    err = one_line_error(capsys)
+    assert "state_dict does not match config" in err and "size mismatch for lstm." in err and "more)" in err
+    state = dict(raw["state_dict"])
+    state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+    nan = tmp_path / "nan.pt"
+    torch.save({**raw, "state_dict": state}, nan)
+    assert main(["check-config", "--model-path", str(nan), "--metrics-enabled", "false"]) == 2
+    assert "non-finite weights (NaN or inf) in fc.bias" in one_line_error(capsys)
+
+
+def test_a_state_table_too_big_to_allocate_is_one_line(model_file: Path, capsys, no_signal_handlers):
+    assert main(["run", "--model-path", str(model_file), "--kafka-bootstrap-servers", "127.0.0.1:1",
+                 "--metrics-enabled", "false", "--checkpoint-enabled", "false",
+                 "--state-capacity", str(10**13)]) == 2
+    err = one_line_error(capsys)
+    assert f"state table capacity {10**13}" in err and "could not be allocated" in err
+
+
+def test_simulate_and_train_refuse_bad_paths_seeds_and_both_bootstrap_flags(tmp_path: Path, capsys):
+    sim = ["simulate", "--devices", "1", "--duration", "1", "--kafka-bootstrap-servers", "127.0.0.1:1"]
+    assert main([*sim, "--labels", str(tmp_path / "missing" / "labels.jsonl")]) == 2
+    assert "no such directory" in one_line_error(capsys)
+    assert main([*sim, "--labels", str(tmp_path)]) == 2
+    assert "is a directory" in one_line_error(capsys)
+    assert main([*sim, "--bootstrap-servers", "127.0.0.1:2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "deprecated" in err[0] and err[-1] == (
+        "streamer: error: --bootstrap-servers and --kafka-bootstrap-servers both given: use --kafka-bootstrap-servers alone")
+    for command in (sim, ["train", "--out", str(tmp_path / "m.pt")]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--seed", str(2**64)])
+        assert exit_.value.code == 2
+        assert "argument --seed" in capsys.readouterr().err

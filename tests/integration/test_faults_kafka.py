@@ -114,6 +114,40 @@ def test_unreachable_broker_gives_up_within_startup_wait(model: Path, wait_s: in
     assert "ECONNREFUSED" in output and closed in lines[-1]
 
 
+def test_an_input_topic_that_does_not_exist_is_waited_for_then_named(model: Path, kafka_bootstrap: str, unique: str):
+    """Subscribed to a topic that does not exist, the loop would sit idle; run waits
+    kafka.startup_wait_s for it (saying so once), then stops with one line naming the setting."""
+    wait_s = 3
+    started = time.monotonic()
+    process = start_process(
+        model, kafka_bootstrap, "--kafka-input-topic", f"missing-{unique}", "--kafka-output-topic", f"out-{unique}",
+        "--kafka-dead-letter-topic", f"dlq-{unique}", "--kafka-startup-wait-s", str(wait_s),
+        "--metrics-enabled", "false", "--checkpoint-enabled", "false",
+    )
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, output
+    assert time.monotonic() - started < wait_s + GIVE_UP_SLACK_S + 10, output
+    lines = output.strip().splitlines()
+    assert sum("does not exist" in line and "waiting up to" in line for line in lines) == 1, output
+    assert lines[-1].startswith("streamer: error: kafka.input_topic (flag --kafka-input-topic") and \
+        f"'missing-{unique}': no such topic" in lines[-1], output
+
+
+def test_an_input_topic_created_while_run_waits_is_read(model: Path, kafka_bootstrap: str, unique: str, tmp_path: Path):
+    topics = {"in": f"late-{unique}", "out": f"out-{unique}", "dlq": f"dlq-{unique}"}
+    settings = service_settings(kafka_bootstrap, topics, f"g-{unique}", model, tmp_path / "ck",
+                                kafka={"startup_wait_s": 60})
+    service = ServiceThread(settings)
+    try:
+        time.sleep(2.0)
+        assert service.alive()
+        create_topic(kafka_bootstrap, topics["in"])
+        produce(kafka_bootstrap, topics["in"], [(b"dev-1", reading("dev-1", 1.0, [20.5, -3.0]), None)])
+        assert wait_for(lambda: service.metric("streamer_predictions_total") >= 1, 45) is not None
+    finally:
+        service.stop()
+
+
 @pytest.fixture
 def own_broker(tmp_path: Path):
     """A broker this test may stop and start (the session's may be shared or external)."""

@@ -132,7 +132,8 @@ class Scenario:
             if isinstance(store, KafkaCheckpointStore):
                 offsets = [store.offsets(topic, p)[0] for p in (torn, lost)]
                 at = store.changelog_partition(topic, torn)
-                store.changelog.write(at, [(store._key(topic, torn, offsets[0], "00000").encode(), b"torn")], 30)
+                first_chunk = store._index(at).manifests[(topic, torn)][offsets[0]].chunks[0].key
+                store.changelog.write(at, [(first_chunk.encode(), b"torn")], 30)
                 at = store.changelog_partition(topic, lost)
                 store.changelog.write(at, [(store._key(topic, lost, offsets[1], "manifest").encode(), None)], 30)
                 return sum(offsets)
