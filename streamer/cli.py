@@ -65,8 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: --kafka-bootstrap-server is a typo, not --kafka-bootstrap-servers (and
+    an abbreviation that works today breaks the day a second flag shares its prefix)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamer", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="streamer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"streamer {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

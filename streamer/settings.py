@@ -156,6 +156,11 @@ class KafkaSettings(Section):
                     f"{describe_setting('kafka', name)} is the input topic "
                     f"{self.input_topic!r}: streamer would consume what it writes"
                 )
+        if self.dead_letter_topic == self.output_topic:
+            raise ValueError(
+                f"{describe_setting('kafka', 'dead_letter_topic')} is the output topic {self.output_topic!r}:"
+                " dead letters would reach the predictions' readers"
+            )
         return self
 
     @model_validator(mode="after")

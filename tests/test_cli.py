@@ -225,6 +225,12 @@ def test_topics_written_must_differ_from_the_input_topic(capsys, flag: str, name
     assert f"kafka.{name} (flag {flag}" in err and "is the input topic 'readings'" in err
 
 
+def test_dead_letters_must_not_go_to_the_output_topic(capsys):
+    assert main(["check-config", "--kafka-output-topic", "out", "--kafka-dead-letter-topic", "out"]) == 2
+    err = one_line_error(capsys)
+    assert "kafka.dead_letter_topic (flag --kafka-dead-letter-topic" in err and "is the output topic 'out'" in err
+
+
 def test_busy_metrics_port_is_refused_before_connecting_to_kafka(tmp_path: Path, capsys):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -459,3 +465,11 @@ def test_simulate_and_train_refuse_bad_paths_seeds_and_both_bootstrap_flags(tmp_
             main([*command, "--seed", str(2**64)])
         assert exit_.value.code == 2
         assert "argument --seed" in capsys.readouterr().err
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    for command in (["check-config"], ["topics", "create"], ["simulate", "--duration", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--kafka-bootstrap-server", "127.0.0.1:1"])
+        assert exit_.value.code == 2
+        assert "unrecognized arguments: --kafka-bootstrap-server" in capsys.readouterr().err

@@ -43,3 +43,15 @@ def test_confluent_group_and_timeout_errors_keep_their_kinds():
 ])
 def test_kafka_python_keeps_its_own_retriable_flags(error, retriable: bool):
     assert kafka_python.client_error(error, "call").retriable is retriable
+
+
+@pytest.mark.parametrize("protocol, causes", [
+    ("PLAINTEXT", "not reachable"),
+    ("SSL", "not reachable or a TLS failure"),
+    ("SASL_PLAINTEXT", "not reachable or a refused login (check the user and password)"),
+    ("SASL_SSL", "not reachable, a TLS failure or a refused login (check the user and password)"),
+])
+def test_a_bootstrap_failure_names_only_causes_the_protocol_allows(protocol: str, causes: str):
+    from streamer.kafka.clients import bootstrap_failure_reason
+
+    assert bootstrap_failure_reason(protocol) == f"no broker could be used before the bootstrap timeout: {causes}"

@@ -123,6 +123,18 @@ class _LoginRefusals(logging.Filter):
         return True
 
 
+def bootstrap_failure_reason(security_protocol: str) -> str:
+    """Why no broker could be used, as far as the protocol allows: not reachable, always; a TLS
+    failure only over SSL; a refused login only with SASL."""
+    causes = ["not reachable"]
+    if "SSL" in security_protocol:
+        causes.append("a TLS failure")
+    if security_protocol.startswith("SASL_"):
+        causes.append("a refused login (check the user and password)")
+    listed = causes[0] if len(causes) == 1 else ", ".join(causes[:-1]) + " or " + causes[-1]
+    return f"no broker could be used before the bootstrap timeout: {listed}"
+
+
 @contextmanager
 def _bootstrap_failure_explained(bootstrap_servers: str, security: dict[str, object]) -> Iterator[None]:
     """Turns kafka-python's bare bootstrap timeout into KafkaLoginError or KafkaBootstrapError.
@@ -141,10 +153,10 @@ def _bootstrap_failure_explained(bootstrap_servers: str, security: dict[str, obj
     except KafkaTimeoutError as exc:
         if refusals.refusals:
             raise KafkaLoginError(bootstrap_servers, security, refusals.refusals[-1]) from exc
-        reason = "no broker could be used before the bootstrap timeout: not reachable, a TLS failure"
-        if "sasl_mechanism" in security:
-            reason += ", or a refused login (check the user and password)"
-        raise KafkaBootstrapError(bootstrap_servers, security, reason + "; kafka-python's log has the details") from exc
+        reason = bootstrap_failure_reason(str(security.get("security_protocol", "PLAINTEXT")))
+        # The admin client (topics) is kafka-python's whichever kafka.client serves the loop.
+        raise KafkaBootstrapError(bootstrap_servers, security,
+                                  reason + "; the log of kafka-python (its admin client) has the details") from exc
     finally:
         logger.removeFilter(refusals)
 

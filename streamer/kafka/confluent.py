@@ -41,6 +41,7 @@ from streamer.kafka.clients import (
     KafkaBootstrapError,
     KafkaLoginError,
     assignment_strategy,
+    bootstrap_failure_reason,
     changelog_request_bytes,
     redact_secret,
     transactional_id,
@@ -170,9 +171,7 @@ def _check_reachable(client: RdConsumer | RdProducer, settings: KafkaSettings, e
         client.poll(0)  # serves the error callback: a refused login is only told there
         if errors.refusal is not None:
             raise KafkaLoginError(settings.bootstrap_servers, _described(settings), errors.refusal) from exc  # type: ignore[arg-type]
-        reason = "no broker could be used before the bootstrap timeout: not reachable, a TLS failure"
-        if settings.security_protocol.startswith("SASL_"):
-            reason += ", or a refused login (check the user and password)"
+        reason = bootstrap_failure_reason(settings.security_protocol)
         raise KafkaBootstrapError(settings.bootstrap_servers, _described(settings), f"{reason} ({exc.args[0].str()})") from exc
     if errors.refusal is not None:
         raise KafkaLoginError(settings.bootstrap_servers, _described(settings), errors.refusal)  # type: ignore[arg-type]
