@@ -408,8 +408,12 @@ class _KnownSettingsOnly(PydanticBaseSettingsSource):
         environ = {name.upper() for name in os.environ}
 
         def dropped(section: str, key: str) -> bool:
-            # Only keys of STREAMER_<SECTION>__<KEY> variables; a key inside STREAMER_<SECTION>='{json}' is refused.
-            return (section, key) not in known and env_name(section, key) in environ
+            # Only keys of STREAMER_<SECTION>__<KEY> variables (or deeper: STREAMER_KAFKA__SSL__X);
+            # a key inside STREAMER_<SECTION>='{json}' is refused.
+            if (section, key) in known:
+                return False
+            name = env_name(section, key)
+            return name in environ or any(var.startswith(name + ENV_NESTED_DELIMITER) for var in environ)
 
         return {
             section: {k: v for k, v in values.items() if not dropped(section, k)} if isinstance(values, dict) else values
@@ -534,4 +538,10 @@ def load_settings(overrides: dict[str, dict[str, object]] | None = None, config_
     try:
         return cls(**(overrides or {}))
     except SettingsError as exc:  # e.g. STREAMER_KAFKA='{not json'
-        raise StreamerError(f"settings from the environment: {exc}") from None
+        section = re.search(r'field "(\w+)"', str(exc))
+        if section is None:
+            raise StreamerError(f"settings from the environment: {exc}") from None
+        var = f"{ENV_PREFIX}{section.group(1)}".upper()
+        raise StreamerError(
+            f"environment variable {var}: not a JSON object of settings of section {section.group(1)!r}"
+            f" (or set one per variable: {var}{ENV_NESTED_DELIMITER}<NAME>)") from None

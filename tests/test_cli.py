@@ -360,9 +360,17 @@ def test_a_section_as_json_in_the_environment_is_checked_too(monkeypatch, capsys
     assert main(["check-config"]) == 2
     err = one_line_error(capsys)
     assert "kafka.sasl_pasword (not a setting; did you mean kafka.sasl_password" in err and "hunter2" not in err
-    monkeypatch.setenv("STREAMER_KAFKA", "{not json")
-    assert main(["check-config"]) == 2
-    assert 'field "kafka"' in one_line_error(capsys)
+    for value in ("{not json", "x"):
+        monkeypatch.setenv("STREAMER_KAFKA", value)
+        assert main(["check-config"]) == 2
+        assert one_line_error(capsys) == ("streamer: error: environment variable STREAMER_KAFKA: not a JSON object of"
+                                          " settings of section 'kafka' (or set one per variable: STREAMER_KAFKA__<NAME>)\n")
+
+
+def test_a_variable_nested_below_a_setting_that_does_not_exist_is_ignored_as_said(monkeypatch, capsys):
+    monkeypatch.setenv("STREAMER_KAFKA__SSL__X", "1")
+    assert main(["check-config", "--metrics-enabled", "false"]) == 0
+    assert "STREAMER_KAFKA__SSL__X is not a setting, ignored" in capsys.readouterr().err
 
 
 @pytest.fixture
