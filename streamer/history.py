@@ -313,7 +313,11 @@ def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
     parsed = [_parquet_numbers(col, name, path) for col, name in zip(vcols, chosen)]
     codes, device_names = None, []
     if device_col:  # dictionary_encode numbers ids in first-seen order
-        ids = pc.utf8_trim_whitespace(table.column(device_col).cast(pa.string()).combine_chunks())
+        try:  # numbers and text become ids; bytes that are not UTF-8, lists or structs cannot
+            ids = pc.utf8_trim_whitespace(table.column(device_col).cast(pa.string()).combine_chunks())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise HistoryError(f"column {device_col!r} of type {table.schema.field(device_col).type} cannot be"
+                               f" read as device ids ({str(exc).splitlines()[0][:160]})", path) from None
         encoded = pc.dictionary_encode(ids)
         codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         device_names = encoded.dictionary.to_pylist()

@@ -105,7 +105,7 @@ def replay(histories: Histories, engine: Engine, *, batch_size: int = 4096, prog
     row_of[merged_of_row] = np.arange(n)
     ttl = engine.table.ttl_seconds
     if ttl is not None:
-        deadline, restart_prev = _idle_limits(ts, row_of, merged_of_row, starts, ttl)
+        deadline, restart_prev = _idle_limits(ts, row_of, merged_of_row, starts[counts > 0], ttl)  # none of an empty device
     del merged_of_row
 
     width = len(histories.value_columns)

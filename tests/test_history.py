@@ -115,6 +115,18 @@ def test_parquet_bad_rows_name_the_row(tmp_path):
     np.testing.assert_array_equal(h.devices["a"].lines, [1])
 
 
+
+@pytest.mark.parametrize("ids", [
+    pa.array([b"\xff\xfe", b"ok"], pa.binary()),  # bytes that are not UTF-8
+    pa.array([[1], [2]], pa.list_(pa.int64())),
+    pa.array([{"x": 1}, {"x": 2}]),
+])
+def test_parquet_device_ids_that_are_not_text_or_numbers_are_a_clear_error(tmp_path, ids):
+    path = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"device_id": ids, "timestamp": [1.0, 2.0], "value": [1.0, 2.0]}), path)
+    with pytest.raises(HistoryError, match=r"column 'device_id' of type .* cannot be read as device ids"):
+        load_histories(path)
+
 BAD_CSV = (
     "device_id,timestamp,value\n"  # line 1
     "d,1,1.0\n"  # 2

@@ -113,6 +113,19 @@ def test_replay_equals_stepping_each_device_one_reading_at_a_time(tmp_path, conf
     assert result.evicted_ttl >= len(expected)
 
 
+def test_a_device_without_readings_is_passed_over(tmp_path):
+    """Histories built by hand (load_histories gives no empty device) may hold one with no readings."""
+    from streamer.history import DeviceHistory
+
+    histories = load_histories(write_long_csv(tmp_path / "fleet.csv", fleet(2), ["a", "b"]))
+    empty = DeviceHistory("silent", np.zeros(0), np.zeros((0, 2), np.float32), "by hand", np.zeros(0, np.int64))
+    for devices in ({**histories.devices, "silent": empty}, {"silent": empty, **histories.devices}):
+        bundle = load_model_file(save_model(tmp_path / "model.pt", PLAIN))
+        engine = Engine.build(bundle, capacity=64, device="cpu", ttl_seconds=TTL, anomaly=PARAMS)
+        result = replay(Histories(devices, histories.value_columns), engine, batch_size=50, progress=False)
+        assert len(result.columns["ts"]) == sum(len(h.ts) for h in histories.devices.values())
+
+
 def test_without_ttl_no_device_restarts(tmp_path):
     histories = load_histories(write_long_csv(tmp_path / "fleet.csv", fleet(2), ["a", "b"]))
     bundle = load_model_file(save_model(tmp_path / "model.pt", PLAIN))
