@@ -461,10 +461,11 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.batch_rows is not None and args.message_format != "arrow":
         raise StreamerError("--batch-rows applies to --format arrow only")
     if args.labels is not None:
-        if args.labels.is_dir():
-            raise StreamerError(f"--labels {args.labels}: is a directory")
-        if not args.labels.parent.is_dir():
-            raise StreamerError(f"--labels {args.labels}: no such directory {args.labels.parent}")
+        from streamer.history import unwritable_reason
+
+        reason = unwritable_reason(args.labels)
+        if reason is not None:
+            raise StreamerError(f"--labels {args.labels}: {reason}")
     spec = FleetSpec(devices=args.devices, features=args.features, seed=args.seed, anomaly_rate=args.anomaly_rate)
     kafka = settings.kafka
     last = [0, 0.0]  # readings sent and seconds at the previous progress line

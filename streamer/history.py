@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import gc
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -485,4 +486,9 @@ def unwritable_reason(path: Path) -> str | None:
         return f"directory {parent} is not writable"
     if path.exists() and not os.access(path, os.W_OK):
         return "not writable"
+    try:  # what access() cannot tell (root on a read-only or virtual filesystem such as /proc)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        return f"cannot create files in {parent} ({exc.strerror or exc})"
     return None

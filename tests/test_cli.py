@@ -461,7 +461,7 @@ def test_a_state_table_too_big_to_allocate_is_one_line(model_file: Path, capsys,
 def test_simulate_and_train_refuse_bad_paths_seeds_and_both_bootstrap_flags(tmp_path: Path, capsys):
     sim = ["simulate", "--devices", "1", "--duration", "1", "--kafka-bootstrap-servers", "127.0.0.1:1"]
     assert main([*sim, "--labels", str(tmp_path / "missing" / "labels.jsonl")]) == 2
-    assert "no such directory" in one_line_error(capsys)
+    assert "does not exist" in one_line_error(capsys)
     assert main([*sim, "--labels", str(tmp_path)]) == 2
     assert "is a directory" in one_line_error(capsys)
     assert main([*sim, "--bootstrap-servers", "127.0.0.1:2"]) == 2

@@ -268,3 +268,11 @@ def test_iter_time_order_is_stable_on_ties(tmp_path):
     assert ids == ["c", "b", "b", "a", "a"]
     np.testing.assert_array_equal(ts, [0, 1, 2, 2, 2])
     np.testing.assert_array_equal(values[:, 0], [0, 10, 20, 21, 22])
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_where_no_file_can_be_created_is_unwritable_even_for_root():
+    from streamer.history import unwritable_reason
+
+    reason = unwritable_reason(Path("/proc/streamer-out.csv"))  # access() says yes to root there
+    assert reason is not None and reason.startswith("cannot create files in /proc")
