@@ -235,14 +235,19 @@ class KafkaCheckpointStore(CheckpointStore):
         index = self._index(at)
         manifests = index.manifests.get((topic, partition), {})
         above = sorted(o for o in manifests if o > offset)
-        if not above:
+        own = f"{self._prefix}{topic}/{partition}/"
+        stray = [key for key in [*index.chunks, *index.failed]  # chunks no manifest names, failed saves' records
+                 if key.startswith(own) and int(key.split("/")[3]) > offset]
+        keys = list(dict.fromkeys([k for o in above for k in (manifests[o].key, *(c.key for c in manifests[o].chunks))]
+                                  + stray))
+        if not keys:
             return []
-        keys = [k for o in above for k in (manifests[o].key, *(c.key for c in manifests[o].chunks))]
         written = self.changelog.write(at, [(key.encode(), None) for key in keys], CALL_TIMEOUT_S)
         for o in above:
             manifests.pop(o, None)
         for key in keys:
             index.chunks.pop(key, None)
+            index.failed.pop(key, None)
         index.wrote(written)
         return above
 
@@ -251,6 +256,16 @@ class KafkaCheckpointStore(CheckpointStore):
         (the offset just saved: never itself), and for chunks no kept manifest names that are
         older than the oldest kept (a writer died before its manifest, or a failed save of this
         process) or at a kept offset (replaced by a checkpoint written again there)."""
+        own = f"{self._prefix}{topic}/{partition}/"
+        failed = [key for key in index.failed if key.startswith(own)]
+        if failed:
+            # A failed save's records may have landed after all (a send that timed out on our side):
+            # read the log first, so that a manifest among them is known before its chunks are judged.
+            try:
+                self._caught_up(at)
+            except KafkaClientError as exc:
+                log.debug("could not read changelog partition %d before pruning: %s; failed saves' records wait", at, exc)
+                failed = []
         manifests = index.manifests.get((topic, partition), {})
         # Checkpoints above the one saved are of another history of the partition (its offsets
         # were reset): recovery deletes them (discard_above); they never push this one out.
@@ -258,9 +273,8 @@ class KafkaCheckpointStore(CheckpointStore):
         kept = newest_first[: self.keep]
         dropped = [manifests[o] for o in newest_first[self.keep :]]
         named = {k for o in kept for k in (manifests[o].key, *(c.key for c in manifests[o].chunks))}
-        own = f"{self._prefix}{topic}/{partition}/"
         orphans = [
-            key for key in [*index.chunks, *index.failed]
+            key for key in [*index.chunks, *failed]
             if key.startswith(own) and key not in named and (int(key.split("/")[3]) < kept[-1]
                                                              or int(key.split("/")[3]) in kept)
         ]

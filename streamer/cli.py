@@ -124,11 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the settings `run` would use (secrets masked), or the error that stops it",
         description="Resolve the settings as `streamer run` does (flag, else environment variable, else the "
         "config file, else the default), check what `run` checks before connecting to Kafka (the model file "
-        "loads, the metrics address binds, the checkpoint directory can be written), print the settings with "
-        "passwords masked and exit 0, or print the first problem and exit 2.",
+        "loads, the metrics host can be bound, the checkpoint directory can be written; not with --settings-only), "
+        "print the settings with passwords masked and exit 0, or print the first problem and exit 2.",
     )
     check.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
     check.add_argument("--format", choices=("toml", "json"), default="toml", help="output format [default: toml]")
+    check.add_argument("--settings-only", action="store_true",
+                       help="check the settings alone, not the files and address they name (a config checked away "
+                       "from where it runs)")
     _add_settings_flags(check)
     check.set_defaults(handler=_check_config)
 
@@ -342,14 +345,16 @@ def _check_checkpoint_directory(settings: Settings, create: bool = True) -> None
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    # What `run` checks before connecting to Kafka, but creating nothing.
-    if settings.model.path is not None:
-        from streamer.model import load_model_file
+    # What `run` checks before connecting to Kafka, but creating nothing; the metrics host alone
+    # (any free port), so that a check beside the running service does not find its port taken.
+    if not args.settings_only:
+        if settings.model.path is not None:
+            from streamer.model import load_model_file
 
-        load_model_file(settings.model.path)
-    if settings.metrics.enabled:
-        _check_metrics_port(settings.metrics.host, settings.metrics.port)
-    _check_checkpoint_directory(settings, create=False)
+            load_model_file(settings.model.path)
+        if settings.metrics.enabled:
+            _check_metrics_port(settings.metrics.host, 0)
+        _check_checkpoint_directory(settings, create=False)
     resolved = settings.model_dump(mode="json")  # SecretStr dumps as "**********"
     if args.format == "json":
         print(json.dumps(resolved, indent=2))

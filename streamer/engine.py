@@ -283,7 +283,10 @@ class Engine:
                 capacity, layout.width, where, ttl_seconds=ttl_seconds,
                 lead_width=layout.c.stop, lead_dtype=state_dtype,
             )
-        except (RuntimeError, MemoryError) as exc:  # torch's allocators raise RuntimeError (OutOfMemoryError)
+        except (RuntimeError, MemoryError) as exc:
+            # torch's allocators raise OutOfMemoryError on CUDA, a RuntimeError naming the allocation on the CPU.
+            if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(exc).lower():
+                raise
             row_bytes = layout.c.stop * state_dtype.itemsize + (layout.width - layout.c.stop) * 4
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise CapacityError(

@@ -304,11 +304,8 @@ class PartitionManager:
             )
             if refused and self.metrics is not None:
                 self.metrics.on_checkpoints_refused(len(refused))
-            discarded = self.store.discard_above(tp.topic, tp.partition, start)
-            if discarded:
-                log.warning("%s: deleted %d checkpoint(s) above the committed offset %d (offsets %s), of an earlier"
-                            " history of the partition (its offsets were reset or the topic created anew)",
-                            _name(tp), len(discarded), start, ", ".join(map(str, discarded)), extra=_context(tp))
+            if committed is not None:
+                self._discard_above(tp, committed)
         if checkpoint is not None:
             evicted = self.engine.restore_partition(tp.partition, checkpoint.state)
             self.consumer.seek(tp, checkpoint.offset)
@@ -484,6 +481,23 @@ class PartitionManager:
                 self.restart_at[tp] = self.owned.pop(tp).committed_offset
                 self.engine.drop_partition(tp.partition)
         self.assign(partitions)
+
+    def _discard_above(self, tp: TopicPartition, committed: int) -> None:
+        """Delete the checkpoints of ``tp`` above the group's committed offset: no recovery can
+        start from them, and those of an earlier history of the partition (its offsets reset, or
+        the topic created anew) would be restored once the offsets pass them again. Housekeeping:
+        a store that cannot do it now is told of in the log, and recovery goes on."""
+        assert self.store is not None
+        try:
+            discarded = self.store.discard_above(tp.topic, tp.partition, committed)
+        except (KafkaClientError, OSError) as exc:
+            log.warning("%s: could not delete the checkpoints above the committed offset %d: %s", _name(tp),
+                        committed, exc, extra=_context(tp))
+            return
+        if discarded:
+            log.info("%s: deleted %d checkpoint(s) above the committed offset %d (offsets %s): written after a commit"
+                     " that did not happen, or before the group's offsets went back", _name(tp), len(discarded),
+                     committed, ", ".join(map(str, discarded)), extra=_context(tp))
 
     def _model_stamp(self) -> ModelStamp:
         return ModelStamp.of(self.engine.model_version, self.engine.config.to_dict())

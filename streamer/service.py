@@ -85,11 +85,12 @@ def build_store(settings: Settings, bootstrap_timeout_ms: int | None = None) -> 
     return DirectoryCheckpointStore(checkpoint.directory, kafka.group_id, checkpoint.keep)
 
 
-def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | None) -> None:
+def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | None) -> bool:
     """Create the topics streamer writes that are missing, and wait until the input topic exists
-    (another team's producers or `streamer topics create` make it), until ``deadline``: then a
-    StreamerError naming kafka.input_topic. Subscribed to a topic that does not exist, the
-    consumer would sit idle, its every request for offsets unanswered."""
+    (`streamer topics create` makes it, or its producers' first sends where the broker creates
+    topics on demand), until ``deadline``: then a StreamerError naming kafka.input_topic.
+    Subscribed to a topic that does not exist, the consumer would sit idle, its every request for
+    offsets unanswered. Returns whether it waited for the input topic."""
     kafka = settings.kafka
     said = False
     while True:
@@ -108,7 +109,7 @@ def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | N
             )
             if said:
                 log.info("input topic %s exists: starting", kafka.input_topic)
-            return
+            return said
         except MissingTopics:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -226,7 +227,8 @@ def run_service(
     server = None
     pipeline: Pipeline | None = None
     try:
-        _topics_ready(settings, reachable_by, stop)
+        if _topics_ready(settings, reachable_by, stop):
+            reachable_by = time.monotonic() + kafka.startup_wait_s  # the brokers answered: the clients' own wait
         registry = registry or CollectorRegistry()
         metrics_settings = settings.metrics
         metrics = Metrics(

@@ -85,7 +85,8 @@ class KafkaSettings(Section):
         10000, description="consumer session timeout"
     )
     startup_wait_s: Annotated[float, Field(ge=0)] = Field(
-        120.0, description="how long start-up keeps trying to reach the brokers (0: give up at the first failure)"
+        120.0, description="how long start-up keeps trying to reach the brokers, and then waits for the input topic to"
+        " exist (0: give up at the first failure)"
     )
     exactly_once: bool = Field(
         False, description="commit predictions and input offsets in one Kafka transaction (read_committed downstream)"

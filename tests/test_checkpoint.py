@@ -310,13 +310,34 @@ def test_recovery_deletes_checkpoints_above_the_committed_offset(tmp_path: Path,
     store.save(stamped(engine, 0, 5))
     store.save(stamped(engine, 0, 900))
     store.save(stamped(engine, 0, 1000))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         partitions, metrics = manager(engine, store, {TP0: 7})
     assert metrics.calls["on_recovery"] == [("checkpoint",)]
     assert partitions.consumer.positions[TP0] == 5  # replays 5..7 from the checkpoint of this history
     assert store.offsets("readings", 0) == [5]
-    warned = [r.getMessage() for r in caplog.records if "above the committed offset" in r.getMessage()]
-    assert len(warned) == 1 and "900, 1000" in warned[0]
+    told = [r.getMessage() for r in caplog.records if "above the committed offset" in r.getMessage()]
+    assert len(told) == 1 and "offsets 900, 1000" in told[0]
+
+
+def test_checkpoints_above_are_kept_when_the_group_has_no_commit_or_the_store_cannot_delete(tmp_path: Path, caplog,
+                                                                                            monkeypatch):
+    """No committed offset (never committed, or expired): they are of the same history, and nothing
+    is deleted on the word of a position. A store that cannot delete: told, and recovery goes on."""
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group", keep=3)
+    store.save(stamped(engine, 0, 5))
+    store.save(stamped(engine, 0, 900))
+    manager(engine, store, {TP0: None})
+    assert store.offsets("readings", 0)[:2] == [900, 5]
+
+    def cannot(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(store, "discard_above", cannot)
+    with caplog.at_level(logging.WARNING):
+        partitions, metrics = manager(engine, store, {TP0: 7})
+    assert metrics.calls["on_recovery"] == [("checkpoint",)] and partitions.consumer.positions[TP0] == 5
+    assert any("could not delete the checkpoints above the committed offset 7" in r.getMessage() for r in caplog.records)
 
 
 def test_recovery_under_a_new_model_starts_devices_from_zero_and_counts_it(tmp_path: Path):

@@ -431,6 +431,16 @@ def test_check_config_refuses_what_run_refuses_before_connecting(model_file: Pat
     ):
         assert main(["check-config", *ok, *extra]) == 2, extra
         assert says in one_line_error(capsys)
+        assert main(["check-config", *ok, *extra, "--settings-only"]) == 0, extra  # a config checked elsewhere
+        capsys.readouterr()
+    # Beside the running service, its metrics port is taken: not a problem of the settings.
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        assert main(["check-config", *ok, "--metrics-enabled", "true", "--metrics-port", str(busy.getsockname()[1])]) == 0
+    finally:
+        busy.close()
 
 
 def test_a_model_file_of_the_wrong_shape_or_with_nan_weights_is_one_line(model_file: Path, tmp_path: Path, capsys):

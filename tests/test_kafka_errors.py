@@ -55,3 +55,25 @@ def test_a_bootstrap_failure_names_only_causes_the_protocol_allows(protocol: str
     from streamer.kafka.clients import bootstrap_failure_reason
 
     assert bootstrap_failure_reason(protocol) == f"no broker could be used before the bootstrap timeout: {causes}"
+
+
+def test_confluent_committed_offset_the_coordinator_could_not_give_is_an_error_not_none():
+    """librdkafka answers per partition: offset -1001 with an error is no "never committed" (which
+    would start the partition at auto.offset.reset and its devices from zero)."""
+    from types import SimpleNamespace
+
+    from streamer.kafka.abstract import TopicPartition
+
+    def answer(error):
+        return [SimpleNamespace(topic="t", partition=0, offset=-1001, error=error),
+                SimpleNamespace(topic="t", partition=1, offset=42, error=None)]
+
+    consumer = confluent.ConfluentConsumer.__new__(confluent.ConfluentConsumer)
+    asked = [TopicPartition("t", 0), TopicPartition("t", 1)]
+    consumer.client = SimpleNamespace(committed=lambda partitions, timeout: answer(None))
+    assert consumer.committed(asked, 1.0) == {asked[0]: None, asked[1]: 42}
+    consumer.client = SimpleNamespace(
+        committed=lambda partitions, timeout: answer(KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)))
+    with pytest.raises(Exception) as raised:
+        consumer.committed(asked, 1.0)
+    assert raised.value.retriable and "committed offset of t[0]" in str(raised.value)

@@ -314,6 +314,9 @@ class ConfluentConsumer(Consumer):
             answer = self.client.committed([_theirs(tp) for tp in partitions], timeout=timeout_s)
         except KafkaException as exc:
             raise client_error(exc, "fetching committed offsets") from exc
+        for tp in answer:  # an offset the coordinator could not give is an error, not "never committed"
+            if tp.error is not None:
+                raise client_error(KafkaException(tp.error), f"fetching the committed offset of {tp.topic}[{tp.partition}]")
         return {TopicPartition(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in answer}
 
     def position(self, partition: TopicPartition, timeout_s: float) -> int | None:
