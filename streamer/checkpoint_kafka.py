@@ -313,10 +313,15 @@ class KafkaCheckpointStore(CheckpointStore):
         return pick_latest(candidates, topic, partition, width, max_offset, model)
 
     def _assemble(self, at: int, index: _PartitionIndex, manifest: Manifest) -> bytes:
-        """The checkpoint's bytes from its chunks, each verified; CheckpointError naming what is wrong."""
+        """The checkpoint's bytes from its chunks, each verified; CheckpointError naming what is wrong.
+        A checkpoint with a chunk missing or gone never becomes whole (chunks come before their
+        manifest in the log): it leaves the index, so that it is refused once, not at every load
+        (a manifest deleted while this index was not read for longer than the broker keeps
+        tombstones, delete.retention.ms, is one)."""
         located = []
         for ref in manifest.chunks:
             if ref.key not in index.chunks:
+                self._forget(index, manifest)
                 raise CheckpointError(manifest.key, f"chunk {ref.key} is missing")
             located.append(index.chunks[ref.key])
         if not located:
@@ -331,6 +336,7 @@ class KafkaCheckpointStore(CheckpointStore):
         for ref in manifest.chunks:
             chunk = found.get(ref.key)
             if chunk is None:
+                self._forget(index, manifest)
                 raise CheckpointError(manifest.key, f"chunk {ref.key} is gone from the changelog")
             if len(chunk) != ref.size or hashlib.sha256(chunk).hexdigest() != ref.sha256:
                 raise CheckpointError(manifest.key, f"chunk {ref.key} does not match its manifest (replaced or corrupted)")
@@ -339,6 +345,10 @@ class KafkaCheckpointStore(CheckpointStore):
         if len(data) != manifest.size or hashlib.sha256(data).hexdigest() != manifest.sha256:
             raise CheckpointError(manifest.key, "the chunks together do not match the manifest")
         return data
+
+    @staticmethod
+    def _forget(index: _PartitionIndex, manifest: Manifest) -> None:
+        index.manifests.get((manifest.topic, manifest.partition), {}).pop(manifest.offset, None)
 
     def _read(self, at: int, start: int, end: int) -> Iterator[Message]:
         return self.changelog.read(at, start, end, CALL_TIMEOUT_S)

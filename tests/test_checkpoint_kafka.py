@@ -39,6 +39,24 @@ def test_compaction_keeps_what_the_store_still_reads() -> None:
     assert_same(fresh.load_latest("readings", 0, WIDTH, max_offset=25)[0], saved[1])
 
 
+def test_a_checkpoint_deleted_while_a_reader_was_not_looking_is_refused_once():
+    """Compaction drops tombstones after delete.retention.ms: a reader that caught up before the
+    deletion never sees it, and holds a "ghost" manifest whose chunks are gone."""
+    changelog = MemoryChangelog(MemoryBroker(), "checkpoints")
+    writer = KafkaCheckpointStore(changelog, "group", 2, CHUNK)
+    reader = KafkaCheckpointStore(changelog, "group", 2, CHUNK)
+    for offset in (10, 20):
+        writer.save(checkpoint(0, offset, devices=100))
+    assert reader.offsets("readings", 0) == [20, 10]
+    writer.save(checkpoint(0, 30, devices=100))  # 10 deleted
+    changelog.compact()  # ... and its tombstones too, as after delete.retention.ms
+    assert reader.offsets("readings", 0) == [30, 20, 10]  # the reader cannot know
+    loaded, refused = reader.load_latest("readings", 0, WIDTH, max_offset=15)
+    assert loaded is None and len(refused) == 1 and "gone from the changelog" in refused[0].reason
+    assert reader.offsets("readings", 0) == [30, 20]
+    assert reader.load_latest("readings", 0, WIDTH, max_offset=15) == (None, [])
+
+
 def test_directory_store_keeps_a_save_below_older_checkpoints_and_discards_them(tmp_path: Path) -> None:
     store = DirectoryCheckpointStore(tmp_path, "group", keep=2)
     for offset in (1000, 2000):
