@@ -183,9 +183,9 @@ class CheckpointStore(ABC):
     @abstractmethod
     def discard_above(self, topic: str, partition: int, offset: int) -> list[int]:
         """Delete the checkpoints of a partition above ``offset`` (the group's committed offset
-        at recovery), returning their offsets, lowest first. Checkpoints are taken at committed offsets, so
-        those are of another history of the partition (its offsets reset, expired, or the topic
-        created anew); kept, they would be restored once the offsets pass them again."""
+        at recovery), returning their offsets, lowest first. Checkpoints are taken at committed
+        offsets, so those are of another history of the partition (its offsets reset, expired, or
+        the topic created anew); kept, they would be restored once the offsets pass them again."""
 
     @abstractmethod
     def offsets(self, topic: str, partition: int) -> list[int]:

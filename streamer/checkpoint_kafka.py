@@ -82,6 +82,11 @@ class Manifest:
     sha256: str
     chunks: tuple[ChunkRef, ...]
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys of its records: the manifest's, then its chunks'."""
+        return (self.key, *(c.key for c in self.chunks))
+
     def to_bytes(self) -> bytes:
         return json.dumps(
             {
@@ -234,22 +239,12 @@ class KafkaCheckpointStore(CheckpointStore):
         at = self.changelog_partition(topic, partition)
         index = self._index(at)
         manifests = index.manifests.get((topic, partition), {})
-        above = sorted(o for o in manifests if o > offset)
+        above = [manifests[o] for o in sorted(manifests) if o > offset]
         own = f"{self._prefix}{topic}/{partition}/"
         stray = [key for key in [*index.chunks, *index.failed]  # chunks no manifest names, failed saves' records
-                 if key.startswith(own) and int(key.split("/")[3]) > offset]
-        keys = list(dict.fromkeys([k for o in above for k in (manifests[o].key, *(c.key for c in manifests[o].chunks))]
-                                  + stray))
-        if not keys:
-            return []
-        written = self.changelog.write(at, [(key.encode(), None) for key in keys], CALL_TIMEOUT_S)
-        for o in above:
-            manifests.pop(o, None)
-        for key in keys:
-            index.chunks.pop(key, None)
-            index.failed.pop(key, None)
-        index.wrote(written)
-        return above
+                 if key.startswith(own) and _offset_in(key) > offset]
+        self._delete(at, index, above, stray)
+        return [m.offset for m in above]
 
     def _prune(self, at: int, index: _PartitionIndex, topic: str, partition: int, saved: int) -> None:
         """Tombstones for the checkpoints of a partition beyond ``keep`` at or below ``saved``
@@ -272,22 +267,23 @@ class KafkaCheckpointStore(CheckpointStore):
         newest_first = sorted((o for o in manifests if o <= saved), reverse=True)
         kept = newest_first[: self.keep]
         dropped = [manifests[o] for o in newest_first[self.keep :]]
-        named = {k for o in kept for k in (manifests[o].key, *(c.key for c in manifests[o].chunks))}
-        orphans = [
-            key for key in [*index.chunks, *failed]
-            if key.startswith(own) and key not in named and (int(key.split("/")[3]) < kept[-1]
-                                                             or int(key.split("/")[3]) in kept)
-        ]
-        keys = list(dict.fromkeys([k for m in dropped for k in (m.key, *(c.key for c in m.chunks))] + orphans))
+        named = {k for o in kept for k in manifests[o].keys}
+        orphans = [key for key in [*index.chunks, *failed]
+                   if key.startswith(own) and key not in named and (_offset_in(key) < kept[-1] or _offset_in(key) in kept)]
+        try:
+            self._delete(at, index, dropped, orphans)
+        except KafkaClientError as exc:  # the new checkpoint is in place; the old ones can go next time
+            log.debug("could not delete old checkpoint records of %s[%d]: %s", topic, partition, exc)
+
+    def _delete(self, at: int, index: _PartitionIndex, manifests: list[Manifest], keys: list[str]) -> None:
+        """Tombstones for ``manifests`` (each record of theirs) and for the records ``keys``, then
+        out of the index; the client's KafkaClientError when they could not be written."""
+        keys = list(dict.fromkeys([k for m in manifests for k in m.keys] + keys))
         if not keys:
             return
-        try:
-            written = self.changelog.write(at, [(key.encode(), None) for key in keys], CALL_TIMEOUT_S)
-        except KafkaClientError as exc:  # the new checkpoint is in place; the old ones can go next time
-            log.debug("could not delete %d old checkpoint records of %s[%d]: %s", len(keys), topic, partition, exc)
-            return
-        for m in dropped:
-            manifests.pop(m.offset, None)
+        written = self.changelog.write(at, [(key.encode(), None) for key in keys], CALL_TIMEOUT_S)
+        for m in manifests:
+            self._forget(index, m)
         for key in keys:
             index.chunks.pop(key, None)
             index.failed.pop(key, None)
@@ -356,6 +352,10 @@ class KafkaCheckpointStore(CheckpointStore):
     def close(self) -> None:
         self.changelog.close()
 
+
+def _offset_in(key: str) -> int:
+    """The checkpoint offset in a record key <group>/<topic>/<partition>/<offset>/<suffix>."""
+    return int(key.split("/")[3])
 
 
 def _decimal(text: str) -> bool:

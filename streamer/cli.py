@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -296,9 +295,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_metrics_port(host: str, port: int) -> None:
     """Refuse a metrics address that cannot be bound, before minutes of model loading and broker
-    connecting (port 0: the host is checked, on a free port). The probe socket is closed at once: the server (streamer.metrics) binds its own,
-    after the broker answers. Another process could take the port in between; that rare race
-    ends in the server's own error, not in a silent clash."""
+    connecting (port 0: the host is checked, on a free port). The probe socket is closed at once:
+    the server (streamer.metrics) binds its own, after the broker answers. Another process could
+    take the port in between; that rare race ends in the server's own error, not in a silent clash."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -333,14 +332,17 @@ def _check_checkpoint_directory(settings: Settings, create: bool = True) -> None
         if not os.access(existing, os.W_OK | os.X_OK):
             raise StreamerError(f"{where}: cannot write in {existing}")
         return
+    from streamer.history import cannot_create_files_in
+
     try:
         checkpoint.directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=checkpoint.directory):
-            pass
     except FileExistsError:
         raise StreamerError(f"{where}: not a directory") from None
     except OSError as exc:
         raise StreamerError(f"{where}: cannot write there ({exc.strerror or exc})") from None
+    reason = cannot_create_files_in(checkpoint.directory)
+    if reason is not None:
+        raise StreamerError(f"{where}: {reason}")
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -486,9 +486,15 @@ def unwritable_reason(path: Path) -> str | None:
         return f"directory {parent} is not writable"
     if path.exists() and not os.access(path, os.W_OK):
         return "not writable"
-    try:  # what access() cannot tell (root on a read-only or virtual filesystem such as /proc)
-        with tempfile.TemporaryFile(dir=parent):
+    return cannot_create_files_in(parent)
+
+
+def cannot_create_files_in(directory: Path) -> str | None:
+    """Why no file can be created in the existing ``directory``, found by creating one (what
+    access() cannot tell: root on a read-only or virtual filesystem such as /proc), or None."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
-        return f"cannot create files in {parent} ({exc.strerror or exc})"
+        return f"cannot create files in {directory} ({exc.strerror or exc})"
     return None
