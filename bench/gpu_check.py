@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU figures in one run (a few minutes): one JSON object per figure on stdout.
 
-    python bench/gpu_check.py [--quick] [--no-tests]
+    python bench/gpu_check.py [--quick] [--no-tests] [--dry-run]
 
 For B = 131072 devices (random slots in a table of 2B), H in {64, 128}, L = 2, one value per
 reading: device-steps/s of the fused Triton step (streamer.kernels) with float32 and bfloat16
@@ -10,6 +10,9 @@ the table (and scattered back), and of offline cuDNN over whole sequences; then 
 step (planning, anomaly scores) for the same B. Then the equivalence tests on CUDA
 (tests/test_engine.py, tests/test_kernels.py) when pytest is installed, else the same checks
 inline. Imports only torch, numpy and streamer modules that import only torch.
+
+``--dry-run`` runs every figure's code on the CPU (the kernel under Triton's interpreter, B = 256,
+timings by wall clock): a check of this script itself before it spends a GPU's time.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+if "--dry-run" in sys.argv:  # before triton is imported (by streamer.kernels)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np
 import torch
@@ -34,6 +40,11 @@ from streamer.model import ModelConfig, StepWeights, init_random_model  # noqa: 
 B = 131072
 LAYERS = 2
 TESTS_TIMEOUT_S = 200
+DEVICE = torch.device("cuda")  # the CPU under --dry-run
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (dry run)"
 
 
 def emit(**figure: object) -> None:
@@ -43,6 +54,10 @@ def emit(**figure: object) -> None:
 def cuda_seconds(fn, min_seconds: float = 0.5, min_runs: int = 5) -> float:
     """Median seconds per call of fn() on the current stream (CUDA events), after a warm-up."""
     fn()
+    if DEVICE.type != "cuda":
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
     torch.cuda.synchronize()
     times: list[float] = []
     started = time.perf_counter()
@@ -57,7 +72,7 @@ def cuda_seconds(fn, min_seconds: float = 0.5, min_runs: int = 5) -> float:
 
 
 def bench_steps(hidden: int, quick: bool) -> None:
-    device = torch.device("cuda")
+    device = DEVICE
     config = ModelConfig(1, hidden, LAYERS, 1)
     model = init_random_model(config, seed=0).to(device)
     cpu_model = init_random_model(config, seed=0)
@@ -66,7 +81,7 @@ def bench_steps(hidden: int, quick: bool) -> None:
     slots = torch.randperm(capacity, device=device, generator=gen)[:B]
     x = torch.randn(B, 1, device=device, generator=gen)
     lh = LAYERS * hidden
-    base = dict(card=torch.cuda.get_device_name(), batch=B, hidden=hidden, layers=LAYERS)
+    base = dict(card=card(), batch=B, hidden=hidden, layers=LAYERS)
     # Fused kernel: (dtype, block_b, num_warps) variants.
     variants = [(torch.float32, 64, 4), (torch.bfloat16, 64, 4)]
     if not quick and hidden <= 64:
@@ -86,7 +101,7 @@ def bench_steps(hidden: int, quick: bool) -> None:
              state_gb_per_s=round(moved / seconds / 1e9, 1), **base)
         del lead
     # Small batches: one launch each, from the same table.
-    for small in (1024, 16384) if hidden == 64 else ():
+    for small in (1024, 16384) if hidden == 64 and B > 16384 else ():
         lead = torch.zeros(capacity, 2 * lh, device=device, dtype=torch.bfloat16)
         step = TritonLstmStep(cpu_model, device, torch.bfloat16)
         seconds = cuda_seconds(lambda: step(x[:small], slots[:small], None, lead))
@@ -138,7 +153,7 @@ def bench_engine(hidden: int) -> None:
     bundle = ModelBundle(init_random_model(config, 0), config, "gpu-check", None)
     rng = np.random.default_rng(0)
     for dtype in (torch.float32, torch.bfloat16):
-        engine = Engine.build(bundle, capacity=2 * B, device="cuda", state_dtype=dtype)
+        engine = Engine.build(bundle, capacity=2 * B, device=DEVICE.type, state_dtype=dtype)
         ids = [f"d{i}" for i in range(B)]
         values = rng.normal(size=(B, 1)).astype(np.float32)
         batch = ReadingBatch(ids, np.zeros(B), values)
@@ -155,21 +170,21 @@ def bench_engine(hidden: int) -> None:
             t0 = time.perf_counter()
             engine._execute(plan, slots, values, batch.ts)
             execute.append(time.perf_counter() - t0)
-        emit(figure="gpu_engine_step", card=torch.cuda.get_device_name(), batch=B, hidden=hidden, layers=LAYERS,
+        emit(figure="gpu_engine_step", card=card(), batch=B, hidden=hidden, layers=LAYERS,
              state_dtype=str(dtype).removeprefix("torch."), fused=engine.lstm.fused,
              device_steps_per_s=round(B / min(runs)),
              execute_device_steps_per_s=round(B / min(execute)))
         del engine
     # Small batches: the step replayed from CUDA graphs (padded buckets) against its kernels
     # launched one by one, in the same run; and their results side by side.
-    for small in (1024, 16384):
+    for small in (1024, 16384) if B > 16384 else (B // 4,):
         ids = [f"d{i}" for i in range(small)]
         values = rng.normal(size=(small, 1)).astype(np.float32)
         batch = ReadingBatch(ids, np.zeros(small), values)
         plan = plan_waves(ids)
         rates, outputs = {}, {}
         for graphs in (False, True):
-            engine = Engine.build(bundle, capacity=2 * small, device="cuda", state_dtype=torch.bfloat16,
+            engine = Engine.build(bundle, capacity=2 * small, device=DEVICE.type, state_dtype=torch.bfloat16,
                                   cuda_graphs=graphs)
             slots = engine.table.acquire(plan.unique, now=0.0).slots
             outputs[graphs] = engine._execute(plan, slots, values, batch.ts)  # captures the bucket's graph
@@ -181,7 +196,7 @@ def bench_engine(hidden: int) -> None:
             rates[graphs] = small / min(execute)
             del engine
         worst = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outputs[False], outputs[True]))
-        emit(figure="gpu_engine_small_batch", card=torch.cuda.get_device_name(), batch=small, hidden=hidden,
+        emit(figure="gpu_engine_small_batch", card=card(), batch=small, hidden=hidden,
              layers=LAYERS, state_dtype="bfloat16", launched_device_steps_per_s=round(rates[False]),
              cuda_graph_device_steps_per_s=round(rates[True]), ratio=round(rates[True] / rates[False], 2),
              first_step_max_abs_difference=worst)
@@ -197,8 +212,8 @@ def run_tests() -> None:
     started = time.perf_counter()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_engine.py",
-             "tests/test_kernels.py"],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_engine.py",
+             "tests/test_kernels.py"],  # the CUDA cases: CI runs the rest
             cwd=REPO, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired as exc:
@@ -216,7 +231,7 @@ def run_tests() -> None:
 def inline_checks() -> None:
     """The fused kernel against the offline nn.LSTM on CUDA: float32 within 1e-5, bfloat16 state
     within the bound of tests/test_kernels.py."""
-    device = torch.device("cuda")
+    device = DEVICE
     model = init_random_model(ModelConfig(2, 32, 2, 2), 4)
     x_seq = torch.randn(16, 100, 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -236,7 +251,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="H=64 only, fewer kernel variants")
     parser.add_argument("--no-tests", action="store_true", help="skip the equivalence tests")
+    parser.add_argument("--dry-run", action="store_true", help="every figure's code on the CPU, small (see above)")
     args = parser.parse_args()
+    if args.dry_run:
+        global B, DEVICE
+        B, DEVICE = 256, torch.device("cpu")
+        for hidden in (64,) if args.quick else (64, 128):
+            bench_steps(hidden, args.quick)
+        bench_engine(64)
+        inline_checks()
+        return 0
     if not torch.cuda.is_available():
         emit(figure="gpu_check", error="no CUDA device here")
         return 1
