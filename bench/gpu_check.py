@@ -82,22 +82,25 @@ def bench_steps(hidden: int, quick: bool) -> None:
     x = torch.randn(B, 1, device=device, generator=gen)
     lh = LAYERS * hidden
     base = dict(card=card(), batch=B, hidden=hidden, layers=LAYERS)
-    # Fused kernel: (dtype, block_b, num_warps) variants.
-    variants = [(torch.float32, 64, 4), (torch.bfloat16, 64, 4)]
-    if not quick and hidden <= 64:
-        variants += [(torch.bfloat16, 32, 2), (torch.bfloat16, 64, 2), (torch.bfloat16, 128, 4), (torch.bfloat16, 128, 8)]
-    for dtype, block_b, warps in variants:
+    # Fused kernel: (dtype, block_b, num_warps, fast_math) variants; the first of each dtype is the default.
+    fast = DEVICE.type == "cuda"  # fast_math is inline PTX: CUDA only
+    variants = [(torch.float32, 64, 4, False), (torch.bfloat16, 64, 4, False)] + [(torch.bfloat16, 64, 4, True)] * fast
+    if not quick:
+        f32 = [(32, 4), (16, 2)] if hidden > 64 else [(32, 2), (32, 4)]
+        bf16 = [(16, 1), (32, 1), (32, 2), (32, 4), (64, 8), (128, 8)] if hidden <= 64 else [(32, 2), (32, 4), (64, 8)]
+        variants += [(torch.float32, b, w, False) for b, w in f32]
+        variants += [(torch.bfloat16, b, w, f) for b, w in bf16 for f in (False, True)[: 1 + fast]]
+    for dtype, block_b, warps, fast_math in variants:
         lead = torch.zeros(capacity, 2 * lh, device=device, dtype=dtype)
-        step = TritonLstmStep(cpu_model, device, dtype, block_b=block_b, num_warps=warps)
+        config = dict(state_dtype=str(dtype).removeprefix("torch."), block_b=block_b, num_warps=warps, fast_math=fast_math)
         try:
+            step = TritonLstmStep(cpu_model, device, dtype, block_b=block_b, num_warps=warps, fast_math=fast_math)
             seconds = cuda_seconds(lambda: step(x, slots, None, lead))
         except Exception as exc:  # a variant that does not compile on this card is reported, not fatal
-            emit(figure="gpu_fused_step", error=f"{type(exc).__name__}: {str(exc)[:300]}", state_dtype=str(dtype),
-                 block_b=block_b, num_warps=warps, **base)
+            emit(figure="gpu_fused_step", error=f"{type(exc).__name__}: {str(exc)[:300]}", **config, **base)
             continue
         moved = B * 2 * 2 * lh * lead.element_size()  # h and c read and written
-        emit(figure="gpu_fused_step", state_dtype=str(dtype).removeprefix("torch."), block_b=block_b,
-             num_warps=warps, device_steps_per_s=round(B / seconds), us=round(seconds * 1e6, 1),
+        emit(figure="gpu_fused_step", **config, device_steps_per_s=round(B / seconds), us=round(seconds * 1e6, 1),
              state_gb_per_s=round(moved / seconds / 1e9, 1), **base)
         del lead
     # Small batches: one launch each, from the same table.
@@ -158,48 +161,89 @@ def bench_engine(hidden: int) -> None:
         values = rng.normal(size=(B, 1)).astype(np.float32)
         batch = ReadingBatch(ids, np.zeros(B), values)
         engine.step(batch, now=0.0)
-        runs = []
+        runs, plans, acquires, execute = [], [], [], []
         for _ in range(5):
             t0 = time.perf_counter()
             engine.step(batch, now=0.0)
             runs.append(time.perf_counter() - t0)
-        plan = plan_waves(ids)
-        slots = engine.table.acquire(plan.unique, now=0.0).slots
-        execute = []
-        for _ in range(5):
+            t0 = time.perf_counter()
+            plan = plan_waves(ids)
+            plans.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            slots = engine.table.acquire(plan.unique, now=0.0).slots
+            acquires.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             engine._execute(plan, slots, values, batch.ts)
             execute.append(time.perf_counter() - t0)
         emit(figure="gpu_engine_step", card=card(), batch=B, hidden=hidden, layers=LAYERS,
              state_dtype=str(dtype).removeprefix("torch."), fused=engine.lstm.fused,
-             device_steps_per_s=round(B / min(runs)),
+             device_steps_per_s=round(B / min(runs)), plan_ms=round(min(plans) * 1e3, 2),
+             acquire_ms=round(min(acquires) * 1e3, 2), execute_ms=round(min(execute) * 1e3, 2),
              execute_device_steps_per_s=round(B / min(execute)))
+        if dtype == torch.bfloat16:
+            profile_execute(engine, plan, slots, values, batch.ts)
         del engine
     # Small batches: the step replayed from CUDA graphs (padded buckets) against its kernels
-    # launched one by one, in the same run; and their results side by side.
-    for small in (1024, 16384) if B > 16384 else (B // 4,):
-        ids = [f"d{i}" for i in range(small)]
-        values = rng.normal(size=(small, 1)).astype(np.float32)
-        batch = ReadingBatch(ids, np.zeros(small), values)
-        plan = plan_waves(ids)
-        rates, outputs = {}, {}
-        for graphs in (False, True):
-            engine = Engine.build(bundle, capacity=2 * small, device=DEVICE.type, state_dtype=torch.bfloat16,
-                                  cuda_graphs=graphs)
-            slots = engine.table.acquire(plan.unique, now=0.0).slots
-            outputs[graphs] = engine._execute(plan, slots, values, batch.ts)  # captures the bucket's graph
-            execute = []
-            for _ in range(30):
-                t0 = time.perf_counter()
-                engine._execute(plan, slots, values, batch.ts)
-                execute.append(time.perf_counter() - t0)
-            rates[graphs] = small / min(execute)
-            del engine
-        worst = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outputs[False], outputs[True]))
-        emit(figure="gpu_engine_small_batch", card=card(), batch=small, hidden=hidden,
-             layers=LAYERS, state_dtype="bfloat16", launched_device_steps_per_s=round(rates[False]),
-             cuda_graph_device_steps_per_s=round(rates[True]), ratio=round(rates[True] / rates[False], 2),
-             first_step_max_abs_difference=worst)
+    # launched one by one, in the same run; their results side by side over three steps, after
+    # an engine's memory went back to the allocator (uninitialised memory must never be read).
+    for small in (1024, 8193, 16384) if B > 16384 else (B // 4,):
+        for dtype in (torch.float32, torch.bfloat16):
+            Engine.build(bundle, capacity=4 * small, device=DEVICE.type).table.rows.fill_(float("nan"))  # freed
+            ids = [f"d{i}" for i in range(small)]
+            values = rng.normal(size=(small, 1)).astype(np.float32)
+            batch = ReadingBatch(ids, np.zeros(small), values)
+            plan = plan_waves(ids)
+            rates, outputs = {}, {}
+            for graphs in (False, True):
+                engine = Engine.build(bundle, capacity=2 * small, device=DEVICE.type, state_dtype=dtype,
+                                      cuda_graphs=graphs)
+                slots = engine.table.acquire(plan.unique, now=0.0).slots
+                outputs[graphs] = [engine._execute(plan, slots, values, batch.ts) for _ in range(3)]
+                execute = []
+                for _ in range(30):
+                    t0 = time.perf_counter()
+                    engine._execute(plan, slots, values, batch.ts)
+                    execute.append(time.perf_counter() - t0)
+                rates[graphs] = small / min(execute)
+                del engine
+            names = ("forecast", "log_tail", "flags", "residual")
+            nonfinite = {f"{name}_{'graphs' if g else 'launched'}": int(sum((~np.isfinite(np.asarray(o[k], np.float64))).sum()
+                                                                          for o in outputs[g]))
+                         for k, name in enumerate(names) for g in (False, True)}
+            differences = {name: float(max(np.nanmax(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))
+                                           for a, b in zip(outputs[False], outputs[True])))
+                           for k, name in enumerate(names)}
+            emit(figure="gpu_engine_small_batch", card=card(), batch=small, hidden=hidden, layers=LAYERS,
+                 state_dtype=str(dtype).removeprefix("torch."), launched_device_steps_per_s=round(rates[False]),
+                 cuda_graph_device_steps_per_s=round(rates[True]), ratio=round(rates[True] / rates[False], 2),
+                 max_abs_difference=differences, nonfinite=nonfinite)
+
+
+def profile_execute(engine, plan, slots, values, ts) -> None:
+    """Where one big step's GPU and host time go: torch.profiler's top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            engine._execute(plan, slots, values, ts)
+    key = "device_time_total" if DEVICE.type == "cuda" else "cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:14]
+    emit(figure="gpu_execute_profile", batch=len(values), steps=3, top=[
+        dict(name=e.key[:60], calls=e.count, device_us=round(getattr(e, "device_time_total", 0.0), 1),
+             cpu_us=round(e.cpu_time_total, 1)) for e in rows])
+
+
+def ncu_target() -> None:
+    """Two launches for ncu: the default bfloat16 kernel at H=64, then with fast_math."""
+    model = init_random_model(ModelConfig(1, 64, LAYERS, 1), seed=0)
+    slots = torch.randperm(2 * B, device=DEVICE)[:B]
+    x = torch.randn(B, 1, device=DEVICE)
+    lead = torch.zeros(2 * B, 4 * 64, device=DEVICE, dtype=torch.bfloat16)
+    for fast_math in (False, True):
+        step = TritonLstmStep(model, DEVICE, torch.bfloat16, fast_math=fast_math)
+        step(x, slots, None, lead)
+    torch.cuda.synchronize()
 
 
 def run_tests() -> None:
@@ -252,7 +296,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="H=64 only, fewer kernel variants")
     parser.add_argument("--no-tests", action="store_true", help="skip the equivalence tests")
     parser.add_argument("--dry-run", action="store_true", help="every figure's code on the CPU, small (see above)")
+    parser.add_argument("--ncu-target", action="store_true", help="two kernel launches to profile under ncu, nothing else")
     args = parser.parse_args()
+    if args.ncu_target:
+        ncu_target()
+        return 0
     if args.dry_run:
         global B, DEVICE
         B, DEVICE = 256, torch.device("cpu")

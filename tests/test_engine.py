@@ -6,10 +6,10 @@ import torch
 
 import streamer.kernels
 from streamer.anomaly import AnomalyParams
-from streamer.engine import Engine, ReadingBatch, plan_waves
+from streamer.engine import GRAPH_MAX_ROWS, Engine, ReadingBatch, plan_waves
 from streamer.features import denormalize, normalize_sequences_with_stats, time_features
 from streamer.model import Normalization
-from tests.conftest import DEVICES, make_bundle
+from tests.conftest import CUDA, DEVICES, make_bundle
 from tests.test_kernels import interpreted_kernels
 
 
@@ -194,6 +194,29 @@ def test_padded_waves_change_no_device_and_no_result(device: str):
                                    msg=f"table rows differ after batch {k}")
         buckets |= {key[0] for key in padded._padded}
     assert evicted > 0 and buckets >= {64, 256}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [GRAPH_MAX_ROWS // 2 + 1, GRAPH_MAX_ROWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_largest_graph_buckets_on_cuda_give_the_results_of_plain_launches(rows: int, dtype: torch.dtype):
+    # The largest buckets, under both state dtypes, over a table that reuses GPU memory freed by
+    # an earlier engine (uninitialised memory must never be read): finite, and as plain launches.
+    bundle = make_bundle(input_size=1, hidden_size=64, num_layers=2, seed=7)
+    Engine.build(bundle, capacity=4 * rows, device="cuda").table.rows.fill_(float("nan"))  # freed: garbage for the next
+    engines = [Engine.build(bundle, capacity=2 * rows, device="cuda", state_dtype=dtype, cuda_graphs=graphs)
+               for graphs in (False, True)]
+    rng = np.random.default_rng(1)
+    for k in range(3):
+        ids = [f"d{i}" for i in rng.permutation(2 * rows)[:rows]]
+        batch = ReadingBatch(ids, np.full(rows, 1.7e9 + k), rng.normal(size=(rows, 1)).astype(np.float32))
+        plain, graphed = (engine.step(batch, now=float(k))[0] for engine in engines)
+        for name in ("forecast", "anomaly_score", "residual"):
+            want, got = getattr(plain, name), getattr(graphed, name)
+            assert np.isfinite(want).all() and np.isfinite(got).all(), (name, k)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f"{name}, batch {k}")
+    assert engines[1]._padded and not engines[0]._padded
 
 
 def test_a_step_that_cannot_be_captured_is_served_as_it_is_and_said_once(monkeypatch, caplog):

@@ -125,6 +125,32 @@ def test_streamed_steps_equal_the_offline_lstm_and_bfloat16_stays_within_its_bou
         assert err > 1e-5, (name, "bfloat16 state should not be bitwise float32")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_fast_math_kernel_on_cuda_stays_within_the_bfloat16_bound():
+    # tanh.approx.f32 for the gates (inline PTX: compiled for CUDA only), same bound as bfloat16 state.
+    model = _model((2, 32, 2, 2), seed=4)
+    x_seq = torch.randn(16, STREAM_STEPS, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        offline = model.fc(model.lstm(x_seq)[0])
+    cuda = torch.device("cuda")
+    fast = streamer.kernels.TritonLstmStep(model, cuda, torch.bfloat16, fast_math=True)
+    exact = streamer.kernels.TritonLstmStep(model, cuda, torch.bfloat16)
+    got = _stream(fast, x_seq, 2, 32, torch.bfloat16, "cuda")
+    err = (got - offline).abs().max().item()
+    assert err <= BF16_FORECAST_ATOL, err
+    assert not torch.equal(got, _stream(exact, x_seq, 2, 32, torch.bfloat16, "cuda")), "fast math had no effect"
+
+
+def test_fast_math_is_refused_off_cuda_and_for_float32_state():
+    if streamer.kernels.triton is None:
+        pytest.skip("no Triton in this torch build")
+    model = _model((1, 8, 1, 1))
+    for device, dtype in (("cpu", torch.bfloat16), ("cuda", torch.float32)):
+        with pytest.raises(ValueError, match="fast_math is for bfloat16 state on CUDA"):
+            streamer.kernels.TritonLstmStep(model, torch.device(device), dtype, fast_math=True)
+
+
 def test_cpu_step_of_a_device_does_not_depend_on_its_batch():
     """MKL sums small batches differently; the step pads them, so a device's result is bitwise the
     same alone or among others (replay and live then agree exactly)."""
