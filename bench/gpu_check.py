@@ -41,6 +41,7 @@ B = 131072
 LAYERS = 2
 TESTS_TIMEOUT_S = 200
 DEVICE = torch.device("cuda")  # the CPU under --dry-run
+DEADLINE = float("inf")  # of the kernel sweep (time.monotonic())
 
 
 def card() -> str:
@@ -51,8 +52,10 @@ def emit(**figure: object) -> None:
     print(json.dumps(figure), flush=True)
 
 
-def cuda_seconds(fn, min_seconds: float = 0.5, min_runs: int = 5) -> float:
-    """Median seconds per call of fn() on the current stream (CUDA events), after a warm-up."""
+def cuda_seconds(fn, min_seconds: float = 0.3, min_runs: int = 5, queued: int = 20) -> float:
+    """Median seconds per call of fn() on the current stream (CUDA events), after a warm-up, over
+    runs of ``queued`` calls back to back: the GPU's time per call, the host's launch overhead
+    hidden behind the calls before it (as in a stream of steps), not added to each."""
     fn()
     if DEVICE.type != "cuda":
         started = time.perf_counter()
@@ -64,10 +67,11 @@ def cuda_seconds(fn, min_seconds: float = 0.5, min_runs: int = 5) -> float:
     while len(times) < min_runs or time.perf_counter() - started < min_seconds:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        fn()
+        for _ in range(queued):
+            fn()
         end.record()
         end.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3)
+        times.append(begin.elapsed_time(end) / 1e3 / queued)
     return float(np.median(times))
 
 
@@ -82,19 +86,25 @@ def bench_steps(hidden: int, quick: bool) -> None:
     x = torch.randn(B, 1, device=device, generator=gen)
     lh = LAYERS * hidden
     base = dict(card=card(), batch=B, hidden=hidden, layers=LAYERS)
-    # Fused kernel: (dtype, block_b, num_warps, fast_math) variants; the first of each dtype is the default.
+    # Fused kernel: (dtype, block_b, num_warps, fast_math, col_chunks); the first of each dtype is the default.
     fast = DEVICE.type == "cuda"  # fast_math is inline PTX: CUDA only
-    variants = [(torch.float32, 64, 4, False), (torch.bfloat16, 64, 4, False)] + [(torch.bfloat16, 64, 4, True)] * fast
+    variants = [(torch.float32, 64, 4, False, 1), (torch.bfloat16, 64, 4, False, 1)]
     if not quick:
-        f32 = [(32, 4), (16, 2)] if hidden > 64 else [(32, 2), (32, 4)]
-        bf16 = [(16, 1), (32, 1), (32, 2), (32, 4), (64, 8), (128, 8)] if hidden <= 64 else [(32, 2), (32, 4), (64, 8)]
-        variants += [(torch.float32, b, w, False) for b, w in f32]
-        variants += [(torch.bfloat16, b, w, f) for b, w in bf16 for f in (False, True)[: 1 + fast]]
-    for dtype, block_b, warps, fast_math in variants:
+        chunk_counts = (2, 4) if hidden >= 64 else (2,)
+        variants += [(torch.float32, 64, 4, False, chunk_counts[-1])]
+        variants += [(torch.bfloat16, 64, 4, f, c) for f in (False, True)[: 1 + fast] for c in (1, *chunk_counts)][1:]
+        variants += [(torch.bfloat16, 128, 8, fast, c) for c in (1, 2)]
+        variants += [(torch.bfloat16, 32, 2, fast, 2)] if hidden <= 64 else []
+    for dtype, block_b, warps, fast_math, chunks in variants:
+        config = dict(state_dtype=str(dtype).removeprefix("torch."), block_b=block_b, num_warps=warps,
+                      fast_math=fast_math, col_chunks=chunks)
+        if time.monotonic() > DEADLINE:
+            emit(figure="gpu_fused_step", skipped="past --sweep-s", **config, **base)
+            continue
         lead = torch.zeros(capacity, 2 * lh, device=device, dtype=dtype)
-        config = dict(state_dtype=str(dtype).removeprefix("torch."), block_b=block_b, num_warps=warps, fast_math=fast_math)
         try:
-            step = TritonLstmStep(cpu_model, device, dtype, block_b=block_b, num_warps=warps, fast_math=fast_math)
+            step = TritonLstmStep(cpu_model, device, dtype, block_b=block_b, num_warps=warps, fast_math=fast_math,
+                                  col_chunks=chunks)
             seconds = cuda_seconds(lambda: step(x, slots, None, lead))
         except Exception as exc:  # a variant that does not compile on this card is reported, not fatal
             emit(figure="gpu_fused_step", error=f"{type(exc).__name__}: {str(exc)[:300]}", **config, **base)
@@ -297,7 +307,11 @@ def main() -> int:
     parser.add_argument("--no-tests", action="store_true", help="skip the equivalence tests")
     parser.add_argument("--dry-run", action="store_true", help="every figure's code on the CPU, small (see above)")
     parser.add_argument("--ncu-target", action="store_true", help="two kernel launches to profile under ncu, nothing else")
+    parser.add_argument("--sweep-s", type=float, default=None, help="stop trying kernel variants after this long")
     args = parser.parse_args()
+    global DEADLINE
+    if args.sweep_s is not None:
+        DEADLINE = time.monotonic() + args.sweep_s
     if args.ncu_target:
         ncu_target()
         return 0
@@ -318,10 +332,12 @@ def main() -> int:
     emit(figure="machine", card=props.name, memory_gib=round(props.total_memory / 2**30, 1),
          capability=f"{props.major}.{props.minor}", torch=torch.__version__, triton=triton.__version__,
          cpus=os.cpu_count())
+    bench_engine(64)
+    if args.sweep_s is not None:
+        DEADLINE = time.monotonic() + args.sweep_s
     for hidden in (64,) if args.quick else (64, 128):
         bench_steps(hidden, args.quick)
         torch.cuda.empty_cache()
-    bench_engine(64)
     if not args.no_tests:
         run_tests()
     return 0
