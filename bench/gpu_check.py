@@ -86,25 +86,21 @@ def bench_steps(hidden: int, quick: bool) -> None:
     x = torch.randn(B, 1, device=device, generator=gen)
     lh = LAYERS * hidden
     base = dict(card=card(), batch=B, hidden=hidden, layers=LAYERS)
-    # Fused kernel: (dtype, block_b, num_warps, fast_math, col_chunks); the first of each dtype is the default.
-    fast = DEVICE.type == "cuda"  # fast_math is inline PTX: CUDA only
-    variants = [(torch.float32, 64, 4, False, 1), (torch.bfloat16, 64, 4, False, 1)]
+    # Fused kernel: (dtype, block_b, num_warps, fast_math); the first of each dtype is the default
+    # (fast_math None: on for bfloat16 on CUDA, streamer.kernels.FAST_MATH_BY_DEFAULT).
+    variants = [(torch.float32, 64, 4, None), (torch.bfloat16, 64, 4, None)]
     if not quick:
-        chunk_counts = (2, 4) if hidden >= 64 else (2,)
-        variants += [(torch.float32, 64, 4, False, chunk_counts[-1])]
-        variants += [(torch.bfloat16, 64, 4, f, c) for f in (False, True)[: 1 + fast] for c in (1, *chunk_counts)][1:]
-        variants += [(torch.bfloat16, 128, 8, fast, c) for c in (1, 2)]
-        variants += [(torch.bfloat16, 32, 2, fast, 2)] if hidden <= 64 else []
-    for dtype, block_b, warps, fast_math, chunks in variants:
-        config = dict(state_dtype=str(dtype).removeprefix("torch."), block_b=block_b, num_warps=warps,
-                      fast_math=fast_math, col_chunks=chunks)
+        variants += [(torch.bfloat16, 64, 4, False)] * (DEVICE.type == "cuda")
+        variants += [(torch.bfloat16, b, w, None) for b, w in ((128, 8), (32, 2), (16, 1))]
+    for dtype, block_b, warps, fast_math in variants:
+        config = dict(state_dtype=str(dtype).removeprefix("torch."), block_b=block_b, num_warps=warps)
         if time.monotonic() > DEADLINE:
             emit(figure="gpu_fused_step", skipped="past --sweep-s", **config, **base)
             continue
         lead = torch.zeros(capacity, 2 * lh, device=device, dtype=dtype)
         try:
-            step = TritonLstmStep(cpu_model, device, dtype, block_b=block_b, num_warps=warps, fast_math=fast_math,
-                                  col_chunks=chunks)
+            step = TritonLstmStep(cpu_model, device, dtype, block_b=block_b, num_warps=warps, fast_math=fast_math)
+            config["fast_math"] = step.fast_math
             seconds = cuda_seconds(lambda: step(x, slots, None, lead))
         except Exception as exc:  # a variant that does not compile on this card is reported, not fatal
             emit(figure="gpu_fused_step", error=f"{type(exc).__name__}: {str(exc)[:300]}", **config, **base)

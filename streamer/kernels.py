@@ -20,7 +20,8 @@ update run in float32 either way; under bfloat16 both steps also feed the projec
 operands (x, h and weights rounded to bfloat16, float32 accumulation). The bound the tests hold
 (tests/test_kernels.py, ``BF16_FORECAST_ATOL``): forecasts within 5e-3 absolute of the float32
 offline model over 100 steps (unit-normal inputs, H=32, L=2; measured 4e-4 for the torch step,
-8e-4 for the kernel); the engine's forecasts under bfloat16 state stay within the same bound of
+8e-4 for the kernel; on CUDA the kernel's gates come from tanh.approx.f32 under bfloat16 state,
+``fast_math``, within the same bound); the engine's forecasts under bfloat16 state stay within the same bound of
 its float32 ones. Float32 state keeps 1e-5 (the offline nn.LSTM, tests/test_engine.py).
 
 The h/c block of a row: h of layer l at columns [l H, (l + 1) H), c of layer l at
@@ -42,6 +43,10 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BLOCK_B = 64  # devices per Triton program
+# bfloat16 state on CUDA: gates from tanh.approx.f32 unless asked otherwise. On an H200 (H=64, L=2,
+# B=131072, bench/gpu_check.py) 1.28e9 device-steps/s against 0.97e9 with exp and division; the
+# forecasts stay within the bfloat16 bound (tests/test_kernels.py, on CUDA).
+FAST_MATH_BY_DEFAULT = True
 MIN_GEMM_ROWS = 8
 
 
@@ -199,28 +204,21 @@ class TritonLstmStep(LstmStep):
         block_b: int = BLOCK_B,
         num_warps: int = 4,
         dot_precision: str = "tf32x3",
-        fast_math: bool = False,
-        col_chunks: int = 1,
+        fast_math: bool | None = None,
     ):
         """dot_precision: of float32 tl.dot (float32 state): "tf32x3" (three TF32 products,
         float32 accuracy on tensor cores) or "ieee" (plain FMA: slower, and slow to compile).
         fast_math: sigmoid and tanh from the GPU's tanh.approx.f32 (one special-function
         instruction instead of exp and a division; relative error about 2**-11), for bfloat16
         state only (float32 state keeps its 1e-5 bound), compiled for CUDA only (inline PTX,
-        which Triton's interpreter cannot run).
-        col_chunks: each layer's gates and cell computed over this many column chunks of H
-        (each at least 16 wide), h' and c' stored chunk by chunk and the layer's h' read back
-        for the next layer: fewer registers live per thread (more programs resident per SM),
-        the same sums."""
+        which Triton's interpreter cannot run). None: on wherever it may be (FAST_MATH_BY_DEFAULT).
+        """
         if triton is None:
             raise RuntimeError("the fused LSTM step needs Triton, which this torch build lacks")
-        if fast_math and (dtype != torch.bfloat16 or device.type != "cuda"):
+        allowed = dtype == torch.bfloat16 and device.type == "cuda"
+        if fast_math and not allowed:
             raise ValueError("fast_math is for bfloat16 state on CUDA")
-        self.fast_math = fast_math
-        hp_of = _next_pow2(model.lstm.hidden_size)
-        if col_chunks < 1 or hp_of % col_chunks or hp_of // col_chunks < 16:
-            raise ValueError(f"col_chunks {col_chunks}: must split {hp_of} columns into chunks of at least 16")
-        self.col_chunks = col_chunks
+        self.fast_math = FAST_MATH_BY_DEFAULT and allowed if fast_math is None else fast_math
         w, b, head_w, head_b = _lstm_weights(model)
         self.num_layers = lay = model.lstm.num_layers
         self.hidden_size = hs = model.lstm.hidden_size
@@ -275,7 +273,7 @@ class TritonLstmStep(LstmStep):
             IN=self.input_size, INP=self.inp, H=self.hidden_size, HP=self.hp, L=self.num_layers,
             F=self.output_size, FP=self.fp, BLOCK_B=self.block_b,
             DOT_BF16=self.state_dtype == torch.bfloat16, UPCAST=x.device.type != "cuda", PREC=self.dot_precision,
-            FAST=self.fast_math, CHUNKS=self.col_chunks, num_warps=self.num_warps,
+            FAST=self.fast_math, num_warps=self.num_warps,
         )
         return out
 
@@ -284,12 +282,11 @@ if triton is not None:
 
     @triton.jit
     def _gates(inp, h, wx_ptr, wh_ptr, b_ptr, K: tl.constexpr, HP: tl.constexpr, G: tl.constexpr,
-               UPCAST: tl.constexpr, PREC: tl.constexpr, COL0: tl.constexpr = 0, N: tl.constexpr = 0):
-        """Pre-activation of gate G: inp (B, K) @ wx[:, G] + h (B, HP) @ wh[:, G] + b[G], float32,
-        over the gate's columns [COL0, COL0 + N) (N = 0: all HP of them).
+               UPCAST: tl.constexpr, PREC: tl.constexpr):
+        """Pre-activation of gate G: inp (B, K) @ wx[:, G] + h (B, HP) @ wh[:, G] + b[G], float32.
         UPCAST: operands widened to float32 first (exact for bfloat16; the interpreter's bfloat16
         dot is wrong)."""
-        n = COL0 + tl.arange(0, HP if N == 0 else N)
+        n = tl.arange(0, HP)
         k = tl.arange(0, K)
         kh = tl.arange(0, HP)
         wx = tl.load(wx_ptr + k[:, None] * (4 * HP) + G * HP + n[None, :])
@@ -339,42 +336,12 @@ if triton is not None:
         return h_new
 
     @triton.jit
-    def _cell_chunked(inp, base, live, wx_ptr, wh_ptr, b_ptr, LAYER: tl.constexpr, K: tl.constexpr,
-                      H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr, DOT_BF16: tl.constexpr,
-                      UPCAST: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, CHUNKS: tl.constexpr):
-        """_cell over CHUNKS column chunks: h is read whole (the dots need all of it), c, the gates,
-        h' and c' a chunk at a time; h' is read back whole, as stored, once every chunk is."""
-        kh = tl.arange(0, HP)
-        hmask = live[:, None] & (kh[None, :] < H)
-        h = tl.load(base + LAYER * H + kh[None, :], mask=hmask, other=0.0)
-        if DOT_BF16:
-            h = h.to(tl.bfloat16)
-        else:
-            h = h.to(tl.float32)
-        tl.debug_barrier()  # every thread holds its part of h before any chunk of h' overwrites it
-        HC: tl.constexpr = HP // CHUNKS
-        for j in tl.static_range(CHUNKS):
-            kc = j * HC + tl.arange(0, HC)
-            cmask = live[:, None] & (kc[None, :] < H)
-            c = tl.load(base + (L + LAYER) * H + kc[None, :], mask=cmask, other=0.0).to(tl.float32)
-            f = _sigmoid(_gates(inp, h, wx_ptr, wh_ptr, b_ptr, K, HP, 1, UPCAST, PREC, j * HC, HC), FAST)
-            c_new = f * c
-            i = _sigmoid(_gates(inp, h, wx_ptr, wh_ptr, b_ptr, K, HP, 0, UPCAST, PREC, j * HC, HC), FAST)
-            c_new += i * _tanh(_gates(inp, h, wx_ptr, wh_ptr, b_ptr, K, HP, 2, UPCAST, PREC, j * HC, HC), FAST)
-            o = _sigmoid(_gates(inp, h, wx_ptr, wh_ptr, b_ptr, K, HP, 3, UPCAST, PREC, j * HC, HC), FAST)
-            h_new = o * _tanh(c_new, FAST)
-            tl.store(base + LAYER * H + kc[None, :], h_new.to(base.dtype.element_ty), mask=cmask)
-            tl.store(base + (L + LAYER) * H + kc[None, :], c_new.to(base.dtype.element_ty), mask=cmask)
-        tl.debug_barrier()  # every chunk of h' stored before it is read back
-        return tl.load(base + LAYER * H + kh[None, :], mask=hmask, other=0.0).to(tl.float32)
-
-    @triton.jit
     def _lstm_rows_kernel(
         x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
         n_rows, hc_stride,
         IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
         F: tl.constexpr, FP: tl.constexpr, BLOCK_B: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
-        PREC: tl.constexpr, FAST: tl.constexpr, CHUNKS: tl.constexpr,
+        PREC: tl.constexpr, FAST: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         live = r < n_rows
@@ -386,22 +353,14 @@ if triton is not None:
         inp = tl.load(x_ptr + r[:, None] * IN + kin[None, :], mask=live[:, None] & (kin[None, :] < IN), other=0.0)
         if DOT_BF16:
             inp = inp.to(tl.bfloat16)
-        if CHUNKS == 1:
-            h = _cell(inp, base, hmask, w_in0_ptr, w_h_ptr, b_ptr, 0, INP, H, HP, L, DOT_BF16, UPCAST, PREC, FAST)
-        else:
-            h = _cell_chunked(inp, base, live, w_in0_ptr, w_h_ptr, b_ptr, 0, INP, H, HP, L, DOT_BF16, UPCAST, PREC,
-                              FAST, CHUNKS)
+        h = _cell(inp, base, hmask, w_in0_ptr, w_h_ptr, b_ptr, 0, INP, H, HP, L, DOT_BF16, UPCAST, PREC, FAST)
         for layer in tl.static_range(1, L):
             if DOT_BF16:
                 h_in = h.to(tl.bfloat16)
             else:
                 h_in = h
-            wx_l, wh_l, b_l = w_x_ptr + (layer - 1) * HP * 4 * HP, w_h_ptr + layer * HP * 4 * HP, b_ptr + layer * 4 * HP
-            if CHUNKS == 1:
-                h = _cell(h_in, base, hmask, wx_l, wh_l, b_l, layer, HP, H, HP, L, DOT_BF16, UPCAST, PREC, FAST)
-            else:
-                h = _cell_chunked(h_in, base, live, wx_l, wh_l, b_l, layer, HP, H, HP, L, DOT_BF16, UPCAST, PREC,
-                                  FAST, CHUNKS)
+            h = _cell(h_in, base, hmask, w_x_ptr + (layer - 1) * HP * 4 * HP, w_h_ptr + layer * HP * 4 * HP,
+                      b_ptr + layer * 4 * HP, layer, HP, H, HP, L, DOT_BF16, UPCAST, PREC, FAST)
         if DOT_BF16:
             h = h.to(tl.bfloat16)
         kf = tl.arange(0, FP)

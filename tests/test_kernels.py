@@ -125,46 +125,6 @@ def test_streamed_steps_equal_the_offline_lstm_and_bfloat16_stays_within_its_bou
         assert err > 1e-5, (name, "bfloat16 state should not be bitwise float32")
 
 
-@pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize(("hidden", "chunks"), [(64, 2), (64, 4), (24, 2)])
-def test_column_chunked_kernel_steps_as_the_whole_one(interpreted, device, hidden, chunks):
-    # The kernel's cell over column chunks of H (h' and c' stored chunk by chunk, h' read back
-    # for the next layer): one float32 step as StepWeights, other rows untouched; bfloat16 state
-    # streamed within its bound of the offline model.
-    kernels = interpreted if device == "cpu" else streamer.kernels
-    model = _model((2, hidden, 2, 2), seed=3)
-    ref = StepWeights(model, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    lh = 2 * hidden
-    table = torch.randn(150, 2 * lh + 5, generator=gen) * 0.5
-    slots = torch.randperm(150, generator=gen)[:97]
-    x = torch.randn(97, 2, generator=gen)
-    out_ref, h_ref, c_ref = ref.step(x, table[slots, :lh].view(97, 2, hidden), table[slots, lh : 2 * lh].view(97, 2, hidden))
-    rows = table.clone().to(device)
-    on = slots.to(device)
-    out = kernels.TritonLstmStep(model, torch.device(device), col_chunks=chunks)(x.to(device), on, None, rows[:, : 2 * lh])
-    got = rows.cpu()
-    torch.testing.assert_close(out.cpu(), out_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got[slots, :lh].view(97, 2, hidden), h_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got[slots, lh : 2 * lh].view(97, 2, hidden), c_ref, atol=1e-6, rtol=0)
-    others = torch.ones(150, dtype=torch.bool)
-    others[slots] = False
-    assert torch.equal(got[others], table[others]) and torch.equal(got[slots, 2 * lh :], table[slots, 2 * lh :])
-    x_seq = torch.randn(8, 40 if device == "cpu" else STREAM_STEPS, 2, generator=gen)
-    with torch.no_grad():
-        offline = model.fc(model.lstm(x_seq)[0])
-    step = kernels.TritonLstmStep(model, torch.device(device), torch.bfloat16, col_chunks=chunks)
-    err = (_stream(step, x_seq, 2, hidden, torch.bfloat16, device) - offline).abs().max().item()
-    assert err <= BF16_FORECAST_ATOL, err
-
-
-def test_column_chunks_narrower_than_16_are_refused():
-    if streamer.kernels.triton is None:
-        pytest.skip("no Triton in this torch build")
-    with pytest.raises(ValueError, match="col_chunks 4: must split 32 columns into chunks of at least 16"):
-        streamer.kernels.TritonLstmStep(_model((1, 24, 1, 1)), torch.device("cpu"), col_chunks=4)
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_fast_math_kernel_on_cuda_stays_within_the_bfloat16_bound():
@@ -175,7 +135,8 @@ def test_fast_math_kernel_on_cuda_stays_within_the_bfloat16_bound():
         offline = model.fc(model.lstm(x_seq)[0])
     cuda = torch.device("cuda")
     fast = streamer.kernels.TritonLstmStep(model, cuda, torch.bfloat16, fast_math=True)
-    exact = streamer.kernels.TritonLstmStep(model, cuda, torch.bfloat16)
+    exact = streamer.kernels.TritonLstmStep(model, cuda, torch.bfloat16, fast_math=False)
+    assert streamer.kernels.TritonLstmStep(model, cuda, torch.bfloat16).fast_math  # the default there
     got = _stream(fast, x_seq, 2, 32, torch.bfloat16, "cuda")
     err = (got - offline).abs().max().item()
     assert err <= BF16_FORECAST_ATOL, err
@@ -189,6 +150,8 @@ def test_fast_math_is_refused_off_cuda_and_for_float32_state():
     for device, dtype in (("cpu", torch.bfloat16), ("cuda", torch.float32)):
         with pytest.raises(ValueError, match="fast_math is for bfloat16 state on CUDA"):
             streamer.kernels.TritonLstmStep(model, torch.device(device), dtype, fast_math=True)
+    # By default it is on only where it may be: the CPU (Triton's interpreter) keeps exp and division.
+    assert not streamer.kernels.TritonLstmStep(model, torch.device("cpu"), torch.bfloat16).fast_math
 
 
 def test_cpu_step_of_a_device_does_not_depend_on_its_batch():
