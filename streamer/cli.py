@@ -350,6 +350,9 @@ def _check_config(args: argparse.Namespace) -> int:
     # What `run` checks before connecting to Kafka, but creating nothing; the metrics host alone
     # (any free port), so that a check beside the running service does not find its port taken.
     if not args.settings_only:
+        from streamer.engine import resolve_device
+
+        resolve_device(settings.model.device)
         if settings.model.path is not None:
             from streamer.model import load_model_file
 

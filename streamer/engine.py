@@ -226,6 +226,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise StreamerError(f"device {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise StreamerError(f"device {name!r} asked for, but this host has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -443,6 +443,28 @@ def test_check_config_refuses_what_run_refuses_before_connecting(model_file: Pat
         busy.close()
 
 
+def test_a_cuda_device_the_host_lacks_is_one_line_in_check_config_and_run(model_file: Path, capsys, monkeypatch,
+                                                                          no_signal_handlers):
+    import torch
+
+    from streamer.engine import resolve_device
+    from streamer.errors import StreamerError
+
+    missing = "cuda:99" if torch.cuda.is_available() else "cuda"
+    says = "this host has" if torch.cuda.is_available() else "CUDA is not available here"
+    base = ["--model-path", str(model_file), "--metrics-enabled", "false", "--model-device", missing]
+    assert main(["check-config", *base]) == 2
+    assert f"device {missing!r} asked for, but {says}" in one_line_error(capsys)
+    assert main(["run", *base, "--kafka-bootstrap-servers", "127.0.0.1:1", "--checkpoint-enabled", "false"]) == 2
+    assert f"device {missing!r} asked for, but {says}" in one_line_error(capsys)
+    # A GPU index past those the host has, as on a one-GPU host.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(StreamerError, match=r"device 'cuda:1' asked for, but this host has 1 CUDA device\(s\)"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
 def test_a_model_file_of_the_wrong_shape_or_with_nan_weights_is_one_line(model_file: Path, tmp_path: Path, capsys):
     import torch
 
