@@ -47,8 +47,10 @@ from streamer.records import (
     CONTENT_TYPE_HEADER,
     BatchSpan,
     DeadLetter,
+    DeadLetterReason,
     DecodedBatch,
     ReadingDecoder,
+    SourcePosition,
     encode_arrow_predictions,
     encode_predictions,
 )
@@ -134,10 +136,14 @@ class Pipeline:
         health: Health | None = None,
         store: CheckpointStore | None = None,
         producer_factory: Callable[[], Producer] | None = None,
+        dead_letter_max_bytes: int | None = None,
     ) -> None:
         """``producer_factory`` makes a replacement for a transactional producer that got stuck
-        (exactly-once mode); without it such a producer stops the loop."""
+        (exactly-once mode); without it such a producer stops the loop. ``dead_letter_max_bytes``:
+        the dead-letter topic's max.message.bytes, where known: dead letters are cut to fit it and
+        kafka.max_message_bytes (DeadLetter.kafka_record)."""
         self.settings = settings
+        self.dead_letter_max_bytes = min(settings.kafka.max_message_bytes, dead_letter_max_bytes or settings.kafka.max_message_bytes)
         self.producer_factory = producer_factory
         self.engine = engine
         self.consumer = consumer
@@ -318,6 +324,12 @@ class Pipeline:
         with self.partitions.lock:
             plan = self.partitions.plan(next_offsets, _readings_per_partition(decoded, next_offsets))
             predictions, report = self._step(decoded.readings)
+            # A forecast, score or residual that is NaN or infinite cannot be published (JSON has
+            # neither); its device's state may hold them too: the device starts afresh.
+            refused = _not_finite(predictions)
+            if refused.any():
+                for device_id in dict.fromkeys(predictions.device_ids[i] for i in np.flatnonzero(refused)):
+                    self.engine.table.evict(device_id)
             self.partitions.applied(plan)
         # Readings below a recovering partition's committed offset were published before.
         replay = np.fromiter(
@@ -326,8 +338,14 @@ class Pipeline:
             count=len(decoded.positions),
         ) if plan.replay_until else np.zeros(len(decoded.positions), dtype=bool)
         letters = [d for d in decoded.dead_letters if not plan.replayed(d.source.topic, d.source.partition, d.source.offset)]
-        published = _select(predictions, ~replay) if replay.any() else predictions
-        spans = _published_spans(decoded.batch_spans, replay) if self.arrow_output and decoded.batch_spans else []
+        if refused.any():
+            refused = _whole_messages(refused & ~replay, decoded.batch_spans)
+            letters += _not_finite_letters(records, decoded, predictions, refused)
+        hidden = replay | refused
+        published = _select(predictions, ~hidden) if hidden.any() else predictions
+        spans = [] if not self.arrow_output else [
+            span for span, hide in _published_spans(decoded.batch_spans, hidden)
+            if not hide and not plan.replayed(span.position.topic, span.position.partition, span.position.offset)]
         batch = Unsettled(plan, report, len(published), int(replay.sum()), Tally(letter.reason.value for letter in letters),
                           published.ts, started)
         # 4-6. Produce predictions and dead letters; once the broker has them, commit offsets,
@@ -459,9 +477,8 @@ class Pipeline:
             for value in encode_arrow_predictions(_rows(predictions, span.start, span.stop), version):
                 produce(kafka.output_topic, span.key, value, ARROW_HEADERS)
         for letter in letters:
-            # Kafka clients cannot send a message without key and value: keep an empty value.
-            value = letter.value if letter.value is not None or letter.key is not None else b""
-            produce(kafka.dead_letter_topic, letter.key, value, letter.kafka_headers())
+            key, value, headers = letter.kafka_record(self.dead_letter_max_bytes)
+            produce(kafka.dead_letter_topic, key, value, headers)
 
     def _flush(self) -> bool:
         """producer.flush(), a second at a time: while the broker is away the loop stays live, probes
@@ -846,14 +863,56 @@ def _rows(predictions: PredictionBatch, start: int, stop: int) -> PredictionBatc
     )
 
 
-def _published_spans(spans: list[BatchSpan], replay: np.ndarray) -> list[BatchSpan]:
-    """The batch messages' spans among the published predictions: a message's rows share its
-    offset, so they are replayed all or none."""
-    if not replay.any():
-        return spans
-    before = np.concatenate([[0], np.cumsum(replay)])  # replayed readings before each index
-    return [span._replace(start=span.start - int(before[span.start]), stop=span.stop - int(before[span.stop]))
-            for span in spans if not replay[span.start]]
+def _published_spans(spans: list[BatchSpan], hidden: np.ndarray) -> list[tuple[BatchSpan, bool]]:
+    """The batch messages' spans among the published predictions (the rows not ``hidden``), and
+    whether each is hidden: a message's rows are replayed, or refused, all or none. A message of no
+    rows is never hidden by its rows (its position says whether it is replayed)."""
+    if not hidden.any():
+        return [(span, False) for span in spans]
+    before = np.concatenate([[0], np.cumsum(hidden)])  # hidden readings before each index
+    return [(span._replace(start=span.start - int(before[span.start]), stop=span.stop - int(before[span.stop])),
+             span.stop > span.start and bool(hidden[span.start])) for span in spans]
+
+
+def _not_finite(predictions: PredictionBatch) -> np.ndarray:
+    """(n,) bool: readings whose forecast, anomaly score or residual is NaN or infinite."""
+    forecast = np.isfinite(predictions.forecast).reshape(len(predictions), -1).all(axis=1)
+    return ~(forecast & np.isfinite(predictions.anomaly_score) & np.isfinite(predictions.residual))
+
+
+def _whole_messages(refused: np.ndarray, spans: list[BatchSpan]) -> np.ndarray:
+    """``refused`` widened to every row of a batch message one of whose rows it holds."""
+    for span in spans:
+        if refused[span.start : span.stop].any():
+            refused[span.start : span.stop] = True
+    return refused
+
+
+def _not_finite_letters(
+    records: list[Message], decoded: DecodedBatch, predictions: PredictionBatch, refused: np.ndarray
+) -> list[DeadLetter]:
+    """One dead letter per message with a refused reading (prediction_not_finite), the message as read."""
+    first: dict[SourcePosition, int] = {}
+    bad = _not_finite(predictions)
+    for i in np.flatnonzero(refused).tolist():
+        position = decoded.positions[i]
+        if position not in first or (bad[i] and not bad[first[position]]):
+            first[position] = i  # the message's first reading whose prediction is not finite
+    letters = []
+    for message in records:
+        position = SourcePosition(message.topic, message.partition, message.offset)
+        i = first.get(position)
+        if i is None:
+            continue
+        what = [name for name, column in (("forecast", predictions.forecast), ("anomaly_score", predictions.anomaly_score),
+                                          ("residual", predictions.residual))
+                if not np.isfinite(column[i]).all()]
+        detail = (f"{' and '.join(what)} of device {predictions.device_ids[i][:64]!r} not finite after this reading"
+                  f" (the model's output overflowed); the device starts afresh")
+        headers = [(k, v if v is not None else b"") for k, v in (message.headers or [])]
+        letters.append(DeadLetter(DeadLetterReason.PREDICTION_NOT_FINITE, detail, message.key, message.value, headers,
+                                  position))
+    return letters
 
 
 def _select(predictions: PredictionBatch, mask: np.ndarray) -> PredictionBatch:

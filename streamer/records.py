@@ -4,8 +4,9 @@ Two input formats, told apart by the message's ``content-type`` header:
 
 JSON (no such header, or any other value): one reading per message, value
 ``{"device_id": str, "ts": epoch seconds | ISO-8601, "values": [float, ...]}`` with key = device
-id; values and ts must be finite, values as float32 (the model's dtype), ts a number or an
-ISO-8601 string (naive = UTC), never a boolean. Unknown extra fields are ignored. Decoded by
+id; values and ts must be finite, values as float32 (the model's dtype) and within ±1e18
+(MAX_ABS_VALUE; beyond it: out_of_range), ts a number or an ISO-8601 string (naive = UTC), never
+a boolean. Unknown extra fields are ignored. Decoded by
 msgspec into a typed struct; a message msgspec refuses, or one the fast path cannot vouch for
 (over FAST_PATH_MAX_BYTES, possibly nested deeper than the old parser allowed, not UTF-8), is
 read again by jiter (pydantic-core's JSON parser, the one the pydantic decoder used) and checked
@@ -21,10 +22,12 @@ key names the sender (a gateway id), not a device: it must be present and stable
 picks the partition and a device's state belongs to the partition its readings arrive on, so a
 device must always be sent by the same key. A message is all or nothing: one bad row
 dead-letters the whole message (one message, one dead letter, its detail naming the column,
-the first bad row and how many rows are bad); checks in this order: readable Arrow stream
-(not_arrow), columns and types (invalid_schema; a list size other than the model's input
-size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf in ts or values
-(non_finite), key present (key_mismatch). Every reading of a message shares its SourcePosition.
+the first bad row and how many rows are bad); checks in this order: one readable Arrow stream,
+nothing after it (not_arrow), columns and types (invalid_schema; a list size other than the
+model's input size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf in
+ts or values (non_finite), values beyond ±1e18 (out_of_range), key present (key_mismatch). A
+message of no rows gives no predictions: one empty output batch message back under
+kafka.batch_output = "arrow", nothing as JSON. Every reading of a message shares its SourcePosition.
 
 Output value (JSON): {"device_id", "ts" (epoch seconds), "forecast", "anomaly_score",
 "is_anomaly", "residual", "model_version"}, floats written shortest-round-trip (they read back
@@ -40,6 +43,7 @@ model_version (dictionary<int8, string>); the same fields and values as the JSON
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +60,9 @@ from streamer.engine import PredictionBatch, ReadingBatch
 
 MAX_DEVICE_ID_LENGTH = 256
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Readings beyond this magnitude are refused (out_of_range): squared in float32 (a device's
+# normalisation, residuals), values past about 1.8e19 overflow to inf, and the forecasts with them.
+MAX_ABS_VALUE = 1e18
 CONTENT_TYPE_HEADER = "content-type"
 ARROW_CONTENT_TYPE = b"application/vnd.apache.arrow.stream"
 # The fast path vouches only for messages the old parser (jiter) surely reads the same way:
@@ -73,6 +80,10 @@ class DeadLetterReason(StrEnum):
     NON_FINITE = "non_finite"
     KEY_MISMATCH = "key_mismatch"
     NOT_ARROW = "not_arrow"  # a batch message that is not a readable Arrow IPC stream
+    OUT_OF_RANGE = "out_of_range"  # a value beyond ±MAX_ABS_VALUE
+    # Refused after the step (never by the decoder): the model gave a forecast, score or residual that
+    # is NaN or infinite for this message's readings; their devices start afresh.
+    PREDICTION_NOT_FINITE = "prediction_not_finite"
 
 
 class Reading(msgspec.Struct, frozen=True, gc=False):
@@ -85,11 +96,11 @@ class Reading(msgspec.Struct, frozen=True, gc=False):
 
 class _WireReading(msgspec.Struct, gc=False):
     """A JSON reading as the fast path reads it: ints and floats as float, no booleans, values
-    within float32's range, extra fields skipped."""
+    within ±MAX_ABS_VALUE, extra fields skipped."""
 
     device_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DEVICE_ID_LENGTH)]
     ts: float | str
-    values: Annotated[list[Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]], msgspec.Meta(min_length=1)]
+    values: Annotated[list[Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]], msgspec.Meta(min_length=1)]
 
 
 class SourcePosition(msgspec.Struct, frozen=True, gc=False):
@@ -113,14 +124,51 @@ class DeadLetter:
 
     def kafka_headers(self) -> list[tuple[str, bytes]]:
         """The original headers, then ours (streamer.*) naming the reason and the source."""
+        return [*self.headers, *self._ours()]
+
+    def _ours(self) -> list[tuple[str, bytes]]:
         return [
-            *self.headers,
             ("streamer.reason", self.reason.value.encode()),
             ("streamer.error", self.detail.encode("utf-8", "replace")[:1024]),
             ("streamer.source.topic", self.source.topic.encode()),
             ("streamer.source.partition", str(self.source.partition).encode()),
             ("streamer.source.offset", str(self.source.offset).encode()),
         ]
+
+    def kafka_record(self, max_bytes: int | None = None) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+        """(key, value, headers) for the dead-letter topic: the message as read with
+        kafka_headers(), an empty value for a message of neither key nor value (clients cannot
+        send one). A record that would not fit ``max_bytes`` (the topic's limit: a message near
+        the input topic's limit, plus our headers, may exceed it) is cut to fit rather than
+        refused by the broker, which would stop the loop at this message for good: the value first,
+        then the original headers, then the key, each cut said in a streamer.truncated header with
+        the original sizes and the value's SHA-256. The source position leads back to the whole
+        message while the input topic retains it."""
+        value = self.value if self.value is not None or self.key is not None else b""
+        key, headers = self.key, self.kafka_headers()
+        if max_bytes is None or _record_bytes(key, value, headers) <= max_bytes:
+            return key, value, headers
+        whole = value or b""
+        said = (f"value of {len(whole)} bytes (sha256 {hashlib.sha256(whole).hexdigest()}), key of"
+                f" {len(key or b'')} bytes and {len(self.headers)} headers, cut to fit the dead-letter topic's"
+                f" {max_bytes} bytes")
+        ours = [*self._ours(), ("streamer.truncated", said.encode())]
+        for theirs in (self.headers, []):  # the original headers, if they leave room for a key
+            room = max_bytes - _record_bytes(key, b"", [*theirs, *ours])
+            if room >= 0:
+                return key, whole[:room], [*theirs, *ours]
+        room = max(0, max_bytes - _record_bytes(b"", b"", ours))
+        return (key or b"")[:room], b"", ours
+
+
+# A record's framing beyond its key, value and headers (record and batch headers, varints), with room to spare.
+RECORD_FRAMING_BYTES = 512
+
+
+def _record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
+    """An upper bound of a lone record's size on the wire, as the broker's max.message.bytes counts it."""
+    header_bytes = sum(len(k.encode("utf-8")) + len(v) + 10 for k, v in headers)
+    return RECORD_FRAMING_BYTES + len(key or b"") + len(value or b"") + header_bytes
 
 
 class BatchSpan(NamedTuple):
@@ -189,6 +237,9 @@ class ReadingDecoder:
                     DeadLetterReason.NON_FINITE,
                     f"values.{beyond}: {values[beyond]!r} is beyond float32, the model's dtype",
                 )
+            beyond = next((i for i, v in enumerate(values) if abs(v) > MAX_ABS_VALUE), None)
+            if beyond is not None:
+                return DeadLetterReason.OUT_OF_RANGE, f"values.{beyond}: {values[beyond]!r} is beyond ±{MAX_ABS_VALUE:g}"
         values = reading.values
         if len(values) != self.input_size:
             return DeadLetterReason.WRONG_VALUE_COUNT, f"{len(values)} values, the model takes {self.input_size}"
@@ -200,7 +251,7 @@ class ReadingDecoder:
 
     def _fast(self, value: bytes) -> Reading | None:
         """msgspec's reading of a message that is surely good as far as the schema goes, values
-        within float32; None when the exact path must decide (any refusal, or a message msgspec
+        within ±MAX_ABS_VALUE; None when the exact path must decide (any refusal, or a message msgspec
         may read laxer than jiter)."""
         if len(value) > FAST_PATH_MAX_BYTES:
             return None
@@ -231,10 +282,14 @@ class ReadingDecoder:
         if value is None:
             return DeadLetterReason.NOT_ARROW, "empty message (null value)"
         try:
-            table = pa.ipc.open_stream(value).read_all()
+            source = pa.BufferReader(value)
+            table = pa.ipc.open_stream(source).read_all()
             table.validate(full=True)  # offsets within their buffers, strings UTF-8
         except Exception as exc:  # whatever pyarrow raises for bytes that are no IPC stream
             return DeadLetterReason.NOT_ARROW, f"not an Arrow IPC stream: {exc}"[:512]
+        if source.tell() != len(value):  # a second stream, or other bytes, after the end of the first
+            return DeadLetterReason.NOT_ARROW, (
+                f"{len(value) - source.tell()} bytes after the end of the Arrow IPC stream (one stream per message)")
         refused = _schema_refusal(table.schema, self.input_size)
         if refused is not None:
             return refused
@@ -263,6 +318,10 @@ class ReadingDecoder:
         finite = np.isfinite(values)
         if not finite.all():
             return _rows_refused(DeadLetterReason.NON_FINITE, "values", "not finite", ~finite, True, self.input_size)
+        beyond = np.abs(values) > MAX_ABS_VALUE
+        if beyond.any():
+            return _rows_refused(DeadLetterReason.OUT_OF_RANGE, "values", f"beyond ±{MAX_ABS_VALUE:g}", beyond, True,
+                                 self.input_size)
         if key is None:
             return DeadLetterReason.KEY_MISMATCH, "batch message has no key; the key must name its sender (a gateway id)"
         # Copies: the arrays must not pin the message's buffer, and the engine may want them writable.
@@ -543,16 +602,15 @@ ARROW_OUTPUT_BYTES = 768 * 1024
 
 def encode_arrow_predictions(predictions: PredictionBatch, model_version: str) -> list[bytes]:
     """The predictions as Arrow IPC streams (the output batch format of the module docstring), in
-    row order, each of at most ARROW_OUTPUT_BYTES unless one row alone is bigger; none for none."""
+    row order, each of at most ARROW_OUTPUT_BYTES unless one row alone is bigger; for none, one
+    stream of no rows (a gateway reads one message back per batch message it sent)."""
     n = len(predictions)
-    if n == 0:
-        return []
     features = predictions.forecast.shape[1]
     row_bytes = 8 + 8 + 4 * features + 8 + 1 + 4 + 1  # ts, forecast, score, flag, residual, version index
     ids = pa.array(predictions.device_ids, pa.string())
-    id_bytes = ids.buffers()[2].size  # UTF-8, with an offset of 4 bytes a row
+    id_bytes = ids.buffers()[2].size if n else 0  # UTF-8, with an offset of 4 bytes a row
     # IPC framing and padding are a few hundred bytes a message: the margin keeps them inside the bound.
-    per_message = max(1, int((ARROW_OUTPUT_BYTES - 4096) / (row_bytes + 4 + id_bytes / n)))
+    per_message = max(1, int((ARROW_OUTPUT_BYTES - 4096) / (row_bytes + 4 + id_bytes / max(n, 1))))
     table = pa.table({
         "device_id": ids,
         "ts": pa.array(np.asarray(predictions.ts, dtype=np.float64)),
@@ -564,7 +622,7 @@ def encode_arrow_predictions(predictions: PredictionBatch, model_version: str) -
         "model_version": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int8)), pa.array([model_version])),
     })
     values = []
-    for start in range(0, n, per_message):
+    for start in range(0, max(n, 1), per_message):
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table.slice(start, per_message))

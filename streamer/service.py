@@ -16,7 +16,14 @@ from streamer.checkpoint import CheckpointStore, DirectoryCheckpointStore
 from streamer.engine import Engine
 from streamer.kafka import Producer, ensure_topics, open_changelog, open_consumer, open_producer
 from streamer.errors import StreamerError
-from streamer.kafka.clients import KafkaBootstrapError, KafkaLoginError, MissingTopics, kafka_logs_folded, security_config
+from streamer.kafka.clients import (
+    KafkaBootstrapError,
+    KafkaLoginError,
+    MissingTopics,
+    kafka_logs_folded,
+    max_message_bytes,
+    security_config,
+)
 from streamer.kafka.topics import written_topics
 from streamer.kernels import STATE_DTYPES
 from streamer.metrics import Health, Metrics, MetricsServer
@@ -123,6 +130,29 @@ def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | N
                 said = True
             if stop is not None and stop.wait(min(STARTUP_RETRY_S, left)):
                 raise StartupInterrupted() from None
+
+
+def _dead_letter_limit(settings: Settings) -> int | None:
+    """The dead-letter topic's max.message.bytes as the brokers say, or None (then dead letters are
+    bounded by kafka.max_message_bytes alone); a topic whose limit is below the input topic's cannot
+    take a dead letter of every input message whole, which is said once."""
+    kafka = settings.kafka
+    try:
+        limits = max_message_bytes(kafka.bootstrap_servers, [kafka.input_topic, kafka.dead_letter_topic],
+                                   kafka.client_id, security=security_config(kafka),
+                                   bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000))
+    except Exception as exc:  # housekeeping: the loop runs without it
+        log.warning("could not read the dead-letter topic's max.message.bytes (%s): dead letters are bounded by"
+                    " kafka.max_message_bytes = %d", exc, kafka.max_message_bytes)
+        return None
+    limit = limits.get(kafka.dead_letter_topic)
+    given = limits.get(kafka.input_topic)
+    if limit is not None and given is not None and limit < min(given, kafka.max_message_bytes) + 2048:
+        log.warning("dead-letter topic %s takes records of up to %d bytes, input topic %s up to %d: a refused message"
+                    " near the input's limit is dead-lettered cut to fit (header streamer.truncated); raise the"
+                    " dead-letter topic's max.message.bytes to keep every message whole",
+                    kafka.dead_letter_topic, limit, kafka.input_topic, given)
+    return limit
 
 
 def _metrics_server(registry: CollectorRegistry, health: Health, settings: Settings) -> MetricsServer:
@@ -258,7 +288,8 @@ def run_service(
                 stop,
             )
 
-        pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer)
+        pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer,
+                            _dead_letter_limit(settings))
         opened.append(lambda: pipeline.producer.close(CLOSE_TIMEOUT_S))
         summary = pipeline.run(stop)
         log.info(

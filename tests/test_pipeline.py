@@ -616,3 +616,51 @@ def test_the_loop_by_itself_writes_every_partition_due_one_after_another(tmp_pat
         rig.pipeline.run_once()
     saved = [e[1:] for e in rig.broker.journal[mark:] if e[0] == "checkpoint"]
     assert sorted(saved) == sorted((tp.partition, end) for tp, end in rig.ends().items())
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_predictions_that_are_not_finite_are_dead_lettered_and_their_devices_start_afresh(tmp_path, exactly_once):
+    # A model whose output overflows for some devices (NaN or inf: no JSON for them): each message
+    # with such a reading is dead-lettered as read (prediction_not_finite), a batch message whole,
+    # those devices start afresh, and the loop goes on, everything else published and committed.
+    rig = Rig(tmp_path, exactly_once=exactly_once, batch_output="arrow")
+    engine = rig.pipeline.engine
+    step = engine.step
+    overflowing = {"dev-3", "dev-6"}
+    seen_in_step: list[set[str]] = []
+
+    def step_overflowing(batch, now=None):
+        predictions, report = step(batch, now)
+        seen_in_step.append({d for d in predictions.device_ids if d in engine.table})
+        for i, device_id in enumerate(predictions.device_ids):
+            if device_id in overflowing:
+                predictions.forecast[i] = np.inf if device_id == "dev-3" else np.nan
+        return predictions, report
+
+    engine.step = step_overflowing  # type: ignore[method-assign]
+    rig.write(per_device=2)  # 16 JSON readings, two of dev-3 and two of dev-6
+    rig.write_arrow(b"gw-0", DEVICES[4:8], ts=5)  # holds dev-6: refused whole
+    rig.write_arrow(b"gw-1", DEVICES[:3], ts=5)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert seen_in_step and all(overflowing <= seen for seen in seen_in_step)  # stepped, then dropped
+    assert "dev-3" not in engine.table and "dev-6" not in engine.table and "dev-0" in engine.table
+    out = rig.broker.messages("out")
+    singles = [json.loads(m.value)["device_id"] for m in out if not m.headers]
+    assert sorted(singles) == sorted(d for d in DEVICES for _ in range(2) if d not in overflowing)
+    batches = [m for m in out if m.headers]
+    assert [m.key for m in batches] == [b"gw-1"] and [r["device_id"] for r in arrow_rows(batches)] == DEVICES[:3]
+    letters = rig.broker.messages("dlq")
+    reasons = Counter((m.key, dict(m.headers)["streamer.reason"]) for m in letters)
+    assert reasons == {(b"dev-3", b"prediction_not_finite"): 2, (b"dev-6", b"prediction_not_finite"): 2,
+                       (b"gw-0", b"prediction_not_finite"): 1}
+    inputs = {(m.partition, m.offset): m for p in (0, 1) for m in rig.broker.topics["in"][p]}
+    for letter in letters:
+        headers = dict(letter.headers)
+        source = inputs[(int(headers["streamer.source.partition"]), int(headers["streamer.source.offset"]))]
+        assert (letter.key, letter.value) == (source.key, source.value)  # the message as read
+        what = "forecast of device 'dev-3'" if letter.key == b"dev-3" else "forecast of device 'dev-6'"
+        assert what in headers["streamer.error"].decode() and "starts afresh" in headers["streamer.error"].decode()
+    rig.pipeline.run_once()
+    assert committed(rig) == rig.ends()
+    assert rig.pipeline.summary.dead_letters == 5

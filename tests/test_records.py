@@ -24,6 +24,7 @@ from streamer.engine import PredictionBatch
 from streamer.records import (
     ARROW_CONTENT_TYPE,
     FLOAT32_MAX,
+    MAX_ABS_VALUE,
     MAX_DEVICE_ID_LENGTH,
     DeadLetterReason,
     Reading,
@@ -86,7 +87,8 @@ class PydanticReading(BaseModel):
 
 
 class PydanticDecoder:
-    """decode_one of the pydantic decoder, verbatim: a reading or (reason, detail)."""
+    """decode_one of the pydantic decoder, verbatim but for the out_of_range rule added since: a
+    reading or (reason, detail)."""
 
     def __init__(self, input_size: int) -> None:
         self.input_size = input_size
@@ -101,6 +103,9 @@ class PydanticDecoder:
         beyond = next((i for i, v in enumerate(reading.values) if abs(v) > FLOAT32_MAX), None)
         if beyond is not None:
             return R.NON_FINITE, f"values.{beyond}: {reading.values[beyond]!r} is beyond float32, the model's dtype"
+        beyond = next((i for i, v in enumerate(reading.values) if abs(v) > MAX_ABS_VALUE), None)  # added since
+        if beyond is not None:
+            return R.OUT_OF_RANGE, f"values.{beyond}: {reading.values[beyond]!r} is beyond ±{MAX_ABS_VALUE:g}"
         if len(reading.values) != self.input_size:
             return R.WRONG_VALUE_COUNT, f"{len(reading.values)} values, the model takes {self.input_size}"
         if key is None:
@@ -196,7 +201,8 @@ def test_hand_made_messages_cover_every_outcome() -> None:
     for value in HAND_MADE:
         result = ReadingDecoder(2).decode_one(b"a", value)
         outcomes.add("good" if isinstance(result, Reading) else result[0])
-    assert outcomes == {"good", R.NOT_JSON, R.INVALID_SCHEMA, R.NON_FINITE, R.WRONG_VALUE_COUNT, R.KEY_MISMATCH}
+    assert outcomes == {"good", R.NOT_JSON, R.INVALID_SCHEMA, R.NON_FINITE, R.OUT_OF_RANGE, R.WRONG_VALUE_COUNT,
+                        R.KEY_MISMATCH}
 
 
 COMPARE = settings(deadline=None, database=None, max_examples=1500, suppress_health_check=list(HealthCheck))
@@ -248,6 +254,9 @@ def test_numbers_read_as_python_reads_them(values: list, ts: float) -> None:
     result = ReadingDecoder(len(values)).decode_one(b"d", body)
     if any(abs(float(v)) > FLOAT32_MAX for v in values):
         assert result[0] is R.NON_FINITE
+        return
+    if any(abs(float(v)) > MAX_ABS_VALUE for v in values):
+        assert result[0] is R.OUT_OF_RANGE
         return
     assert isinstance(result, Reading)
     assert np.float64(result.ts).tobytes() == np.float64(float(ts)).tobytes()
@@ -369,6 +378,8 @@ BAD_BATCHES = {
     "inf ts": (with_column("ts", pa.array([1.0, 2.0, 3.0, -math.inf])), R.NON_FINITE, "ts: row 3 not finite"),
     "inf value": (with_column("values", fixed([0.0, 1.0, 2.0, 3.0, math.inf, 5.0, 6.0, math.nan])), R.NON_FINITE, "values: row 2 not finite (and 1 more rows)"),
     "invalid utf-8": (with_column("device_id", bad_utf8_ids()), R.NOT_ARROW, "not an Arrow IPC stream"),
+    "value beyond 1e18": (with_column("values", fixed([0.0, 1.0, 2.0, -2e18, 4.0, 5.0, 6.0, 7.0])), R.OUT_OF_RANGE,
+                          "values: row 1 beyond ±1e+18; the whole message is refused"),
 }
 
 
@@ -383,6 +394,45 @@ def test_a_bad_row_dead_letters_the_whole_message(case: str) -> None:
     assert letter.reason is reason and detail in letter.detail, letter.detail
     assert (letter.key, letter.value, letter.source.offset) == (b"gw", value, 6)
     assert letter.headers == ARROW
+
+
+@pytest.mark.parametrize("after", ["stream", "junk"])
+def test_bytes_after_the_end_of_the_stream_are_not_arrow(after: str) -> None:
+    # Two streams joined, or other bytes after the first: its rows alone would be read, the rest dropped.
+    first = arrow_message(good_columns(2))
+    value = first + (arrow_message(good_columns(3)) if after == "stream" else b"xyz")
+    result = ReadingDecoder(2).decode_arrow(b"gw", value)
+    assert result[0] is R.NOT_ARROW and f"{len(value) - len(first)} bytes after the end of the Arrow IPC stream" in result[1]
+    assert ReadingDecoder(2).decode_arrow(b"gw", first).device_ids == good_columns(2)["device_id"].to_pylist()
+
+
+def test_a_dead_letter_too_big_for_its_topic_is_cut_to_fit_and_says_so() -> None:
+    import hashlib
+
+    from streamer.records import DeadLetter, _record_bytes
+
+    value = bytes(range(256)) * 4000  # 1,024,000 bytes
+    letter = DeadLetter(R.NOT_JSON, "message: Invalid JSON", b"dev-1", value, [("trace", b"t" * 100)],
+                        SourcePosition("in", 3, 77))
+    assert letter.kafka_record(None) == (b"dev-1", value, letter.kafka_headers())
+    assert letter.kafka_record(2 * len(value)) == (b"dev-1", value, letter.kafka_headers())  # fits: whole
+    for limit in (1_000_000, 600_000, 2_000):
+        key, cut, headers = letter.kafka_record(limit)
+        assert _record_bytes(key, cut, headers) <= limit
+        assert key == b"dev-1" and value.startswith(cut) and len(cut) < len(value)
+        named = dict(headers)
+        assert named["streamer.reason"] == b"not_json" and named["streamer.source.offset"] == b"77"
+        said = named["streamer.truncated"].decode()
+        assert f"value of {len(value)} bytes (sha256 {hashlib.sha256(value).hexdigest()})" in said and str(limit) in said
+        assert headers[0] == ("trace", b"t" * 100)  # the original headers kept while they leave room
+    # Original headers bigger than the topic takes: dropped, then the key cut.
+    loud = DeadLetter(R.NOT_JSON, "x", b"k" * 5000, value, [("big", b"h" * 50_000)], SourcePosition("in", 0, 1))
+    key, cut, headers = loud.kafka_record(20_000)
+    assert _record_bytes(key, cut, headers) <= 20_000 and "big" not in dict(headers) and key == b"k" * 5000
+    key, cut, headers = loud.kafka_record(3_000)
+    assert _record_bytes(key, cut, headers) <= 3_000 and cut == b"" and 0 < len(key) < 5000 and set(key) == {ord("k")}
+    # No key and no value: an empty value, clients cannot send neither.
+    assert DeadLetter(R.NOT_JSON, "x", None, None, [], SourcePosition("in", 0, 1)).kafka_record(10_000)[1] == b""
 
 
 def test_a_batch_message_needs_a_key() -> None:
@@ -501,7 +551,7 @@ def test_arrow_predictions_carry_what_json_carries_bit_for_bit(data) -> None:
     n = len(ids)
     batch.is_anomaly[:] = np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
     values = encode_arrow_predictions(batch, version)
-    assert len(values) == (1 if n else 0)
+    assert len(values) == 1  # none: one stream of no rows, for the gateway waiting for its reply
     rows = [row for v in values for row in pa.ipc.open_stream(v).read_all().to_pylist()]
     as_json = [json.loads(v) for _, v in encode_predictions(batch, version)]
     assert [list(row) for row in rows] == [list(body) for body in as_json]

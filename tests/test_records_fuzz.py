@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamer.records import MAX_DEVICE_ID_LENGTH, DeadLetter, DeadLetterReason, Reading, ReadingDecoder
+from streamer.records import MAX_ABS_VALUE, MAX_DEVICE_ID_LENGTH, DeadLetter, DeadLetterReason, Reading, ReadingDecoder
 
 MIN_PAYLOADS = 100_000
 PAYLOADS: Counter[str] = Counter()  # messages decoded, per test
@@ -150,7 +150,8 @@ iso_times = st.builds(
 )
 good_ts = st.one_of(st.integers(-(2**53), 2**53), st.floats(allow_nan=False, allow_infinity=False), iso_times)
 finite32 = st.one_of(
-    st.floats(-FLOAT32_MAX, FLOAT32_MAX).map(lambda x: float(np.float32(x))),  # -0.0, subnormals, +-max
+    st.floats(-MAX_ABS_VALUE, MAX_ABS_VALUE).map(lambda x: float(np.float32(x))),  # -0.0, subnormals
+    st.sampled_from([MAX_ABS_VALUE, -MAX_ABS_VALUE]),
     st.floats(-1e6, 1e6),
     st.integers(-(2**31), 2**31),
 )
@@ -198,6 +199,11 @@ huge_finite_ts = st.one_of(
     st.sampled_from([1e308, -1e308, 1.7976931348623157e308]),
     st.builds(lambda sign, k: sign * 10**k, signs, st.integers(20, 308)),
 )
+# Finite in float32, beyond what streamer's float32 statistics hold.
+out_of_range = st.one_of(
+    st.builds(lambda sign, x: sign * x, signs, st.floats(MAX_ABS_VALUE, FLOAT32_MAX, exclude_min=True)),
+    st.builds(lambda sign, k: sign * 10**k, signs, st.integers(19, 38)),
+)
 beyond_float32 = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf]),
     st.builds(lambda sign, k: sign * 10**k, signs, st.integers(39, 1000)),  # ints: exact, no rounding
@@ -209,7 +215,7 @@ JSON_WHITESPACE = b" \t\r\n"
 MUTATIONS = (
     "none", "extra_fields", "missing_field", "device_id_type", "device_id_length", "ts_type", "ts_string",
     "ts_non_finite", "ts_raw_beyond_float64", "ts_huge_finite", "values_type", "values_empty", "values_count",
-    "values_element_type", "values_non_finite", "values_raw_beyond_float64", "values_underflow", "key_none",
+    "values_element_type", "values_non_finite", "values_out_of_range", "values_raw_beyond_float64", "values_underflow", "key_none",
     "key_other", "key_other_encoding", "not_an_object", "truncated", "trailing_bytes", "leading_whitespace",
     "bom", "invalid_utf8", "lone_surrogate",
 )  # fmt: skip
@@ -274,6 +280,9 @@ def near_valid(draw, input_size: int, mutations: tuple[str, ...] = MUTATIONS) ->
         case "values_non_finite":  # the model computes in float32: beyond its range is not finite
             values[draw(st.integers(0, input_size - 1))] = draw(beyond_float32)
             expect = outcome(R.NON_FINITE)
+        case "values_out_of_range":
+            values[draw(st.integers(0, input_size - 1))] = draw(out_of_range)
+            expect = outcome(R.OUT_OF_RANGE)
         case "values_raw_beyond_float64":
             values[draw(st.integers(0, input_size - 1))] = RAW
             raw = draw(st.sampled_from(RAW_BEYOND_FLOAT64))
@@ -377,7 +386,7 @@ def read_independently(key: bytes | None, value: bytes, input_size: int) -> tupl
     assert key == device_id.encode("utf-8")
     assert isinstance(values, list) and len(values) == input_size
     for v in values:
-        assert isinstance(v, int | float) and not isinstance(v, bool) and abs(v) <= FLOAT32_MAX, v
+        assert isinstance(v, int | float) and not isinstance(v, bool) and abs(v) <= MAX_ABS_VALUE, v
     assert not isinstance(ts, bool)
     if isinstance(ts, str):
         parsed = datetime.fromisoformat(ts)

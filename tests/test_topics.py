@@ -20,7 +20,7 @@ def test_specs_follow_the_topics_section():
     assert topic_specs(settings) == {
         "in": TopicSpec(12, 3, {"retention.ms": "86400000"}),
         "out": TopicSpec(12, 3, {"retention.ms": "86400000"}),
-        "dlq": TopicSpec(2, 3, {"retention.ms": "-1"}),
+        "dlq": TopicSpec(2, 3, {"retention.ms": "-1", "max.message.bytes": str(16 * 1024 * 1024)}),
         "ckpt": TopicSpec(4, 3, {"cleanup.policy": "compact"}),
     }
     assert list(written_topics(settings)) == ["out", "dlq", "ckpt"]
@@ -28,7 +28,9 @@ def test_specs_follow_the_topics_section():
 
 def test_no_changelog_with_the_directory_store_and_broker_retention_by_default():
     settings = load_settings({"kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq"}})
-    assert topic_specs(settings) == {"in": TopicSpec(6, 1, {}), "out": TopicSpec(6, 1, {}), "dlq": TopicSpec(1, 1, {})}
+    # The dead-letter topic takes what the producer may send (kafka.max_message_bytes), whole input messages.
+    dlq = TopicSpec(1, 1, {"max.message.bytes": str(settings.kafka.max_message_bytes)})
+    assert topic_specs(settings) == {"in": TopicSpec(6, 1, {}), "out": TopicSpec(6, 1, {}), "dlq": dlq}
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailedError, TopicAlreadyExistsError
@@ -353,12 +353,7 @@ def ensure_topics(
 
     ``security``: kafka-python security arguments, as security_config returns them.
     """
-    security = security or {}
-    with _bootstrap_failure_explained(bootstrap_servers, security):
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers.split(","), client_id=client_id,
-            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS, **_bootstrap_timeout(bootstrap_timeout_ms), **security,
-        )
+    admin = _admin(bootstrap_servers, client_id, security or {}, bootstrap_timeout_ms)
     try:
         existing = set(admin.list_topics())
         created = []
@@ -387,6 +382,38 @@ def ensure_topics(
         return created
     finally:
         admin.close()
+
+
+def _admin(bootstrap_servers: str, client_id: str, security: dict[str, object],
+           bootstrap_timeout_ms: int | None) -> KafkaAdminClient:
+    with _bootstrap_failure_explained(bootstrap_servers, security):
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers.split(","), client_id=client_id,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS, **_bootstrap_timeout(bootstrap_timeout_ms), **security,
+        )
+
+
+def max_message_bytes(
+    bootstrap_servers: str,
+    topics: Sequence[str],
+    client_id: str = "streamer-admin",
+    security: dict[str, object] | None = None,
+    bootstrap_timeout_ms: int | None = None,
+) -> dict[str, int]:
+    """The largest record batch each of ``topics`` accepts (its max.message.bytes, whether set on
+    the topic or inherited from the broker), by name; topics the brokers do not describe are left out."""
+    admin = _admin(bootstrap_servers, client_id, security or {}, bootstrap_timeout_ms)
+    try:
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, ["max.message.bytes"]) for name in topics], config_filter="all")
+    finally:
+        admin.close()
+    limits = {}
+    for name, configs in described.get("topic", {}).items():
+        value = (configs.get("max.message.bytes") or {}).get("value")
+        if value is not None and str(value).isdigit():
+            limits[name] = int(value)
+    return limits
 
 
 class _LastComplaint(logging.Handler):

@@ -232,6 +232,91 @@ def test_batch_messages_end_to_end(kafka_bootstrap: str, unique: str, tmp_path, 
     assert (dlq[0].key, dlq[0].value) == (b"gw-0", bad)
 
 
+def test_inputs_that_once_stopped_the_loop_are_dead_lettered(kafka_bootstrap: str, unique: str, tmp_path):
+    """Each of these once stopped the loop for good, or lost a message: a value that overflows the
+    float32 statistics (an inf forecast: no JSON), a refused message too big for a dead-letter topic
+    of the broker's default limit (the broker refused the dead letter), a batch message of no rows
+    (no reply) and two Arrow streams in one message (the second's rows dropped)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
+
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"])
+    create_topic(kafka_bootstrap, topics["dlq"])  # made elsewhere: the broker's default max.message.bytes
+    model_path = tmp_path / "model.pt"
+    bundle = write_model(model_path, seed=6, version="v1")
+    header = [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)]
+    rng = np.random.default_rng(2)
+    seq = (rng.normal(size=(10, N_FEATURES)) * [5.0, 0.5] + [20.0, -3.0]).astype(np.float32)
+    messages = [(b"dev-a", reading("dev-a", 1_700_000_000 + t, seq[t].tolist()), None) for t in range(5)]
+    messages.append((b"dev-a", reading("dev-a", 1_700_000_005, [1e20, 1e20]), None))
+    huge = b"{" + bytes(rng.integers(0x20, 0x7F, 1_048_300, dtype=np.uint8))  # no JSON, near the input's limit
+    messages.append((b"junk", huge, None))
+    empty = encode_arrow_readings([], np.zeros(0), np.zeros((0, N_FEATURES)))
+    messages.append((b"gw-empty", empty, header))
+    two = encode_arrow_readings(["gw-x"], np.array([1.7e9]), seq[:1]) + encode_arrow_readings(["gw-y"], np.array([1.7e9]), seq[:1])
+    messages.append((b"gw-two", two, header))
+    messages += [(b"dev-a", reading("dev-a", 1_700_000_010 + t, seq[t].tolist()), None) for t in range(5, 10)]
+    produce(kafka_bootstrap, topics["in"], messages)
+
+    service = ServiceThread(service_settings(kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "checkpoints",
+                                             kafka={"batch_output": "arrow"}))
+    try:
+        out = read_topic(kafka_bootstrap, topics["out"], 11, timeout_s=90)
+        dlq = read_topic(kafka_bootstrap, topics["dlq"], 3, timeout_s=30)
+    finally:
+        summary = service.stop()
+    assert summary.readings == 10 and summary.dead_letters == 3
+    replies = [r for r in out if r.headers]
+    assert [(r.key, pa.ipc.open_stream(r.value).read_all().num_rows) for r in replies] == [(b"gw-empty", 0)]
+    forecasts = [json.loads(r.value)["forecast"] for r in out if not r.headers]
+    np.testing.assert_allclose(np.array(forecasts), offline(bundle, seq), atol=1e-5, rtol=1e-6)  # as if never sent
+    letters = {r.key: r for r in dlq}
+    assert {k: dict(r.headers)["streamer.reason"] for k, r in letters.items()} == {
+        b"dev-a": b"out_of_range", b"junk": b"not_json", b"gw-two": b"not_arrow"}
+    cut = letters[b"junk"]
+    said = dict(cut.headers)["streamer.truncated"].decode()
+    assert huge.startswith(cut.value) and len(cut.value) < len(huge)
+    assert f"value of {len(huge)} bytes (sha256 {hashlib.sha256(huge).hexdigest()})" in said
+    assert letters[b"gw-two"].value == two and letters[b"dev-a"].value == messages[5][1]
+
+
+def test_a_model_whose_output_overflows_dead_letters_its_readings_and_goes_on(kafka_bootstrap: str, unique: str,
+                                                                            tmp_path):
+    """Forecasts that overflow float32 (a model with huge head weights) cannot be published: each such
+    reading is dead-lettered as read (prediction_not_finite), its device starts afresh, the loop goes
+    on and commits; every reading is a prediction or a dead letter."""
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"], partitions=2)
+    model_path = tmp_path / "model.pt"
+    bundle = write_model(model_path, seed=7, version="overflow")
+    with torch.no_grad():
+        bundle.model.fc.weight.fill_(3e38)
+        bundle.model.fc.bias.fill_(3e38)
+    save_model_file(model_path, bundle.model, bundle.config, "overflow", bundle.normalization)
+    devices = [f"dev-{d}" for d in range(6)]
+    messages = [(d.encode(), reading(d, 1_700_000_000 + t, [20.0 + t, -3.0]), None) for t in range(8) for d in devices]
+    produce(kafka_bootstrap, topics["in"], messages)
+    service = ServiceThread(service_settings(kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "checkpoints"))
+    try:
+        dlq = read_topic(kafka_bootstrap, topics["dlq"], len(messages), timeout_s=90)
+        out = read_topic(kafka_bootstrap, topics["out"], 0, timeout_s=5)
+    finally:
+        summary = service.stop()
+    assert len(dlq) + len(out) == len(messages) and len(dlq) >= len(messages) // 2
+    assert summary.readings == len(messages) and summary.dead_letters == len(dlq)
+    sent = {(k, v) for k, v, _ in messages}
+    for record in dlq:
+        headers = dict(record.headers)
+        assert headers["streamer.reason"] == b"prediction_not_finite" and (record.key, record.value) in sent
+        assert b"starts afresh" in headers["streamer.error"]
+    for record in out:
+        assert all(math.isfinite(v) for v in json.loads(record.value)["forecast"])
+
+
 def test_closing_the_consumer_with_offsets_waiting_returns(kafka_bootstrap: str, unique: str, tmp_path):
     """Offsets acknowledged and waiting for the commit interval when the loop's thread closes the
     consumer: the revocation close makes must not try to commit them (with librdkafka that
