@@ -511,6 +511,13 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_overwriting_data(out: Path, data: Path | None, flag: str) -> None:
+    from streamer.history import overwrites_data
+
+    if data is not None and overwrites_data(Path(out), Path(data)):
+        raise StreamerError(f"{flag} {out} would overwrite the data it reads (--data {data})")
+
+
 def _train(args: argparse.Namespace) -> int:
     _setup_logging("INFO")
     from streamer.history import load_histories
@@ -524,6 +531,7 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device, seed=args.seed, time_budget_s=args.time_budget, progress=args.progress,
     )
     check_output_path(args.out)  # before minutes of loading and training
+    _refuse_overwriting_data(args.out, args.data, "--out")
     extra_meta: dict[str, object]
     if args.data is not None:
         histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad)
@@ -656,6 +664,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     # Everything that can be refused without the data, before minutes of loading and stepping.
     check_output_file(args.out, ("csv", "parquet"), "--out")
+    _refuse_overwriting_data(args.out, args.data, "--out")
     if args.plots_page is not None:
         check_output_file(args.plots_page, ("png",), "--plots-page")
     if args.plots is not None:

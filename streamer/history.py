@@ -41,7 +41,12 @@ SUFFIXES = (".csv", ".parquet")
 DEVICE_COLUMN = "device_id"
 TIME_COLUMNS = ("timestamp", "ts")  # first one present wins
 SHOWN_CHARS = 80  # offending text is cut to this many characters
-_F32_MAX = float(np.finfo(np.float32).max)
+# Values beyond this are refused, as the live path refuses them (streamer.records.MAX_ABS_VALUE).
+MAX_ABS_VALUE = 1e18
+# Timestamps ISO-8601 can write (years 1 to 9999), in epoch seconds; past them a column is
+# usually epoch milliseconds, microseconds or nanoseconds.
+TS_MIN = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
+TS_MAX = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 
 
 def _short(text: object) -> str:
@@ -199,11 +204,20 @@ def _layout(names: list[str], value_columns: Sequence[str] | None, path: Path) -
         missing = [name for name in value_columns if name not in names]
         if missing:
             raise HistoryError(f"missing value column(s) {missing}", path, value=names)
+        taken = [name for name in value_columns if name in (time_col, device_col)]
+        if taken:
+            raise HistoryError(f"value column(s) {taken} are the {'timestamp' if time_col in taken else 'device'} column",
+                               path, value=names)
+        if len(set(value_columns)) != len(value_columns):
+            raise HistoryError(f"value columns {list(value_columns)} name a column twice", path, value=names)
         chosen = list(value_columns)
     else:
         chosen = [name for name in names if name and name not in (DEVICE_COLUMN, time_col)]
     if not chosen:
         raise HistoryError("no value columns", path, value=names)
+    twice = sorted({name for name in (time_col, device_col, *chosen) if name and names.count(name) > 1})
+    if twice:
+        raise HistoryError(f"column(s) {twice} appear more than once in the header", path, value=names)
     return device_col, time_col, chosen
 
 
@@ -242,6 +256,7 @@ def _parse_csv(path: Path, reader: Any, value_columns: Sequence[str] | None) -> 
     ti = header.index(time_col)
     vis = [header.index(name) for name in chosen]
     need = max([ti, *vis] + ([di] if di is not None else [])) + 1
+    width = len(header)
     rows: list[list[str]] = []
     lines: list[int] = []
     early: list[BadRow] = []
@@ -249,9 +264,12 @@ def _parse_csv(path: Path, reader: Any, value_columns: Sequence[str] | None) -> 
     while True:  # csv.reader goes on after an error; restart the loop on the next line
         try:
             for row in reader:
-                if len(row) >= need:
+                if need <= len(row) <= width:
                     keep_row(row)
                     keep_line(reader.line_num)
+                elif len(row) > width:
+                    early.append(BadRow(str(path), reader.line_num, f"too many fields ({len(row)}, the header has {width})",
+                                        _short(",".join(row))))
                 elif row:  # blank lines are no data
                     early.append(BadRow(str(path), reader.line_num, "too few fields", _short(",".join(row))))
             break
@@ -287,7 +305,8 @@ def _parquet_numbers(col: pa.Array, name: str, path: Path) -> tuple[np.ndarray, 
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
         raise HistoryError(f"column {name!r} has type {col.type}, not numbers", path)
     nulls = col.is_null().to_numpy(zero_copy_only=False)
-    return pc.fill_null(col.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False), nulls
+    # safe=False: integers past 2**53 round to the nearest float64 (the checks then judge their range).
+    return pc.fill_null(col.cast(pa.float64(), safe=False), np.nan).to_numpy(zero_copy_only=False), nulls
 
 
 def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
@@ -345,12 +364,15 @@ def _check(table: _Table) -> tuple[np.ndarray, list[BadRow]]:
         flag(empty, "empty device_id", lambda i: "")
     flag(table.ts_bad, "unparsable timestamp", table.show_ts)
     flag(~table.ts_bad & ~np.isfinite(table.ts), "non-finite timestamp", table.show_ts)
+    outside = np.isfinite(table.ts) & ((table.ts < TS_MIN) | (table.ts > TS_MAX))
+    flag(outside, "timestamp past year 9999 or before year 1 as epoch seconds (epoch milliseconds or nanoseconds?)",
+         table.show_ts)
     for c, (vals, bad) in enumerate(zip(table.values, table.values_bad)):
         show = lambda i, c=c: table.show_value(c, i)  # noqa: E731
         flag(bad, "unparsable value", show)
         finite = np.isfinite(vals)
         flag(~bad & ~finite, "non-finite value", show)
-        flag(finite & (np.abs(vals) > _F32_MAX), "value out of float32 range", show)
+        flag(finite & (np.abs(vals) > MAX_ABS_VALUE), f"value beyond ±{MAX_ABS_VALUE:g}", show)
     good = np.ones(table.n, bool)
     good[list(reason)] = False
     bad_rows = [BadRow(where, int(table.lines[i]), why, _short(value)) for i, (why, value) in reason.items()]
@@ -369,6 +391,8 @@ def _data_files(path: Path) -> list[Path]:
         return files
     if path.suffix.lower() not in SUFFIXES:
         raise HistoryError(f"unsupported file type {path.suffix!r} (want .csv or .parquet)", path)
+    if not path.is_file():  # a FIFO or a device would block the read, or never end
+        raise HistoryError("not a regular file", path)
     return [path]
 
 
@@ -472,6 +496,20 @@ def write_table(path: str | Path, columns: dict[str, np.ndarray]) -> None:
         pq.write_table(table, path)
     else:
         pacsv.write_csv(table, path)
+
+
+def overwrites_data(path: Path, data: Path) -> bool:
+    """Whether writing ``path`` would replace a file of the history at ``data`` (the file itself,
+    or a data file in the directory), which a typo in an output flag makes easy."""
+    try:
+        if not path.exists() or not data.exists():
+            return False
+        if data.is_dir():
+            inside = path.resolve().is_relative_to(data.resolve())
+            return inside and path.is_file() and path.suffix.lower() in SUFFIXES
+        return os.path.samefile(path, data)
+    except OSError:
+        return False
 
 
 def unwritable_reason(path: Path) -> str | None:

@@ -64,6 +64,9 @@ class TrainingDataError(StreamerError):
         self.value = value
 
 
+MAX_BATCH_SIZE = 65536  # windows per step; a step's activations grow with it, window and hidden size
+
+
 class TrainOptionsError(StreamerError, ValueError):
     """A TrainOptions field out of range; names the field and the value."""
 
@@ -106,6 +109,8 @@ class TrainOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainOptionsError(name, "must be an int >= 1", value)
+        if self.batch_size > MAX_BATCH_SIZE:  # its activations would not fit any host's memory
+            raise TrainOptionsError("batch_size", f"must be at most {MAX_BATCH_SIZE}", self.batch_size)
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise TrainOptionsError("threads", "must be None or an int >= 1", self.threads)
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
@@ -388,7 +393,16 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
     with _torch_threads(options.threads or _default_threads(options.hidden_size)):
         torch.manual_seed(options.seed)
         model = LSTMModel.from_config(config).to(device)
-        losses, best_epoch, steps = _fit(model, sampler, val_set, features, steps_per_epoch, options, start)
+        try:
+            losses, best_epoch, steps = _fit(model, sampler, val_set, features, steps_per_epoch, options, start)
+        except (MemoryError, RuntimeError) as exc:
+            # torch raises OutOfMemoryError on CUDA, a RuntimeError naming the allocation on the CPU.
+            if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(exc).lower():
+                raise
+            raise TrainOptionsError(
+                "batch_size", f"is too big for the memory of {device} at window {options.window} and hidden size"
+                f" {options.hidden_size} ({str(exc).strip().splitlines()[0][:120] or type(exc).__name__})",
+                options.batch_size) from None
     best = losses[best_epoch - 1]
     return TrainResult(
         model.cpu().eval(), config, normalization, options, data, best.train_loss, best.val_loss, best_epoch,

@@ -513,3 +513,33 @@ def test_abbreviated_flags_are_refused(capsys):
             main([*command, "--kafka-bootstrap-server", "127.0.0.1:1"])
         assert exit_.value.code == 2
         assert "unrecognized arguments: --kafka-bootstrap-server" in capsys.readouterr().err
+
+
+def test_train_and_replay_refuse_to_overwrite_their_data_and_train_bounds_its_batch(model_file: Path, tmp_path: Path,
+                                                                                   capsys, monkeypatch):
+    data = tmp_path / "history.csv"
+    data.write_text("device_id,timestamp,value\n" + "".join(f"a,{1_700_000_000 + 60 * t},{t % 7}\n" for t in range(50)))
+    before = data.read_bytes()
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "." / "history.csv"), "--epochs", "1",
+                 "--no-progress"]) == 2
+    assert "would overwrite the data it reads" in one_line_error(capsys)
+    assert main(["replay", "--data", str(tmp_path), "--model-path", str(model_file), "--out", str(data)]) == 2
+    assert "--out" in one_line_error(capsys) and data.read_bytes() == before
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--batch-size", str(10**7)]) == 2
+    assert "train option batch_size must be at most 65536" in one_line_error(capsys)
+    # A batch too big for the memory there: one line, whatever the allocator says.
+    import streamer.train
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 1e11 bytes")
+
+    monkeypatch.setattr(streamer.train, "_fit", no_memory)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--window", "8", "--no-progress"]) == 2
+    assert "batch_size is too big for the memory of cpu at window 8" in one_line_error(capsys)
+    # Epoch milliseconds: one line naming the file and line, not a traceback where the time is printed.
+    millis = tmp_path / "ms.csv"
+    millis.write_text("device_id,timestamp,value\na,1700000000000,1.0\n")
+    for command in (["train", "--out", str(tmp_path / "m.pt")], ["replay", "--model-path", str(model_file),
+                                                                   "--out", str(tmp_path / "r.csv")]):
+        assert main([*command, "--data", str(millis)]) == 2, command
+        assert "ms.csv line 2: timestamp past year 9999" in one_line_error(capsys)

@@ -1,5 +1,6 @@
 """Loading device histories from CSV / Parquet (long, per device, directories) and writing tables."""
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -140,6 +141,9 @@ BAD_CSV = (
     "d,10,1e39\n"  # 10 overflows float32
     "e,11," + "9" * 100 + "x\n"  # 11 long text is shortened
     "d,12,12\n"  # 12
+    "d,13,2e18\n"  # 13 beyond what the float32 statistics hold
+    "d,1700000000000,14\n"  # 14 epoch milliseconds
+    "d,15,15,16\n"  # 15 too many fields
 )
 
 
@@ -157,12 +161,14 @@ def test_skip_reports_every_bad_row_and_keeps_the_good(tmp_path):
     got = [(b.line, b.reason) for b in h.bad_rows]
     assert got == [
         (3, "unparsable value"), (4, "unparsable timestamp"), (5, "empty device_id"), (6, "too few fields"),
-        (7, "non-finite value"), (9, "non-finite timestamp"), (10, "value out of float32 range"),
-        (11, "unparsable value"),
+        (7, "non-finite value"), (9, "non-finite timestamp"), (10, "value beyond ±1e+18"),
+        (11, "unparsable value"), (13, "value beyond ±1e+18"),
+        (14, "timestamp past year 9999 or before year 1 as epoch seconds (epoch milliseconds or nanoseconds?)"),
+        (15, "too many fields (4, the header has 3)"),
     ]
     assert all(b.path == str(path) for b in h.bad_rows)
     assert h.bad_rows[0] == BadRow(str(path), 3, "unparsable value", "abc")
-    assert len(h.bad_rows[-1].value) == 80 and h.bad_rows[-1].value.endswith("...")
+    assert len(h.bad_rows[7].value) == 80 and h.bad_rows[7].value.endswith("...")
     assert list(h.devices) == ["d"]  # e had only a bad row
     np.testing.assert_array_equal(h.devices["d"].lines, [2, 12])
     np.testing.assert_array_equal(h.devices["d"].values[:, 0], [1, 12])
@@ -205,12 +211,37 @@ def test_duplicate_device_across_files_names_both(tmp_path):
     (lambda d: write(d / "h.csv", "device_id,value\nx,1\n"), "no timestamp column"),
     (lambda d: write(d / "h.csv", "device_id,timestamp\nx,1\n"), "no value columns"),
     (lambda d: write(d / "h.csv", ""), "empty file"),
+    (lambda d: write(d / "h.csv", "device_id,timestamp,value,value\nx,1,2,3\n"), r"\['value'\] appear more than once"),
+    (lambda d: os.mkfifo(d / "fifo.csv") or d / "fifo.csv", "not a regular file"),  # would block the read
 ])
 def test_unusable_inputs_name_the_path(tmp_path, make, pattern):
     path = make(tmp_path)
     with pytest.raises(HistoryError, match=pattern) as err:
         load_histories(path)
     assert str(path) in str(err.value)
+
+
+def test_value_columns_that_are_the_time_or_device_column_or_repeat_are_refused(tmp_path):
+    path = write(tmp_path / "h.csv", "device_id,timestamp,value\nx,1,2\n")
+    for columns, said in ((["timestamp"], r"\['timestamp'\] are the timestamp column"),
+                          (["value", "device_id"], r"\['device_id'\] are the device column"),
+                          (["value", "value"], "name a column twice")):
+        with pytest.raises(HistoryError, match=said):
+            load_histories(path, value_columns=columns)
+
+
+def test_parquet_integers_past_2_53_and_epoch_nanoseconds_are_bad_rows_not_arrow_errors(tmp_path):
+    # int64 epoch nanoseconds (a common way to store time) and huge integer values: Arrow refused to
+    # cast them to float64 exactly; now each is a bad row naming why.
+    ns = [1_700_000_000_000_000_007 + i * 60_000_000_000 for i in range(3)]
+    pq.write_table(pa.table({"timestamp": pa.array(ns, pa.int64()), "value": [1.0, 2.0, 3.0]}), tmp_path / "ns.parquet")
+    with pytest.raises(HistoryError, match=r"ns\.parquet line 1: timestamp past year 9999 .*nanoseconds\?"):
+        load_histories(tmp_path / "ns.parquet")
+    big = pa.array([2**60 + 1, 5, 2**64 - 1], pa.uint64())
+    pq.write_table(pa.table({"timestamp": [1.0, 2.0, 3.0], "value": big}), tmp_path / "big.parquet")
+    h = load_histories(tmp_path / "big.parquet", on_bad="skip")
+    assert [(b.line, b.reason) for b in h.bad_rows] == [(1, "value beyond ±1e+18"), (3, "value beyond ±1e+18")]
+    assert h.devices["big"].values[:, 0].tolist() == [5.0]
 
 
 @pytest.mark.skipif(not NAB.is_dir(), reason="NAB data not present")
