@@ -93,6 +93,7 @@ class StepReport:
     evicted_capacity: int
     anomalies: int
     step_seconds: float
+    reset_not_finite: int = 0  # devices whose state was dropped after a NaN or infinite output
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,7 @@ class Engine:
         # (fresh multi-MB temporaries fault their pages in on every call): cut waves into chunks.
         self.max_rows_per_step = CPU_ROWS_PER_STEP if self.device.type == "cpu" else None
         self.want_graphs = cuda_graphs
+        self._reset = 0  # devices reset in the current step (_reset_not_finite)
         self._serve(bundle)
 
     def _serve(self, bundle: ModelBundle) -> None:
@@ -327,6 +329,7 @@ class Engine:
         if batch.values.shape != (n, self.config.values_size):
             raise StreamerError(f"values shape {batch.values.shape} != ({n}, {self.config.values_size})")
         evicted_idle = self.table.evict_idle(now)
+        self._reset = 0
         plan = plan_waves(batch.device_ids)
         partitions = None if batch.partitions is None else batch.partitions[plan.first]
         acquired = self.table.acquire(plan.unique, now, partitions)
@@ -344,6 +347,7 @@ class Engine:
             evicted_capacity=acquired.evicted_for_capacity,
             anomalies=int(flagged.sum()),
             step_seconds=time.perf_counter() - started,
+            reset_not_finite=self._reset,
         )
         return predictions, report
 
@@ -395,9 +399,11 @@ class Engine:
             slots = torch.from_numpy(unique_slots[unique_idx]).to(device)
             if len(pieces) == 1:
                 out_all, tail_all, flag_all, res_all = self._wave(x_all, slots)
+                self._reset_not_finite(slots, out_all, tail_all, res_all)
                 continue
             at = torch.from_numpy(reading_idx).to(device)
             out, tail, flag, res = self._wave(x_all.index_select(0, at), slots)
+            self._reset_not_finite(slots, out, tail, res)
             out_all.index_copy_(0, at, out)
             tail_all.index_copy_(0, at, tail)
             flag_all.index_copy_(0, at, flag)
@@ -405,6 +411,17 @@ class Engine:
         if self._mean is not None:
             out_all = out_all * self._std + self._mean
         return out_all.cpu().numpy(), tail_all.cpu().numpy(), flag_all.cpu().numpy(), res_all.cpu().numpy()
+
+    def _reset_not_finite(self, slots: Tensor, out: Tensor, log_tail: Tensor, residual: Tensor) -> None:
+        """A wave's devices whose forecast, tail or residual came out NaN or infinite (a model whose
+        output overflows float32): their state may hold them too, and would pass them on to every
+        later reading. Their rows are zeroed at once, before their next reading (of this batch or a
+        later one), as a new device's: the same wherever batches are cut (live, or replay)."""
+        bad = ~(torch.isfinite(out).all(dim=1) & torch.isfinite(residual)) | torch.isnan(log_tail)
+        if bool(bad.any()):  # on CUDA a wait for the wave: its results are fetched next anyway
+            lost = slots[bad]
+            self.table.reset(lost)
+            self._reset += len(lost)
 
     def _pieces(self, plan: Plan):
         """The plan's waves, each cut into chunks of at most max_rows_per_step readings, in order."""

@@ -264,7 +264,7 @@ def _parse_csv(path: Path, reader: Any, value_columns: Sequence[str] | None) -> 
     while True:  # csv.reader goes on after an error; restart the loop on the next line
         try:
             for row in reader:
-                if need <= len(row) <= width:
+                if need <= len(row) <= width or (len(row) > width and not any(row[width:])):  # a trailing comma
                     keep_row(row)
                     keep_line(reader.line_num)
                 elif len(row) > width:

@@ -110,6 +110,7 @@ class Metrics:
         )
         self._evicted_ttl = self.evictions.labels(reason="ttl")
         self._evicted_capacity = self.evictions.labels(reason="capacity")
+        self._reset_not_finite = self.evictions.labels(reason="not_finite")  # state dropped, the device kept
         self.new_devices = Counter("streamer_new_devices", "Devices that started from zero state", registry=registry)
         self.batches = Counter("streamer_batches", "Micro-batches completed", registry=registry)
         self.batch_size = Histogram(
@@ -212,6 +213,7 @@ class Metrics:
         step_seconds: float,
         batch_seconds: float,
         latencies: np.ndarray,
+        reset_not_finite: int = 0,
     ) -> None:
         self.batches.inc()
         self.readings.inc(readings)
@@ -222,6 +224,8 @@ class Metrics:
             self._evicted_ttl.inc(evicted_ttl)
         if evicted_capacity:
             self._evicted_capacity.inc(evicted_capacity)
+        if reset_not_finite:
+            self._reset_not_finite.inc(reset_not_finite)
         self.batch_size.observe(readings)
         self.step_seconds.observe(step_seconds)
         self.batch_seconds.observe(batch_seconds)

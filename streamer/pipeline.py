@@ -324,13 +324,10 @@ class Pipeline:
         with self.partitions.lock:
             plan = self.partitions.plan(next_offsets, _readings_per_partition(decoded, next_offsets))
             predictions, report = self._step(decoded.readings)
-            # A forecast, score or residual that is NaN or infinite cannot be published (JSON has
-            # neither); its device's state may hold them too: the device starts afresh.
-            refused = _not_finite(predictions)
-            if refused.any():
-                for device_id in dict.fromkeys(predictions.device_ids[i] for i in np.flatnonzero(refused)):
-                    self.engine.table.evict(device_id)
             self.partitions.applied(plan)
+        # A forecast, score or residual that is NaN or infinite cannot be published (JSON has neither);
+        # the engine has already reset the state of a device whose step gave one (Engine._reset_not_finite).
+        refused = _not_finite(predictions)
         # Readings below a recovering partition's committed offset were published before.
         replay = np.fromiter(
             (plan.replayed(p.topic, p.partition, p.offset) for p in decoded.positions),
@@ -607,6 +604,7 @@ class Pipeline:
             new_devices=report.new_devices,
             evicted_ttl=report.evicted_idle,
             evicted_capacity=report.evicted_capacity,
+            reset_not_finite=report.reset_not_finite,
             step_seconds=report.step_seconds,
             batch_seconds=batch_seconds,
             latencies=latencies,
@@ -876,7 +874,7 @@ def _published_spans(spans: list[BatchSpan], hidden: np.ndarray) -> list[tuple[B
 
 def _not_finite(predictions: PredictionBatch) -> np.ndarray:
     """(n,) bool: readings whose forecast, anomaly score or residual is NaN or infinite."""
-    forecast = np.isfinite(predictions.forecast).reshape(len(predictions), -1).all(axis=1)
+    forecast = np.isfinite(predictions.forecast).all(axis=1)  # (n, F), n may be 0
     return ~(forecast & np.isfinite(predictions.anomaly_score) & np.isfinite(predictions.residual))
 
 
@@ -908,7 +906,7 @@ def _not_finite_letters(
                                           ("residual", predictions.residual))
                 if not np.isfinite(column[i]).all()]
         detail = (f"{' and '.join(what)} of device {predictions.device_ids[i][:64]!r} not finite after this reading"
-                  f" (the model's output overflowed); the device starts afresh")
+                  " (the model's output overflowed float32)")
         headers = [(k, v if v is not None else b"") for k, v in (message.headers or [])]
         letters.append(DeadLetter(DeadLetterReason.PREDICTION_NOT_FINITE, detail, message.key, message.value, headers,
                                   position))

@@ -126,10 +126,10 @@ class DeadLetter:
         """The original headers, then ours (streamer.*) naming the reason and the source."""
         return [*self.headers, *self._ours()]
 
-    def _ours(self) -> list[tuple[str, bytes]]:
+    def _ours(self, error_bytes: int = 1024) -> list[tuple[str, bytes]]:
         return [
             ("streamer.reason", self.reason.value.encode()),
-            ("streamer.error", self.detail.encode("utf-8", "replace")[:1024]),
+            ("streamer.error", self.detail.encode("utf-8", "replace")[:error_bytes]),
             ("streamer.source.topic", self.source.topic.encode()),
             ("streamer.source.partition", str(self.source.partition).encode()),
             ("streamer.source.offset", str(self.source.offset).encode()),
@@ -152,7 +152,7 @@ class DeadLetter:
         said = (f"value of {len(whole)} bytes (sha256 {hashlib.sha256(whole).hexdigest()}), key of"
                 f" {len(key or b'')} bytes and {len(self.headers)} headers, cut to fit the dead-letter topic's"
                 f" {max_bytes} bytes")
-        ours = [*self._ours(), ("streamer.truncated", said.encode())]
+        ours = [*self._ours(256), ("streamer.truncated", said.encode())]
         for theirs in (self.headers, []):  # the original headers, if they leave room for a key
             room = max_bytes - _record_bytes(key, b"", [*theirs, *ours])
             if room >= 0:
@@ -161,8 +161,9 @@ class DeadLetter:
         return (key or b"")[:room], b"", ours
 
 
-# A record's framing beyond its key, value and headers (record and batch headers, varints), with room to spare.
-RECORD_FRAMING_BYTES = 512
+# A lone record's framing beyond its key, value and headers: the record batch's header (61 bytes)
+# and the record's varints (headers' own varints are counted with them), with room to spare.
+RECORD_FRAMING_BYTES = 128
 
 
 def _record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:

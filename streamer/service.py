@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_STALE_AFTER_S = 60.0
 STARTUP_RETRY_S = 1.0  # between tries to reach the brokers at start-up
+PRODUCER_BATCH_BYTES = 1_000_000  # librdkafka's batch.size (kafka-python's here: 256 KiB, below it)
 MIN_ATTEMPT_S = 3.0  # a try waits for a broker at least this long (kafka.startup_wait_s = 0: one try); TLS and SASL handshakes fit
 MAX_ATTEMPT_S = 30.0  # ... and at most this long, so a long wait still reports each failed try
 STOP_CHECK_S = 0.1
@@ -152,6 +153,12 @@ def _dead_letter_limit(settings: Settings) -> int | None:
                     " near the input's limit is dead-lettered cut to fit (header streamer.truncated); raise the"
                     " dead-letter topic's max.message.bytes to keep every message whole",
                     kafka.dead_letter_topic, limit, kafka.input_topic, given)
+    if limit is not None and limit < PRODUCER_BATCH_BYTES:
+        # The broker's limit is on a request's batch of records: dead letters the producer sends
+        # together can exceed it even when each fits.
+        log.warning("dead-letter topic %s takes batches of up to %d bytes, less than the producer's %d: several dead"
+                    " letters sent together may be refused, which stops the loop", kafka.dead_letter_topic, limit,
+                    PRODUCER_BATCH_BYTES)
     return limit
 
 

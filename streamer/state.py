@@ -181,6 +181,11 @@ class DeviceStateTable:
                 block.index_fill_(0, fresh, 0)
         return Acquired(slots, len(new_positions), evicted)
 
+    def reset(self, slots: Tensor) -> None:
+        """Zero the rows of ``slots`` (their devices stay, their state starts afresh, as a new device's)."""
+        for block in self._blocks():
+            block.index_fill_(0, slots.to(self.device), 0)
+
     def evict_idle(self, now: float) -> int:
         """Evict devices not seen for more than ttl_seconds before ``now``; returns how many."""
         if self.ttl_seconds is None:

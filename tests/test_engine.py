@@ -241,3 +241,31 @@ def test_a_step_that_cannot_be_captured_is_served_as_it_is_and_said_once(monkeyp
         "CUDA graph capture of a 64-row step failed (operation not permitted when stream is capturing); steps"
         " launch their kernels one by one from now on"
     ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_device_whose_output_is_not_finite_starts_afresh_at_its_next_reading(device: str):
+    # A reading that makes the step's output overflow float32 (here 1e30, squared in the device's
+    # running normalisation): that device's row is zeroed at once, so its next reading, in the same
+    # batch (the next wave) or a later one, is stepped as a new device's first; others are untouched.
+    bundle = make_bundle(input_size=2, hidden_size=8, num_layers=2, seed=11, device_norm_alpha=0.01)
+    engine = Engine.build(bundle, capacity=16, device=device)
+    others = Engine.build(bundle, capacity=16, device=device)
+    fresh = Engine.build(bundle, capacity=16, device=device)
+    rng = np.random.default_rng(0)
+    normal = lambda: rng.normal(size=(1, 2)).astype(np.float32)  # noqa: E731
+    first = np.concatenate([normal(), normal()])
+    engine.step(ReadingBatch(["a", "b"], np.zeros(2), first), now=0.0)
+    others.step(ReadingBatch(["b"], np.zeros(1), first[1:]), now=0.0)
+    after, b_next = normal(), normal()
+    blow_up = np.array([[1e30, 1.0]], np.float32)
+    preds, report = engine.step(ReadingBatch(["a", "b", "a"], np.ones(3), np.concatenate([blow_up, b_next, after])),
+                                now=1.0)
+    assert report.reset_not_finite == 1 and report.waves == 2
+    assert not np.isfinite(preds.forecast[0]).all()
+    want_fresh = fresh.step(ReadingBatch(["a"], np.ones(1), after), now=1.0)[0]
+    np.testing.assert_allclose(preds.forecast[2], want_fresh.forecast[0], rtol=0, atol=1e-6)  # a, afresh
+    assert preds.residual[2] == 0.0 and preds.anomaly_score[2] == 0.0  # a first reading: no forecast before it
+    want_b = others.step(ReadingBatch(["b"], np.ones(1), b_next), now=1.0)[0]
+    np.testing.assert_allclose(preds.forecast[1], want_b.forecast[0], rtol=0, atol=1e-6)
+    assert engine.step(ReadingBatch(["a"], np.full(1, 2.0), normal()), now=2.0)[1].reset_not_finite == 0

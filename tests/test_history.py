@@ -144,6 +144,7 @@ BAD_CSV = (
     "d,13,2e18\n"  # 13 beyond what the float32 statistics hold
     "d,1700000000000,14\n"  # 14 epoch milliseconds
     "d,15,15,16\n"  # 15 too many fields
+    "d,16,16,\n"  # 16 a trailing comma: an empty extra field is no data
 )
 
 
@@ -170,8 +171,8 @@ def test_skip_reports_every_bad_row_and_keeps_the_good(tmp_path):
     assert h.bad_rows[0] == BadRow(str(path), 3, "unparsable value", "abc")
     assert len(h.bad_rows[7].value) == 80 and h.bad_rows[7].value.endswith("...")
     assert list(h.devices) == ["d"]  # e had only a bad row
-    np.testing.assert_array_equal(h.devices["d"].lines, [2, 12])
-    np.testing.assert_array_equal(h.devices["d"].values[:, 0], [1, 12])
+    np.testing.assert_array_equal(h.devices["d"].lines, [2, 12, 16])
+    np.testing.assert_array_equal(h.devices["d"].values[:, 0], [1, 12, 16])
 
 
 def test_malformed_csv_is_a_bad_row(tmp_path):

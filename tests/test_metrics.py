@@ -118,10 +118,10 @@ def test_counters_that_can_stay_zero_are_exported_at_zero_from_the_start():
     metrics = Metrics(registry)
     expected = {
         "streamer_dead_letters_total": ("reason", ["not_json", "invalid_schema", "wrong_value_count", "non_finite",
-                                                   "key_mismatch"]),
+                                                   "key_mismatch", "not_arrow", "out_of_range", "prediction_not_finite"]),
         "streamer_partition_recoveries_total": ("outcome", ["checkpoint", "fresh", "no_checkpoint"]),
         "streamer_model_reloads_total": ("outcome", ["loaded", "reset", "failed"]),
-        "streamer_evictions_total": ("reason", ["ttl", "capacity"]),
+        "streamer_evictions_total": ("reason", ["ttl", "capacity", "not_finite"]),
         "streamer_event_time_skew_total": ("direction", ["future", "past"]),
     }
     for name, (label, values) in expected.items():
@@ -129,5 +129,9 @@ def test_counters_that_can_stay_zero_are_exported_at_zero_from_the_start():
             assert registry.get_sample_value(name, {label: value}) == 0.0, (name, value)
     metrics.on_dead_letters({"not_json": 2})
     assert registry.get_sample_value("streamer_dead_letters_total", {"reason": "not_json"}) == 2.0
+    metrics.on_batch(readings=3, predictions=3, anomalies=0, new_devices=0, evicted_ttl=1, evicted_capacity=0,
+                     step_seconds=1e-3, batch_seconds=2e-3, latencies=np.zeros(3), reset_not_finite=2)
+    assert [registry.get_sample_value("streamer_evictions_total", {"reason": r}) for r in ("ttl", "capacity", "not_finite")
+            ] == [1.0, 0.0, 2.0]
     assert registry.get_sample_value("streamer_dead_letters_total", {"reason": "non_finite"}) == 0.0
 

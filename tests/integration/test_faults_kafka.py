@@ -218,33 +218,40 @@ def test_broker_away_not_ready_lag_kept_and_prompt_resume(own_broker, model: Pat
 
 def test_a_delivery_the_broker_refuses_stops_the_loop_before_its_commit(kafka_bootstrap: str, model: Path,
                                                                          tmp_path: Path, unique: str):
-    """A dead letter larger than its topic accepts (max.message.bytes): the broker refuses it, the
-    batch's offsets are not committed (it would be re-delivered) and the loop stops with the error."""
+    """A prediction larger than its topic accepts (an output topic of max.message.bytes 100): the
+    broker refuses it, the batch's offsets are not committed (it would be re-delivered) and the loop
+    stops with the error. A dead letter too big for its topic (1024 here) is cut to fit instead."""
     from kafka import KafkaConsumer, TopicPartition
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from streamer.errors import PipelineError
+    from tests.integration.helpers import read_topic
 
     topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
     create_topic(kafka_bootstrap, topics["in"])
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
-        admin.create_topics([NewTopic(topics["dlq"], 1, 1, topic_configs={"max.message.bytes": "1024"})])
+        admin.create_topics([NewTopic(topics["dlq"], 1, 1, topic_configs={"max.message.bytes": "1024"}),
+                             NewTopic(topics["out"], 1, 1, topic_configs={"max.message.bytes": "100"})])
     finally:
         admin.close()
-    produce(kafka_bootstrap, topics["in"], [
-        (b"dev-1", reading("dev-1", 1_700_000_000, [20.0, -3.0]), None),
-        (b"dev-1", b"{not json" + b"x" * 4000, None),  # its dead letter is over 1024 bytes
-    ])
+    bad = b"{not json" + b"x" * 4000  # its dead letter is over 1024 bytes
+    produce(kafka_bootstrap, topics["in"], [(b"dev-1", bad, None),
+                                            (b"dev-1", reading("dev-1", 1_700_000_000, [20.0, -3.0]), None)])
     group = f"g-{unique}"
-    service = ServiceThread(service_settings(kafka_bootstrap, topics, group, model, tmp_path / "checkpoints"))
+    service = ServiceThread(service_settings(kafka_bootstrap, topics, group, model, tmp_path / "checkpoints",
+                                             batch={"max_records": 1}))  # the dead letter's batch first, alone
     service.thread.join(timeout=60)
     assert not service.alive(), "the loop kept running after a refused delivery"
     with pytest.raises(PipelineError, match="sends of this batch failed"):
         service.stop()
+    [letter] = read_topic(kafka_bootstrap, topics["dlq"], expected=1)
+    headers = dict(letter.headers)
+    assert headers["streamer.reason"] == b"not_json" and b"cut to fit the dead-letter topic's 1024 bytes" in headers[
+        "streamer.truncated"] and bad.startswith(letter.value) and len(letter.value) < len(bad)
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        assert consumer.committed(TopicPartition(topics["in"], 0)) is None
+        assert consumer.committed(TopicPartition(topics["in"], 0)) in (None, 1)  # never past the refused prediction
     finally:
         consumer.close()
 

@@ -312,7 +312,7 @@ def test_a_model_whose_output_overflows_dead_letters_its_readings_and_goes_on(ka
     for record in dlq:
         headers = dict(record.headers)
         assert headers["streamer.reason"] == b"prediction_not_finite" and (record.key, record.value) in sent
-        assert b"starts afresh" in headers["streamer.error"]
+        assert b"overflowed float32" in headers["streamer.error"]
     for record in out:
         assert all(math.isfinite(v) for v in json.loads(record.value)["forecast"])
 

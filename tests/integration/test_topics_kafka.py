@@ -101,5 +101,5 @@ def test_run_creates_the_topics_it_writes_as_settings_say(kafka_bootstrap: str, 
     assert list(specs) == [t["out"], t["dlq"], t["ckpt"]]
     ensure_topics(kafka_bootstrap, specs)
     found = describe(kafka_bootstrap, [t["out"], t["dlq"], t["ckpt"]])
-    assert found == {t["out"]: (5, {"retention.ms": "7200000"}), t["dlq"]: (2, {}),
+    assert found == {t["out"]: (5, {"retention.ms": "7200000"}), t["dlq"]: (2, {"max.message.bytes": "16777216"}),
                      t["ckpt"]: (6, {"cleanup.policy": "compact"})}
