@@ -143,7 +143,8 @@ class Pipeline:
         the dead-letter topic's max.message.bytes, where known: dead letters are cut to fit it and
         kafka.max_message_bytes (DeadLetter.kafka_record)."""
         self.settings = settings
-        self.dead_letter_max_bytes = min(settings.kafka.max_message_bytes, dead_letter_max_bytes or settings.kafka.max_message_bytes)
+        producer_max = settings.kafka.max_message_bytes
+        self.dead_letter_max_bytes = min(producer_max, dead_letter_max_bytes or producer_max)
         self.producer_factory = producer_factory
         self.engine = engine
         self.consumer = consumer

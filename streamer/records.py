@@ -82,7 +82,7 @@ class DeadLetterReason(StrEnum):
     NOT_ARROW = "not_arrow"  # a batch message that is not a readable Arrow IPC stream
     OUT_OF_RANGE = "out_of_range"  # a value beyond ±MAX_ABS_VALUE
     # Refused after the step (never by the decoder): the model gave a forecast, score or residual that
-    # is NaN or infinite for this message's readings; their devices start afresh.
+    # is NaN or infinite for this message's readings (the engine resets a device whose own step gave one).
     PREDICTION_NOT_FINITE = "prediction_not_finite"
 
 
@@ -141,9 +141,9 @@ class DeadLetter:
         send one). A record that would not fit ``max_bytes`` (the topic's limit: a message near
         the input topic's limit, plus our headers, may exceed it) is cut to fit rather than
         refused by the broker, which would stop the loop at this message for good: the value first,
-        then the original headers, then the key, each cut said in a streamer.truncated header with
-        the original sizes and the value's SHA-256. The source position leads back to the whole
-        message while the input topic retains it."""
+        then the original headers, then the key (streamer.error kept to 256 bytes), each cut said in
+        a streamer.truncated header with the original sizes and the value's SHA-256. The source
+        position leads back to the whole message while the input topic retains it."""
         value = self.value if self.value is not None or self.key is not None else b""
         key, headers = self.key, self.kafka_headers()
         if max_bytes is None or _record_bytes(key, value, headers) <= max_bytes:
