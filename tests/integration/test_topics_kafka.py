@@ -56,7 +56,7 @@ def test_create_gives_each_topic_what_settings_say(kafka_bootstrap: str, unique:
     found = describe(kafka_bootstrap, list(t.values()))
     assert found[t["in"]] == (4, {"retention.ms": "3600000"})
     assert found[t["out"]] == (4, {"retention.ms": "3600000"})
-    assert found[t["dlq"]] == (2, {"retention.ms": "-1"})
+    assert found[t["dlq"]] == (2, {"retention.ms": "-1", "max.message.bytes": "16777216"})  # takes whole dead letters
     assert found[t["ckpt"]] == (3, {"cleanup.policy": "compact"})
     # Again: nothing is created, nothing changed.
     assert main([*argv[:argv.index("--topics-partitions")], "--topics-partitions", "8",
