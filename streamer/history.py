@@ -36,13 +36,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from streamer.errors import StreamerError
+from streamer.records import MAX_ABS_VALUE  # values beyond it are refused here as on the live path
 
 SUFFIXES = (".csv", ".parquet")
 DEVICE_COLUMN = "device_id"
 TIME_COLUMNS = ("timestamp", "ts")  # first one present wins
 SHOWN_CHARS = 80  # offending text is cut to this many characters
-# Values beyond this are refused, as the live path refuses them (streamer.records.MAX_ABS_VALUE).
-MAX_ABS_VALUE = 1e18
 # Timestamps ISO-8601 can write (years 1 to 9999), in epoch seconds; past them a column is
 # usually epoch milliseconds, microseconds or nanoseconds.
 TS_MIN = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()

@@ -328,7 +328,7 @@ class Pipeline:
             self.partitions.applied(plan)
         # A forecast, score or residual that is NaN or infinite cannot be published (JSON has neither);
         # the engine has already reset the state of a device whose step gave one (Engine._reset_not_finite).
-        refused = _not_finite(predictions)
+        not_finite = _not_finite(predictions)
         # Readings below a recovering partition's committed offset were published before.
         replay = np.fromiter(
             (plan.replayed(p.topic, p.partition, p.offset) for p in decoded.positions),
@@ -336,9 +336,10 @@ class Pipeline:
             count=len(decoded.positions),
         ) if plan.replay_until else np.zeros(len(decoded.positions), dtype=bool)
         letters = [d for d in decoded.dead_letters if not plan.replayed(d.source.topic, d.source.partition, d.source.offset)]
-        if refused.any():
-            refused = _whole_messages(refused & ~replay, decoded.batch_spans)
-            letters += _not_finite_letters(records, decoded, predictions, refused)
+        refused = not_finite
+        if not_finite.any():
+            refused = _whole_messages(not_finite & ~replay, decoded.batch_spans)
+            letters += _not_finite_letters(records, decoded, predictions, refused, not_finite)
         hidden = replay | refused
         published = _select(predictions, ~hidden) if hidden.any() else predictions
         spans = [] if not self.arrow_output else [
@@ -888,11 +889,12 @@ def _whole_messages(refused: np.ndarray, spans: list[BatchSpan]) -> np.ndarray:
 
 
 def _not_finite_letters(
-    records: list[Message], decoded: DecodedBatch, predictions: PredictionBatch, refused: np.ndarray
+    records: list[Message], decoded: DecodedBatch, predictions: PredictionBatch, refused: np.ndarray,
+    bad: np.ndarray,
 ) -> list[DeadLetter]:
-    """One dead letter per message with a refused reading (prediction_not_finite), the message as read."""
+    """One dead letter per message with a refused reading (prediction_not_finite), the message as
+    read; ``bad``: the readings whose own prediction is not finite (_not_finite), named in its detail."""
     first: dict[SourcePosition, int] = {}
-    bad = _not_finite(predictions)
     for i in np.flatnonzero(refused).tolist():
         position = decoded.positions[i]
         if position not in first or (bad[i] and not bad[first[position]]):
