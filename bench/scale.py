@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from streamer.engine import Engine, ReadingBatch, StateLayout  # noqa: E402
 from streamer.kernels import STATE_DTYPES  # noqa: E402
 from streamer.model import ModelBundle, ModelConfig, init_random_model  # noqa: E402
+from streamer.slotmap import SlotMap  # noqa: E402
 
 MIB = 2**20
 
@@ -61,11 +62,12 @@ def row_bytes(hidden: int, layers: int, dtype: torch.dtype) -> int:
 
 
 def map_entry_bytes(n: int = 1_000_000) -> dict[str, float]:
-    """Python bytes per id -> slot entry (tracemalloc, n entries): the map's own entry with its
-    slot int (one int object per slot, as the table holds them), and the id string itself."""
+    """Bytes per id -> slot entry (n entries): the table's map (streamer.slotmap, its arrays),
+    and for comparison a dict's and an ordered dict's entries with their slot ints (tracemalloc;
+    the table kept a dict before), and the id string itself."""
+    out = {"slot_map": SlotMap(n).nbytes / n}
     ids = [device_id(i) for i in range(n)]
     slots = np.arange(1000, 1000 + n)  # past the small-int cache, like most slots
-    out = {}
     for name, kind in (("ordered_dict", OrderedDict), ("dict", dict)):
         tracemalloc.start()
         m = kind(zip(ids, map(int, slots)))

@@ -21,6 +21,7 @@ from streamer.errors import CapacityError, StreamerError
 from streamer.features import denormalize, normalize_step, time_features
 from streamer.kernels import make_lstm_step
 from streamer.model import ModelBundle, ModelConfig
+from streamer.slotmap import fingerprints
 from streamer.state import DeviceStateTable
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,44 @@ class Plan:
     waves: list[tuple[np.ndarray, np.ndarray]]
 
 
-def plan_waves(device_ids: list[str]) -> Plan:
-    """Group readings into waves: the j-th reading of each device goes in wave j."""
-    if len(dict.fromkeys(device_ids)) == len(device_ids):  # one reading per device (C speed)
-        every = np.arange(len(device_ids))
-        return Plan(list(device_ids), every, [(every, every)] if device_ids else [])
+def plan_waves(device_ids: list[str], keys: tuple[np.ndarray, np.ndarray] | None = None) -> Plan:
+    """Group readings into waves: the j-th reading of each device goes in wave j.
+
+    keys: the ids' ``slotmap.fingerprints`` (computed here when not given). Readings are grouped
+    by them in numpy; two ids whose first hashes agree but second differ (a 64-bit collision)
+    are grouped by id instead, in Python.
+    """
+    n = len(device_ids)
+    if n == 0:
+        return Plan([], np.zeros(0, dtype=np.int64), [])
+    k1, k2 = fingerprints(device_ids) if keys is None else keys
+    sorted_k1 = np.sort(k1)  # SIMD sort: a tenth of the stable argsort's time
+    if not (sorted_k1[1:] == sorted_k1[:-1]).any():  # one reading per device
+        every = np.arange(n)
+        return Plan(list(device_ids), every, [(every, every)])
+    order = np.argsort(k1, kind="stable")  # within a device, offset order
+    sorted_k1 = k1[order]
+    repeat = sorted_k1[1:] == sorted_k1[:-1]
+    sorted_k2 = k2[order]
+    if (sorted_k2[1:][repeat] != sorted_k2[:-1][repeat]).any():
+        return _plan_waves_by_id(device_ids)
+    starts = np.flatnonzero(np.r_[True, ~repeat])  # each device's run in the sorted order
+    group = np.cumsum(np.r_[True, ~repeat]) - 1
+    wave = np.empty(n, dtype=np.int64)
+    wave[order] = np.arange(n) - starts[group]
+    # Devices in first-seen order: a run's first reading is the device's first (stable sort).
+    run_first = order[starts]
+    by_first = np.argsort(run_first)
+    unique_of_run = np.empty(len(starts), dtype=np.int64)
+    unique_of_run[by_first] = np.arange(len(starts))
+    unique_index = np.empty(n, dtype=np.int64)
+    unique_index[order] = unique_of_run[group]
+    first = run_first[by_first]
+    return _waves_of(device_ids, first, unique_index, wave)
+
+
+def _plan_waves_by_id(device_ids: list[str]) -> Plan:
+    """plan_waves, grouping by the ids themselves."""
     position: dict[str, int] = {}
     count: list[int] = []
     first: list[int] = []
@@ -125,16 +159,19 @@ def plan_waves(device_ids: list[str]) -> Plan:
         unique_index[i] = u
         wave[i] = count[u]
         count[u] += 1
-    unique = list(position)
-    first_index = np.asarray(first, dtype=np.int64)
-    n_waves = max(count)  # >= 2: distinct ids took the way out above
+    return _waves_of(device_ids, np.asarray(first, dtype=np.int64), unique_index, wave)
+
+
+def _waves_of(device_ids: list[str], first: np.ndarray, unique_index: np.ndarray, wave: np.ndarray) -> Plan:
+    """The plan of readings whose device (index into ``first``) and wave are known."""
+    n_waves = int(wave.max()) + 1
     order = np.argsort(wave, kind="stable")
     bounds = np.searchsorted(wave[order], np.arange(n_waves + 1))
     waves = []
     for j in range(n_waves):
         idx = order[bounds[j] : bounds[j + 1]]
         waves.append((idx, unique_index[idx]))
-    return Plan(unique, first_index, waves)
+    return Plan([device_ids[i] for i in first.tolist()], first, waves)
 
 
 @dataclass(frozen=True)
@@ -330,9 +367,10 @@ class Engine:
             raise StreamerError(f"values shape {batch.values.shape} != ({n}, {self.config.values_size})")
         evicted_idle = self.table.evict_idle(now)
         self._reset = 0
-        plan = plan_waves(batch.device_ids)
+        keys = fingerprints(batch.device_ids)
+        plan = plan_waves(batch.device_ids, keys)
         partitions = None if batch.partitions is None else batch.partitions[plan.first]
-        acquired = self.table.acquire(plan.unique, now, partitions)
+        acquired = self.table.acquire(plan.unique, now, partitions, keys=(keys[0][plan.first], keys[1][plan.first]))
         forecast, log_tail, flagged, residual = self._execute(plan, acquired.slots, batch.values, batch.ts)
         log_tail = log_tail.astype(np.float64)
         score = -np.expm1(log_tail) + 0.0  # 1 - tail, exact near 0 and near 1; no -0.0

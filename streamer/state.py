@@ -1,6 +1,7 @@
 """The device state table: one preallocated row per device slot, on the engine's torch device.
 
-CPU side: an id -> slot map, a free list, the last-seen time per slot and the recency order:
+CPU side: an id -> slot map (streamer.slotmap: a batch's ids looked up together in numpy
+arrays, not one dict lookup each), a free list, the last-seen time per slot and the recency order:
 a log of touches (slot, touch number) oldest first, in which a slot's entry counts only while it
 is the slot's latest touch (``_touched``), so that seeing a known device costs a vectorised
 write, not a reordering of the map per device. Eviction reads the log from its oldest end; the
@@ -17,9 +18,9 @@ a fixed row count points its padding there (engine: CUDA graphs), and reads back
 Bytes per device: width x 4 (or lead_width x 2 + the rest x 4 under bfloat16) on the torch
 device, plus on the CPU 8 (last seen) + 8 (latest touch) + 4 (partition) + 8 (free stack) +
 8 (slot -> id) bytes, 12 x LOG_ROOM (the touch log; up to 12 x (1 + the largest batch's share
-of the capacity) once a batch has touched more than a quarter of the table) and the id -> slot
-entry (a dict entry and a Python int, ~63 bytes) with its key, the id string (bench/scale.py
-measures them).
+of the capacity) once a batch has touched more than a quarter of the table), the id -> slot map
+(17 bytes of key and flag per slot and 8-16 of probe table: 25-33, against ~63 for a dict entry
+and its int) and the id string itself (bench/scale.py measures them).
 
 Eviction is explicit and counted: idle devices past the TTL, and at capacity the least recently
 seen device not in the current batch. A device evicted and seen again starts from zeros.
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from streamer.errors import CapacityError
+from streamer.slotmap import SlotMap, fingerprints
 
 NO_PARTITION = -1
 LOG_ROOM = 1.25  # touch log entries per slot: compacted (to one per device) every capacity / 4 touches
@@ -86,7 +88,7 @@ class DeviceStateTable:
         else:
             self.lead = torch.zeros(capacity + 1, lead_width, device=self.device, dtype=self.lead_dtype)
             self.rest = torch.zeros(capacity + 1, width - lead_width, device=self.device, dtype=dtype)
-        self._slot_of: dict[str, int] = {}
+        self._slot_of = SlotMap(capacity)  # id fingerprint -> slot, probed per batch (streamer.slotmap)
         self._device_of: list[str | None] = [None] * capacity
         self._last_seen = np.zeros(capacity, dtype=np.float64)
         # Recency: touch number of each slot's latest touch (0: free), and the log of touches,
@@ -119,7 +121,7 @@ class DeviceStateTable:
         return len(self._slot_of)
 
     def __contains__(self, device_id: str) -> bool:
-        return device_id in self._slot_of
+        return self._slot_of.get(device_id) is not None
 
     def slot_of(self, device_id: str) -> int | None:
         return self._slot_of.get(device_id)
@@ -133,52 +135,50 @@ class DeviceStateTable:
         device_of = self._device_of
         return [device_of[slot] for slot in self._live_slots(self._log_head, self._log_tail).tolist()]  # type: ignore[misc]
 
-    def acquire(self, device_ids: Sequence[str], now: float, partitions: np.ndarray | None = None) -> Acquired:
+    def acquire(
+        self, device_ids: Sequence[str], now: float, partitions: np.ndarray | None = None,
+        keys: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Acquired:
         """Slots for distinct ``device_ids``, marking them seen at ``now``.
 
         Known devices keep their slot and rows; new ones get a zeroed slot, from the free list
         or by evicting the least recently seen devices outside this call. ``partitions`` (one per
-        device) records which input partition each device's readings come from.
+        device) records which input partition each device's readings come from. ``keys``: the
+        ids' ``slotmap.fingerprints`` when the caller has them already.
         """
         if len(device_ids) > self.capacity:
             raise CapacityError(
                 f"{len(device_ids)} distinct devices in one batch exceed the state table capacity {self.capacity}"
             )
-        slot_of = self._slot_of
-        found = list(map(slot_of.get, device_ids))  # in C, as the steady state's touch below
+        k1, k2 = fingerprints(device_ids) if keys is None else keys
+        slots = self._slot_of.get_many(k1, k2)
+        new_positions = np.flatnonzero(slots < 0)
+        if len(new_positions) > 1 and not _distinct(k1[new_positions], k2[new_positions]):
+            raise ValueError("acquire: device ids must be distinct")
         # First touch every known device, so that eviction below can only pick devices outside
         # this batch (they are all older than anything touched here).
-        if None not in found:
-            new_positions: list[int] = []
-            slots = np.array(found, dtype=np.int64)
-            self._touch(slots)
-        else:
-            new_positions = [pos for pos, slot in enumerate(found) if slot is None]
-            slots = np.array([-1 if slot is None else slot for slot in found], dtype=np.int64)
-            known = np.ones(len(slots), dtype=bool)
-            known[new_positions] = False
-            self._touch(slots[known])
+        self._touch(slots if not len(new_positions) else slots[slots >= 0])
         evicted = max(0, len(new_positions) - self._n_free)
-        victims = iter(self._oldest(evicted).tolist()) if evicted else None
-        device_of = self._device_of
-        for pos in new_positions:
-            if not self._n_free:
-                self._release_slot(next(victims))  # type: ignore[arg-type]
-            self._n_free -= 1
-            slot = int(self._free[self._n_free])
-            device_id = device_ids[pos]
-            slot_of[device_id] = slot
-            device_of[slot] = device_id
-            slots[pos] = slot
-        if new_positions:
-            self._touch(slots[new_positions])
+        if len(new_positions):
+            # New devices take the free slots first (top of the stack first), then the victims'.
+            victims = self._oldest(evicted) if evicted else np.zeros(0, dtype=np.int64)
+            self._release_slots(victims, free=False)
+            taken = len(new_positions) - evicted
+            fresh = np.concatenate([self._free[self._n_free - taken : self._n_free][::-1], victims])
+            self._n_free -= taken
+            self._slot_of.insert_many(k1[new_positions], k2[new_positions], fresh)
+            device_of = self._device_of
+            for pos, slot in zip(new_positions.tolist(), fresh.tolist()):
+                device_of[slot] = device_ids[pos]
+            slots[new_positions] = fresh
+            self._touch(fresh)
         self._last_seen[slots] = now
         if partitions is not None:
             self._partition[slots] = partitions
-        if new_positions:
-            fresh = torch.from_numpy(slots[new_positions]).to(self.device)
+        if len(new_positions):
+            rows = torch.from_numpy(slots[new_positions]).to(self.device)
             for block in self._blocks():
-                block.index_fill_(0, fresh, 0)
+                block.index_fill_(0, rows, 0)
         return Acquired(slots, len(new_positions), evicted)
 
     def reset(self, slots: Tensor) -> None:
@@ -200,9 +200,9 @@ class DeviceStateTable:
             idle = live & (self._last_seen[window] < cutoff)
             recent = np.flatnonzero(live & ~idle)
             end = int(recent[0]) if len(recent) else len(window)
-            for slot in window[:end][idle[:end]].tolist():
-                self._release_slot(slot)
-                evicted += 1
+            gone = window[:end][idle[:end]].astype(np.int64)
+            self._release_slots(gone)
+            evicted += len(gone)
             self._log_head += end
             if len(recent):
                 break
@@ -210,9 +210,10 @@ class DeviceStateTable:
 
     def evict(self, device_id: str) -> bool:
         """Drop one device; its next reading starts from zeros."""
-        if device_id not in self._slot_of:
+        slot = self._slot_of.get(device_id)
+        if slot is None:
             return False
-        self._release(device_id)
+        self._release_slots(np.array([slot], dtype=np.int64))
         return True
 
     def slots_of_partition(self, partition: int) -> np.ndarray:
@@ -246,8 +247,7 @@ class DeviceStateTable:
     def drop_partition(self, partition: int) -> int:
         """Evict every device of ``partition`` (its partition moved elsewhere); returns how many."""
         slots = self.slots_of_partition(partition)
-        for slot in slots.tolist():
-            self._release_slot(slot)
+        self._release_slots(slots)
         return len(slots)
 
     def gather(self, slots: Tensor, lead: bool = True, scratch: bool = False) -> Tensor:
@@ -347,13 +347,25 @@ class DeviceStateTable:
             self._log_head = self._log_head + int(live[-1]) + 1 if found == k else stop
         return np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
 
-    def _release(self, device_id: str) -> None:
-        self._release_slot(self._slot_of[device_id])
+    def _release_slots(self, slots: np.ndarray, free: bool = True) -> None:
+        """Forget the devices of ``slots`` (distinct, occupied); free=True puts the slots on the
+        free stack (in order: the last one is handed out first)."""
+        if not len(slots):
+            return
+        self._slot_of.delete_many(slots)
+        device_of = self._device_of
+        for slot in slots.tolist():
+            device_of[slot] = None
+        self._touched[slots] = 0  # their log entries are dead
+        self._partition[slots] = NO_PARTITION
+        if free:
+            self._free[self._n_free : self._n_free + len(slots)] = slots
+            self._n_free += len(slots)
 
-    def _release_slot(self, slot: int) -> None:
-        del self._slot_of[self._device_of[slot]]  # type: ignore[arg-type]
-        self._device_of[slot] = None
-        self._touched[slot] = 0  # its log entries are dead
-        self._partition[slot] = NO_PARTITION
-        self._free[self._n_free] = slot
-        self._n_free += 1
+
+def _distinct(k1: np.ndarray, k2: np.ndarray) -> bool:
+    """No key (k1, k2) twice."""
+    ordered = np.sort(k1)
+    if not (ordered[1:] == ordered[:-1]).any():
+        return True
+    return len(set(zip(k1.tolist(), k2.tolist()))) == len(k1)

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamer import slotmap
+from streamer.engine import _plan_waves_by_id, plan_waves
+from streamer.slotmap import SlotMap, fingerprints
+from streamer.state import DeviceStateTable
+
+
+def keys(pairs):
+    return np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64)
+
+
+# Keys from a tiny space: first halves collide often (long probe runs, wrapping past the table's
+# end), second halves tell them apart. Negative and extreme values as hashes give them.
+_K1 = st.sampled_from([0, 1, 7, 8, 15, -1, -8, 2**63 - 1, -(2**63)])
+_KEY = st.tuples(_K1, st.integers(0, 3))
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("insert"), st.lists(_KEY, max_size=6, unique=True)),
+        st.tuples(st.just("delete"), st.lists(_KEY, max_size=6, unique=True)),
+        st.tuples(st.just("get"), st.lists(_KEY, max_size=8)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS, capacity=st.integers(1, 12))
+def test_slot_map_follows_a_dict(ops, capacity):
+    # Inserts, deletes and lookups against a dict of (k1, k2) -> slot, with tombstones and
+    # rebuilds at small capacities.
+    table = SlotMap(capacity)
+    model: dict[tuple[int, int], int] = {}
+    for op, pairs in ops:
+        if op == "insert":
+            fresh = [p for p in pairs if p not in model][: capacity - len(model)]
+            free = sorted(set(range(capacity)) - set(model.values()))[: len(fresh)]
+            table.insert_many(*keys(fresh), np.array(free, dtype=np.int64))
+            model.update(zip(fresh, free))
+        elif op == "delete":
+            gone = [p for p in pairs if p in model]
+            table.delete_many(np.array([model.pop(p) for p in gone], dtype=np.int64))
+        got = table.get_many(*keys(pairs)) if pairs else np.zeros(0, dtype=np.int64)
+        assert got.tolist() == [model.get(p, -1) for p in pairs]
+        assert len(table) == len(model)
+        assert table._live == np.count_nonzero(table._pos >= 0) and table._tombs == np.count_nonzero(table._pos == slotmap.TOMB)
+        assert table._live + table._tombs <= slotmap.MAX_FILL * len(table._pos)
+
+
+def test_slot_map_refuses_what_would_corrupt_it():
+    table = SlotMap(4)
+    table.insert_many(*keys([(1, 1), (2, 2)]), np.array([0, 1]))
+    with pytest.raises(ValueError):
+        table.insert_many(*keys([(3, 3)]), np.array([1]))  # slot 1 is mapped
+    with pytest.raises(ValueError):
+        table.insert_many(*keys([(3, 3), (4, 4)]), np.array([2, 2]))
+    with pytest.raises(KeyError):
+        table.delete_many(np.array([3]))
+    assert table.get_many(*keys([(1, 1), (2, 2), (3, 3)])).tolist() == [0, 1, -1]
+
+
+def test_fingerprints_are_the_ids_own_and_tell_them_apart():
+    ids = [f"sensor-{i}" for i in range(20_000)] + ["", "é", "a\x00", "a"]
+    k1, k2 = fingerprints(ids)
+    again = fingerprints(["".join(list(i)) for i in ids])  # equal strings, other objects
+    assert np.array_equal(k1, again[0]) and np.array_equal(k2, again[1])
+    assert len(set(zip(k1.tolist(), k2.tolist()))) == len(ids)
+    # The second hash is not a function of the first: "a" + SALT is another message than "a".
+    assert (k1 != k2).all()
+    assert SlotMap(1).get("absent") is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=30))
+def test_plan_by_fingerprints_is_the_plan_by_id(ids):
+    fast, exact = plan_waves(ids), _plan_waves_by_id(ids) if ids else plan_waves(ids)
+    assert fast.unique == exact.unique and np.array_equal(fast.first, exact.first)
+    assert [(r.tolist(), u.tolist()) for r, u in fast.waves] == [(r.tolist(), u.tolist()) for r, u in exact.waves]
+
+
+def test_ids_whose_first_hashes_collide_are_still_two_devices():
+    ids = ["x", "y", "x", "y", "y"]
+    k1 = np.zeros(5, dtype=np.int64)  # every first hash equal
+    k2 = np.array([1, 2, 1, 2, 2], dtype=np.int64)
+    plan = plan_waves(ids, (k1, k2))
+    assert plan.unique == ["x", "y"] and [r.tolist() for r, _ in plan.waves] == [[0, 1], [2, 3], [4]]
+    table = DeviceStateTable(capacity=2, width=1)
+    got = table.acquire(["x", "y"], now=0.0, keys=(k1[:2], k2[:2]))
+    assert got.new_devices == 2 and sorted(got.slots.tolist()) == [0, 1]
+    again = table.acquire(["y", "x"], now=1.0, keys=(k1[:2][::-1].copy(), k2[:2][::-1].copy()))
+    assert again.new_devices == 0 and again.slots.tolist() == got.slots.tolist()[::-1]
+
+
+def test_acquire_refuses_a_new_device_twice():
+    table = DeviceStateTable(capacity=4, width=1)
+    with pytest.raises(ValueError, match="distinct"):
+        table.acquire(["a", "b", "a"], now=0.0)
+    assert len(table) == 0
