@@ -3,10 +3,10 @@
     python bench/engine_vs.py [BASE_REF]   (default: the commit before the anomaly likelihood)
 
 Checks BASE_REF out into a temporary git worktree and times `Engine.step` over B devices (one
-reading each; H=64, L=2, 1 value, CPU) in both trees, alternating base and head ROUNDS times in
-fresh processes, so that machine noise hits both alike. Prints one JSON line per batch size
-with the best of each tree's rounds (noise on a shared machine only slows a round down) and
-their ratio (head / base). ENGINE_VS_STATE_DTYPE=bfloat16 times bfloat16 state instead.
+reading each, ids fresh strings at every step; H=64, L=2, 1 value, CPU) in both trees,
+alternating base and head ROUNDS times in fresh processes, so that machine noise hits both
+alike. Prints one JSON line per batch size with the best of each tree's rounds (noise on a
+shared machine only slows a round down) and their ratio (head / base). ENGINE_VS_STATE_DTYPE=bfloat16 times bfloat16 state instead.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ bundle = ModelBundle(init_random_model(config, 0), config, "bench", None)
 out = {}
 for batch in (1024, 16384):
     engine = Engine.build(bundle, capacity=batch, device="cpu", **({"state_dtype": torch.bfloat16} if sys.argv[1] == "bfloat16" else {}))
-    readings = ReadingBatch([f"d{i}" for i in range(batch)], np.zeros(batch),
-                            np.random.default_rng(0).normal(size=(batch, 1)).astype(np.float32))
-    engine.step(readings, now=0.0)
+    values = np.random.default_rng(0).normal(size=(batch, 1)).astype(np.float32)
+    # Fresh id strings at every step, as decoding messages makes them (no hash cached in them).
+    fresh = lambda: ReadingBatch([f"d{i}" for i in range(batch)], np.zeros(batch), values)
+    engine.step(fresh(), now=0.0)
     runs = []
     t_end = time.perf_counter() + 2.0
     while time.perf_counter() < t_end or len(runs) < 3:
+        readings = fresh()
         t0 = time.perf_counter(); engine.step(readings, now=0.0); runs.append(time.perf_counter() - t0)
     out[batch] = batch / float(np.median(runs))
 print(json.dumps(out))

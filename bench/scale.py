@@ -183,10 +183,13 @@ def main() -> int:
     evicted = 0
     rss_by_quarter = []
     t0 = time.perf_counter()
+    round_s: list[float] = []
     for k in range(args.churn_rounds):
         chunk = [device_id(i) for i in range(next_id, next_id + batch)]
         next_id += batch
+        began = time.perf_counter()
         evicted += table.acquire(chunk, now=1000.0 + k).evicted_for_capacity
+        round_s.append(time.perf_counter() - began)
         if (k + 1) % max(1, args.churn_rounds // 4) == 0:
             rss_by_quarter.append(round(rss()[0] / MIB))
     churn_s = time.perf_counter() - t0
@@ -194,6 +197,7 @@ def main() -> int:
     after, peak = rss()
     emit(figure="churn", devices=n, new_devices=args.churn_rounds * batch, evicted=evicted, table_len=len(table),
          us_per_new_device=round(churn_s / (args.churn_rounds * batch) * 1e6, 3),
+         acquire_ms_median=round(float(np.median(round_s)) * 1e3, 1), acquire_ms_max=round(max(round_s) * 1e3, 1),
          rss_before_mib=round(before / MIB), rss_by_quarter_mib=rss_by_quarter, rss_after_mib=round(after / MIB),
          peak_rss_mib=round(peak / MIB))
     # TTL: devices idle past the TTL go, oldest first.

@@ -139,9 +139,16 @@ def decode(data: bytes, path: object = "<bytes>") -> Checkpoint:
     ids_blob = body[at : at + ids_bytes]
     at += ids_bytes
     ids, cursor = [], 0
-    for length in lengths.tolist():
-        ids.append(ids_blob[cursor : cursor + length].decode("utf-8"))
-        cursor += length
+    try:
+        for length in lengths.tolist():
+            ids.append(ids_blob[cursor : cursor + length].decode("utf-8"))
+            cursor += length
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(path, f"device id {len(ids)} is not UTF-8 ({exc.reason})") from None
+    if cursor != ids_bytes:
+        raise CheckpointError(path, f"device id lengths add up to {cursor} bytes, not {ids_bytes}")
+    if len(set(ids)) != len(ids):
+        raise CheckpointError(path, "a device id appears twice")
     rows = np.frombuffer(body, dtype="<f4", count=count * width, offset=at).reshape(count, width).astype(np.float32)
     at += 4 * count * width
     last_seen = np.frombuffer(body, dtype="<f8", count=count, offset=at).astype(np.float64)

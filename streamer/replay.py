@@ -121,8 +121,9 @@ def replay(histories: Histories, engine: Engine, *, batch_size: int = 4096, prog
             stop = min(start + batch_size, n)
             if ttl is not None:
                 stop = _batch_stop(start, stop, ts, deadline, restart_prev)
-                for i in np.flatnonzero(restart_prev[start:stop] >= 0):
-                    evicted_ttl += int(engine.table.evict(ids[start + i]))
+                restarting = np.flatnonzero(restart_prev[start:stop] >= 0) + start
+                if len(restarting):
+                    evicted_ttl += engine.table.evict_many([ids[i] for i in restarting.tolist()])
             batch = ReadingBatch(ids[start:stop], ts[start:stop], values[start:stop])
             predictions, report = engine.step(batch, now=float(ts[stop - 1]))  # ts is sorted: the batch's latest
             rows = row_of[start:stop]

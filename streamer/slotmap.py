@@ -11,7 +11,10 @@ Keys are 128-bit fingerprints of the ids, two 64-bit hashes (Python's own str ha
 keyed per process, of the id and of the id with a byte appended): two ids are one device only
 if both hashes agree, which for 10M devices happens with a probability of about 1e-25 (n^2 /
 2^129), far below that of a memory error. Fingerprints live only in this process: checkpoints
-keep the ids themselves and hash them again when restored.
+keep the ids themselves and hash them again when restored. The first hash alone can be made
+to collide on purpose (CPython hashes a string's stored bytes: the id of the two characters
+U+0000 U+0001 hashes as the id U+0100 does); the second, over the id with a character appended,
+tells such ids apart (tests/test_slotmap.py).
 
 Layout: per slot its two key halves (16 bytes) and whether it is in the map; per position of
 the probe table (a power of two, at least twice the capacity) the slot there, EMPTY or
@@ -29,6 +32,8 @@ import numpy as np
 EMPTY = -1
 TOMB = -2
 MAX_FILL = 0.7  # live entries + tombstones, as a share of the probe table, before a rebuild
+WINDOW = 8  # positions a probe round looks at, past the first round of a lookup
+_AHEAD = np.arange(WINDOW, dtype=np.int64)
 SALT = "\x00"  # appended for the second hash: another message, so another SipHash value
 
 
@@ -69,20 +74,33 @@ class SlotMap:
         return None if slot < 0 else slot
 
     def get_many(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
-        """(n,) int64 slots of the keys, -1 where absent."""
-        out = np.full(len(k1), -1, dtype=np.int64)
-        idx = np.arange(len(k1))
+        """(n,) int64 slots of the keys, -1 where absent.
+
+        The first round probes each key's home position alone (about two keys in three sit
+        there); later rounds look WINDOW positions ahead at once, so that the rare long probe
+        runs cost a few numpy calls rather than one round per position.
+        """
         pos = k1 & self._mask
-        a, b = k1, k2
+        at = self._pos[pos]
+        out = at.astype(np.int64)
+        hit = at >= 0
+        slot = out[hit]
+        hit[hit] = (self._k1[slot] == k1[hit]) & (self._k2[slot] == k2[hit])
+        go = ~hit & (at != EMPTY)  # a tombstone or another key there: probe on
+        out[~hit] = -1
+        idx = np.flatnonzero(go)
+        a, b, pos = k1[idx], k2[idx], (pos[idx] + 1) & self._mask
         while idx.size:
-            at = self._pos[pos]
-            live = at >= 0
-            hit = live.copy()
-            slot = at[live]
-            hit[live] = (self._k1[slot] == a[live]) & (self._k2[slot] == b[live])
-            out[idx[hit]] = at[hit]
-            go = ~hit & (at != EMPTY)  # a tombstone or another key: probe on
-            idx, a, b, pos = idx[go], a[go], b[go], (pos[go] + 1) & self._mask
+            at = self._pos[(pos[:, None] + _AHEAD) & self._mask]  # (r, WINDOW)
+            row, col = np.nonzero(at >= 0)
+            same = self._k1[at[row, col]] == a[row]
+            row, col = row[same], col[same]
+            same = self._k2[at[row, col]] == b[row]
+            row, col = row[same], col[same]  # at most one per row: a key is mapped once
+            out[idx[row]] = at[row, col]
+            go = (at != EMPTY).all(axis=1)  # an empty position ends the key's probe run
+            go[row] = False
+            idx, a, b, pos = idx[go], a[go], b[go], (pos[go] + WINDOW) & self._mask
         return out
 
     def insert_many(self, k1: np.ndarray, k2: np.ndarray, slots: np.ndarray) -> None:
@@ -90,7 +108,7 @@ class SlotMap:
         if not len(slots):
             return
         slots = np.asarray(slots, dtype=np.int64)
-        if self._present[slots].any() or len(np.unique(slots)) != len(slots):
+        if self._present[slots].any() or (len(slots) > 1 and (np.diff(np.sort(slots)) == 0).any()):
             raise ValueError("insert_many: a slot already mapped, or given twice")
         self._k1[slots] = k1
         self._k2[slots] = k2
@@ -108,15 +126,20 @@ class SlotMap:
         slots = np.asarray(slots, dtype=np.int64)
         if not self._present[slots].all():
             raise KeyError("delete_many: a slot that is not mapped")
+        if len(slots) > 1 and (np.diff(np.sort(slots)) == 0).any():
+            raise KeyError("delete_many: a slot given twice")
         pending = slots
         pos = self._k1[slots] & self._mask
         while pending.size:
-            at = self._pos[pos]
-            hit = at == pending
-            if (at[~hit] == EMPTY).any():  # cannot happen while _present is right
+            window = (pos[:, None] + _AHEAD) & self._mask
+            at = self._pos[window]
+            row, col = np.nonzero(at == pending[:, None])
+            self._pos[window[row, col]] = TOMB
+            go = np.ones(len(pending), dtype=bool)
+            go[row] = False
+            if (at[go] == EMPTY).any():  # cannot happen while _present is right
                 raise KeyError("delete_many: a mapped slot missing from the probe table")
-            self._pos[pos[hit]] = TOMB
-            pending, pos = pending[~hit], (pos[~hit] + 1) & self._mask
+            pending, pos = pending[go], (pos[go] + WINDOW) & self._mask
         self._present[slots] = False
         self._live -= len(slots)
         self._tombs += len(slots)
@@ -127,20 +150,34 @@ class SlotMap:
         self._live = self._tombs = 0
 
     def _place(self, slots: np.ndarray) -> None:
-        """Put present slots at the first free position of their probe sequences."""
-        pending = slots
+        """Put present slots at the first free position of their probe sequences: a first round
+        at each home position alone (where most go), then WINDOW positions a round. Several
+        slots may pick one position in a round: one of the writes stays, read back (no sort),
+        and the others look again next round."""
         pos = self._k1[slots] & self._mask
+        at = self._pos[pos]
+        free = np.flatnonzero(at < 0)
+        self._pos[pos[free]] = slots[free]
+        won = free[self._pos[pos[free]] == slots[free]]
+        self._tombs -= int(np.count_nonzero(at[won] == TOMB))
+        rest = np.ones(len(slots), dtype=bool)
+        rest[won] = False
+        pending, pos = slots[rest], (pos[rest] + 1) & self._mask
         while pending.size:
-            at = self._pos[pos]
-            free = np.flatnonzero(at < 0)
-            # Several slots may reach one free position in a round: the first of them takes it.
-            _, first = np.unique(pos[free], return_index=True)
-            won = free[first]
-            self._tombs -= int(np.count_nonzero(at[won] == TOMB))
-            self._pos[pos[won]] = pending[won]
+            window = (pos[:, None] + _AHEAD) & self._mask
+            at = self._pos[window]
+            free = at < 0
+            has = free.any(axis=1)
+            rows = np.flatnonzero(has)
+            col = free[rows].argmax(axis=1)  # each row's first free position
+            target, was = window[rows, col], at[rows, col]
+            self._pos[target] = pending[rows]
+            won = self._pos[target] == pending[rows]
+            self._tombs -= int(np.count_nonzero(was[won] == TOMB))
             rest = np.ones(len(pending), dtype=bool)
-            rest[won] = False
-            pending, pos = pending[rest], (pos[rest] + 1) & self._mask
+            rest[rows[won]] = False
+            pos = np.where(has, pos, (pos + WINDOW) & self._mask)  # a full window: the next one
+            pending, pos = pending[rest], pos[rest]
 
     def _rebuild(self) -> None:
         """The probe table anew from the present slots, without tombstones."""

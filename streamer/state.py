@@ -210,11 +210,16 @@ class DeviceStateTable:
 
     def evict(self, device_id: str) -> bool:
         """Drop one device; its next reading starts from zeros."""
-        slot = self._slot_of.get(device_id)
-        if slot is None:
-            return False
-        self._release_slots(np.array([slot], dtype=np.int64))
-        return True
+        return self.evict_many([device_id]) == 1
+
+    def evict_many(self, device_ids: Sequence[str]) -> int:
+        """Drop these devices (those known; an id given twice counts once); returns how many."""
+        slots = self._slot_of.get_many(*fingerprints(device_ids))
+        slots = slots[slots >= 0]
+        _, first = np.unique(slots, return_index=True)
+        slots = slots[np.sort(first)]  # in the order given: the last one is handed out first
+        self._release_slots(slots)
+        return len(slots)
 
     def slots_of_partition(self, partition: int) -> np.ndarray:
         """Occupied slots whose devices read from ``partition``, ascending."""

@@ -588,3 +588,25 @@ def test_a_partition_reset_with_its_write_in_flight_recovers_from_what_was_writt
     assert not recovering.is_alive() and partitions._writing == 0
     owned = partitions.owned[TP0]
     assert owned.checkpoint_offset == 5 and owned.writing is None and owned.next_offset == 5
+
+
+def test_a_checkpoint_whose_ids_are_inconsistent_is_refused_even_with_a_good_checksum():
+    # Files a checksum does not catch (written so, or crafted): each is one CheckpointError.
+    from streamer.engine import PartitionState
+
+    def written(ids: list[str]) -> bytes:
+        state = PartitionState(ids, np.zeros((len(ids), 3), np.float32), np.zeros(len(ids)))
+        return encode(Checkpoint("readings", 0, 7, state, 3, "v1"))
+
+    def resealed(body: bytes) -> bytes:
+        return body + checkpoint_module.hashlib.sha256(body).digest()
+
+    with pytest.raises(CheckpointError, match="appears twice"):
+        decode(written(["a", "b", "a"]))
+    good = written(["ab", "c"])[: -checkpoint_module.DIGEST_SIZE]
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        decode(resealed(good.replace(b"abc", b"\xffbc", 1)))
+    lengths = np.asarray([2, 1], "<u4").tobytes()
+    with pytest.raises(CheckpointError, match="add up to"):
+        decode(resealed(good.replace(lengths, np.asarray([1, 1], "<u4").tobytes(), 1)))
+    assert decode(resealed(good)).state.device_ids == ["ab", "c"]

@@ -99,3 +99,25 @@ def test_acquire_refuses_a_new_device_twice():
     with pytest.raises(ValueError, match="distinct"):
         table.acquire(["a", "b", "a"], now=0.0)
     assert len(table) == 0
+
+
+def test_ids_made_to_collide_on_the_first_hash_are_two_devices():
+    # CPython hashes a string's stored bytes: these two ids share their first hash.
+    ids = ["\x00\x01", "\u0100"]
+    k1, k2 = fingerprints(ids)
+    assert k1[0] == k1[1] and k2[0] != k2[1]
+    plan = plan_waves(ids + ids)
+    assert plan.unique == ids and len(plan.waves) == 2
+    table = DeviceStateTable(capacity=4, width=1)
+    assert table.acquire(ids, now=0.0).new_devices == 2 and len(table) == 2
+    assert table.acquire(ids[::-1], now=1.0).new_devices == 0
+
+
+def test_evict_many_drops_the_known_ids_once_each():
+    table = DeviceStateTable(capacity=4, width=1)
+    table.acquire(["a", "b", "c"], now=0.0)
+    assert table.evict_many(["b", "zz", "b", "a"]) == 2
+    assert table.device_ids() == ["c"] and "a" not in table and "b" not in table
+    # Released in the order given: "a" was given last, so its slot is handed out first.
+    assert table.acquire(["d"], now=1.0).slots.tolist() == [0]
+    assert table.evict_many([]) == 0
