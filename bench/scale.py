@@ -200,6 +200,16 @@ def main() -> int:
          acquire_ms_median=round(float(np.median(round_s)) * 1e3, 1), acquire_ms_max=round(max(round_s) * 1e3, 1),
          rss_before_mib=round(before / MIB), rss_by_quarter_mib=rss_by_quarter, rss_after_mib=round(after / MIB),
          peak_rss_mib=round(peak / MIB))
+    # The id -> slot map's rebuild (its tombstones dropped): a pause in one step, once per so
+    # many devices replaced.
+    id_map = getattr(table, "_slot_of", None)
+    if hasattr(id_map, "_rebuild"):
+        from streamer import slotmap
+
+        t0 = time.perf_counter()
+        id_map._rebuild()
+        emit(figure="id_map_rebuild", devices=len(table), ms=round((time.perf_counter() - t0) * 1e3),
+             replaced_devices_between=int(slotmap.MAX_FILL * len(id_map._pos)) - table.capacity)
     # TTL: devices idle past the TTL go, oldest first.
     t0 = time.perf_counter()
     gone = table.evict_idle(now=1000.0 + args.churn_rounds + 3600.0 - 1.0)

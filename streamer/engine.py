@@ -21,7 +21,7 @@ from streamer.errors import CapacityError, StreamerError
 from streamer.features import denormalize, normalize_step, time_features
 from streamer.kernels import make_lstm_step
 from streamer.model import ModelBundle, ModelConfig
-from streamer.slotmap import fingerprints
+from streamer.slotmap import Keys, keys_of
 from streamer.state import DeviceStateTable
 
 log = logging.getLogger(__name__)
@@ -107,26 +107,26 @@ class Plan:
     waves: list[tuple[np.ndarray, np.ndarray]]
 
 
-def plan_waves(device_ids: list[str], keys: tuple[np.ndarray, np.ndarray] | None = None) -> Plan:
+def plan_waves(device_ids: list[str], keys: Keys | None = None) -> Plan:
     """Group readings into waves: the j-th reading of each device goes in wave j.
 
-    keys: the ids' ``slotmap.fingerprints`` (computed here when not given). Readings are grouped
-    by them in numpy; two ids whose first hashes agree but second differ (a 64-bit collision)
-    are grouped by id instead, in Python.
+    keys: ``slotmap.keys_of(device_ids)`` (computed here when not given). Readings are grouped
+    by their ids' hashes in numpy, the ids of equal hashes compared; ids that differ under one
+    hash (a collision) are grouped by id instead, in Python.
     """
     n = len(device_ids)
     if n == 0:
         return Plan([], np.zeros(0, dtype=np.int64), [])
-    k1, k2 = fingerprints(device_ids) if keys is None else keys
-    sorted_k1 = np.sort(k1)  # SIMD sort: a tenth of the stable argsort's time
-    if not (sorted_k1[1:] == sorted_k1[:-1]).any():  # one reading per device
+    hashes, ids = keys_of(device_ids) if keys is None else keys
+    sorted_hashes = np.sort(hashes)  # SIMD sort: a tenth of the stable argsort's time
+    if not (sorted_hashes[1:] == sorted_hashes[:-1]).any():  # one reading per device
         every = np.arange(n)
         return Plan(list(device_ids), every, [(every, every)])
-    order = np.argsort(k1, kind="stable")  # within a device, offset order
-    sorted_k1 = k1[order]
-    repeat = sorted_k1[1:] == sorted_k1[:-1]
-    sorted_k2 = k2[order]
-    if (sorted_k2[1:][repeat] != sorted_k2[:-1][repeat]).any():
+    order = np.argsort(hashes, kind="stable")  # within a device, offset order
+    sorted_hashes = hashes[order]
+    repeat = sorted_hashes[1:] == sorted_hashes[:-1]
+    sorted_ids = ids[order]
+    if not (sorted_ids[1:][repeat] == sorted_ids[:-1][repeat]).all():
         return _plan_waves_by_id(device_ids)
     starts = np.flatnonzero(np.r_[True, ~repeat])  # each device's run in the sorted order
     group = np.cumsum(np.r_[True, ~repeat]) - 1
@@ -367,7 +367,7 @@ class Engine:
             raise StreamerError(f"values shape {batch.values.shape} != ({n}, {self.config.values_size})")
         evicted_idle = self.table.evict_idle(now)
         self._reset = 0
-        keys = fingerprints(batch.device_ids)
+        keys = keys_of(batch.device_ids)
         plan = plan_waves(batch.device_ids, keys)
         partitions = None if batch.partitions is None else batch.partitions[plan.first]
         acquired = self.table.acquire(plan.unique, now, partitions, keys=(keys[0][plan.first], keys[1][plan.first]))

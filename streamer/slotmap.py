@@ -1,62 +1,62 @@
 """Device id -> slot for whole batches: an open-addressing hash table held in numpy arrays.
 
-A Python dict maps one id at a time, and each lookup in a table of millions waits on two or
-three cache misses in turn (the hash index, the entry, the stored key's characters, then the
-slot's int object). Here a batch is hashed once (``fingerprints``, C calls over the list) and
-every lookup of the batch advances together, one probe round per numpy gather, whose misses
-overlap: at 10M devices 0.40 us per reading against 1.42 for a dict, on a shared 2-core host
+A Python dict maps one id at a time, and each lookup in a table of millions waits on its cache
+misses in turn (the hash index, the entry, the stored key's characters, then the slot's int
+object). Here a batch is hashed once (``keys_of``: C calls over the list) and every lookup of
+the batch advances together, one probe round per numpy gather, whose misses overlap
 (``bench/scale.py``, ``id_to_slot``; README, State table).
 
-Keys are 128-bit fingerprints of the ids, two 64-bit hashes (Python's own str hash, SipHash
-keyed per process, of the id and of the id with a byte appended): two ids are one device only
-if both hashes agree, which for 10M devices happens with a probability of about 1e-25 (n^2 /
-2^129), far below that of a memory error. Fingerprints live only in this process: checkpoints
-keep the ids themselves and hash them again when restored. The first hash alone can be made
-to collide on purpose (CPython hashes a string's stored bytes: the id of the two characters
-U+0000 U+0001 hashes as the id U+0100 does); the second, over the id with a character appended,
-tells such ids apart (tests/test_slotmap.py).
+A key is the id's Python str hash (SipHash, keyed per process) with the id itself: a probe
+stops at a position whose slot has the same hash, and the id stored for that slot is compared
+with the one looked up (object arrays, compared in C), so two ids are one device only if they
+are equal. Hashes that collide (CPython hashes a string's stored bytes, so the id of the two
+characters U+0000 U+0001 hashes as the id U+0100 does) only lengthen a probe. Hashes live only
+in this process: checkpoints keep the ids and hash them again when restored.
 
-Layout: per slot its two key halves (16 bytes) and whether it is in the map; per position of
-the probe table (a power of two, at least twice the capacity) the slot there, EMPTY or
-TOMB (a deleted entry, skipped by lookups, reused by inserts). Linear probing; the table is
-rebuilt without tombstones when live entries and tombstones fill MAX_FILL of it.
+Layout: per slot its hash (8 bytes), its id (an object reference, 8 bytes: the table's slot ->
+id) and whether it is in the map; per position of the probe table (a power of two, at least
+twice the capacity) the slot there, EMPTY or TOMB (a deleted entry, skipped by lookups, reused
+by inserts). Linear probing; the probe table is rebuilt without tombstones when live entries
+and tombstones fill MAX_FILL of it (at 10M devices about 1.5 s, once per some 13M devices
+replaced).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import repeat
 
 import numpy as np
 
 EMPTY = -1
 TOMB = -2
 MAX_FILL = 0.7  # live entries + tombstones, as a share of the probe table, before a rebuild
-WINDOW = 8  # positions a probe round looks at, past the first round of a lookup
+WINDOW = 8  # positions a probe round looks at, past the first round
 _AHEAD = np.arange(WINDOW, dtype=np.int64)
-SALT = "\x00"  # appended for the second hash: another message, so another SipHash value
+
+Keys = tuple[np.ndarray, np.ndarray]  # (hashes (n,) int64, ids (n,) object)
 
 
-def fingerprints(device_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(k1, k2): two (n,) int64 hashes per id, in C calls over the sequence (no Python frame per id)."""
+def keys_of(device_ids: Sequence[str]) -> Keys:
+    """The ids' hashes, in C calls over the sequence (no Python frame per id), and the ids as an
+    object array."""
     n = len(device_ids)
-    k1 = np.fromiter(map(hash, device_ids), dtype=np.int64, count=n)
-    k2 = np.fromiter(map(hash, map(str.__add__, device_ids, repeat(SALT))), dtype=np.int64, count=n)
-    return k1, k2
+    ids = np.empty(n, dtype=object)
+    ids[:] = device_ids
+    return np.fromiter(map(hash, device_ids), dtype=np.int64, count=n), ids
 
 
 class SlotMap:
-    """Fingerprint -> slot for slots in [0, capacity). Batch operations take (k1, k2) arrays."""
+    """Id -> slot for slots in [0, capacity). Batch operations take ``keys_of`` the ids."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        positions = 1 << max(3, (2 * capacity - 1).bit_length())  # >= 2 x capacity: live load <= 1/2
+        positions = 1 << max(3, (4 * capacity - 1).bit_length())  # >= 4 x capacity: live load <= 1/4
         self._mask = positions - 1
         self._pos = np.full(positions, EMPTY, dtype=np.int32 if capacity < 2**31 else np.int64)
-        self._k1 = np.zeros(capacity, dtype=np.int64)
-        self._k2 = np.zeros(capacity, dtype=np.int64)
+        self._hash = np.zeros(capacity, dtype=np.int64)
+        self.ids = np.full(capacity, None, dtype=object)  # slot -> id, None where free
         self._present = np.zeros(capacity, dtype=bool)
         self._live = 0
         self._tombs = 0
@@ -66,52 +66,54 @@ class SlotMap:
 
     @property
     def nbytes(self) -> int:
-        return self._pos.nbytes + self._k1.nbytes + self._k2.nbytes + self._present.nbytes
+        """Bytes of the map's arrays (the ids' strings not included)."""
+        return self._pos.nbytes + self._hash.nbytes + self.ids.nbytes + self._present.nbytes
 
     def get(self, device_id: str) -> int | None:
         """The slot of one id, or None."""
-        slot = int(self.get_many(*fingerprints([device_id]))[0])
+        slot = int(self.get_many(keys_of([device_id]))[0])
         return None if slot < 0 else slot
 
-    def get_many(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
-        """(n,) int64 slots of the keys, -1 where absent.
+    def get_many(self, keys: Keys) -> np.ndarray:
+        """(n,) int64 slots of the ids, -1 where absent.
 
-        The first round probes each key's home position alone (about two keys in three sit
-        there); later rounds look WINDOW positions ahead at once, so that the rare long probe
-        runs cost a few numpy calls rather than one round per position.
+        The first round probes each id's home position alone (about two in three sit there);
+        later rounds look WINDOW positions ahead at once, so that the rare long probe runs cost
+        a few numpy calls rather than one round per position.
         """
-        pos = k1 & self._mask
+        hashes, ids = keys
+        pos = hashes & self._mask
         at = self._pos[pos]
         out = at.astype(np.int64)
         hit = at >= 0
         slot = out[hit]
-        hit[hit] = (self._k1[slot] == k1[hit]) & (self._k2[slot] == k2[hit])
-        go = ~hit & (at != EMPTY)  # a tombstone or another key there: probe on
+        hit[hit] = self._hash[slot] == hashes[hit]
+        hit[hit] = self.ids[out[hit]] == ids[hit]
+        go = ~hit & (at != EMPTY)  # a tombstone or another id there: probe on
         out[~hit] = -1
         idx = np.flatnonzero(go)
-        a, b, pos = k1[idx], k2[idx], (pos[idx] + 1) & self._mask
+        h, pos = hashes[idx], (pos[idx] + 1) & self._mask
         while idx.size:
             at = self._pos[(pos[:, None] + _AHEAD) & self._mask]  # (r, WINDOW)
             row, col = np.nonzero(at >= 0)
-            same = self._k1[at[row, col]] == a[row]
+            same = self._hash[at[row, col]] == h[row]
             row, col = row[same], col[same]
-            same = self._k2[at[row, col]] == b[row]
-            row, col = row[same], col[same]  # at most one per row: a key is mapped once
+            same = self.ids[at[row, col]] == ids[idx[row]]
+            row, col = row[same], col[same]  # at most one per row: an id is mapped once
             out[idx[row]] = at[row, col]
-            go = (at != EMPTY).all(axis=1)  # an empty position ends the key's probe run
+            go = (at != EMPTY).all(axis=1)  # an empty position ends the id's probe run
             go[row] = False
-            idx, a, b, pos = idx[go], a[go], b[go], (pos[go] + WINDOW) & self._mask
+            idx, h, pos = idx[go], h[go], (pos[go] + WINDOW) & self._mask
         return out
 
-    def insert_many(self, k1: np.ndarray, k2: np.ndarray, slots: np.ndarray) -> None:
-        """Map distinct keys, none in the map, to free slots (each at most once)."""
+    def insert_many(self, keys: Keys, slots: np.ndarray) -> None:
+        """Map distinct ids, none in the map, to free slots (each at most once)."""
         if not len(slots):
             return
         slots = np.asarray(slots, dtype=np.int64)
         if self._present[slots].any() or (len(slots) > 1 and (np.diff(np.sort(slots)) == 0).any()):
             raise ValueError("insert_many: a slot already mapped, or given twice")
-        self._k1[slots] = k1
-        self._k2[slots] = k2
+        self._hash[slots], self.ids[slots] = keys
         self._present[slots] = True
         self._live += len(slots)
         if self._live + self._tombs > MAX_FILL * len(self._pos):
@@ -129,7 +131,7 @@ class SlotMap:
         if len(slots) > 1 and (np.diff(np.sort(slots)) == 0).any():
             raise KeyError("delete_many: a slot given twice")
         pending = slots
-        pos = self._k1[slots] & self._mask
+        pos = self._hash[slots] & self._mask
         while pending.size:
             window = (pos[:, None] + _AHEAD) & self._mask
             at = self._pos[window]
@@ -141,12 +143,14 @@ class SlotMap:
                 raise KeyError("delete_many: a mapped slot missing from the probe table")
             pending, pos = pending[go], (pos[go] + WINDOW) & self._mask
         self._present[slots] = False
+        self.ids[slots] = None
         self._live -= len(slots)
         self._tombs += len(slots)
 
     def clear(self) -> None:
         self._pos.fill(EMPTY)
         self._present.fill(False)
+        self.ids.fill(None)
         self._live = self._tombs = 0
 
     def _place(self, slots: np.ndarray) -> None:
@@ -154,7 +158,7 @@ class SlotMap:
         at each home position alone (where most go), then WINDOW positions a round. Several
         slots may pick one position in a round: one of the writes stays, read back (no sort),
         and the others look again next round."""
-        pos = self._k1[slots] & self._mask
+        pos = self._hash[slots] & self._mask
         at = self._pos[pos]
         free = np.flatnonzero(at < 0)
         self._pos[pos[free]] = slots[free]

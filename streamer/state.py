@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from streamer.errors import CapacityError
-from streamer.slotmap import SlotMap, fingerprints
+from streamer.slotmap import Keys, SlotMap, keys_of
 
 NO_PARTITION = -1
 LOG_ROOM = 1.25  # touch log entries per slot: compacted (to one per device) every capacity / 4 touches
@@ -88,8 +88,8 @@ class DeviceStateTable:
         else:
             self.lead = torch.zeros(capacity + 1, lead_width, device=self.device, dtype=self.lead_dtype)
             self.rest = torch.zeros(capacity + 1, width - lead_width, device=self.device, dtype=dtype)
-        self._slot_of = SlotMap(capacity)  # id fingerprint -> slot, probed per batch (streamer.slotmap)
-        self._device_of: list[str | None] = [None] * capacity
+        self._slot_of = SlotMap(capacity)  # id -> slot, probed per batch (streamer.slotmap)
+        self._device_of = self._slot_of.ids  # slot -> id (None: free), an object array
         self._last_seen = np.zeros(capacity, dtype=np.float64)
         # Recency: touch number of each slot's latest touch (0: free), and the log of touches,
         # live between _log_head and _log_tail, oldest first.
@@ -132,28 +132,27 @@ class DeviceStateTable:
 
     def device_ids(self) -> list[str]:
         """Known devices, least recently seen first."""
-        device_of = self._device_of
-        return [device_of[slot] for slot in self._live_slots(self._log_head, self._log_tail).tolist()]  # type: ignore[misc]
+        return self._device_of[self._live_slots(self._log_head, self._log_tail)].tolist()
 
     def acquire(
         self, device_ids: Sequence[str], now: float, partitions: np.ndarray | None = None,
-        keys: tuple[np.ndarray, np.ndarray] | None = None,
+        keys: Keys | None = None,
     ) -> Acquired:
         """Slots for distinct ``device_ids``, marking them seen at ``now``.
 
         Known devices keep their slot and rows; new ones get a zeroed slot, from the free list
         or by evicting the least recently seen devices outside this call. ``partitions`` (one per
         device) records which input partition each device's readings come from. ``keys``: the
-        ids' ``slotmap.fingerprints`` when the caller has them already.
+        ``slotmap.keys_of(device_ids)`` when the caller has them already.
         """
         if len(device_ids) > self.capacity:
             raise CapacityError(
                 f"{len(device_ids)} distinct devices in one batch exceed the state table capacity {self.capacity}"
             )
-        k1, k2 = fingerprints(device_ids) if keys is None else keys
-        slots = self._slot_of.get_many(k1, k2)
+        hashes, ids = keys_of(device_ids) if keys is None else keys
+        slots = self._slot_of.get_many((hashes, ids))
         new_positions = np.flatnonzero(slots < 0)
-        if len(new_positions) > 1 and not _distinct(k1[new_positions], k2[new_positions]):
+        if len(new_positions) > 1 and not _distinct(hashes[new_positions], ids[new_positions]):
             raise ValueError("acquire: device ids must be distinct")
         # First touch every known device, so that eviction below can only pick devices outside
         # this batch (they are all older than anything touched here).
@@ -166,10 +165,7 @@ class DeviceStateTable:
             taken = len(new_positions) - evicted
             fresh = np.concatenate([self._free[self._n_free - taken : self._n_free][::-1], victims])
             self._n_free -= taken
-            self._slot_of.insert_many(k1[new_positions], k2[new_positions], fresh)
-            device_of = self._device_of
-            for pos, slot in zip(new_positions.tolist(), fresh.tolist()):
-                device_of[slot] = device_ids[pos]
+            self._slot_of.insert_many((hashes[new_positions], ids[new_positions]), fresh)  # slot -> id too
             slots[new_positions] = fresh
             self._touch(fresh)
         self._last_seen[slots] = now
@@ -214,7 +210,7 @@ class DeviceStateTable:
 
     def evict_many(self, device_ids: Sequence[str]) -> int:
         """Drop these devices (those known; an id given twice counts once); returns how many."""
-        slots = self._slot_of.get_many(*fingerprints(device_ids))
+        slots = self._slot_of.get_many(keys_of(device_ids))
         slots = slots[slots >= 0]
         _, first = np.unique(slots, return_index=True)
         slots = slots[np.sort(first)]  # in the order given: the last one is handed out first
@@ -227,7 +223,7 @@ class DeviceStateTable:
 
     def export(self, slots: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(device ids, rows (n, width) float32 on the CPU, last seen (n,)) of ``slots``."""
-        ids = [self._device_of[int(slot)] for slot in slots]
+        ids = self._device_of[np.asarray(slots, dtype=np.int64)].tolist()
         rows = self.gather(torch.from_numpy(slots).to(self.device)).cpu().numpy()
         return ids, rows, self._last_seen[slots].copy()
 
@@ -357,10 +353,7 @@ class DeviceStateTable:
         free stack (in order: the last one is handed out first)."""
         if not len(slots):
             return
-        self._slot_of.delete_many(slots)
-        device_of = self._device_of
-        for slot in slots.tolist():
-            device_of[slot] = None
+        self._slot_of.delete_many(slots)  # slot -> id too
         self._touched[slots] = 0  # their log entries are dead
         self._partition[slots] = NO_PARTITION
         if free:
@@ -368,9 +361,9 @@ class DeviceStateTable:
             self._n_free += len(slots)
 
 
-def _distinct(k1: np.ndarray, k2: np.ndarray) -> bool:
-    """No key (k1, k2) twice."""
-    ordered = np.sort(k1)
+def _distinct(hashes: np.ndarray, ids: np.ndarray) -> bool:
+    """No id twice (ids compared only where hashes repeat)."""
+    ordered = np.sort(hashes)
     if not (ordered[1:] == ordered[:-1]).any():
         return True
-    return len(set(zip(k1.tolist(), k2.tolist()))) == len(k1)
+    return len(set(ids.tolist())) == len(ids)

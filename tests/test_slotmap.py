@@ -5,16 +5,19 @@ from hypothesis import strategies as st
 
 from streamer import slotmap
 from streamer.engine import _plan_waves_by_id, plan_waves
-from streamer.slotmap import SlotMap, fingerprints
+from streamer.slotmap import SlotMap, keys_of
 from streamer.state import DeviceStateTable
 
 
 def keys(pairs):
-    return np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64)
+    """Keys of made-up ids (hash, name): the hash is given, not computed, so that ids can share one."""
+    ids = np.empty(len(pairs), dtype=object)
+    ids[:] = [f"{h}/{name}" for h, name in pairs]
+    return np.array([p[0] for p in pairs], dtype=np.int64), ids
 
 
-# Keys from a tiny space: first halves collide often (long probe runs, wrapping past the table's
-# end), second halves tell them apart. Negative and extreme values as hashes give them.
+# Ids from a tiny space: their hashes collide often (long probe runs, wrapping past the table's
+# end); the ids tell them apart. Negative and extreme values as hashes too.
 _K1 = st.sampled_from([0, 1, 7, 8, 15, -1, -8, 2**63 - 1, -(2**63)])
 _KEY = st.tuples(_K1, st.integers(0, 3))
 _OPS = st.lists(
@@ -30,20 +33,20 @@ _OPS = st.lists(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_OPS, capacity=st.integers(1, 12))
 def test_slot_map_follows_a_dict(ops, capacity):
-    # Inserts, deletes and lookups against a dict of (k1, k2) -> slot, with tombstones and
-    # rebuilds at small capacities.
+    # Inserts, deletes and lookups against a dict of id -> slot, with tombstones and rebuilds at
+    # small capacities.
     table = SlotMap(capacity)
     model: dict[tuple[int, int], int] = {}
     for op, pairs in ops:
         if op == "insert":
             fresh = [p for p in pairs if p not in model][: capacity - len(model)]
             free = sorted(set(range(capacity)) - set(model.values()))[: len(fresh)]
-            table.insert_many(*keys(fresh), np.array(free, dtype=np.int64))
+            table.insert_many(keys(fresh), np.array(free, dtype=np.int64))
             model.update(zip(fresh, free))
         elif op == "delete":
             gone = [p for p in pairs if p in model]
             table.delete_many(np.array([model.pop(p) for p in gone], dtype=np.int64))
-        got = table.get_many(*keys(pairs)) if pairs else np.zeros(0, dtype=np.int64)
+        got = table.get_many(keys(pairs))
         assert got.tolist() == [model.get(p, -1) for p in pairs]
         assert len(table) == len(model)
         assert table._live == np.count_nonzero(table._pos >= 0) and table._tombs == np.count_nonzero(table._pos == slotmap.TOMB)
@@ -52,25 +55,28 @@ def test_slot_map_follows_a_dict(ops, capacity):
 
 def test_slot_map_refuses_what_would_corrupt_it():
     table = SlotMap(4)
-    table.insert_many(*keys([(1, 1), (2, 2)]), np.array([0, 1]))
+    table.insert_many(keys([(1, 1), (2, 2)]), np.array([0, 1]))
     with pytest.raises(ValueError):
-        table.insert_many(*keys([(3, 3)]), np.array([1]))  # slot 1 is mapped
+        table.insert_many(keys([(3, 3)]), np.array([1]))  # slot 1 is mapped
     with pytest.raises(ValueError):
-        table.insert_many(*keys([(3, 3), (4, 4)]), np.array([2, 2]))
+        table.insert_many(keys([(3, 3), (4, 4)]), np.array([2, 2]))
     with pytest.raises(KeyError):
         table.delete_many(np.array([3]))
-    assert table.get_many(*keys([(1, 1), (2, 2), (3, 3)])).tolist() == [0, 1, -1]
+    with pytest.raises(KeyError):
+        table.delete_many(np.array([0, 0]))
+    assert table.get_many(keys([(1, 1), (2, 2), (3, 3)])).tolist() == [0, 1, -1]
+    assert len(table) == 2 and table.ids.tolist()[:3] == ["1/1", "2/2", None]
 
 
-def test_fingerprints_are_the_ids_own_and_tell_them_apart():
-    ids = [f"sensor-{i}" for i in range(20_000)] + ["", "é", "a\x00", "a"]
-    k1, k2 = fingerprints(ids)
-    again = fingerprints(["".join(list(i)) for i in ids])  # equal strings, other objects
-    assert np.array_equal(k1, again[0]) and np.array_equal(k2, again[1])
-    assert len(set(zip(k1.tolist(), k2.tolist()))) == len(ids)
-    # The second hash is not a function of the first: "a" + SALT is another message than "a".
-    assert (k1 != k2).all()
-    assert SlotMap(1).get("absent") is None
+def test_keys_are_the_ids_own_hashes():
+    ids = [f"sensor-{i}" for i in range(2_000)] + ["", "é", "a\x00", "a"]
+    hashes, objects = keys_of(ids)
+    again = keys_of(["".join(list(i)) for i in ids])  # equal strings, other objects
+    assert np.array_equal(hashes, again[0]) and objects.tolist() == ids
+    table = SlotMap(len(ids))
+    table.insert_many(again, np.arange(len(ids)))
+    assert np.array_equal(table.get_many(keys_of(ids)), np.arange(len(ids)))
+    assert table.get("absent") is None and table.get("a") == len(ids) - 1
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,17 +87,18 @@ def test_plan_by_fingerprints_is_the_plan_by_id(ids):
     assert [(r.tolist(), u.tolist()) for r, u in fast.waves] == [(r.tolist(), u.tolist()) for r, u in exact.waves]
 
 
-def test_ids_whose_first_hashes_collide_are_still_two_devices():
+def test_ids_whose_hashes_collide_are_still_two_devices():
     ids = ["x", "y", "x", "y", "y"]
-    k1 = np.zeros(5, dtype=np.int64)  # every first hash equal
-    k2 = np.array([1, 2, 1, 2, 2], dtype=np.int64)
-    plan = plan_waves(ids, (k1, k2))
+    hashes = np.zeros(5, dtype=np.int64)  # every hash equal
+    objects = np.array(ids, dtype=object)
+    plan = plan_waves(ids, (hashes, objects))
     assert plan.unique == ["x", "y"] and [r.tolist() for r, _ in plan.waves] == [[0, 1], [2, 3], [4]]
     table = DeviceStateTable(capacity=2, width=1)
-    got = table.acquire(["x", "y"], now=0.0, keys=(k1[:2], k2[:2]))
+    got = table.acquire(["x", "y"], now=0.0, keys=(hashes[:2], objects[:2]))
     assert got.new_devices == 2 and sorted(got.slots.tolist()) == [0, 1]
-    again = table.acquire(["y", "x"], now=1.0, keys=(k1[:2][::-1].copy(), k2[:2][::-1].copy()))
+    again = table.acquire(["y", "x"], now=1.0, keys=(hashes[:2], objects[1::-1].copy()))
     assert again.new_devices == 0 and again.slots.tolist() == got.slots.tolist()[::-1]
+    assert table.device_ids() == ["y", "x"]
 
 
 def test_acquire_refuses_a_new_device_twice():
@@ -101,16 +108,17 @@ def test_acquire_refuses_a_new_device_twice():
     assert len(table) == 0
 
 
-def test_ids_made_to_collide_on_the_first_hash_are_two_devices():
-    # CPython hashes a string's stored bytes: these two ids share their first hash.
+def test_ids_made_to_collide_on_their_hash_are_two_devices():
+    # CPython hashes a string's stored bytes: these two ids share their hash.
     ids = ["\x00\x01", "\u0100"]
-    k1, k2 = fingerprints(ids)
-    assert k1[0] == k1[1] and k2[0] != k2[1]
+    hashes, _ = keys_of(ids)
+    assert hashes[0] == hashes[1]
     plan = plan_waves(ids + ids)
     assert plan.unique == ids and len(plan.waves) == 2
     table = DeviceStateTable(capacity=4, width=1)
     assert table.acquire(ids, now=0.0).new_devices == 2 and len(table) == 2
     assert table.acquire(ids[::-1], now=1.0).new_devices == 0
+    assert table.slot_of(ids[0]) != table.slot_of(ids[1])
 
 
 def test_evict_many_drops_the_known_ids_once_each():
