@@ -155,6 +155,7 @@ def bench_engine(hidden: int) -> None:
     try:
         from streamer.engine import Engine, ReadingBatch, plan_waves
         from streamer.model import ModelBundle
+        from streamer.slotmap import keys_of
     except Exception as exc:  # the engine may import more than torch one day: say so, go on
         emit(figure="gpu_engine_step", error=f"{type(exc).__name__}: {exc}")
         return
@@ -169,14 +170,18 @@ def bench_engine(hidden: int) -> None:
         engine.step(batch, now=0.0)
         runs, plans, acquires, execute = [], [], [], []
         for _ in range(5):
+            readings = ReadingBatch([f"d{i}" for i in range(B)], batch.ts, values)  # fresh ids, as decoded
             t0 = time.perf_counter()
-            engine.step(batch, now=0.0)
+            engine.step(readings, now=0.0)
             runs.append(time.perf_counter() - t0)
+            fresh = [f"d{i}" for i in range(B)]  # no hash cached in them, none the table's own object
+            # plan: the ids hashed and the waves planned; acquire: their slots (streamer.slotmap)
             t0 = time.perf_counter()
-            plan = plan_waves(ids)
+            keys = keys_of(fresh)
+            plan = plan_waves(fresh, keys)
             plans.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            slots = engine.table.acquire(plan.unique, now=0.0).slots
+            slots = engine.table.acquire(plan.unique, now=0.0, keys=(keys[0][plan.first], keys[1][plan.first])).slots
             acquires.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             engine._execute(plan, slots, values, batch.ts)

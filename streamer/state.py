@@ -16,11 +16,12 @@ to a new device reads as zeros. Row ``sink`` (= capacity) belongs to no device: 
 a fixed row count points its padding there (engine: CUDA graphs), and reads back what it wrote.
 
 Bytes per device: width x 4 (or lead_width x 2 + the rest x 4 under bfloat16) on the torch
-device, plus on the CPU 8 (last seen) + 8 (latest touch) + 4 (partition) + 8 (free stack) +
-8 (slot -> id) bytes, 12 x LOG_ROOM (the touch log; up to 12 x (1 + the largest batch's share
-of the capacity) once a batch has touched more than a quarter of the table), the id -> slot map
-(17 bytes of key and flag per slot and 8-16 of probe table: 25-33, against ~63 for a dict entry
-and its int) and the id string itself (bench/scale.py measures them).
+device, plus on the CPU 8 (last seen) + 8 (latest touch) + 4 (partition) + 8 (free stack)
+bytes, 12 x LOG_ROOM (the touch log; up to 12 x (1 + the largest batch's share of the
+capacity) once a batch has touched more than a quarter of the table), the id -> slot map (per
+slot its hash, its id's reference, the slot -> id, and a flag: 17 bytes, and 16-32 of probe
+table; against ~63 for a dict entry and its int, and 8 for a list of ids) and the id string
+itself (bench/scale.py measures them).
 
 Eviction is explicit and counted: idle devices past the TTL, and at capacity the least recently
 seen device not in the current batch. A device evicted and seen again starts from zeros.
