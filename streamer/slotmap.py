@@ -15,7 +15,7 @@ in this process: checkpoints keep the ids and hash them again when restored.
 
 Layout: per slot its hash (8 bytes), its id (an object reference, 8 bytes: the table's slot ->
 id) and whether it is in the map; per position of the probe table (a power of two, at least
-twice the capacity) the slot there, EMPTY or TOMB (a deleted entry, skipped by lookups, reused
+four times the capacity) the slot there, EMPTY or TOMB (a deleted entry, skipped by lookups, reused
 by inserts). Linear probing; the probe table is rebuilt without tombstones when live entries
 and tombstones fill MAX_FILL of it (at 10M devices about 1.2 s, once per some 37M devices
 replaced).
