@@ -15,8 +15,8 @@ in this process: checkpoints keep the ids and hash them again when restored.
 
 Layout: per slot its hash (8 bytes), its id (an object reference, 8 bytes: the table's slot ->
 id) and whether it is in the map; per position of the probe table (a power of two, at least
-four times the capacity) the slot there, EMPTY or TOMB (a deleted entry, skipped by lookups, reused
-by inserts). Linear probing; the probe table is rebuilt without tombstones when live entries
+four times the capacity) the slot there, EMPTY or TOMB (a deleted entry, skipped by lookups,
+reused by inserts). Linear probing; the probe table is rebuilt without tombstones when live entries
 and tombstones fill MAX_FILL of it (at 10M devices about 1.2 s, once per some 37M devices
 replaced).
 """
@@ -33,7 +33,9 @@ MAX_FILL = 0.7  # live entries + tombstones, as a share of the probe table, befo
 WINDOW = 8  # positions a probe round looks at, past the first round
 _AHEAD = np.arange(WINDOW, dtype=np.int64)
 
-Keys = tuple[np.ndarray, np.ndarray]  # (hashes (n,) int64, ids (n,) object)
+# (hashes (n,) int64, ids (n,) object): made by keys_of. The ids must be an object array: a
+# str array ("<U") would drop trailing NUL characters, and "a\x00" would look like "a".
+Keys = tuple[np.ndarray, np.ndarray]
 
 
 def keys_of(device_ids: Sequence[str]) -> Keys:
@@ -77,7 +79,7 @@ class SlotMap:
     def get_many(self, keys: Keys) -> np.ndarray:
         """(n,) int64 slots of the ids, -1 where absent.
 
-        The first round probes each id's home position alone (about two in three sit there);
+        The first round probes each id's home position alone (where five ids in six sit);
         later rounds look WINDOW positions ahead at once, so that the rare long probe runs cost
         a few numpy calls rather than one round per position.
         """

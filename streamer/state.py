@@ -1,10 +1,10 @@
 """The device state table: one preallocated row per device slot, on the engine's torch device.
 
 CPU side: an id -> slot map (streamer.slotmap: a batch's ids looked up together in numpy
-arrays, not one dict lookup each), a free list, the last-seen time per slot and the recency order:
-a log of touches (slot, touch number) oldest first, in which a slot's entry counts only while it
-is the slot's latest touch (``_touched``), so that seeing a known device costs a vectorised
-write, not a reordering of the map per device. Eviction reads the log from its oldest end; the
+arrays, not one dict lookup each), a free list, the last-seen time per slot and the recency
+order: a log of touches (slot, touch number) oldest first, in which a slot's entry counts only
+while it is the slot's latest touch (``_touched``), so that seeing a known device costs a
+vectorised write, not a reordering of the map per device. Eviction reads the log from its oldest end; the
 log is compacted to the live entries, one per device, when it fills.
 
 Accelerator side: rows of ``width`` columns, gathered and scattered for a batch by one index
@@ -19,9 +19,9 @@ Bytes per device: width x 4 (or lead_width x 2 + the rest x 4 under bfloat16) on
 device, plus on the CPU 8 (last seen) + 8 (latest touch) + 4 (partition) + 8 (free stack)
 bytes, 12 x LOG_ROOM (the touch log; up to 12 x (1 + the largest batch's share of the
 capacity) once a batch has touched more than a quarter of the table), the id -> slot map (per
-slot its hash, its id's reference, the slot -> id, and a flag: 17 bytes, and 16-32 of probe
-table; against ~63 for a dict entry and its int, and 8 for a list of ids) and the id string
-itself (bench/scale.py measures them).
+slot its hash, its id (the slot -> id) and a flag: 17 bytes, and 16-32 of probe table; against
+~63 for a dict entry and its int, and 8 for a list of ids) and the id string itself
+(bench/scale.py measures them).
 
 Eviction is explicit and counted: idle devices past the TTL, and at capacity the least recently
 seen device not in the current batch. A device evicted and seen again starts from zeros.
@@ -363,7 +363,7 @@ class DeviceStateTable:
 
 
 def _distinct(hashes: np.ndarray, ids: np.ndarray) -> bool:
-    """No id twice (ids compared only where hashes repeat)."""
+    """No id twice: the ids compared (as a set) only when some hash repeats."""
     ordered = np.sort(hashes)
     if not (ordered[1:] == ordered[:-1]).any():
         return True
