@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A state table of millions of devices: bytes per device, the id -> slot cost, the step rate
-over random devices of a full table, and memory under device churn. One JSON object per figure.
+over random devices of a full table, memory under device churn and the id -> slot map's
+rebuild. One JSON object per figure.
 
     python bench/scale.py [--devices 10000000] [--hidden 32] [--layers 2] [--state-dtype bfloat16]
                           [--device cpu] [--batch 16384]

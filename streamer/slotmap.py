@@ -149,12 +149,6 @@ class SlotMap:
         self._live -= len(slots)
         self._tombs += len(slots)
 
-    def clear(self) -> None:
-        self._pos.fill(EMPTY)
-        self._present.fill(False)
-        self.ids.fill(None)
-        self._live = self._tombs = 0
-
     def _place(self, slots: np.ndarray) -> None:
         """Put present slots at the first free position of their probe sequences: a first round
         at each home position alone (where most go), then WINDOW positions a round. Several
