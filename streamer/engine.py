@@ -20,7 +20,7 @@ from streamer.anomaly import AnomalyParams, record_breaks, residual_of, score_an
 from streamer.errors import CapacityError, StreamerError
 from streamer.features import denormalize, normalize_step, time_features
 from streamer.kernels import make_lstm_step
-from streamer.model import ModelBundle, ModelConfig
+from streamer.model import ModelBundle, ModelConfig, allocation_failed
 from streamer.slotmap import Keys, keys_of
 from streamer.state import DeviceStateTable
 
@@ -325,8 +325,7 @@ class Engine:
                 lead_width=layout.c.stop, lead_dtype=state_dtype,
             )
         except (RuntimeError, MemoryError) as exc:
-            # torch's allocators raise OutOfMemoryError on CUDA, a RuntimeError naming the allocation on the CPU.
-            if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(exc).lower():
+            if not allocation_failed(exc):
                 raise
             row_bytes = layout.c.stop * state_dtype.itemsize + (layout.width - layout.c.stop) * 4
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -370,7 +369,9 @@ class Engine:
         keys = keys_of(batch.device_ids)
         plan = plan_waves(batch.device_ids, keys)
         partitions = None if batch.partitions is None else batch.partitions[plan.first]
-        acquired = self.table.acquire(plan.unique, now, partitions, keys=(keys[0][plan.first], keys[1][plan.first]))
+        if len(plan.unique) < n:  # the keys of each device's first reading
+            keys = (keys[0][plan.first], keys[1][plan.first])
+        acquired = self.table.acquire(plan.unique, now, partitions, keys=keys)
         forecast, log_tail, flagged, residual = self._execute(plan, acquired.slots, batch.values, batch.ts)
         log_tail = log_tail.astype(np.float64)
         score = -np.expm1(log_tail) + 0.0  # 1 - tail, exact near 0 and near 1; no -0.0

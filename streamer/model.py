@@ -285,6 +285,13 @@ class StepWeights:
         return out, torch.stack(hs, dim=1), torch.stack(cs, dim=1)
 
 
+def allocation_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: MemoryError, torch's OutOfMemoryError (CUDA) or the
+    RuntimeError torch's CPU allocator raises, which names the allocation."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "alloc" in str(exc).lower())
+
+
 def init_random_model(config: ModelConfig, seed: int = 0) -> LSTMModel:
     """A model with PyTorch's default init from a fixed seed (tests, benchmarks)."""
     gen_state = torch.random.get_rng_state()

@@ -39,7 +39,7 @@ from streamer.engine import resolve_device
 from streamer.errors import StreamerError
 from streamer.features import check_time_features, normalize_sequences, time_features
 from streamer.history import unwritable_reason
-from streamer.model import LSTMModel, ModelConfig, Normalization, save_model_file
+from streamer.model import LSTMModel, ModelConfig, Normalization, allocation_failed, save_model_file
 from streamer.simulate import FleetSpec, history
 
 log = logging.getLogger("streamer.train")
@@ -396,8 +396,7 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
         try:
             losses, best_epoch, steps = _fit(model, sampler, val_set, features, steps_per_epoch, options, start)
         except (MemoryError, RuntimeError) as exc:
-            # torch raises OutOfMemoryError on CUDA, a RuntimeError naming the allocation on the CPU.
-            if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(exc).lower():
+            if not allocation_failed(exc):
                 raise
             raise TrainOptionsError(
                 "batch_size", f"is too big for the memory of {device} at window {options.window} and hidden size"
