@@ -147,3 +147,56 @@ def test_an_id_behind_many_of_its_hash_is_found_windows_later(home):
     model = {p: i for i, p in enumerate(pairs) if i not in gone} | dict(zip(back, gone))
     asked = pairs + back + [(h, "absent")]
     assert table.get_many(keys(asked)).tolist() == [model.get(p, -1) for p in asked]
+
+
+def test_a_run_of_tombstones_that_ends_at_an_empty_position_is_empty_again():
+    # Four ids of one hash in a run from their home; deleting the last two leaves nothing behind
+    # them, so their positions are EMPTY again. Deleting the first leaves a tombstone: the ids
+    # behind it are still reached through it.
+    table = SlotMap(8)
+    home = 3
+    pairs = [(home, f"id{i}") for i in range(4)]
+    for slot, pair in enumerate(pairs):  # one at a time: in this order along the run
+        table.insert_many(keys([pair]), np.array([slot]))
+    assert table._pos[home : home + 4].tolist() == [0, 1, 2, 3]
+    table.delete_many(np.array([3, 2]))
+    assert table._pos[home : home + 5].tolist() == [0, 1, slotmap.EMPTY, slotmap.EMPTY, slotmap.EMPTY]
+    assert table._tombs == 0
+    table.delete_many(np.array([0]))
+    assert table._pos[home : home + 2].tolist() == [slotmap.TOMB, 1]
+    assert table._tombs == 1
+    assert table.get_many(keys(pairs)).tolist() == [-1, 1, -1, -1]
+    # The run's last entry gone: the tombstone before it goes too.
+    table.delete_many(np.array([1]))
+    assert (table._pos == slotmap.EMPTY).all() and table._tombs == 0
+
+
+def test_a_run_that_wraps_past_the_end_is_cleared_back_across_it():
+    table = SlotMap(8)
+    last = table._mask
+    pairs = [(last, f"id{i}") for i in range(3)]  # at the last position, then 0 and 1
+    for slot, pair in enumerate(pairs):
+        table.insert_many(keys([pair]), np.array([slot]))
+    assert [table._pos[last], table._pos[0], table._pos[1]] == [0, 1, 2]
+    table.delete_many(np.array([0, 1]))
+    assert table._tombs == 2 and table.get_many(keys(pairs)).tolist() == [-1, -1, 2]
+    table.delete_many(np.array([2]))
+    assert (table._pos == slotmap.EMPTY).all() and table._tombs == 0
+
+
+def test_churn_leaves_few_tombstones_and_needs_no_rebuild():
+    # Each round the oldest devices go and as many new ones come, in their slots: tombstones
+    # level off (about 0.4 per live entry) instead of growing until a rebuild.
+    capacity, batch = 4096, 256
+    table = SlotMap(capacity)
+    table.insert_many(keys_of([f"d{i}" for i in range(capacity)]), np.arange(capacity))
+    next_id = capacity
+    for r in range(200):  # 12 times the capacity replaced
+        victims = (np.arange(batch) + r * batch) % capacity
+        table.delete_many(victims)
+        table.insert_many(keys_of([f"d{i}" for i in range(next_id, next_id + batch)]), victims)
+        next_id += batch
+    assert table.rebuilds == 0
+    assert table._tombs == np.count_nonzero(table._pos == slotmap.TOMB) < 0.6 * capacity
+    newest = [f"d{i}" for i in range(next_id - capacity, next_id)]
+    assert sorted(table.get_many(keys_of(newest)).tolist()) == list(range(capacity))
