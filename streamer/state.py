@@ -42,6 +42,13 @@ from streamer.slotmap import Keys, SlotMap, keys_of
 NO_PARTITION = -1
 LOG_ROOM = 1.25  # touch log entries per slot: compacted (to one per device) every capacity / 4 touches
 LOG_MIN = 1024
+# The compaction runs as a sweep spread over the touches that fill the log's last fifth
+# (SWEEP_RESERVE): each touch sweeps SWEEP_RATIO entries (at least SWEEP_MIN), so that no step
+# pays for a whole table at once (at 10M devices that had been a pause of 150-290 ms).
+SWEEP_RESERVE = 0.2
+SWEEP_RATIO = 6
+SWEEP_MIN = 4096
+DEAD = -1  # a log entry's touch number where the sweep left a gap: no slot's latest touch
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,12 @@ class DeviceStateTable:
         self._log_slot = np.zeros(log_size, dtype=np.int32 if capacity < 2**31 else np.int64)
         self._log_touch = np.zeros(log_size, dtype=np.int64)
         self._log_head = self._log_tail = 0
+        # The sweep (None: none under way): live entries of [_log_head, _sweep_read) are moved,
+        # in order, to [_log_head, _sweep_write); [_sweep_write, _sweep_read) is a gap of DEAD
+        # entries; [_sweep_read, _log_tail) is not swept yet. When it reaches the tail, the
+        # tail comes back to _sweep_write.
+        self._sweep_read: int | None = None
+        self._sweep_write = 0
         self._partition = np.full(capacity, NO_PARTITION, dtype=np.int32)  # input partition per slot
         # A stack of free slots (top at _n_free - 1): slot 0 is handed out first.
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)
@@ -303,7 +316,12 @@ class DeviceStateTable:
         n = len(slots)
         if not n:
             return
-        if self._log_tail + n > len(self._log_slot):
+        size = len(self._log_slot)
+        if self._sweep_read is None and self._log_tail + n > size - int(SWEEP_RESERVE * size):
+            self._sweep_read = self._sweep_write = self._log_head
+        if self._sweep_read is not None:
+            self._sweep(max(SWEEP_MIN, SWEEP_RATIO * n))
+        if self._log_tail + n > size:
             self._compact_log(n)
         touches = np.arange(self._touches + 1, self._touches + 1 + n, dtype=np.int64)
         self._touches += n
@@ -321,8 +339,30 @@ class DeviceStateTable:
         """Slots of the live log entries in [start, stop), oldest first."""
         return self._log_slot[start:stop][self._live(start, stop)]
 
+    def _sweep(self, budget: int) -> None:
+        """Sweep up to ``budget`` more log entries (see ``_sweep_read``): their live entries
+        move back to the gap's start, in order, and where they were is DEAD."""
+        head, tail = self._log_head, self._log_tail
+        # Eviction may have taken the head past the gap, or past the swept part.
+        write = max(self._sweep_write, head)
+        read = max(self._sweep_read, head)
+        stop = min(tail, read + budget)
+        live = self._live(read, stop)
+        slots, touches = self._log_slot[read:stop][live], self._log_touch[read:stop][live]
+        moved = write + len(slots)
+        self._log_slot[write:moved] = slots
+        self._log_touch[write:moved] = touches
+        self._log_touch[max(moved, read) : stop] = DEAD
+        if stop == tail:
+            self._log_tail = moved
+            self._sweep_read = None
+        else:
+            self._sweep_read, self._sweep_write = stop, moved
+
     def _compact_log(self, room: int) -> None:
         """Keep the live entries only (one per device), at the log's start; grow it for ``room`` more."""
+        if self._sweep_read is not None:
+            self._sweep(self._log_tail)  # to the end
         head, tail = self._log_head, self._log_tail
         live = self._live(head, tail)
         slots, touches = self._log_slot[head:tail][live], self._log_touch[head:tail][live]

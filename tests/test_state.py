@@ -155,13 +155,43 @@ _OPS = st.lists(
 )
 
 
+# How the touch log is swept: (SWEEP_RESERVE, SWEEP_RATIO, SWEEP_MIN). The defaults sweep a small
+# log at once; the others a few entries a touch, over evictions that move the head past the
+# sweep, and too slowly to finish before the log is full (then it is finished at once).
+_SWEEPS = st.sampled_from([(state.SWEEP_RESERVE, state.SWEEP_RATIO, state.SWEEP_MIN), (0.5, 1, 1), (0.9, 2, 1),
+                           (0.9, 1, 1)])
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=_OPS, capacity=st.integers(1, 6), log_min=st.sampled_from([1, 4, state.LOG_MIN]))
-def test_recency_eviction_and_rows_follow_the_ordered_map_model(ops, capacity: int, log_min: int):
+@given(ops=_OPS, capacity=st.integers(1, 6), log_min=st.sampled_from([1, 4, state.LOG_MIN]), sweep=_SWEEPS)
+def test_recency_eviction_and_rows_follow_the_ordered_map_model(ops, capacity: int, log_min: int, sweep):
     # Every operation against the plainest model of the bookkeeping: the devices known and their
     # recency order, counts of new and evicted devices, and each known device's rows its own
-    # (a device evicted and seen again reads zeros). A small touch log is compacted and grown often.
-    with mock.patch.object(state, "LOG_MIN", log_min):
+    # (a device evicted and seen again reads zeros). A small touch log is swept, compacted and
+    # grown often.
+    reserve, ratio, least = sweep
+    with mock.patch.multiple(state, LOG_MIN=log_min, SWEEP_RESERVE=reserve, SWEEP_RATIO=ratio, SWEEP_MIN=least):
+        _against_the_model(ops, capacity)
+
+
+# Devices seen again and again in small batches, a few evicted by age: the log fills with dead
+# entries and is swept while the same devices keep coming.
+_REPEATS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.lists(st.sampled_from(_IDS[:8]), min_size=1, max_size=3, unique=True),
+                  st.integers(0, 2)),
+        st.tuples(st.just("idle")),
+    ),
+    min_size=10,
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_REPEATS, capacity=st.integers(3, 10), sweep=_SWEEPS)
+def test_the_touch_log_swept_a_little_at_a_time_keeps_the_recency_order(ops, capacity: int, sweep):
+    reserve, ratio, least = sweep
+    with mock.patch.multiple(state, LOG_MIN=1, SWEEP_RESERVE=reserve, SWEEP_RATIO=ratio, SWEEP_MIN=least):
         _against_the_model(ops, capacity)
 
 
