@@ -4,8 +4,10 @@ CPU side: an id -> slot map (streamer.slotmap: a batch's ids looked up together 
 arrays, not one dict lookup each), a free list, the last-seen time per slot and the recency
 order: a log of touches (slot, touch number) oldest first, in which a slot's entry counts only
 while it is the slot's latest touch (``_touched``), so that seeing a known device costs a
-vectorised write, not a reordering of the map per device. Eviction reads the log from its oldest end; the
-log is compacted to the live entries, one per device, when it fills.
+vectorised write, not a reordering of the map per device. Eviction reads the log from its oldest end. The
+log is a ring: what eviction leaves behind its oldest end is room for new touches, so devices
+coming and going need no compaction; the dead entries of devices seen again are swept out a
+few per touch as the ring fills (``_sweep``), so that no one batch pays for the whole table.
 
 Accelerator side: rows of ``width`` columns, gathered and scattered for a batch by one index
 tensor. The first ``lead_width`` columns (the LSTM's h and c) may be kept in
@@ -40,11 +42,12 @@ from streamer.errors import CapacityError
 from streamer.slotmap import Keys, SlotMap, keys_of
 
 NO_PARTITION = -1
-LOG_ROOM = 1.25  # touch log entries per slot: compacted (to one per device) every capacity / 4 touches
+LOG_ROOM = 1.25  # touch log entries per slot: swept (to one per device) every capacity / 4 touches or so
 LOG_MIN = 1024
-# The compaction runs as a sweep spread over the touches that fill the log's last fifth
+# The dead entries go in a sweep spread over the touches that fill the log's last fifth
 # (SWEEP_RESERVE): each touch sweeps SWEEP_RATIO entries (at least SWEEP_MIN), so that no step
-# pays for a whole table at once (at 10M devices that had been a pause of 150-290 ms).
+# pays for a whole table at once (at 10M devices a compaction of the log had been a pause of
+# 150-290 ms, and 230-430 ms under churn).
 SWEEP_RESERVE = 0.2
 SWEEP_RATIO = 6
 SWEEP_MIN = 4096
@@ -100,7 +103,8 @@ class DeviceStateTable:
         self._device_of = self._slot_of.ids  # slot -> id (None: free), an object array
         self._last_seen = np.zeros(capacity, dtype=np.float64)
         # Recency: touch number of each slot's latest touch (0: free), and the log of touches,
-        # live between _log_head and _log_tail, oldest first.
+        # live between _log_head and _log_tail, oldest first. Head and tail count entries; an
+        # entry's position is its count modulo the log's size (a ring).
         self._touched = np.zeros(capacity, dtype=np.int64)
         self._touches = 0
         log_size = max(LOG_MIN, int(capacity * LOG_ROOM))
@@ -110,7 +114,7 @@ class DeviceStateTable:
         # The sweep (None: none under way): live entries of [_log_head, _sweep_read) are moved,
         # in order, to [_log_head, _sweep_write); [_sweep_write, _sweep_read) is a gap of DEAD
         # entries; [_sweep_read, _log_tail) is not swept yet. When it reaches the tail, the
-        # tail comes back to _sweep_write.
+        # tail comes back to _sweep_write. Eviction reaching the gap jumps over it.
         self._sweep_read: int | None = None
         self._sweep_write = 0
         self._partition = np.full(capacity, NO_PARTITION, dtype=np.int32)  # input partition per slot
@@ -202,11 +206,10 @@ class DeviceStateTable:
             return 0
         cutoff = now - self.ttl_seconds
         evicted = 0
-        while self._log_head < self._log_tail:
+        while self._skip_gap() < self._log_tail:
             # The oldest devices in windows of the log: release up to the first one seen since.
             stop = min(self._log_tail, self._log_head + max(LOG_MIN, 4 * evicted))
-            window = self._log_slot[self._log_head : stop]
-            live = self._live(self._log_head, stop)
+            window, live = self._entries(self._log_head, stop)
             idle = live & (self._last_seen[window] < cutoff)
             recent = np.flatnonzero(live & ~idle)
             end = int(recent[0]) if len(recent) else len(window)
@@ -317,27 +320,44 @@ class DeviceStateTable:
         if not n:
             return
         size = len(self._log_slot)
-        if self._sweep_read is None and self._log_tail + n > size - int(SWEEP_RESERVE * size):
+        if self._sweep_read is None and self._log_tail - self._log_head + n > size - int(SWEEP_RESERVE * size):
             self._sweep_read = self._sweep_write = self._log_head
         if self._sweep_read is not None:
             self._sweep(max(SWEEP_MIN, SWEEP_RATIO * n))
-        if self._log_tail + n > size:
+        if self._log_tail - self._log_head + n > size:
             self._compact_log(n)
         touches = np.arange(self._touches + 1, self._touches + 1 + n, dtype=np.int64)
         self._touches += n
         self._touched[slots] = touches
-        tail = self._log_tail
-        self._log_slot[tail : tail + n] = slots
-        self._log_touch[tail : tail + n] = touches
-        self._log_tail = tail + n
+        at = self._positions(self._log_tail, self._log_tail + n)
+        self._log_slot[at] = slots
+        self._log_touch[at] = touches
+        self._log_tail += n
 
-    def _live(self, start: int, stop: int) -> np.ndarray:
-        """Which log entries in [start, stop) are live: their slot's latest touch."""
-        return self._touched[self._log_slot[start:stop]] == self._log_touch[start:stop]
+    def _positions(self, start: int, stop: int) -> np.ndarray | slice:
+        """Where log entries [start, stop) are: a slice, or positions where they wrap round."""
+        size = len(self._log_slot)
+        first = start % size
+        if first + stop - start <= size:
+            return slice(first, first + stop - start)
+        return np.arange(start, stop, dtype=np.int64) % size
+
+    def _entries(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of log entries [start, stop), and which are live (their slot's latest touch)."""
+        at = self._positions(start, stop)
+        slots = self._log_slot[at]
+        return slots, self._touched[slots] == self._log_touch[at]
 
     def _live_slots(self, start: int, stop: int) -> np.ndarray:
         """Slots of the live log entries in [start, stop), oldest first."""
-        return self._log_slot[start:stop][self._live(start, stop)]
+        slots, live = self._entries(start, stop)
+        return slots[live]
+
+    def _skip_gap(self) -> int:
+        """The log's head, moved past the sweep's gap if it was in it."""
+        if self._sweep_read is not None and self._sweep_write <= self._log_head < self._sweep_read:
+            self._log_head = self._sweep_read
+        return self._log_head
 
     def _sweep(self, budget: int) -> None:
         """Sweep up to ``budget`` more log entries (see ``_sweep_read``): their live entries
@@ -347,12 +367,15 @@ class DeviceStateTable:
         write = max(self._sweep_write, head)
         read = max(self._sweep_read, head)
         stop = min(tail, read + budget)
-        live = self._live(read, stop)
-        slots, touches = self._log_slot[read:stop][live], self._log_touch[read:stop][live]
+        at = self._positions(read, stop)
+        slots, touches = self._log_slot[at], self._log_touch[at]
+        live = self._touched[slots] == touches
+        slots, touches = slots[live], touches[live]
         moved = write + len(slots)
-        self._log_slot[write:moved] = slots
-        self._log_touch[write:moved] = touches
-        self._log_touch[max(moved, read) : stop] = DEAD
+        to = self._positions(write, moved)
+        self._log_slot[to] = slots
+        self._log_touch[to] = touches
+        self._log_touch[self._positions(max(moved, read), stop)] = DEAD
         if stop == tail:
             self._log_tail = moved
             self._sweep_read = None
@@ -364,8 +387,10 @@ class DeviceStateTable:
         if self._sweep_read is not None:
             self._sweep(self._log_tail)  # to the end
         head, tail = self._log_head, self._log_tail
-        live = self._live(head, tail)
-        slots, touches = self._log_slot[head:tail][live], self._log_touch[head:tail][live]
+        at = self._positions(head, tail)
+        slots, touches = self._log_slot[at], self._log_touch[at]
+        live = self._touched[slots] == touches
+        slots, touches = slots[live], touches[live]
         n = len(slots)
         if n + room > len(self._log_slot):
             size = n + max(room, self.capacity // 4 + 1)  # room for a quarter of the table's touches again
@@ -380,11 +405,12 @@ class DeviceStateTable:
         taken: list[np.ndarray] = []
         found = 0
         while found < k:
-            if self._log_head >= self._log_tail:
+            if self._skip_gap() >= self._log_tail:
                 raise RuntimeError(f"the touch log ran out after {found} of {k} devices to evict")  # a bug if seen
             stop = min(self._log_tail, self._log_head + max(LOG_MIN, 4 * (k - found)))
-            live = np.flatnonzero(self._live(self._log_head, stop))[: k - found]
-            taken.append(self._log_slot[self._log_head + live].astype(np.int64))
+            window, live = self._entries(self._log_head, stop)
+            live = np.flatnonzero(live)[: k - found]
+            taken.append(window[live].astype(np.int64))
             found += len(live)
             self._log_head = self._log_head + int(live[-1]) + 1 if found == k else stop
         return np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
