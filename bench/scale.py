@@ -141,19 +141,21 @@ def main() -> int:
          rss_mib=round(full_rss / MIB), cuda_mib=round(cuda_bytes / MIB))
 
     # The id -> slot cost of known devices, random among n (acquire alone, then a whole step),
-    # over a quarter of the table's touches at least (the touch log's compaction, amortised).
-    # Each batch's ids are fresh strings, as decoding messages makes them: the hash of a string
-    # is computed anew, and no id is the very object the table keeps.
-    picks = [rng.choice(n, size=batch, replace=False) for _ in range(max(8, n // 4 // batch + 1))]
-    lookup_s = 0.0
+    # over half the table's touches at least (the touch log's upkeep, a compaction or a sweep,
+    # included; the slowest batch shows its pause). Each batch's ids are fresh strings, as
+    # decoding messages makes them: the hash of a string is computed anew, and no id is the very
+    # object the table keeps.
+    picks = [rng.choice(n, size=batch, replace=False) for _ in range(max(8, n // 2 // batch + 1))]
+    lookup_runs = []
     for k, pick in enumerate(picks):
         chunk = [device_id(i) for i in pick.tolist()]
         t0 = time.perf_counter()
         table.acquire(chunk, now=float(k + 1))
-        lookup_s += time.perf_counter() - t0
-    lookup_s /= len(picks) * batch
+        lookup_runs.append(time.perf_counter() - t0)
     emit(figure="id_to_slot", devices=n, insert_us_per_device=round(insert_s / n * 1e6, 3),
-         lookup_us_per_reading=round(lookup_s * 1e6, 3))
+         lookup_us_per_reading=round(sum(lookup_runs) / (len(picks) * batch) * 1e6, 3),
+         lookup_batch_ms_median=round(float(np.median(lookup_runs)) * 1e3, 1),
+         lookup_batch_ms_max=round(max(lookup_runs) * 1e3, 1))
 
     runs = []
     for k, pick in enumerate(picks[:8] * 2):

@@ -45,11 +45,12 @@ NO_PARTITION = -1
 LOG_ROOM = 1.25  # touch log entries per slot: swept (to one per device) every capacity / 4 touches or so
 LOG_MIN = 1024
 # The dead entries go in a sweep spread over the touches that fill the log's last fifth
-# (SWEEP_RESERVE): each touch sweeps SWEEP_RATIO entries (at least SWEEP_MIN), so that no step
+# (SWEEP_RESERVE): each touch sweeps what it takes to reach the tail before the log is full at
+# this pace (at least SWEEP_RATIO entries per entry touched, and SWEEP_MIN), so that no step
 # pays for a whole table at once (at 10M devices a compaction of the log had been a pause of
 # 150-290 ms, and 230-430 ms under churn).
 SWEEP_RESERVE = 0.2
-SWEEP_RATIO = 6
+SWEEP_RATIO = 2
 SWEEP_MIN = 4096
 DEAD = -1  # a log entry's touch number where the sweep left a gap: no slot's latest touch
 
@@ -323,7 +324,10 @@ class DeviceStateTable:
         if self._sweep_read is None and self._log_tail - self._log_head + n > size - int(SWEEP_RESERVE * size):
             self._sweep_read = self._sweep_write = self._log_head
         if self._sweep_read is not None:
-            self._sweep(max(SWEEP_MIN, SWEEP_RATIO * n))
+            room = size - (self._log_tail - self._log_head) - n  # left once this touch is in
+            left = self._log_tail - max(self._sweep_read, self._log_head)
+            pace = left if room <= n else -(-left * n // room) + n  # the tail reached as the room runs out
+            self._sweep(max(SWEEP_MIN, SWEEP_RATIO * n, pace))
         if self._log_tail - self._log_head + n > size:
             self._compact_log(n)
         touches = np.arange(self._touches + 1, self._touches + 1 + n, dtype=np.int64)
