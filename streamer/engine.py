@@ -122,25 +122,38 @@ def plan_waves(device_ids: list[str], keys: Keys | None = None) -> Plan:
     if not (sorted_hashes[1:] == sorted_hashes[:-1]).any():  # one reading per device
         every = np.arange(n)
         return Plan(list(device_ids), every, [(every, every)])
-    order = np.argsort(hashes, kind="stable")  # within a device, offset order
+    # Readings sorted by hash, and within a hash in offset order. A stable argsort of the hashes
+    # gives that, at five times the time of the plain one whose runs are put in order after, by
+    # sorting (run, offset) as one int64 key: every key distinct, any sort is stable.
+    order = np.argsort(hashes)
     sorted_hashes = hashes[order]
-    repeat = sorted_hashes[1:] == sorted_hashes[:-1]
-    sorted_ids = ids[order]
-    if not (sorted_ids[1:][repeat] == sorted_ids[:-1][repeat]).all():
+    new_run = np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]]
+    run_sorted = np.cumsum(new_run) - 1  # the run of each sorted position
+    if n < 1 << 31:
+        key = run_sorted * n + order
+        key.sort()
+        order = key % n
+    else:  # (run, offset) would not fit an int64
+        order = np.argsort(hashes, kind="stable")
+    starts = np.flatnonzero(new_run)  # each run's start in the sorted order
+    run = np.empty(n, dtype=np.int64)
+    run[order] = run_sorted  # the run of each reading
+    run_first = order[starts]  # each run's first reading
+    # Every reading's id equal to its run's first: one device per hash, else group by id. Later
+    # readings are compared in offset order (their strings near each other in memory), with the
+    # runs' first ids, fewer than the readings.
+    first_of = run_first[run]
+    later = np.flatnonzero(first_of != np.arange(n))
+    if not (ids[later] == ids[first_of[later]]).all():
         return _plan_waves_by_id(device_ids)
-    starts = np.flatnonzero(np.r_[True, ~repeat])  # each device's run in the sorted order
-    group = np.cumsum(np.r_[True, ~repeat]) - 1
     wave = np.empty(n, dtype=np.int64)
-    wave[order] = np.arange(n) - starts[group]
-    # Devices in first-seen order: a run's first reading is the device's first (stable sort).
-    run_first = order[starts]
+    wave[order] = np.arange(n) - starts[run_sorted]
+    # Devices in first-seen order.
     by_first = np.argsort(run_first)
     unique_of_run = np.empty(len(starts), dtype=np.int64)
     unique_of_run[by_first] = np.arange(len(starts))
-    unique_index = np.empty(n, dtype=np.int64)
-    unique_index[order] = unique_of_run[group]
     first = run_first[by_first]
-    return _waves_of(device_ids, first, unique_index, wave)
+    return _waves_of(device_ids, first, unique_of_run[run], wave)
 
 
 def _plan_waves_by_id(device_ids: list[str]) -> Plan:

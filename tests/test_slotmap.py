@@ -1,3 +1,5 @@
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -83,7 +85,22 @@ def test_keys_are_the_ids_own_hashes():
 @settings(max_examples=200, deadline=None)
 @given(ids=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=30))
 def test_plan_by_hashes_is_the_plan_by_id(ids):
-    fast, exact = plan_waves(ids), _plan_waves_by_id(ids) if ids else plan_waves(ids)
+    with mock.patch("streamer.engine._plan_waves_by_id", side_effect=AssertionError("no collision: no fallback")):
+        fast = plan_waves(ids)
+    exact = _plan_waves_by_id(ids) if ids else plan_waves(ids)
+    assert fast.unique == exact.unique and np.array_equal(fast.first, exact.first)
+    assert [(r.tolist(), u.tolist()) for r, u in fast.waves] == [(r.tolist(), u.tolist()) for r, u in exact.waves]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.sampled_from("abcde"), max_size=30),
+       hash_of=st.fixed_dictionaries({k: st.sampled_from([0, 1, -(2**63)]) for k in "abcde"}))
+def test_plan_by_hashes_that_collide_is_the_plan_by_id(ids, hash_of):
+    # Hashes from three values: ids of one hash are often different devices.
+    objects = np.empty(len(ids), dtype=object)
+    objects[:] = ids
+    keys = (np.array([hash_of[i] for i in ids], dtype=np.int64), objects)
+    fast, exact = plan_waves(ids, keys), _plan_waves_by_id(ids) if ids else plan_waves(ids)
     assert fast.unique == exact.unique and np.array_equal(fast.first, exact.first)
     assert [(r.tolist(), u.tolist()) for r, u in fast.waves] == [(r.tolist(), u.tolist()) for r, u in exact.waves]
 
