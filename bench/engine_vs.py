@@ -7,6 +7,9 @@ reading each, ids fresh strings at every step; H=64, L=2, 1 value, CPU) in both 
 alternating base and head ROUNDS times in fresh processes, so that machine noise hits both
 alike. Prints one JSON line per batch size with the best of each tree's rounds (noise on a
 shared machine only slows a round down) and their ratio (head / base). ENGINE_VS_STATE_DTYPE=bfloat16 times bfloat16 state instead.
+ENGINE_VS_READINGS_PER_DEVICE=R (default 1) gives each device R readings in a batch (B / R
+devices, their readings interleaved as batch messages from several gateways bring them): the
+step then plans R waves.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_REF = "de7d5ac"  # the last commit with the residual z-score
 ROUNDS = 5
 STATE_DTYPE = os.environ.get("ENGINE_VS_STATE_DTYPE", "float32")  # or bfloat16 (a tree that has it)
+PER_DEVICE = os.environ.get("ENGINE_VS_READINGS_PER_DEVICE", "1")
 SNIPPET = r"""
 import json, sys, time
 import numpy as np, torch
@@ -37,7 +41,8 @@ for batch in (1024, 16384):
     engine = Engine.build(bundle, capacity=batch, device="cpu", **({"state_dtype": torch.bfloat16} if sys.argv[1] == "bfloat16" else {}))
     values = np.random.default_rng(0).normal(size=(batch, 1)).astype(np.float32)
     # Fresh id strings at every step, as decoding messages makes them (no hash cached in them).
-    fresh = lambda: ReadingBatch([f"d{i}" for i in range(batch)], np.zeros(batch), values)
+    per = int(sys.argv[2])
+    fresh = lambda: ReadingBatch([f"d{i % (batch // per)}" for i in range(batch)], np.zeros(batch), values)
     engine.step(fresh(), now=0.0)
     runs = []
     t_end = time.perf_counter() + 2.0
@@ -50,7 +55,8 @@ print(json.dumps(out))
 
 
 def run(tree: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", SNIPPET, STATE_DTYPE], cwd=tree, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", SNIPPET, STATE_DTYPE, PER_DEVICE], cwd=tree, check=True,
+                          capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -71,6 +77,7 @@ def main() -> int:
         b = max(r[batch] for r in results["base"])
         h = max(r[batch] for r in results["head"])
         print(json.dumps({"figure": "engine_step_vs_base", "base": base_ref, "state_dtype": STATE_DTYPE, "batch": int(batch),
+                          "readings_per_device": int(PER_DEVICE),
                           "base_device_steps_per_s": round(b), "head_device_steps_per_s": round(h),
                           "ratio": round(h / b, 3)}))
     return 0

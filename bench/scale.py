@@ -140,6 +140,19 @@ def main() -> int:
          id_strings_bytes_per_device=round((ids_rss - start_rss) / n, 1),
          rss_mib=round(full_rss / MIB), cuda_mib=round(cuda_bytes / MIB))
 
+    # Known devices in turn (each batch the least recently seen, as devices reporting on a period
+    # are), over half the table: their older entries die at the touch log's oldest end.
+    turn_runs = []
+    for k in range(max(8, n // 2 // batch + 1)):
+        chunk = [device_id(i % n) for i in range(k * batch, (k + 1) * batch)]
+        t0 = time.perf_counter()
+        table.acquire(chunk, now=0.5)
+        turn_runs.append(time.perf_counter() - t0)
+    emit(figure="id_to_slot_in_turn", devices=n,
+         lookup_us_per_reading=round(sum(turn_runs) / (len(turn_runs) * batch) * 1e6, 3),
+         lookup_batch_ms_median=round(float(np.median(turn_runs)) * 1e3, 1),
+         lookup_batch_ms_max=round(max(turn_runs) * 1e3, 1))
+
     # The id -> slot cost of known devices, random among n (acquire alone, then a whole step),
     # over half the table's touches at least (the touch log's upkeep, a compaction or a sweep,
     # included; the slowest batch shows its pause). Each batch's ids are fresh strings, as

@@ -42,16 +42,21 @@ from streamer.errors import CapacityError
 from streamer.slotmap import Keys, SlotMap, keys_of
 
 NO_PARTITION = -1
-LOG_ROOM = 1.25  # touch log entries per slot: swept (to one per device) every capacity / 4 touches or so
+LOG_ROOM = 1.5  # touch log entries per slot: the ring's size
 LOG_MIN = 1024
-# The dead entries go in a sweep spread over the touches that fill the log's last fifth
-# (SWEEP_RESERVE): each touch sweeps what it takes to reach the tail before the log is full at
-# this pace (at least SWEEP_RATIO entries per entry touched, and SWEEP_MIN), so that no step
-# pays for a whole table at once (at 10M devices a compaction of the log had been a pause of
-# 150-290 ms, and 230-430 ms under churn).
-SWEEP_RESERVE = 0.2
-SWEEP_RATIO = 2
-SWEEP_MIN = 4096
+# Dead entries (a device seen again leaves its older entry dead) go two ways, a bounded amount
+# per touch, so that no step pays for the whole table (at 10M devices compacting the whole log
+# at once had been a pause of 190-440 ms, bench/scale.py):
+# - those at the log's oldest end are passed over by the head (devices reporting in turn, the
+#   oldest seen again first, leave theirs there): up to TRIM_RATIO entries per entry touched;
+# - once dead entries reach SWEEP_START of the capacity, a sweep moves the live ones together,
+#   SWEEP_RATIO entries per entry touched (at least SWEEP_MIN). However devices are seen, dead
+#   entries stay below SWEEP_START + (LOG_ROOM) / (SWEEP_RATIO - 1) of the capacity (0.46):
+#   under the LOG_ROOM - 1 (0.5) that the ring has for them, so it never fills.
+TRIM_RATIO = 2
+SWEEP_START = 0.25
+SWEEP_RATIO = 8
+SWEEP_MIN = 1024
 DEAD = -1  # a log entry's touch number where the sweep left a gap: no slot's latest touch
 
 
@@ -320,16 +325,15 @@ class DeviceStateTable:
         n = len(slots)
         if not n:
             return
-        size = len(self._log_slot)
-        if self._sweep_read is None and self._log_tail - self._log_head + n > size - int(SWEEP_RESERVE * size):
+        self._trim(max(LOG_MIN, TRIM_RATIO * n))
+        # Entries not live: one per device known, and these slots' own may be among them.
+        dead = self._log_tail - self._log_head - len(self._slot_of)
+        if self._sweep_read is None and dead > SWEEP_START * self.capacity:
             self._sweep_read = self._sweep_write = self._log_head
         if self._sweep_read is not None:
-            room = size - (self._log_tail - self._log_head) - n  # left once this touch is in
-            left = self._log_tail - max(self._sweep_read, self._log_head)
-            pace = left if room <= n else -(-left * n // room) + n  # the tail reached as the room runs out
-            self._sweep(max(SWEEP_MIN, SWEEP_RATIO * n, pace))
-        if self._log_tail - self._log_head + n > size:
-            self._compact_log(n)
+            self._sweep(max(SWEEP_MIN, SWEEP_RATIO * n))
+        if self._log_tail - self._log_head + n > len(self._log_slot):
+            self._compact_log(n)  # a batch of more than the ring's room, or LOG_MIN's small ring
         touches = np.arange(self._touches + 1, self._touches + 1 + n, dtype=np.int64)
         self._touches += n
         self._touched[slots] = touches
@@ -362,6 +366,18 @@ class DeviceStateTable:
         if self._sweep_read is not None and self._sweep_write <= self._log_head < self._sweep_read:
             self._log_head = self._sweep_read
         return self._log_head
+
+    def _trim(self, budget: int) -> None:
+        """Move the log's head past the dead entries at its oldest end, looking at up to
+        ``budget`` entries."""
+        while budget > 0 and self._skip_gap() < self._log_tail:
+            stop = min(self._log_tail, self._log_head + budget)
+            _, live = self._entries(self._log_head, stop)
+            if live.any():
+                self._log_head += int(np.argmax(live))
+                return
+            budget -= stop - self._log_head
+            self._log_head = stop
 
     def _sweep(self, budget: int) -> None:
         """Sweep up to ``budget`` more log entries (see ``_sweep_read``): their live entries

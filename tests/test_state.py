@@ -155,11 +155,18 @@ _OPS = st.lists(
 )
 
 
-# How the touch log is swept: (SWEEP_RESERVE, SWEEP_RATIO, SWEEP_MIN). The defaults sweep a small
-# log at once; the others a few entries a touch, over evictions that move the head past the
-# sweep, and too slowly to finish before the log is full (then it is finished at once).
-_SWEEPS = st.sampled_from([(state.SWEEP_RESERVE, state.SWEEP_RATIO, state.SWEEP_MIN), (0.5, 1, 1), (0.9, 2, 1),
-                           (0.9, 1, 1)])
+# How the touch log is kept: (SWEEP_START, SWEEP_RATIO, SWEEP_MIN, TRIM_RATIO). The defaults
+# sweep a small log at once; the others sweep always, or late, a few entries a touch, over
+# evictions that move the head past the sweep, and too slowly to keep the log from filling
+# (then it is compacted at once).
+_SWEEPS = st.sampled_from([(state.SWEEP_START, state.SWEEP_RATIO, state.SWEEP_MIN, state.TRIM_RATIO),
+                           (0.0, 1, 1, 1), (0.5, 2, 1, 1), (0.0, 1, 1, 0), (2.0, 1, 1, 1)])
+
+
+def _keeping(log_min: int, sweep) -> mock._patch:
+    start, ratio, least, trim = sweep
+    return mock.patch.multiple(state, LOG_MIN=log_min, SWEEP_START=start, SWEEP_RATIO=ratio, SWEEP_MIN=least,
+                               TRIM_RATIO=trim)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -169,8 +176,7 @@ def test_recency_eviction_and_rows_follow_the_ordered_map_model(ops, capacity: i
     # recency order, counts of new and evicted devices, and each known device's rows its own
     # (a device evicted and seen again reads zeros). A small touch log is swept, compacted and
     # grown often.
-    reserve, ratio, least = sweep
-    with mock.patch.multiple(state, LOG_MIN=log_min, SWEEP_RESERVE=reserve, SWEEP_RATIO=ratio, SWEEP_MIN=least):
+    with _keeping(log_min, sweep):
         _against_the_model(ops, capacity)
 
 
@@ -190,9 +196,41 @@ _REPEATS = st.lists(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_REPEATS, capacity=st.integers(3, 10), sweep=_SWEEPS)
 def test_the_touch_log_swept_a_little_at_a_time_keeps_the_recency_order(ops, capacity: int, sweep):
-    reserve, ratio, least = sweep
-    with mock.patch.multiple(state, LOG_MIN=1, SWEEP_RESERVE=reserve, SWEEP_RATIO=ratio, SWEEP_MIN=least):
+    with _keeping(1, sweep):
         _against_the_model(ops, capacity)
+
+
+@pytest.mark.parametrize("pattern", ["in turn", "at random", "in turn, a tenth new"])
+@pytest.mark.parametrize("share", [24, 50, 150])
+def test_the_touch_log_is_kept_a_little_per_touch(pattern: str, share: int):
+    # Batches of capacity / share devices, seen again and again: in turn (the oldest first, as
+    # devices reporting on a period), at random, or in turn with a tenth of each batch new
+    # devices that evict the oldest. The log never fills (no compaction of it all at once) with
+    # the ratios alone (no minimum amounts), and keeps the recency order.
+    capacity = 3000
+    n = capacity // share
+    rng = np.random.default_rng(share)
+    with mock.patch.multiple(state, LOG_MIN=1, SWEEP_MIN=1), \
+            mock.patch.object(DeviceStateTable, "_compact_log", side_effect=AssertionError("compacted at once")):
+        table = DeviceStateTable(capacity=capacity, width=1)
+        ids = [f"d{i}" for i in range(capacity)]
+        for start in range(0, capacity, n):
+            table.acquire(ids[start : start + n], now=0.0)
+        size = len(table._log_slot)
+        fresh = capacity
+        for step in range(20 * share):  # 20 times the capacity touched
+            if pattern == "at random":
+                batch = [ids[i] for i in rng.choice(capacity, n, replace=False).tolist()]
+            else:
+                oldest = table.device_ids()[:n]
+                batch = oldest
+                if pattern == "in turn, a tenth new":
+                    batch = oldest[: n - n // 10] + [f"d{fresh + i}" for i in range(n // 10)]
+                    fresh += n // 10
+            table.acquire(batch, now=1.0 + step)
+            assert table.device_ids()[-n:] == batch
+        assert len(table._log_slot) == size and len(table) == capacity
+        assert len(set(table.device_ids())) == capacity
 
 
 def _against_the_model(ops, capacity: int) -> None:
