@@ -6,8 +6,10 @@ order: a log of touches (slot, touch number) oldest first, in which a slot's ent
 while it is the slot's latest touch (``_touched``), so that seeing a known device costs a
 vectorised write, not a reordering of the map per device. Eviction reads the log from its oldest end. The
 log is a ring: what eviction leaves behind its oldest end is room for new touches, so devices
-coming and going need no compaction; the dead entries of devices seen again are swept out a
-few per touch as the ring fills (``_sweep``), so that no one batch pays for the whole table.
+coming and going need no compaction. A device seen again leaves its older entry dead: the head
+passes over those at the oldest end (``_trim``: devices reporting in turn leave theirs there),
+and a sweep moves the live entries together a bounded amount per touch once dead entries are
+many (``_sweep``), so that no one batch pays for the whole table.
 
 Accelerator side: rows of ``width`` columns, gathered and scattered for a batch by one index
 tensor. The first ``lead_width`` columns (the LSTM's h and c) may be kept in
@@ -20,7 +22,7 @@ a fixed row count points its padding there (engine: CUDA graphs), and reads back
 Bytes per device: width x 4 (or lead_width x 2 + the rest x 4 under bfloat16) on the torch
 device, plus on the CPU 8 (last seen) + 8 (latest touch) + 4 (partition) + 8 (free stack)
 bytes, 12 x LOG_ROOM (the touch log; up to 12 x (1 + the largest batch's share of the
-capacity) once a batch has touched more than a quarter of the table), the id -> slot map (per
+capacity) once a batch has touched more than half of the table), the id -> slot map (per
 slot its hash, its id (the slot -> id) and a flag: 17 bytes, and 16-32 of probe table; against
 ~63 for a dict entry and its int, and 8 for a list of ids) and the id string itself
 (bench/scale.py measures them).
@@ -405,7 +407,7 @@ class DeviceStateTable:
     def _compact_log(self, room: int) -> None:
         """Keep the live entries only (one per device), at the log's start; grow it for ``room`` more."""
         if self._sweep_read is not None:
-            self._sweep(self._log_tail)  # to the end
+            self._sweep(self._log_tail - self._sweep_read)  # to the tail
         head, tail = self._log_head, self._log_tail
         at = self._positions(head, tail)
         slots, touches = self._log_slot[at], self._log_touch[at]
