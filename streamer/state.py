@@ -372,14 +372,16 @@ class DeviceStateTable:
     def _trim(self, budget: int) -> None:
         """Move the log's head past the dead entries at its oldest end, looking at up to
         ``budget`` entries."""
+        window = 64  # growing: most of the time the oldest entry is live, and one look is enough
         while budget > 0 and self._skip_gap() < self._log_tail:
-            stop = min(self._log_tail, self._log_head + budget)
+            stop = min(self._log_tail, self._log_head + min(window, budget))
             _, live = self._entries(self._log_head, stop)
             if live.any():
                 self._log_head += int(np.argmax(live))
                 return
             budget -= stop - self._log_head
             self._log_head = stop
+            window *= 4
 
     def _sweep(self, budget: int) -> None:
         """Sweep up to ``budget`` more log entries (see ``_sweep_read``): their live entries
