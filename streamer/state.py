@@ -327,18 +327,26 @@ class DeviceStateTable:
         n = len(slots)
         if not n:
             return
-        self._trim(max(LOG_MIN, TRIM_RATIO * n))
-        # Entries not live: one per device known, and these slots' own may be among them.
-        dead = self._log_tail - self._log_head - len(self._slot_of)
-        if self._sweep_read is None and dead > SWEEP_START * self.capacity:
-            self._sweep_read = self._sweep_write = self._log_head
-        if self._sweep_read is not None:
-            self._sweep(max(SWEEP_MIN, SWEEP_RATIO * n))
-        if self._log_tail - self._log_head + n > len(self._log_slot):
-            self._compact_log(n)  # a batch of more than the ring's room, or LOG_MIN's small ring
+        # Touched first: these slots' older entries are dead from now on, for the trim and the
+        # sweep too (a sweep would otherwise move them as live, and leave them behind).
         touches = np.arange(self._touches + 1, self._touches + 1 + n, dtype=np.int64)
         self._touches += n
         self._touched[slots] = touches
+        self._trim(max(LOG_MIN, TRIM_RATIO * n))
+        # Every known device has one live entry, but these slots' are to come: the rest are dead.
+        live = len(self._slot_of) - n
+        budget = max(SWEEP_MIN, SWEEP_RATIO * n)
+        while budget > 0:
+            if self._sweep_read is None:
+                if self._log_tail - self._log_head - live <= SWEEP_START * self.capacity:
+                    break
+                self._sweep_read = self._sweep_write = self._log_head  # (again: a big batch's budget)
+            looked = self._sweep(budget)
+            if not looked:  # the whole log swept in this touch: every entry left is live
+                break
+            budget -= looked
+        if self._log_tail - self._log_head + n > len(self._log_slot):
+            self._compact_log(n)  # a batch of more than the ring's room
         at = self._positions(self._log_tail, self._log_tail + n)
         self._log_slot[at] = slots
         self._log_touch[at] = touches
@@ -383,9 +391,10 @@ class DeviceStateTable:
             self._log_head = stop
             window *= 4
 
-    def _sweep(self, budget: int) -> None:
+    def _sweep(self, budget: int) -> int:
         """Sweep up to ``budget`` more log entries (see ``_sweep_read``): their live entries
-        move back to the gap's start, in order, and where they were is DEAD."""
+        move back to the gap's start, in order, and where they were is DEAD. Returns how many
+        it looked at."""
         head, tail = self._log_head, self._log_tail
         # Eviction may have taken the head past the gap, or past the swept part.
         write = max(self._sweep_write, head)
@@ -405,11 +414,15 @@ class DeviceStateTable:
             self._sweep_read = None
         else:
             self._sweep_read, self._sweep_write = stop, moved
+        return stop - read
 
     def _compact_log(self, room: int) -> None:
-        """Keep the live entries only (one per device), at the log's start; grow it for ``room`` more."""
+        """Make ``room`` for more entries: finish the sweep under way; if that is not enough, keep
+        the live entries only (one per device), at the log's start, growing it if need be."""
         if self._sweep_read is not None:
-            self._sweep(self._log_tail - self._sweep_read)  # to the tail
+            self._sweep(self._log_tail - max(self._sweep_read, self._log_head))  # to the tail
+            if self._log_tail - self._log_head + room <= len(self._log_slot):
+                return
         head, tail = self._log_head, self._log_tail
         at = self._positions(head, tail)
         slots, touches = self._log_slot[at], self._log_touch[at]

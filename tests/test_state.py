@@ -200,18 +200,28 @@ def test_the_touch_log_swept_a_little_at_a_time_keeps_the_recency_order(ops, cap
         _against_the_model(ops, capacity)
 
 
-@pytest.mark.parametrize("pattern", ["in turn", "at random", "in turn, a tenth new"])
+@pytest.mark.parametrize("pattern", ["in turn", "at random", "in turn, a tenth new", "at random, sizes mixed"])
 @pytest.mark.parametrize("share", [24, 50, 150])
 def test_the_touch_log_is_kept_a_little_per_touch(pattern: str, share: int):
     # Batches of capacity / share devices, seen again and again: in turn (the oldest first, as
-    # devices reporting on a period), at random, or in turn with a tenth of each batch new
-    # devices that evict the oldest. The log never fills (no compaction of it all at once) with
-    # the ratios alone (no minimum amounts), and keeps the recency order.
+    # devices reporting on a period), at random, in turn with a tenth of each batch new devices
+    # that evict the oldest, or at random with every 20th batch half the table and the one after
+    # it a few devices. The log never fills (no compaction of it all at once) with the ratios
+    # alone (no minimum amounts), and keeps the recency order. Devices in turn leave their dead
+    # entries at the oldest end, where the head passes them: no sweep.
     capacity = 3000
     n = capacity // share
     rng = np.random.default_rng(share)
+    sweep = DeviceStateTable._sweep
+    swept = []
+
+    def sweeping(table, budget):
+        swept.append(budget)
+        return sweep(table, budget)
+
     with mock.patch.multiple(state, LOG_MIN=1, SWEEP_MIN=1), \
-            mock.patch.object(DeviceStateTable, "_compact_log", side_effect=AssertionError("compacted at once")):
+            mock.patch.object(DeviceStateTable, "_compact_log", side_effect=AssertionError("compacted at once")), \
+            mock.patch.object(DeviceStateTable, "_sweep", sweeping):
         table = DeviceStateTable(capacity=capacity, width=1)
         ids = [f"d{i}" for i in range(capacity)]
         for start in range(0, capacity, n):
@@ -219,8 +229,11 @@ def test_the_touch_log_is_kept_a_little_per_touch(pattern: str, share: int):
         size = len(table._log_slot)
         fresh = capacity
         for step in range(20 * share):  # 20 times the capacity touched
-            if pattern == "at random":
-                batch = [ids[i] for i in rng.choice(capacity, n, replace=False).tolist()]
+            if pattern.startswith("at random"):
+                k = n
+                if pattern.endswith("mixed"):
+                    k = {0: capacity // 2 - 1, 1: 20}.get(step % 20, n)
+                batch = [ids[i] for i in rng.choice(capacity, k, replace=False).tolist()]
             else:
                 oldest = table.device_ids()[:n]
                 batch = oldest
@@ -228,9 +241,11 @@ def test_the_touch_log_is_kept_a_little_per_touch(pattern: str, share: int):
                     batch = oldest[: n - n // 10] + [f"d{fresh + i}" for i in range(n // 10)]
                     fresh += n // 10
             table.acquire(batch, now=1.0 + step)
-            assert table.device_ids()[-n:] == batch
+            assert table.device_ids()[-len(batch) :] == batch
         assert len(table._log_slot) == size and len(table) == capacity
         assert len(set(table.device_ids())) == capacity
+        if pattern == "in turn":
+            assert not swept
 
 
 def _against_the_model(ops, capacity: int) -> None:
