@@ -51,10 +51,15 @@ LOG_MIN = 1024
 # at once had been a pause of 190-440 ms, bench/scale.py):
 # - those at the log's oldest end are passed over by the head (devices reporting in turn, the
 #   oldest seen again first, leave theirs there): up to TRIM_RATIO entries per entry touched;
-# - once dead entries reach SWEEP_START of the capacity, a sweep moves the live ones together,
-#   SWEEP_RATIO entries per entry touched (at least SWEEP_MIN). However devices are seen, dead
-#   entries stay below SWEEP_START + (LOG_ROOM) / (SWEEP_RATIO - 1) of the capacity (0.46):
-#   under the LOG_ROOM - 1 (0.5) that the ring has for them, so it never fills.
+# - once dead entries pass SWEEP_START of the capacity, a sweep moves the live ones together,
+#   SWEEP_RATIO entries per entry touched (at least SWEEP_MIN), starting again within the touch
+#   if it reaches the tail with budget left and dead entries are still many.
+# A touched entry makes one dead entry at most, and is answered by SWEEP_RATIO swept: a pass
+# of the sweep over the ring (at most LOG_ROOM x the capacity) leaves at most LOG_ROOM /
+# (SWEEP_RATIO - 1) of the capacity (0.21) dead behind it, so dead entries stay under about
+# SWEEP_START + 0.21 = 0.46 of the capacity, within the LOG_ROOM - 1 (0.5) that the ring has for
+# them (tests/test_state.py holds it for devices in turn, at random, with newcomers, and with
+# batches of half the table among small ones).
 TRIM_RATIO = 2
 SWEEP_START = 0.25
 SWEEP_RATIO = 8
