@@ -345,9 +345,10 @@ class DeviceStateTable:
             if self._sweep_read is None:
                 if self._log_tail - self._log_head - live <= SWEEP_START * self.capacity:
                     break
-                self._sweep_read = self._sweep_write = self._log_head  # (again: a big batch's budget)
+                # A sweep starts (or starts again, with what is left of this touch's budget).
+                self._sweep_read = self._sweep_write = self._log_head
             looked = self._sweep(budget)
-            if not looked:  # the whole log swept in this touch: every entry left is live
+            if not looked:  # nothing left to sweep: the head is at the tail
                 break
             budget -= looked
         if self._log_tail - self._log_head + n > len(self._log_slot):
