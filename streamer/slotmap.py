@@ -18,7 +18,7 @@ id) and whether it is in the map; per position of the probe table (a power of tw
 four times the capacity) the slot there, EMPTY or TOMB (a deleted entry, skipped by lookups,
 reused by inserts; a run of them that ends at an EMPTY position is EMPTY again as soon as it is
 made). Linear probing. The probe table is rebuilt without tombstones if live entries and
-tombstones ever fill MAX_FILL of it (at 10M devices about 1.2 s); under churn (each new device
+tombstones ever fill MAX_FILL of it (at 10M devices 1.2-1.5 s); under churn (each new device
 evicting an old one) tombstones level off far below that, at 0.2-0.45 per live entry.
 """
 

@@ -163,7 +163,7 @@ class DeviceStateTable:
 
     def device_ids(self) -> list[str]:
         """Known devices, least recently seen first."""
-        return self._device_of[self._live_slots(self._log_head, self._log_tail)].tolist()
+        return self._device_of[self._live_entries(self._log_head, self._log_tail)[0]].tolist()
 
     def acquire(
         self, device_ids: Sequence[str], now: float, partitions: np.ndarray | None = None,
@@ -372,10 +372,12 @@ class DeviceStateTable:
         slots = self._log_slot[at]
         return slots, self._touched[slots] == self._log_touch[at]
 
-    def _live_slots(self, start: int, stop: int) -> np.ndarray:
-        """Slots of the live log entries in [start, stop), oldest first."""
-        slots, live = self._entries(start, stop)
-        return slots[live]
+    def _live_entries(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slots and touch numbers of the live log entries in [start, stop), oldest first."""
+        at = self._positions(start, stop)
+        slots, touches = self._log_slot[at], self._log_touch[at]
+        live = self._touched[slots] == touches
+        return slots[live], touches[live]
 
     def _skip_gap(self) -> int:
         """The log's head, moved past the sweep's gap if it was in it."""
@@ -406,10 +408,7 @@ class DeviceStateTable:
         write = max(self._sweep_write, head)
         read = max(self._sweep_read, head)
         stop = min(tail, read + budget)
-        at = self._positions(read, stop)
-        slots, touches = self._log_slot[at], self._log_touch[at]
-        live = self._touched[slots] == touches
-        slots, touches = slots[live], touches[live]
+        slots, touches = self._live_entries(read, stop)
         moved = write + len(slots)
         to = self._positions(write, moved)
         self._log_slot[to] = slots
@@ -429,11 +428,7 @@ class DeviceStateTable:
             self._sweep(self._log_tail - max(self._sweep_read, self._log_head))  # to the tail
             if self._log_tail - self._log_head + room <= len(self._log_slot):
                 return
-        head, tail = self._log_head, self._log_tail
-        at = self._positions(head, tail)
-        slots, touches = self._log_slot[at], self._log_touch[at]
-        live = self._touched[slots] == touches
-        slots, touches = slots[live], touches[live]
+        slots, touches = self._live_entries(self._log_head, self._log_tail)
         n = len(slots)
         if n + room > len(self._log_slot):
             size = n + max(room, self.capacity // 4 + 1)  # room for a quarter of the table's touches again

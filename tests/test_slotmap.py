@@ -82,14 +82,19 @@ def test_keys_are_the_ids_own_hashes():
     assert table.get("absent") is None and table.get("a") == len(ids) - 1
 
 
+def _assert_same_plan(fast, ids):
+    """``fast`` is the plan of ``ids`` made by grouping the ids themselves."""
+    exact = _plan_waves_by_id(ids) if ids else plan_waves(ids)
+    assert fast.unique == exact.unique and np.array_equal(fast.first, exact.first)
+    assert [(r.tolist(), u.tolist()) for r, u in fast.waves] == [(r.tolist(), u.tolist()) for r, u in exact.waves]
+
+
 @settings(max_examples=200, deadline=None)
 @given(ids=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=30))
 def test_plan_by_hashes_is_the_plan_by_id(ids):
     with mock.patch("streamer.engine._plan_waves_by_id", side_effect=AssertionError("no collision: no fallback")):
         fast = plan_waves(ids)
-    exact = _plan_waves_by_id(ids) if ids else plan_waves(ids)
-    assert fast.unique == exact.unique and np.array_equal(fast.first, exact.first)
-    assert [(r.tolist(), u.tolist()) for r, u in fast.waves] == [(r.tolist(), u.tolist()) for r, u in exact.waves]
+    _assert_same_plan(fast, ids)
 
 
 @settings(max_examples=300, deadline=None)
@@ -100,9 +105,7 @@ def test_plan_by_hashes_that_collide_is_the_plan_by_id(ids, hash_of):
     objects = np.empty(len(ids), dtype=object)
     objects[:] = ids
     keys = (np.array([hash_of[i] for i in ids], dtype=np.int64), objects)
-    fast, exact = plan_waves(ids, keys), _plan_waves_by_id(ids) if ids else plan_waves(ids)
-    assert fast.unique == exact.unique and np.array_equal(fast.first, exact.first)
-    assert [(r.tolist(), u.tolist()) for r, u in fast.waves] == [(r.tolist(), u.tolist()) for r, u in exact.waves]
+    _assert_same_plan(plan_waves(ids, keys), ids)
 
 
 def test_ids_whose_hashes_collide_are_still_two_devices():
