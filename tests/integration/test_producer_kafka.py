@@ -1,0 +1,63 @@
+"""The producer seam against a real broker, through each client, as a producer that does not
+flush for a while (the simulator) uses it: failures are known before a flush, and delivered
+messages do not pile up in the client until one."""
+
+import time
+import uuid
+
+import pytest
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from streamer.kafka import open_producer
+from streamer.kafka.confluent import SERVE_REPORTS_EVERY
+from streamer.settings import load_settings
+
+
+@pytest.mark.kafka
+def test_a_failed_send_is_known_without_a_flush(kafka_bootstrap: str):
+    """The broker refuses a message larger than its topic takes: delivery_failures tells so while
+    nothing has flushed (the simulator asks between its sends, at every progress line)."""
+    topic = f"test-producer-{uuid.uuid4().hex}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1, topic_configs={"max.message.bytes": "2000"})])
+    producer = open_producer(load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap}}).kafka)
+    try:
+        producer.produce(topic, b"large", b"x" * 20_000)
+        failures: list[BaseException] = []
+        deadline = time.monotonic() + 30
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.1)
+            failures = producer.delivery_failures()
+        assert len(failures) == 1 and "toolarge" in str(failures[0]).lower().replace(" ", "").replace("_", ""), failures
+        assert producer.flush(30) and producer.delivery_failures() == []  # reported once
+    finally:
+        producer.close(5)
+        admin.delete_topics([topic])
+        admin.close()
+
+
+@pytest.mark.kafka
+def test_delivered_messages_leave_the_confluent_client_without_a_flush(kafka_bootstrap: str, kafka_client: str):
+    """librdkafka holds a delivered message in its queue (at most queue.buffering.max.messages,
+    100k) until a poll serves its delivery report, and serving 100k at once stopped the
+    simulator for 20 ms. Produced a round at a time with pauses between and never flushed, the
+    queue holds no more than about the last rounds'."""
+    if kafka_client != "confluent-kafka":
+        pytest.skip("librdkafka's queue; kafka-python keeps no such count")
+    topic = f"test-producer-{uuid.uuid4().hex}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    producer = open_producer(load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap}}).kafka)
+    rounds = 8
+    try:
+        for _ in range(rounds):
+            for i in range(SERVE_REPORTS_EVERY):
+                producer.produce(topic, b"dev-%d" % (i % 50), b"{}")
+            time.sleep(0.3)
+        held = len(producer.client)  # type: ignore[attr-defined]
+        assert held <= 3 * SERVE_REPORTS_EVERY, f"{held} of {rounds * SERVE_REPORTS_EVERY} messages still held"
+        assert producer.flush(30) and producer.delivery_failures() == []
+    finally:
+        producer.close(5)
+        admin.delete_topics([topic])
+        admin.close()
