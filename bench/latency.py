@@ -10,9 +10,14 @@ default settings, from `streamer simulate` through the real broker: one JSON obj
    measures for streamer_latency_seconds (acknowledged at minus the reading's ts, the
    simulator's emission time), taken here per prediction, not from the histogram's buckets.
    The first LATENCY_WARMUP_S (3) seconds are left out. Each latency is also split in two: its
-   batch's time in the loop (from decoding to the acknowledgement seen) and the time before it.
+   batch's time in the loop (from decoding to the acknowledgement seen, and the commit when one
+   went with it: streamer_batch_seconds) and the time before it.
 Figures: latency_max_rate (readings/s), latency (p50/p90/p99/max ms, the achieved input rate), at
-half the max rate and at LATENCY_ALSO_AT (10000) readings/s.
+half the max rate and at LATENCY_ALSO_AT (10000 and 0.5) readings/s. At 0.5 (a reading every 2 s,
+for at least 30 s) the topic is quiet between readings: the loop then asks the broker for its
+partitions' ends every second (lag and readiness), and a reading that comes meanwhile waits.
+LATENCY_RATES (comma-separated readings/s) runs those rates alone instead, the max rate left
+unmeasured: for comparing two trees at one load.
 KAFKA_BOOTSTRAP_SERVERS uses a running broker; else deploy/kafka/local-kafka is started on
 free ports and stopped afterwards. LATENCY_CLIENT picks kafka.client (default: the setting's).
 """
@@ -52,13 +57,23 @@ CLIENT = os.environ.get("LATENCY_CLIENT")
 # Also at these rates, for a view of latency under a lighter load. The simulator writes through
 # the same client library as the loop (kafka.client); on a small host it shares the CPUs with the
 # broker and the loop, so the max rate is the loop's alone and half of it a heavy load.
-ALSO_AT = [float(r) for r in os.environ.get("LATENCY_ALSO_AT", "10000").split(",") if r.strip()]
+ALSO_AT = [float(r) for r in os.environ.get("LATENCY_ALSO_AT", "10000,0.5").split(",") if r.strip()]
+ONLY_AT = [float(r) for r in os.environ.get("LATENCY_RATES", "").split(",") if r.strip()]
 DEVICES, PARTITIONS, HIDDEN, LAYERS = 5000, 6, 64, 2
+
+
+def _rounded(rate: float) -> float:
+    return round(rate) if rate >= 100 else round(rate, 2)
+
+
+def seconds_at(rate: float) -> float:
+    """How long the simulator writes at ``rate``: enough readings for a percentile below 1/s."""
+    return SECONDS if rate >= 1 else max(SECONDS, 30.0)
 
 
 class LatencyTaken(Metrics):
     """The streamer's metrics, keeping each batch's per-prediction latencies (seconds), its time
-    in the loop (from decoding to the acknowledgement seen) and when it was accounted for."""
+    in the loop (streamer_batch_seconds) and when it was accounted for."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry)
@@ -129,8 +144,8 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
     while len(pipeline.partitions.owned) < PARTITIONS and time.monotonic() < deadline:
         time.sleep(0.05)  # every partition assigned and recovered before the first reading is sent
     started = time.monotonic()
-    sim = simulate(bootstrap, topic, rate, "--duration", str(SECONDS))
-    out, err = sim.communicate(timeout=SECONDS + 300)
+    sim = simulate(bootstrap, topic, rate, "--duration", str(seconds_at(rate)))
+    out, err = sim.communicate(timeout=seconds_at(rate) + 300)
     if sim.returncode != 0:
         sys.exit(f"streamer simulate failed:\n{err[-3000:]}")
     simulated = json.loads(out.strip().splitlines()[-1])["simulated"]  # its own count and time, start-up left out
@@ -150,7 +165,7 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
 
     return {
         "readings": readings, "predictions_measured": int(all_ms.size),
-        "input_readings_per_s": round(simulated["readings"] / simulated["seconds"]),
+        "input_readings_per_s": _rounded(simulated["readings"] / simulated["seconds"]),
         "p50_ms": pct(all_ms, 50), "p90_ms": pct(all_ms, 90), "p99_ms": pct(all_ms, 99), "max_ms": round(float(all_ms.max()), 1),
         "in_loop_p50_ms": pct(loop_ms, 50), "in_loop_p99_ms": pct(loop_ms, 99),
         "before_loop_p50_ms": pct(all_ms - loop_ms, 50), "before_loop_p99_ms": pct(all_ms - loop_ms, 99),
@@ -165,12 +180,14 @@ def main() -> None:
         config = ModelConfig(1, HIDDEN, LAYERS, 1)
         save_model_file(model_path, init_random_model(config, seed=0), config, "bench")
         client = settings_for(bootstrap, "x", model_path, work).kafka.client
-        top = max_rate(bootstrap, work, model_path)
-        emit(figure="latency_max_rate", client=client, readings=READINGS, readings_per_s=round(top))
-        for rate in (top / 2, *ALSO_AT):
+        top = None
+        if not ONLY_AT:
+            top = max_rate(bootstrap, work, model_path)
+            emit(figure="latency_max_rate", client=client, readings=READINGS, readings_per_s=round(top))
+        for rate in ONLY_AT or (top / 2, *ALSO_AT):
             figures = latency(bootstrap, work, model_path, rate)
-            emit(figure="latency", client=client, target_readings_per_s=round(rate), half_max=rate == top / 2,
-                 seconds=SECONDS, warmup_s=WARMUP_S, **figures, goal_p99_ms=50)
+            emit(figure="latency", client=client, target_readings_per_s=_rounded(rate), half_max=top is not None and rate == top / 2,
+                 seconds=seconds_at(rate), warmup_s=WARMUP_S, **figures, goal_p99_ms=50)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         stop_broker(broker_env)

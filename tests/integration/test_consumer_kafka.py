@@ -1,0 +1,46 @@
+"""The consumer seam against a real broker, through each client: end offsets (the loop's lag and
+readiness probe) asked of partitions that a group member is fetching from."""
+
+import time
+import uuid
+
+import pytest
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from streamer.kafka import open_consumer
+from streamer.kafka.abstract import RebalanceHooks, TopicPartition
+from streamer.settings import load_settings
+
+
+@pytest.mark.kafka
+def test_end_offsets_are_each_partitions_next_offset(kafka_bootstrap: str):
+    topic = f"test-consumer-{uuid.uuid4().hex}"
+    counts = {0: 5, 1: 0, 2: 12}
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=len(counts), replication_factor=1)])
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for partition, count in counts.items():
+        for i in range(count):
+            producer.send(topic, key=b"k", value=b"%d" % i, partition=partition)
+    producer.flush()
+    producer.close()
+    settings = load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap, "input_topic": topic,
+                                        "group_id": f"test-consumer-{uuid.uuid4().hex[:8]}", "auto_offset_reset": "latest"}})
+    consumer = open_consumer(settings.kafka, 100)
+    try:
+        nothing = lambda partitions: None  # noqa: E731
+        consumer.subscribe([topic], RebalanceHooks(nothing, nothing, nothing))
+        deadline = time.monotonic() + 30
+        while len(consumer.assignment()) < len(counts) and time.monotonic() < deadline:
+            consumer.poll(0.1, 100)
+        assert len(consumer.assignment()) == len(counts)
+        consumer.poll(0.3, 100)  # fetching from the end: nothing comes, the fetch waits on the broker
+        partitions = [TopicPartition(topic, p) for p in counts]
+        assert consumer.end_offsets(partitions, 10) == {TopicPartition(topic, p): n for p, n in counts.items()}
+        assert consumer.end_offsets(partitions[2:], 10) == {TopicPartition(topic, 2): 12}
+        assert consumer.end_offsets([], 10) == {}
+    finally:
+        consumer.close(5)
+        admin.delete_topics([topic])
+        admin.close()
