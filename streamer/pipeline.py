@@ -330,11 +330,10 @@ class Pipeline:
         # the engine has already reset the state of a device whose step gave one (Engine._reset_not_finite).
         not_finite = _not_finite(predictions)
         # Readings below a recovering partition's committed offset were published before.
+        # Asked once per message: a batch message's rows share its answer.
         replay = np.fromiter(
-            (plan.replayed(p.topic, p.partition, p.offset) for p in decoded.positions),
-            dtype=bool,
-            count=len(decoded.positions),
-        ) if plan.replay_until else np.zeros(len(decoded.positions), dtype=bool)
+            (plan.replayed(p.topic, p.partition, p.offset) for p in decoded.sources), dtype=bool, count=len(decoded.sources),
+        )[decoded.source_of] if plan.replay_until else np.zeros(len(decoded.source_of), dtype=bool)
         letters = [d for d in decoded.dead_letters if not plan.replayed(d.source.topic, d.source.partition, d.source.offset)]
         refused = not_finite
         if not_finite.any():
@@ -473,7 +472,7 @@ class Pipeline:
             for key, value in encode_predictions(rows, version):
                 produce(kafka.output_topic, key, value)
         for span in spans:  # after the JSON ones: each key's messages keep their order either way
-            for value in encode_arrow_predictions(_rows(predictions, span.start, span.stop), version):
+            for value in encode_arrow_predictions(_rows(predictions, span.start, span.stop), version, span.ids):
                 produce(kafka.output_topic, span.key, value, ARROW_HEADERS)
         for letter in letters:
             key, value, headers = letter.kafka_record(self.dead_letter_max_bytes)
@@ -896,7 +895,7 @@ def _not_finite_letters(
     read; ``bad``: the readings whose own prediction is not finite (_not_finite), named in its detail."""
     first: dict[SourcePosition, int] = {}
     for i in np.flatnonzero(refused).tolist():
-        position = decoded.positions[i]
+        position = decoded.position(i)
         if position not in first or (bad[i] and not bad[first[position]]):
             first[position] = i  # the message's first reading whose prediction is not finite
     letters = []

@@ -173,24 +173,39 @@ def _record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[st
 
 
 class BatchSpan(NamedTuple):
-    """The readings [start, stop) of one batch message, its key and position."""
+    """The readings [start, stop) of one batch message, its key and position; ``ids``: its
+    device ids as the message's own Arrow column (the output's column for them, unbuilt)."""
 
     start: int
     stop: int
     key: bytes
     position: SourcePosition
+    ids: pa.Array | None = None
 
 
 @dataclass
 class DecodedBatch:
     """Readings that passed validation (offset order; a batch message's rows in row order, sharing
     its position) and the dead letters of the rest (one per message); where each batch message's
-    rows are among the readings."""
+    rows are among the readings. Where each reading came from, as columns: ``sources``, the
+    position of every message that gave readings, and ``source_of`` (int32, one per reading), its
+    message's index in ``sources`` (a batch message's rows share one: no per-row objects)."""
 
     readings: ReadingBatch
-    positions: list[SourcePosition]  # one per reading
+    sources: list[SourcePosition]
+    source_of: np.ndarray
     dead_letters: list[DeadLetter] = field(default_factory=list)
     batch_spans: list[BatchSpan] = field(default_factory=list)
+
+    def position(self, i: int) -> SourcePosition:
+        """Where reading ``i`` came from."""
+        return self.sources[int(self.source_of[i])]
+
+    @property
+    def positions(self) -> list[SourcePosition]:
+        """Where each reading came from, one per reading (built on demand: tests, rare paths)."""
+        sources = self.sources
+        return [sources[j] for j in self.source_of.tolist()]
 
 
 class KafkaMessage(Protocol):
@@ -208,11 +223,13 @@ Refusal = tuple[DeadLetterReason, str]
 
 
 class ArrowRows(NamedTuple):
-    """The readings of one batch message: ts (n,) float64 epoch seconds, values (n, input_size) float32."""
+    """The readings of one batch message: ts (n,) float64 epoch seconds, values (n, input_size)
+    float32; ids_column: the device ids as read (utf8), when they are one Arrow array."""
 
     device_ids: list[str]
     ts: np.ndarray
     values: np.ndarray
+    ids_column: pa.Array | None = None
 
 
 class ReadingDecoder:
@@ -326,7 +343,8 @@ class ReadingDecoder:
         if key is None:
             return DeadLetterReason.KEY_MISMATCH, "batch message has no key; the key must name its sender (a gateway id)"
         # Copies: the arrays must not pin the message's buffer, and the engine may want them writable.
-        return ArrowRows(ids_column.to_pylist(), np.array(ts, dtype=np.float64), np.array(values, dtype=np.float32))
+        return ArrowRows(ids_column.to_pylist(), np.array(ts, dtype=np.float64), np.array(values, dtype=np.float32),
+                         ids_column if pa.types.is_string(ids_column.type) else None)
 
     def decode(self, messages: list[KafkaMessage]) -> DecodedBatch:
         """Every message becomes its readings (in offset order, a batch message's in row order)
@@ -334,16 +352,17 @@ class ReadingDecoder:
         ids: list[str] = []
         ts: list[float] = []
         values: list[list[float]] = []
-        positions: list[SourcePosition] = []
-        batches: list[tuple[int, ArrowRows, SourcePosition, bytes]] = []  # (JSON readings before it, rows, position, key)
+        sources: list[SourcePosition] = []  # of the messages that gave readings
+        source_of: list[int] = []  # of each JSON reading
+        batches: list[tuple[int, ArrowRows, int, bytes]] = []  # (JSON readings before it, rows, source, key)
         dead: list[DeadLetter] = []
         decode_one = self.decode_one
         for msg in messages:
-            position = SourcePosition(msg.topic, msg.partition, msg.offset)
             if msg.headers and _is_arrow(msg.headers):
                 result = self.decode_arrow(msg.key, msg.value)
                 if type(result) is ArrowRows:
-                    batches.append((len(ids), result, position, msg.key))
+                    batches.append((len(ids), result, len(sources), msg.key))
+                    sources.append(SourcePosition(msg.topic, msg.partition, msg.offset))
                     continue
             else:
                 result = decode_one(msg.key, msg.value)
@@ -351,18 +370,21 @@ class ReadingDecoder:
                     ids.append(result.device_id)
                     ts.append(result.ts)
                     values.append(result.values)
-                    positions.append(position)
+                    source_of.append(len(sources))
+                    sources.append(SourcePosition(msg.topic, msg.partition, msg.offset))
                     continue
             reason, detail = result
             headers = [(k, v if v is not None else b"") for k, v in (msg.headers or [])]
-            dead.append(DeadLetter(reason, detail, msg.key, msg.value, headers, position))
+            dead.append(DeadLetter(reason, detail, msg.key, msg.value, headers, SourcePosition(msg.topic, msg.partition, msg.offset)))
         json_rows = ArrowRows(ids, np.asarray(ts, dtype=np.float64),
                               np.asarray(values, dtype=np.float32).reshape(len(ids), self.input_size))
+        json_sources = np.asarray(source_of, dtype=np.int32)
         spans: list[BatchSpan] = []
-        readings, positions = _assemble(json_rows, positions, batches, spans) if batches else (json_rows, positions)
-        partitions = np.asarray([p.partition for p in positions], dtype=np.int32)
-        return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions), positions, dead,
-                            spans)
+        readings, of = (_assemble(json_rows, json_sources, sources, batches, spans) if batches
+                        else (json_rows, json_sources))
+        partitions = np.asarray([p.partition for p in sources], dtype=np.int32)[of]
+        return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions), sources, of,
+                            dead, spans)
 
 
 def _is_arrow(headers: list[tuple[str, bytes | None]]) -> bool:
@@ -371,30 +393,31 @@ def _is_arrow(headers: list[tuple[str, bytes | None]]) -> bool:
 
 def _assemble(
     json_rows: ArrowRows,
-    json_positions: list[SourcePosition],
-    batches: list[tuple[int, ArrowRows, SourcePosition, bytes]],
+    json_sources: np.ndarray,
+    sources: list[SourcePosition],
+    batches: list[tuple[int, ArrowRows, int, bytes]],
     spans: list[BatchSpan],
-) -> tuple[ArrowRows, list[SourcePosition]]:
-    """The JSON readings with each batch message's rows put in after the JSON readings before it;
-    appends each batch message's span to ``spans``."""
+) -> tuple[ArrowRows, np.ndarray]:
+    """The JSON readings with each batch message's rows put in after the JSON readings before it,
+    and each reading's source; appends each batch message's span to ``spans``."""
     ids: list[str] = []
     ts: list[np.ndarray] = []
     values: list[np.ndarray] = []
-    positions: list[SourcePosition] = []
+    of: list[np.ndarray] = []
     done = 0
-    for before, rows, position, key in [*batches, (len(json_rows.device_ids), None, None, None)]:
+    for before, rows, source, key in [*batches, (len(json_rows.device_ids), None, 0, None)]:
         ids += json_rows.device_ids[done:before]
         ts.append(json_rows.ts[done:before])
         values.append(json_rows.values[done:before])
-        positions += json_positions[done:before]
+        of.append(json_sources[done:before])
         done = before
         if rows is not None:
-            spans.append(BatchSpan(len(ids), len(ids) + len(rows.device_ids), key, position))
+            spans.append(BatchSpan(len(ids), len(ids) + len(rows.device_ids), key, sources[source], rows.ids_column))
             ids += rows.device_ids
             ts.append(rows.ts)
             values.append(rows.values)
-            positions += [position] * len(rows.device_ids)
-    return ArrowRows(ids, np.concatenate(ts), np.concatenate(values)), positions
+            of.append(np.full(len(rows.device_ids), source, dtype=np.int32))
+    return ArrowRows(ids, np.concatenate(ts), np.concatenate(values)), np.concatenate(of)
 
 
 # --- Arrow batch messages -----------------------------------------------------------------------
@@ -601,15 +624,19 @@ def encode_predictions(predictions: PredictionBatch, model_version: str) -> list
 ARROW_OUTPUT_BYTES = 768 * 1024
 
 
-def encode_arrow_predictions(predictions: PredictionBatch, model_version: str) -> list[bytes]:
+def encode_arrow_predictions(predictions: PredictionBatch, model_version: str, ids: pa.Array | None = None) -> list[bytes]:
     """The predictions as Arrow IPC streams (the output batch format of the module docstring), in
     row order, each of at most ARROW_OUTPUT_BYTES unless one row alone is bigger; for none, one
-    stream of no rows (a gateway reads one message back per batch message it sent)."""
+    stream of no rows (a gateway reads one message back per batch message it sent). ``ids``: the
+    device ids as an Arrow utf8 array already (a batch message's own column), else built here."""
     n = len(predictions)
     features = predictions.forecast.shape[1]
     row_bytes = 8 + 8 + 4 * features + 8 + 1 + 4 + 1  # ts, forecast, score, flag, residual, version index
-    ids = pa.array(predictions.device_ids, pa.string())
-    id_bytes = ids.buffers()[2].size if n else 0  # UTF-8, with an offset of 4 bytes a row
+    if ids is None:
+        ids = pa.array(predictions.device_ids, pa.string())
+    elif len(ids) != n or not pa.types.is_string(ids.type):
+        raise ValueError(f"ids: {len(ids)} of type {ids.type} for {n} predictions (utf8 wanted)")
+    id_bytes = (pc.sum(pc.binary_length(ids)).as_py() or 0) if n else 0  # UTF-8, with an offset of 4 bytes a row
     # IPC framing and padding are a few hundred bytes a message: the margin keeps them inside the bound.
     per_message = max(1, int((ARROW_OUTPUT_BYTES - 4096) / (row_bytes + 4 + id_bytes / max(n, 1))))
     table = pa.table({

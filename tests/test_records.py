@@ -323,6 +323,41 @@ def test_a_batch_message_gives_its_rows_in_order(batches: int, compression: str 
     assert readings.values.dtype == np.float32 and readings.values.tobytes() == expected.astype(np.float32).tobytes()
     assert [p.offset for p in decoded.positions] == [40, *[41] * 6, 42]
     assert readings.partitions.tolist() == [2] * 8
+    # Where readings came from, as columns: a batch message's rows share its one source.
+    assert decoded.sources == [SourcePosition("in", 2, o) for o in (40, 41, 42)]
+    assert decoded.source_of.dtype == np.int32 and decoded.source_of.tolist() == [0, *[1] * 6, 2]
+    assert decoded.position(3) == SourcePosition("in", 2, 41)
+    [span] = decoded.batch_spans
+    assert (span.start, span.stop, span.key, span.position) == (1, 7, b"gateway-1", SourcePosition("in", 2, 41))
+    assert span.ids is not None and span.ids.to_pylist() == columns["device_id"].to_pylist()
+
+
+def test_sources_leave_dead_letters_out_and_keep_partitions() -> None:
+    good = arrow_message(good_columns(3))
+    messages = [
+        Message("in", 4, 7, b"gateway-1", good, ARROW),
+        Message("in", 1, 3, b"x", b"not json", []),
+        Message("in", 1, 4, b"dev-1", b'{"device_id":"dev-1","ts":5,"values":[1,2]}', []),
+        Message("in", 0, 9, b"gateway-2", b"not arrow", ARROW),
+        Message("in", 0, 10, b"gateway-2", good, ARROW),
+    ]
+    decoded = ReadingDecoder(2).decode(messages)
+    assert [letter.source.offset for letter in decoded.dead_letters] == [3, 9]
+    assert decoded.sources == [SourcePosition("in", 4, 7), SourcePosition("in", 1, 4), SourcePosition("in", 0, 10)]
+    assert decoded.source_of.tolist() == [0, 0, 0, 1, 2, 2, 2]
+    assert decoded.readings.partitions.tolist() == [4, 4, 4, 1, 0, 0, 0]
+    assert [s.start for s in decoded.batch_spans] == [0, 4]
+    empty = ReadingDecoder(2).decode([messages[1]])
+    assert empty.sources == [] and empty.source_of.tolist() == [] and empty.positions == []
+    assert empty.readings.partitions.dtype == np.int32 and len(empty.readings.partitions) == 0
+
+
+def test_a_large_string_id_column_is_decoded_and_its_ids_built_again_for_output() -> None:
+    columns = good_columns(3)
+    columns["device_id"] = columns["device_id"].cast(pa.large_string())
+    decoded = ReadingDecoder(2).decode([Message("in", 0, 1, b"gateway-1", arrow_message(columns), ARROW)])
+    assert decoded.readings.device_ids == ["dev-0", "dev-1", "dev-2"]
+    assert decoded.batch_spans[0].ids is None  # the output's column is utf8: built from the ids
 
 
 @pytest.mark.parametrize("unit, factor", [("s", 1), ("ms", 10**3), ("us", 10**6), ("ns", 10**9)])
@@ -557,6 +592,29 @@ def test_arrow_predictions_carry_what_json_carries_bit_for_bit(data) -> None:
     assert [list(row) for row in rows] == [list(body) for body in as_json]
     for row, body in zip(rows, as_json):
         assert row == body  # forecast and residual: float32 widened, exactly as JSON writes them
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_arrow_predictions_from_the_messages_own_id_column_are_the_same_bytes(data) -> None:
+    """A batch message's ids go out as its own Arrow column (a slice of the message's, at any
+    offset), cut into messages the same way as ids built from the strings."""
+    import streamer.records
+
+    ids, batch, version = drawn_predictions(data, 300)
+    before = data.draw(st.integers(0, 5))
+    column = pa.array(["x" * 200] * before + ids, pa.string()).slice(before)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(streamer.records, "ARROW_OUTPUT_BYTES", 6 * 1024)
+        assert encode_arrow_predictions(batch, version, column) == encode_arrow_predictions(batch, version)
+
+
+def test_arrow_predictions_refuse_ids_that_do_not_fit() -> None:
+    batch = predictions_of(["a", "b"], [1.0, 2.0], np.array([[1.0], [2.0]]), [0.1, 0.2], [0.0, 0.5])
+    with pytest.raises(ValueError, match="1 of type string for 2 predictions"):
+        encode_arrow_predictions(batch, "v", pa.array(["a"]))
+    with pytest.raises(ValueError, match="large_string"):
+        encode_arrow_predictions(batch, "v", pa.array(["a", "b"], pa.large_string()))
 
 
 def test_arrow_predictions_are_cut_into_messages_below_the_size_bound(monkeypatch) -> None:
