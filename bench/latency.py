@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from kafka_clients import close_loop, emit, open_loop, start_broker, stop_broker  # noqa: E402
+from kafka_clients import close_loop, emit, first_messages_at, open_loop, start_broker, stop_broker  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from streamer.kafka import ensure_topics  # noqa: E402
@@ -117,16 +117,13 @@ def max_rate(bootstrap: str, work: Path, model_path: Path) -> float:
     if filled.returncode != 0:
         sys.exit(f"streamer simulate failed:\n{err[-3000:]}")
     pipeline = open_loop(settings_for(bootstrap, topic, model_path, work / "cp-max"))
+    first = first_messages_at(pipeline)  # the first batch's own processing counts, its wait for data not
     pipeline.subscribe()
     gc.freeze()  # as Pipeline.run does
     stop = threading.Event()
-    first: float | None = None
     while pipeline.summary.readings < READINGS:
-        began = time.perf_counter()  # the first batch's own processing counts
-        if pipeline.run_once(stop) and first is None:
-            first = began
-    assert first is not None
-    seconds = time.perf_counter() - first
+        pipeline.run_once(stop)
+    seconds = time.perf_counter() - first[0]
     close_loop(pipeline)
     gc.unfreeze()
     return READINGS / seconds
