@@ -13,9 +13,10 @@ default settings, from `streamer simulate` through the real broker: one JSON obj
    batch's time in the loop (from decoding to the acknowledgement seen, and the commit when one
    went with it: streamer_batch_seconds) and the time before it.
 Figures: latency_max_rate (readings/s), latency (p50/p90/p99/max ms, the achieved input rate), at
-half the max rate and at LATENCY_ALSO_AT (10000 and 0.5) readings/s. At 0.5 (a reading every 2 s,
-for at least 30 s) the topic is quiet between readings: the loop then asks the broker for its
-partitions' ends every second (lag and readiness), and a reading that comes meanwhile waits.
+half the max rate and at LATENCY_ALSO_AT (10000 and 0.37) readings/s. At 0.37 (a reading every
+2.7 s, for at least 30 s) the topic is quiet between readings: the loop then asks the broker for
+its partitions' ends every second (lag and readiness), and a reading that comes meanwhile waits;
+2.7 s is no multiple of that second, so the readings come at every point of it.
 LATENCY_RATES (comma-separated readings/s) runs those rates alone instead, the max rate left
 unmeasured: for comparing two trees at one load.
 KAFKA_BOOTSTRAP_SERVERS uses a running broker; else deploy/kafka/local-kafka is started on
@@ -57,7 +58,7 @@ CLIENT = os.environ.get("LATENCY_CLIENT")
 # Also at these rates, for a view of latency under a lighter load. The simulator writes through
 # the same client library as the loop (kafka.client); on a small host it shares the CPUs with the
 # broker and the loop, so the max rate is the loop's alone and half of it a heavy load.
-ALSO_AT = [float(r) for r in os.environ.get("LATENCY_ALSO_AT", "10000,0.5").split(",") if r.strip()]
+ALSO_AT = [float(r) for r in os.environ.get("LATENCY_ALSO_AT", "10000,0.37").split(",") if r.strip()]
 ONLY_AT = [float(r) for r in os.environ.get("LATENCY_RATES", "").split(",") if r.strip()]
 DEVICES, PARTITIONS, HIDDEN, LAYERS = 5000, 6, 64, 2
 

@@ -342,7 +342,9 @@ class ReadingDecoder:
                                  self.input_size)
         if key is None:
             return DeadLetterReason.KEY_MISMATCH, "batch message has no key; the key must name its sender (a gateway id)"
-        # Copies: the arrays must not pin the message's buffer, and the engine may want them writable.
+        # ts and values copied: they must not pin the message's buffer, and the engine may want them
+        # writable. The id column stays a view of the message (utf8 only: the output's type), used
+        # for the batch's output while the message is still in hand.
         return ArrowRows(ids_column.to_pylist(), np.array(ts, dtype=np.float64), np.array(values, dtype=np.float32),
                          ids_column if pa.types.is_string(ids_column.type) else None)
 

@@ -77,3 +77,43 @@ def test_confluent_committed_offset_the_coordinator_could_not_give_is_an_error_n
     with pytest.raises(Exception) as raised:
         consumer.committed(asked, 1.0)
     assert raised.value.retriable and "committed offset of t[0]" in str(raised.value)
+
+
+def test_confluent_end_offsets_errors_and_no_answer_reach_the_loop_as_the_seams():
+    """end_offsets (the loop's lag and readiness probe) asks through an admin client, answered
+    per partition: a leader moving is retriable, an unknown partition is not, no answer in time
+    is BrokerTimeout; a partition's end is its offset, -1 (none known) left out."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from streamer.kafka.abstract import TopicPartition
+
+    def answered(outcomes):
+        def list_offsets(asked, isolation_level, request_timeout):
+            futures = {}
+            for tp, outcome in zip(asked, outcomes):
+                future: Future = Future()
+                if isinstance(outcome, KafkaError):
+                    future.set_exception(KafkaException(outcome))
+                elif outcome is not None:
+                    future.set_result(SimpleNamespace(offset=outcome))
+                futures[tp] = future  # None: never answered
+            return futures
+        return SimpleNamespace(list_offsets=list_offsets)
+
+    consumer = confluent.ConfluentConsumer(None, "latest", False)  # type: ignore[arg-type]
+    asked = [TopicPartition("t", 0), TopicPartition("t", 1)]
+    assert consumer.end_offsets([], 1.0) == {}
+    consumer._probe = answered([7, -1])
+    assert consumer.end_offsets(asked, 1.0) == {asked[0]: 7}
+    consumer._probe = answered([7, KafkaError(KafkaError.LEADER_NOT_AVAILABLE)])
+    with pytest.raises(Exception) as raised:
+        consumer.end_offsets(asked, 1.0)
+    assert raised.value.retriable and "end offset of t[1]" in str(raised.value)
+    consumer._probe = answered([KafkaError(KafkaError._UNKNOWN_PARTITION), 7])
+    with pytest.raises(Exception) as raised:
+        consumer.end_offsets(asked, 1.0)
+    assert not raised.value.retriable
+    consumer._probe = answered([7, None])
+    with pytest.raises(BrokerTimeout, match=r"end offset of t\[1\]: no answer in 0.2s"):
+        consumer.end_offsets(asked, 0.2)

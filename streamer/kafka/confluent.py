@@ -14,14 +14,16 @@ kafka-python work-around (MembershipWatch) is not needed here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from confluent_kafka import Consumer as RdConsumer
-from confluent_kafka import OFFSET_END, KafkaError, KafkaException
+from confluent_kafka import IsolationLevel, KafkaError, KafkaException
 from confluent_kafka import Producer as RdProducer
 from confluent_kafka import TopicPartition as RdTopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from streamer.kafka.abstract import (
     BrokerTimeout,
@@ -199,7 +201,13 @@ def make_consumer(settings: KafkaSettings, max_poll_records: int, bootstrap_time
     except BaseException:
         client.close()
         raise
-    return ConfluentConsumer(client, settings.auto_offset_reset, cooperative=assignment_strategy(settings) == "cooperative-sticky")
+    # End offsets are asked through a client of their own: on the consumer's connection each
+    # request waits behind the fetch in flight (up to fetch.wait.max.ms), which on a quiet topic
+    # is most of the time, and the loop waits with it.
+    probe = {**_common(settings, errors), "client.id": f"{settings.client_id}-probe"}
+    isolation = IsolationLevel.READ_COMMITTED if settings.exactly_once else IsolationLevel.READ_UNCOMMITTED
+    return ConfluentConsumer(client, settings.auto_offset_reset, cooperative=assignment_strategy(settings) == "cooperative-sticky",
+                             probe=probe, isolation=isolation)
 
 
 def make_producer(
@@ -240,10 +248,17 @@ def make_producer(
 
 
 class ConfluentConsumer(Consumer):
-    def __init__(self, consumer: RdConsumer, auto_offset_reset: str, cooperative: bool) -> None:
+    def __init__(self, consumer: RdConsumer, auto_offset_reset: str, cooperative: bool,
+                 probe: dict[str, object] | None = None, isolation: IsolationLevel = IsolationLevel.READ_UNCOMMITTED) -> None:
+        """``probe``: the configuration of the admin client that end_offsets asks through (built
+        at its first use); ``isolation``: whose end it asks for (read_committed: the last stable
+        offset, as the consumer reads)."""
         self.client = consumer
         self.auto_offset_reset = auto_offset_reset
         self.cooperative = cooperative
+        self._probe_config = probe or {}
+        self._isolation = isolation
+        self._probe: AdminClient | None = None
 
     def subscribe(self, topics: Sequence[str], hooks: RebalanceHooks) -> None:
         def on_assign(consumer: RdConsumer, partitions: list[RdTopicPartition]) -> None:
@@ -341,21 +356,26 @@ class ConfluentConsumer(Consumer):
                 raise client_error(KafkaException(tp.error), f"commit of {tp.topic}[{tp.partition}]")
 
     def end_offsets(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int]:
-        # One request for every partition (the latest offset by time, as the protocol puts it):
-        # asked one partition at a time (get_watermark_offsets), each waited behind the fetch in
-        # flight, up to fetch.wait.max.ms: half a second for 6 partitions of a quiet topic.
         if not partitions:
             return {}
+        if self._probe is None:
+            self._probe = AdminClient(self._probe_config)
+        deadline = time.monotonic() + timeout_s
         try:
-            answered = self.client.offsets_for_times([_theirs(tp, OFFSET_END) for tp in partitions], timeout=timeout_s)
+            asked = self._probe.list_offsets({_theirs(tp): OffsetSpec.latest() for tp in partitions},
+                                             isolation_level=self._isolation, request_timeout=timeout_s)
         except KafkaException as exc:
             raise client_error(exc, "end offsets") from exc
         ends = {}
-        for tp in answered:
-            if tp.error is not None:
-                raise client_error(KafkaException(tp.error), f"end offset of {tp.topic}[{tp.partition}]")
-            if tp.offset >= 0:
-                ends[TopicPartition(tp.topic, tp.partition)] = tp.offset
+        for tp, answer in asked.items():
+            try:
+                end = answer.result(timeout=max(0.0, deadline - time.monotonic())).offset
+            except KafkaException as exc:
+                raise client_error(exc, f"end offset of {tp.topic}[{tp.partition}]") from exc
+            except concurrent.futures.TimeoutError as exc:
+                raise BrokerTimeout(f"end offset of {tp.topic}[{tp.partition}]: no answer in {timeout_s}s", cause=exc) from exc
+            if end >= 0:
+                ends[TopicPartition(tp.topic, tp.partition)] = end
         return ends
 
     def highwater(self, partition: TopicPartition) -> int | None:
@@ -369,6 +389,7 @@ class ConfluentConsumer(Consumer):
         return self.client.consumer_group_metadata()
 
     def close(self, timeout_s: float = 5.0) -> None:
+        self._probe = None  # an admin client has no close: released with its last reference
         self.client.close()
 
 

@@ -44,3 +44,42 @@ def test_end_offsets_are_each_partitions_next_offset(kafka_bootstrap: str):
         consumer.close(5)
         admin.delete_topics([topic])
         admin.close()
+
+
+@pytest.mark.kafka
+def test_end_offsets_in_exactly_once_mode_stop_at_an_open_transaction(kafka_bootstrap: str):
+    """Read committed (exactly-once mode), a partition's end is its last stable offset: the
+    readings of a transaction still open are not there yet, as the consumer does not read them."""
+    from confluent_kafka import Producer
+
+    topic = f"test-consumer-{uuid.uuid4().hex}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    plain = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for i in range(2):
+        plain.send(topic, key=b"k", value=b"%d" % i, partition=0)
+    plain.flush()
+    plain.close()
+    open_transaction = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"t-{uuid.uuid4().hex}"})
+    open_transaction.init_transactions(30)
+    open_transaction.begin_transaction()
+    for i in range(3):
+        open_transaction.produce(topic, key=b"k", value=b"%d" % i, partition=0)
+    open_transaction.flush(30)
+    tp = TopicPartition(topic, 0)
+    ends = {}
+    try:
+        for exactly_once in (False, True):
+            settings = load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap, "input_topic": topic,
+                                                "group_id": f"test-consumer-{uuid.uuid4().hex[:8]}",
+                                                "exactly_once": exactly_once}})
+            consumer = open_consumer(settings.kafka, 100)
+            try:
+                ends[exactly_once] = consumer.end_offsets([tp], 10)
+            finally:
+                consumer.close(5)
+    finally:
+        open_transaction.abort_transaction(30)
+        admin.delete_topics([topic])
+        admin.close()
+    assert ends == {False: {tp: 5}, True: {tp: 2}}
