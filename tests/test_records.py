@@ -601,7 +601,7 @@ def test_arrow_predictions_from_the_messages_own_id_column_are_the_same_bytes(da
     offset), cut into messages the same way as ids built from the strings."""
     import streamer.records
 
-    ids, batch, version = drawn_predictions(data, 300)
+    ids, batch, version = drawn_predictions(data, 60)  # 6 KiB messages: 20-50 rows each
     before = data.draw(st.integers(0, 5))
     column = pa.array(["x" * 200] * before + ids, pa.string()).slice(before)
     with pytest.MonkeyPatch.context() as patch:
