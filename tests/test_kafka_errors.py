@@ -99,13 +99,16 @@ def test_confluent_end_offsets_errors_and_no_answer_reach_the_loop_as_the_seams(
                     future.set_result(SimpleNamespace(offset=outcome))
                 futures[tp] = future  # None: never answered
             return futures
-        return SimpleNamespace(list_offsets=list_offsets)
+        return SimpleNamespace(list_offsets=list_offsets, poll=lambda timeout: served.append(timeout) or 0)
+
+    served: list[float] = []
 
     consumer = confluent.ConfluentConsumer(None, "latest", False)  # type: ignore[arg-type]
     asked = [TopicPartition("t", 0), TopicPartition("t", 1)]
     assert consumer.end_offsets([], 1.0) == {}
     consumer._probe = answered([7, -1])
     assert consumer.end_offsets(asked, 1.0) == {asked[0]: 7}
+    assert served == [0]  # its queued log lines and error callbacks, served at every probe
     consumer._probe = answered([7, KafkaError(KafkaError.LEADER_NOT_AVAILABLE)])
     with pytest.raises(Exception) as raised:
         consumer.end_offsets(asked, 1.0)

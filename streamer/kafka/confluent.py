@@ -360,6 +360,9 @@ class ConfluentConsumer(Consumer):
             return {}
         if self._probe is None:
             self._probe = AdminClient(self._probe_config)
+        # Its log lines and error callbacks wait in its queue until a poll serves them (to the
+        # loggers the consumer's go to): served at every probe, so none pile up while brokers are away.
+        self._probe.poll(0)
         deadline = time.monotonic() + timeout_s
         try:
             asked = self._probe.list_offsets({_theirs(tp): OffsetSpec.latest() for tp in partitions},
