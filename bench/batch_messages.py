@@ -10,7 +10,8 @@ first message to the last, and as a ratio of the engine's own rate (Engine.step 
 process, over the very batches the loop stepped, on a fresh table), measured right after each
 loop run so that machine noise hits both alike.
 
-BATCH_ROWS (16384), BATCH_GATEWAYS (8), BATCH_ROUNDS (24) size it. KAFKA_BOOTSTRAP_SERVERS uses a
+BATCH_ROWS (16384), BATCH_GATEWAYS (8), BATCH_ROUNDS (24) size it; BATCH_OUTPUTS (arrow,json) picks
+the outputs. KAFKA_BOOTSTRAP_SERVERS uses a
 running broker; else deploy/kafka/local-kafka is started on free ports and stopped afterwards.
 """
 
@@ -45,6 +46,7 @@ from streamer.settings import KafkaSettings, Settings, load_settings  # noqa: E4
 ROWS = int(os.environ.get("BATCH_ROWS", "16384"))
 GATEWAYS = int(os.environ.get("BATCH_GATEWAYS", "8"))
 ROUNDS = int(os.environ.get("BATCH_ROUNDS", "24"))
+OUTPUTS = [o.strip() for o in os.environ.get("BATCH_OUTPUTS", "arrow,json").split(",") if o.strip()]
 PARTITIONS, HIDDEN, LAYERS = 6, 64, 2
 READINGS = ROWS * GATEWAYS * ROUNDS
 DEVICES = ROWS * GATEWAYS
@@ -128,7 +130,7 @@ def main() -> None:
         model_path = work / "model.pt"
         config = ModelConfig(1, HIDDEN, LAYERS, 1)
         save_model_file(model_path, init_random_model(config, seed=0), config, "bench")
-        for batch_output in ("arrow", "json"):
+        for batch_output in OUTPUTS:
             settings = settings_for(bootstrap, topic, model_path, work / f"cp-{batch_output}", batch_output)
             seconds, stepped = loop(settings)
             typical = int(statistics.median(len(b) for b in stepped))
@@ -136,7 +138,8 @@ def main() -> None:
             rate = READINGS / seconds
             emit(figure="batch_messages_end_to_end", batch_output=batch_output, client=settings.kafka.client,
                  rows_per_message=ROWS, messages=GATEWAYS * ROUNDS, readings=READINGS, devices=DEVICES,
-                 torch_threads=torch.get_num_threads(), median_step_readings=typical, readings_per_s=round(rate),
+                 torch_threads=torch.get_num_threads(), state_dtype=settings.state.dtype,
+                 compiled=settings.model.compile, median_step_readings=typical, readings_per_s=round(rate),
                  engine_readings_per_s=round(engine), vs_engine=round(rate / engine, 3),
                  goal_readings_per_s=1_000_000, goal_vs_engine=0.8)
     finally:

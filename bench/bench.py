@@ -103,30 +103,38 @@ def cpu_ceiling(naive: float) -> None:
 
 def bench_engine(device: str, naive: float) -> None:
     """Engine.step over B distinct devices, float32 and bfloat16 state, as a ratio of the
-    per-message loop's device-steps/s (``naive``, measured in the same process)."""
+    per-message loop's device-steps/s (``naive``, measured in the same process). On the CPU also
+    with model.compile (streamer.compiled), the eager and the compiled engine timed in turn, twice
+    each (the best median of each counts), and their ratio."""
     config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
     bundle = ModelBundle(init_random_model(config, seed=0), config, "bench", None)
     rng = np.random.default_rng(0)
+    variants = (False, True) if device == "cpu" else (False,)
     for state_dtype in (torch.float32, torch.bfloat16):
         for batch in (1024, 16384, 131072):
-            engine = Engine.build(bundle, capacity=batch, device=device, state_dtype=state_dtype)
             ids = [f"d{i}" for i in range(batch)]
             values = rng.normal(size=(batch, FEATURES)).astype(np.float32)
             readings = ReadingBatch(ids, np.zeros(batch), values)
-            seconds = timed(lambda: engine.step(readings, now=0.0))
-            # Without the CPU-side planning (waves, slots): gather, score, LSTM step, scatter.
+            engines = {c: Engine.build(bundle, capacity=batch, device=device, state_dtype=state_dtype, compile=c)
+                       for c in variants}
+            seconds = {c: float("inf") for c in variants}
+            kernel_seconds = dict(seconds)
             plan = plan_waves(ids)
-            slots = engine.table.acquire(plan.unique, now=0.0).slots
-
-            def kernel() -> None:
-                engine._execute(plan, slots, values, readings.ts)
-
-            kernel_seconds = timed(kernel)
-            emit(figure="engine_step", device=str(engine.device), batch=batch, hidden=HIDDEN, layers=LAYERS,
-                 state_dtype=str(state_dtype).removeprefix("torch."), fused=engine.lstm.fused,
-                 device_steps_per_s=round(batch / seconds), step_ms=round(seconds * 1e3, 3),
-                 kernel_device_steps_per_s=round(batch / kernel_seconds),
-                 vs_naive_per_message=round(batch / seconds / naive, 1))
+            for _ in range(2):
+                for compiled, engine in engines.items():
+                    seconds[compiled] = min(seconds[compiled], timed(lambda: engine.step(readings, now=0.0)))
+                    # Without the CPU-side planning (waves, slots): gather, score, LSTM step, scatter.
+                    slots = engine.table.acquire(plan.unique, now=0.0).slots
+                    kernel_seconds[compiled] = min(kernel_seconds[compiled],
+                                                   timed(lambda: engine._execute(plan, slots, values, readings.ts)))
+            for compiled, engine in engines.items():
+                extra = {"vs_eager": round(seconds[False] / seconds[True], 2)} if compiled else {}
+                emit(figure="engine_step", device=str(engine.device), batch=batch, hidden=HIDDEN, layers=LAYERS,
+                     state_dtype=str(state_dtype).removeprefix("torch."), fused=engine.lstm.fused, compiled=compiled,
+                     torch_threads=torch.get_num_threads(),
+                     device_steps_per_s=round(batch / seconds[compiled]), step_ms=round(seconds[compiled] * 1e3, 3),
+                     kernel_device_steps_per_s=round(batch / kernel_seconds[compiled]),
+                     vs_naive_per_message=round(batch / seconds[compiled] / naive, 1), **extra)
 
 
 def fill_topic(bootstrap: str, topic: str) -> None:

@@ -204,8 +204,9 @@ def gamma_log_tail(level: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     tail = torch.special.gammaincc(shape, x)
     deep = tail <= MIN_TAIL
     # On a CPU the check is free and the far branch rarely needed; on an accelerator the check
-    # would stall the queue, so the far branch is always computed there.
-    if x.device.type != "cpu" or bool(deep.any()):
+    # would stall the queue, so the far branch is always computed there, as in a compiled step
+    # (one graph, no host sync). Where no tail is deep both give the same value.
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or bool(deep.any()):
         far = ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - torch.lgamma(shape)).clamp_max(LOG_MIN_TAIL)
         return torch.where(deep, far, torch.log(tail.clamp_min(MIN_TAIL)))
     return torch.log(tail)

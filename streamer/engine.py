@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from streamer.anomaly import AnomalyParams, record_breaks, residual_of, score_and_update
+from streamer.compiled import CompiledWave
 from streamer.errors import CapacityError, StreamerError
 from streamer.features import denormalize, normalize_step, time_features
 from streamer.kernels import make_lstm_step
@@ -287,10 +288,12 @@ class Engine:
 
     def __init__(
         self, bundle: ModelBundle, table: DeviceStateTable, anomaly: AnomalyParams | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = True, compile: bool = False,
     ):
         """cuda_graphs: on CUDA with the fused kernel, replay small waves' steps from CUDA graphs
-        (padded to their bucket; see GRAPH_MAX_ROWS)."""
+        (padded to their bucket; see GRAPH_MAX_ROWS). compile: on the CPU, step waves through
+        torch.compile's fused code (streamer.compiled; compiled here, before any step); on CUDA
+        the fused kernel runs regardless."""
         self.layout = StateLayout.of(bundle.config)
         if table.width != self.layout.width:
             raise StreamerError(f"state table width {table.width} != {self.layout.width} needed by the model")
@@ -301,6 +304,7 @@ class Engine:
         # (fresh multi-MB temporaries fault their pages in on every call): cut waves into chunks.
         self.max_rows_per_step = CPU_ROWS_PER_STEP if self.device.type == "cpu" else None
         self.want_graphs = cuda_graphs
+        self.want_compile = compile
         self._reset = 0  # devices reset in the current step (_reset_not_finite)
         self._serve(bundle)
 
@@ -316,6 +320,10 @@ class Engine:
         self.cuda_graphs = self.want_graphs and self.device.type == "cuda" and getattr(self.lstm, "fused", False)
         self.pad_waves = self.cuda_graphs  # tests also pad on the CPU, running the padded step as it is
         self._padded: dict[tuple[int, int], PaddedStep] = {}
+        self._compiled: CompiledWave | None = None
+        if self.want_compile and self.device.type == "cpu":
+            self._compiled = CompiledWave(bundle.model, self.table, self.layout, self.anomaly,
+                                          bundle.config.device_norm_alpha)
 
     @classmethod
     def build(
@@ -327,6 +335,7 @@ class Engine:
         anomaly: AnomalyParams | None = None,
         state_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = True,
+        compile: bool = False,
     ) -> "Engine":
         """state_dtype: of the LSTM's h and c in the table (float32 or bfloat16; the rest of a
         row stays float32). The bfloat16 error bound is in streamer.kernels."""
@@ -345,7 +354,7 @@ class Engine:
             raise CapacityError(
                 f"state table capacity {capacity}: {capacity * row_bytes / 2**30:.1f} GiB of rows on {where}"
                 f" could not be allocated ({reason})") from None
-        return cls(bundle, table, anomaly, cuda_graphs)
+        return cls(bundle, table, anomaly, cuda_graphs, compile)
 
     @property
     def model_version(self) -> str:
@@ -514,6 +523,8 @@ class Engine:
         says so. Returns (forecast in reading units, or normalised units under a global
         normalisation (undone by the caller), ln tail, flags, residual), each over b readings.
         """
+        if self._compiled is not None:
+            return self._compiled(x, slots)
         lay, f = self.layout, self.config.values_size
         # h and c: read by the LSTM step from these rows, or from the table itself (reads_lead).
         rows = self.table.gather(slots, lead=not self.lstm.reads_lead, scratch=scratch)  # read before the scatter below

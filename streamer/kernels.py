@@ -89,6 +89,21 @@ def _lstm_weights(model: LSTMModel) -> tuple[list[Tensor], list[Tensor], Tensor,
     return [w.clone() for w in ref.w], [b.clone() for b in ref.b], ref.head_w, ref.head_b
 
 
+def torch_step_weights(
+    model: LSTMModel, device: torch.device, dot_dtype: torch.dtype
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    """The torch step's weights: per layer (in_l + H, 4H) and its bias in ``dot_dtype`` (the
+    projections' operands), the cell gate's columns doubled, so that one sigmoid serves all four
+    gates (tanh(g) = 2 sigmoid(2 g) - 1); the head's in float32."""
+    w, b, head_w, head_b = _lstm_weights(model)
+    hs = model.lstm.hidden_size
+    for layer in range(model.lstm.num_layers):
+        w[layer][:, 2 * hs : 3 * hs] *= 2.0
+        b[layer][2 * hs : 3 * hs] *= 2.0
+    return ([m.to(device, dot_dtype) for m in w], [v.to(device, dot_dtype) for v in b], head_w.to(device),
+            head_b.to(device))
+
+
 class TorchLstmStep(LstmStep):
     """The step in torch ops, on the rows the engine gathered (see the module docstring).
 
@@ -98,23 +113,15 @@ class TorchLstmStep(LstmStep):
     """
 
     def __init__(self, model: LSTMModel, device: torch.device, dtype: torch.dtype = torch.float32):
-        w, b, head_w, head_b = _lstm_weights(model)
         self.num_layers = model.lstm.num_layers
-        self.hidden_size = hs = model.lstm.hidden_size
+        self.hidden_size = model.lstm.hidden_size
         self.state_dtype = dtype
         self.input_size = model.lstm.input_size
         self.dot_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         # float32 state: h and c come with the rows (one gather). bfloat16: gathered here from
         # the table as they are, not widened to float32 and narrowed again for the projections.
         self.reads_lead = dtype != torch.float32
-        # tanh(g) = 2 sigmoid(2 g) - 1: the cell gate's columns doubled, one sigmoid for all gates.
-        for layer in range(self.num_layers):
-            w[layer][:, 2 * hs : 3 * hs] *= 2.0
-            b[layer][2 * hs : 3 * hs] *= 2.0
-        self.w = [m.to(device, self.dot_dtype) for m in w]
-        self.b = [v.to(device, self.dot_dtype) for v in b]
-        self.head_w = head_w.to(device)
-        self.head_b = head_b.to(device)
+        self.w, self.b, self.head_w, self.head_b = torch_step_weights(model, device, self.dot_dtype)
         self._buffers: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._lead_rows: dict[int, Tensor] = {}  # h and c gathered from the table, per row count
 

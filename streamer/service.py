@@ -61,6 +61,7 @@ def build_engine(settings: Settings) -> Engine:
         anomaly=anomaly_params(settings),
         state_dtype=STATE_DTYPES[settings.state.dtype],
         cuda_graphs=settings.model.cuda_graphs,
+        compile=settings.model.compile,
     )
     log.info(
         "model %s (version %s, %s) on %s, state table of %d devices",

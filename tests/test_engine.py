@@ -46,7 +46,7 @@ def test_plan_waves_keeps_per_device_order():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inputs", ["raw", "global", "device+time"])
 @pytest.mark.parametrize("rows_per_step", [None, 5])
-@pytest.mark.parametrize("step", ["default", "triton"])
+@pytest.mark.parametrize("step", ["default", "triton", "compiled"])
 @pytest.mark.parametrize("waves", ["as_they_come", "padded"])
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy
 def test_streaming_equals_offline_model(device: str, inputs: str, rows_per_step: int | None, step: str, waves: str):
@@ -56,13 +56,16 @@ def test_streaming_equals_offline_model(device: str, inputs: str, rows_per_step:
     extra = {"time_features": ("day", "week"), "device_norm_alpha": 0.05} if inputs == "device+time" else {}
     bundle = make_bundle(input_size=n_features, hidden_size=16, num_layers=2, seed=11, normalization=norm, **extra)
     # Padded waves: CUDA's default, replayed from CUDA graphs there; run as they are on the CPU.
-    engine = Engine.build(bundle, capacity=64, device=device, cuda_graphs=waves == "padded")
+    if step == "compiled" and device != "cpu":
+        pytest.skip("model.compile is for the CPU")
+    engine = Engine.build(bundle, capacity=64, device=device, cuda_graphs=waves == "padded", compile=step == "compiled")
     engine.max_rows_per_step = rows_per_step  # 5: waves cut into many small steps
     if step == "triton":  # the fused kernel, CUDA's default, here under Triton's interpreter
         if device == "cuda" or streamer.kernels.triton is None:
             pytest.skip("the default step on CUDA" if device == "cuda" else "no Triton in this torch build")
         engine.lstm = interpreted_kernels().TritonLstmStep(bundle.model, engine.device)
     assert engine.lstm.fused == (step == "triton" or device == "cuda")
+    assert (engine._compiled is not None) == (step == "compiled")
     assert engine.cuda_graphs == (device == "cuda" and waves == "padded")
     engine.pad_waves = waves == "padded"
 

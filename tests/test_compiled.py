@@ -1,0 +1,158 @@
+"""model.compile: the wave's step compiled by torch.compile against the eager step it fuses."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import streamer.compiled
+from streamer.engine import Engine, ReadingBatch
+from streamer.errors import StreamerError
+from tests.conftest import make_bundle
+from tests.test_kernels import BF16_FORECAST_ATOL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stream(rng: np.random.Generator, devices: int, steps: int, features: int):
+    """Batches of random size (1 to 60 readings, so some below the 8-row GEMM floor) over
+    ``devices`` devices, a device often several times in one batch (several waves), with a
+    spike now and then; yields (ids, ts, values)."""
+    t = 0.0
+    for _ in range(steps):
+        size = int(rng.integers(1, 60))
+        ids = [f"dev-{d}" for d in rng.integers(0, devices, size=size)]
+        values = rng.normal(size=(size, features)).astype(np.float32) + np.arange(features, dtype=np.float32)
+        spikes = rng.random(size) < 0.01
+        values[spikes] += 40.0
+        ts = t + np.arange(size, dtype=np.float64)
+        t += size
+        yield ids, ts, values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inputs", ["raw", "device+time"])
+def test_compiled_step_gives_the_eager_steps_results(dtype: torch.dtype, inputs: str):
+    extra = {"time_features": ("day",), "device_norm_alpha": 0.05} if inputs == "device+time" else {}
+    bundle = make_bundle(input_size=2, hidden_size=16, num_layers=2, seed=3, **extra)
+    eager = Engine.build(bundle, capacity=64, device="cpu", state_dtype=dtype)
+    compiled = Engine.build(bundle, capacity=64, device="cpu", state_dtype=dtype, compile=True)
+    assert compiled._compiled is not None and eager._compiled is None
+    rng = np.random.default_rng(5)
+    flagged = waves = 0
+    worst = {"forecast": 0.0, "residual": 0.0, "surprise": 0.0}
+    for ids, ts, values in stream(rng, devices=40, steps=150, features=2):
+        want, want_report = eager.step(ReadingBatch(ids, ts, values), now=float(ts[0]))
+        got, report = compiled.step(ReadingBatch(ids, ts, values), now=float(ts[0]))
+        assert report.waves == want_report.waves and report.new_devices == want_report.new_devices
+        waves += report.waves > 1
+        for name in worst:
+            worst[name] = max(worst[name], float(np.abs(getattr(got, name) - getattr(want, name)).max()))
+        np.testing.assert_array_equal(got.is_anomaly, want.is_anomaly)
+        flagged += int(want.is_anomaly.sum())
+    assert flagged >= 5 and waves >= 20  # the comparison covered flagged readings and multi-wave batches
+    # Inductor orders float32 sums and fuses multiply-adds its own way: the last bits differ,
+    # and under bfloat16 state a last-bit change of h rounds to bfloat16 and carries on.
+    bound = 1e-5 if dtype == torch.float32 else BF16_FORECAST_ATOL
+    assert worst["forecast"] <= bound and worst["residual"] <= bound, worst
+    assert worst["surprise"] <= 1e-3, worst
+    # The rows written back (h, c, statistics, records) agree too, device by device.
+    ids = [f"dev-{d}" for d in range(40)]
+    rows = [e.table.export(np.array([e.table.slot_of(i) for i in ids]))[1] for e in (eager, compiled)]
+    np.testing.assert_allclose(rows[1], rows[0], atol=10 * bound, rtol=1e-4)
+
+
+def test_compiled_step_of_a_device_does_not_depend_on_its_batch():
+    """A device's result is bitwise the same stepped alone (padded to 8 rows), among a few, or
+    among thousands: live and replay, which cut batches differently, agree exactly."""
+    bundle = make_bundle(input_size=1, hidden_size=64, num_layers=2, seed=2)
+    rng = np.random.default_rng(1)
+    history = rng.normal(size=(30, 1)).astype(np.float32)
+    crowd = rng.normal(size=(4000, 1)).astype(np.float32)
+    results = {}
+    for others in (0, 2, 6, 7, 8, 3999):
+        engine = Engine.build(bundle, capacity=4096, device="cpu", compile=True)
+        for t, value in enumerate(history):
+            ids = ["a"] + [f"o{i}" for i in range(others)]
+            values = np.concatenate([value[None], crowd[:others] * (t + 1)])
+            preds, _ = engine.step(ReadingBatch(ids, np.full(len(ids), float(t)), values), now=float(t))
+            results.setdefault(others, []).append((preds.forecast[0].copy(), preds.surprise[0], preds.residual[0]))
+    for others, seq in results.items():
+        for (f, s, r), (f0, s0, r0) in zip(seq, results[0]):
+            assert np.array_equal(f, f0) and s == s0 and r == r0, others
+
+
+def test_compiled_engine_swaps_models_and_keeps_rows_of_the_same_shape():
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2, seed=1)
+    other = make_bundle(input_size=1, hidden_size=8, num_layers=2, seed=2, version="test-2")
+    engines = [Engine.build(bundle, capacity=8, device="cpu", compile=c) for c in (False, True)]
+    values = np.ones((1, 1), np.float32)
+    for engine in engines:
+        engine.step(ReadingBatch(["a"], np.zeros(1), values), now=0.0)
+        assert engine.swap_model(other) is False
+    got = [e.step(ReadingBatch(["a"], np.ones(1), values), now=1.0)[0].forecast for e in engines]
+    np.testing.assert_allclose(got[1], got[0], atol=1e-6, rtol=0)
+    assert engines[1]._compiled is not None and engines[1]._compiled.w[0] is not engines[0].lstm.w[0]
+
+
+def test_compile_is_refused_off_the_cpu_and_failures_are_one_line(monkeypatch):
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=1)
+    engine = Engine.build(bundle, capacity=8, device="cpu")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(engine.table, "device", cuda)
+    with pytest.raises(StreamerError, match="applies on the CPU only"):
+        streamer.compiled.CompiledWave(bundle.model, engine.table, engine.layout, engine.anomaly, None)
+    monkeypatch.undo()
+
+    def failing(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nCommand: g++ ...")
+        return run
+
+    monkeypatch.setattr(streamer.compiled.torch, "compile", failing)
+    with pytest.raises(StreamerError) as caught:
+        Engine.build(bundle, capacity=8, device="cpu", compile=True)
+    message = str(caught.value)
+    assert "\n" not in message and "model.compile: torch.compile failed (InductorError" in message
+    assert message.endswith("set model.compile = false to step eagerly")
+
+
+def test_replay_with_compile_and_no_cpp_compiler_stops_with_one_line(tmp_path):
+    """For real: Inductor with a compiler that is not there (and an empty cache, so it must
+    compile) stops `streamer replay --model-compile true` with one line, exit 2."""
+    model = tmp_path / "model.pt"
+    from streamer.model import save_model_file
+
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=1)
+    save_model_file(model, bundle.model, bundle.config, "test-1")
+    data = tmp_path / "data.csv"
+    data.write_text("device_id,ts,value\n" + "".join(f"a,{t},{t % 3}\n" for t in range(20)))
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "replay", "--model-path", str(model), "--data", str(data),
+         "--out", str(tmp_path / "out.csv"), "--no-progress", "--model-compile", "true"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.compile: torch.compile failed" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_model_compile_setting_builds_a_compiled_engine(tmp_path):
+    from streamer.model import save_model_file
+    from streamer.service import build_engine
+    from streamer.settings import load_settings
+
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=1)
+    save_model_file(tmp_path / "model.pt", bundle.model, bundle.config, "test-1")
+    for compile in (False, True):
+        settings = load_settings({"model": {"path": tmp_path / "model.pt", "device": "cpu", "compile": compile},
+                                  "state": {"capacity": 16}, "batch": {"max_records": 16}})
+        assert (build_engine(settings)._compiled is not None) == compile
