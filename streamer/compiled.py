@@ -4,14 +4,16 @@ Eager, a wave's step is about 30 torch ops (the LSTM's gates, the residual stati
 records), each a pass over the wave's rows in memory; on the CPU they, not the projections, bound
 the step. Here the same maths is one function of the gathered rows, which Inductor fuses into a
 few vectorised loops around the two projections (still oneDNN/MKL calls). On this project's
-2-core host, over 4096-row chunks: about 1.9x eager with bfloat16 state, 1.4x with float32 (see
+2-core host, whole steps: 1.55x-1.7x eager with bfloat16 state, 1.0x-1.35x with float32 (see
 README, State table).
 
 The maths is the eager step's (Engine._step_wave, kernels.TorchLstmStep), written without out=
 buffers or host syncs so that it traces as one graph; the tests hold the two to each other.
 Compiling takes seconds (a C++ compiler must be on the PATH): it happens when the engine is
-built, on padding rows, and Inductor keeps what it built in its on-disk cache for the next start.
-Every row count from MIN_GEMM_ROWS up shares one compiled graph (the batch dimension is dynamic).
+built (and when a model of a new shape is swapped in), never in a step, and Inductor keeps what
+it built in its on-disk cache for the next start. Every row count shares one compiled graph (the
+batch dimension is dynamic; fewer than MIN_GEMM_ROWS rows are padded); inputs it would not take
+run the same maths eagerly, with a warning, rather than compile in the stream.
 """
 
 from __future__ import annotations
@@ -150,22 +152,24 @@ class CompiledWave:
         dot = torch.bfloat16 if table.lead_dtype == torch.bfloat16 else torch.float32
         self.w, self.b, self.head_w, self.head_b = torch_step_weights(model, table.device, dot)
         self.input_size = model.lstm.input_size
-        self._key = (layout, anomaly, norm_alpha, table.lead_dtype, self.input_size)
+        # Inductor builds its loops for the torch threads of the moment: part of the key.
+        self._key = (layout, anomaly, norm_alpha, table.lead_dtype, self.input_size, torch.get_num_threads())
         self._fn = compiled_for(self._key)
+        self._said_eager = False
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Compile now, on rows of zeros (not the table's): a compile in the stream would stall
-        it. The batch dimension is marked dynamic so that one graph serves every row count."""
+        """Compile now, on the path the steps take (rows gathered as they will be, here the
+        sink's, under inference mode as Engine._execute runs): a compile in the stream would
+        stall it. The batch dimension is marked dynamic, so one graph serves every row count."""
         started = time.perf_counter()
         rows = 2 * MIN_GEMM_ROWS
-        x = torch.zeros(rows, self.input_size)
-        lead = torch.zeros(rows, self.table.lead_width, dtype=self.table.lead_dtype)
-        rest = torch.zeros(rows, self.table.width - self.table.lead_width)
-        for t in (x, lead, rest):
-            torch._dynamo.mark_dynamic(t, 0, min=MIN_GEMM_ROWS)
         try:
             with torch.inference_mode():
+                x = torch.zeros(rows, self.input_size)
+                lead, rest = self.table.gather_parts(torch.full((rows,), self.table.sink, dtype=torch.int64))
+                for t in (x, lead, rest):
+                    torch._dynamo.mark_dynamic(t, 0, min=MIN_GEMM_ROWS)
                 self._fn(x, lead, rest, self.w, self.b, self.head_w, self.head_b, self.layout, self.anomaly,
                          self.norm_alpha)
         except Exception as exc:  # a missing compiler, an unsupported op: one line, not Inductor's page
@@ -183,8 +187,21 @@ class CompiledWave:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
             slots = torch.cat([slots, slots.new_full((pad,), table.sink)])
         lead, rest = table.gather_parts(slots)  # read before the writes below
-        lead_new, rest_new, *results = self._fn(
-            x, lead, rest, self.w, self.b, self.head_w, self.head_b, self.layout, self.anomaly, self.norm_alpha
-        )
+        args = (x, lead, rest, self.w, self.b, self.head_w, self.head_b, self.layout, self.anomaly, self.norm_alpha)
+        try:
+            # Never a compile in the stream (seconds, and a failure there a traceback): inputs the
+            # graph compiled at build does not take are stepped by the same maths, eagerly.
+            with torch.compiler.set_stance("fail_on_recompile"):
+                lead_new, rest_new, *results = self._fn(*args)
+        except (torch._dynamo.exc.RecompileError, RuntimeError) as exc:
+            # This torch says "Detected recompile when torch.compile stance is 'fail_on_recompile'"
+            # in a RuntimeError; anything else the step raised is the caller's.
+            if not isinstance(exc, torch._dynamo.exc.RecompileError) and "fail_on_recompile" not in str(exc):
+                raise
+            if not self._said_eager:
+                self._said_eager = True
+                log.warning("the compiled CPU step does not take these inputs (%s); such steps run eagerly",
+                            str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "a recompile")
+            lead_new, rest_new, *results = wave_maths(*args)
         table.scatter_parts(slots, lead_new, rest_new)
         return tuple(r[:b] for r in results)

@@ -292,12 +292,11 @@ class Engine:
     ):
         """cuda_graphs: on CUDA with the fused kernel, replay small waves' steps from CUDA graphs
         (padded to their bucket; see GRAPH_MAX_ROWS). compile: on the CPU, step waves through
-        torch.compile's fused code (streamer.compiled; compiled here, before any step); on CUDA
-        the fused kernel runs regardless."""
-        self.layout = StateLayout.of(bundle.config)
-        if table.width != self.layout.width:
-            raise StreamerError(f"state table width {table.width} != {self.layout.width} needed by the model")
-        self.table = table
+        torch.compile's fused code (streamer.compiled; compiled here and at a swap to a model of
+        another shape, never in a step); on CUDA the fused kernel runs regardless."""
+        layout = StateLayout.of(bundle.config)
+        if table.width != layout.width:
+            raise StreamerError(f"state table width {table.width} != {layout.width} needed by the model")
         self.device = table.device
         self.anomaly = anomaly or AnomalyParams()
         # On a CPU, steps over more rows than fit in cache run several times slower per row
@@ -306,11 +305,18 @@ class Engine:
         self.want_graphs = cuda_graphs
         self.want_compile = compile
         self._reset = 0  # devices reset in the current step (_reset_not_finite)
-        self._serve(bundle)
+        self._serve(bundle, table, layout)
 
-    def _serve(self, bundle: ModelBundle) -> None:
+    def _serve(self, bundle: ModelBundle, table: DeviceStateTable, layout: StateLayout) -> None:
+        """Serve ``bundle`` on ``table``. What may fail (the step's weights, a compile) is built
+        before anything of the engine changes: a model that cannot be served leaves the one
+        served before, its table and its rows, as they were."""
         # The LSTM step: the fused Triton kernel on CUDA, torch ops elsewhere (streamer.kernels).
-        self.lstm = make_lstm_step(bundle.model, self.device, self.table.lead_dtype)
+        lstm = make_lstm_step(bundle.model, self.device, table.lead_dtype)
+        compiled = None
+        if self.want_compile and self.device.type == "cpu":
+            compiled = CompiledWave(bundle.model, table, layout, self.anomaly, bundle.config.device_norm_alpha)
+        self.table, self.layout, self.lstm, self._compiled = table, layout, lstm, compiled
         norm = bundle.normalization
         self._mean = norm.mean.to(self.device) if norm else None
         self._std = norm.std.to(self.device) if norm else None
@@ -320,10 +326,6 @@ class Engine:
         self.cuda_graphs = self.want_graphs and self.device.type == "cuda" and getattr(self.lstm, "fused", False)
         self.pad_waves = self.cuda_graphs  # tests also pad on the CPU, running the padded step as it is
         self._padded: dict[tuple[int, int], PaddedStep] = {}
-        self._compiled: CompiledWave | None = None
-        if self.want_compile and self.device.type == "cpu":
-            self._compiled = CompiledWave(bundle.model, self.table, self.layout, self.anomaly,
-                                          bundle.config.device_norm_alpha)
 
     @classmethod
     def build(
@@ -369,14 +371,14 @@ class Engine:
         Returns True when the table was reset.
         """
         reset = bundle.config != self.config
+        table, layout = self.table, self.layout
         if reset:
-            self.layout = StateLayout.of(bundle.config)
-            old = self.table
-            self.table = DeviceStateTable(
-                old.capacity, self.layout.width, old.device, ttl_seconds=old.ttl_seconds,
-                lead_width=self.layout.c.stop, lead_dtype=old.lead_dtype,
+            layout = StateLayout.of(bundle.config)
+            table = DeviceStateTable(
+                table.capacity, layout.width, table.device, ttl_seconds=table.ttl_seconds,
+                lead_width=layout.c.stop, lead_dtype=table.lead_dtype,
             )
-        self._serve(bundle)
+        self._serve(bundle, table, layout)  # the old model, table and rows stay if this raises
         return reset
 
     def step(self, batch: ReadingBatch, now: float | None = None) -> tuple[PredictionBatch, StepReport]:

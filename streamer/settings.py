@@ -217,8 +217,8 @@ class ModelSettings(Section):
     )
     compile: bool = Field(
         False, description="on the CPU, step through code compiled by torch.compile (Inductor: a C++ compiler on"
-        " the PATH, seconds at start-up, cached on disk): 1.4x (float32 state) to 1.9x (bfloat16) the eager step;"
-        " on CUDA the fused kernel runs regardless"
+        " the PATH, seconds at start-up, cached on disk): 1.0-1.35x (float32 state) to 1.55-1.7x (bfloat16) the"
+        " eager step on a 2-core host; on CUDA the fused kernel runs regardless"
     )
 
     @field_validator("device")

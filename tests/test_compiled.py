@@ -74,16 +74,20 @@ def test_compiled_step_of_a_device_does_not_depend_on_its_batch():
     history = rng.normal(size=(30, 1)).astype(np.float32)
     crowd = rng.normal(size=(4000, 1)).astype(np.float32)
     results = {}
-    for others in (0, 2, 6, 7, 8, 3999):
+    for others, last in ((0, False), (2, True), (6, False), (7, True), (8, False), (3999, True), (3999, False)):
         engine = Engine.build(bundle, capacity=4096, device="cpu", compile=True)
         for t, value in enumerate(history):
-            ids = ["a"] + [f"o{i}" for i in range(others)]
-            values = np.concatenate([value[None], crowd[:others] * (t + 1)])
+            ids = [f"o{i}" for i in range(others)]
+            values = crowd[:others] * (t + 1)
+            at = len(ids) if last else 0  # "a" last in the batch, or first
+            ids.insert(at, "a")
+            values = np.insert(values, at, value, axis=0)
             preds, _ = engine.step(ReadingBatch(ids, np.full(len(ids), float(t)), values), now=float(t))
-            results.setdefault(others, []).append((preds.forecast[0].copy(), preds.surprise[0], preds.residual[0]))
-    for others, seq in results.items():
-        for (f, s, r), (f0, s0, r0) in zip(seq, results[0]):
-            assert np.array_equal(f, f0) and s == s0 and r == r0, others
+            results.setdefault((others, last), []).append(
+                (preds.forecast[at].copy(), preds.surprise[at], preds.residual[at]))
+    for where, seq in results.items():
+        for (f, s, r), (f0, s0, r0) in zip(seq, results[(0, False)]):
+            assert np.array_equal(f, f0) and s == s0 and r == r0, where
 
 
 def test_compiled_engine_swaps_models_and_keeps_rows_of_the_same_shape():
@@ -95,8 +99,80 @@ def test_compiled_engine_swaps_models_and_keeps_rows_of_the_same_shape():
         engine.step(ReadingBatch(["a"], np.zeros(1), values), now=0.0)
         assert engine.swap_model(other) is False
     got = [e.step(ReadingBatch(["a"], np.ones(1), values), now=1.0)[0].forecast for e in engines]
-    np.testing.assert_allclose(got[1], got[0], atol=1e-6, rtol=0)
-    assert engines[1]._compiled is not None and engines[1]._compiled.w[0] is not engines[0].lstm.w[0]
+    np.testing.assert_allclose(got[1], got[0], atol=1e-6, rtol=0)  # the new weights, on the rows kept
+
+
+def no_step_compiles(monkeypatch):
+    """Steps in this context may neither compile nor fall back to eager maths (which a graph
+    that does not fit the inputs would make them do)."""
+
+    def refused(*args):
+        raise AssertionError("a step fell back to eager maths: the compiled graph did not fit")
+
+    monkeypatch.setattr(streamer.compiled, "wave_maths", refused)
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
+def test_a_model_of_a_new_shape_compiles_at_the_swap_and_a_failed_compile_leaves_the_old_model(monkeypatch):
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2, seed=1)
+    wider = make_bundle(input_size=2, hidden_size=12, num_layers=1, seed=2, version="test-2")
+    engine = Engine.build(bundle, capacity=64, device="cpu", compile=True)
+    engine.step(ReadingBatch(["a"], np.zeros(1), np.ones((1, 1), np.float32)), now=0.0)
+    table, compiled = engine.table, engine._compiled
+
+    def failing(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error")
+        return run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streamer.compiled, "_COMPILED", {})
+        patch.setattr(streamer.compiled.torch, "compile", failing)
+        with pytest.raises(StreamerError, match="model.compile: torch.compile failed"):
+            engine.swap_model(wider)
+    # Nothing of the new model was taken on: the old one serves, on its table, with its rows.
+    assert engine.model_version == "test-1" and engine.table is table and engine._compiled is compiled
+    assert engine.config == bundle.config and engine.table.slot_of("a") is not None
+    preds, _ = engine.step(ReadingBatch(["a"], np.ones(1), np.ones((1, 1), np.float32)), now=1.0)
+    assert preds.forecast.shape == (1, 1) and preds.residual[0] > 0  # a's second reading: its rows were kept
+    # The swap, compiling for the new shape this time: its steps compile nothing more.
+    assert engine.swap_model(wider) is True and engine._compiled is not compiled
+    with no_step_compiles(monkeypatch):
+        for rows in (1, 5, 30):
+            ids = [f"d{i}" for i in range(rows)]
+            preds, _ = engine.step(ReadingBatch(ids, np.zeros(rows), np.ones((rows, 2), np.float32)), now=2.0)
+            assert preds.forecast.shape == (rows, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steps_after_the_build_compile_nothing(dtype: torch.dtype, monkeypatch):
+    """The build compiles the graph the steps take (inference tensors, the table's own row
+    layout, a dynamic batch dimension): no step compiles again, whatever its size."""
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2, seed=4)
+    engine = Engine.build(bundle, capacity=5000, device="cpu", state_dtype=dtype, compile=True)
+    engine.max_rows_per_step = 4096
+    rng = np.random.default_rng(0)
+    with no_step_compiles(monkeypatch):
+        for rows in (1, 3, 7, 8, 9, 16, 17, 100, 4096, 5000):
+            ids = [f"d{i}" for i in rng.permutation(5000)[:rows]]
+            engine.step(ReadingBatch(ids, np.zeros(rows), rng.normal(size=(rows, 1)).astype(np.float32)), now=0.0)
+
+
+def test_inputs_the_compiled_graph_does_not_take_are_stepped_eagerly_and_said_once(caplog):
+    bundle = make_bundle(input_size=2, hidden_size=8, num_layers=2, seed=5)
+    engines = [Engine.build(bundle, capacity=16, device="cpu", compile=c) for c in (False, True)]
+    rng = np.random.default_rng(2)
+    with torch.inference_mode():
+        wide = torch.from_numpy(rng.normal(size=(10, 4)).astype(np.float32))
+        x = wide[:, ::2]  # strided: not the layout the graph was compiled for
+        slots = torch.arange(10)
+        for _ in range(2):
+            want = engines[0]._step_wave(x.contiguous(), slots)
+            got = engines[1]._step_wave(x, slots)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    said = [r for r in caplog.records if "does not take these inputs" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
 
 
 def test_compile_is_refused_off_the_cpu_and_failures_are_one_line(monkeypatch):
@@ -113,6 +189,7 @@ def test_compile_is_refused_off_the_cpu_and_failures_are_one_line(monkeypatch):
             raise RuntimeError("InductorError: CppCompileError: C++ compile error\nCommand: g++ ...")
         return run
 
+    monkeypatch.setattr(streamer.compiled, "_COMPILED", {})  # else an engine of this shape built earlier serves
     monkeypatch.setattr(streamer.compiled.torch, "compile", failing)
     with pytest.raises(StreamerError) as caught:
         Engine.build(bundle, capacity=8, device="cpu", compile=True)
