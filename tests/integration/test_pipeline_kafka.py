@@ -57,7 +57,9 @@ BAD_MESSAGES = [
 ]
 
 
-def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: str, tmp_path):
+@pytest.mark.parametrize("step", ["eager", "compiled"])  # model.compile: the CPU step through torch.compile
+def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: str, tmp_path, step: str, caplog):
+    caplog.set_level("INFO", logger="streamer.compiled")
     topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
     create_topic(kafka_bootstrap, topics["in"], partitions=3)
     model_path = tmp_path / "model.pt"
@@ -82,7 +84,8 @@ def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: s
 
     port = free_port()
     service = ServiceThread(service_settings(
-        kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "checkpoints", metrics={"enabled": True, "port": port}))
+        kafka_bootstrap, topics, f"g-{unique}", model_path, tmp_path / "checkpoints", metrics={"enabled": True, "port": port},
+        model={"compile": step == "compiled"}))
     try:
         expected = N_DEVICES * N_READINGS
         out = read_topic(kafka_bootstrap, topics["out"], expected, timeout_s=120)
@@ -95,6 +98,8 @@ def test_end_to_end_predictions_and_dead_letters(kafka_bootstrap: str, unique: s
 
     # Exactly one prediction per reading, each equal to the offline model over the sequence so far.
     assert len(out) == expected
+    compiled = [r for r in caplog.records if r.name == "streamer.compiled"]
+    assert [r.getMessage().startswith("compiled the CPU step") for r in compiled] == ([True] if step == "compiled" else [])
     by_device = defaultdict(list)
     for record in out:
         body = json.loads(record.value)
