@@ -12,8 +12,9 @@ buffers or host syncs so that it traces as one graph; the tests hold the two to 
 Compiling takes seconds (a C++ compiler must be on the PATH): it happens when the engine is
 built (and when a model of a new shape is swapped in), never in a step, and Inductor keeps what
 it built in its on-disk cache for the next start. Every row count shares one compiled graph (the
-batch dimension is dynamic; fewer than MIN_GEMM_ROWS rows are padded); inputs it would not take
-run the same maths eagerly, with a warning, rather than compile in the stream.
+batch dimension is dynamic; fewer than MIN_GEMM_ROWS rows are padded). Should it not take a
+step's inputs, that step and the later ones run the same maths eagerly, with a warning, rather
+than compile in the stream.
 """
 
 from __future__ import annotations
@@ -154,11 +155,12 @@ class CompiledWave:
         self.input_size = model.lstm.input_size
         # Inductor builds its loops for the torch threads of the moment: part of the key.
         self._key = (layout, anomaly, norm_alpha, table.lead_dtype, self.input_size, torch.get_num_threads())
+        cached = self._key in _COMPILED
         self._fn = compiled_for(self._key)
-        self._said_eager = False
-        self._warm_up()
+        self._eager = False  # set once the graph did not take a step's inputs: eager from then on
+        self._warm_up(cached)
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, cached: bool) -> None:
         """Compile now, on the path the steps take (rows gathered as they will be, here the
         sink's, under inference mode as Engine._execute runs): a compile in the stream would
         stall it. The batch dimension is marked dynamic, so one graph serves every row count."""
@@ -177,7 +179,10 @@ class CompiledWave:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise StreamerError(f"model.compile: torch.compile failed ({first}); set model.compile = false"
                                 " to step eagerly") from None
-        log.info("compiled the CPU step in %.1f s", time.perf_counter() - started)
+        if cached:  # an engine of this configuration compiled it before, in this process
+            log.debug("the compiled CPU step of this configuration serves again")
+        else:
+            log.info("compiled the CPU step in %.1f s", time.perf_counter() - started)
 
     def __call__(self, x: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
         b = len(slots)
@@ -188,20 +193,25 @@ class CompiledWave:
             slots = torch.cat([slots, slots.new_full((pad,), table.sink)])
         lead, rest = table.gather_parts(slots)  # read before the writes below
         args = (x, lead, rest, self.w, self.b, self.head_w, self.head_b, self.layout, self.anomaly, self.norm_alpha)
-        try:
-            # Never a compile in the stream (seconds, and a failure there a traceback): inputs the
-            # graph compiled at build does not take are stepped by the same maths, eagerly.
-            with torch.compiler.set_stance("fail_on_recompile"):
-                lead_new, rest_new, *results = self._fn(*args)
-        except (torch._dynamo.exc.RecompileError, RuntimeError) as exc:
-            # This torch says "Detected recompile when torch.compile stance is 'fail_on_recompile'"
-            # in a RuntimeError; anything else the step raised is the caller's.
-            if not isinstance(exc, torch._dynamo.exc.RecompileError) and "fail_on_recompile" not in str(exc):
-                raise
-            if not self._said_eager:
-                self._said_eager = True
-                log.warning("the compiled CPU step does not take these inputs (%s); such steps run eagerly",
-                            str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "a recompile")
+        if self._eager:
             lead_new, rest_new, *results = wave_maths(*args)
+        else:
+            try:
+                # Never a compile in the stream (seconds, and a failure there a traceback): inputs
+                # the graph compiled at the build does not take are stepped by the same maths,
+                # eagerly, and so are all later steps (each miss costs Dynamo's guard checks). The
+                # stance is global: only the loop's thread runs compiled code.
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    lead_new, rest_new, *results = self._fn(*args)
+            except RuntimeError as exc:
+                # This torch says "Detected recompile when torch.compile stance is
+                # 'fail_on_recompile'"; anything else the step raised is the caller's.
+                if "fail_on_recompile" not in str(exc):
+                    raise
+                self._eager = True
+                reasons = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("- ")]
+                log.warning("the compiled CPU step does not take these inputs (%s): this model's steps run"
+                            " eagerly from now on", "; ".join(reasons)[:500] or "a recompile")
+                lead_new, rest_new, *results = wave_maths(*args)
         table.scatter_parts(slots, lead_new, rest_new)
         return tuple(r[:b] for r in results)

@@ -271,6 +271,24 @@ class StateLayout:
         return self.runs.stop
 
 
+def _allocate_table(
+    capacity: int, layout: StateLayout, where: torch.device, ttl_seconds: float | None, state_dtype: torch.dtype
+) -> DeviceStateTable:
+    """A table of ``capacity`` rows of ``layout``; CapacityError (one line) when they do not fit."""
+    try:
+        return DeviceStateTable(
+            capacity, layout.width, where, ttl_seconds=ttl_seconds, lead_width=layout.c.stop, lead_dtype=state_dtype,
+        )
+    except (RuntimeError, MemoryError) as exc:
+        if not allocation_failed(exc):
+            raise
+        row_bytes = layout.c.stop * state_dtype.itemsize + (layout.width - layout.c.stop) * 4
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CapacityError(
+            f"state table capacity {capacity}: {capacity * row_bytes / 2**30:.1f} GiB of rows on {where}"
+            f" could not be allocated ({reason})") from None
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else as torch spells it."""
     if name == "auto":
@@ -313,13 +331,14 @@ class Engine:
         served before, its table and its rows, as they were."""
         # The LSTM step: the fused Triton kernel on CUDA, torch ops elsewhere (streamer.kernels).
         lstm = make_lstm_step(bundle.model, self.device, table.lead_dtype)
+        norm = bundle.normalization
+        mean = norm.mean.to(self.device) if norm else None
+        std = norm.std.to(self.device) if norm else None
         compiled = None
         if self.want_compile and self.device.type == "cpu":
             compiled = CompiledWave(bundle.model, table, layout, self.anomaly, bundle.config.device_norm_alpha)
         self.table, self.layout, self.lstm, self._compiled = table, layout, lstm, compiled
-        norm = bundle.normalization
-        self._mean = norm.mean.to(self.device) if norm else None
-        self._std = norm.std.to(self.device) if norm else None
+        self._mean, self._std = mean, std
         self.bundle = bundle
         self.config = bundle.config
         # The graphs hold this model's weights and this table's storage: captured anew after a swap.
@@ -342,20 +361,7 @@ class Engine:
         """state_dtype: of the LSTM's h and c in the table (float32 or bfloat16; the rest of a
         row stays float32). The bfloat16 error bound is in streamer.kernels."""
         layout = StateLayout.of(bundle.config)
-        where = resolve_device(device)
-        try:
-            table = DeviceStateTable(
-                capacity, layout.width, where, ttl_seconds=ttl_seconds,
-                lead_width=layout.c.stop, lead_dtype=state_dtype,
-            )
-        except (RuntimeError, MemoryError) as exc:
-            if not allocation_failed(exc):
-                raise
-            row_bytes = layout.c.stop * state_dtype.itemsize + (layout.width - layout.c.stop) * 4
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise CapacityError(
-                f"state table capacity {capacity}: {capacity * row_bytes / 2**30:.1f} GiB of rows on {where}"
-                f" could not be allocated ({reason})") from None
+        table = _allocate_table(capacity, layout, resolve_device(device), ttl_seconds, state_dtype)
         return cls(bundle, table, anomaly, cuda_graphs, compile)
 
     @property
@@ -374,10 +380,7 @@ class Engine:
         table, layout = self.table, self.layout
         if reset:
             layout = StateLayout.of(bundle.config)
-            table = DeviceStateTable(
-                table.capacity, layout.width, table.device, ttl_seconds=table.ttl_seconds,
-                lead_width=layout.c.stop, lead_dtype=table.lead_dtype,
-            )
+            table = _allocate_table(table.capacity, layout, table.device, table.ttl_seconds, table.lead_dtype)
         self._serve(bundle, table, layout)  # the old model, table and rows stay if this raises
         return reset
 

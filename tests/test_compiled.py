@@ -12,6 +12,7 @@ import torch
 import streamer.compiled
 from streamer.engine import Engine, ReadingBatch
 from streamer.errors import StreamerError
+from streamer.model import Normalization
 from tests.conftest import make_bundle
 from tests.test_kernels import BF16_FORECAST_ATOL
 
@@ -114,11 +115,12 @@ def no_step_compiles(monkeypatch):
 
 
 def test_a_model_of_a_new_shape_compiles_at_the_swap_and_a_failed_compile_leaves_the_old_model(monkeypatch):
-    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2, seed=1)
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2, seed=1,
+                         normalization=Normalization(torch.tensor([0.5]), torch.tensor([2.0])))
     wider = make_bundle(input_size=2, hidden_size=12, num_layers=1, seed=2, version="test-2")
     engine = Engine.build(bundle, capacity=64, device="cpu", compile=True)
     engine.step(ReadingBatch(["a"], np.zeros(1), np.ones((1, 1), np.float32)), now=0.0)
-    table, compiled = engine.table, engine._compiled
+    table, compiled, lstm, mean = engine.table, engine._compiled, engine.lstm, engine._mean
 
     def failing(fn, **kwargs):
         def run(*args):
@@ -132,6 +134,7 @@ def test_a_model_of_a_new_shape_compiles_at_the_swap_and_a_failed_compile_leaves
             engine.swap_model(wider)
     # Nothing of the new model was taken on: the old one serves, on its table, with its rows.
     assert engine.model_version == "test-1" and engine.table is table and engine._compiled is compiled
+    assert engine.lstm is lstm and engine._mean is mean and engine.layout.values_size == 1
     assert engine.config == bundle.config and engine.table.slot_of("a") is not None
     preds, _ = engine.step(ReadingBatch(["a"], np.ones(1), np.ones((1, 1), np.float32)), now=1.0)
     assert preds.forecast.shape == (1, 1) and preds.residual[0] > 0  # a's second reading: its rows were kept
@@ -145,17 +148,31 @@ def test_a_model_of_a_new_shape_compiles_at_the_swap_and_a_failed_compile_leaves
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_steps_after_the_build_compile_nothing(dtype: torch.dtype, monkeypatch):
+@pytest.mark.parametrize("inputs", ["raw", "device+time", "global"])
+def test_steps_after_the_build_compile_nothing(dtype: torch.dtype, inputs: str, monkeypatch):
     """The build compiles the graph the steps take (inference tensors, the table's own row
-    layout, a dynamic batch dimension): no step compiles again, whatever its size."""
-    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2, seed=4)
+    layout, a dynamic batch dimension): no step compiles again, whatever its size, its waves,
+    its chunks, or its padding."""
+    extra = {"time_features": ("day",), "device_norm_alpha": 0.05} if inputs == "device+time" else {}
+    if inputs == "global":
+        extra = {"normalization": Normalization(torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.5]))}
+    bundle = make_bundle(input_size=2, hidden_size=8, num_layers=2, seed=4, **extra)
     engine = Engine.build(bundle, capacity=5000, device="cpu", state_dtype=dtype, compile=True)
     engine.max_rows_per_step = 4096
     rng = np.random.default_rng(0)
+
+    def step(ids: list[str]) -> None:
+        values = rng.normal(size=(len(ids), 2)).astype(np.float32)
+        preds, _ = engine.step(ReadingBatch(ids, np.arange(len(ids), dtype=np.float64), values), now=0.0)
+        assert np.isfinite(preds.forecast).all()
+
     with no_step_compiles(monkeypatch):
         for rows in (1, 3, 7, 8, 9, 16, 17, 100, 4096, 5000):
-            ids = [f"d{i}" for i in rng.permutation(5000)[:rows]]
-            engine.step(ReadingBatch(ids, np.zeros(rows), rng.normal(size=(rows, 1)).astype(np.float32)), now=0.0)
+            step([f"d{i}" for i in rng.permutation(5000)[:rows]])
+        step([f"d{i % 700}" for i in range(4300)])  # several waves, the first cut in two chunks
+        engine.pad_waves = True  # the padded path (CUDA's graphs), as the CPU runs it
+        for rows in (1, 9, 70, 300):
+            step([f"d{i % 50}" for i in range(rows)])
 
 
 def test_inputs_the_compiled_graph_does_not_take_are_stepped_eagerly_and_said_once(caplog):
@@ -173,6 +190,23 @@ def test_inputs_the_compiled_graph_does_not_take_are_stepped_eagerly_and_said_on
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     said = [r for r in caplog.records if "does not take these inputs" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert "stride" in said[0].getMessage()  # the guard that failed, named
+    assert engines[1]._compiled._eager  # later steps go straight to the eager maths
+
+
+def test_an_error_in_a_compiled_step_is_raised_not_stepped_again_eagerly(monkeypatch):
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1, seed=6)
+    engine = Engine.build(bundle, capacity=16, device="cpu", compile=True)
+    compiled = engine._compiled
+
+    def broken(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(compiled, "_fn", broken)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        engine.step(ReadingBatch(["a"], np.zeros(1), np.ones((1, 1), np.float32)), now=0.0)
+    assert not compiled._eager
+    assert torch._dynamo.eval_frame._stance.stance == "default"  # the step's stance left with it
 
 
 def test_compile_is_refused_off_the_cpu_and_failures_are_one_line(monkeypatch):
