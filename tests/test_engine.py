@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+import streamer.engine
 import streamer.kernels
 from streamer.anomaly import AnomalyParams
 from streamer.engine import GRAPH_MAX_ROWS, Engine, ReadingBatch, plan_waves
+from streamer.errors import CapacityError
 from streamer.features import denormalize, normalize_sequences_with_stats, time_features
 from streamer.model import Normalization
 from tests.conftest import CUDA, DEVICES, make_bundle
@@ -159,6 +161,20 @@ def test_swap_to_a_new_shape_resets_the_table_same_shape_keeps_rows():
     preds, report = engine.step(ReadingBatch(["a"], np.zeros(1), values[:1]), now=2.0)
     assert report.new_devices == 1
     np.testing.assert_allclose(preds.forecast, offline_forecasts(bigger, values[:1], np.zeros(1)), atol=1e-5)
+
+
+def test_a_swap_whose_new_table_does_not_fit_is_one_line_and_keeps_the_old_model(monkeypatch):
+    engine = Engine.build(make_bundle(input_size=2, hidden_size=8, seed=1), capacity=8, device="cpu")
+    engine.step(ReadingBatch(["a"], np.zeros(1), np.ones((1, 2), np.float32)), now=1.0)
+    table = engine.table
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(streamer.engine, "DeviceStateTable", no_memory)
+    with pytest.raises(CapacityError, match="state table capacity 8: .* could not be allocated"):
+        engine.swap_model(make_bundle(input_size=2, hidden_size=12, seed=3, version="v3"))
+    assert engine.table is table and engine.model_version == "test-1" and table.slot_of("a") is not None
 
 
 @pytest.mark.parametrize("device", DEVICES)
