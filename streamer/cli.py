@@ -277,6 +277,7 @@ def _run(args: argparse.Namespace) -> int:
     if settings.metrics.enabled:
         _check_metrics_port(settings.metrics.host, settings.metrics.port)
     _check_checkpoint_directory(settings)
+    from streamer.kafka.clients import silence_client_logs
     from streamer.service import run_service
 
     stop = threading.Event()
@@ -289,6 +290,9 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
     summary = run_service(settings, stop)
+    # Every client of the run is closed; one abandoned while it waited for a broker (its
+    # bootstrap does not look at signals) may still log from its thread: not after the summary.
+    silence_client_logs()
     print(json.dumps({"summary": summary.__dict__}), flush=True)
     return 0
 

@@ -1,12 +1,18 @@
 """How each client's errors reach the loop: a leader or coordinator moving is retriable (the
 loop rides it out as the broker away), configuration and fencing are not."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 from kafka import errors as kp_errors
 
 from streamer.kafka import confluent, kafka_python
 from streamer.kafka.abstract import BrokerTimeout, GroupMovedOn
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("code", sorted(confluent.TRANSIENT))
@@ -120,3 +126,22 @@ def test_confluent_end_offsets_errors_and_no_answer_reach_the_loop_as_the_seams(
     consumer._probe = answered([7, None])
     with pytest.raises(BrokerTimeout, match=r"end offset of t\[1\]: no answer in 0.2s"):
         consumer.end_offsets(asked, 0.2)
+
+
+def test_client_logs_silenced_reach_no_handler_not_even_the_last_resort():
+    """`streamer run` silences the client libraries before its summary line: a client abandoned
+    while it waited for a broker logs from its thread until exit, and nothing may follow."""
+    code = (
+        "import logging, sys\n"
+        "from streamer.kafka.clients import silence_client_logs\n"
+        "logging.basicConfig(stream=sys.stdout)\n"
+        "logging.getLogger('kafka.net.manager').warning('before')\n"
+        "silence_client_logs()\n"
+        "logging.getLogger('kafka.net.manager').warning('Bootstrap bootstrap-0 not ready')\n"
+        "logging.getLogger('librdkafka').error('after')\n"
+        "logging.getLogger('streamer').warning('ours')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["WARNING:kafka.net.manager:before", "WARNING:streamer:ours"], done.stdout
+    assert done.stderr == ""

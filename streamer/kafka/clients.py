@@ -455,6 +455,16 @@ def client_logs_handled_by(handler: logging.Handler) -> Iterator[None]:
             logger.removeHandler(handler)
 
 
+def silence_client_logs() -> None:
+    """From now on the client libraries' log records (CLIENT_LOGGERS) go nowhere: for a process
+    that stops while a client it abandoned (a bootstrap that does not look at signals) goes on
+    in its thread until exit, whose lines would otherwise follow the run's last line."""
+    for name in CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(logging.NullHandler())  # not Python's last-resort handler either
+        logger.propagate = False
+
+
 @contextmanager
 def kafka_logs_folded() -> Iterator[_LastComplaint]:
     """While inside, the client libraries' log records go nowhere but to the handler yielded,
