@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from streamer.anomaly import AnomalyParams, record_breaks, residual_of, score_and_update
+from streamer.anomaly import AnomalyParams
 from streamer.errors import StreamerError
-from streamer.features import denormalize, normalize_step
 from streamer.kernels import MIN_GEMM_ROWS, torch_step_weights
 from streamer.model import LSTMModel
+from streamer.wave import row_after, score_wave
 
 if TYPE_CHECKING:
     from streamer.engine import StateLayout
@@ -60,36 +60,20 @@ def wave_maths(
     ln tail, flags, residual): the rows to write back and the wave's results, as _step_wave's.
     """
     base = layout.c.stop
-    f, hs, lay = layout.values_size, layout.hidden_size, layout.num_layers
+    hs, lay = layout.hidden_size, layout.num_layers
     lh = lay * hs
 
-    def cols(columns: slice) -> Tensor:
+    def col(columns: int | slice) -> Tensor:  # rest holds a row from its column ``base`` on
+        if isinstance(columns, int):
+            return rest[:, columns - base]
         return rest[:, columns.start - base : columns.stop - base]
 
-    s = layout.seen - base
-    seen, n, mean, var, short, var_one, streak, peak = rest[:, s : s + layout.STATS].unbind(1)
-    values = x[:, :f]
-    if layout.device_norm:
-        count_at = layout.norm_count - base
-        z, norm_mean, norm_var = normalize_step(
-            values, rest[:, count_at], cols(layout.norm_mean), cols(layout.norm_var), norm_alpha
-        )
-        x = torch.cat([z, x[:, f:]], dim=1) if x.shape[1] > f else z
-    has_forecast = seen >= 1
-    residual = torch.where(has_forecast, residual_of(x[:, :f], cols(layout.forecast)), torch.zeros_like(seen))
-    run, longest = cols(layout.runs).unbind(1)
-    records = record_breaks(
-        values, has_forecast, n, cols(layout.low), cols(layout.high), cols(layout.last), run, longest, anomaly
-    )
-    scored = score_and_update(
-        residual, has_forecast, n, mean, var, short, var_one, streak, peak, records.broke, records.beyond_range,
-        anomaly,
-    )
+    scores = score_wave(x, col, layout, anomaly, norm_alpha)
 
     # The LSTM, as TorchLstmStep: projections on operands of the weights' dtype (bfloat16 under
     # bfloat16 state, pre-activations rounded to it), gate maths and c in float32.
     dot = w[0].dtype
-    inp = x.to(dot)
+    inp = scores.x.to(dot)
     h_new: list[Tensor] = []
     c_new: list[Tensor] = []
     for layer in range(lay):
@@ -103,20 +87,10 @@ def wave_maths(
         h_new.append(h_next)
         c_new.append(c_next)
         inp = h_next.to(dot)
-    out = torch.addmm(head_b, h_new[-1], head_w)
-
-    parts = [out]
-    if layout.device_norm:
-        count = torch.where(scored.restart, torch.zeros_like(seen), rest[:, count_at] + 1.0)
-        parts += [count.unsqueeze(1), norm_mean, norm_var]
-        out = denormalize(out, norm_mean, norm_var)
-    stats = torch.stack(
-        [seen + 1.0, scored.n, scored.mean, scored.var, scored.short, scored.var_one, scored.streak, scored.peak],
-        dim=1,
-    )
-    rest_new = torch.cat(parts + [stats, records.columns()], dim=1)
+    rest_new, out = row_after(torch.addmm(head_b, h_new[-1], head_w), scores)
     lead_new = torch.cat(h_new + c_new, dim=1).to(lead.dtype)
-    return lead_new, rest_new, out, scored.log_tail, scored.is_anomaly, residual
+    scored = scores.scored
+    return lead_new, rest_new, out, scored.log_tail, scored.is_anomaly, scores.residual
 
 
 _COMPILED: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}

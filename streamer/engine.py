@@ -16,14 +16,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from streamer.anomaly import AnomalyParams, record_breaks, residual_of, score_and_update
+from streamer.anomaly import AnomalyParams
 from streamer.compiled import CompiledWave
 from streamer.errors import CapacityError, StreamerError
-from streamer.features import denormalize, normalize_step, time_features
+from streamer.features import time_features
 from streamer.kernels import make_lstm_step
 from streamer.model import ModelBundle, ModelConfig, allocation_failed
 from streamer.slotmap import Keys, keys_of
 from streamer.state import DeviceStateTable
+from streamer.wave import row_after, score_wave
 
 log = logging.getLogger(__name__)
 
@@ -530,40 +531,15 @@ class Engine:
         """
         if self._compiled is not None:
             return self._compiled(x, slots)
-        lay, f = self.layout, self.config.values_size
         # h and c: read by the LSTM step from these rows, or from the table itself (reads_lead).
         rows = self.table.gather(slots, lead=not self.lstm.reads_lead, scratch=scratch)  # read before the scatter below
-        s = lay.seen
-        seen, n, mean, var, short, var_one, streak, peak = rows[:, s : s + lay.STATS].unbind(1)
-        values = x[:, :f]
-        if lay.device_norm:
-            z, norm_mean, norm_var = normalize_step(
-                values, rows[:, lay.norm_count], rows[:, lay.norm_mean], rows[:, lay.norm_var],
-                self.config.device_norm_alpha,
-            )
-            x = torch.cat([z, x[:, f:]], dim=1) if x.shape[1] > f else z
-        has_forecast = seen >= 1
-        residual = torch.where(has_forecast, residual_of(x[:, :f], rows[:, lay.forecast]), torch.zeros_like(seen))
-        run, longest = rows[:, lay.runs].unbind(1)
-        records = record_breaks(
-            values, has_forecast, n, rows[:, lay.low], rows[:, lay.high], rows[:, lay.last], run, longest, self.anomaly
-        )
-        scored = score_and_update(
-            residual, has_forecast, n, mean, var, short, var_one, streak, peak, records.broke, records.beyond_range,
-            self.anomaly,
-        )
-        out = self.lstm(x, slots, rows, self.table.lead)  # h and c of the slots written in the table
-        parts = [out]
-        if lay.device_norm:
-            count = torch.where(scored.restart, torch.zeros_like(seen), rows[:, lay.norm_count] + 1.0)
-            parts += [count.unsqueeze(1), norm_mean, norm_var]
-            out = denormalize(out, norm_mean, norm_var)
-        stats = torch.stack(
-            [seen + 1.0, scored.n, scored.mean, scored.var, scored.short, scored.var_one, scored.streak, scored.peak],
-            dim=1,
-        )
-        self.table.scatter(slots, torch.cat(parts + [stats, records.columns()], dim=1), start=lay.forecast.start)
-        return out, scored.log_tail, scored.is_anomaly, residual
+        scores = score_wave(x, lambda columns: rows[:, columns], self.layout, self.anomaly,
+                            self.config.device_norm_alpha)
+        out = self.lstm(scores.x, slots, rows, self.table.lead)  # h and c of the slots written in the table
+        tail, out = row_after(out, scores)
+        self.table.scatter(slots, tail, start=self.layout.forecast.start)
+        scored = scores.scored
+        return out, scored.log_tail, scored.is_anomaly, scores.residual
 
 
 class PaddedStep:
