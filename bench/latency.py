@@ -120,7 +120,7 @@ def max_rate(bootstrap: str, work: Path, model_path: Path) -> float:
     pipeline = open_loop(settings_for(bootstrap, topic, model_path, work / "cp-max"))
     first = first_messages_at(pipeline)  # the first batch's own processing counts, its wait for data not
     pipeline.subscribe()
-    gc.freeze()  # as Pipeline.run does
+    pipeline.settle_process()  # as Pipeline.run does
     stop = threading.Event()
     while pipeline.summary.readings < READINGS:
         pipeline.run_once(stop)

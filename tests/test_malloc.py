@@ -1,0 +1,111 @@
+"""streamer.malloc: freed memory kept for the next batch. Each case runs in a fresh interpreter:
+the limits are process-wide and cannot be taken back."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+glibc_only = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
+)
+
+# A loop turn's pattern in small: on the loop's own thread (an arena of its own), a 4 MiB tensor
+# once (glibc raises its limits to it), then per round a dozen 1 MiB temporaries freed together,
+# as a step's are. Minor page faults of that thread per round. argv: "none", "direct" (set
+# here), or "loop" (what Pipeline.run sets, running a loop over the in-process broker first).
+ROUNDS = """
+import json, resource, sys, threading
+import torch
+mode, keep = sys.argv[1], int(sys.argv[2])
+if mode == "direct":
+    from streamer.malloc import retain_freed_memory
+    assert retain_freed_memory(keep)
+    assert retain_freed_memory(keep)  # again: a no-op
+elif mode == "loop":
+    import tempfile
+    from pathlib import Path
+    from streamer.engine import Engine
+    from streamer.kafka.memory import MemoryBroker, MemoryConsumer, MemoryProducer
+    from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
+    from streamer.pipeline import Pipeline
+    from streamer.settings import load_settings
+    work = Path(tempfile.mkdtemp())
+    config = ModelConfig(1, 8, 1, 1)
+    save_model_file(work / "m.pt", init_random_model(config, seed=0), config, "v1")
+    settings = load_settings({
+        "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq", "group_id": "g"},
+        "model": {"path": work / "m.pt", "device": "cpu"}, "checkpoint": {"enabled": False},
+        "metrics": {"enabled": False}, "run": {"status_interval_s": 0, "duration_s": 0.2, "malloc_keep_mb": keep},
+    })
+    broker = MemoryBroker()
+    broker.create_topic("in", 1)
+    engine = Engine.build(load_model_file(work / "m.pt"), capacity=10, device="cpu")
+    Pipeline(settings, engine, MemoryConsumer(broker, "g"), MemoryProducer(broker, "p")).run(threading.Event())
+def faults():
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+out = []
+def work():
+    big = torch.ones(1 << 20)
+    del big
+    for _ in range(10):
+        f0 = faults()
+        temps = [torch.ones(1 << 18) for _ in range(12)]
+        del temps
+        out.append(faults() - f0)
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(json.dumps(out))
+"""
+
+
+def _faults_per_round(mode: str, keep_mb: int) -> list[int]:
+    done = subprocess.run([sys.executable, "-c", ROUNDS, mode, str(keep_mb)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_freed_memory_is_reused_without_page_faults() -> None:
+    default = _faults_per_round("none", 0)
+    kept = _faults_per_round("direct", 64)
+    # Warmed up, a round reuses what the last one freed: no page fault at all.
+    assert kept[5:] == [0] * 5, kept
+    # With glibc's defaults some rounds find their pages handed back, and fault them in again.
+    if sum(default[5:]) == 0:
+        pytest.skip(f"this glibc keeps the freed memory by itself here ({default})")
+
+
+@glibc_only
+def test_the_run_loop_keeps_freed_memory() -> None:
+    """Pipeline.run sets run.malloc_keep_mb before its first batch; 0 leaves glibc's defaults."""
+    assert _faults_per_round("loop", 64)[5:] == [0] * 5
+    default = _faults_per_round("loop", 0)
+    if sum(default[5:]) == 0:
+        pytest.skip(f"this glibc keeps the freed memory by itself here ({default})")
+
+
+def test_zero_leaves_the_defaults() -> None:
+    from streamer.malloc import retain_freed_memory
+
+    assert retain_freed_memory(0) is False
+
+
+def test_the_setting_is_checked() -> None:
+    from pydantic import ValidationError
+
+    from streamer.settings import load_settings
+
+    assert load_settings({}).run.malloc_keep_mb == 256
+    for bad in (-1, 2048):
+        with pytest.raises(ValidationError):
+            load_settings({"run": {"malloc_keep_mb": bad}})
