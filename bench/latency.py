@@ -11,7 +11,8 @@ default settings, from `streamer simulate` through the real broker: one JSON obj
    simulator's emission time), taken here per prediction, not from the histogram's buckets.
    The first LATENCY_WARMUP_S (3) seconds are left out. Each latency is also split in two: its
    batch's time in the loop (from decoding to the acknowledgement seen, and the commit when one
-   went with it: streamer_batch_seconds) and the time before it.
+   went with it: streamer_batch_seconds) and the time before it. minor_page_faults: the loop's
+   process's, while the simulator wrote (run.malloc_keep_mb keeps them to the first burst).
 Figures: latency_max_rate (readings/s), latency (p50/p90/p99/max ms, the achieved input rate), at
 half the max rate and at LATENCY_ALSO_AT (10000 and 0.37) readings/s. At 0.37 (a reading every
 2.7 s, for at least 30 s) the topic is quiet between readings: the loop then asks the broker for
@@ -28,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -142,12 +144,14 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
     while len(pipeline.partitions.owned) < PARTITIONS and time.monotonic() < deadline:
         time.sleep(0.05)  # every partition assigned and recovered before the first reading is sent
     started = time.monotonic()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     sim = simulate(bootstrap, topic, rate, "--duration", str(seconds_at(rate)))
     out, err = sim.communicate(timeout=seconds_at(rate) + 300)
     if sim.returncode != 0:
         sys.exit(f"streamer simulate failed:\n{err[-3000:]}")
     simulated = json.loads(out.strip().splitlines()[-1])["simulated"]  # its own count and time, start-up left out
     time.sleep(1.0)  # the last batches acknowledged
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     stop.set()
     runner.join(60)
     close_loop(pipeline)
@@ -167,6 +171,7 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
         "p50_ms": pct(all_ms, 50), "p90_ms": pct(all_ms, 90), "p99_ms": pct(all_ms, 99), "max_ms": round(float(all_ms.max()), 1),
         "in_loop_p50_ms": pct(loop_ms, 50), "in_loop_p99_ms": pct(loop_ms, 99),
         "before_loop_p50_ms": pct(all_ms - loop_ms, 50), "before_loop_p99_ms": pct(all_ms - loop_ms, 99),
+        "minor_page_faults": faults,
     }
 
 
