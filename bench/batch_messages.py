@@ -94,7 +94,7 @@ def loop(settings: Settings) -> tuple[float, list[ReadingBatch]]:
     pipeline = open_loop(settings, engine=engine)
     first = first_messages_at(pipeline)  # the first batch's own processing counts, its wait for data not
     pipeline.subscribe()
-    pipeline.settle_process()  # as Pipeline.run does
+    pipeline.prepare_process()  # as Pipeline.run does
     stop = threading.Event()
     while pipeline.summary.readings < READINGS:
         pipeline.run_once(stop)

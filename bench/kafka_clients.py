@@ -198,7 +198,7 @@ def passthrough(settings: Settings) -> tuple[float, float]:
 def streamer_loop(settings: Settings) -> tuple[float, float]:
     pipeline = open_loop(settings)
     pipeline.subscribe()
-    pipeline.settle_process()  # as Pipeline.run does
+    pipeline.prepare_process()  # as Pipeline.run does
     stop = threading.Event()
     span = Span()
     while pipeline.summary.readings < READINGS:

@@ -12,7 +12,9 @@ default settings, from `streamer simulate` through the real broker: one JSON obj
    The first LATENCY_WARMUP_S (3) seconds are left out. Each latency is also split in two: its
    batch's time in the loop (from decoding to the acknowledgement seen, and the commit when one
    went with it: streamer_batch_seconds) and the time before it. minor_page_faults: the loop's
-   process's, while the simulator wrote (run.malloc_keep_mb keeps them to the first burst).
+   process's while the simulator wrote; steps_faulting: the steps (warm-up left out) whose thread
+   faulted 256 pages (1 MiB) or more in, their median time per reading against that of the other
+   steps of 1,000 readings or more (run.malloc_keep_mb).
 Figures: latency_max_rate (readings/s), latency (p50/p90/p99/max ms, the achieved input rate), at
 half the max rate and at LATENCY_ALSO_AT (10000 and 0.37) readings/s. At 0.37 (a reading every
 2.7 s, for at least 30 s) the topic is quiet between readings: the loop then asks the broker for
@@ -122,7 +124,7 @@ def max_rate(bootstrap: str, work: Path, model_path: Path) -> float:
     pipeline = open_loop(settings_for(bootstrap, topic, model_path, work / "cp-max"))
     first = first_messages_at(pipeline)  # the first batch's own processing counts, its wait for data not
     pipeline.subscribe()
-    pipeline.settle_process()  # as Pipeline.run does
+    pipeline.prepare_process()  # as Pipeline.run does
     stop = threading.Event()
     while pipeline.summary.readings < READINGS:
         pipeline.run_once(stop)
@@ -137,6 +139,19 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
     ensure_topics(bootstrap, {topic: PARTITIONS, f"{topic}-out": PARTITIONS, f"{topic}-dlq": 1})
     metrics = LatencyTaken(CollectorRegistry())
     pipeline = open_loop(settings_for(bootstrap, topic, model_path, work / "cp-latency"), metrics)
+    # Each step: when, readings, seconds, and the minor page faults of the loop's thread (one torch
+    # thread by default: the step's own).
+    steps: list[tuple[float, int, float, int]] = []
+    step = pipeline.engine.step
+
+    def counted(batch, now=None):
+        faults0, started0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt, time.perf_counter()
+        out = step(batch, now)
+        steps.append((time.monotonic(), len(batch), time.perf_counter() - started0,
+                      resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults0))
+        return out
+
+    pipeline.engine.step = counted  # type: ignore[method-assign]
     stop = threading.Event()
     runner = threading.Thread(target=pipeline.run, args=(stop,), daemon=True)
     runner.start()
@@ -163,7 +178,12 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
     readings = pipeline.summary.readings
 
     def pct(ms: np.ndarray, q: float) -> float:
-        return round(float(np.percentile(ms, q)), 1)
+        return round(float(np.percentile(ms, q)), 1) if ms.size else float("nan")
+
+    # Steps that faulted a MiB of pages in or more, against the others of 1,000 readings or more.
+    measured = [(n, s, f) for at, n, s, f in steps if at - started >= WARMUP_S]
+    faulting = np.array([s / n * 1e6 for n, s, f in measured if f >= 256])
+    others = np.array([s / n * 1e6 for n, s, f in measured if f < 256 and n >= 1000])
 
     return {
         "readings": readings, "predictions_measured": int(all_ms.size),
@@ -172,6 +192,10 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
         "in_loop_p50_ms": pct(loop_ms, 50), "in_loop_p99_ms": pct(loop_ms, 99),
         "before_loop_p50_ms": pct(all_ms - loop_ms, 50), "before_loop_p99_ms": pct(all_ms - loop_ms, 99),
         "minor_page_faults": faults,
+        "steps": len(measured), "steps_faulting": int(faulting.size),
+        "faults_in_steps": int(sum(f for _, _, f in measured)),
+        "faulting_step_us_per_reading_p50": pct(faulting, 50), "other_step_us_per_reading_p50": pct(others, 50),
+        "step_max_ms": round(max((s for _, s, _ in measured), default=0.0) * 1e3, 1),
     }
 
 

@@ -209,7 +209,7 @@ class Pipeline:
         checkpoint every owned partition (everything applied is committed by then)."""
         self._stop = stop
         self.subscribe()
-        self.settle_process()
+        self.prepare_process()
         started = time.monotonic()
         duration = self.settings.run.duration_s
         try:
@@ -231,15 +231,15 @@ class Pipeline:
             gc.unfreeze()  # collectable again at exit (nanobind, pyarrow's binding, counts leaks then)
         return self.summary
 
-    def settle_process(self) -> None:
-        """What the process keeps for the loop's life, set once before the first batch (by run;
-        a bench driving run_once calls it too)."""
+    def prepare_process(self) -> None:
+        """Set the process up for the loop, once before its first batch (run does; a bench that
+        drives run_once calls it too). The malloc limits stay for the rest of the process."""
         # What exists now (model, engine, clients, imported modules) lives as long as the loop:
         # out of the collector's sight, the full collections that tens of thousands of messages a
         # second set off stay cheap (they scanned it all: a third of the poll's time).
         gc.freeze()
-        # Memory a step frees stays for the next step's tensors (streamer.malloc): handed back to
-        # the OS, a burst after a quiet spell faulted it in again, 40 ms in a 13 ms step.
+        # The memory a step frees stays for the next step's tensors (streamer.malloc): given back
+        # to the OS, a burst faulted it in again, thousands of page faults in a step.
         retain_freed_memory(self.settings.run.malloc_keep_mb)
 
     def run_once(self, stop: threading.Event | None = None) -> int:

@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from streamer.errors import StreamerError
+from streamer.malloc import check_keep_mb
 
 ENV_PREFIX = "STREAMER_"
 ENV_NESTED_DELIMITER = "__"
@@ -339,11 +340,17 @@ class RunSettings(Section):
     status_interval_s: Annotated[float, Field(ge=0)] = Field(
         5.0, description="seconds between status lines on stderr (0: none)"
     )
-    malloc_keep_mb: Annotated[int, Field(ge=0, le=2047)] = Field(
-        256, description="MiB of freed memory the process keeps for reuse rather than hand back to the OS (glibc's"
-        " malloc: its trim threshold, and blocks up to 32 MiB from the heap; 0: glibc's defaults). Handed back,"
-        " a burst after a quiet spell faults it in again: 40 ms of a 13 ms step on a 2-core VM"
+    malloc_keep_mb: int = Field(
+        256, description="MiB of free memory a heap keeps for the next batch's tensors rather than give back to"
+        " the OS (glibc's malloc; blocks up to 32 MiB come from the heap): 0 (glibc's defaults) or 64-2047."
+        " Given back, a burst faults it in again: thousands of page faults in a step"
     )
+
+    @field_validator("malloc_keep_mb")
+    @classmethod
+    def _keep_mb(cls, value: int) -> int:
+        return check_keep_mb(value)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field(
         "text", description="text: one readable line per record; json: one JSON object per line, with context fields"
