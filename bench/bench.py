@@ -102,6 +102,38 @@ def cpu_ceiling(naive: float) -> None:
              ceiling_vs_naive_per_message=round(ceiling / naive, 1))
 
 
+def lstm_cell_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's gate maths as the compiled step has it (streamer.compiled.wave_maths): float32
+    from bfloat16 pre-activations (cell-gate columns doubled), c' and h' = o tanh(c')."""
+    i, fg, sg, o = (g.sigmoid() for g in gates.float().chunk(4, dim=1))
+    c_next = fg * c + 2.0 * i * sg - i
+    return c_next, o - 2.0 * o * torch.sigmoid(-2.0 * c_next)
+
+
+def cpu_gate_ceiling(naive: float) -> None:
+    """What the gate maths alone allow on this CPU: the compiled gate loops (five sigmoids a
+    hidden unit, the step's maths; 0 GEMM) over B = 4096 rows, timed with torch's threads; with
+    the bfloat16 GEMM at its measured peak added, the device-steps/s of a step that did nothing
+    else, as a multiple of the naive loop. Skipped when torch.compile cannot build (no compiler)."""
+    gates = torch.randn(4096, 4 * HIDDEN).bfloat16()
+    c = torch.randn(4096, HIDDEN)
+    try:
+        compiled = torch.compile(lstm_cell_gates, fullgraph=True)
+        compiled(gates, c)
+    except Exception as exc:  # no C++ compiler: the compiled step is not available either
+        emit(figure="cpu_gate_ceiling", skipped=f"torch.compile failed: {type(exc).__name__}")
+        return
+    seconds = timed(lambda: compiled(gates, c), min_seconds=1.0)
+    a, b = torch.randn(4096, 2 * HIDDEN).bfloat16(), torch.randn(2 * HIDDEN, 4 * HIDDEN).bfloat16()
+    gemm = timed(lambda: torch.mm(a, b), min_seconds=1.0)
+    gemm_per_flop = gemm / (2 * a.shape[0] * a.shape[1] * b.shape[1])
+    per_row = LAYERS * seconds / gates.shape[0] + step_flops(HIDDEN, LAYERS, FEATURES) * gemm_per_flop
+    emit(figure="cpu_gate_ceiling", torch_threads=torch.get_num_threads(), rows=gates.shape[0],
+         gate_loop_us=round(seconds * 1e6, 1), ns_per_sigmoid=round(seconds / (gates.shape[0] * 5 * HIDDEN) * 1e9, 3),
+         gates_only_device_steps_per_s=round(gates.shape[0] / (LAYERS * seconds)),
+         with_bf16_gemm_device_steps_per_s=round(1 / per_row), vs_naive_per_message=round(1 / per_row / naive, 1))
+
+
 def bench_engine(device: str, naive: float) -> None:
     """Engine.step over B distinct devices, float32 and bfloat16 state, as a ratio of the
     per-message loop's device-steps/s (``naive``, measured in the same process). On the CPU also
@@ -259,6 +291,7 @@ def main() -> None:
     naive = naive_per_message(init_random_model(config, seed=0), np.random.default_rng(0))
     emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS, device_steps_per_s=round(naive))
     cpu_ceiling(naive)
+    cpu_gate_ceiling(naive)
     bench_engine("cpu", naive)
     if torch.cuda.is_available():
         bench_engine("cuda", naive)
