@@ -11,10 +11,12 @@ default settings, from `streamer simulate` through the real broker: one JSON obj
    simulator's emission time), taken here per prediction, not from the histogram's buckets.
    The first LATENCY_WARMUP_S (3) seconds are left out. Each latency is also split in two: its
    batch's time in the loop (from decoding to the acknowledgement seen, and the commit when one
-   went with it: streamer_batch_seconds) and the time before it. minor_page_faults: the loop's
-   process's while the simulator wrote; steps_faulting: the steps (warm-up left out) whose thread
-   faulted 256 pages (1 MiB) or more in, their median time per reading against that of the other
-   steps of 1,000 readings or more (run.malloc_keep_mb).
+   went with it: streamer_batch_seconds) and the time before it. What run.malloc_keep_mb is
+   about: minor_page_faults, the process's while the simulator wrote, and max_rss_mib, its peak
+   resident memory; of the steps after the warm-up (steps, step_max_ms), steps_faulting counts
+   those whose thread faulted 256 pages (1 MiB of 4 KiB pages) or more in (faults_in_steps: all
+   the steps' faults), and the median time per reading of those against the others', among the
+   steps of 1,000 readings or more.
 Figures: latency_max_rate (readings/s), latency (p50/p90/p99/max ms, the achieved input rate), at
 half the max rate and at LATENCY_ALSO_AT (10000 and 0.37) readings/s. At 0.37 (a reading every
 2.7 s, for at least 30 s) the topic is quiet between readings: the loop then asks the broker for
@@ -50,6 +52,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from kafka_clients import close_loop, emit, first_messages_at, open_loop, start_broker, stop_broker  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from streamer.engine import PredictionBatch, ReadingBatch, StepReport  # noqa: E402
 from streamer.kafka import ensure_topics  # noqa: E402
 from streamer.metrics import Metrics  # noqa: E402
 from streamer.model import ModelConfig, init_random_model, save_model_file  # noqa: E402
@@ -144,7 +147,7 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
     steps: list[tuple[float, int, float, int]] = []
     step = pipeline.engine.step
 
-    def counted(batch, now=None):
+    def counted(batch: ReadingBatch, now: float | None = None) -> tuple[PredictionBatch, StepReport]:
         faults0, started0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt, time.perf_counter()
         out = step(batch, now)
         steps.append((time.monotonic(), len(batch), time.perf_counter() - started0,
@@ -177,12 +180,14 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
     loop_ms = np.concatenate([np.full(len(lat), in_loop) for lat, in_loop in taken]) * 1000 if taken else np.zeros(0)
     readings = pipeline.summary.readings
 
-    def pct(ms: np.ndarray, q: float) -> float:
-        return round(float(np.percentile(ms, q)), 1) if ms.size else float("nan")
+    def pct(ms: np.ndarray, q: float) -> float | None:  # None (JSON null) for no values
+        return round(float(np.percentile(ms, q)), 1) if ms.size else None
 
-    # Steps that faulted a MiB of pages in or more, against the others of 1,000 readings or more.
+    # Steps that faulted 256 pages or more in (1 MiB of 4 KiB pages); the time per reading of
+    # those and of the others, among the steps of 1,000 readings or more (small steps cost more
+    # per reading either way).
     measured = [(n, s, f) for at, n, s, f in steps if at - started >= WARMUP_S]
-    faulting = np.array([s / n * 1e6 for n, s, f in measured if f >= 256])
+    faulting = np.array([s / n * 1e6 for n, s, f in measured if f >= 256 and n >= 1000])
     others = np.array([s / n * 1e6 for n, s, f in measured if f < 256 and n >= 1000])
 
     return {
@@ -191,11 +196,11 @@ def latency(bootstrap: str, work: Path, model_path: Path, rate: float) -> dict[s
         "p50_ms": pct(all_ms, 50), "p90_ms": pct(all_ms, 90), "p99_ms": pct(all_ms, 99), "max_ms": round(float(all_ms.max()), 1),
         "in_loop_p50_ms": pct(loop_ms, 50), "in_loop_p99_ms": pct(loop_ms, 99),
         "before_loop_p50_ms": pct(all_ms - loop_ms, 50), "before_loop_p99_ms": pct(all_ms - loop_ms, 99),
-        "minor_page_faults": faults,
-        "steps": len(measured), "steps_faulting": int(faulting.size),
+        "minor_page_faults": faults, "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "steps": len(measured), "steps_faulting": sum(f >= 256 for _, _, f in measured),
         "faults_in_steps": int(sum(f for _, _, f in measured)),
         "faulting_step_us_per_reading_p50": pct(faulting, 50), "other_step_us_per_reading_p50": pct(others, 50),
-        "step_max_ms": round(max((s for _, s, _ in measured), default=0.0) * 1e3, 1),
+        "step_max_ms": round(max(s for _, s, _ in measured) * 1e3, 1) if measured else None,
     }
 
 

@@ -5,7 +5,7 @@ By default glibc maps blocks from 128 KiB on one by one and unmaps them when fre
 heap's free top back to the OS once it passes its trim threshold, raising both limits as it sees
 larger blocks freed. The loop's steps allocate and free tensors of megabytes every batch, with
 sizes that change with the load: when a burst came after a quieter spell, its steps found their
-pages handed back and faulted them in again, thousands per step (bench/latency.py's
+pages handed back and faulted them in again, hundreds to thousands per step (bench/latency.py's
 minor_page_faults and steps_faulting; README, Latency).
 
 `retain_freed_memory(keep_mb)` sets both limits once: blocks up to MMAP_THRESHOLD come from the
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import platform
+import os
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ def retain_freed_memory(keep_mb: int) -> bool:
 
 def _glibc_mallopt():
     """glibc's mallopt, or None under another C library."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):  # set by glibc alone
+            return None
+    except (ValueError, OSError, AttributeError):  # not a name this platform knows
         return None
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -340,21 +340,20 @@ class RunSettings(Section):
     status_interval_s: Annotated[float, Field(ge=0)] = Field(
         5.0, description="seconds between status lines on stderr (0: none)"
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line, with context fields"
+    )
     malloc_keep_mb: int = Field(
-        256, description="MiB of free memory a heap keeps for the next batch's tensors rather than give back to"
-        " the OS (glibc's malloc; blocks up to 32 MiB come from the heap): 0 (glibc's defaults) or 64-2047."
-        " Given back, a burst faults it in again: thousands of page faults in a step"
+        256, description="MiB of free memory a heap keeps for the next batch's tensors rather than giving it"
+        " back to the OS (glibc's malloc; blocks up to 32 MiB come from the heap): 0 (glibc's defaults) or 64-2047."
+        " Given back, a burst faults it in again: hundreds to thousands of page faults in a step"
     )
 
     @field_validator("malloc_keep_mb")
     @classmethod
     def _keep_mb(cls, value: int) -> int:
         return check_keep_mb(value)
-
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
-    log_format: Literal["text", "json"] = Field(
-        "text", description="text: one readable line per record; json: one JSON object per line, with context fields"
-    )
 
 
 class Settings(BaseSettings):

@@ -1,5 +1,5 @@
-"""streamer.malloc: freed memory kept for the next batch. Each case runs in a fresh interpreter:
-the limits are process-wide and cannot be taken back."""
+"""streamer.malloc: freed memory kept for the next batch. The cases that set the limits run in a
+fresh interpreter: they are process-wide and cannot be taken back."""
 
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ def test_the_run_loop_keeps_freed_memory(defaults_fault: bool) -> None:
     if not defaults_fault:
         pytest.skip("this glibc keeps the rounds' memory by itself")
     assert _faults_per_round("loop", 256)[5:] == [0] * 5
+    # glibc raises its own limits to the largest block it has seen freed: after the loop's, fewer
+    # of the rounds fault than after nothing (the last rounds none), some still do.
     assert sum(_faults_per_round("loop", 0)[5:]) > 0
 
 
@@ -107,7 +109,8 @@ def test_the_limit_is_checked() -> None:
 
     assert retain_freed_memory(0) is False  # nothing set
     assert load_settings({}).run.malloc_keep_mb == 256
-    assert load_settings({"run": {"malloc_keep_mb": 0}}).run.malloc_keep_mb == 0
+    for good in (0, 64, 2047):
+        assert load_settings({"run": {"malloc_keep_mb": good}}).run.malloc_keep_mb == good
     # Below 64 MiB a heap's top goes back after a step: more faults than the defaults; past 2047
     # the bytes overflow mallopt's int.
     for bad in (-1, 1, 63, 2048):
