@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import socket
 import sys
@@ -270,6 +271,24 @@ def _describe_validation(exc: ValidationError, offered: set[tuple[str, str]] | N
     return "invalid settings: " + "; ".join(problems)
 
 
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``, by a thread of their own. A Python signal handler runs in
+    the main thread between any two of its bytecodes: stop.set() there deadlocked when the main
+    thread was inside stop.wait() holding the event's lock, and the run hung on SIGTERM for good.
+    The handler only puts the signal in a SimpleQueue, whose put is reentrant."""
+    received: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def relay() -> None:
+        while True:
+            signum = received.get()
+            log.info("received %s, stopping (the batch in hand is finished and committed)", signal.Signals(signum).name)
+            stop.set()
+
+    threading.Thread(target=relay, name="signals", daemon=True).start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, _frame: received.put_nowait(signum))
+
+
 def _run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
@@ -281,13 +300,7 @@ def _run(args: argparse.Namespace) -> int:
     from streamer.service import run_service
 
     stop = threading.Event()
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping (the batch in hand is finished and committed)", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(stop)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
     summary = run_service(settings, stop)
     # Every client of the run is closed; one abandoned while it waited for a broker (its

@@ -543,3 +543,30 @@ def test_train_and_replay_refuse_to_overwrite_their_data_and_train_bounds_its_ba
                                                                    "--out", str(tmp_path / "r.csv")]):
         assert main([*command, "--data", str(millis)]) == 2, command
         assert "ms.csv line 2: timestamp past year 9999" in one_line_error(capsys)
+
+
+# The main thread spins in stop.wait(0), as run's waits do, while another thread sends SIGTERM:
+# the handler runs at whatever bytecode the main thread is at, inside the event's lock at times.
+# Set from the handler itself, stop.set() deadlocked in most trials (the process hung for good).
+SIGNALLED_WHILE_WAITING = """
+import os, random, signal, sys, threading, time
+from streamer.cli import stop_on_signals
+for trial in range(200):
+    stop = threading.Event()
+    stop_on_signals(stop)
+    killer = threading.Thread(target=lambda: (time.sleep(random.uniform(0, 0.003)), os.kill(os.getpid(), signal.SIGTERM)))
+    killer.start()
+    while not stop.wait(0):
+        pass
+    killer.join()
+print("stopped every time")
+"""
+
+
+def test_sigterm_sets_stop_without_deadlocking_a_waiting_main_thread():
+    try:
+        done = subprocess.run([sys.executable, "-c", SIGNALLED_WHILE_WAITING], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a SIGTERM left the waiting main thread deadlocked")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "stopped every time"
