@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
 from kafka.structs import OffsetAndMetadata  # noqa: E402
 
+from streamer.compiled import lstm_cell  # noqa: E402
 from streamer.engine import Engine, ReadingBatch, plan_waves  # noqa: E402
 from streamer.kafka import ensure_topics  # noqa: E402
 from streamer.model import ModelBundle, ModelConfig, init_random_model, save_model_file  # noqa: E402
@@ -85,11 +86,13 @@ def step_flops(hidden: int, layers: int, features: int) -> int:
     return flops + 2 * hidden * features
 
 
-def cpu_ceiling(naive: float) -> None:
+def cpu_ceiling(naive: float) -> dict[torch.dtype, float]:
     """The matrix units' bound on this CPU: GEMM GFLOP/s at the step's shapes (B = 4096 rows,
     K = input + H, N = 4H) in float32 and bfloat16, with torch's threads, and the device-steps/s
-    they would allow if the projections were all a step did, as a multiple of the naive loop."""
+    they would allow if the projections were all a step did, as a multiple of the naive loop.
+    Returns the GFLOP/s per dtype."""
     per_step = step_flops(HIDDEN, LAYERS, FEATURES)
+    rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(4096, HIDDEN + HIDDEN, dtype=dtype)
         b = torch.randn(HIDDEN + HIDDEN, 4 * HIDDEN, dtype=dtype)
@@ -100,40 +103,30 @@ def cpu_ceiling(naive: float) -> None:
         emit(figure="cpu_gemm_ceiling", dtype=str(dtype).removeprefix("torch."), torch_threads=torch.get_num_threads(),
              gemm_gflops=round(gflops, 1), step_flops=per_step, ceiling_device_steps_per_s=round(ceiling),
              ceiling_vs_naive_per_message=round(ceiling / naive, 1))
+        rates[dtype] = round(gflops, 1)
+    return rates
 
 
-def lstm_cell_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's gate maths as the compiled step has it (streamer.compiled.wave_maths): float32
-    from bfloat16 pre-activations (cell-gate columns doubled), c' and h' = o tanh(c')."""
-    i, fg, sg, o = (g.sigmoid() for g in gates.float().chunk(4, dim=1))
-    c_next = fg * c + 2.0 * i * sg - i
-    return c_next, o - 2.0 * o * torch.sigmoid(-2.0 * c_next)
-
-
-def cpu_gate_ceiling(naive: float) -> None:
-    """What the gate maths alone allow on this CPU: the compiled gate loops (five sigmoids a
-    hidden unit, the step's maths; 0 GEMM) over B = 4096 rows, timed with torch's threads; with
-    the bfloat16 GEMM at its measured peak added, the device-steps/s of a step that did nothing
-    else, as a multiple of the naive loop. Skipped when torch.compile cannot build (no compiler)."""
+def cpu_gate_ceiling(naive: float, bf16_gemm_gflops: float) -> None:
+    """What the gate maths alone allow on this CPU: the compiled gate loops (streamer.compiled's
+    lstm_cell: five sigmoids a hidden unit; no GEMM) over B = 4096 rows, timed with torch's
+    threads; with the bfloat16 GEMM at cpu_ceiling's rate added, the device-steps/s of a step
+    that did nothing else, as a multiple of the naive loop. Skipped when torch.compile cannot
+    build (no compiler)."""
     gates = torch.randn(4096, 4 * HIDDEN).bfloat16()
     c = torch.randn(4096, HIDDEN)
     try:
-        compiled = torch.compile(lstm_cell_gates, fullgraph=True)
+        compiled = torch.compile(lstm_cell, fullgraph=True)
         compiled(gates, c)
     except Exception as exc:  # no C++ compiler: the compiled step is not available either
         emit(figure="cpu_gate_ceiling", skipped=f"torch.compile failed: {type(exc).__name__}")
         return
     seconds = timed(lambda: compiled(gates, c), min_seconds=1.0)
-    # The bfloat16 GEMM at the step's shapes, as cpu_ceiling times it (into a kept output).
-    a, b = torch.randn(4096, 2 * HIDDEN).bfloat16(), torch.randn(2 * HIDDEN, 4 * HIDDEN).bfloat16()
-    out = torch.empty(4096, 4 * HIDDEN, dtype=torch.bfloat16)
-    gemm = timed(lambda: torch.mm(a, b, out=out), min_seconds=1.0)
-    gemm_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-    per_row = LAYERS * seconds / gates.shape[0] + step_flops(HIDDEN, LAYERS, FEATURES) * gemm / gemm_flops
+    per_row = LAYERS * seconds / gates.shape[0] + step_flops(HIDDEN, LAYERS, FEATURES) / (bf16_gemm_gflops * 1e9)
     # ns_per_sigmoid: the loop's whole time (conversions, products, stores too) per sigmoid.
     emit(figure="cpu_gate_ceiling", torch_threads=torch.get_num_threads(), rows=gates.shape[0],
          gate_loop_us=round(seconds * 1e6, 1), ns_per_sigmoid=round(seconds / (gates.shape[0] * 5 * HIDDEN) * 1e9, 3),
-         gemm_gflops=round(gemm_flops / gemm / 1e9, 1),
+         gemm_gflops=bf16_gemm_gflops,
          gates_only_device_steps_per_s=round(gates.shape[0] / (LAYERS * seconds)),
          with_bf16_gemm_device_steps_per_s=round(1 / per_row), vs_naive_per_message=round(1 / per_row / naive, 1))
 
@@ -294,8 +287,8 @@ def main() -> None:
     config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
     naive = naive_per_message(init_random_model(config, seed=0), np.random.default_rng(0))
     emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS, device_steps_per_s=round(naive))
-    cpu_ceiling(naive)
-    cpu_gate_ceiling(naive)
+    gemm_gflops = cpu_ceiling(naive)
+    cpu_gate_ceiling(naive, gemm_gflops[torch.bfloat16])
     bench_engine("cpu", naive)
     if torch.cuda.is_available():
         bench_engine("cuda", naive)

@@ -40,6 +40,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer's gate maths, in float32 from its pre-activations (B, 4H) in the weights' dtype,
+    cell-gate columns doubled: (c', h')."""
+    # Each gate's sigmoid where the cell reads it: one fused loop, no (B, 4H) buffer between.
+    i, fg, sg, o = (g.sigmoid() for g in gates.float().chunk(4, dim=1))  # sg = sigmoid(2 g): tanh(g) = 2 sg - 1
+    c_next = fg * c + 2.0 * i * sg - i
+    return c_next, o - 2.0 * o * torch.sigmoid(-2.0 * c_next)  # o tanh(c')
+
+
 def wave_maths(
     x: Tensor,
     lead: Tensor,
@@ -79,11 +88,7 @@ def wave_maths(
     for layer in range(lay):
         h = lead[:, layer * hs : (layer + 1) * hs].to(dot)
         c = lead[:, lh + layer * hs : lh + (layer + 1) * hs].float()
-        gates = torch.addmm(b[layer], torch.cat([inp, h], dim=1), w[layer]).float()
-        # Each gate's sigmoid where the cell reads it: one fused loop, no (B, 4H) buffer between.
-        i, fg, sg, o = (g.sigmoid() for g in gates.chunk(4, dim=1))  # sg = sigmoid(2 g): tanh(g) = 2 sg - 1
-        c_next = fg * c + 2.0 * i * sg - i
-        h_next = o - 2.0 * o * torch.sigmoid(-2.0 * c_next)  # o tanh(c')
+        c_next, h_next = lstm_cell(torch.addmm(b[layer], torch.cat([inp, h], dim=1), w[layer]), c)
         h_new.append(h_next)
         c_new.append(c_next)
         inp = h_next.to(dot)
