@@ -99,7 +99,11 @@ class Unsettled:
 
 
 class ModelWatcher:
-    """Notices when the model file changes (mtime or size), checking at most every interval_s."""
+    """Notices when the model file changes (mtime or size), checking at most every interval_s.
+
+    A file written in place (truncated, then written) can be seen half-way: ``unchanged`` tells
+    whether it has changed again since the check that reported it, so that a read that failed on
+    a copy still in progress is read again at the next check, not taken as the new version's."""
 
     def __init__(self, path: Path, interval_s: float) -> None:
         self.path = path
@@ -124,6 +128,10 @@ class ModelWatcher:
             return False
         self._signature = signature
         return True
+
+    def unchanged(self) -> bool:
+        """Whether the file is as the last check that reported a change saw it."""
+        return self._stat() == self._signature
 
 
 class Pipeline:
@@ -623,9 +631,10 @@ class Pipeline:
             self.metrics.on_dead_letters(by_reason)
 
     def _maybe_reload_model(self) -> None:
-        if self.model_watcher is None or not self.model_watcher.changed():
+        watcher = self.model_watcher
+        if watcher is None or not watcher.changed():
             return
-        path = self.model_watcher.path
+        path = watcher.path
         # The switch checkpoints every partition at its committed offset: settle and commit first.
         self._settle(commit=True)
         try:
@@ -635,6 +644,9 @@ class Pipeline:
                 reset = self.engine.swap_model(bundle)
                 self.partitions.model_switched()  # so that no replay after a crash crosses the switch
         except StreamerError as exc:
+            if not watcher.unchanged():
+                log.info("model file %s changed again while it was read; reading it at the next check: %s", path, exc)
+                return
             log.error("model file changed but cannot be used, still serving %s: %s", self.engine.model_version, exc)
             if self.metrics is not None:
                 self.metrics.on_model_reload("failed")

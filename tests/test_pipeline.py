@@ -16,6 +16,7 @@ test_recovery_kafka, test_chaos_kafka, test_faults_kafka).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import zlib
@@ -58,7 +59,8 @@ class Rig:
     and checkpoint directory."""
 
     def __init__(self, tmp_path, exactly_once: bool = False, checkpoint_readings: int = 1, capacity: int = 100,
-                 metrics: Metrics | None = None, commit_interval_ms: int = 1000, batch_output: str = "json") -> None:
+                 metrics: Metrics | None = None, commit_interval_ms: int = 1000, batch_output: str = "json",
+                 reload_interval_s: float = 10.0) -> None:
         config = ModelConfig(2, 8, 1, 2)
         self.model_path = tmp_path / "m.pt"
         save_model_file(self.model_path, init_random_model(config, seed=3), config, "v1")
@@ -66,7 +68,7 @@ class Rig:
             "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq", "group_id": "g",
                       "exactly_once": exactly_once, "commit_interval_ms": commit_interval_ms,
                       "batch_output": batch_output},
-            "model": {"path": self.model_path, "device": "cpu"},
+            "model": {"path": self.model_path, "device": "cpu", "reload_interval_s": reload_interval_s},
             "checkpoint": {"directory": tmp_path / "cp", "interval_readings": checkpoint_readings},
             "batch": {"max_records": 1000, "max_wait_ms": 0},
             "metrics": {"enabled": False},
@@ -678,3 +680,35 @@ def test_a_poll_of_only_dead_letters_or_an_empty_batch_message_goes_on(tmp_path,
     [reply] = rig.broker.messages("out")
     assert reply.key == b"gw-empty" and arrow_rows([reply]) == []
     assert rig.pipeline.summary.readings == 0 and rig.pipeline.summary.dead_letters == 3
+
+
+def test_a_model_file_changed_while_it_is_read_is_read_again_and_a_bad_one_counted_once(tmp_path, monkeypatch, caplog):
+    # A copy made in place: the check sees the file truncated, the read sees it written. What was
+    # read is not taken for what the file now holds: read again at the next check, which fails
+    # (not a model) once, and with the file unchanged since, no more reads.
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, metrics=Metrics(registry), reload_interval_s=0.01)
+    reads: list[int] = []
+
+    def written_while_read(path):
+        if not reads:
+            path.write_bytes(b"\x00 this is no longer a model")
+        reads.append(len(path.read_bytes()))
+        return load_model_file(path)
+
+    monkeypatch.setattr("streamer.pipeline.load_model_file", written_while_read)
+    caplog.set_level(logging.INFO, logger="streamer.pipeline")
+    rig.model_path.write_bytes(b"")
+    for _ in range(4):
+        time.sleep(0.02)
+        rig.pipeline.run_once()
+    assert reads == [27, 27]
+    assert registry.get_sample_value("streamer_model_reloads_total", {"outcome": "failed"}) == 1
+    changed_again, failed = [r for r in caplog.records if r.name == "streamer.pipeline"]
+    assert (changed_again.levelname, failed.levelname) == ("INFO", "ERROR")
+    assert "changed again while it was read" in changed_again.getMessage()
+    assert rig.pipeline.engine.model_version == "v1"
+    rig.write(per_device=1)
+    for _ in range(2):  # the batch, then its settling
+        rig.pipeline.run_once()
+    assert {json.loads(m.value)["model_version"] for m in rig.broker.messages("out")} == {"v1"}
