@@ -78,6 +78,15 @@ def kafka_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def services_stopped() -> Iterator[None]:
+    """Whatever service threads a test started are stopped when it ends, passed or failed."""
+    from tests.integration.helpers import ServiceThread
+
+    yield
+    ServiceThread.stop_left_running()
+
+
 @pytest.fixture
 def unique() -> str:
     """A suffix for per-test topics and group ids."""

@@ -82,7 +82,13 @@ def service_settings(bootstrap: str, topics: dict[str, str], group: str, model_p
 
 
 class ServiceThread:
-    """streamer.service.run_service on a thread, with its own metrics registry."""
+    """streamer.service.run_service on a thread, with its own metrics registry.
+
+    A service a test leaves running (an assertion failed before its stop) is stopped when the
+    test ends (``stop_left_running``, from conftest), so that it does not go on beside the next
+    tests: its client log handling is process-wide."""
+
+    started: list[ServiceThread] = []
 
     def __init__(self, settings) -> None:
         from prometheus_client import CollectorRegistry
@@ -92,6 +98,14 @@ class ServiceThread:
         self.result: dict = {}
         self.thread = threading.Thread(target=self._run, args=(settings,), daemon=True)
         self.thread.start()
+        ServiceThread.started.append(self)
+
+    @classmethod
+    def stop_left_running(cls, timeout_s: float = 60.0) -> None:
+        while cls.started:
+            service = cls.started.pop()
+            service.stop_event.set()
+            service.thread.join(timeout=timeout_s)
 
     def _run(self, settings) -> None:
         from streamer.service import run_service
