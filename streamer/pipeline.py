@@ -68,6 +68,7 @@ BROKER_AWAY_BACKOFF_S = 0.5
 BROKER_PROBE_TIMEOUT_MS = 1000
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 COMMIT_RETRY_INTERVAL_S = 0.5
+MODEL_SETTLE_S = 1.0  # a changed model file is read once it has stayed the same this long
 
 
 @dataclass
@@ -99,16 +100,20 @@ class Unsettled:
 
 
 class ModelWatcher:
-    """Notices when the model file changes (mtime or size), checking at most every interval_s.
+    """Notices when the model file changes (mtime or size), checking every interval_s.
 
-    A file written in place (truncated, then written) can be seen half-way: ``unchanged`` tells
-    whether it has changed again since the check that reported it, so that a read that failed on
-    a copy still in progress is read again at the next check, not taken as the new version's."""
+    A file copied in place (truncated, then written) can be seen half-way. A change is reported
+    only once the file has stayed as it was seen for a while (MODEL_SETTLE_S, or interval_s if
+    shorter: the check after a change comes that much later, not a whole interval later), and
+    ``unchanged`` tells whether it changed again while it was read: a copy still in progress
+    is read again, not taken for the new version."""
 
     def __init__(self, path: Path, interval_s: float) -> None:
         self.path = path
         self.interval_s = interval_s
-        self._signature = self._stat()
+        self.settle_s = min(interval_s, MODEL_SETTLE_S)
+        self._signature = self._stat()  # the file as last reported
+        self._seen: tuple[int, int] | None = None  # a change seen, not reported yet
         self._next_check = time.monotonic() + interval_s
 
     def _stat(self) -> tuple[int, int] | None:
@@ -122,11 +127,16 @@ class ModelWatcher:
         now = time.monotonic()
         if now < self._next_check:
             return False
-        self._next_check = now + self.interval_s
         signature = self._stat()
-        if signature is None or signature == self._signature:
+        if signature is not None and signature != self._signature and signature != self._seen:
+            self._seen = signature  # look again once it has had time to settle
+            self._next_check = now + self.settle_s
             return False
-        self._signature = signature
+        self._next_check = now + self.interval_s
+        if signature is None or signature == self._signature:
+            self._seen = None
+            return False
+        self._signature, self._seen = signature, None
         return True
 
     def unchanged(self) -> bool:

@@ -699,7 +699,7 @@ def test_a_model_file_changed_while_it_is_read_is_read_again_and_a_bad_one_count
     monkeypatch.setattr("streamer.pipeline.load_model_file", written_while_read)
     caplog.set_level(logging.INFO, logger="streamer.pipeline")
     rig.model_path.write_bytes(b"")
-    for _ in range(4):
+    for _ in range(6):  # seen, read (written meanwhile); seen again, read; then unchanged
         time.sleep(0.02)
         rig.pipeline.run_once()
     assert reads == [27, 27]
@@ -712,3 +712,29 @@ def test_a_model_file_changed_while_it_is_read_is_read_again_and_a_bad_one_count
     for _ in range(2):  # the batch, then its settling
         rig.pipeline.run_once()
     assert {json.loads(m.value)["model_version"] for m in rig.broker.messages("out")} == {"v1"}
+
+
+def test_a_model_file_is_read_once_it_has_stayed_the_same_for_a_while(tmp_path, monkeypatch):
+    # Seen truncated at one check, written before the next: read once, as written. A file that
+    # has stayed the same since the check before is read at once.
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, metrics=Metrics(registry), reload_interval_s=0.01)
+    reads: list[int] = []
+
+    def noted(path):
+        reads.append(len(path.read_bytes()))
+        return load_model_file(path)
+
+    monkeypatch.setattr("streamer.pipeline.load_model_file", noted)
+    config = ModelConfig(2, 8, 1, 2)
+    rig.model_path.write_bytes(b"")
+    time.sleep(0.02)
+    rig.pipeline.run_once()
+    save_model_file(rig.model_path, init_random_model(config, seed=4), config, "v2")
+    for _ in range(4):
+        time.sleep(0.02)
+        rig.pipeline.run_once()
+    assert reads == [rig.model_path.stat().st_size]
+    assert registry.get_sample_value("streamer_model_reloads_total", {"outcome": "failed"}) == 0
+    assert registry.get_sample_value("streamer_model_reloads_total", {"outcome": "loaded"}) == 1
+    assert rig.pipeline.engine.model_version == "v2"
