@@ -715,8 +715,8 @@ def test_a_model_file_changed_while_it_is_read_is_read_again_and_a_bad_one_count
 
 
 def test_a_model_file_is_read_once_it_has_stayed_the_same_for_a_while(tmp_path, monkeypatch):
-    # Seen truncated at one check, written before the next: read once, as written. A file that
-    # has stayed the same since the check before is read at once.
+    # Seen truncated at one check, written before the next: read once, as written, at the check
+    # that finds it as the one before it did.
     registry = CollectorRegistry()
     rig = Rig(tmp_path, metrics=Metrics(registry), reload_interval_s=0.01)
     reads: list[int] = []
