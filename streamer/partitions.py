@@ -287,7 +287,9 @@ class PartitionManager:
             self.consumer.resume([tp])
 
     def _recover(self, tp: TopicPartition, committed: int | None) -> None:
-        restart_at = self.restart_at.pop(tp, None)
+        # Kept until the partition is recovered: a recovery that fails (the store or the broker
+        # away) is tried again from the same place, not from a fetch position past the batch.
+        restart_at = self.restart_at.get(tp)
         if committed is not None:
             start: int | None = committed
         elif restart_at is not None:
@@ -329,6 +331,7 @@ class PartitionManager:
                 log.warning("%s has no usable checkpoint: its devices start from zero at offset %d", _name(tp), start,
                             extra=_context(tp))
         self.owned[tp] = owned
+        self.restart_at.pop(tp, None)
         if self.metrics is not None:
             self.metrics.on_recovery(outcome)
 

@@ -345,6 +345,34 @@ def test_exactly_once_abort_replaces_the_producer_and_publishes_once(tmp_path):
     assert committed(rig) == rig.ends()
 
 
+def test_exactly_once_an_aborted_batch_is_published_once_when_its_recovery_is_tried_again(tmp_path):
+    # The group has no commit yet: after the abort the partitions restart where the dropped batch
+    # began, not at the fetch position past it, also when the first recovery fails (the store
+    # cannot be read for a while): then the batch was replayed unpublished, and lost.
+    rig = Rig(tmp_path, exactly_once=True)
+    rig.write(per_device=2)
+    rig.broker.fail("commit_transaction", KafkaClientError("transaction coordinator fenced"))
+    rig.pipeline.run_once()
+    assert rig.broker.messages("out") == [] and committed(rig) == {P0: None, P1: None}
+    store = rig.pipeline.partitions.store
+    load_latest = store.load_latest
+    failures = []
+
+    def away_once(*args, **kwargs):
+        if not failures:
+            failures.append(args[:2])
+            raise KafkaClientError("changelog read timed out", retriable=True)
+        return load_latest(*args, **kwargs)
+
+    store.load_latest = away_once
+    for _ in range(4):
+        rig.pipeline.run_once()
+    assert len(failures) == 1
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
+    assert committed(rig) == rig.ends()
+    assert rig.pipeline.summary.replayed == 0
+
+
 @pytest.mark.parametrize("when", ["before the transaction", "inside the transaction"])
 def test_exactly_once_revoked_mid_batch_nothing_becomes_visible(tmp_path, when):
     """Before: the loop sees the partition gone and drops the batch. Inside: the broker refuses
