@@ -184,16 +184,11 @@ def load_model_file(path: str | Path) -> ModelBundle:
     state_dict = raw["state_dict"]
     if not isinstance(state_dict, dict):
         raise ModelFileError(path, "'state_dict' must be a dict of tensors")
+    if not all(isinstance(key, str) for key in state_dict):
+        raise ModelFileError(path, "'state_dict' keys must be parameter names (str)")
     if any("reverse" in key for key in state_dict):
         raise ModelFileError(path, "bidirectional LSTMs cannot stream (they need future readings)")
-    model = LSTMModel.from_config(config)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        # torch lists every mismatch on a line of its own: the first, and how many more.
-        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ModelFileError(path, f"state_dict does not match config {config.to_dict()}: {problems[0]}{more}") from None
+    model = _model_with(config, state_dict, path)
     broken = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
         raise ModelFileError(path, f"non-finite weights (NaN or inf) in {', '.join(broken[:3])}"
@@ -206,6 +201,29 @@ def load_model_file(path: str | Path) -> ModelBundle:
     if not isinstance(meta, dict):
         raise ModelFileError(path, f"'meta' must be a dict, got {type(meta).__name__}")
     return ModelBundle(model, config, str(raw["version"]), normalization, path, meta)
+
+
+def _model_with(config: ModelConfig, state_dict: dict, path: Path) -> LSTMModel:
+    """The model of ``config`` holding ``state_dict``'s weights. The weights are held to the
+    config's shapes on torch's meta device first, which allocates nothing: a config that claims
+    a model far larger than the file's tensors is refused by the mismatch, not by the allocator."""
+    try:
+        with torch.device("meta"):
+            shapes = LSTMModel.from_config(config)
+    except RuntimeError as exc:  # sizes past what a tensor can have
+        raise ModelFileError(path, f"config {config.to_dict()} is too large for torch: {exc}") from None
+    try:
+        shapes.load_state_dict(state_dict, strict=True, assign=True)  # checks, copies nothing
+        model = LSTMModel.from_config(config)
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, MemoryError) as exc:
+        if allocation_failed(exc):
+            raise ModelFileError(path, f"config {config.to_dict()} needs more memory than there is") from None
+        # torch lists every mismatch on a line of its own: the first, and how many more.
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ModelFileError(path, f"state_dict does not match config {config.to_dict()}: {problems[0]}{more}") from None
+    return model
 
 
 def _torch_load_reason(exc: Exception) -> str:
@@ -224,8 +242,11 @@ def _load_normalization(raw: object, config: ModelConfig, path: Path) -> Normali
         return None
     if not isinstance(raw, dict) or "mean" not in raw or "std" not in raw:
         raise ModelFileError(path, "'normalization' must be a dict with 'mean' and 'std'")
-    mean = torch.as_tensor(raw["mean"], dtype=torch.float32).flatten()
-    std = torch.as_tensor(raw["std"], dtype=torch.float32).flatten()
+    try:
+        mean = torch.as_tensor(raw["mean"], dtype=torch.float32).flatten()
+        std = torch.as_tensor(raw["std"], dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(path, f"normalization 'mean' and 'std' must be numbers ({exc})") from None
     for name, t in (("mean", mean), ("std", std)):
         if t.numel() != config.values_size:
             raise ModelFileError(path, f"normalization.{name} has {t.numel()} values, readings have {config.values_size}")

@@ -76,6 +76,38 @@ def test_bad_model_files_are_refused_naming_the_file(tmp_path: Path, payload, me
     assert str(path) in str(err.value)
 
 
+def good_payload() -> dict:
+    config = ModelConfig(2, 8, 2, 2)
+    return {"config": config.to_dict(), "state_dict": init_random_model(config).state_dict(), "version": "v"}
+
+
+def with_(payload: dict, key: str, value: object, inside: str | None = None) -> dict:
+    """``payload`` with ``key`` set to ``value`` (in its dict ``inside``, when given)."""
+    if inside is None:
+        return {**payload, key: value}
+    return {**payload, inside: {**payload[inside], key: value}}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: with_(p, 3, torch.zeros(2), "state_dict"), "keys must be parameter names"),
+        (lambda p: with_(p, "fc.bias", 3, "state_dict"), "does not match.*expected torch.Tensor"),
+        (lambda p: with_(p, "normalization", {"mean": ["a", "b"], "std": [1.0, 1.0]}), "must be numbers"),
+        (lambda p: with_(p, "normalization", {"mean": [[1.0], [1.0, 2.0]], "std": [1.0, 1.0]}), "must be numbers"),
+        # A config far larger than the file's weights: refused by the shapes, nothing allocated.
+        (lambda p: with_(p, "hidden_size", 10**6, "config"), "does not match.*size mismatch"),
+        (lambda p: with_(p, "hidden_size", 10**12, "config"), "too large for torch"),
+    ],
+)
+def test_model_files_of_the_wrong_kinds_inside_are_refused(tmp_path: Path, change, message):
+    path = tmp_path / "odd.pt"
+    torch.save(change(good_payload()), path)
+    with pytest.raises(ModelFileError, match=message) as err:
+        load_model_file(path)
+    assert str(path) in str(err.value)
+
+
 def test_bidirectional_state_dict_is_refused(tmp_path: Path):
     lstm = torch.nn.LSTM(2, 4, 1, batch_first=True, bidirectional=True)
     state = {f"lstm.{k}": v for k, v in lstm.state_dict().items()}
