@@ -59,6 +59,11 @@ DIGEST_SIZE = 32
 STALE_TMP_S = 600.0
 
 
+class StoreUnreadable(StreamerError):
+    """The checkpoint store cannot be read now (a directory that cannot be listed: a lost
+    mount, an I/O error): not a bad checkpoint but a store to wait for."""
+
+
 class CheckpointError(StreamerError):
     """A checkpoint file that cannot be used."""
 
@@ -342,8 +347,13 @@ class DirectoryCheckpointStore(CheckpointStore):
         max_offset: int | None = None,
         model: ModelStamp | None = None,
     ) -> tuple[Checkpoint | None, list[Refused]]:
-        """The newest usable checkpoint file (``pick_latest``); a file that cannot be read is refused."""
-        candidates = ((int(path.stem), path, path.read_bytes) for path in self.paths(topic, partition))
+        """The newest usable checkpoint file (``pick_latest``); a file that cannot be read is refused.
+        StoreUnreadable when the partition's directory cannot be listed."""
+        try:
+            paths = self.paths(topic, partition)
+        except OSError as exc:
+            raise StoreUnreadable(f"checkpoint directory {self._dir(topic, partition)} cannot be listed: {exc}") from exc
+        candidates = ((int(path.stem), path, path.read_bytes) for path in paths)
         return pick_latest(candidates, topic, partition, width, max_offset, model)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.checkpoint import CheckpointStore
+from streamer.checkpoint import CheckpointStore, StoreUnreadable
 from streamer.engine import Engine, PredictionBatch, ReadingBatch, StepReport
 from streamer.errors import PipelineError, StreamerError
 from streamer.kafka.abstract import Consumer, GroupMovedOn, KafkaClientError, Message, Producer, TopicPartition
@@ -68,6 +68,7 @@ BROKER_AWAY_BACKOFF_S = 0.5
 BROKER_PROBE_TIMEOUT_MS = 1000
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 COMMIT_RETRY_INTERVAL_S = 0.5
+STORE_RETRY_S = 1.0  # recoveries waiting for an unreadable checkpoint store are tried again this often
 MODEL_SETTLE_S = 1.0  # a changed model file is read once it has stayed the same this long
 
 
@@ -199,6 +200,8 @@ class Pipeline:
         self._commits_heard = False  # whether a commit went through since the last lag check
         self._settling = False  # a revocation inside _settle's own flush or commit must not recurse
         self._polling = False  # inside consumer.poll: where a revocation may settle and commit
+        self._store_unreadable_since: float | None = None  # recoveries waiting for the checkpoint store
+        self._store_retry_at = 0.0
         if metrics is not None:
             metrics.watch_table(lambda: len(engine.table), engine.table.capacity, engine.model_version)
 
@@ -270,13 +273,18 @@ class Pipeline:
         records = self._poll_batch(stop)
         if not records:
             self._settle(commit=quiet)
-        try:
-            self.partitions.recover_pending()
-        except KafkaClientError as exc:
-            if not exc.retriable:
-                raise
-            self._commits_heard = False
-            self.outage.away(f"recovering partitions must wait ({exc})")  # they stay paused
+        if time.monotonic() >= self._store_retry_at:
+            try:
+                pending = bool(self.partitions.pending)
+                self.partitions.recover_pending()
+                self._store_readable_again(recovered=pending)
+            except KafkaClientError as exc:
+                if not exc.retriable:
+                    raise
+                self._commits_heard = False
+                self.outage.away(f"recovering partitions must wait ({exc})")  # they stay paused
+            except StoreUnreadable as exc:
+                self._store_unreadable(exc)  # they stay paused
         if self.health is not None:
             self.health.beat()
         if self.metrics is not None:
@@ -288,6 +296,21 @@ class Pipeline:
         self._maybe_reload_model()
         self._maybe_lag()
         return len(records)
+
+    def _store_unreadable(self, exc: StoreUnreadable) -> None:
+        """Recoveries wait for the checkpoint store, tried again every STORE_RETRY_S while the
+        other partitions go on: one line when that starts."""
+        now = time.monotonic()
+        self._store_retry_at = now + STORE_RETRY_S
+        if self._store_unreadable_since is None:
+            self._store_unreadable_since = now
+            log.warning("recovering partitions must wait, the checkpoint store cannot be read: %s", exc)
+
+    def _store_readable_again(self, recovered: bool) -> None:
+        if self._store_unreadable_since is not None and recovered:
+            log.info("checkpoint store read again after %.1fs: partitions recovered",
+                     time.monotonic() - self._store_unreadable_since)
+        self._store_unreadable_since = None
 
     def _poll_batch(self, stop: threading.Event | None) -> list[Message]:
         """Up to batch.max_records messages of owned, recovered partitions, waiting at most

@@ -766,3 +766,40 @@ def test_a_model_file_is_read_once_it_has_stayed_the_same_for_a_while(tmp_path, 
     assert registry.get_sample_value("streamer_model_reloads_total", {"outcome": "failed"}) == 0
     assert registry.get_sample_value("streamer_model_reloads_total", {"outcome": "loaded"}) == 1
     assert rig.pipeline.engine.model_version == "v2"
+
+
+def test_a_checkpoint_store_that_cannot_be_read_keeps_a_partition_waiting_not_the_loop(tmp_path, monkeypatch, caplog):
+    # P0 assigned again while its checkpoint directory cannot be listed (a lost mount): P0 waits,
+    # paused, with one line, and P1 goes on; once the directory reads again P0 is recovered from
+    # its checkpoint and every reading is published once.
+    import errno
+    from pathlib import Path
+
+    monkeypatch.setattr("streamer.pipeline.STORE_RETRY_S", 0.0, raising=False)
+    caplog.set_level(logging.INFO, logger="streamer.pipeline")
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    rig.consumer.rebalance(revoked=[P0], assigned=[P0])
+    listdir = Path.iterdir
+
+    def unreadable(path):
+        if path.is_relative_to(tmp_path / "cp"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    rig.write(per_device=1, start_ts=1)
+    for _ in range(4):
+        rig.pipeline.run_once()
+    assert P0 in rig.pipeline.partitions.pending and P0 not in rig.pipeline.partitions.owned
+    assert committed(rig)[P1] == rig.ends()[P1]  # the other partition went on
+    waiting = [r for r in caplog.records if "checkpoint store cannot be read" in r.getMessage()]
+    assert len(waiting) == 1 and waiting[0].levelname == "WARNING" and "Input/output error" in waiting[0].getMessage()
+    monkeypatch.setattr(Path, "iterdir", listdir)
+    for _ in range(4):
+        rig.pipeline.run_once()
+    assert committed(rig) == rig.ends()
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
+    assert any("checkpoint store read again" in r.getMessage() for r in caplog.records)
