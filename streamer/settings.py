@@ -38,10 +38,23 @@ KUBERNETES_SERVICE_ENV = re.compile(r"STREAMER_(SERVICE_HOST|SERVICE_PORT(_\w+)?
 
 
 NONE_WORDS = frozenset({"none", "null"})
+INT16_MAX, INT32_MAX = 2**15 - 1, 2**31 - 1  # Kafka's replication factor and partition counts on the wire
+READINGS_COUNTED = 2**24  # a device's readings are counted in float32, exact up to here
+MAX_DEVICES = 2**31 - 1  # rows of one state table: far beyond any machine's memory, within torch's sizes
+
+
+def check_device_name(value: str) -> str:
+    """``value`` if it names a device streamer runs on: auto, cpu, cuda or cuda:N (N at most
+    127: torch keeps a device's index in 8 bits, and cuda:128 would be cuda:-128); ValueError
+    otherwise."""
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d{1,3}))?", value)
+    if match is None or (match.group(1) is not None and int(match.group(1)) > 127):
+        raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N (N from 0 to 127)")
+    return value
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -225,13 +238,13 @@ class ModelSettings(Section):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
-        return value
+        return check_device_name(value)
 
 
 class StateSettings(Section):
-    capacity: Annotated[int, Field(ge=1)] = Field(100_000, description="device rows preallocated in the state table")
+    capacity: Annotated[int, Field(ge=1, le=MAX_DEVICES)] = Field(
+        100_000, description="device rows preallocated in the state table"
+    )
     ttl_seconds: Annotated[float, Field(gt=0)] | None = Field(
         86400.0, description="evict devices idle this long (none: never)"
     )
@@ -270,18 +283,18 @@ class CheckpointSettings(Section):
 class TopicsSettings(Section):
     """What `streamer topics create` gives the topics, and `streamer run` the ones it creates when missing."""
 
-    partitions: Annotated[int, Field(ge=1)] = Field(
+    partitions: Annotated[int, Field(ge=1, le=INT32_MAX)] = Field(
         6, description="partitions of the input and output topics (the most hosts that share the work)"
     )
-    replication_factor: Annotated[int, Field(ge=1)] = Field(1, description="replicas of every topic streamer creates")
+    replication_factor: Annotated[int, Field(ge=1, le=INT16_MAX)] = Field(1, description="replicas of every topic streamer creates")
     retention_ms: Annotated[int, Field(ge=-1)] | None = Field(
         None, description="retention.ms of the input and output topics (-1: forever; none: the broker's default)"
     )
-    dead_letter_partitions: Annotated[int, Field(ge=1)] = Field(1, description="partitions of the dead-letter topic")
+    dead_letter_partitions: Annotated[int, Field(ge=1, le=INT32_MAX)] = Field(1, description="partitions of the dead-letter topic")
     dead_letter_retention_ms: Annotated[int, Field(ge=-1)] | None = Field(
         None, description="retention.ms of the dead-letter topic (-1: forever; none: the broker's default)"
     )
-    checkpoint_partitions: Annotated[int, Field(ge=1)] = Field(
+    checkpoint_partitions: Annotated[int, Field(ge=1, le=INT32_MAX)] = Field(
         6, description="partitions of the checkpoint changelog (cleanup.policy=compact); an input partition's "
         "checkpoints go to one of them by hash"
     )
@@ -293,7 +306,7 @@ class AnomalySettings(Section):
     threshold: Annotated[float, Field(gt=0, lt=1)] = Field(
         0.9999, description="flag readings whose anomaly score (1 - tail probability) is at least this"
     )
-    warmup: Annotated[int, Field(ge=0)] = Field(50, description="residuals a device needs before it is scored")
+    warmup: Annotated[int, Field(ge=0, le=READINGS_COUNTED)] = Field(50, description="residuals a device needs before it is scored")
     short_alpha: Annotated[float, Field(gt=0, le=1)] = Field(
         0.3, description="weight of a new residual in the short-run mean"
     )
@@ -303,7 +316,7 @@ class AnomalySettings(Section):
     min_std: Annotated[float, Field(gt=0, le=1e6)] = Field(
         0.01, description="floor of the residuals' mean and spread (normalised units)"
     )
-    adapt_after: Annotated[int, Field(ge=1)] = Field(
+    adapt_after: Annotated[int, Field(ge=1, le=READINGS_COUNTED)] = Field(
         100, description="readings in a row with tail probability < 0.001 before a device's statistics restart"
     )
     novelty_decay: Annotated[float, Field(ge=0, lt=1)] = Field(

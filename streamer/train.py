@@ -40,6 +40,7 @@ from streamer.errors import StreamerError
 from streamer.features import check_time_features, normalize_sequences, time_features
 from streamer.history import unwritable_reason
 from streamer.model import LSTMModel, ModelConfig, Normalization, allocation_failed, save_model_file
+from streamer.settings import check_device_name
 from streamer.simulate import FleetSpec, history
 
 log = logging.getLogger("streamer.train")
@@ -129,12 +130,10 @@ class TrainOptions:
             object.__setattr__(self, "time_features", check_time_features(self.time_features))
         except (TypeError, ValueError) as exc:
             raise TrainOptionsError("time_features", str(exc), self.time_features) from None
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise TrainOptionsError("device", "must be 'auto' or a torch device (cpu, cuda, cuda:1)",
-                                        self.device) from None
+        try:
+            check_device_name(self.device)
+        except ValueError:
+            raise TrainOptionsError("device", "must be auto, cpu, cuda or cuda:N (N from 0 to 127)", self.device) from None
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-like values (time_features as a list)."""
@@ -392,7 +391,14 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
     steps_per_epoch = max(1, math.ceil(windows_per_epoch / options.batch_size))
     with _torch_threads(options.threads or _default_threads(options.hidden_size)):
         torch.manual_seed(options.seed)
-        model = LSTMModel.from_config(config).to(device)
+        try:
+            model = LSTMModel.from_config(config).to(device)
+        except (MemoryError, RuntimeError) as exc:
+            if not allocation_failed(exc):
+                raise
+            raise TrainOptionsError(
+                "hidden_size", f"makes a model too big for the memory of {device} with {options.num_layers} layers"
+                f" ({str(exc).strip().splitlines()[0][:120] or type(exc).__name__})", options.hidden_size) from None
         try:
             losses, best_epoch, steps = _fit(model, sampler, val_set, features, steps_per_epoch, options, start)
         except (MemoryError, RuntimeError) as exc:
