@@ -95,6 +95,15 @@ class KafkaBootstrapError(StreamerError):
         self.reason = reason
 
 
+class KafkaSettingsRefused(StreamerError):
+    """The client library refused its settings as it was created (librdkafka checks a TLS file's
+    contents then, not at the first connection): final, not a broker to wait for."""
+
+    def __init__(self, security: dict[str, object], reason: str) -> None:
+        super().__init__(f"Kafka client ({_describe(security)}): its settings were refused: {reason}")
+        self.reason = reason
+
+
 class KafkaLoginError(KafkaBootstrapError):
     """The brokers refused this client's SASL login (user, password or mechanism)."""
 

@@ -18,6 +18,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from confluent_kafka import Consumer as RdConsumer
 from confluent_kafka import IsolationLevel, KafkaError, KafkaException
@@ -42,6 +43,7 @@ from streamer.kafka.clients import (
     TRANSACTION_TIMEOUT_MS,
     KafkaBootstrapError,
     KafkaLoginError,
+    KafkaSettingsRefused,
     assignment_strategy,
     bootstrap_failure_reason,
     changelog_request_bytes,
@@ -166,6 +168,17 @@ def _common(settings: KafkaSettings, errors: _Errors) -> dict[str, object]:
     }
 
 
+def _client(kind: type[RdConsumer] | type[RdProducer], config: dict[str, object], settings: KafkaSettings) -> Any:
+    """librdkafka's client of ``config``; KafkaSettingsRefused when it refuses them (a TLS file
+    that is not PEM, a CA file that is not a CA)."""
+    try:
+        return kind(config)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        reason = error.str() if isinstance(error, KafkaError) else str(exc)
+        raise KafkaSettingsRefused(_described(settings), reason) from None
+
+
 def _check_reachable(client: RdConsumer | RdProducer, settings: KafkaSettings, errors: _Errors, timeout_s: float) -> None:
     """Ask for the cluster's metadata: a broker must answer within ``timeout_s``."""
     try:
@@ -195,7 +208,7 @@ def make_consumer(settings: KafkaSettings, max_poll_records: int, bootstrap_time
         "partition.assignment.strategy": assignment_strategy(settings),
         "isolation.level": "read_committed" if settings.exactly_once else "read_uncommitted",
     }
-    client = RdConsumer(config)
+    client = _client(RdConsumer, config, settings)
     try:
         _check_reachable(client, settings, errors, (bootstrap_timeout_ms or 30_000) / 1000)
     except BaseException:
@@ -234,7 +247,7 @@ def make_producer(
     if settings.exactly_once:
         config.update({"transactional.id": transactional_id(settings, instance_id),
                        "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
-    client = RdProducer(config)
+    client = _client(RdProducer, config, settings)
     timeout_s = (bootstrap_timeout_ms or 30_000) / 1000
     _check_reachable(client, settings, errors, timeout_s)
     if settings.exactly_once:
@@ -466,7 +479,7 @@ def make_changelog(settings: KafkaSettings, topic: str, max_value_bytes: int,
     errors = _Errors()
     request_bytes = changelog_request_bytes(max_value_bytes)
     common = {**_common(settings, errors), "client.id": f"{settings.client_id}-changelog"}
-    consumer = RdConsumer({
+    consumer = _client(RdConsumer, {
         **common,
         "group.id": f"{settings.group_id}-changelog-reader",
         "enable.auto.commit": False,
@@ -476,11 +489,11 @@ def make_changelog(settings: KafkaSettings, topic: str, max_value_bytes: int,
         "max.partition.fetch.bytes": request_bytes,
         "isolation.level": "read_uncommitted",
         "enable.partition.eof": True,
-    })
+    }, settings)
     producer: RdProducer | None = None
     try:
-        producer = RdProducer({**common, "acks": "all", "enable.idempotence": True, "linger.ms": 5,
-                               "message.max.bytes": request_bytes})
+        producer = _client(RdProducer, {**common, "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+                                        "message.max.bytes": request_bytes}, settings)
         timeout_s = (bootstrap_timeout_ms or 30_000) / 1000
         _check_reachable(consumer, settings, errors, timeout_s)
         _check_reachable(producer, settings, errors, timeout_s)
