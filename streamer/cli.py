@@ -23,6 +23,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import UnionType
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
@@ -321,13 +323,13 @@ def _check_metrics_port(host: str, port: int) -> None:
         # As the server does (socketserver's allow_reuse_address): a port in TIME_WAIT is free.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
+    except (OSError, UnicodeError, TypeError) as exc:  # TypeError: a name IDNA cannot encode
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             raise StreamerError(
                 f"{describe_setting('metrics', 'port')} = {port}: {host}:{port} is already in use") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise StreamerError(
-            f"{describe_setting('metrics', 'host')} = {host!r}: cannot bind {host}:{port} "
-            f"({exc.strerror or exc})") from None
+            f"{describe_setting('metrics', 'host')} = {host!r}: cannot bind {host}:{port} ({reason})") from None
     finally:
         probe.close()
 
@@ -419,6 +421,21 @@ def _add_topics_parser(commands: argparse._SubParsersAction) -> None:
     create.set_defaults(handler=_topics_create)
 
 
+@contextmanager
+def _client_logs_in_the_error() -> Iterator[None]:
+    """The client library's log lines held back: brokers that do not answer are one line of ours,
+    not the library's every retry, with the library's first complaint in it."""
+    from streamer.kafka.clients import KafkaBootstrapError, kafka_logs_folded
+
+    with kafka_logs_folded() as complaint:
+        try:
+            yield
+        except KafkaBootstrapError as exc:
+            if complaint.first is None:
+                raise
+            raise StreamerError(f"{exc} (first: {complaint.first})") from None
+
+
 def _topics_create(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
@@ -428,10 +445,11 @@ def _topics_create(args: argparse.Namespace) -> int:
 
     kafka = settings.kafka
     specs = topic_specs(settings)
-    created = ensure_topics(
-        kafka.bootstrap_servers, specs, kafka.client_id, security=security_config(kafka),
-        bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka),
-    )
+    with _client_logs_in_the_error():
+        created = ensure_topics(
+            kafka.bootstrap_servers, specs, kafka.client_id, security=security_config(kafka),
+            bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka),
+        )
     print(json.dumps({"topics": [
         {"name": name, "partitions": spec.partitions, "replication_factor": spec.replication_factor,
          "configs": spec.configs, "created": name in created}
@@ -478,7 +496,6 @@ def _simulate(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
     from streamer.kafka import open_producer
-    from streamer.kafka.clients import kafka_logs_folded
     from streamer.simulate import DEFAULT_BATCH_ROWS, FleetSpec, run_simulator
 
     if args.duration is None and args.max_readings is None:
@@ -505,7 +522,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     # The client of kafka.client, as `run` uses it, but never transactional: readings are not a
     # consumed batch's output.
-    with kafka_logs_folded():  # brokers that do not answer: our one line, not the library's every retry
+    with _client_logs_in_the_error():
         producer = open_producer(kafka.model_copy(update={"exactly_once": False}),
                                  bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka))
     try:

@@ -485,9 +485,9 @@ def test_a_model_file_of_the_wrong_shape_or_with_nan_weights_is_one_line(model_f
 def test_a_state_table_too_big_to_allocate_is_one_line(model_file: Path, capsys, no_signal_handlers):
     assert main(["run", "--model-path", str(model_file), "--kafka-bootstrap-servers", "127.0.0.1:1",
                  "--metrics-enabled", "false", "--checkpoint-enabled", "false",
-                 "--state-capacity", str(10**13)]) == 2
+                 "--state-capacity", str(2**31 - 1)]) == 2  # the most the setting takes: hundreds of GB here
     err = one_line_error(capsys)
-    assert f"state table capacity {10**13}" in err and "could not be allocated" in err
+    assert f"state table capacity {2**31 - 1}" in err and "could not be allocated" in err
 
 
 def test_simulate_and_train_refuse_bad_paths_seeds_and_both_bootstrap_flags(tmp_path: Path, capsys):
@@ -570,3 +570,66 @@ def test_sigterm_sets_stop_without_deadlocking_a_waiting_main_thread():
         pytest.fail("a SIGTERM left the waiting main thread deadlocked")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "stopped every time"
+
+
+# --- values that ended in a traceback: one line each, exit 2 ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--kafka-startup-wait-s", "inf"], "kafka.startup_wait_s (flag --kafka-startup-wait-s"),
+        (["--model-reload-interval-s", "inf"], "model.reload_interval_s"),
+        (["--state-capacity", str(10**20)], "state.capacity"),
+        (["--anomaly-warmup", str(10**20)], "anomaly.warmup"),
+        (["--anomaly-adapt-after", str(2**24 + 1)], "anomaly.adapt_after"),
+        (["--model-device", "cuda:128"], "model.device"),
+        (["--model-device", "cuda:" + "9" * 20], "model.device"),
+        (["--topics-replication-factor", str(2**15)], "topics.replication_factor"),
+        (["--topics-partitions", str(2**31)], "topics.partitions"),
+    ],
+)
+def test_values_past_what_can_be_used_are_refused_naming_them(capsys, args, named):
+    assert main(["check-config", "--checkpoint-enabled", "false", *args]) == 2
+    assert named in one_line_error(capsys)
+
+
+def test_the_largest_values_allowed_are_taken(capsys):
+    assert main(["check-config", "--checkpoint-enabled", "false", "--model-device", "cuda:127", "--anomaly-warmup",
+                 str(2**24), "--topics-replication-factor", str(2**15 - 1)]) in (0, 2)
+    err = capsys.readouterr().err
+    assert "invalid settings" not in err, err  # cuda:127 is absent here: refused later, as a device
+
+
+def test_a_metrics_host_that_cannot_be_encoded_is_one_line(model_file: Path, capsys):
+    assert main(["check-config", "--model-path", str(model_file), "--checkpoint-enabled", "false",
+                 "--metrics-host", "\u00e9..x"]) == 2
+    assert "metrics.host (flag --metrics-host, env STREAMER_METRICS__HOST)" in one_line_error(capsys)
+
+
+def test_a_tls_file_librdkafka_refuses_is_one_line(tmp_path: Path):
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    done = run_cli("simulate", "--kafka-bootstrap-servers", "127.0.0.1:1", "--kafka-client", "confluent-kafka",
+                   "--kafka-startup-wait-s", "0", "--max-readings", "1", "--kafka-security-protocol", "SSL",
+                   "--kafka-ssl-cafile", str(garbage))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("streamer: error: Kafka client (SSL): its settings were refused: ")
+    assert "ssl.ca.location" in lines[0]
+
+
+def test_topics_create_without_a_broker_is_one_line():
+    done = run_cli("topics", "create", "--kafka-bootstrap-servers", "127.0.0.1:1", "--kafka-startup-wait-s", "0")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("streamer: error: Kafka at 127.0.0.1:1") and "(first: " in lines[0]
+
+
+def test_train_refuses_a_device_it_cannot_use_and_a_model_too_big_to_allocate(tmp_path: Path, capsys):
+    common = ["train", "--out", str(tmp_path / "m.pt"), "--devices", "2", "--history", "100", "--epochs", "1",
+              "--no-progress"]
+    assert main([*common, "--device", "mps"]) == 2
+    assert "device" in one_line_error(capsys)
+    assert main([*common, "--hidden-size", str(10**12), "--num-layers", "1"]) == 2
+    assert "hidden_size" in one_line_error(capsys)
