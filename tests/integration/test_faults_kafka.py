@@ -176,9 +176,13 @@ def test_broker_away_not_ready_lag_kept_and_prompt_resume(own_broker, model: Pat
         (f"dev-{i % 50}".encode(), reading(f"dev-{i % 50}", 1_700_000_000 + i, [20.0, -3.0]), None) for i in range(4000)
     ])
     port = free_port()
+    # The member's session outlives the outage (stop, up to 5 s, 3 s, start: past the default 10 s
+    # on a busy host, and the group then drops the member and the resumption waits for a rejoin):
+    # what is timed here is the loop taking up again, as the group member it was.
     service = ServiceThread(service_settings(
         bootstrap, topics, f"g-{unique}", model, tmp_path / "checkpoints",
         batch={"max_records": 1, "max_wait_ms": 0}, metrics={"enabled": True, "port": port},
+        kafka={"session_timeout_ms": 60_000},
     ))
     readyz = f"http://127.0.0.1:{port}/readyz"
     try:
