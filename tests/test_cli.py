@@ -515,6 +515,19 @@ def test_abbreviated_flags_are_refused(capsys):
         assert "unrecognized arguments: --kafka-bootstrap-server" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["run", "--state-capacity"], "streamer run: error: argument --state-capacity: expected one argument"),
+    (["train", "--out", "m.pt", "--epochs", "0"], "streamer train: error: argument --epochs: '0' must be >= 1"),
+    (["bogus"], "streamer: error: argument COMMAND: invalid choice: 'bogus'"),
+])
+def test_a_bad_flag_is_one_line_naming_it_not_the_usage(capsys, args, says):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(says) and "--help)" in err, err
+
+
 def test_train_and_replay_refuse_to_overwrite_their_data_and_train_bounds_its_batch(model_file: Path, tmp_path: Path,
                                                                                    capsys, monkeypatch):
     data = tmp_path / "history.csv"
