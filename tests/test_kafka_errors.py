@@ -10,7 +10,7 @@ from confluent_kafka import KafkaError, KafkaException
 from kafka import errors as kp_errors
 
 from streamer.kafka import confluent, kafka_python
-from streamer.kafka.abstract import BrokerTimeout, GroupMovedOn
+from streamer.kafka.abstract import BrokerTimeout, GroupMovedOn, KafkaClientError, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,3 +145,17 @@ def test_client_logs_silenced_reach_no_handler_not_even_the_last_resort():
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["WARNING:kafka.net.manager:before", "WARNING:streamer:ours"], done.stdout
     assert done.stderr == ""
+
+
+def test_a_confluent_seek_refused_for_the_partitions_state_is_retried_not_the_end():
+    """librdkafka refuses a seek of a partition it has not taken up yet ("Local: Erroneous state",
+    seen in a chaos run right after an assignment): retriable, so the loop recovers it again."""
+
+    class Refusing:
+        def seek(self, partition):
+            raise KafkaException(KafkaError(KafkaError._STATE, "Failed to seek to offset 5810: Local: Erroneous state"))
+
+    consumer = confluent.ConfluentConsumer(Refusing(), "earliest", cooperative=True)  # type: ignore[arg-type]
+    with pytest.raises(KafkaClientError) as refused:
+        consumer.seek(TopicPartition("readings", 0), 5810)
+    assert refused.value.retriable and "seek" in str(refused.value)

@@ -803,3 +803,20 @@ def test_a_checkpoint_store_that_cannot_be_read_keeps_a_partition_waiting_not_th
     assert committed(rig) == rig.ends()
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
     assert any("checkpoint store read again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_seek_refused_for_a_while_at_recovery_is_tried_again(tmp_path):
+    # confluent-kafka refuses a seek of a partition it has not taken up yet (a chaos run, right
+    # after an assignment): retriable, the partition waits and is recovered at the next turn.
+    rig = Rig(tmp_path, exactly_once=True)
+    rig.write(per_device=1)
+    for _ in range(2):
+        rig.pipeline.run_once()
+    rig.consumer.rebalance(revoked=[P0], assigned=[P0])
+    rig.broker.fail("seek", KafkaClientError("seek in[0]: Local: Erroneous state", retriable=True))
+    rig.write(per_device=1, start_ts=1)
+    for _ in range(4):
+        rig.pipeline.run_once()
+    assert P0 in rig.pipeline.partitions.owned and not rig.pipeline.partitions.pending
+    assert committed(rig) == rig.ends()
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})

@@ -336,7 +336,12 @@ class ConfluentConsumer(Consumer):
         try:
             self.client.seek(_theirs(partition, offset))
         except KafkaException as exc:
-            raise client_error(exc, f"seek {partition} to {offset}") from exc
+            error = client_error(exc, f"seek {partition} to {offset}")
+            if isinstance(exc.args[0] if exc.args else None, KafkaError) and exc.args[0].code() == KafkaError._STATE:
+                # A partition librdkafka has not taken up yet (just assigned, as the group moved):
+                # its recovery is tried again a moment later, not the end of the run.
+                error = KafkaClientError(str(error), retriable=True, cause=exc)
+            raise error from exc
 
     def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
         try:

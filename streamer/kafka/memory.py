@@ -161,6 +161,7 @@ class MemoryConsumer(Consumer):
         self.paused.difference_update(partitions)
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.broker._check("seek")
         self.positions[partition] = offset
 
     def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
