@@ -101,9 +101,14 @@ def _ours(tps: Iterable[RdTopicPartition]) -> list[TopicPartition]:
     return [TopicPartition(tp.topic, tp.partition) for tp in tps]
 
 
+def _kafka_error(exc: KafkaException) -> KafkaError | None:
+    """The KafkaError a KafkaException carries, if it carries one."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
 def client_error(exc: KafkaException, what: str) -> KafkaClientError:
     """confluent-kafka's error as the seam's: GroupMovedOn, BrokerTimeout, else KafkaClientError."""
-    error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    error = _kafka_error(exc)
     if error is None:
         return KafkaClientError(f"{what}: {exc!r}", cause=exc)
     if error.code() in GROUP_MOVED_ON:
@@ -174,9 +179,8 @@ def _client(kind: type[RdConsumer] | type[RdProducer], config: dict[str, object]
     try:
         return kind(config)
     except KafkaException as exc:
-        error = exc.args[0] if exc.args else None
-        reason = error.str() if isinstance(error, KafkaError) else str(exc)
-        raise KafkaSettingsRefused(_described(settings), reason) from None
+        error = _kafka_error(exc)
+        raise KafkaSettingsRefused(_described(settings), error.str() if error is not None else str(exc)) from None
 
 
 def _check_reachable(client: RdConsumer | RdProducer, settings: KafkaSettings, errors: _Errors, timeout_s: float) -> None:
@@ -337,7 +341,8 @@ class ConfluentConsumer(Consumer):
             self.client.seek(_theirs(partition, offset))
         except KafkaException as exc:
             error = client_error(exc, f"seek {partition} to {offset}")
-            if isinstance(exc.args[0] if exc.args else None, KafkaError) and exc.args[0].code() == KafkaError._STATE:
+            refused = _kafka_error(exc)
+            if refused is not None and refused.code() == KafkaError._STATE:
                 # A partition librdkafka has not taken up yet (just assigned, as the group moved):
                 # its recovery is tried again a moment later, not the end of the run.
                 error = KafkaClientError(str(error), retriable=True, cause=exc)
