@@ -310,6 +310,13 @@ class PartitionManager:
                 self._discard_above(tp, committed)
         if checkpoint is not None:
             evicted = self.engine.restore_partition(tp.partition, checkpoint.state)
+            capacity = self.engine.table.capacity
+            if len(checkpoint.state) > capacity:
+                log.warning(
+                    "the checkpoint of %s holds %d devices, more than state.capacity (%d): the %d seen last are"
+                    " restored, the others start from zero when seen again", _name(tp), len(checkpoint.state),
+                    capacity, capacity, extra=_context(tp),
+                )
             self.consumer.seek(tp, checkpoint.offset)
             owned = Owned(checkpoint.offset, start, checkpoint.offset, self.clock(), committed_offset=start)
             outcome = "checkpoint"

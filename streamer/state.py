@@ -261,19 +261,24 @@ class DeviceStateTable:
         """Put exported devices back, bitwise, replacing what the table had for them.
 
         Returns the devices evicted to make room. Restored devices keep their last-seen times
-        and enter the recency order oldest first.
+        and enter the recency order oldest first. More devices than the table holds (its capacity
+        lowered since they were exported): the ``capacity`` seen last are restored, as the table
+        would have kept them, and the others are left out, counted with the evicted; they start
+        from zero when seen again, as evicted devices do.
         """
         if rows.shape != (len(device_ids), self.width):
             raise ValueError(f"rows of shape {rows.shape} for {len(device_ids)} devices of width {self.width}")
         if len(device_ids) == 0:
             return 0
         order = np.argsort(last_seen, kind="stable")
+        left_out = max(0, len(order) - self.capacity)
+        order = order[left_out:]
         ids = [device_ids[i] for i in order]
         acquired = self.acquire(ids, now=0.0, partitions=np.full(len(ids), partition, np.int32))
         self._last_seen[acquired.slots] = last_seen[order]
         slots = torch.from_numpy(acquired.slots).to(self.device)
         self.scatter(slots, torch.from_numpy(np.ascontiguousarray(rows[order])).to(self.device, self.dtype))
-        return acquired.evicted_for_capacity
+        return acquired.evicted_for_capacity + left_out
 
     def drop_partition(self, partition: int) -> int:
         """Evict every device of ``partition`` (its partition moved elsewhere); returns how many."""

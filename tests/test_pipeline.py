@@ -419,6 +419,27 @@ def test_a_restart_replays_from_the_checkpoint_without_republishing(tmp_path):
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(4)})
 
 
+def test_a_restart_with_a_smaller_table_than_its_checkpoints_restores_what_fits(tmp_path, caplog):
+    # state.capacity lowered below what a partition's checkpoint holds: recovery restores the
+    # devices seen last, with a warning, and the loop goes on (it had failed every recovery).
+    caplog.set_level(logging.WARNING, logger="streamer.partitions")
+    rig = Rig(tmp_path)
+    rig.write(per_device=3)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    rig.journal()  # the checkpoints due, written: 4 devices of each partition
+    rig.capacity = 3
+    rig.restart()
+    warned = [r.getMessage() for r in caplog.records if "more than state.capacity" in r.getMessage()]
+    assert len(warned) == 2 and "holds 4 devices, more than state.capacity (3)" in warned[0]
+    assert len(rig.pipeline.engine.table) == 3
+    rig.write(per_device=1, start_ts=3)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert committed(rig) == rig.ends()
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(4)})
+
+
 def test_exactly_once_a_stuck_transaction_call_replaces_the_producer(tmp_path):
     """A transaction call that does not return (librdkafka's send_offsets_to_transaction can block
     past its timeout while the group coordinator is away) is abandoned after the producer's bound."""

@@ -62,6 +62,25 @@ def test_capacity_evicts_least_recently_seen_never_from_the_batch():
     assert got.evicted_for_capacity == 1 and set(table.device_ids()) == {"c", "d", "e"}
 
 
+def test_a_restore_of_more_devices_than_the_table_holds_keeps_those_seen_last():
+    # A checkpoint written under a larger state.capacity: what a table of this size would have
+    # kept (the devices seen last) comes back bitwise, the rest is left out and counted.
+    big = DeviceStateTable(capacity=6, width=2)
+    ids = ["a", "b", "c", "d", "e", "f"]
+    for i, device in enumerate(["c", "a", "f", "b", "e", "d"]):  # seen in this order
+        big.acquire([device], now=float(i), partitions=np.zeros(1, np.int32))
+    big.scatter(torch.from_numpy(np.array([big.slot_of(d) for d in ids])), torch.arange(12.0).reshape(6, 2))
+    exported, rows, seen = big.export(big.slots_of_partition(0))
+    small = DeviceStateTable(capacity=3, width=2)
+    small.acquire(["z"], now=9.0)
+    assert small.restore(exported, rows, seen, partition=0) == 1 + 3  # z evicted for room, a, c, f left out
+    assert small.device_ids() == ["b", "e", "d"] and [small.last_seen(d) for d in "bed"] == [3.0, 4.0, 5.0]
+    for device in "bed":
+        row = small.gather(torch.tensor([small.slot_of(device)]))[0]
+        assert torch.equal(row, torch.from_numpy(rows[exported.index(device)]))
+    assert small.restore([], np.zeros((0, 2), np.float32), np.zeros(0), partition=1) == 0
+
+
 def test_a_bfloat16_lead_block_is_its_own_tensor_and_rows_read_as_float32():
     table = DeviceStateTable(capacity=4, width=5, lead_width=3, lead_dtype=torch.bfloat16)
     assert table.lead.dtype == torch.bfloat16 and table.rest.dtype == torch.float32

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,31 @@ def test_lost_or_corrupt_checkpoints_are_rebuilt_by_replay_without_republishing(
     assert second.metric("streamer_replayed_messages_total") == replay
     assert second.metric("streamer_checkpoints_refused_total") == 1
     assert second.metric("streamer_partition_recoveries_total", outcome="no_checkpoint") == 0
+
+
+def test_a_restart_with_a_smaller_table_than_its_checkpoints_restores_what_fits(
+    kafka_bootstrap, unique, tmp_path, caplog
+):
+    # state.capacity lowered below what each partition's checkpoint holds (about 8 devices): the
+    # devices seen last come back, the others start from zero, and the service goes on.
+    caplog.set_level(logging.WARNING, logger="streamer.partitions")
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    s.produce(4)
+    first = s.start()
+    s.check(s.outputs(s.readings))
+    first.stop()
+    assert s.newest_checkpoints_sum() == s.readings
+
+    s.produce(2)
+    second = s.start(state={"capacity": 3}, batch={"max_records": 3})
+    outputs = s.outputs(s.readings)
+    assert second.alive()
+    second.stop()
+    assert second.metric("streamer_partition_recoveries_total", outcome="checkpoint") == PARTITIONS
+    warned = [r.getMessage() for r in caplog.records if "more than state.capacity (3)" in r.getMessage()]
+    assert len(warned) == PARTITIONS
+    published = Counter((o["device_id"], o["ts"]) for o in outputs)
+    assert published == Counter({(d, 1_700_000_000.0 + t): 1 for d in s.devices for t in range(6)})
 
 
 def test_two_processes_hand_devices_back_and_forth(kafka_bootstrap, unique, tmp_path, store_kind):
