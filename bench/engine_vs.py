@@ -9,7 +9,8 @@ alike. Prints one JSON line per batch size with the best of each tree's rounds (
 shared machine only slows a round down) and their ratio (head / base). ENGINE_VS_STATE_DTYPE=bfloat16 times bfloat16 state instead.
 ENGINE_VS_READINGS_PER_DEVICE=R (default 1) gives each device R readings in a batch (B / R
 devices, their readings interleaved as batch messages from several gateways bring them): the
-step then plans R waves.
+step then plans R waves. ENGINE_VS_COMPILE=1 times the engine with model.compile (both trees
+must have it), ENGINE_VS_THREADS=N on N torch threads (default 1).
 """
 
 from __future__ import annotations
@@ -28,17 +29,22 @@ BASE_REF = "de7d5ac"  # the last commit with the residual z-score
 ROUNDS = 5
 STATE_DTYPE = os.environ.get("ENGINE_VS_STATE_DTYPE", "float32")  # or bfloat16 (a tree that has it)
 PER_DEVICE = os.environ.get("ENGINE_VS_READINGS_PER_DEVICE", "1")
+COMPILE = os.environ.get("ENGINE_VS_COMPILE", "0")
+THREADS = os.environ.get("ENGINE_VS_THREADS", "1")
 SNIPPET = r"""
 import json, sys, time
 import numpy as np, torch
 from streamer.engine import Engine, ReadingBatch
 from streamer.model import ModelBundle, ModelConfig, init_random_model
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[4]))
 config = ModelConfig(1, 64, 2, 1)
 bundle = ModelBundle(init_random_model(config, 0), config, "bench", None)
 out = {}
 for batch in (1024, 16384):
-    engine = Engine.build(bundle, capacity=batch, device="cpu", **({"state_dtype": torch.bfloat16} if sys.argv[1] == "bfloat16" else {}))
+    extra = {"state_dtype": torch.bfloat16} if sys.argv[1] == "bfloat16" else {}
+    if sys.argv[3] == "1":
+        extra["compile"] = True
+    engine = Engine.build(bundle, capacity=batch, device="cpu", **extra)
     values = np.random.default_rng(0).normal(size=(batch, 1)).astype(np.float32)
     # Fresh id strings at every step, as decoding messages makes them (no hash cached in them).
     per = int(sys.argv[2])
@@ -55,7 +61,7 @@ print(json.dumps(out))
 
 
 def run(tree: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", SNIPPET, STATE_DTYPE, PER_DEVICE], cwd=tree, check=True,
+    done = subprocess.run([sys.executable, "-c", SNIPPET, STATE_DTYPE, PER_DEVICE, COMPILE, THREADS], cwd=tree, check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -78,6 +84,7 @@ def main() -> int:
         h = max(r[batch] for r in results["head"])
         print(json.dumps({"figure": "engine_step_vs_base", "base": base_ref, "state_dtype": STATE_DTYPE, "batch": int(batch),
                           "readings_per_device": int(PER_DEVICE),
+                          "compiled": COMPILE == "1", "torch_threads": int(THREADS),
                           "base_device_steps_per_s": round(b), "head_device_steps_per_s": round(h),
                           "ratio": round(h / b, 3)}))
     return 0
