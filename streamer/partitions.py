@@ -259,7 +259,7 @@ class PartitionManager:
                 owned = self.owned.pop(tp, None)
                 if owned is None:
                     continue
-                if checkpoint:
+                if checkpoint and self._committed_through(tp, owned, "revoked"):
                     self._save(tp, owned)
                 dropped = self.engine.drop_partition(tp.partition)
                 log.info("%s %s: %d devices freed", "revoked" if checkpoint else "lost", _name(tp), dropped,
@@ -429,7 +429,19 @@ class PartitionManager:
         with self.lock:
             self.settle_writes()
             for tp, owned in self.owned.items():
-                self._save(tp, owned)
+                if self._committed_through(tp, owned, "stopping"):
+                    self._save(tp, owned)
+
+    def discard(self, partitions: Iterable[TopicPartition]) -> None:
+        """A step failed part-way: the engine's rows of these partitions may hold readings past
+        their applied offset. Their rows are dropped and the partitions forgotten (call under
+        ``lock``), so that no checkpoint is taken of them: their next owner, this process after a
+        restart included, recovers them from their checkpoints and replays what they lack."""
+        for tp in partitions:
+            if self.owned.pop(tp, None) is not None:
+                self.engine.drop_partition(tp.partition)
+                log.warning("%s: its devices' state is dropped after a failed step; it is not checkpointed",
+                            _name(tp), extra=_context(tp))
 
     def settle_writes(self) -> None:
         """Wait for the checkpoints in the writer's hands and account for them."""
@@ -463,13 +475,19 @@ class PartitionManager:
         with self.lock:
             self.settle_writes()
             for tp, owned in self.owned.items():
-                if owned.next_offset > owned.committed_offset:
-                    log.warning(
-                        "%s not checkpointed at the model switch: offset %d is not committed (%d is)",
-                        _name(tp), owned.next_offset, owned.committed_offset, extra=_context(tp),
-                    )
-                    continue
-                self._save(tp, owned, rewrite=True)
+                if self._committed_through(tp, owned, "at the model switch"):
+                    self._save(tp, owned, rewrite=True)
+
+    def _committed_through(self, tp: TopicPartition, owned: Owned, when: str) -> bool:
+        """Whether the group has committed what the engine applied of ``tp``: checkpoints are
+        taken only there. One ahead of the commit would be of no use to a recovery (it starts at
+        the committed offset, and refuses those past it), and its save would prune the older ones
+        that recovery needs (checkpoint.keep)."""
+        if owned.next_offset <= owned.committed_offset:
+            return True
+        log.warning("%s not checkpointed %s: offset %d is not committed (%d is)", _name(tp), when,
+                    owned.next_offset, owned.committed_offset, extra=_context(tp))
+        return False
 
     def checkpoint_lag(self) -> dict[tuple[str, int], float]:
         """Per owned partition, seconds its applied readings have gone without a checkpoint:

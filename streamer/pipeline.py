@@ -27,9 +27,10 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -88,10 +89,11 @@ class RunSummary:
 @dataclass(frozen=True)
 class Unsettled:
     """A batch stepped and produced whose sends are not yet known to be acknowledged: its offsets
-    (plan.commit) are committed, and its due partitions checkpointed, only once they are.
-    event_ts: the published predictions' event times (latency is measured to the acknowledgement)."""
+    (plan.commit) are committed, and its due partitions checkpointed, only once they are, for
+    the partitions still owned as they were when it was stepped (``owners``). event_ts: the published predictions' event times (latency is measured to the acknowledgement)."""
 
     plan: BatchPlan
+    owners: Mapping[TopicPartition, Owned]  # as each partition was owned when the batch was stepped
     report: StepReport
     published: int
     replayed: int
@@ -374,8 +376,13 @@ class Pipeline:
         #    device with a new reading, in offset order per device.
         with self.partitions.lock:
             plan = self.partitions.plan(next_offsets, _readings_per_partition(decoded, next_offsets))
-            predictions, report = self._step(decoded.readings)
+            try:
+                predictions, report = self._step(decoded.readings)
+            except BaseException:
+                self.partitions.discard(plan.next_offsets)  # their rows may hold part of the batch
+                raise
             self.partitions.applied(plan)
+            owners = MappingProxyType({tp: self.partitions.owned[tp] for tp in plan.commit if tp in self.partitions.owned})
         # A forecast, score or residual that is NaN or infinite cannot be published (JSON has neither);
         # the engine has already reset the state of a device whose step gave one (Engine._reset_not_finite).
         not_finite = _not_finite(predictions)
@@ -394,8 +401,8 @@ class Pipeline:
         spans = [] if not self.arrow_output else [
             span for span, hide in _published_spans(decoded.batch_spans, hidden)
             if not hide and not plan.replayed(span.position.topic, span.position.partition, span.position.offset)]
-        batch = Unsettled(plan, report, len(published), int(replay.sum()), Tally(letter.reason.value for letter in letters),
-                          published.ts, started)
+        batch = Unsettled(plan, owners, report, len(published), int(replay.sum()),
+                          Tally(letter.reason.value for letter in letters), published.ts, started)
         # 4-6. Produce predictions and dead letters; once the broker has them, commit offsets,
         #    then checkpoint the partitions that are due.
         if self.exactly_once:
@@ -457,7 +464,9 @@ class Pipeline:
         # Published either way; the offsets are committed now or with the next batches'.
         for tp, offset in plan.commit.items():
             owned = self.partitions.owned.get(tp)
-            if owned is not None:  # else it moved on: its new owner re-reads past the last commit
+            # Else it moved on: its new owner (this process too, when it was recovered since)
+            # re-reads from the group's committed offset, which this older one must not move back.
+            if owned is not None and owned is batch.owners.get(tp):
                 waiting = self._to_commit.get(tp)
                 self._to_commit[tp] = (offset if waiting is None else max(offset, waiting[0]), owned)
         if self._to_commit:

@@ -232,6 +232,33 @@ def test_a_restart_with_a_smaller_table_than_its_checkpoints_restores_what_fits(
     assert published == Counter({(d, 1_700_000_000.0 + t): 1 for d in s.devices for t in range(6)})
 
 
+def test_a_step_that_fails_part_way_is_applied_once_after_a_restart(kafka_bootstrap, unique, tmp_path, monkeypatch):
+    # The third step raises after it changed the rows (a GPU error at its last copy): the loop
+    # ends, and what its consumer's close checkpoints must not hold that batch, or the restart
+    # would apply it a second time and every later forecast of its devices would be off.
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    s.produce(6)
+    step, calls = Engine.step, []
+
+    def fails_the_third_time(engine, *args, **kwargs):
+        result = step(engine, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: out of memory")
+        return result
+
+    monkeypatch.setattr(Engine, "step", fails_the_third_time)
+    first = s.start(batch={"max_records": 40}, kafka={"commit_interval_ms": 0})  # each batch committed
+    first.thread.join(timeout=90)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        first.stop()
+    monkeypatch.setattr(Engine, "step", step)
+    s.produce(2)
+    second = s.start()
+    s.check(s.outputs(s.readings))  # every forecast, of the failed batch too, as the offline model's
+    second.stop()
+
+
 def test_two_processes_hand_devices_back_and_forth(kafka_bootstrap, unique, tmp_path, store_kind):
     s = Scenario(kafka_bootstrap, unique, tmp_path, store=store_kind)
     a = s.start()
