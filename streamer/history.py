@@ -6,10 +6,12 @@ Three layouts, detected per file by the presence of a ``device_id`` column:
 * per device: ``timestamp`` (or ``ts``) and value columns; the device id is the file's path
   relative to the directory given, without suffix, or the file stem for a single file;
 * a directory: every ``*.csv`` / ``*.parquet`` under it (recursive, sorted by path), each
-  long or per device; all files must have the same number of value columns.
+  long or per device; all files must have the same value columns, matched by name (in any
+  order; the first file's order is kept).
 
 Value columns are ``value_columns`` when given, else every column other than ``device_id`` and
-the timestamp column (unnamed columns, e.g. a written index, are ignored). Timestamps are epoch
+the timestamp column (unnamed columns, e.g. a written index, are ignored, and so is the index
+pandas writes to Parquet). Timestamps are epoch
 seconds, ISO-8601 text (naive means UTC) or Parquet timestamp/date columns. Each device's rows
 come back sorted by timestamp, equal timestamps in file order. A device id belongs to one file:
 the same id in two files is an error naming both.
@@ -20,10 +22,11 @@ from __future__ import annotations
 import csv
 import gc
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from operator import itemgetter
 from pathlib import Path
@@ -41,6 +44,7 @@ from streamer.records import MAX_ABS_VALUE  # values beyond it are refused here 
 SUFFIXES = (".csv", ".parquet")
 DEVICE_COLUMN = "device_id"
 TIME_COLUMNS = ("timestamp", "ts")  # first one present wins
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")  # an unnamed index, as pandas writes it to Parquet
 SHOWN_CHARS = 80  # offending text is cut to this many characters
 # Timestamps ISO-8601 can write (years 1 to 9999), in epoch seconds; past them a column is
 # usually epoch milliseconds, microseconds or nanoseconds.
@@ -110,7 +114,7 @@ def _parse_one_ts(text: str) -> float:
     """Epoch seconds from epoch-seconds or ISO-8601 text (naive = UTC). Raises ValueError."""
     text = text.strip()
     try:
-        return float(text)
+        return _number(text)
     except ValueError:
         parsed = datetime.fromisoformat(text)
         if parsed.tzinfo is None:
@@ -118,17 +122,33 @@ def _parse_one_ts(text: str) -> float:
         return parsed.timestamp()
 
 
+def _number(text: str) -> float:
+    """float(text), but only for what a number is written as in a data file: Python's float()
+    also reads digit groups (``1_000``) and digits of other scripts, which are refused here."""
+    if "_" in text or not text.isascii():
+        raise ValueError(f"not a number: {text!r}")
+    return float(text)
+
+
+def _plain(texts: list) -> bool:
+    """No text of these (all str) has what _number refuses: one C-speed pass over them all."""
+    joined = "".join(texts)
+    return "_" not in joined and joined.isascii()
+
+
 def _floats(texts: list) -> tuple[np.ndarray, np.ndarray]:
-    """float() of every text; (values, unparsable mask). Unparsable entries are NaN."""
+    """_number() of every text; (values, unparsable mask). Unparsable entries are NaN."""
     n = len(texts)
     try:  # fast path: everything parses
-        return np.fromiter(map(float, texts), np.float64, n), np.zeros(n, bool)
+        values = np.fromiter(map(float, texts), np.float64, n)
+        if _plain(texts):
+            return values, np.zeros(n, bool)
     except (ValueError, TypeError):
         pass
     out, bad = np.full(n, np.nan), np.zeros(n, bool)
     for i, text in enumerate(texts):
         try:
-            out[i] = float(text)
+            out[i] = _number(text)
         except (ValueError, TypeError):
             bad[i] = True
     return out, bad
@@ -150,9 +170,12 @@ def _timestamp_texts(texts: list | None, arr: pa.Array | None = None) -> tuple[n
     if texts is not None:
         n = len(texts)
         try:  # epoch seconds
-            return np.fromiter(map(float, texts), np.float64, n), np.zeros(n, bool)
+            seconds = np.fromiter(map(float, texts), np.float64, n)
+            if _plain(texts):
+                return seconds, np.zeros(n, bool)
         except (ValueError, TypeError):
-            arr = pa.array(texts, pa.string())
+            pass
+        arr = pa.array(texts, pa.string())
     assert arr is not None
     n = len(arr)
     # numbers, or ISO text all naive or all with offsets: Arrow parses the column at C speed
@@ -310,7 +333,12 @@ def _parquet_numbers(col: pa.Array, name: str, path: Path) -> tuple[np.ndarray, 
 
 def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
     try:
-        names = pq.read_schema(path).names
+        schema = pq.read_schema(path)
+        names = schema.names
+        if value_columns is None:  # a DataFrame's index that pandas wrote is no value, as in a CSV
+            index = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+            index -= {DEVICE_COLUMN, *TIME_COLUMNS}
+            names = ["" if name in index or _PANDAS_INDEX.fullmatch(name) else name for name in names]
         device_col, time_col, chosen = _layout(names, value_columns, path)
         wanted = ([device_col] if device_col else []) + [time_col] + chosen
         table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
@@ -322,6 +350,8 @@ def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
         tcol = tcol.cast(tcol.type.value_type)
     if pa.types.is_date(tcol.type):
         tcol = tcol.cast(pa.timestamp("ms"))
+    if pa.types.is_boolean(tcol.type):
+        raise HistoryError(f"column {time_col!r} has type bool, not timestamps", path)
     if pa.types.is_timestamp(tcol.type):  # stored as UTC instants; naive ones taken as UTC
         ts, ts_bad = _timestamps_from_arrow(tcol), tcol.is_null().to_numpy(zero_copy_only=False)
     elif pa.types.is_string(tcol.type) or pa.types.is_large_string(tcol.type):
@@ -345,6 +375,14 @@ def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
         [p[0] for p in parsed], [p[1] for p in parsed], tuple(chosen),
         show_ts=lambda i: tcol[i].as_py(), show_value=lambda c, i: vcols[c][i].as_py(), early_bad=[],
     )
+
+
+def _in_order(table: _Table, names: tuple[str, ...]) -> _Table:
+    """``table`` with its value columns in the order of ``names`` (the same names)."""
+    where = [table.value_names.index(name) for name in names]
+    show = table.show_value
+    return replace(table, values=[table.values[c] for c in where], values_bad=[table.values_bad[c] for c in where],
+                   value_names=names, show_value=lambda c, i: show(where[c], i))
 
 
 def _check(table: _Table) -> tuple[np.ndarray, list[BadRow]]:
@@ -407,7 +445,7 @@ def load_histories(
     malformed CSV) raises HistoryError naming file, line and text with on_bad="refuse" (the
     first bad line of the first file that has one); with "skip" it is left out and reported in
     ``bad_rows``. Devices whose rows are all bad are left out. Raises HistoryError for a
-    missing path, no data files, missing columns, differing value-column counts, a device id
+    missing path, no data files, missing columns, value columns differing from file to file, a device id
     in two files, an unknown suffix, or no good rows at all.
     """
     if on_bad not in ("refuse", "skip"):
@@ -423,10 +461,11 @@ def load_histories(
         table = reader(file, value_columns)
         if names is None:
             names, first_file = table.value_names, file
-        elif len(table.value_names) != len(names):
-            raise HistoryError(
-                f"{len(table.value_names)} value column(s) {list(table.value_names)}, but {first_file} has "
-                f"{len(names)} {list(names)}", file)
+        elif table.value_names != names:
+            if sorted(table.value_names) != sorted(names):
+                raise HistoryError(
+                    f"value column(s) {list(table.value_names)}, but {first_file} has {list(names)}", file)
+            table = _in_order(table, names)  # the same columns in another order: matched by name
         good, bad = _check(table)
         if bad and on_bad == "refuse":
             raise HistoryError(bad[0].reason, file, bad[0].line, bad[0].value)
@@ -499,14 +538,15 @@ def write_table(path: str | Path, columns: dict[str, np.ndarray]) -> None:
 
 def overwrites_data(path: Path, data: Path) -> bool:
     """Whether writing ``path`` would replace a file of the history at ``data`` (the file itself,
-    or a data file in the directory), which a typo in an output flag makes easy."""
+    or a data file in the directory), which a typo in an output flag makes easy; or, in the
+    directory, add one that the next run reads as data."""
     try:
-        if not path.exists() or not data.exists():
+        if not data.exists():
             return False
         if data.is_dir():
             inside = path.resolve().is_relative_to(data.resolve())
-            return inside and path.is_file() and path.suffix.lower() in SUFFIXES
-        return os.path.samefile(path, data)
+            return inside and not path.is_dir() and path.suffix.lower() in SUFFIXES
+        return path.exists() and os.path.samefile(path, data)
     except OSError:
         return False
 

@@ -87,7 +87,7 @@ def test_parquet_long_and_per_device_with_arrow_timestamps(tmp_path):
         "load": [9.0, 8.0],
         "temp": [1.0, 2.0],
     }), tmp_path / "solo.parquet")
-    pq.write_table(pa.table({"timestamp": ["2014-02-14 14:30:00", "1392388201"], "x": ["1.5", "2"], "y": [1, 2]}),
+    pq.write_table(pa.table({"timestamp": ["2014-02-14 14:30:00", "1392388201"], "load": ["1.5", "2"], "temp": [1, 2]}),
                    tmp_path / "text.parquet")
     h = load_histories(tmp_path)
     assert list(h.devices) == ["p", "q", "solo", "text"]
@@ -193,8 +193,52 @@ def test_malformed_csv_is_a_bad_row(tmp_path):
 def test_mixed_value_counts_are_refused_naming_the_file(tmp_path):
     write(tmp_path / "a.csv", "timestamp,value\n1,1\n")
     write(tmp_path / "b.csv", "timestamp,v1,v2\n1,1,2\n")
-    with pytest.raises(HistoryError, match=r"b\.csv: 2 value column\(s\).*a\.csv has 1"):
+    with pytest.raises(HistoryError, match=r"b\.csv: value column\(s\) \['v1', 'v2'\], but .*a\.csv has \['value'\]"):
         load_histories(tmp_path)
+
+
+def test_value_columns_are_matched_by_name_from_file_to_file(tmp_path):
+    # The same columns in another order are read in the first file's; other names are refused
+    # (they were taken by position: a humidity read as a temperature).
+    write(tmp_path / "x.csv", "timestamp,temp,hum\n1,20,80\n")
+    pq.write_table(pa.table({"timestamp": [1.0, 2.0], "hum": [81.0, 82.0], "temp": ["21", "bad"]}), tmp_path / "y.parquet")
+    got = load_histories(tmp_path, on_bad="skip")
+    assert got.value_columns == ("temp", "hum")
+    assert got.devices["y"].values.tolist() == [[21.0, 81.0]]
+    assert [(b.line, b.reason, b.value) for b in got.bad_rows] == [(2, "unparsable value", "bad")]
+    write(tmp_path / "z.csv", "timestamp,temp,humidity\n1,20,80\n")
+    with pytest.raises(HistoryError, match=r"z\.csv: value column\(s\) \['temp', 'humidity'\], but .* has \['temp', 'hum'\]"):
+        load_histories(tmp_path, on_bad="skip")
+
+
+def test_the_index_pandas_writes_to_parquet_is_no_value_column(tmp_path):
+    # pandas writes a filtered frame's index as __index_level_0__, a named one under its name,
+    # and lists them in the schema's metadata; a timestamp index stays the timestamp.
+    meta = b'{"index_columns": ["__index_level_0__", "row"], "columns": []}'
+    table = pa.table({"timestamp": [1.0, 2.0], "value": [5.0, 6.0], "__index_level_0__": [3, 7], "row": [0, 1]})
+    pq.write_table(table.replace_schema_metadata({b"pandas": meta}), tmp_path / "d.parquet")
+    got = load_histories(tmp_path / "d.parquet")
+    assert got.value_columns == ("value",) and got.devices["d"].values.tolist() == [[5.0], [6.0]]
+    assert load_histories(tmp_path / "d.parquet", value_columns=["value", "row"]).value_columns == ("value", "row")
+    meta = b'{"index_columns": ["timestamp"], "columns": []}'
+    pq.write_table(pa.table({"value": [5.0], "timestamp": [1.0]}).replace_schema_metadata({b"pandas": meta}),
+                   tmp_path / "t.parquet")
+    assert load_histories(tmp_path / "t.parquet").devices["t"].ts.tolist() == [1.0]
+
+
+def test_numbers_python_reads_but_data_files_do_not_write_are_bad_rows(tmp_path):
+    # float() takes digit groups and other scripts' digits; a data file's number has neither.
+    path = write(tmp_path / "d.csv", "timestamp,value\n1,1_0\n2,\u0661\u0662\n3,2.5\n1_700_000_004,3\n5,4\n")
+    got = load_histories(path, on_bad="skip")
+    assert got.devices["d"].values.tolist() == [[2.5], [4.0]]
+    assert [(b.line, b.reason) for b in got.bad_rows] == [
+        (2, "unparsable value"), (3, "unparsable value"), (5, "unparsable timestamp")]
+
+
+def test_a_boolean_parquet_timestamp_column_is_refused(tmp_path):
+    pq.write_table(pa.table({"timestamp": [False, True], "value": [1.0, 2.0]}), tmp_path / "b.parquet")
+    with pytest.raises(HistoryError, match=r"b\.parquet: column 'timestamp' has type bool, not timestamps"):
+        load_histories(tmp_path / "b.parquet")
 
 
 def test_duplicate_device_across_files_names_both(tmp_path):
