@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamer")
 
+SIMULATED = {"devices": 200, "history": 1000, "features": 1}  # train's simulated history without --data
 MIN_BOOTSTRAP_S = 5.0  # topics create and simulate wait at least this long for a broker (kafka.startup_wait_s when longer)
 MAX_BAD_ROWS_SHOWN = 20  # train and replay --on-bad skip: rows printed, then a count
 
@@ -151,17 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", type=Path, required=True, help="model file to write")
     data = train.add_argument_group("data")
-    data.add_argument("--data", type=Path, default=None, metavar="PATH",
+    data.add_argument("--data", type=Path, default=argparse.SUPPRESS, metavar="PATH",
                       help="CSV or Parquet file, or a directory of them (see streamer.history); "
                       "without it: simulated history")
-    data.add_argument("--csv", type=Path, dest="data", help=argparse.SUPPRESS)  # deprecated alias of --data
+    data.add_argument("--csv", type=Path, dest="data", default=argparse.SUPPRESS, action=_DeprecatedAlias,
+                      new_flag="--data", help=argparse.SUPPRESS)
     data.add_argument("--value-columns", type=_names, default=None, metavar="A,B",
                       help="value columns to read (default: every column but device_id and the timestamp)")
     data.add_argument("--on-bad", choices=("refuse", "skip"), default="refuse",
                       help="a bad row stops training (refuse), or is skipped and reported (skip) [default: refuse]")
-    data.add_argument("--devices", type=_positive_int, default=200, help="simulated devices (without --data)")
-    data.add_argument("--history", type=_positive_int, default=1000, help="simulated readings per device")
-    data.add_argument("--features", type=_positive_int, default=1, help="values per simulated reading")
+    data.add_argument("--devices", type=_positive_int, default=None,
+                      help=f"simulated devices (without --data) [default: {SIMULATED['devices']}]")
+    data.add_argument("--history", type=_positive_int, default=None,
+                      help=f"simulated readings per device [default: {SIMULATED['history']}]")
+    data.add_argument("--features", type=_positive_int, default=None,
+                      help=f"values per simulated reading [default: {SIMULATED['features']}]")
     fit = train.add_argument_group("model and training")
     fit.add_argument("--hidden-size", type=_positive_int, default=32)
     fit.add_argument("--num-layers", type=_positive_int, default=2)
@@ -252,17 +257,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         return load_settings(overrides, config_file)
     except ValidationError as exc:
-        raise StreamerError(_describe_validation(exc, getattr(args, "setting_flags", None))) from None
+        raise StreamerError(_describe_validation(exc, getattr(args, "setting_flags", None),
+                                                 getattr(args, "renamed_setting_flags", None))) from None
 
 
-def _describe_validation(exc: ValidationError, offered: set[tuple[str, str]] | None = None) -> str:
+def _describe_validation(exc: ValidationError, offered: set[tuple[str, str]] | None = None,
+                         renamed: dict[tuple[str, str], str] | None = None) -> str:
     """One line: each bad value with its setting, flag (where the command has one, ``offered``:
-    (section, name) pairs; None: every setting's) and variable, separated by "; "."""
+    (section, name) pairs; None: every setting's; ``renamed``: the command's flags named
+    otherwise than --section-name) and variable, separated by "; "."""
     problems = []
+    renamed = renamed or {}
     for error in exc.errors(include_url=False):
         loc = [str(p) for p in error["loc"]]
         if len(loc) >= 2 and (loc[0], loc[1]) in setting_names():
-            where = describe_setting(loc[0], loc[1], offered is None or (loc[0], loc[1]) in offered)
+            where = describe_setting(loc[0], loc[1], offered is None or (loc[0], loc[1]) in offered,
+                                     renamed.get((loc[0], loc[1])))
         elif len(loc) >= 2:  # e.g. a key in STREAMER_KAFKA='{...}': name no flag that does not exist
             match = closest_setting(loc[0], loc[1])
             where = f"{loc[0]}.{loc[1]} (not a setting{'; did you mean ' + describe_setting(*match) if match else ''})"
@@ -554,10 +564,19 @@ def _refuse_overwriting_data(out: Path, data: Path | None, flag: str) -> None:
     from streamer.history import overwrites_data
 
     if data is not None and overwrites_data(Path(out), Path(data)):
-        raise StreamerError(f"{flag} {out} would overwrite the data it reads (--data {data})")
+        raise StreamerError(f"{flag} {out} would overwrite the data it reads, or be read as data next time"
+                            f" (--data {data})")
 
 
 def _train(args: argparse.Namespace) -> int:
+    _resolve_aliases(args)
+    args.data = getattr(args, "data", None)
+    simulated = [name for name in SIMULATED if getattr(args, name) is not None]
+    if args.data is not None and simulated:
+        raise StreamerError(f"--{simulated[0]} describes simulated history: it does not go with --data")
+    for name, default in SIMULATED.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     _setup_logging("INFO")
     from streamer.history import load_histories
     from streamer.simulate import FleetSpec
@@ -581,7 +600,13 @@ def _train(args: argparse.Namespace) -> int:
                       "bad_rows_skipped": len(histories.bad_rows)}
     else:
         spec = FleetSpec(devices=args.devices, features=args.features, seed=args.seed)
-        series = simulated_series(spec, args.history)
+        try:
+            series = simulated_series(spec, args.history)
+        except (MemoryError, ValueError) as exc:  # numpy: "array is too big" past what can be addressed
+            if not isinstance(exc, MemoryError) and "too big" not in str(exc):
+                raise
+            raise StreamerError(f"simulated history of --devices {args.devices} x --history {args.history} x"
+                                f" --features {args.features} values does not fit in memory") from None
         source = f"sim{args.devices}x{args.history}"
         extra_meta = {"source": "simulated", "simulation": {"devices": args.devices, "readings": args.history,
                                                             "features": args.features, "seed": args.seed}}
@@ -690,7 +715,7 @@ def _add_replay_parser(commands: argparse._SubParsersAction) -> None:
     replay.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     replay.add_argument("--config", type=Path, default=None, help="TOML config file (env STREAMER_CONFIG)")
     _add_settings_flags(replay, REPLAY_SECTIONS)
-    replay.set_defaults(handler=_replay)
+    replay.set_defaults(handler=_replay, renamed_setting_flags={("batch", "max_records"): "--batch-size"})
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -705,6 +730,9 @@ def _replay(args: argparse.Namespace) -> int:
     check_output_file(args.out, ("csv", "parquet"), "--out")
     _refuse_overwriting_data(args.out, args.data, "--out")
     if args.plots_page is not None:
+        if args.plots is not None and args.plots_page.resolve().parent == args.plots.resolve():
+            raise StreamerError(f"--plots-page {args.plots_page} is in --plots {args.plots}, where the device plots"
+                                " go (one may have its name): put it elsewhere")
         check_output_file(args.plots_page, ("png",), "--plots-page")
     if args.plots is not None:
         make_output_dir(args.plots, "--plots")

@@ -168,7 +168,7 @@ def load_model_file(path: str | Path) -> ModelBundle:
     """Load and check a model file; every failure is a ModelFileError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(path, "no such file")
+        raise ModelFileError(path, "a directory, not a file" if path.is_dir() else "no such file")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file

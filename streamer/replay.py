@@ -33,9 +33,11 @@ from tqdm import tqdm
 
 from streamer.engine import Engine, ReadingBatch
 from streamer.errors import StreamerError
-from streamer.history import Histories, iter_time_order, unwritable_reason, write_table
+from streamer.history import TS_MAX, TS_MIN, Histories, iter_time_order, unwritable_reason, write_table
 
 MAX_NAME_CHARS = 120  # of a plot's file name from its device id (file systems allow 255 bytes)
+YEAR_S = 366 * 86400.0
+DATE_AXIS_S = (TS_MIN + YEAR_S, TS_MAX - YEAR_S)  # plots' time axis as dates within this (epoch s)
 
 
 class ReplayError(StreamerError):
@@ -250,7 +252,10 @@ def _pick_devices(result: ReplayResult, devices: Sequence[str] | None, most: int
 
 
 def _times(ts: np.ndarray) -> np.ndarray:
-    """Epoch seconds as datetime64[ms], which matplotlib draws as dates."""
+    """Epoch seconds as datetime64[ms], which matplotlib draws as dates; within a year of year 1
+    or 9999, where matplotlib's dates end (its ticks reach past the data), the seconds as they are."""
+    if len(ts) and (ts.min() < DATE_AXIS_S[0] or ts.max() > DATE_AXIS_S[1]):
+        return ts
     return np.round(ts * 1000.0).astype("datetime64[ms]")
 
 
@@ -265,6 +270,9 @@ def _draw_series(ax, data: dict[str, np.ndarray], value: str, forecast: str, leg
     ax.scatter(t[flagged], data[value][flagged], s=10, color="red", zorder=3, label="flagged")
     if legend:
         ax.legend(loc="upper left", fontsize="small")
+    if not np.issubdtype(t.dtype, np.datetime64):
+        ax.set_xlabel("epoch seconds")
+        return
     locator = AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))

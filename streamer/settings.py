@@ -468,9 +468,12 @@ def setting_names() -> set[tuple[str, str]]:
     }
 
 
-def describe_setting(section: str, name: str, has_flag: bool = True) -> str:
+def describe_setting(section: str, name: str, has_flag: bool = True, flag: str | None = None) -> str:
     """``section.name (flag --section-name, env STREAMER_SECTION__NAME)``: where an operator sets
-    it; has_flag False (the command at hand has no flag for it) names the variable and the file."""
+    it; has_flag False (the command at hand has no flag for it) names the variable and the file;
+    ``flag``: the command's own flag for it, where that is named otherwise."""
+    if flag is not None:
+        return f"{section}.{name} (flag {flag}, env {env_name(section, name)})"
     if not has_flag:
         return f"{section}.{name} (env {env_name(section, name)} or the config file; this command has no flag for it)"
     return f"{section}.{name} (flag {flag_name(section, name)}, env {env_name(section, name)})"
@@ -521,7 +524,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The TOML file's tables, checked to hold only settings; StreamerError names the file and
     the line (bad syntax) or the key (not a setting, with the closest real one)."""
     if not path.is_file():
-        raise StreamerError(f"config file {path}: no such file")
+        raise StreamerError(f"config file {path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"

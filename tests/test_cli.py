@@ -426,6 +426,7 @@ def test_check_config_refuses_what_run_refuses_before_connecting(model_file: Pat
     capsys.readouterr()
     for extra, says in (
         (["--model-path", str(tmp_path / "missing.pt")], "no such file"),
+        (["--model-path", str(tmp_path)], f"model file {tmp_path}: a directory, not a file"),
         (["--checkpoint-directory", str(a_file / "ck")], "is not a directory"),
         (["--metrics-enabled", "true", "--metrics-host", "no such host!"], "metrics.host"),
     ):
@@ -433,6 +434,8 @@ def test_check_config_refuses_what_run_refuses_before_connecting(model_file: Pat
         assert says in one_line_error(capsys)
         assert main(["check-config", *ok, *extra, "--settings-only"]) == 0, extra  # a config checked elsewhere
         capsys.readouterr()
+    assert main(["check-config", *ok, "--config", str(tmp_path), "--settings-only"]) == 2
+    assert f"config file {tmp_path}: a directory, not a file" in one_line_error(capsys)
     # Beside the running service, its metrics port is taken: not a problem of the settings.
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -526,6 +529,50 @@ def test_a_bad_flag_is_one_line_naming_it_not_the_usage(capsys, args, says):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(says) and "--help)" in err, err
+
+
+def test_train_refuses_flags_that_contradict_each_other_and_simulated_history_too_big(tmp_path: Path, capsys):
+    data = tmp_path / "history.csv"
+    data.write_text("timestamp,value\n1,1\n")
+    out = str(tmp_path / "m.pt")
+    assert main(["train", "--out", out, "--csv", str(data), "--data", str(data)]) == 2  # the last had won
+    assert capsys.readouterr().err == ("streamer: warning: --csv is deprecated, use --data\n"
+                                       "streamer: error: --csv and --data both given: use --data alone\n")
+    assert main(["train", "--out", out, "--data", str(data), "--history", "5"]) == 2  # had been ignored
+    assert one_line_error(capsys) == "streamer: error: --history describes simulated history: it does not go with --data\n"
+    assert main(["train", "--out", out, "--features", str(10**9)]) == 2  # numpy's MemoryError traceback
+    assert one_line_error(capsys) == ("streamer: error: simulated history of --devices 200 x --history 1000 x"
+                                      " --features 1000000000 values does not fit in memory\n")
+
+
+def test_replay_refuses_outputs_among_its_inputs_and_names_its_own_flags(model_file: Path, tmp_path: Path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("timestamp,value\n1,1\n")
+    replay = ["replay", "--model-path", str(model_file), "--data", str(data)]
+    # A new table in the data directory would be read as data by the next replay.
+    assert main([*replay, "--out", str(data / "results.csv")]) == 2
+    assert "would overwrite the data it reads, or be read as data next time" in one_line_error(capsys)
+    # The page among the device plots could take a device's plot's name.
+    plots = tmp_path / "plots"
+    assert main([*replay, "--out", str(tmp_path / "r.csv"), "--plots", str(plots), "--plots-page",
+                 str(plots / "a.png")]) == 2
+    assert f"--plots-page {plots / 'a.png'} is in --plots {plots}" in one_line_error(capsys)
+    assert main([*replay, "--out", str(tmp_path / "r.csv"), "--batch-size", str(10**14)]) == 2
+    assert "batch.max_records (flag --batch-size, env STREAMER_BATCH__MAX_RECORDS)" in one_line_error(capsys)
+    assert not (tmp_path / "r.csv").exists() and not plots.exists()
+
+
+def test_replay_plots_histories_at_the_ends_of_the_years_it_takes(model_file: Path, tmp_path: Path, capsys):
+    # matplotlib's dates end at years 1 and 9999: there the axis is in epoch seconds.
+    for name, first in (("year1", -62_135_596_800), ("year9999", 253_402_297_199 - 59 * 3600)):
+        data = tmp_path / f"{name}.csv"
+        data.write_text("timestamp,value\n" + "".join(f"{first + 3600 * t},{t % 7}\n" for t in range(60)))
+        assert main(["replay", "--model-path", str(model_file), "--data", str(data), "--out",
+                     str(tmp_path / f"{name}-out.csv"), "--plots", str(tmp_path / name), "--plots-page",
+                     str(tmp_path / f"{name}.png"), "--no-progress"]) == 0
+        assert json.loads(capsys.readouterr().out)["plots"] == 1
+        assert (tmp_path / name / f"{name}.png").stat().st_size > 5000 and (tmp_path / f"{name}.png").stat().st_size > 5000
 
 
 def test_train_and_replay_refuse_to_overwrite_their_data_and_train_bounds_its_batch(model_file: Path, tmp_path: Path,
