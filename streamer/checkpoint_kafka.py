@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest"
 MANIFEST_FORMAT = 1
 CALL_TIMEOUT_S = 30.0  # a changelog read or write that takes longer is taken to have failed
+SLOWEST_READ_BYTES_PER_S = 4e6  # a checkpoint's read gets CALL_TIMEOUT_S and its bytes at this rate
+LONGEST_READ_S = 600.0
 GEN_HEX = 12  # hex digits of the checkpoint's SHA-256 in its chunks' keys
 
 
@@ -110,11 +112,25 @@ class Manifest:
                 raise ValueError(f"not a JSON object but {type(doc).__name__}")
             if doc.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"manifest format {doc.get('format')!r}, this reader knows {MANIFEST_FORMAT}")
-            chunks = tuple(ChunkRef(str(k), int(n), str(h)) for k, n, h in doc["chunks"])
-            return cls(key, str(doc["topic"]), int(doc["partition"]), int(doc["offset"]), int(doc["size"]),
-                       str(doc["sha256"]), chunks)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(key, f"unreadable manifest ({exc})") from None
+            chunks = tuple(ChunkRef(_text(k), _count(n), _text(h)) for k, n, h in doc["chunks"])
+            return cls(key, _text(doc["topic"]), _count(doc["partition"]), _count(doc["offset"]), _count(doc["size"]),
+                       _text(doc["sha256"]), chunks)
+        # RecursionError: JSON nested past the parser's depth; anything on the changelog may be foreign.
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise CheckpointError(key, f"unreadable manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _count(value: object) -> int:
+    """A manifest's whole number as written (JSON: int), not a float, a bool or text."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not text")
+    return value
 
 
 @dataclass
@@ -150,6 +166,9 @@ class _PartitionIndex:
             return
         try:
             manifest = Manifest.from_bytes(key, value)
+            if (manifest.topic, manifest.partition, manifest.offset) != (*where, offset):
+                raise CheckpointError(key, f"manifest of {manifest.topic}[{manifest.partition}] at offset"
+                                           f" {manifest.offset} under another checkpoint's key")
         except CheckpointError as exc:
             log.warning("%s; that checkpoint is not used", exc)
             self.manifests.get(where, {}).pop(offset, None)
@@ -324,7 +343,10 @@ class KafkaCheckpointStore(CheckpointStore):
             raise CheckpointError(manifest.key, "names no chunks")
         wanted = {o: ref for o, ref in zip(located, manifest.chunks)}
         found: dict[str, bytes] = {}
-        for message in self._read(at, min(located), max(located) + 1):
+        # A big checkpoint takes longer than a call: the deadline grows with its bytes, so that one
+        # that cannot be read within a call is not tried again and again, never read whole.
+        timeout_s = min(CALL_TIMEOUT_S + manifest.size / SLOWEST_READ_BYTES_PER_S, LONGEST_READ_S)
+        for message in self._read(at, min(located), max(located) + 1, timeout_s):
             ref = wanted.get(message.offset)
             if ref is not None and message.key == ref.key.encode() and message.value is not None:
                 found[ref.key] = message.value
@@ -346,8 +368,8 @@ class KafkaCheckpointStore(CheckpointStore):
     def _forget(index: _PartitionIndex, manifest: Manifest) -> None:
         index.manifests.get((manifest.topic, manifest.partition), {}).pop(manifest.offset, None)
 
-    def _read(self, at: int, start: int, end: int) -> Iterator[Message]:
-        return self.changelog.read(at, start, end, CALL_TIMEOUT_S)
+    def _read(self, at: int, start: int, end: int, timeout_s: float = CALL_TIMEOUT_S) -> Iterator[Message]:
+        return self.changelog.read(at, start, end, timeout_s)
 
     def close(self) -> None:
         self.changelog.close()

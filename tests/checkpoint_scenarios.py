@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -173,14 +174,28 @@ def records_that_are_not_checkpoints_are_passed_over(open_store: OpenStore) -> N
         (f"{group}readings/0/\u00b2/manifest".encode(), b"{}"),  # "²".isdigit(), and yet not a number
         (f"{group}readings/\u00b2/00000000000000000007/00000".encode(), b"chunk"),
         (b"\xff\xfe", b"a key that is not UTF-8"),
+        # Manifests int() cannot take (1e999 is inf to JSON) or nested past the parser's depth:
+        # they had ended the loop in a traceback, in the recovery and in the checkpoint writer.
+        (f"{group}readings/0/00000000000000000002/manifest".encode(), _manifest(offset=1e999)),
+        (f"{group}readings/0/00000000000000000003/manifest".encode(), _manifest(offset=3, chunks=[["k", 1e999, "h"]])),
+        (f"{group}readings/0/00000000000000000004/manifest".encode(), b"[" * 100_000 + b"]" * 100_000),
+        # A manifest under another checkpoint's key: it had been refused at every load.
+        (f"{group}readings/0/00000000000000000008/manifest".encode(), _manifest(offset=7)),
     ], 30)
     saved = checkpoint(0, 10, devices=20)
-    store.save(saved)
+    open_store().save(saved)  # a writer reading them for the first time
     fresh = open_store()
     assert fresh.offsets("readings", 0) == [10]
     loaded, refused = fresh.load_latest("readings", 0, WIDTH)
     assert refused == []
     assert_same(loaded, saved)
+    assert fresh.load_latest("readings", 0, WIDTH, max_offset=9) == (None, [])
+
+
+def _manifest(offset: object, chunks: list | None = None) -> bytes:
+    """A manifest's JSON for readings[0] at ``offset``."""
+    return json.dumps({"format": 1, "topic": "readings", "partition": 0, "offset": offset, "size": 1,
+                       "sha256": "0" * 64, "chunks": chunks if chunks is not None else [["k", 1, "0" * 64]]}).encode()
 
 
 def the_records_of_a_failed_save_are_deleted_by_later_ones(open_store: OpenStore) -> None:
