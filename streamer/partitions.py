@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from streamer.checkpoint import Checkpoint, CheckpointStore, ModelStamp
+from streamer.checkpoint import Checkpoint, CheckpointStore, ModelStamp, StoreUnreadable
 from streamer.engine import Engine
 from streamer.kafka.abstract import Consumer, KafkaClientError, RebalanceHooks, TopicPartition
 from streamer.metrics import Metrics
@@ -207,8 +207,12 @@ class PartitionManager:
         policy: CheckpointPolicy,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        progress: Callable[[], None] | None = None,
     ) -> None:
+        """``progress``: called after each partition recovered or checkpointed on its way out (a
+        rebalance of many big partitions takes minutes: the loop's liveness beat)."""
         self.consumer = consumer
+        self.progress = progress or (lambda: None)
         self.engine = engine
         self.store = store
         self.writer = CheckpointWriter(store) if store is not None else None
@@ -261,6 +265,7 @@ class PartitionManager:
                     continue
                 if checkpoint and self._committed_through(tp, owned, "revoked"):
                     self._save(tp, owned)
+                    self.progress()
                 dropped = self.engine.drop_partition(tp.partition)
                 log.info("%s %s: %d devices freed", "revoked" if checkpoint else "lost", _name(tp), dropped,
                          extra=_context(tp))
@@ -271,20 +276,32 @@ class PartitionManager:
         return tp in self.owned
 
     def recover_pending(self) -> None:
-        """Recover every partition assigned since the last call (blocking: talks to the broker)."""
+        """Recover every partition assigned since the last call (blocking: talks to the broker).
+        One whose recovery fails for a while (the store or the broker: a retriable error) stays
+        pending, and the others are recovered; the first such error is raised once all were tried."""
         if not self.pending:
             return
         with self.lock:
             self.settle_writes()  # the store is read below: nothing of it in flight
             pending = sorted(self.pending)
         committed = self.consumer.committed(pending, BROKER_CALL_TIMEOUT_S)
+        failed: Exception | None = None
         for tp in pending:
             with self.lock:
                 if tp not in self.pending:
                     continue  # revoked again meanwhile
-                self._recover(tp, committed.get(tp))
+                try:
+                    self._recover(tp, committed.get(tp))
+                except (KafkaClientError, StoreUnreadable) as exc:
+                    if isinstance(exc, KafkaClientError) and not exc.retriable:
+                        raise
+                    failed = failed or exc
+                    continue
                 self.pending.discard(tp)
             self.consumer.resume([tp])
+            self.progress()
+        if failed is not None:
+            raise failed
 
     def _recover(self, tp: TopicPartition, committed: int | None) -> None:
         # Kept until the partition is recovered: a recovery that fails (the store or the broker

@@ -69,7 +69,7 @@ BROKER_AWAY_BACKOFF_S = 0.5
 BROKER_PROBE_TIMEOUT_MS = 1000
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 COMMIT_RETRY_INTERVAL_S = 0.5
-STORE_RETRY_S = 1.0  # recoveries waiting for an unreadable checkpoint store are tried again this often
+STORE_RETRY_S = 1.0  # recoveries waiting for the checkpoint store or the broker are tried again this often
 MODEL_SETTLE_S = 1.0  # a changed model file is read once it has stayed the same this long
 
 
@@ -90,12 +90,14 @@ class RunSummary:
 class Unsettled:
     """A batch stepped and produced whose sends are not yet known to be acknowledged: its offsets
     (plan.commit) are committed, and its due partitions checkpointed, only once they are, for
-    the partitions still owned as they were when it was stepped (``owners``). event_ts: the published predictions' event times (latency is measured to the acknowledgement)."""
+    the partitions still owned as they were when it was stepped (``owners``). event_ts: the
+    published predictions' event times (latency is measured to the acknowledgement)."""
 
     plan: BatchPlan
     owners: Mapping[TopicPartition, Owned]  # as each partition was owned when the batch was stepped
     report: StepReport
     published: int
+    anomalies: int  # flagged among the published: a replayed reading was counted when first published
     replayed: int
     by_reason: Tally
     event_ts: np.ndarray
@@ -177,7 +179,8 @@ class Pipeline:
         self.arrow_output = settings.kafka.batch_output == "arrow"
         self.decoder = ReadingDecoder(engine.config.values_size)
         policy = CheckpointPolicy(settings.checkpoint.interval_s, settings.checkpoint.interval_readings)
-        self.partitions = PartitionManager(consumer, engine, store, policy, metrics)
+        self.partitions = PartitionManager(consumer, engine, store, policy, metrics,
+                                           progress=health.beat if health is not None else None)
         self.summary = RunSummary()
         model = settings.model
         self.model_watcher = (
@@ -284,6 +287,7 @@ class Pipeline:
                 if not exc.retriable:
                     raise
                 self._commits_heard = False
+                self._store_retry_at = time.monotonic() + STORE_RETRY_S  # not every turn: each may wait a call out
                 self.outage.away(f"recovering partitions must wait ({exc})")  # they stay paused
             except StoreUnreadable as exc:
                 self._store_unreadable(exc)  # they stay paused
@@ -401,7 +405,7 @@ class Pipeline:
         spans = [] if not self.arrow_output else [
             span for span, hide in _published_spans(decoded.batch_spans, hidden)
             if not hide and not plan.replayed(span.position.topic, span.position.partition, span.position.offset)]
-        batch = Unsettled(plan, owners, report, len(published), int(replay.sum()),
+        batch = Unsettled(plan, owners, report, len(published), int(published.is_anomaly.sum()), int(replay.sum()),
                           Tally(letter.reason.value for letter in letters), published.ts, started)
         # 4-6. Produce predictions and dead letters; once the broker has them, commit offsets,
         #    then checkpoint the partitions that are due.
@@ -503,7 +507,7 @@ class Pipeline:
         self.summary.replayed += batch.replayed
         if batch.replayed and self.metrics is not None:
             self.metrics.on_replayed(batch.replayed)
-        self._account(batch.report, batch.published, batch.by_reason, acked_at - batch.event_ts,
+        self._account(batch.report, batch.published, batch.anomalies, batch.by_reason, acked_at - batch.event_ts,
                       time.perf_counter() - batch.started)
 
     def _step(self, readings: ReadingBatch) -> tuple[PredictionBatch, StepReport]:
@@ -610,6 +614,8 @@ class Pipeline:
             log.warning("batch dropped: %s", exc)
             self.partitions.reset(plan.next_offsets)
             self.summary.aborted_batches += 1
+            if self.metrics is not None:
+                self.metrics.on_transaction_aborted()
             return False
         except (KafkaClientError, TransactionStuck) as exc:
             log.warning("transaction aborted (%s): recovering %d partitions", exc, len(plan.next_offsets))
@@ -643,13 +649,14 @@ class Pipeline:
         self.producer = self.producer_factory()
 
     def _account(
-        self, report: StepReport, published: int, by_reason: Tally, latencies: np.ndarray, batch_seconds: float
+        self, report: StepReport, published: int, anomalies: int, by_reason: Tally, latencies: np.ndarray,
+        batch_seconds: float,
     ) -> None:
         s = self.summary
         s.batches += 1
         s.readings += report.readings
         s.predictions += published
-        s.anomalies += report.anomalies
+        s.anomalies += anomalies
         dead = sum(by_reason.values())
         s.dead_letters += dead
         for reason, count in by_reason.items():
@@ -660,7 +667,7 @@ class Pipeline:
         self.metrics.on_batch(
             readings=report.readings,
             predictions=published,
-            anomalies=report.anomalies,
+            anomalies=anomalies,
             new_devices=report.new_devices,
             evicted_ttl=report.evicted_idle,
             evicted_capacity=report.evicted_capacity,

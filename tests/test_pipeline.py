@@ -346,10 +346,11 @@ def test_exactly_once_abort_replaces_the_producer_and_publishes_once(tmp_path):
     assert committed(rig) == rig.ends()
 
 
-def test_exactly_once_an_aborted_batch_is_published_once_when_its_recovery_is_tried_again(tmp_path):
+def test_exactly_once_an_aborted_batch_is_published_once_when_its_recovery_is_tried_again(tmp_path, monkeypatch):
     # The group has no commit yet: after the abort the partitions restart where the dropped batch
     # began, not at the fetch position past it, also when the first recovery fails (the store
     # cannot be read for a while): then the batch was replayed unpublished, and lost.
+    monkeypatch.setattr("streamer.pipeline.STORE_RETRY_S", 0.0)
     rig = Rig(tmp_path, exactly_once=True)
     rig.write(per_device=2)
     rig.broker.fail("commit_transaction", KafkaClientError("transaction coordinator fenced"))
@@ -664,6 +665,40 @@ def test_the_replayed_metric_counts_readings_as_the_summary_does(tmp_path):
     assert len(rig.broker.messages("out")) == 24
 
 
+def test_anomalies_are_counted_once_however_often_their_readings_are_replayed(tmp_path):
+    # The partitions leave and come back to this process: their readings are replayed from the
+    # checkpoint at 0, the flagged ones among them, which had been counted again.
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, checkpoint_readings=10**9, metrics=Metrics(registry))
+    for t in range(90):
+        for device in DEVICES:
+            value = 1e4 if t in (70, 80) else float(t % 3)
+            body = {"device_id": device, "ts": 1_700_000_000 + t, "values": [value, value]}
+            rig.broker.append("in", device.encode(), json.dumps(body).encode())
+    for _ in range(3):
+        rig.pipeline.run_once()
+    flagged = sum(json.loads(m.value)["is_anomaly"] for m in rig.broker.messages("out"))
+    assert flagged > 0 and registry.get_sample_value("streamer_anomalies_total") == flagged
+    rig.consumer.rebalance(lost=[P0, P1])
+    rig.consumer.rebalance(assigned=[P0, P1])
+    for _ in range(6):
+        rig.pipeline.run_once()
+    assert registry.get_sample_value("streamer_replayed_messages_total") == 90 * len(DEVICES)
+    assert len(rig.broker.messages("out")) == 90 * len(DEVICES)
+    assert registry.get_sample_value("streamer_anomalies_total") == flagged == rig.pipeline.summary.anomalies
+
+
+def test_exactly_once_a_batch_dropped_as_a_partition_left_is_counted_as_aborted(tmp_path):
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, exactly_once=True, metrics=Metrics(registry))
+    rig.write(per_device=2)
+    records = rig.pipeline._poll_batch(None)
+    rig.consumer.rebalance_now(lost=[P0])  # P0 leaves while the batch is in hand
+    rig.pipeline._process(records)
+    assert rig.pipeline.summary.aborted_batches == 1
+    assert registry.get_sample_value("streamer_transactions_aborted_total") == 1
+
+
 def arrow_rows(messages) -> list[dict]:
     """The rows of Arrow output messages, in order."""
     import pyarrow as pa
@@ -925,9 +960,63 @@ def test_a_checkpoint_store_that_cannot_be_read_keeps_a_partition_waiting_not_th
     assert any("checkpoint store read again" in r.getMessage() for r in caplog.records)
 
 
-def test_a_seek_refused_for_a_while_at_recovery_is_tried_again(tmp_path):
+def test_a_partition_whose_checkpoint_cannot_be_read_for_a_while_keeps_only_itself_waiting(tmp_path, monkeypatch):
+    # P0's checkpoint read times out (a changelog call waits 30 s): P1, recovered after it, had
+    # waited as long, and P0 was tried again every turn. Now P1 goes on, and P0 is retried each
+    # STORE_RETRY_S until it is recovered.
+    from streamer.kafka.abstract import BrokerTimeout
+
+    rig = Rig(tmp_path)
+    rig.write(per_device=2)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    store = rig.pipeline.partitions.store
+    load_latest, tried = store.load_latest, []
+
+    def p0_times_out(topic, partition, *args, **kwargs):
+        tried.append(partition)
+        if partition == 0 and len(tried) < 4:
+            raise BrokerTimeout("reading the changelog: its end not reached in 30s")
+        return load_latest(topic, partition, *args, **kwargs)
+
+    monkeypatch.setattr(store, "load_latest", p0_times_out)
+    rig.consumer.rebalance(lost=[P0, P1])
+    rig.consumer.rebalance(assigned=[P0, P1])
+    rig.write(per_device=1, start_ts=2)
+    for _ in range(4):
+        rig.pipeline.run_once()
+    assert tried == [0, 1] and rig.pipeline.partitions.owned.keys() == {P1}
+    assert committed(rig)[P1] == rig.ends()[P1]
+    monkeypatch.setattr("streamer.pipeline.STORE_RETRY_S", 0.0)
+    rig.pipeline._store_retry_at = 0.0
+    for _ in range(6):
+        rig.pipeline.run_once()
+    assert tried == [0, 1, 0, 0] and rig.pipeline.partitions.owned.keys() == {P0, P1}
+    assert committed(rig) == rig.ends()
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(3)})
+
+
+def test_each_partition_recovered_or_checkpointed_on_its_way_out_is_a_liveness_beat(tmp_path):
+    # Dozens of big partitions recovered or saved in one rebalance take minutes with the Kafka
+    # store: the loop beat only once it was through, and /healthz went stale meanwhile.
+    rig = Rig(tmp_path)
+    beats = []
+    rig.pipeline.partitions.progress = lambda: beats.append(sorted(rig.pipeline.partitions.owned))
+    rig.write(per_device=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    rig.consumer.rebalance(revoked=[P0, P1])
+    rig.pipeline.run_once()
+    assert beats == [[P1], []]  # after P0's checkpoint, then P1's
+    rig.consumer.rebalance(assigned=[P0, P1])
+    rig.pipeline.run_once()
+    assert beats[2:] == [[P0], [P0, P1]]
+
+
+def test_a_seek_refused_for_a_while_at_recovery_is_tried_again(tmp_path, monkeypatch):
     # confluent-kafka refuses a seek of a partition it has not taken up yet (a chaos run, right
-    # after an assignment): retriable, the partition waits and is recovered at the next turn.
+    # after an assignment): retriable, the partition waits and is recovered STORE_RETRY_S later.
+    monkeypatch.setattr("streamer.pipeline.STORE_RETRY_S", 0.0)
     rig = Rig(tmp_path, exactly_once=True)
     rig.write(per_device=1)
     for _ in range(2):
