@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -180,13 +181,15 @@ class StartupInterrupted(Exception):
 
 
 def _until_reachable(
-    connect: Callable[[int], T], deadline: float, stop: threading.Event | None = None, what: str = "Kafka"
+    connect: Callable[[int], T], deadline: float, stop: threading.Event | None = None, what: str = "Kafka",
+    waiting: Callable[[], None] | None = None,
 ) -> T:
     """``connect(bootstrap_timeout_ms)``, tried again while no broker answers (a broker restarting
-    as we start), until ``deadline`` (monotonic): each try waits at most what is left (at least
-    MIN_ATTEMPT_S), so giving up comes within MIN_ATTEMPT_S of the deadline. A refused login is
-    final at once. ``stop`` set meanwhile raises StartupInterrupted within STOP_CHECK_S.
-    kafka-python's own log lines are folded into one line of ours per failed try."""
+    as we start), until ``deadline`` (monotonic; math.inf: until one answers): each try waits at
+    most what is left (at least MIN_ATTEMPT_S), so giving up comes within MIN_ATTEMPT_S of the
+    deadline. A refused login is final at once. ``stop`` set meanwhile raises StartupInterrupted
+    within STOP_CHECK_S. ``waiting()`` is called after each failed try. kafka-python's own log
+    lines are folded into one line of ours per failed try."""
     attempt = 0
     with kafka_logs_folded() as complaint:
         while True:
@@ -204,9 +207,12 @@ def _until_reachable(
                     log.error("%s at %s: no broker answered in %d tries%s; giving up", what, exc.bootstrap_servers, attempt, detail)
                     raise
                 log.warning(
-                    "%s at %s: no broker answered in %.0fs%s; trying again for %.0fs more",
-                    what, exc.bootstrap_servers, timeout_s, detail, left,
+                    "%s at %s: no broker answered in %.0fs%s; trying again %s",
+                    what, exc.bootstrap_servers, timeout_s, detail,
+                    "until one does" if math.isinf(left) else f"for {left:.0f}s more",
                 )
+                if waiting is not None:
+                    waiting()
             if stop is not None and stop.wait(min(STARTUP_RETRY_S, max(0.0, deadline - time.monotonic()))):
                 raise StartupInterrupted()
 
@@ -288,15 +294,21 @@ def run_service(
         log.info("Kafka client: %s", kafka.client)
         opened.append(lambda: consumer.close(CLOSE_TIMEOUT_S))
         instance_id = kafka.instance_id or uuid.uuid4().hex[:12]  # one transactional id per process
+        first = _until_reachable(lambda timeout_ms: open_producer(kafka, instance_id, timeout_ms),
+                                 time.monotonic() + kafka.startup_wait_s, stop)
 
-        def new_producer() -> Producer:
-            return _until_reachable(
-                lambda timeout_ms: open_producer(kafka, instance_id, timeout_ms),
-                time.monotonic() + kafka.startup_wait_s,
-                stop,
-            )
+        def successor() -> Producer:
+            """A transactional producer in place of one whose transaction was aborted, in the loop:
+            an outage that aborted it may last longer than the start-up wait, and at-least-once
+            rides out any outage. Live meanwhile (liveness beats), not ready (the broker is away)."""
+            def waiting() -> None:
+                health.beat()
+                health.broker_away("no broker answers the new transactional producer")
 
-        pipeline = Pipeline(settings, engine, consumer, new_producer(), metrics, health, store, new_producer,
+            return _until_reachable(lambda timeout_ms: open_producer(kafka, instance_id, timeout_ms), math.inf,
+                                    stop, waiting=waiting)
+
+        pipeline = Pipeline(settings, engine, consumer, first, metrics, health, store, successor,
                             _dead_letter_limit(settings))
         opened.append(lambda: pipeline.producer.close(CLOSE_TIMEOUT_S))
         summary = pipeline.run(stop)

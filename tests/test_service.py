@@ -4,6 +4,7 @@ kafka-python's log lines folded into ours."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -48,6 +49,23 @@ def test_zero_wait_is_one_short_try():
         _until_reachable(connect, time.monotonic(), threading.Event())
     assert connect.timeouts_ms == [int(MIN_ATTEMPT_S * 1000)]
     assert time.monotonic() - started < MIN_ATTEMPT_S + 0.5
+
+
+def test_no_deadline_tries_until_a_broker_answers_saying_it_is_waiting(caplog, monkeypatch):
+    # A transactional producer replacing an aborted one, in the loop: it waits out any outage.
+    monkeypatch.setattr("streamer.service.STARTUP_RETRY_S", 0.0)
+    attempts, waited = [], []
+
+    def answers_the_third_time(timeout_ms: int) -> object:
+        attempts.append(timeout_ms)
+        if len(attempts) < 3:
+            raise KafkaBootstrapError("127.0.0.1:1", {}, "no broker could be used")
+        return "client"
+
+    caplog.set_level(logging.WARNING, logger="streamer.service")
+    assert _until_reachable(answers_the_third_time, math.inf, threading.Event(), waiting=lambda: waited.append(1)) == "client"
+    assert attempts == [30_000] * 3 and waited == [1, 1]
+    assert [r.getMessage().endswith("trying again until one does") for r in caplog.records] == [True, True]
 
 
 def test_stop_interrupts_a_try_in_progress():

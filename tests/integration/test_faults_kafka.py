@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import LOCAL_KAFKA, REPO, free_port
-from tests.integration.helpers import ServiceThread, create_topic, produce, service_settings
+from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
 from tests.integration.test_pipeline_kafka import reading, write_model
 from tests.test_metrics import get
 
@@ -289,3 +290,36 @@ def test_a_dead_letter_of_a_message_of_a_megabyte_is_delivered(kafka_bootstrap: 
         assert service.alive()
     finally:
         service.stop()
+
+
+def test_exactly_once_rides_out_an_outage_longer_than_the_start_up_wait(own_broker, model: Path, tmp_path: Path,
+                                                                       unique: str):
+    # A transaction the outage aborts needs a new producer, which waits for a broker. That wait
+    # had given up after kafka.startup_wait_s and ended the process (exit 2), where at-least-once
+    # rides out any outage; now it waits as long as the outage lasts, live all the while.
+    bootstrap, local_kafka = own_broker
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(bootstrap, topics["in"])
+    create_topic(bootstrap, topics["out"])
+    readings = [(f"dev-{i % 20}".encode(), reading(f"dev-{i % 20}", 1_700_000_000 + i, [20.0, -3.0]), None)
+                for i in range(2000)]
+    produce(bootstrap, topics["in"], readings)
+    port = free_port()
+    service = ServiceThread(service_settings(
+        bootstrap, topics, f"g-{unique}", model, tmp_path / "checkpoints",
+        batch={"max_records": 5, "max_wait_ms": 0}, metrics={"enabled": True, "port": port},
+        kafka={"exactly_once": True, "startup_wait_s": 2, "session_timeout_ms": 60_000},
+    ))
+    try:
+        assert wait_for(lambda: service.metric("streamer_predictions_total") >= 100, 60)
+        local_kafka("stop")
+        time.sleep(25.0)  # past the start-up wait and the bound of a transaction call
+        assert service.alive() and get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        local_kafka("start")
+        assert wait_for(lambda: service.metric("streamer_predictions_total") >= 2000, 120), \
+            service.metric("streamer_predictions_total")
+    finally:
+        service.stop(timeout_s=30)
+    published = read_topic(bootstrap, topics["out"], 2000, timeout_s=60, committed_only=True)
+    keys = Counter((json.loads(r.value)["device_id"], json.loads(r.value)["ts"]) for r in published)
+    assert len(keys) == 2000 and set(keys.values()) == {1}
