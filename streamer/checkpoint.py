@@ -185,6 +185,8 @@ class CheckpointStore(ABC):
     partition are kept. ``load_latest`` follows ``pick_latest``'s rules."""
 
     keep: int
+    # Called as a long load goes on (the Kafka store: per chunk read), by whoever reads the store.
+    progress: Callable[[], None] = staticmethod(lambda: None)
 
     @abstractmethod
     def save(self, checkpoint: Checkpoint) -> object:

@@ -347,6 +347,7 @@ class KafkaCheckpointStore(CheckpointStore):
         # that cannot be read within a call is not tried again and again, never read whole.
         timeout_s = min(CALL_TIMEOUT_S + manifest.size / SLOWEST_READ_BYTES_PER_S, LONGEST_READ_S)
         for message in self._read(at, min(located), max(located) + 1, timeout_s):
+            self.progress()
             ref = wanted.get(message.offset)
             if ref is not None and message.key == ref.key.encode() and message.value is not None:
                 found[ref.key] = message.value

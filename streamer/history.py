@@ -125,9 +125,10 @@ def _parse_one_ts(text: str) -> float:
 def _number(text: str) -> float:
     """float(text), but only for what a number is written as in a data file: Python's float()
     also reads digit groups (``1_000``) and digits of other scripts, which are refused here."""
-    if "_" in text or not text.isascii():
+    number = text.strip()  # float() takes white space around a number, a no-break space too
+    if "_" in number or not number.isascii():
         raise ValueError(f"not a number: {text!r}")
-    return float(text)
+    return float(number)
 
 
 def _plain(texts: list) -> bool:

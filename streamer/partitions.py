@@ -213,6 +213,8 @@ class PartitionManager:
         rebalance of many big partitions takes minutes: the loop's liveness beat)."""
         self.consumer = consumer
         self.progress = progress or (lambda: None)
+        if store is not None:
+            store.progress = self.progress  # a long read of a big checkpoint beats as it goes
         self.engine = engine
         self.store = store
         self.writer = CheckpointWriter(store) if store is not None else None
@@ -296,6 +298,7 @@ class PartitionManager:
                     if isinstance(exc, KafkaClientError) and not exc.retriable:
                         raise
                     failed = failed or exc
+                    self.progress()  # a try that waited out a call is no stuck loop either
                     continue
                 self.pending.discard(tp)
             self.consumer.resume([tp])
@@ -500,8 +503,8 @@ class PartitionManager:
         taken only there. One ahead of the commit would be of no use to a recovery (it starts at
         the committed offset, and refuses those past it), and its save would prune the older ones
         that recovery needs (checkpoint.keep)."""
-        if owned.next_offset <= owned.committed_offset:
-            return True
+        if self.store is None or owned.next_offset <= owned.committed_offset:
+            return True  # without a store nothing is written either way
         log.warning("%s not checkpointed %s: offset %d is not committed (%d is)", _name(tp), when,
                     owned.next_offset, owned.committed_offset, extra=_context(tp))
         return False

@@ -766,6 +766,13 @@ class Pipeline:
         self._end_offsets.update(ends)
         self._broker_answered()
 
+    def waiting_for_broker(self, why: str) -> None:
+        """The loop waits for a broker outside its poll (a new transactional producer): live,
+        not ready, the broker counted away (the loop's next probe tells when it answers)."""
+        if self.health is not None:
+            self.health.beat()
+        self._broker_away(why)
+
     def _broker_away(self, why: str) -> None:
         self._broker_answers = False
         self.outage.away(why)

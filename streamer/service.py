@@ -302,8 +302,8 @@ def run_service(
             an outage that aborted it may last longer than the start-up wait, and at-least-once
             rides out any outage. Live meanwhile (liveness beats), not ready (the broker is away)."""
             def waiting() -> None:
-                health.beat()
-                health.broker_away("no broker answers the new transactional producer")
+                assert pipeline is not None  # the successor of a producer the pipeline had
+                pipeline.waiting_for_broker("no broker answers the new transactional producer")
 
             return _until_reachable(lambda timeout_ms: open_producer(kafka, instance_id, timeout_ms), math.inf,
                                     stop, waiting=waiting)

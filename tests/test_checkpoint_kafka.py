@@ -72,3 +72,17 @@ def test_directory_store_keeps_a_save_below_older_checkpoints_and_discards_them(
     for offset in (200, 300, 400):
         store.save(checkpoint(0, offset, devices=20))
     assert store.offsets("readings", 0) == [400, 300]
+
+
+def test_a_load_beats_progress_for_each_chunk_it_reads():
+    # A big checkpoint's read takes long: whoever reads the store (the loop) stays live meanwhile.
+    changelog = MemoryChangelog(MemoryBroker(), "checkpoints")
+    saved = checkpoint(0, 10, devices=500)
+    KafkaCheckpointStore(changelog, "group", 2, CHUNK).save(saved)
+    store = KafkaCheckpointStore(changelog, "group", 2, CHUNK)
+    beats = []
+    store.progress = lambda: beats.append(1)
+    loaded, refused = store.load_latest("readings", 0, WIDTH)
+    assert refused == [] and len(beats) == len(store._index(store.changelog_partition("readings", 0))
+                                                 .manifests[("readings", 0)][10].chunks) > 1
+    assert_same(loaded, saved)

@@ -228,9 +228,9 @@ def test_the_index_pandas_writes_to_parquet_is_no_value_column(tmp_path):
 
 def test_numbers_python_reads_but_data_files_do_not_write_are_bad_rows(tmp_path):
     # float() takes digit groups and other scripts' digits; a data file's number has neither.
-    path = write(tmp_path / "d.csv", "timestamp,value\n1,1_0\n2,\u0661\u0662\n3,2.5\n1_700_000_004,3\n5,4\n")
+    path = write(tmp_path / "d.csv", "timestamp,value\n1,1_0\n2,\u0661\u0662\n3,2.5\n1_700_000_004,3\n5,4\u00a0\n")
     got = load_histories(path, on_bad="skip")
-    assert got.devices["d"].values.tolist() == [[2.5], [4.0]]
+    assert got.devices["d"].values.tolist() == [[2.5], [4.0]]  # white space around a number, a no-break space too
     assert [(b.line, b.reason) for b in got.bad_rows] == [
         (2, "unparsable value"), (3, "unparsable value"), (5, "unparsable timestamp")]
 

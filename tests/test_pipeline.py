@@ -980,12 +980,15 @@ def test_a_partition_whose_checkpoint_cannot_be_read_for_a_while_keeps_only_itse
         return load_latest(topic, partition, *args, **kwargs)
 
     monkeypatch.setattr(store, "load_latest", p0_times_out)
+    beats = []
+    rig.pipeline.partitions.progress = lambda: beats.append(len(tried))
     rig.consumer.rebalance(lost=[P0, P1])
     rig.consumer.rebalance(assigned=[P0, P1])
     rig.write(per_device=1, start_ts=2)
     for _ in range(4):
         rig.pipeline.run_once()
     assert tried == [0, 1] and rig.pipeline.partitions.owned.keys() == {P1}
+    assert beats == [1, 2]  # a liveness beat after each try, the failed one too
     assert committed(rig)[P1] == rig.ends()[P1]
     monkeypatch.setattr("streamer.pipeline.STORE_RETRY_S", 0.0)
     rig.pipeline._store_retry_at = 0.0
@@ -1011,6 +1014,22 @@ def test_each_partition_recovered_or_checkpointed_on_its_way_out_is_a_liveness_b
     rig.consumer.rebalance(assigned=[P0, P1])
     rig.pipeline.run_once()
     assert beats[2:] == [[P0], [P0, P1]]
+
+
+def test_waiting_for_a_broker_outside_the_poll_is_live_not_ready_and_counted_away(tmp_path):
+    # What the service's successor of an aborted transaction's producer calls while it waits.
+    from streamer.metrics import Health
+
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, exactly_once=True, metrics=Metrics(registry))
+    rig.pipeline.health = health = Health(stale_after_s=0.2)
+    rig.pipeline.run_once()
+    assert health.readiness()[0] and registry.get_sample_value("streamer_broker_reachable") == 1
+    time.sleep(0.3)
+    rig.pipeline.waiting_for_broker("no broker answers the new transactional producer")
+    assert health.status()[0] and not health.readiness()[0]
+    assert "no broker answers" in health.readiness()[1]
+    assert registry.get_sample_value("streamer_broker_reachable") == 0
 
 
 def test_a_seek_refused_for_a_while_at_recovery_is_tried_again(tmp_path, monkeypatch):
