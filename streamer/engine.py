@@ -21,7 +21,7 @@ from streamer.compiled import CompiledWave
 from streamer.errors import CapacityError, StreamerError
 from streamer.features import time_features
 from streamer.kernels import make_lstm_step
-from streamer.model import ModelBundle, ModelConfig, allocation_failed
+from streamer.model import ModelBundle, ModelConfig, Normalization, allocation_failed
 from streamer.slotmap import Keys, keys_of
 from streamer.state import DeviceStateTable
 from streamer.wave import row_after, score_wave
@@ -373,11 +373,12 @@ class Engine:
         """Serve ``bundle`` from the next step on.
 
         A model of the same config takes over every device's carried state. One of another
-        shape or input (hidden size, layers, time features, normalisation) cannot: the table is
-        replaced by an empty one of the new row width, and every device starts from zeros.
-        Returns True when the table was reset.
+        shape or input (hidden size, layers, time features, normalisation, the global
+        normalisation's mean and std too: rows hold forecasts and statistics in its units)
+        cannot: the table is replaced by an empty one of the new row width, and every device
+        starts from zeros. Returns True when the table was reset.
         """
-        reset = bundle.config != self.config
+        reset = bundle.config != self.config or not _same_normalization(bundle.normalization, self.bundle.normalization)
         table, layout = self.table, self.layout
         if reset:
             layout = StateLayout.of(bundle.config)
@@ -540,6 +541,13 @@ class Engine:
         self.table.scatter(slots, tail, start=self.layout.forecast.start)
         scored = scores.scored
         return out, scored.log_tail, scored.is_anomaly, scores.residual
+
+
+def _same_normalization(a: "Normalization | None", b: "Normalization | None") -> bool:
+    """Whether two models map readings to the same units (no global normalisation, or the same)."""
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a.mean.cpu(), b.mean.cpu()) and torch.equal(a.std.cpu(), b.std.cpu())
 
 
 class PaddedStep:

@@ -131,6 +131,8 @@ class DeviceStateTable:
         self._sweep_read: int | None = None
         self._sweep_write = 0
         self._partition = np.full(capacity, NO_PARTITION, dtype=np.int32)  # input partition per slot
+        self._now = -np.inf  # the latest ``now`` acquire was given
+        self._newest = -np.inf  # the latest last-seen time written (acquire's, or a restored one)
         # A stack of free slots (top at _n_free - 1): slot 0 is handed out first.
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)
         self._n_free = capacity
@@ -180,6 +182,10 @@ class DeviceStateTable:
             raise CapacityError(
                 f"{len(device_ids)} distinct devices in one batch exceed the state table capacity {self.capacity}"
             )
+        # A clock stepped back does not make devices older than those seen before (TTL and
+        # capacity eviction read the touch log as last-seen order).
+        now = self._now = max(now, self._now)
+        self._newest = max(self._newest, now)
         hashes, ids = keys_of(device_ids) if keys is None else keys
         slots = self._slot_of.get_many((hashes, ids))
         new_positions = np.flatnonzero(slots < 0)
@@ -261,7 +267,9 @@ class DeviceStateTable:
         """Put exported devices back, bitwise, replacing what the table had for them.
 
         Returns the devices evicted to make room. Restored devices keep their last-seen times
-        and enter the recency order oldest first. More devices than the table holds (its capacity
+        and take their places in the recency order by them (among equal times after the devices
+        there), so that TTL and capacity eviction reach them when their times say, not after
+        every device seen before the restore. More devices than the table holds (its capacity
         lowered since they were exported): the ``capacity`` seen last are restored, as the table
         would have kept them, and the others are left out, counted with the evicted; they start
         from zero when seen again, as evicted devices do.
@@ -274,10 +282,14 @@ class DeviceStateTable:
         left_out = max(0, len(order) - self.capacity)
         order = order[left_out:]
         ids = [device_ids[i] for i in order]
+        newest_before = self._newest
         acquired = self.acquire(ids, now=0.0, partitions=np.full(len(ids), partition, np.int32))
         self._last_seen[acquired.slots] = last_seen[order]
         slots = torch.from_numpy(acquired.slots).to(self.device)
         self.scatter(slots, torch.from_numpy(np.ascontiguousarray(rows[order])).to(self.device, self.dtype))
+        self._newest = max(self._newest, float(last_seen[order[-1]]))
+        if len(self) > len(ids) and last_seen[order[0]] < newest_before:
+            self._order_log_by_last_seen()
         return acquired.evicted_for_capacity + left_out
 
     def drop_partition(self, partition: int) -> int:
@@ -457,6 +469,25 @@ class DeviceStateTable:
             size = n + max(room, self.capacity // 4 + 1)  # room for a quarter of the table's touches again
             self._log_slot = np.zeros(size, dtype=self._log_slot.dtype)
             self._log_touch = np.zeros(size, dtype=np.int64)
+        self._log_slot[:n] = slots
+        self._log_touch[:n] = touches
+        self._log_head, self._log_tail = 0, n
+
+    def _order_log_by_last_seen(self) -> None:
+        """Write the touch log afresh, its live entries in last-seen order (stable): devices
+        restored with their last-seen times were touched after devices seen later. O(devices):
+        at a restore of a partition's devices among others, not per batch."""
+        if self._sweep_read is not None:
+            self._sweep(self._log_tail - max(self._sweep_read, self._log_head))  # to the tail
+        slots, _ = self._live_entries(self._log_head, self._log_tail)
+        slots = slots[np.argsort(self._last_seen[slots], kind="stable")]
+        n = len(slots)
+        touches = np.arange(self._touches + 1, self._touches + 1 + n, dtype=np.int64)
+        self._touches += n
+        self._touched[slots] = touches
+        if n > len(self._log_slot):
+            self._log_slot = np.zeros(n + self.capacity // 4 + 1, dtype=self._log_slot.dtype)
+            self._log_touch = np.zeros(len(self._log_slot), dtype=np.int64)
         self._log_slot[:n] = slots
         self._log_touch[:n] = touches
         self._log_head, self._log_tail = 0, n

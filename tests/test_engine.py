@@ -163,6 +163,24 @@ def test_swap_to_a_new_shape_resets_the_table_same_shape_keeps_rows():
     np.testing.assert_allclose(preds.forecast, offline_forecasts(bigger, values[:1], np.zeros(1)), atol=1e-5)
 
 
+def test_a_swap_to_another_global_normalisation_resets_the_table():
+    # Rows hold forecasts, ranges and residual statistics in the model's normalised units: a
+    # retrained model of the same shape but another mean and std had taken them over, and flagged
+    # readings that were not anomalies (11 in 200 of a smooth sine, against none from zeros).
+    first = Normalization(torch.tensor([100.0, 0.0]), torch.tensor([10.0, 1.0]))
+    engine = Engine.build(make_bundle(input_size=2, hidden_size=8, seed=1, normalization=first), capacity=8,
+                          device="cpu")
+    engine.step(ReadingBatch(["a", "b"], np.zeros(2), np.ones((2, 2), np.float32)), now=1.0)
+    rows = engine.table.rows.clone()
+    same = Normalization(first.mean.clone(), first.std.clone())
+    assert engine.swap_model(make_bundle(input_size=2, hidden_size=8, seed=2, normalization=same, version="v2")) is False
+    assert len(engine.table) == 2 and torch.equal(engine.table.rows, rows)
+    other = Normalization(torch.tensor([105.0, 0.0]), torch.tensor([2.0, 1.0]))
+    assert engine.swap_model(make_bundle(input_size=2, hidden_size=8, seed=2, normalization=other, version="v3")) is True
+    assert len(engine.table) == 0
+    assert engine.swap_model(make_bundle(input_size=2, hidden_size=8, seed=2, version="v4")) is True  # none at all
+
+
 def test_a_swap_whose_new_table_does_not_fit_is_one_line_and_keeps_the_old_model(monkeypatch):
     engine = Engine.build(make_bundle(input_size=2, hidden_size=8, seed=1), capacity=8, device="cpu")
     engine.step(ReadingBatch(["a"], np.zeros(1), np.ones((1, 2), np.float32)), now=1.0)

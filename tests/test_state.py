@@ -81,6 +81,25 @@ def test_a_restore_of_more_devices_than_the_table_holds_keeps_those_seen_last():
     assert small.restore([], np.zeros((0, 2), np.float32), np.zeros(0), partition=1) == 0
 
 
+def test_restored_devices_are_evicted_when_their_last_seen_times_say_and_the_clock_never_goes_back():
+    # A partition restored among devices seen since: its long-idle devices had been touched last,
+    # so TTL eviction stopped at the recent ones before them, and capacity evicted those first.
+    src = DeviceStateTable(capacity=4, width=1)
+    src.acquire(["old"], now=10.0, partitions=np.zeros(1, np.int32))
+    src.acquire(["mid"], now=990.0, partitions=np.zeros(1, np.int32))
+    exported = src.export(src.slots_of_partition(0))
+    table = DeviceStateTable(capacity=4, width=1, ttl_seconds=100.0)
+    table.acquire(["a", "b"], now=1000.0)
+    table.restore(*exported, partition=0)
+    assert table.device_ids() == ["old", "mid", "a", "b"]
+    assert table.evict_idle(1050.0) == 1 and "old" not in table  # cutoff 950
+    got = table.acquire(["e", "f"], now=1060.0)  # room for one more: the least recently seen goes
+    assert got.evicted_for_capacity == 1 and table.device_ids() == ["a", "b", "e", "f"]
+    # A clock stepped back: "g" counts as seen at 1060, not before everything else.
+    table.acquire(["g"], now=500.0)
+    assert table.last_seen("g") == 1060.0 and table.device_ids()[-1] == "g"
+
+
 def test_a_bfloat16_lead_block_is_its_own_tensor_and_rows_read_as_float32():
     table = DeviceStateTable(capacity=4, width=5, lead_width=3, lead_dtype=torch.bfloat16)
     assert table.lead.dtype == torch.bfloat16 and table.rest.dtype == torch.float32
@@ -305,6 +324,8 @@ def _against_the_model(ops, capacity: int) -> None:
             _, ref_evicted = ref.acquire([ids[i] for i in order], 0.0, dst)
             for i in order:
                 ref.order[ids[i]][0] = float(seen[i])
+            # Restored devices take their places by their last-seen times (sorted is stable).
+            ref.order = OrderedDict(sorted(ref.order.items(), key=lambda item: item[1][0]))
             assert evicted == ref_evicted
         assert table.device_ids() == list(ref.order) and len(table) == len(ref.order)
         for device, (seen_at, _) in ref.order.items():
