@@ -131,21 +131,23 @@ def _number(text: str) -> float:
     return float(number)
 
 
-def _plain(texts: list) -> bool:
-    """No text of these (all str) has what _number refuses: one C-speed pass over them all."""
-    joined = "".join(texts)
-    return "_" not in joined and joined.isascii()
+def _all_numbers(texts: list) -> np.ndarray | None:
+    """_number() of every text at C speed, or None when one is not a number as _number reads it
+    (then each is looked at on its own)."""
+    try:
+        values = np.fromiter(map(float, texts), np.float64, len(texts))
+    except (ValueError, TypeError):
+        return None
+    joined = "".join(texts)  # one pass for what float() reads and _number refuses
+    return values if "_" not in joined and joined.isascii() else None
 
 
 def _floats(texts: list) -> tuple[np.ndarray, np.ndarray]:
     """_number() of every text; (values, unparsable mask). Unparsable entries are NaN."""
     n = len(texts)
-    try:  # fast path: everything parses
-        values = np.fromiter(map(float, texts), np.float64, n)
-        if _plain(texts):
-            return values, np.zeros(n, bool)
-    except (ValueError, TypeError):
-        pass
+    values = _all_numbers(texts)
+    if values is not None:
+        return values, np.zeros(n, bool)
     out, bad = np.full(n, np.nan), np.zeros(n, bool)
     for i, text in enumerate(texts):
         try:
@@ -169,13 +171,9 @@ def _timestamp_texts(texts: list | None, arr: pa.Array | None = None) -> tuple[n
     """Epoch seconds of timestamp texts (a list, or a string Arrow array); (seconds,
     unparsable mask). None is unparsable."""
     if texts is not None:
-        n = len(texts)
-        try:  # epoch seconds
-            seconds = np.fromiter(map(float, texts), np.float64, n)
-            if _plain(texts):
-                return seconds, np.zeros(n, bool)
-        except (ValueError, TypeError):
-            pass
+        seconds = _all_numbers(texts)  # epoch seconds
+        if seconds is not None:
+            return seconds, np.zeros(len(texts), bool)
         arr = pa.array(texts, pa.string())
     assert arr is not None
     n = len(arr)

@@ -294,8 +294,11 @@ def run_service(
         log.info("Kafka client: %s", kafka.client)
         opened.append(lambda: consumer.close(CLOSE_TIMEOUT_S))
         instance_id = kafka.instance_id or uuid.uuid4().hex[:12]  # one transactional id per process
-        first = _until_reachable(lambda timeout_ms: open_producer(kafka, instance_id, timeout_ms),
-                                 time.monotonic() + kafka.startup_wait_s, stop)
+
+        def connect(timeout_ms: int) -> Producer:
+            return open_producer(kafka, instance_id, timeout_ms)
+
+        first = _until_reachable(connect, time.monotonic() + kafka.startup_wait_s, stop)
 
         def successor() -> Producer:
             """A transactional producer in place of one whose transaction was aborted, in the loop:
@@ -305,8 +308,7 @@ def run_service(
                 assert pipeline is not None  # the successor of a producer the pipeline had
                 pipeline.waiting_for_broker("no broker answers the new transactional producer")
 
-            return _until_reachable(lambda timeout_ms: open_producer(kafka, instance_id, timeout_ms), math.inf,
-                                    stop, waiting=waiting)
+            return _until_reachable(connect, math.inf, stop, waiting=waiting)
 
         pipeline = Pipeline(settings, engine, consumer, first, metrics, health, store, successor,
                             _dead_letter_limit(settings))

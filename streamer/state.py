@@ -464,6 +464,10 @@ class DeviceStateTable:
             if self._log_tail - self._log_head + room <= len(self._log_slot):
                 return
         slots, touches = self._live_entries(self._log_head, self._log_tail)
+        self._write_log(slots, touches, room)
+
+    def _write_log(self, slots: np.ndarray, touches: np.ndarray, room: int = 0) -> None:
+        """The log afresh: these entries at its start, with ``room`` for more after them."""
         n = len(slots)
         if n + room > len(self._log_slot):
             size = n + max(room, self.capacity // 4 + 1)  # room for a quarter of the table's touches again
@@ -481,16 +485,10 @@ class DeviceStateTable:
             self._sweep(self._log_tail - max(self._sweep_read, self._log_head))  # to the tail
         slots, _ = self._live_entries(self._log_head, self._log_tail)
         slots = slots[np.argsort(self._last_seen[slots], kind="stable")]
-        n = len(slots)
-        touches = np.arange(self._touches + 1, self._touches + 1 + n, dtype=np.int64)
-        self._touches += n
+        touches = np.arange(self._touches + 1, self._touches + 1 + len(slots), dtype=np.int64)
+        self._touches += len(slots)
         self._touched[slots] = touches
-        if n > len(self._log_slot):
-            self._log_slot = np.zeros(n + self.capacity // 4 + 1, dtype=self._log_slot.dtype)
-            self._log_touch = np.zeros(len(self._log_slot), dtype=np.int64)
-        self._log_slot[:n] = slots
-        self._log_touch[:n] = touches
-        self._log_head, self._log_tail = 0, n
+        self._write_log(slots, touches)
 
     def _oldest(self, k: int) -> np.ndarray:
         """The k least recently seen devices' slots, oldest first; the log's head moves past them."""
