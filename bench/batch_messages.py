@@ -11,7 +11,10 @@ process, over the very batches the loop stepped, on a fresh table), measured rig
 loop run so that machine noise hits both alike.
 
 BATCH_ROWS (16384), BATCH_GATEWAYS (8), BATCH_ROUNDS (24) size it; BATCH_OUTPUTS (arrow,json) picks
-the outputs. KAFKA_BOOTSTRAP_SERVERS uses a
+the outputs. BATCH_ORDERS (same,shuffled): a topic for each, its gateways listing their devices
+in the same order every round (the decoder reuses the ids of a sender's last message, see
+records._SenderIds) or in a new order every round (never the same ids twice in a row: the ids are
+read afresh from every message). KAFKA_BOOTSTRAP_SERVERS uses a
 running broker; else deploy/kafka/local-kafka is started on free ports and stopped afterwards.
 """
 
@@ -47,12 +50,15 @@ ROWS = int(os.environ.get("BATCH_ROWS", "16384"))
 GATEWAYS = int(os.environ.get("BATCH_GATEWAYS", "8"))
 ROUNDS = int(os.environ.get("BATCH_ROUNDS", "24"))
 OUTPUTS = [o.strip() for o in os.environ.get("BATCH_OUTPUTS", "arrow,json").split(",") if o.strip()]
+ORDERS = [o.strip() for o in os.environ.get("BATCH_ORDERS", "same,shuffled").split(",") if o.strip()]
 PARTITIONS, HIDDEN, LAYERS = 6, 64, 2
 READINGS = ROWS * GATEWAYS * ROUNDS
 DEVICES = ROWS * GATEWAYS
 
 
-def fill_topic(bootstrap: str, topic: str) -> None:
+def fill_topic(bootstrap: str, topic: str, order: str) -> None:
+    if order not in ("same", "shuffled"):
+        raise SystemExit(f"BATCH_ORDERS: {order!r} is neither same nor shuffled")
     ensure_topics(bootstrap, {topic: PARTITIONS})
     producer = open_producer(KafkaSettings(bootstrap_servers=bootstrap))
     rng = np.random.default_rng(1)
@@ -61,6 +67,8 @@ def fill_topic(bootstrap: str, topic: str) -> None:
     for r in range(ROUNDS):
         for g in range(GATEWAYS):
             ids = [f"gw{g:03d}-sensor-{i:06d}" for i in range(ROWS)]
+            if order == "shuffled":
+                ids = [ids[i] for i in rng.permutation(ROWS)]
             value = encode_arrow_readings(ids, np.full(ROWS, ts + r), rng.normal(size=(ROWS, 1)))
             producer.produce(topic, f"gateway-{g:03d}".encode(), value, header)
     assert producer.flush(120) and not producer.delivery_failures(), "filling the topic failed"
@@ -123,20 +131,22 @@ def main() -> None:
 
     bootstrap, broker_env = start_broker()
     work = Path(tempfile.mkdtemp(prefix="streamer-bench-batch-"))
+    run_id = uuid.uuid4().hex[:8]
     try:
-        topic = f"bench-batch-{uuid.uuid4().hex[:8]}"
-        fill_topic(bootstrap, topic)
-        ensure_topics(bootstrap, {f"{topic}-out-arrow": PARTITIONS, f"{topic}-out-json": PARTITIONS, f"{topic}-dlq": 1})
         model_path = work / "model.pt"
         config = ModelConfig(1, HIDDEN, LAYERS, 1)
         save_model_file(model_path, init_random_model(config, seed=0), config, "bench")
-        for batch_output in OUTPUTS:
-            settings = settings_for(bootstrap, topic, model_path, work / f"cp-{batch_output}", batch_output)
+        for order, batch_output in [(order, output) for order in ORDERS for output in OUTPUTS]:
+            topic = f"bench-batch-{order}-{run_id}"
+            if batch_output == OUTPUTS[0]:
+                fill_topic(bootstrap, topic, order)
+                ensure_topics(bootstrap, {f"{topic}-out-{o}": PARTITIONS for o in OUTPUTS} | {f"{topic}-dlq": 1})
+            settings = settings_for(bootstrap, topic, model_path, work / f"cp-{order}-{batch_output}", batch_output)
             seconds, stepped = loop(settings)
             typical = int(statistics.median(len(b) for b in stepped))
             engine = engine_rate(settings, stepped)
             rate = READINGS / seconds
-            emit(figure="batch_messages_end_to_end", batch_output=batch_output, client=settings.kafka.client,
+            emit(figure="batch_messages_end_to_end", order=order, batch_output=batch_output, client=settings.kafka.client,
                  rows_per_message=ROWS, messages=GATEWAYS * ROUNDS, readings=READINGS, devices=DEVICES,
                  torch_threads=torch.get_num_threads(), state_dtype=settings.state.dtype,
                  compiled=settings.model.compile, median_step_readings=typical, readings_per_s=round(rate),

@@ -177,7 +177,7 @@ class Pipeline:
         self.health = health
         self.exactly_once = settings.kafka.exactly_once
         self.arrow_output = settings.kafka.batch_output == "arrow"
-        self.decoder = ReadingDecoder(engine.config.values_size)
+        self.decoder = ReadingDecoder(engine.config.values_size, settings.state.capacity)
         policy = CheckpointPolicy(settings.checkpoint.interval_s, settings.checkpoint.interval_readings)
         self.partitions = PartitionManager(consumer, engine, store, policy, metrics,
                                            progress=health.beat if health is not None else None)
@@ -701,7 +701,7 @@ class Pipeline:
                 self.metrics.on_model_reload("failed")
             return
         if reset:
-            self.decoder = ReadingDecoder(bundle.config.values_size)
+            self.decoder = ReadingDecoder(bundle.config.values_size, self.settings.state.capacity)
             log.warning(
                 "model %s from %s has a new shape (%s): state table reset, %d devices start from zeros",
                 bundle.version, path, bundle.config.to_dict(), devices,

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -64,6 +66,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # normalisation, residuals), values past about 1.8e19 overflow to inf, and the forecasts with them.
 MAX_ABS_VALUE = 1e18
 CONTENT_TYPE_HEADER = "content-type"
+SENDER_IDS = 1 << 20  # device ids of batch messages kept for their senders' next messages (_SenderIds)
 ARROW_CONTENT_TYPE = b"application/vnd.apache.arrow.stream"
 # The fast path vouches only for messages the old parser (jiter) surely reads the same way:
 # jiter refuses numbers of more than about 4300 digits and nesting deeper than about 200, which
@@ -226,7 +229,7 @@ class ArrowRows(NamedTuple):
     """The readings of one batch message: ts (n,) float64 epoch seconds, values (n, input_size)
     float32; ids_column: the device ids as read (utf8), when they are one Arrow array."""
 
-    device_ids: list[str]
+    device_ids: Sequence[str]
     ts: np.ndarray
     values: np.ndarray
     ids_column: pa.Array | None = None
@@ -235,9 +238,11 @@ class ArrowRows(NamedTuple):
 class ReadingDecoder:
     """Validates raw Kafka messages into a ReadingBatch for a model of ``input_size`` features."""
 
-    def __init__(self, input_size: int) -> None:
+    def __init__(self, input_size: int, sender_ids: int = SENDER_IDS) -> None:
+        """``sender_ids``: device ids of batch messages kept for their senders' next ones (_SenderIds)."""
         self.input_size = input_size
         self._wire = msgspec.json.Decoder(_WireReading)
+        self._ids = _SenderIds(sender_ids)
 
     def decode_one(self, key: bytes | None, value: bytes | None) -> Reading | Refusal:
         """One JSON message: its reading, or the reason and detail it is refused."""
@@ -345,7 +350,7 @@ class ReadingDecoder:
         # ts and values copied: they must not pin the message's buffer, and the engine may want them
         # writable. The id column stays a view of the message (utf8 only: the output's type), used
         # for the batch's output while the message is still in hand.
-        return ArrowRows(ids_column.to_pylist(), np.array(ts, dtype=np.float64), np.array(values, dtype=np.float32),
+        return ArrowRows(self._ids.of(key, ids_column), np.array(ts, dtype=np.float64), np.array(values, dtype=np.float32),
                          ids_column if pa.types.is_string(ids_column.type) else None)
 
     def decode(self, messages: list[KafkaMessage]) -> DecodedBatch:
@@ -387,6 +392,46 @@ class ReadingDecoder:
         partitions = np.asarray([p.partition for p in sources], dtype=np.int32)[of]
         return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions), sources, of,
                             dead, spans)
+
+
+class _SenderIds:
+    """The device ids of each sender's last batch message, as Python strings, for its next one.
+
+    A gateway that lists the same devices in the same order again (one polling its sensors in
+    turn) gets the very same str objects back: no 16k strings made again per message, and their
+    hashes, which the state table's lookup needs, already computed (bench/batch_messages.py,
+    BATCH_ORDER). A message whose ids differ in any way is read
+    afresh and takes its sender's place. At most ``max_rows`` ids are kept (the pipeline gives
+    the state table's capacity: the ids of the devices it can hold), the senders heard from least
+    recently dropped first; 0 keeps none. Each kept sender costs a copy of its id column and a
+    reference per id; the strings are mostly those the state table holds anyway."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self._last: OrderedDict[bytes, tuple[pa.Array, tuple[str, ...]]] = OrderedDict()
+        self._rows = 0
+
+    def __len__(self) -> int:
+        """Ids kept."""
+        return self._rows
+
+    def of(self, key: bytes, ids_column: pa.Array) -> tuple[str, ...]:
+        """``ids_column``'s values as Python strings: the kept ones if its sender's last message had them."""
+        last = self._last.get(key)
+        if last is not None and last[0].equals(ids_column):  # same type, length and values
+            self._last.move_to_end(key)
+            return last[1]
+        ids = tuple(ids_column.to_pylist())
+        if last is not None:
+            self._rows -= len(last[1])
+            del self._last[key]
+        if 0 < len(ids) <= self.max_rows:
+            while self._rows + len(ids) > self.max_rows:
+                self._rows -= len(self._last.popitem(last=False)[1][1])
+            # A copy: the column is a view of the message, whose other columns would stay with it.
+            self._last[key] = (pa.concat_arrays([ids_column]), ids)
+            self._rows += len(ids)
+        return ids
 
 
 def _is_arrow(headers: list[tuple[str, bytes | None]]) -> bool:

@@ -360,6 +360,50 @@ def test_a_large_string_id_column_is_decoded_and_its_ids_built_again_for_output(
     assert decoded.batch_spans[0].ids is None  # the output's column is utf8: built from the ids
 
 
+def test_a_sender_that_lists_the_same_devices_again_gets_the_same_strings_back() -> None:
+    decoder = ReadingDecoder(2)
+    columns = good_columns(5)
+    first = decoder.decode_arrow(b"gateway-1", arrow_message(columns))
+    again = decoder.decode_arrow(b"gateway-1", arrow_message({**columns, "ts": pa.array(np.full(5, 2e9))}))
+    assert again.device_ids is first.device_ids and list(again.device_ids) == columns["device_id"].to_pylist()
+    assert again.ts.tolist() == [2e9] * 5  # only the ids are kept, never the readings
+    # Another sender, another order, a device more or less, the ids as large_string: read afresh.
+    other = decoder.decode_arrow(b"gateway-2", arrow_message(columns))
+    assert other.device_ids is not first.device_ids and other.device_ids == first.device_ids
+    for changed in (columns["device_id"].take([1, 0, 2, 3, 4]), pa.array(["dev-0", "dev-1", "dev-2", "dev-0", "dev-9"]),
+                    columns["device_id"].slice(0, 4), columns["device_id"].cast(pa.large_string())):
+        n = len(changed)
+        rows = decoder.decode_arrow(b"gateway-1", arrow_message({
+            "device_id": changed, "ts": columns["ts"].slice(0, n), "values": columns["values"].slice(0, n)}))
+        assert list(rows.device_ids) == changed.to_pylist() and rows.device_ids is not first.device_ids
+    # The ids of JSON messages, and the readings of every message, come out as without the kept ids.
+    messages = [Message("in", 0, i, b"gateway-1", arrow_message(columns), ARROW) for i in range(3)]
+    kept, fresh = ReadingDecoder(2).decode(messages).readings, ReadingDecoder(2, sender_ids=0).decode(messages).readings
+    assert kept.device_ids == fresh.device_ids == columns["device_id"].to_pylist() * 3
+    assert kept.values.tobytes() == fresh.values.tobytes() and kept.ts.tobytes() == fresh.ts.tobytes()
+
+
+def test_the_ids_kept_for_senders_are_bounded_the_least_recent_sender_dropped_first() -> None:
+    def message(ids: list[str]) -> bytes:
+        n = len(ids)
+        return arrow_message({"device_id": pa.array(ids), "ts": pa.array(np.zeros(n)),
+                              "values": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2 * n, np.float32)), 2)})
+
+    decoder = ReadingDecoder(2, sender_ids=10)
+    rows = {gw: decoder.decode_arrow(gw, message([f"{gw.decode()}-{i}" for i in range(4)])) for gw in (b"a", b"b")}
+    assert decoder.decode_arrow(b"a", message(["a-0", "a-1", "a-2", "a-3"])).device_ids is rows[b"a"].device_ids
+    decoder.decode_arrow(b"c", message(["c-0", "c-1", "c-2", "c-3"]))  # 12 > 10: b, heard from least recently, goes
+    assert len(decoder._ids) == 8
+    assert decoder.decode_arrow(b"a", message(["a-0", "a-1", "a-2", "a-3"])).device_ids is rows[b"a"].device_ids
+    assert decoder.decode_arrow(b"b", message(["b-0", "b-1", "b-2", "b-3"])).device_ids is not rows[b"b"].device_ids
+    big = [f"big-{i}" for i in range(11)]  # more than all that may be kept: read, never kept
+    assert decoder.decode_arrow(b"d", message(big)).device_ids == tuple(big) and len(decoder._ids) <= 10
+    assert decoder.decode_arrow(b"d", message(big)).device_ids is not decoder.decode_arrow(b"d", message(big)).device_ids
+    none = ReadingDecoder(2, sender_ids=0)
+    assert none.decode_arrow(b"a", message(["x"])).device_ids is not none.decode_arrow(b"a", message(["x"])).device_ids
+    assert len(none._ids) == 0
+
+
 @pytest.mark.parametrize("unit, factor", [("s", 1), ("ms", 10**3), ("us", 10**6), ("ns", 10**9)])
 @pytest.mark.parametrize("tz", [None, "UTC", "+05:30"])
 def test_batch_timestamps_are_epoch_seconds(unit: str, factor: int, tz: str | None) -> None:
@@ -438,7 +482,7 @@ def test_bytes_after_the_end_of_the_stream_are_not_arrow(after: str) -> None:
     value = first + (arrow_message(good_columns(3)) if after == "stream" else b"xyz")
     result = ReadingDecoder(2).decode_arrow(b"gw", value)
     assert result[0] is R.NOT_ARROW and f"{len(value) - len(first)} bytes after the end of the Arrow IPC stream" in result[1]
-    assert ReadingDecoder(2).decode_arrow(b"gw", first).device_ids == good_columns(2)["device_id"].to_pylist()
+    assert list(ReadingDecoder(2).decode_arrow(b"gw", first).device_ids) == good_columns(2)["device_id"].to_pylist()
 
 
 def test_a_dead_letter_too_big_for_its_topic_is_cut_to_fit_and_says_so() -> None:
