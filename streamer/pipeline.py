@@ -69,10 +69,6 @@ BROKER_AWAY_BACKOFF_S = 0.5
 BROKER_PROBE_TIMEOUT_MS = 1000
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 COMMIT_RETRY_INTERVAL_S = 0.5
-# A batch of this many readings or more (batch messages: its step takes tens of milliseconds or
-# more) is stepped before the acknowledgements of the batch before it are waited for, when they
-# are not in yet and no checkpoint waits on that batch (see Pipeline._process).
-STEP_FIRST_READINGS = 65_536
 STORE_RETRY_S = 1.0  # recoveries waiting for the checkpoint store or the broker are tried again this often
 MODEL_SETTLE_S = 1.0  # a changed model file is read once it has stayed the same this long
 
@@ -368,9 +364,7 @@ class Pipeline:
     def _process(self, records: list[Message]) -> None:
         """The commit order, step by step. At-least-once, the batch leaves this method produced
         and unacknowledged (``_unsettled``): the next run_once settles it after polling and
-        decoding the next batch, before stepping it, or (a big next batch, see _settle_first)
-        after stepping it and before producing its predictions. Exactly-once, its transaction
-        ends here."""
+        decoding the next batch, before stepping it. Exactly-once, its transaction ends here."""
         started = time.perf_counter()
         # The group membership this batch is committed under, taken before anything else: if the
         # consumer loses its partitions meanwhile (kafka-python's IO thread), the broker refuses
@@ -379,10 +373,8 @@ class Pipeline:
         # 1. Decode and validate; bad messages become dead letters, never exceptions.
         decoded = self.decoder.decode(records)
         next_offsets = _next_offsets(records)
-        # 2. The batch before this one: acknowledged, committed, checkpointed (at-least-once). A
-        #    big batch is stepped first if that one's acknowledgements are not in yet (see _settle_first).
-        settle_first = self._settle_first(len(decoded.readings))
-        if not self._settle(wait=settle_first) and settle_first:
+        # 2. The batch before this one: acknowledged, committed, checkpointed (at-least-once).
+        if not self._settle():
             return  # stopping with the broker away: neither batch is committed, both are re-delivered
         # 3. Plan (what is replayed, what is committed, what is due a checkpoint) and step every
         #    device with a new reading, in offset order per device.
@@ -424,25 +416,8 @@ class Pipeline:
             self._commits_heard = self._commits_heard or bool(plan.commit)
             self._done(batch, time.time())
         else:
-            # The batch before, if still in flight at 2.: settled before this one is produced (a
-            # flush waits for every send queued), so that batches are settled and committed in order.
-            if not self._settle():
-                return  # stopping with the broker away: neither batch is committed, both are re-delivered
             self._sends(published, spans, letters)
             self._unsettled = batch  # settled by the next batch, an idle poll, a revocation or stop
-
-    def _settle_first(self, readings: int) -> bool:
-        """Whether the batch in flight is settled before the next one, of ``readings``, is stepped.
-        Always, but for a big batch (STEP_FIRST_READINGS or more) when no checkpoint waits on the
-        batch in flight (checkpoints are taken at the committed offset, before the next step
-        changes the rows): its step takes long enough for the acknowledgements to come in
-        meanwhile, where the loop would otherwise have waited for them idle (the broker writes a
-        big batch's predictions a while). Its predictions' latency, as measured, then includes
-        the step. Small batches keep the wait: their latency is the one that counts."""
-        if readings < STEP_FIRST_READINGS or self._unsettled is None:
-            return True
-        waiting = self._to_commit_plan
-        return bool(self._unsettled.plan.checkpoint_due) or (waiting is not None and bool(waiting.checkpoint_due))
 
     def _settle(self, wait: bool = True, commit: bool = False) -> bool:
         """The batch in flight (at-least-once), once every send of it is acknowledged: check the

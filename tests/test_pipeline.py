@@ -33,8 +33,6 @@ from streamer.kafka.abstract import GroupMovedOn, KafkaClientError, TopicPartiti
 from streamer.kafka.memory import MemoryBroker, MemoryConsumer, MemoryProducer
 from streamer.metrics import Metrics
 from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
-import streamer.pipeline as pipeline_module
-from streamer.partitions import CheckpointPolicy
 from streamer.pipeline import Pipeline
 from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
 from streamer.settings import load_settings
@@ -600,78 +598,6 @@ def test_pipelined_a_failed_delivery_of_the_batch_before_commits_nothing_after_i
     rig.pipeline.run_once()
     assert committed(rig) == rig.ends()
     assert set(rig.outputs()) == {(d, 1_700_000_000 + t) for d in DEVICES for t in range(2)}
-
-
-def late_acknowledgements(rig: Rig) -> None:
-    """The producer's acknowledgements come only to a flush that waits."""
-    flush = rig.pipeline.producer.flush
-    rig.pipeline.producer.flush = lambda timeout_s: timeout_s > 0 and flush(timeout_s)  # type: ignore[method-assign]
-
-
-def test_a_big_batch_is_stepped_while_the_batch_before_is_acknowledged_unless_a_checkpoint_waits(tmp_path, monkeypatch):
-    """A batch of STEP_FIRST_READINGS readings or more whose batch before is not acknowledged yet
-    is stepped first; that batch is then settled and committed before the big one is produced.
-    With a checkpoint due on the batch before, it is settled first (the checkpoint is taken at
-    its committed offset, before the step changes the rows)."""
-    monkeypatch.setattr(pipeline_module, "STEP_FIRST_READINGS", 16)
-    rig = Rig(tmp_path, commit_interval_ms=0, checkpoint_readings=10**6)
-    rig.write(per_device=1)
-    rig.pipeline.run_once()
-    late_acknowledgements(rig)
-    first = rig.ends()
-    rig.write(per_device=1, start_ts=1)  # 8 readings: a small batch waits for the acknowledgements
-    mark = rig.mark()
-    rig.pipeline.run_once()
-    assert rig.since(mark, steps=True) == ["flush", "commit", "step"]
-    second = rig.ends()
-    rig.write(per_device=2, start_ts=2)  # 16 readings: stepped first
-    mark = rig.mark()
-    rig.pipeline.run_once()
-    assert rig.since(mark, steps=True) == ["step", "flush", "commit"]
-    assert [e[1] for e in rig.journal(mark) if e[0] == "commit"] == [second]
-    assert [e[2] for e in rig.journal(mark) if e[0] == "flush"] == [8]  # the batch before's alone
-    rig.pipeline.run_once()
-    assert committed(rig) == rig.ends() != second != first
-    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(4)})
-    # A checkpoint due on the batch in flight: settled (and checkpointed) before the big step.
-    rig.pipeline.partitions.policy = CheckpointPolicy(interval_readings=1)
-    rig.journal()  # the checkpoints in hand written: the next batch's can start (BatchPlan.checkpoint_due)
-    rig.write(per_device=1, start_ts=4)
-    rig.pipeline.run_once()
-    fourth = rig.ends()
-    rig.write(per_device=2, start_ts=5)
-    mark = rig.mark()
-    rig.pipeline.run_once()
-    kinds = rig.since(mark, steps=True)  # the checkpoints' rows taken at the commit, written beside
-    assert [k for k in kinds if k != "checkpoint"] == ["flush", "commit", "step"]
-    checkpoints = [e[1:] for e in rig.journal(mark) if e[0] == "checkpoint"]  # one at a time
-    assert checkpoints and all(offset == fourth[TopicPartition("in", p)] for p, offset in checkpoints)
-
-
-def test_a_failed_delivery_of_the_batch_before_a_big_batch_commits_nothing_and_checkpoints_nothing(tmp_path, monkeypatch):
-    """Batch 1's delivery fails, found after the big batch 2 was stepped: neither commits, nothing
-    of batch 2 is produced or checkpointed, and a restart publishes both once."""
-    monkeypatch.setattr(pipeline_module, "STEP_FIRST_READINGS", 16)
-    rig = Rig(tmp_path, checkpoint_readings=10**6)
-    rig.write(per_device=1)
-    rig.broker.rejected_topics.add("out")
-    rig.pipeline.run_once()
-    late_acknowledgements(rig)
-    rig.write(per_device=2, start_ts=1)
-    mark = rig.mark()
-    with pytest.raises(PipelineError, match="8 of 8 sends of this batch failed"):
-        rig.pipeline.run_once()
-    assert rig.since(mark, steps=True) == ["step", "flush"]
-    rig.pipeline.partitions.checkpoint_all()  # as the consumer's close would: nothing past the commit
-    rig.pipeline.partitions.close()
-    assert "checkpoint" not in rig.since(mark) and committed(rig) == {P0: None, P1: None}
-    assert not rig.broker.messages("out")
-    rig.broker.rejected_topics.clear()
-    rig.restart()
-    for _ in range(2):
-        rig.pipeline.run_once()
-    assert committed(rig) == rig.ends()
-    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(3)})
 
 
 def test_revocation_settles_the_batch_in_flight_first(tmp_path):
