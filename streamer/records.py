@@ -683,9 +683,14 @@ def encode_arrow_predictions(predictions: PredictionBatch, model_version: str, i
         ids = pa.array(predictions.device_ids, pa.string())
     elif len(ids) != n or not pa.types.is_string(ids.type):
         raise ValueError(f"ids: {len(ids)} of type {ids.type} for {n} predictions (utf8 wanted)")
-    id_bytes = (pc.sum(pc.binary_length(ids)).as_py() or 0) if n else 0  # UTF-8, with an offset of 4 bytes a row
-    # IPC framing and padding are a few hundred bytes a message: the margin keeps them inside the bound.
-    per_message = max(1, int((ARROW_OUTPUT_BYTES - 4096) / (row_bytes + 4 + id_bytes / max(n, 1))))
+    # Each row's bytes (its id's UTF-8 and offset, the other columns), summed from the first: the
+    # messages are cut by what their own rows take, long ids bunched together or not. IPC framing
+    # and padding are a few hundred bytes a message: the margin keeps them inside the bound.
+    ends = np.cumsum(pc.binary_length(ids).to_numpy(zero_copy_only=False).astype(np.int64) + (row_bytes + 4))
+    cuts = [0]
+    while cuts[-1] < n:
+        before = int(ends[cuts[-1] - 1]) if cuts[-1] else 0
+        cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, before + ARROW_OUTPUT_BYTES - 4096, side="right"))))
     table = pa.table({
         "device_id": ids,
         "ts": pa.array(np.asarray(predictions.ts, dtype=np.float64)),
@@ -697,10 +702,10 @@ def encode_arrow_predictions(predictions: PredictionBatch, model_version: str, i
         "model_version": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int8)), pa.array([model_version])),
     })
     values = []
-    for start in range(0, max(n, 1), per_message):
+    for start, stop in zip(cuts, cuts[1:]) if n else [(0, 0)]:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table.slice(start, per_message))
+            writer.write_table(table.slice(start, stop - start))
         values.append(sink.getvalue().to_pybytes())
     return values
 

@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 from streamer.engine import PredictionBatch
 from streamer.records import (
     ARROW_CONTENT_TYPE,
+    ARROW_OUTPUT_BYTES,
     FLOAT32_MAX,
     MAX_ABS_VALUE,
     MAX_DEVICE_ID_LENGTH,
@@ -659,6 +660,21 @@ def test_arrow_predictions_refuse_ids_that_do_not_fit() -> None:
         encode_arrow_predictions(batch, "v", pa.array(["a"]))
     with pytest.raises(ValueError, match="large_string"):
         encode_arrow_predictions(batch, "v", pa.array(["a", "b"], pa.large_string()))
+
+
+def test_arrow_predictions_are_cut_by_their_own_rows_long_ids_bunched_or_not() -> None:
+    # 800 ids of 1 KiB (256 emoji) then 12,600 of one byte: cut by the average id, the first
+    # message had held 1,055,152 bytes, over the bound and over the broker's default 1 MiB.
+    ids = ["\U0001F600" * 256] * 800 + ["a"] * 12_600
+    n = len(ids)
+    batch = predictions_of(ids, list(np.arange(n, dtype=float)), np.ones((n, 1)), [0.5] * n, [0.1] * n)
+    for own_column in (False, True):
+        values = encode_arrow_predictions(batch, "v1", pa.array(ids) if own_column else None)
+        assert max(map(len, values)) <= ARROW_OUTPUT_BYTES and len(values) == 2
+        joined = pa.concat_tables([pa.ipc.open_stream(v).read_all() for v in values])
+        assert joined.column("device_id").to_pylist() == ids and joined.column("ts").to_pylist() == list(range(n))
+    [one] = encode_arrow_predictions(predictions_of(["x" * 256], [1.0], np.ones((1, 1)), [0.5], [0.1]), "v1")
+    assert pa.ipc.open_stream(one).read_all().num_rows == 1
 
 
 def test_arrow_predictions_are_cut_into_messages_below_the_size_bound(monkeypatch) -> None:
