@@ -23,7 +23,8 @@ picks the partition and a device's state belongs to the partition its readings a
 device must always be sent by the same key. A message is all or nothing: one bad row
 dead-letters the whole message (one message, one dead letter, its detail naming the column,
 the first bad row and how many rows are bad); checks in this order: one readable Arrow stream,
-nothing after it (not_arrow), columns and types (invalid_schema; a list size other than the
+nothing after it (not_arrow), its buffers no more than ARROW_MAX_DECODED_BYTES once decompressed
+(too_large, told from the metadata before anything is decompressed), columns and types (invalid_schema; a list size other than the
 model's input size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf in
 ts or values (non_finite), values beyond ±1e18 (out_of_range), key present (key_mismatch). A
 message of no rows gives no predictions: one empty output batch message back under
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +67,9 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Readings beyond this magnitude are refused (out_of_range): squared in float32 (a device's
 # normalisation, residuals), values past about 1.8e19 overflow to inf, and the forecasts with them.
 MAX_ABS_VALUE = 1e18
+# A batch message whose buffers take more than this once decompressed is refused (too_large) before
+# it is read: 64 times the broker's default max.message.bytes.
+ARROW_MAX_DECODED_BYTES = 64 << 20
 CONTENT_TYPE_HEADER = "content-type"
 SENDER_IDS = 1 << 20  # device ids of batch messages kept for their senders' next messages (_SenderIds)
 ARROW_CONTENT_TYPE = b"application/vnd.apache.arrow.stream"
@@ -84,6 +89,7 @@ class DeadLetterReason(StrEnum):
     KEY_MISMATCH = "key_mismatch"
     NOT_ARROW = "not_arrow"  # a batch message that is not a readable Arrow IPC stream
     OUT_OF_RANGE = "out_of_range"  # a value beyond ±MAX_ABS_VALUE
+    TOO_LARGE = "too_large"  # a batch message whose buffers decompress to more than ARROW_MAX_DECODED_BYTES
     # Refused after the step (never by the decoder): the model gave a forecast, score or residual that
     # is NaN or infinite for this message's readings (the engine resets a device whose own step gave one).
     PREDICTION_NOT_FINITE = "prediction_not_finite"
@@ -305,6 +311,14 @@ class ReadingDecoder:
         if value is None:
             return DeadLetterReason.NOT_ARROW, "empty message (null value)"
         try:
+            decoded_bytes = _arrow_decoded_bytes(value)
+        except Exception as exc:  # no IPC stream, or one whose metadata does not hold together
+            return DeadLetterReason.NOT_ARROW, f"not an Arrow IPC stream: {exc}"[:512]
+        if decoded_bytes > ARROW_MAX_DECODED_BYTES:
+            return DeadLetterReason.TOO_LARGE, (
+                f"its buffers decompress to {decoded_bytes} bytes, more than the {ARROW_MAX_DECODED_BYTES}"
+                " a batch message may (send fewer rows per message)")
+        try:
             source = pa.BufferReader(value)
             table = pa.ipc.open_stream(source).read_all()
             table.validate(full=True)  # offsets within their buffers, strings UTF-8
@@ -392,6 +406,82 @@ class ReadingDecoder:
         partitions = np.asarray([p.partition for p in sources], dtype=np.int32)[of]
         return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions), sources, of,
                             dead, spans)
+
+
+def _arrow_decoded_bytes(value: bytes) -> int:
+    """The bytes an Arrow IPC stream's record and dictionary batches take once read: their
+    buffers' lengths, or for a compressed body the uncompressed length each buffer starts with.
+    From the messages' metadata and those 8-byte prefixes alone, before anything is decompressed:
+    a compressed message of a few kB can ask for gigabytes (zstd of zeros), and reading it would
+    be the process's end, then that of the next consumer to read it. Raises on a stream that is
+    not one, or whose metadata does not hold together."""
+    total = 0
+    for message in pa.ipc.MessageReader.open_stream(pa.BufferReader(value)):
+        if message.type not in ("record batch", "dictionary batch"):
+            continue
+        meta, body = _Flat(message.metadata.to_pybytes()), message.body or pa.py_buffer(b"")
+        root = meta.table(meta.u32(0))
+        header = meta.offset(root, 2)  # Message.header: a RecordBatch or DictionaryBatch table
+        batch = header if message.type == "record batch" else meta.offset(header, 1)  # DictionaryBatch.data
+        compressed = meta.field(batch, 3) is not None  # RecordBatch.compression
+        for offset, length in meta.structs(batch, 2):  # RecordBatch.buffers: (offset, length) in the body
+            if offset < 0 or length < 0 or offset + length > body.size:
+                raise ValueError(f"a buffer at {offset} of {length} bytes, in a body of {body.size}")
+            if compressed and length:
+                if length < 8:
+                    raise ValueError(f"a compressed buffer of {length} bytes")
+                uncompressed = int.from_bytes(body[offset : offset + 8].to_pybytes(), "little", signed=True)
+                total += length - 8 if uncompressed == -1 else uncompressed
+            else:
+                total += length
+    return total
+
+
+class _Flat:
+    """Just enough of a FlatBuffers reader for Arrow's message metadata (Message.fbs, Schema.fbs):
+    tables, their scalar and offset fields, and vectors of 16-byte structs. Out-of-range reads raise."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def _read(self, fmt: str, at: int) -> int:
+        if at < 0:
+            raise ValueError(f"metadata read at {at}")
+        return struct.unpack_from(fmt, self.data, at)[0]
+
+    def u32(self, at: int) -> int:
+        return self._read("<I", at)
+
+    def table(self, at: int) -> int:
+        self._read("<i", at)  # in range
+        return at
+
+    def field(self, table: int, index: int) -> int | None:
+        """Where field ``index`` of the table at ``table`` is, or None where it is absent."""
+        vtable = table - self._read("<i", table)
+        entry = 4 + 2 * index
+        if entry >= self._read("<H", vtable):
+            return None
+        at = self._read("<H", vtable + entry)
+        return table + at if at else None
+
+    def offset(self, table: int, index: int) -> int:
+        """The table an offset field points to."""
+        at = self.field(table, index)
+        if at is None:
+            raise ValueError(f"metadata field {index} missing")
+        return self.table(at + self.u32(at))
+
+    def structs(self, table: int, index: int) -> list[tuple[int, int]]:
+        """A vector of (int64, int64) structs, empty where the field is absent."""
+        at = self.field(table, index)
+        if at is None:
+            return []
+        vector = at + self.u32(at)
+        n = self.u32(vector)
+        if vector + 4 + 16 * n > len(self.data):
+            raise ValueError(f"a vector of {n} buffers past the metadata's end")
+        return [struct.unpack_from("<qq", self.data, vector + 4 + 16 * i) for i in range(n)]
 
 
 class _SenderIds:

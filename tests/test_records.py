@@ -476,6 +476,41 @@ def test_a_bad_row_dead_letters_the_whole_message(case: str) -> None:
     assert letter.headers == ARROW
 
 
+def test_a_message_that_decompresses_past_the_bound_is_refused_before_it_is_read(monkeypatch) -> None:
+    # 9 kB of zstd holding a 256 MiB column (ignored, but read all the same): reading it had
+    # allocated the 256 MiB; a message of 1 MiB could ask for tens of GB and end the process.
+    columns = {**good_columns(1), "blob": pa.array([bytes(256 << 20)], pa.large_binary())}
+    value = arrow_message(columns, compression="zstd")
+    assert len(value) < 64 << 10
+
+    def never(*args, **kwargs):
+        raise AssertionError("read")
+
+    monkeypatch.setattr(pa.ipc, "open_stream", never)
+    reason, detail = ReadingDecoder(2).decode_arrow(b"gw", value)
+    assert reason is R.TOO_LARGE and "more than the 67108864 a batch message may" in detail
+    assert (256 << 20) < int(detail.split("decompress to ")[1].split(" bytes")[0]) < (256 << 20) + 100
+    letter, = ReadingDecoder(2).decode([Message("in", 0, 1, b"gw", value, ARROW)]).dead_letters
+    assert letter.reason is R.TOO_LARGE
+
+
+@pytest.mark.parametrize("compression", [None, "zstd", "lz4"])
+@pytest.mark.parametrize("batches", [1, 3])
+def test_the_decoded_size_is_read_from_the_metadata_before_decompressing(compression: str | None, batches: int, monkeypatch) -> None:
+    import streamer.records
+
+    columns = {**good_columns(30), "note": pa.array(["x" * (i % 7) for i in range(30)]).dictionary_encode(),
+               "blob": pa.array([bytes(i) for i in range(30)], pa.binary())}
+    plain, value = arrow_message(columns, batches), arrow_message(columns, batches, compression)
+    size = streamer.records._arrow_decoded_bytes(value)
+    assert size == streamer.records._arrow_decoded_bytes(plain) <= len(plain)  # the same buffers, compressed or not
+    assert size > sum(len(b) for b in [bytes(i) for i in range(30)])
+    monkeypatch.setattr(streamer.records, "ARROW_MAX_DECODED_BYTES", size)
+    assert type(ReadingDecoder(2).decode_arrow(b"gw", value)).__name__ == "ArrowRows"  # at the bound: read
+    monkeypatch.setattr(streamer.records, "ARROW_MAX_DECODED_BYTES", size - 1)
+    assert ReadingDecoder(2).decode_arrow(b"gw", value)[0] is R.TOO_LARGE
+
+
 @pytest.mark.parametrize("after", ["stream", "junk"])
 def test_bytes_after_the_end_of_the_stream_are_not_arrow(after: str) -> None:
     # Two streams joined, or other bytes after the first: its rows alone would be read, the rest dropped.
