@@ -15,7 +15,16 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -55,6 +64,23 @@ def check_device_name(value: str) -> str:
 
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_stand_ins(cls, value: Any, info: ValidationInfo) -> Any:
+        """A TOML or JSON true/false where a number is wanted, a number where true/false is, and
+        an empty path, are refused: pydantic's lax mode had read true as 1 (`capacity = true`: a
+        table of one row), 1 as true, and "" as the current directory."""
+        annotation = cls.model_fields[info.field_name].annotation
+        wanted = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+        wanted = {get_args(t)[0] if get_origin(t) is Annotated else t for t in wanted}
+        if isinstance(value, bool) and bool not in wanted and wanted & {int, float}:
+            raise ValueError(f"{str(value).lower()} is no number")
+        if type(value) in (int, float) and bool in wanted and not wanted & {int, float}:
+            raise ValueError(f"{value} is neither true nor false")
+        if Path in wanted and isinstance(value, str) and not value.strip():
+            raise ValueError("an empty path")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -153,8 +179,11 @@ class KafkaSettings(Section):
     @classmethod
     def _host_ports(cls, value: str) -> str:
         for server in value.split(","):
-            if not re.fullmatch(r"\[?[\w.\-:]+\]?:\d{1,5}", server.strip()):
+            match = re.fullmatch(r"\[?[\w.\-:]+\]?:(\d{1,5})", server.strip())
+            if not match:
                 raise ValueError(f"{server!r} is not host:port")
+            if not 0 < int(match.group(1)) < 65536:
+                raise ValueError(f"{server!r}: port {int(match.group(1))} is not from 1 to 65535")
         return value
 
     @field_validator("input_topic", "output_topic", "dead_letter_topic")
@@ -439,11 +468,14 @@ class _KnownSettingsOnly(PydanticBaseSettingsSource):
 
         def dropped(section: str, key: str) -> bool:
             # Only keys of STREAMER_<SECTION>__<KEY> variables (or deeper: STREAMER_KAFKA__SSL__X);
-            # a key inside STREAMER_<SECTION>='{json}' is refused.
-            if (section, key) in known:
-                return False
+            # a key inside STREAMER_<SECTION>='{json}' is refused. A variable below a setting
+            # (STREAMER_KAFKA__SSL_CAFILE__X) is no setting either: it is warned of and ignored,
+            # where it had reached the setting as a value.
             name = env_name(section, key)
-            return name in environ or any(var.startswith(name + ENV_NESTED_DELIMITER) for var in environ)
+            deeper = any(var.startswith(name + ENV_NESTED_DELIMITER) for var in environ)
+            if (section, key) in known:
+                return deeper and name not in environ
+            return name in environ or deeper
 
         return {
             section: {k: v for k, v in values.items() if not dropped(section, k)} if isinstance(values, dict) else values

@@ -373,6 +373,43 @@ def test_a_variable_nested_below_a_setting_that_does_not_exist_is_ignored_as_sai
     assert "STREAMER_KAFKA__SSL__X is not a setting, ignored" in capsys.readouterr().err
 
 
+def test_a_variable_nested_below_a_real_setting_is_ignored_as_said(monkeypatch, capsys):
+    monkeypatch.setenv("STREAMER_KAFKA__SSL_CAFILE__X", "1")
+    assert main(["check-config", "--settings-only"]) == 0  # it had reached kafka.ssl_cafile as its value
+    assert "STREAMER_KAFKA__SSL_CAFILE__X is not a setting, ignored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, named, why", [
+    ("[state]\ncapacity = true\n", "state.capacity", "true is no number"),  # had been a table of 1 row
+    ("[state]\nttl_seconds = false\n", "state.ttl_seconds", "false is no number"),
+    ("[batch]\nmax_records = true\n", "batch.max_records", "true is no number"),
+    ("[checkpoint]\nenabled = 1\n", "checkpoint.enabled", "1 is neither true nor false"),
+    ("[checkpoint]\ndirectory = \"\"\n", "checkpoint.directory", "an empty path"),  # had been the working directory
+    ("[model]\npath = \" \"\n", "model.path", "an empty path"),
+    ('[kafka]\nbootstrap_servers = "h:99999"\n', "kafka.bootstrap_servers", "port 99999 is not from 1 to 65535"),
+    ('[kafka]\nbootstrap_servers = "h:9092,h:0"\n', "kafka.bootstrap_servers", "port 0 is not from 1 to 65535"),
+])
+def test_values_that_stand_in_for_another_type_are_refused(tmp_path: Path, capsys, text: str, named: str, why: str):
+    config = tmp_path / "streamer.toml"
+    config.write_text(text)
+    assert main(["check-config", "--settings-only", "--config", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert named in err and why in err, err
+
+
+def test_numbers_and_switches_from_the_environment_are_still_read_from_their_text(monkeypatch, capsys):
+    for name, value in [("STATE__CAPACITY", "5000"), ("STATE__TTL_SECONDS", "60"), ("CHECKPOINT__ENABLED", "1"),
+                        ("METRICS__ENABLED", "off"), ("ANOMALY__FLAT_RUNS", "false")]:
+        monkeypatch.setenv(f"STREAMER_{name}", value)
+    assert main(["check-config", "--settings-only", "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    for expected in ('"capacity": 5000', '"ttl_seconds": 60.0', '"flat_runs": false'):
+        assert expected in out
+    monkeypatch.setenv("STREAMER_CHECKPOINT__DIRECTORY", "")
+    assert main(["check-config", "--settings-only"]) == 2
+    assert "checkpoint.directory" in one_line_error(capsys)
+
+
 @pytest.fixture
 def model_file(tmp_path: Path) -> Path:
     from streamer.model import save_model_file
