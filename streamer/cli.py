@@ -742,10 +742,13 @@ def _replay(args: argparse.Namespace) -> int:
     histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad)
     _show_bad_rows(histories)
     result = replay(histories, engine, batch_size=settings.batch.max_records, progress=args.progress)
-    result.write(args.out)
-    plots = plot_devices(result, args.plots, max_devices=args.max_plots) if args.plots is not None else []
+    with _writing("--out", args.out):
+        result.write(args.out)
+    with _writing("--plots", args.plots):
+        plots = plot_devices(result, args.plots, max_devices=args.max_plots) if args.plots is not None else []
     if args.plots_page is not None:
-        plot_page(result, args.plots_page, max_devices=args.page_devices)
+        with _writing("--plots-page", args.plots_page):
+            plot_page(result, args.plots_page, max_devices=args.page_devices)
     summary = {
         "readings": len(result),
         "devices": len(result.device_rows),
@@ -763,6 +766,16 @@ def _replay(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary), flush=True)
     return 0
+
+
+@contextmanager
+def _writing(flag: str, path: Path | None) -> Iterator[None]:
+    """An OSError while writing what ``flag`` names (a full disk, a file made read-only meanwhile)
+    as one line naming it, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise StreamerError(f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
 
 
 def _show_bad_rows(histories: Histories) -> None:

@@ -1,5 +1,7 @@
 """The one exception root. Errors carry the values that caused them."""
 
+from pathlib import Path
+
 
 class StreamerError(Exception):
     """Root of every error streamer raises on purpose."""
@@ -20,3 +22,10 @@ class CapacityError(StreamerError):
 
 class PipelineError(StreamerError):
     """The run loop cannot go on safely (e.g. the broker refused the batch's predictions)."""
+
+
+def not_a_file(path: Path) -> str:
+    """Why ``path``, which is no regular file, cannot be read as one."""
+    if path.is_dir():
+        return "a directory, not a file"
+    return "not a regular file" if path.exists() else "no such file"

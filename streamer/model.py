@@ -10,16 +10,21 @@ plus the gate nonlinearities (nn.LSTM with seq_len=1 is several times slower for
 
 from __future__ import annotations
 
+import io
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from streamer.errors import ModelFileError
+from streamer.errors import ModelFileError, not_a_file
 from streamer.features import check_time_features
 
 MODEL_FILE_KEYS = ("config", "state_dict", "version")
+
+# Layers a model may have: each is a step of its own per reading; 10^8 had hung `train` building them.
+MAX_LAYERS = 64
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class ModelConfig:
             if not isinstance(raw.get(name), int) or raw[name] < 1:
                 raise ModelFileError(path, f"config.{name} must be a positive int, got {raw.get(name)!r}")
             values[name] = raw[name]
+        if values["num_layers"] > MAX_LAYERS:
+            raise ModelFileError(path, f"config.num_layers must be at most {MAX_LAYERS}, got {values['num_layers']}")
         try:
             time_names = check_time_features(raw.get("time_features") or ())
         except (TypeError, ValueError) as exc:
@@ -160,15 +167,21 @@ def save_model_file(
         payload["meta"] = meta
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # in memory first: torch's own writer reports a full disk as "unexpected pos"
+    try:
+        tmp.write_bytes(buffer.getbuffer())
+        tmp.replace(path)
+    except OSError as exc:  # a full disk, a read-only directory: one line, not a traceback
+        tmp.unlink(missing_ok=True)
+        raise ModelFileError(path, f"cannot be written ({exc.strerror or exc})") from None
 
 
 def load_model_file(path: str | Path) -> ModelBundle:
     """Load and check a model file; every failure is a ModelFileError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(path, "a directory, not a file" if path.is_dir() else "no such file")
+        raise ModelFileError(path, not_a_file(path))
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file

@@ -34,7 +34,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from streamer.errors import StreamerError
+from streamer.errors import StreamerError, not_a_file
 from streamer.malloc import check_keep_mb
 
 ENV_PREFIX = "STREAMER_"
@@ -124,9 +124,9 @@ class KafkaSettings(Section):
     session_timeout_ms: Annotated[int, Field(ge=6000, le=300000)] = Field(
         10000, description="consumer session timeout"
     )
-    startup_wait_s: Annotated[float, Field(ge=0)] = Field(
+    startup_wait_s: Annotated[float, Field(ge=0, le=604_800)] = Field(
         120.0, description="how long start-up keeps trying to reach the brokers, and then waits for the input topic to"
-        " exist (0: give up at the first failure)"
+        " exist (0: give up at the first failure; at most a week, whose milliseconds librdkafka's timeouts still hold)"
     )
     exactly_once: bool = Field(
         False, description="commit predictions and input offsets in one Kafka transaction (read_committed downstream)"
@@ -216,7 +216,7 @@ class KafkaSettings(Section):
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
-                raise ValueError(f"{name} {path}: no such file")
+                raise ValueError(f"{name} {path}: {not_a_file(path)}")
         if self.ssl_keyfile is not None and self.ssl_certfile is None:
             raise ValueError(f"ssl_keyfile {self.ssl_keyfile} is given without ssl_certfile")
         return self
@@ -556,7 +556,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The TOML file's tables, checked to hold only settings; StreamerError names the file and
     the line (bad syntax) or the key (not a setting, with the closest real one)."""
     if not path.is_file():
-        raise StreamerError(f"config file {path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
+        raise StreamerError(f"config file {path}: {not_a_file(path)}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"

@@ -39,7 +39,7 @@ from streamer.engine import resolve_device
 from streamer.errors import StreamerError
 from streamer.features import check_time_features, normalize_sequences, time_features
 from streamer.history import unwritable_reason
-from streamer.model import LSTMModel, ModelConfig, Normalization, allocation_failed, save_model_file
+from streamer.model import MAX_LAYERS, LSTMModel, ModelConfig, Normalization, allocation_failed, save_model_file
 from streamer.settings import check_device_name
 from streamer.simulate import FleetSpec, history
 
@@ -110,6 +110,8 @@ class TrainOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainOptionsError(name, "must be an int >= 1", value)
+        if self.num_layers > MAX_LAYERS:
+            raise TrainOptionsError("num_layers", f"must be at most {MAX_LAYERS}", self.num_layers)
         if self.batch_size > MAX_BATCH_SIZE:  # its activations would not fit any host's memory
             raise TrainOptionsError("batch_size", f"must be at most {MAX_BATCH_SIZE}", self.batch_size)
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from streamer.cli import main
+from streamer.errors import StreamerError
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -598,6 +600,47 @@ def test_replay_refuses_outputs_among_its_inputs_and_names_its_own_flags(model_f
     assert main([*replay, "--out", str(tmp_path / "r.csv"), "--batch-size", str(10**14)]) == 2
     assert "batch.max_records (flag --batch-size, env STREAMER_BATCH__MAX_RECORDS)" in one_line_error(capsys)
     assert not (tmp_path / "r.csv").exists() and not plots.exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a disk that is always full)")
+def test_outputs_that_cannot_be_written_are_one_line_naming_them(model_file: Path, tmp_path: Path, capsys, monkeypatch):
+    data = tmp_path / "h.csv"
+    data.write_text("device_id,timestamp,value\n" + "".join(f"a,{1_700_000_000 + 60 * t},{t % 7}\n" for t in range(30)))
+    replay = ["replay", "--model-path", str(model_file), "--data", str(data), "--no-progress"]
+    for suffix in ("csv", "parquet"):
+        full = tmp_path / f"full.{suffix}"
+        full.symlink_to("/dev/full")
+        assert main([*replay, "--out", str(full)]) == 2  # it had ended in OSError's traceback
+        assert f"--out {full}: cannot be written (" in one_line_error(capsys)
+    page = tmp_path / "page.png"
+    page.symlink_to("/dev/full")
+    assert main([*replay, "--out", str(tmp_path / "r.csv"), "--plots-page", str(page)]) == 2
+    assert f"--plots-page {page}: cannot be written (No space left on device)" in one_line_error(capsys)
+    # A model file on a full disk: torch's own writer had said "unexpected pos 2624 vs 2576".
+    from streamer.model import ModelConfig, init_random_model, save_model_file
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    config = ModelConfig(1, 4, 1, 1)
+    with pytest.raises(StreamerError, match=r"model file .*m.pt: cannot be written \(No space left on device\)"):
+        save_model_file(tmp_path / "m.pt", init_random_model(config, seed=0), config, "v")
+    assert not list(tmp_path.glob("m.pt*"))
+    monkeypatch.undo()
+    assert main([*replay, "--out", str(tmp_path / "r.csv"), "--model-path", "/dev/null"]) == 2
+    assert "model file /dev/null: not a regular file" in one_line_error(capsys)
+
+
+def test_bounds_that_keep_a_value_from_hanging_or_overflowing_a_client(tmp_path: Path, capsys):
+    data = tmp_path / "h.csv"
+    data.write_text("device_id,timestamp,value\n" + "".join(f"a,{1_700_000_000 + 60 * t},{t % 7}\n" for t in range(30)))
+    # 10^8 layers had hung train building them; 1e12 s had overflowed librdkafka's timeout (it gave up at once).
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--num-layers", str(10**8)]) == 2
+    assert "train option num_layers must be at most 64" in one_line_error(capsys)
+    assert main(["check-config", "--settings-only", "--kafka-startup-wait-s", "1e12"]) == 2
+    assert "kafka.startup_wait_s" in one_line_error(capsys)
+    assert main(["check-config", "--settings-only", "--kafka-startup-wait-s", "604800"]) == 0
 
 
 def test_replay_plots_histories_at_the_ends_of_the_years_it_takes(model_file: Path, tmp_path: Path, capsys):
