@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import UnionType
@@ -288,11 +288,12 @@ def _describe_validation(exc: ValidationError, offered: set[tuple[str, str]] | N
     return "invalid settings: " + "; ".join(problems)
 
 
-def stop_on_signals(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT set ``stop``, by a thread of their own. A Python signal handler runs in
-    the main thread between any two of its bytecodes: stop.set() there deadlocked when the main
-    thread was inside stop.wait() holding the event's lock, and the run hung on SIGTERM for good.
-    The handler only puts the signal in a SimpleQueue, whose put is reentrant."""
+def stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM and SIGINT set ``stop``, by a thread of their own; returns what puts the handlers
+    before back. A Python signal handler runs in the main thread between any two of its
+    bytecodes: stop.set() there deadlocked when the main thread was inside stop.wait() holding
+    the event's lock, and the run hung on SIGTERM for good. The handler only puts the signal in a
+    SimpleQueue, whose put is reentrant."""
     received: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def relay() -> None:
@@ -302,28 +303,45 @@ def stop_on_signals(stop: threading.Event) -> None:
             stop.set()
 
     threading.Thread(target=relay, name="signals", daemon=True).start()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, _frame: received.put_nowait(signum))
+    before = {signum: signal.signal(signum, lambda signum, _frame: received.put_nowait(signum))
+              for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    _setup_logging(settings.run.log_level, settings.run.log_format)
-    _require_model_path(settings)
-    if settings.metrics.enabled:
-        _check_metrics_port(settings.metrics.host, settings.metrics.port)
-    _check_checkpoint_directory(settings)
-    from streamer.kafka.clients import silence_client_logs
-    from streamer.service import run_service
-
+    # From the start: a SIGTERM in the first second or two (settings, checks, importing torch)
+    # had ended the process with 143 and no word. Set, it stops the run before it consumes.
     stop = threading.Event()
-    stop_on_signals(stop)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
-    summary = run_service(settings, stop)
+    restore = stop_on_signals(stop)
+    try:
+        settings = settings_from_args(args)
+        _setup_logging(settings.run.log_level, settings.run.log_format)
+        _require_model_path(settings)
+        if settings.metrics.enabled:
+            _check_metrics_port(settings.metrics.host, settings.metrics.port)
+        _check_checkpoint_directory(settings)
+        from streamer.kafka.clients import silence_client_logs
+        from streamer.service import run_service
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
+        summary = run_service(settings, stop)
+    except BaseException:
+        restore()  # a run that ends on an error (main's caller may go on: a test process)
+        raise
     # Every client of the run is closed; one abandoned while it waited for a broker (its
     # bootstrap does not look at signals) may still log from its thread: not after the summary.
     silence_client_logs()
     print(json.dumps({"summary": summary.__dict__}), flush=True)
+    # The run is over: a SIGTERM or SIGINT repeated now (supervisors send one to each process of
+    # a group, or again) is no reason to die. Python gives its handlers back to the system's
+    # default as the interpreter shuts down, and one arriving then had ended an exit 0 as 143.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     return 0
 
 

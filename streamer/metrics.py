@@ -7,6 +7,7 @@ one call; values that can be read off the state (devices, capacity) are read at 
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,7 @@ EVENT_TIME_PAST_S = 7 * 24 * 3600.0
 # them have a series before the first event (a labelled child exists only once created).
 RECOVERY_OUTCOMES = ("checkpoint", "fresh", "no_checkpoint")
 MODEL_RELOAD_OUTCOMES = ("loaded", "reset", "failed")
+HTTP_TIMEOUT_S = 10.0  # a metrics/health client that sends nothing for this long is dropped
 
 
 def split_skewed(
@@ -289,6 +291,9 @@ class Health:
     def __init__(self, stale_after_s: float) -> None:
         self.stale_after_s = stale_after_s
         self._last = time.monotonic()
+        # Until the loop's first beat: the clients are still being opened (a broker that does not
+        # answer start-up is tried again for kafka.startup_wait_s), nothing is consumed yet.
+        self._starting = True
         self._failed: str | None = None
         self._broker_away: str | None = None  # why the last probe failed; None while it answers
         self._broker_away_since: float | None = None
@@ -296,6 +301,7 @@ class Health:
 
     def beat(self) -> None:
         self._last = time.monotonic()
+        self._starting = False
 
     def fail(self, reason: str) -> None:
         self._failed = reason
@@ -336,6 +342,8 @@ class Health:
             return False, f"run loop has not polled for {age:.1f}s"
         if self._outside_group is not None:
             return False, f"consumer outside its group: {self._outside_group}"
+        if self._starting:
+            return False, "starting: the Kafka clients are being opened"
         if self._broker_away is not None:
             away = time.monotonic() - (self._broker_away_since or time.monotonic())
             return False, f"broker unreachable for {away:.0f}s: {self._broker_away}"
@@ -347,6 +355,8 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = HTTP_TIMEOUT_S  # a client that stalls mid-request lets go of its thread
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass
 
@@ -359,14 +369,23 @@ class MetricsServer:
         metrics_app = make_wsgi_app(registry)
 
         def app(environ, start_response):
-            path = environ.get("PATH_INFO")
-            if path in ("/healthz", "/readyz"):
-                ok, text = health.status() if path == "/healthz" else health.readiness()
-                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [text.encode() + b"\n"]
-            return metrics_app(environ, start_response)
+            # Only these three paths, read with GET or HEAD: a mistyped probe path (/healthz/) had
+            # been answered 200 with the metrics, so the probe could never fail.
+            path, method = environ.get("PATH_INFO"), environ.get("REQUEST_METHOD")
+            if path not in ("/metrics", "/healthz", "/readyz"):
+                return _text(start_response, "404 Not Found", "not found: /metrics, /healthz or /readyz", method)
+            if method not in ("GET", "HEAD"):
+                return _text(start_response, "405 Method Not Allowed", "GET or HEAD", method, [("Allow", "GET, HEAD")])
+            if path == "/metrics":
+                body = metrics_app({**environ, "REQUEST_METHOD": "GET"}, start_response)
+                return [] if method == "HEAD" else body
+            ok, text = health.status() if path == "/healthz" else health.readiness()
+            return _text(start_response, "200 OK" if ok else "503 Service Unavailable", text, method)
 
-        self._server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        # The address family of ``host`` (an IPv6 address such as ::1 too; the stdlib server is IPv4 only).
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_Server", (_ThreadingWSGIServer,), {"address_family": family})
+        self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self.host = host
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
@@ -378,6 +397,11 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _text(start_response, status: str, text: str, method: str | None, headers: list | None = None) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain"), *(headers or [])])
+    return [] if method == "HEAD" else [text.encode() + b"\n"]
 
 
 class _CheckpointLag(Collector):

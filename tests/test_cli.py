@@ -249,6 +249,31 @@ def test_busy_metrics_port_is_refused_before_connecting_to_kafka(tmp_path: Path,
     assert f"metrics.port (flag --metrics-port, env STREAMER_METRICS__PORT) = {port}" in err and "in use" in err
 
 
+def test_sigterm_repeated_while_the_run_ends_still_exits_0(model_file: Path, tmp_path: Path):
+    """A supervisor sends SIGTERM more than once: the run stops on the first and exits 0. Python
+    gives its handlers back to the system's default as it shuts down, and a later one had ended
+    the process with 143 (4 runs of 4)."""
+    import signal
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "run", "--model-path", str(model_file), "--kafka-bootstrap-servers",
+         "127.0.0.1:1", "--kafka-startup-wait-s", "30", "--metrics-port", "0", "--checkpoint-directory",
+         str(tmp_path / "cp")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stderr is not None
+        for line in run.stderr:  # the model loaded: past start-up's checks, waiting for the broker
+            if "state table of" in line:
+                break
+        time.sleep(0.5)
+        for _ in range(4):
+            run.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        out, _ = run.communicate(timeout=20)
+    finally:
+        run.kill()
+    assert run.returncode == 0 and '"summary"' in out
+
+
 def test_garbage_model_file_gives_our_error_without_torch_advice(tmp_path: Path, capsys, monkeypatch):
     import faulthandler
     import signal

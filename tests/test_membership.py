@@ -162,6 +162,7 @@ def test_pipeline_hook_fails_health_and_counts(tmp_path):
     consumer = FakeConsumer()
     registry = CollectorRegistry()
     health = Health(60.0)
+    health.beat()  # past start-up: the loop's first poll
     pipeline = Pipeline(settings, engine, KafkaPythonConsumer(consumer), producer=None, metrics=Metrics(registry), health=health)  # type: ignore[arg-type]
     clock = Clock()
     pipeline.membership.clock = clock

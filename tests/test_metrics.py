@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 
@@ -54,8 +55,13 @@ def test_skew_bounds_are_settable():
     assert sample(registry, "streamer_event_to_publish_seconds_count") == 1
 
 
-def test_health_live_but_not_ready_while_the_broker_is_away():
+def test_health_live_but_not_ready_while_starting_and_while_the_broker_is_away():
     health = Health(60.0)
+    # Start-up opens the clients (trying a broker that does not answer again and again): not
+    # ready until the loop's first beat. It had been ready from the start.
+    assert health.readiness() == (False, "starting: the Kafka clients are being opened")
+    assert health.status() == (True, "ok (not ready: starting: the Kafka clients are being opened)")
+    health.beat()
     assert health.status() == (True, "ok") and health.readiness() == (True, "ok")
     health.broker_away("no answer to an end-offsets request")
     ready, reason = health.readiness()
@@ -92,12 +98,82 @@ def test_readyz_over_http():
     server = MetricsServer(registry, health, "127.0.0.1", 0).start()
     try:
         base = f"http://127.0.0.1:{server.port}"
+        assert get(base + "/readyz")[0] == 503  # starting
+        health.beat()
         assert get(base + "/readyz") == (200, "ok\n")
         health.broker_away("timed out")
         status, text = get(base + "/readyz")
         assert status == 503 and "broker unreachable" in text
         status, text = get(base + "/healthz")
         assert status == 200 and text.startswith("ok (not ready")
+    finally:
+        server.stop()
+
+
+def request(port: int, method: str, path: str, host: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+    import http.client
+
+    connection = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def test_only_the_three_paths_answer_and_only_to_get_and_head():
+    health = Health(60.0)
+    health.beat()
+    registry = CollectorRegistry()
+    Metrics(registry)
+    server = MetricsServer(registry, health, "127.0.0.1", 0).start()
+    try:
+        # A mistyped probe path had been answered 200 with the metrics: the probe could never fail.
+        for path in ("/healthz/", "/HEALTHZ", "/nope", "/", "/metrics/x"):
+            assert request(server.port, "GET", path)[0] == 404, path
+        for method in ("POST", "PUT", "DELETE", "FOO"):
+            status, headers, _ = request(server.port, method, "/healthz")
+            assert status == 405 and headers["Allow"] == "GET, HEAD"
+        assert request(server.port, "GET", "/healthz")[::2] == (200, b"ok\n")
+        assert request(server.port, "HEAD", "/healthz")[::2] == (200, b"")  # HEAD had sent the body
+        assert request(server.port, "HEAD", "/metrics")[::2] == (200, b"")  # and had been 405 on /metrics
+        status, headers, body = request(server.port, "GET", "/metrics")
+        assert status == 200 and b"# HELP streamer_readings_total" in body
+    finally:
+        server.stop()
+
+
+def test_a_client_that_stalls_mid_request_is_let_go(monkeypatch):
+    import socket
+
+    import streamer.metrics
+
+    monkeypatch.setattr(streamer.metrics._QuietHandler, "timeout", 0.5)
+    server = MetricsServer(CollectorRegistry(), Health(60.0), "127.0.0.1", 0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as stalled:
+            stalled.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the blank line
+            started = time.monotonic()
+            assert stalled.recv(100) == b""  # closed by the server; it had held a thread for good
+            assert time.monotonic() - started < 4
+    finally:
+        server.stop()
+
+
+def test_an_ipv6_host_is_served():
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    health = Health(60.0)
+    health.beat()
+    server = MetricsServer(CollectorRegistry(), health, "::1", 0).start()  # had been "Address family not supported"
+    try:
+        assert request(server.port, "GET", "/healthz", host="::1")[::2] == (200, b"ok\n")
     finally:
         server.stop()
 

@@ -33,6 +33,7 @@ def build(tmp_path) -> tuple[Pipeline, MemoryBroker, Health, CollectorRegistry]:
     consumer.seek(TP, 120)
     registry = CollectorRegistry()
     health = Health(60.0)
+    health.beat()  # past start-up: the loop's first poll
     pipeline = Pipeline(settings, engine, consumer, MemoryProducer(broker), metrics=Metrics(registry), health=health)
     return pipeline, broker, health, registry
 
