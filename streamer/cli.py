@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import faulthandler
 import json
@@ -339,10 +340,15 @@ def _run(args: argparse.Namespace) -> int:
     print(json.dumps({"summary": summary.__dict__}), flush=True)
     # The run is over: a SIGTERM or SIGINT repeated now (supervisors send one to each process of
     # a group, or again) is no reason to die. Python gives its handlers back to the system's
-    # default as the interpreter shuts down, and one arriving then had ended an exit 0 as 143.
+    # default as the interpreter shuts down, and one arriving then had ended an exit 0 as 143:
+    # at exit (not before: a caller of main may go on) they are ignored instead.
+    atexit.register(_ignore_stop_signals)
+    return 0
+
+
+def _ignore_stop_signals() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-    return 0
 
 
 def _check_metrics_port(host: str, port: int) -> None:

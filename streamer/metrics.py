@@ -377,13 +377,19 @@ class MetricsServer:
             if method not in ("GET", "HEAD"):
                 return _text(start_response, "405 Method Not Allowed", "GET or HEAD", method, [("Allow", "GET, HEAD")])
             if path == "/metrics":
-                body = metrics_app({**environ, "REQUEST_METHOD": "GET"}, start_response)
-                return [] if method == "HEAD" else body
+                if method == "GET":
+                    return metrics_app(environ, start_response)
+                answer: list = []  # HEAD: GET's status and headers, its length, no body
+                body = metrics_app({**environ, "REQUEST_METHOD": "GET"}, lambda *args: answer.extend(args))
+                status, headers = answer[0], [(k, v) for k, v in answer[1] if k.lower() != "content-length"]
+                start_response(status, [*headers, ("Content-Length", str(sum(map(len, body))))])
+                return []
             ok, text = health.status() if path == "/healthz" else health.readiness()
             return _text(start_response, "200 OK" if ok else "503 Service Unavailable", text, method)
 
-        # The address family of ``host`` (an IPv6 address such as ::1 too; the stdlib server is IPv4 only).
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        # An IPv6 address (::1, ::) on an IPv6 socket, as the start-up check binds it; any other
+        # host ("", localhost, a name) on IPv4 as before (the stdlib server is IPv4 only).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("_Server", (_ThreadingWSGIServer,), {"address_family": family})
         self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self.host = host
@@ -400,8 +406,9 @@ class MetricsServer:
 
 
 def _text(start_response, status: str, text: str, method: str | None, headers: list | None = None) -> list[bytes]:
-    start_response(status, [("Content-Type", "text/plain"), *(headers or [])])
-    return [] if method == "HEAD" else [text.encode() + b"\n"]
+    body = text.encode() + b"\n"
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body))), *(headers or [])])
+    return [] if method == "HEAD" else [body]
 
 
 class _CheckpointLag(Collector):

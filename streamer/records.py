@@ -23,8 +23,8 @@ picks the partition and a device's state belongs to the partition its readings a
 device must always be sent by the same key. A message is all or nothing: one bad row
 dead-letters the whole message (one message, one dead letter, its detail naming the column,
 the first bad row and how many rows are bad); checks in this order: one readable Arrow stream,
-nothing after it (not_arrow), its buffers no more than ARROW_MAX_DECODED_BYTES once decompressed
-(too_large, told from the metadata before anything is decompressed), columns and types (invalid_schema; a list size other than the
+its buffers no more than ARROW_MAX_DECODED_BYTES once decompressed (too_large, told from the
+metadata before anything is decompressed), nothing after it (not_arrow), columns and types (invalid_schema; a list size other than the
 model's input size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf in
 ts or values (non_finite), values beyond ±1e18 (out_of_range), key present (key_mismatch). A
 message of no rows gives no predictions: one empty output batch message back under
@@ -431,6 +431,8 @@ def _arrow_decoded_bytes(value: bytes) -> int:
                 if length < 8:
                     raise ValueError(f"a compressed buffer of {length} bytes")
                 uncompressed = int.from_bytes(body[offset : offset + 8].to_pybytes(), "little", signed=True)
+                if uncompressed < -1:  # -1 alone says "stored as is"; another would cancel real bytes out
+                    raise ValueError(f"a compressed buffer of {uncompressed} bytes")
                 total += length - 8 if uncompressed == -1 else uncompressed
             else:
                 total += length

@@ -7,6 +7,7 @@ STREAMER_KAFKA__BOOTSTRAP_SERVERS), a TOML config file (--config / STREAMER_CONF
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import tomllib
@@ -468,19 +469,42 @@ class _KnownSettingsOnly(PydanticBaseSettingsSource):
 
         def dropped(section: str, key: str) -> bool:
             # Only keys of STREAMER_<SECTION>__<KEY> variables (or deeper: STREAMER_KAFKA__SSL__X);
-            # a key inside STREAMER_<SECTION>='{json}' is refused. A variable below a setting
-            # (STREAMER_KAFKA__SSL_CAFILE__X) is no setting either: it is warned of and ignored,
-            # where it had reached the setting as a value.
+            # a key inside STREAMER_<SECTION>='{json}' is refused.
             name = env_name(section, key)
-            deeper = any(var.startswith(name + ENV_NESTED_DELIMITER) for var in environ)
-            if (section, key) in known:
-                return deeper and name not in environ
-            return name in environ or deeper
+            return name in environ or any(var.startswith(name + ENV_NESTED_DELIMITER) for var in environ)
+
+        def kept(section: str, values: dict[str, Any]) -> dict[str, Any]:
+            out = {}
+            for key, value in values.items():
+                if (section, key) not in known:
+                    if not dropped(section, key):
+                        out[key] = value
+                elif isinstance(value, dict) and env_name(section, key) not in environ:
+                    # Only variables below the setting (STREAMER_KAFKA__SSL_CAFILE__X, read as
+                    # {"x": ...}): no setting, warned of and ignored; they had reached the setting
+                    # as its value, in place of one the section's JSON variable may give.
+                    given = _section_json(section)
+                    if key in given:
+                        out[key] = given[key]
+                else:
+                    out[key] = value
+            return out
 
         return {
-            section: {k: v for k, v in values.items() if not dropped(section, k)} if isinstance(values, dict) else values
+            section: kept(section, values) if isinstance(values, dict) else values
             for section, values in self._source().items()
         }
+
+
+def _section_json(section: str) -> dict[str, Any]:
+    """The settings STREAMER_<SECTION>='{json}' gives, if it is set and a JSON object."""
+    name = f"{ENV_PREFIX}{section}".upper()
+    raw = next((value for var, value in os.environ.items() if var.upper() == name), None)
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def env_name(section: str, name: str) -> str:

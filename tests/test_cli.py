@@ -400,10 +400,16 @@ def test_a_variable_nested_below_a_setting_that_does_not_exist_is_ignored_as_sai
     assert "STREAMER_KAFKA__SSL__X is not a setting, ignored" in capsys.readouterr().err
 
 
-def test_a_variable_nested_below_a_real_setting_is_ignored_as_said(monkeypatch, capsys):
+def test_a_variable_nested_below_a_real_setting_is_ignored_as_said(monkeypatch, capsys, tmp_path: Path):
     monkeypatch.setenv("STREAMER_KAFKA__SSL_CAFILE__X", "1")
     assert main(["check-config", "--settings-only"]) == 0  # it had reached kafka.ssl_cafile as its value
     assert "STREAMER_KAFKA__SSL_CAFILE__X is not a setting, ignored" in capsys.readouterr().err
+    # The setting itself, given in the section's JSON, stays.
+    cafile = tmp_path / "ca.pem"
+    cafile.write_text("x")
+    monkeypatch.setenv("STREAMER_KAFKA", json.dumps({"ssl_cafile": str(cafile)}))
+    assert main(["check-config", "--settings-only", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kafka"]["ssl_cafile"] == str(cafile)
 
 
 @pytest.mark.parametrize("text, named, why", [

@@ -137,9 +137,13 @@ def test_only_the_three_paths_answer_and_only_to_get_and_head():
             assert status == 405 and headers["Allow"] == "GET, HEAD"
         assert request(server.port, "GET", "/healthz")[::2] == (200, b"ok\n")
         assert request(server.port, "HEAD", "/healthz")[::2] == (200, b"")  # HEAD had sent the body
-        assert request(server.port, "HEAD", "/metrics")[::2] == (200, b"")  # and had been 405 on /metrics
+        status, head, body = request(server.port, "HEAD", "/metrics")
+        assert (status, body) == (200, b"")  # HEAD had been 405 on /metrics
         status, headers, body = request(server.port, "GET", "/metrics")
         assert status == 200 and b"# HELP streamer_readings_total" in body
+        assert head["Content-Length"] == headers["Content-Length"] == str(len(body))  # HEAD's had been 0
+        assert request(server.port, "HEAD", "/readyz")[1]["Content-Length"] == "3"
+        assert request(server.port, "GET", "/metrics?name[]=streamer_readings_total")[0] == 200
     finally:
         server.stop()
 
@@ -157,6 +161,16 @@ def test_a_client_that_stalls_mid_request_is_let_go(monkeypatch):
             started = time.monotonic()
             assert stalled.recv(100) == b""  # closed by the server; it had held a thread for good
             assert time.monotonic() - started < 4
+    finally:
+        server.stop()
+
+
+def test_the_host_of_all_interfaces_is_served_on_ipv4():
+    health = Health(60.0)
+    health.beat()
+    server = MetricsServer(CollectorRegistry(), health, "", 0).start()  # "" had been refused once the run had started
+    try:
+        assert request(server.port, "GET", "/healthz")[::2] == (200, b"ok\n")
     finally:
         server.stop()
 

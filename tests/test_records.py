@@ -494,6 +494,20 @@ def test_a_message_that_decompresses_past_the_bound_is_refused_before_it_is_read
     assert letter.reason is R.TOO_LARGE
 
 
+def test_a_negative_uncompressed_length_is_not_arrow_and_cancels_nothing_out() -> None:
+    # Two batches of 500,000 zero rows: a compressed buffer says it holds 4,000,000 bytes. A second
+    # one saying -4,000,000 had cancelled the first out (0 bytes: read, 88 MiB allocated).
+    n = 1_000_000
+    columns = {**good_columns(n, 1), "pad": pa.array(np.zeros(n))}
+    columns["device_id"] = pa.array(["d"] * n)
+    value = arrow_message(columns, batches=2, compression="zstd")
+    size = (4_000_000).to_bytes(8, "little", signed=True)
+    at = value.rindex(size)
+    patched = value[:at] + (-4_000_000).to_bytes(8, "little", signed=True) + value[at + 8 :]
+    reason, detail = ReadingDecoder(1).decode_arrow(b"gw", patched)
+    assert reason is R.NOT_ARROW and "a compressed buffer of -4000000 bytes" in detail, detail
+
+
 @pytest.mark.parametrize("compression", [None, "zstd", "lz4"])
 @pytest.mark.parametrize("batches", [1, 3])
 def test_the_decoded_size_is_read_from_the_metadata_before_decompressing(compression: str | None, batches: int, monkeypatch) -> None:
