@@ -24,8 +24,8 @@ device must always be sent by the same key. A message is all or nothing: one bad
 dead-letters the whole message (one message, one dead letter, its detail naming the column,
 the first bad row and how many rows are bad); checks in this order: one readable Arrow stream,
 its buffers no more than ARROW_MAX_DECODED_BYTES once decompressed (too_large, told from the
-metadata before anything is decompressed), nothing after it (not_arrow), columns and types (invalid_schema; a list size other than the
-model's input size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf in
+metadata before anything is decompressed), nothing after it (not_arrow), columns and types
+(invalid_schema; a list size other than the model's input size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf in
 ts or values (non_finite), values beyond ±1e18 (out_of_range), key present (key_mismatch). A
 message of no rows gives no predictions: one empty output batch message back under
 kafka.batch_output = "arrow", nothing as JSON. Every reading of a message shares its SourcePosition.
