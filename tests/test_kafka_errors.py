@@ -159,3 +159,19 @@ def test_a_confluent_seek_refused_for_the_partitions_state_is_retried_not_the_en
     with pytest.raises(KafkaClientError) as refused:
         consumer.seek(TopicPartition("readings", 0), 5810)
     assert refused.value.retriable and "seek" in str(refused.value)
+
+
+@pytest.mark.parametrize("code", sorted(confluent.CHANGELOG_PARTITION_UNKNOWN))
+def test_a_changelog_partition_the_clients_metadata_lacks_for_a_while_is_retriable(code: int):
+    """After a broker restart librdkafka said "Local: Unknown partition" for a partition of the
+    checkpoint changelog (opened with it): that had ended two runs of the chaos test. Recovery
+    retries a retriable error every STORE_RETRY_S, the partition paused meanwhile."""
+    from types import SimpleNamespace
+
+    def watermarks(partition, timeout):
+        raise KafkaException(KafkaError(code))
+
+    changelog = confluent.ConfluentChangelog("checkpoints", SimpleNamespace(get_watermark_offsets=watermarks), None)  # type: ignore[arg-type]
+    with pytest.raises(KafkaClientError, match=r"end offset of checkpoints\[4\]") as raised:
+        changelog.end_offset(4, 1.0)
+    assert raised.value.retriable

@@ -85,6 +85,9 @@ TRANSIENT = {
     KafkaError.PREFERRED_LEADER_NOT_AVAILABLE,
     KafkaError._WAIT_COORD,
 }
+# A partition of the checkpoint changelog that the client's metadata lacks for a while after a
+# broker restart (ConfluentChangelog.end_offset): retriable there, where the partition is known to exist.
+CHANGELOG_PARTITION_UNKNOWN = {KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART}
 # librdkafka's transaction calls take a timeout and return a retriable error after it, except
 # send_offsets_to_transaction while its group coordinator is away (librdkafka issues #5456 and
 # #5511: it can block far longer; seen for 60 s after a broker restart). Twice the timeout marks
@@ -536,7 +539,14 @@ class ConfluentChangelog(Changelog):
         try:
             _, high = self.consumer.get_watermark_offsets(RdTopicPartition(self.topic, partition), timeout=timeout_s)
         except KafkaException as exc:
-            raise client_error(exc, f"end offset of {self.topic}[{partition}]") from exc
+            what = f"end offset of {self.topic}[{partition}]"
+            error = exc.args[0]
+            if isinstance(error, KafkaError) and error.code() in CHANGELOG_PARTITION_UNKNOWN and not error.fatal():
+                # The changelog's partitions were there when it was opened: one the client's
+                # metadata lacks now is a broker restarting (its metadata not refreshed yet), not
+                # a partition gone. It had ended the run (the chaos test's broker restart).
+                raise KafkaClientError(f"{what}: {error.str()}", retriable=True, cause=exc) from exc
+            raise client_error(exc, what) from exc
         return high
 
     def read(self, partition: int, start: int, end: int, timeout_s: float) -> Iterator[Message]:
