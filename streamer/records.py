@@ -25,8 +25,8 @@ dead-letters the whole message (one message, one dead letter, its detail naming 
 the first bad row and how many rows are bad); checks in this order: one readable Arrow stream,
 its buffers no more than ARROW_MAX_DECODED_BYTES once decompressed (too_large, told from the
 metadata before anything is decompressed), nothing after it (not_arrow), columns and types
-(invalid_schema; a list size other than the model's input size: wrong_value_count), nulls and device id lengths (invalid_schema), NaN/inf in
-ts or values (non_finite), values beyond ±1e18 (out_of_range), key present (key_mismatch). A
+(invalid_schema; a list size other than the model's input size: wrong_value_count), nulls and
+device id lengths (invalid_schema), NaN/inf in ts or values (non_finite), values beyond ±1e18 (out_of_range), key present (key_mismatch). A
 message of no rows gives no predictions: one empty output batch message back under
 kafka.batch_output = "arrow", nothing as JSON. Every reading of a message shares its SourcePosition.
 
@@ -71,8 +71,8 @@ MAX_ABS_VALUE = 1e18
 # it is read: 64 times the broker's default max.message.bytes.
 ARROW_MAX_DECODED_BYTES = 64 << 20
 CONTENT_TYPE_HEADER = "content-type"
-SENDER_IDS = 1 << 20  # device ids of batch messages kept for their senders' next messages (_SenderIds)
 ARROW_CONTENT_TYPE = b"application/vnd.apache.arrow.stream"
+SENDER_IDS = 1 << 20  # device ids of batch messages kept for their senders' next messages (_SenderIds)
 # The fast path vouches only for messages the old parser (jiter) surely reads the same way:
 # jiter refuses numbers of more than about 4300 digits and nesting deeper than about 200, which
 # msgspec accepts in fields it skips; a message longer than this or with this many brackets
@@ -492,8 +492,8 @@ class _SenderIds:
     A gateway that lists the same devices in the same order again (one polling its sensors in
     turn) gets the very same str objects back: no 16k strings made again per message, and their
     hashes, which the state table's lookup needs, already computed (bench/batch_messages.py,
-    BATCH_ORDER). A message whose ids differ in any way is read
-    afresh and takes its sender's place. At most ``max_rows`` ids are kept (the pipeline gives
+    BATCH_ORDERS). A message whose ids differ in any way is read afresh and takes its sender's
+    place. At most ``max_rows`` ids are kept (the pipeline gives
     the state table's capacity: the ids of the devices it can hold), the senders heard from least
     recently dropped first; 0 keeps none. Each kept sender costs a copy of its id column and a
     reference per id; the strings are mostly those the state table holds anyway."""
