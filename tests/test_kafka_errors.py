@@ -175,3 +175,107 @@ def test_a_changelog_partition_the_clients_metadata_lacks_for_a_while_is_retriab
     with pytest.raises(KafkaClientError, match=r"end offset of checkpoints\[4\]") as raised:
         changelog.end_offset(4, 1.0)
     assert raised.value.retriable
+
+
+def test_confluent_fatal_errors_are_not_retried_whatever_their_code():
+    """A fatal error with a timeout's or a group's code (librdkafka marks fencing fatal) ends the
+    run; it had become a retriable BrokerTimeout or a GroupMovedOn by its code."""
+    for code in (KafkaError._TIMED_OUT, KafkaError.FENCED_INSTANCE_ID, KafkaError.REBALANCE_IN_PROGRESS):
+        error = confluent.client_error(KafkaException(KafkaError(code, fatal=True)), "commit")
+        assert type(error) is KafkaClientError and not error.retriable, code
+
+
+def test_a_kafka_python_seek_of_a_partition_no_longer_assigned_is_retried_not_a_traceback():
+    """kafka-python says ValueError('Unassigned partition') for a partition revoked between the
+    loop's check and its seek; it had left the seam as a bare ValueError."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:9", api_version=(3, 0))  # nothing connects
+    try:
+        with pytest.raises(KafkaClientError, match="seek") as refused:
+            kafka_python.KafkaPythonConsumer(consumer).seek(TopicPartition("readings", 0), 5)
+        assert refused.value.retriable
+    finally:
+        consumer.close()
+
+
+def test_a_kafka_python_committed_offsets_fetch_gives_up_at_its_timeout():
+    """Without a timeout kafka-python looks for the group's coordinator for ever: partition
+    recovery would hang the loop (no health beats, no stop) while the coordinator is away."""
+    import threading
+
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:9", group_id="g", api_version=(3, 0),
+                             reconnect_backoff_max_ms=100)
+    outcome: list[BaseException | None] = []
+
+    def fetch() -> None:
+        try:
+            kafka_python.KafkaPythonConsumer(consumer).committed([TopicPartition("readings", 0)], 0.5)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(15)
+    try:
+        assert not thread.is_alive(), "committed() did not give up at its timeout"
+        assert isinstance(outcome[0], BrokerTimeout), outcome
+    finally:
+        consumer.close()
+
+
+def test_a_kafka_python_transactions_sends_are_let_go_once_it_ends(monkeypatch: pytest.MonkeyPatch):
+    """Exactly-once never asks delivery_failures (a failed send fails the commit): the futures of
+    every send had been kept for the producer's life, memory growing with each message."""
+    from kafka.future import Future
+
+    class Client:
+        def send(self, *args, **kwargs):
+            future = Future()
+            future.success(None)
+            return future
+
+        def commit_transaction(self) -> None: ...
+
+        def abort_transaction(self) -> None:
+            raise kp_errors.KafkaTimeoutError("abort")
+
+    producer = kafka_python.KafkaPythonProducer(Client())  # type: ignore[arg-type]
+    for _ in range(1000):
+        producer.produce("out", b"k", b"v")
+    producer.commit_transaction()
+    assert producer._sent == []
+    producer.produce("out", b"k", b"v")
+    with pytest.raises(KafkaClientError):
+        producer.abort_transaction()
+    assert producer._sent == []
+
+
+def test_a_kafka_python_producer_whose_transactions_cannot_start_is_closed(monkeypatch: pytest.MonkeyPatch):
+    """A replacement producer is retried until one starts; each that failed at
+    init_transactions had stayed open (its sender thread, and an InitProducerId that, answered
+    later, could fence the one that started). The reason names the transaction coordinator."""
+    from streamer.kafka import clients
+    from streamer.kafka.clients import KafkaBootstrapError
+    from streamer.settings import KafkaSettings
+
+    made = []
+
+    class Producer:
+        def __init__(self, **config) -> None:
+            self.closed_with: float | None = None
+            made.append(self)
+
+        def init_transactions(self) -> None:
+            raise kp_errors.KafkaTimeoutError("Timeout waiting for transaction coordinator")
+
+        def close(self, timeout: float | None = None) -> None:
+            self.closed_with = timeout
+
+    monkeypatch.setattr(clients, "KafkaProducer", Producer)
+    with pytest.raises(KafkaBootstrapError, match="no transaction coordinator answered"):
+        clients.make_producer(KafkaSettings(exactly_once=True), "instance-1")
+    assert [p.closed_with for p in made] == [0.0]

@@ -278,9 +278,36 @@ def make_producer(
             **transactional,
             **security,
         )
-        if settings.exactly_once:
+    if settings.exactly_once:
+        try:
             producer.init_transactions()  # waits for a transaction coordinator: a broker must answer
+        except KafkaError as exc:
+            # Closed at once: a producer left behind would keep its sender thread, and its
+            # InitProducerId, answered later, could fence the producer of the next try.
+            close_producer(producer, 0.0)
+            raise KafkaBootstrapError(settings.bootstrap_servers, security,
+                                      f"no transaction coordinator answered: {exc!r}") from exc
     return producer
+
+
+def close_producer(producer: KafkaProducer, timeout_s: float) -> None:
+    """Close ``producer``, waiting up to ``timeout_s`` for what it still sends, then dropping it.
+
+    kafka-python's ``close`` flushes first and raises KafkaTimeoutError while sends are pending,
+    before it stops its sender thread: the producer would stay open, with its thread and
+    connections. Then the sender is closed without sending (its pending sends fail) and the
+    producer closed again, now with nothing pending.
+    """
+    try:
+        producer.close(timeout=timeout_s)
+        return
+    except KafkaTimeoutError:
+        pass
+    sender = getattr(producer, "_sender", None)  # kafka-python 3.x: the I/O thread
+    if sender is not None:
+        sender.force_close()
+        sender.join(max(timeout_s, 1.0))
+    producer.close(timeout=0)
 
 
 # Room for a record's key, headers and batch framing beside its value.

@@ -114,11 +114,13 @@ def client_error(exc: KafkaException, what: str) -> KafkaClientError:
     error = _kafka_error(exc)
     if error is None:
         return KafkaClientError(f"{what}: {exc!r}", cause=exc)
+    if error.fatal():  # librdkafka's fatal errors end the client whatever their code
+        return KafkaClientError(f"{what}: {error.str()}", retriable=False, cause=exc)
     if error.code() in GROUP_MOVED_ON:
         return GroupMovedOn(f"{what}: {error.str()}", cause=exc)
     if error.code() in TIMED_OUT:
         return BrokerTimeout(f"{what}: {error.str()}", cause=exc)
-    retriable = (error.retriable() or error.code() in TRANSIENT) and not error.fatal()
+    retriable = error.retriable() or error.code() in TRANSIENT
     return KafkaClientError(f"{what}: {error.str()}", retriable=retriable, cause=exc)
 
 

@@ -37,7 +37,7 @@ from streamer.kafka.abstract import (
     RebalanceHooks,
     TopicPartition,
 )
-from streamer.kafka.clients import MembershipWatch
+from streamer.kafka.clients import MembershipWatch, close_producer
 
 COMMIT_TIMEOUT_MS = 5000
 GROUP_MOVED_ON = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
@@ -98,11 +98,17 @@ class KafkaPythonConsumer(Consumer):
         self.client.resume(*map(_theirs, partitions))
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
-        self.client.seek(_theirs(partition), offset)
+        try:
+            self.client.seek(_theirs(partition), offset)
+        except ValueError as exc:  # kafka-python's word for a partition no longer assigned
+            raise KafkaClientError(f"seek {partition}: {exc}", retriable=True, cause=exc) from exc
 
     def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
+        # Bounded: without a timeout kafka-python retries for ever while the coordinator is away.
+        deadline = time.monotonic() + timeout_s
         try:
-            return {tp: self.client.committed(_theirs(tp)) for tp in partitions}
+            return {tp: self.client.committed(_theirs(tp), timeout_ms=max(1, int((deadline - time.monotonic()) * 1000)))
+                    for tp in partitions}
         except KafkaError as exc:
             raise client_error(exc, "fetching committed offsets") from exc
 
@@ -179,12 +185,21 @@ class KafkaPythonProducer(Producer):
 
     def commit_transaction(self) -> None:
         self._transaction_call("commit_transaction", self.client.commit_transaction)
+        # Committed: every send of the transaction was delivered (a failed one fails the commit).
+        # Exactly-once never asks delivery_failures, so the futures are let go here.
+        self._sent.clear()
 
     def abort_transaction(self) -> None:
-        self._transaction_call("abort_transaction", self.client.abort_transaction)
+        try:
+            self._transaction_call("abort_transaction", self.client.abort_transaction)
+        finally:
+            self._sent.clear()  # the transaction's sends are void, delivered or not
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self.client.close(timeout=timeout_s)
+        try:
+            close_producer(self.client, timeout_s)
+        except KafkaError as exc:
+            raise client_error(exc, "closing the producer") from exc
 
 
 class KafkaPythonChangelog(Changelog):

@@ -61,3 +61,29 @@ def test_delivered_messages_leave_the_confluent_client_without_a_flush(kafka_boo
         producer.close(5)
         admin.delete_topics([topic])
         admin.close()
+
+
+@pytest.mark.kafka
+def test_a_producer_closed_at_once_with_sends_pending_is_closed(kafka_bootstrap: str, kafka_client: str):
+    """The loop closes an aborted or stuck producer at once (close(0)), sends still pending.
+    kafka-python's close flushes first and raised KafkaTimeoutError then, before it stopped its
+    sender thread: the producer stayed open, its thread and connections with it."""
+    import threading
+
+    topic = f"test-producer-{uuid.uuid4().hex}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    producer = open_producer(load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap}}).kafka)
+    try:
+        producer.produce(topic, b"warm", b"{}")  # metadata and a connection first
+        assert producer.flush(30)
+        before = {t for t in threading.enumerate() if t.is_alive()}
+        for i in range(20_000):
+            producer.produce(topic, b"dev-%d" % i, b"x" * 100)
+        producer.close(0)  # raises nothing, though the sends are pending
+        if kafka_client == "kafka-python":
+            sender = producer.client._sender  # type: ignore[attr-defined]
+            assert sender in before and not sender.is_alive() and producer.client._closed  # type: ignore[attr-defined]
+    finally:
+        admin.delete_topics([topic])
+        admin.close()
