@@ -138,7 +138,7 @@ class DeadLetter:
     def _ours(self, error_bytes: int = 1024) -> list[tuple[str, bytes]]:
         return [
             ("streamer.reason", self.reason.value.encode()),
-            ("streamer.error", self.detail.encode("utf-8", "replace")[:error_bytes]),
+            ("streamer.error", _utf8_cut(self.detail, error_bytes)),
             ("streamer.source.topic", self.source.topic.encode()),
             ("streamer.source.partition", str(self.source.partition).encode()),
             ("streamer.source.offset", str(self.source.offset).encode()),
@@ -168,6 +168,12 @@ class DeadLetter:
                 return key, whole[:room], [*theirs, *ours]
         room = max(0, max_bytes - _record_bytes(b"", b"", ours))
         return (key or b"")[:room], b"", ours
+
+
+def _utf8_cut(text: str, max_bytes: int) -> bytes:
+    """``text`` in UTF-8, cut to at most ``max_bytes`` at a character's boundary (a header cut in
+    the middle of one is no UTF-8 that a reader can decode)."""
+    return text.encode("utf-8", "replace")[:max_bytes].decode("utf-8", "ignore").encode("utf-8")
 
 
 # A lone record's framing beyond its key, value and headers: the record batch's header (61 bytes)

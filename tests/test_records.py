@@ -564,6 +564,19 @@ def test_a_dead_letter_too_big_for_its_topic_is_cut_to_fit_and_says_so() -> None
     assert DeadLetter(R.NOT_JSON, "x", None, None, [], SourcePosition("in", 0, 1)).kafka_record(10_000)[1] == b""
 
 
+def test_a_dead_letters_error_header_is_cut_at_a_characters_boundary() -> None:
+    """Details quote device ids, which may hold any character: cut to 256 (or 1,024) bytes in
+    the middle of one, the header had been no UTF-8 a reader could decode."""
+    from streamer.records import DeadLetter
+
+    for detail in ("\U0001F600" * 300, "é" * 600, "a" + "\U0001F600" * 300):
+        letter = DeadLetter(R.KEY_MISMATCH, detail, b"x", b"v" * 200_000, [], SourcePosition("in", 0, 1))
+        for limit in (None, 100_000):
+            error = dict(letter.kafka_record(limit)[2])["streamer.error"]
+            text = error.decode("utf-8")  # raises where cut inside a character
+            assert detail.startswith(text) and len(error) > (200 if limit else 1000)
+
+
 def test_a_batch_message_needs_a_key() -> None:
     result = ReadingDecoder(2).decode_arrow(None, arrow_message(good_columns()))
     assert result[0] is R.KEY_MISMATCH and "gateway" in result[1]
