@@ -25,6 +25,9 @@ MODEL_FILE_KEYS = ("config", "state_dict", "version")
 
 # Layers a model may have: each is a step of its own per reading; 10^8 had hung `train` building them.
 MAX_LAYERS = 64
+# Sizes a config may give (input, hidden, output): torch's sizes are int64, and a model this large
+# is refused long before by the weights the file holds; past it torch raises what no check expects.
+MAX_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class ModelConfig:
             raise ModelFileError(path, "bidirectional LSTMs cannot stream (they need future readings)")
         values = {}
         for name in ("input_size", "hidden_size", "num_layers"):
-            if not isinstance(raw.get(name), int) or raw[name] < 1:
-                raise ModelFileError(path, f"config.{name} must be a positive int, got {raw.get(name)!r}")
+            if not isinstance(raw.get(name), int) or isinstance(raw[name], bool) or not 1 <= raw[name] <= MAX_SIZE:
+                raise ModelFileError(path, f"config.{name} must be an int in 1..{MAX_SIZE}, got {raw.get(name)!r}")
             values[name] = raw[name]
         if values["num_layers"] > MAX_LAYERS:
             raise ModelFileError(path, f"config.num_layers must be at most {MAX_LAYERS}, got {values['num_layers']}")
@@ -77,8 +80,8 @@ class ModelConfig:
         except (TypeError, ValueError) as exc:
             raise ModelFileError(path, f"config.time_features: {exc}") from None
         output_size = raw.get("output_size", values["input_size"] - 2 * len(time_names))
-        if not isinstance(output_size, int) or output_size < 1:
-            raise ModelFileError(path, f"config.output_size must be a positive int, got {output_size!r}")
+        if not isinstance(output_size, int) or isinstance(output_size, bool) or not 1 <= output_size <= MAX_SIZE:
+            raise ModelFileError(path, f"config.output_size must be an int in 1..{MAX_SIZE}, got {output_size!r}")
         alpha = raw.get("device_norm_alpha")
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, int | float)):
             raise ModelFileError(path, f"config.device_norm_alpha must be a number, got {alpha!r}")
@@ -139,6 +142,7 @@ class ModelBundle:
     normalization: Normalization | None
     path: Path | None = None
     meta: dict = field(default_factory=dict)
+    signature: tuple[int, ...] | None = None  # the file's file_signature before it was read
 
 
 def save_model_file(
@@ -177,11 +181,31 @@ def save_model_file(
         raise ModelFileError(path, f"cannot be written ({exc.strerror or exc})") from None
 
 
+def file_signature(path: Path) -> tuple[int, ...] | None:
+    """What tells one version of a file from the next: mtime, size, inode and ctime (a file renamed
+    into place, or rewritten with its old mtime restored, changes the last two); None if absent."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns
+
+
 def load_model_file(path: str | Path) -> ModelBundle:
     """Load and check a model file; every failure is a ModelFileError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(path, not_a_file(path))
+    signature = file_signature(path)  # before it is read: a change while it is read shows later
+    try:
+        return _load_model_file(path, signature)
+    except (ModelFileError, MemoryError):
+        raise
+    except Exception as exc:  # a value no check foresaw: still one line naming the file, not the caller's end
+        raise ModelFileError(path, f"cannot be used ({type(exc).__name__}: {exc})") from None
+
+
+def _load_model_file(path: Path, signature: tuple[int, ...] | None) -> ModelBundle:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
@@ -213,7 +237,7 @@ def load_model_file(path: str | Path) -> ModelBundle:
     meta = raw.get("meta") or {}
     if not isinstance(meta, dict):
         raise ModelFileError(path, f"'meta' must be a dict, got {type(meta).__name__}")
-    return ModelBundle(model, config, str(raw["version"]), normalization, path, meta)
+    return ModelBundle(model, config, str(raw["version"]), normalization, path, meta, signature)
 
 
 def _model_with(config: ModelConfig, state_dict: dict, path: Path) -> LSTMModel:
@@ -223,7 +247,7 @@ def _model_with(config: ModelConfig, state_dict: dict, path: Path) -> LSTMModel:
     try:
         with torch.device("meta"):
             shapes = LSTMModel.from_config(config)
-    except RuntimeError as exc:  # sizes past what a tensor can have
+    except (RuntimeError, TypeError, OverflowError, ValueError) as exc:  # sizes past what a tensor can have
         raise ModelFileError(path, f"config {config.to_dict()} is too large for torch: {exc}") from None
     try:
         shapes.load_state_dict(state_dict, strict=True, assign=True)  # checks, copies nothing
@@ -258,15 +282,16 @@ def _load_normalization(raw: object, config: ModelConfig, path: Path) -> Normali
     try:
         mean = torch.as_tensor(raw["mean"], dtype=torch.float32).flatten()
         std = torch.as_tensor(raw["std"], dtype=torch.float32).flatten()
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise ModelFileError(path, f"normalization 'mean' and 'std' must be numbers ({exc})") from None
     for name, t in (("mean", mean), ("std", std)):
         if t.numel() != config.values_size:
             raise ModelFileError(path, f"normalization.{name} has {t.numel()} values, readings have {config.values_size}")
         if not torch.isfinite(t).all():
             raise ModelFileError(path, f"normalization.{name} has non-finite values")
-    if (std <= 0).any():
-        raise ModelFileError(path, "normalization.std must be > 0")
+    if (std < torch.finfo(torch.float32).tiny).any():  # a subnormal std's reciprocal is inf
+        raise ModelFileError(path, f"normalization.std must be at least {torch.finfo(torch.float32).tiny:.3g}"
+                                   " (float32's smallest normal number)")
     return Normalization(mean, std)
 
 

@@ -548,7 +548,14 @@ class PartitionManager:
                      committed, ", ".join(map(str, discarded)), extra=_context(tp))
 
     def _model_stamp(self) -> ModelStamp:
-        return ModelStamp.of(self.engine.model_version, self.engine.config.to_dict())
+        """The served model's version and config, with its global normalisation when it has one:
+        rows hold forecasts and statistics in its units, so a checkpoint written under another
+        normalisation is another config's (Engine.swap_model resets the table for it too)."""
+        config = self.engine.config.to_dict()
+        normalization = self.engine.bundle.normalization
+        if normalization is not None:
+            config["normalization"] = {"mean": normalization.mean.tolist(), "std": normalization.std.tolist()}
+        return ModelStamp.of(self.engine.model_version, config)
 
     def _save(self, tp: TopicPartition, owned: Owned, rewrite: bool = False, wait: bool = True) -> bool:
         """Checkpoint ``tp`` at its applied offset; False when the store failed. ``rewrite``: also

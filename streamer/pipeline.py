@@ -42,7 +42,7 @@ from streamer.kafka.clients import OUTSIDE_GROUP_SESSIONS
 from streamer.kafka.outage import BrokerOutageLog
 from streamer.malloc import retain_freed_memory
 from streamer.metrics import Health, Metrics
-from streamer.model import load_model_file
+from streamer.model import file_signature, load_model_file
 from streamer.partitions import BatchPlan, CheckpointPolicy, Owned, PartitionManager
 from streamer.records import (
     ARROW_CONTENT_TYPE,
@@ -113,20 +113,18 @@ class ModelWatcher:
     ``unchanged`` tells whether it changed again while it was read: a copy still in progress
     is read again, not taken for the new version."""
 
-    def __init__(self, path: Path, interval_s: float) -> None:
+    def __init__(self, path: Path, interval_s: float, signature: tuple[int, ...] | None = None) -> None:
+        """``signature``: the file's as the model served was read (ModelBundle.signature), so that
+        a file replaced since, while the service started, is noticed; else the file's now."""
         self.path = path
         self.interval_s = interval_s
         self.settle_s = min(interval_s, MODEL_SETTLE_S)
-        self._signature = self._stat()  # the file as last reported
-        self._seen: tuple[int, int] | None = None  # a change seen, not reported yet
+        self._signature = signature if signature is not None else self._stat()  # the file as last reported
+        self._seen: tuple[int, ...] | None = None  # a change seen, not reported yet
         self._next_check = time.monotonic() + interval_s
 
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
+    def _stat(self) -> tuple[int, ...] | None:
+        return file_signature(self.path)
 
     def changed(self) -> bool:
         now = time.monotonic()
@@ -183,8 +181,11 @@ class Pipeline:
                                            progress=health.beat if health is not None else None)
         self.summary = RunSummary()
         model = settings.model
+        served = engine.bundle
         self.model_watcher = (
-            ModelWatcher(model.path, model.reload_interval_s) if model.path and model.reload_interval_s else None
+            ModelWatcher(model.path, model.reload_interval_s,
+                         served.signature if served.path is not None and Path(served.path) == Path(model.path) else None)
+            if model.path and model.reload_interval_s else None
         )
         self._last_lag = 0.0
         self._end_offsets: dict[TopicPartition, int] = {}  # last known, kept while the broker is away
@@ -703,8 +704,8 @@ class Pipeline:
         if reset:
             self.decoder = ReadingDecoder(bundle.config.values_size, self.settings.state.capacity)
             log.warning(
-                "model %s from %s has a new shape (%s): state table reset, %d devices start from zeros",
-                bundle.version, path, bundle.config.to_dict(), devices,
+                "model %s from %s has a new shape or normalisation (%s): state table reset, %d devices start"
+                " from zeros", bundle.version, path, bundle.config.to_dict(), devices,
             )
         else:
             log.info("now serving model %s from %s", bundle.version, path)

@@ -97,7 +97,16 @@ def with_(payload: dict, key: str, value: object, inside: str | None = None) -> 
         (lambda p: with_(p, "normalization", {"mean": [[1.0], [1.0, 2.0]], "std": [1.0, 1.0]}), "must be numbers"),
         # A config far larger than the file's weights: refused by the shapes, nothing allocated.
         (lambda p: with_(p, "hidden_size", 10**6, "config"), "does not match.*size mismatch"),
-        (lambda p: with_(p, "hidden_size", 10**12, "config"), "too large for torch"),
+        (lambda p: with_(p, "hidden_size", 2**31 - 1, "config"), "too large for torch"),
+        # Sizes torch cannot even take as a size (TypeError, OverflowError): one line all the same,
+        # the loop serving on (they had ended a running loop at its hot reload).
+        (lambda p: with_(p, "hidden_size", 10**12, "config"), r"hidden_size must be an int in 1\.\.2147483647"),
+        (lambda p: with_(with_(p, "input_size", 2**70, "config"), "output_size", 2**70, "config"),
+         "input_size must be an int in"),
+        (lambda p: with_(p, "output_size", 2**70, "config"), "output_size must be an int in"),
+        (lambda p: with_(p, "normalization", {"mean": [10**400, 0], "std": [1.0, 1.0]}), "must be numbers"),
+        # A subnormal std passes > 0, and its reciprocal is inf: forecasts of 0 and dead letters.
+        (lambda p: with_(p, "normalization", {"mean": [0.0, 0.0], "std": [1e-45, 1.0]}), "std must be at least 1.18e-38"),
     ],
 )
 def test_model_files_of_the_wrong_kinds_inside_are_refused(tmp_path: Path, change, message):

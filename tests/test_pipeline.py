@@ -24,6 +24,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.checkpoint import Checkpoint, DirectoryCheckpointStore
@@ -921,6 +922,93 @@ def test_a_model_file_is_read_once_it_has_stayed_the_same_for_a_while(tmp_path, 
     assert registry.get_sample_value("streamer_model_reloads_total", {"outcome": "failed"}) == 0
     assert registry.get_sample_value("streamer_model_reloads_total", {"outcome": "loaded"}) == 1
     assert rig.pipeline.engine.model_version == "v2"
+
+
+def test_a_crafted_model_file_at_a_hot_reload_is_refused_and_the_old_model_serves_on(tmp_path):
+    # Sizes and numbers torch cannot take (TypeError, OverflowError where a check expected
+    # RuntimeError) had left run_once: the loop ended at the reload.
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, metrics=Metrics(registry), reload_interval_s=0.01)
+    good = ModelConfig(2, 8, 1, 2).to_dict()
+    crafted = [
+        {**good, "input_size": 2**70, "output_size": 2**70},
+        good,  # with a normalisation of an int past float64, below
+    ]
+    for i, config in enumerate(crafted):
+        payload = {"config": config, "state_dict": init_random_model(ModelConfig(2, 8, 1, 2)).state_dict(),
+                   "version": f"crafted-{i}"}
+        if i == 1:
+            payload["normalization"] = {"mean": [10**400, 0], "std": [1.0, 1.0]}
+        torch.save(payload, rig.model_path)
+        for _ in range(4):  # seen, settled, read
+            time.sleep(0.02)
+            rig.pipeline.run_once()
+        assert registry.get_sample_value("streamer_model_reloads_total", {"outcome": "failed"}) == i + 1
+    rig.write(per_device=1)
+    for _ in range(2):
+        rig.pipeline.run_once()
+    assert {json.loads(m.value)["model_version"] for m in rig.broker.messages("out")} == {"v1"}
+
+
+def test_a_model_file_replaced_while_the_service_started_is_served_at_the_first_check(tmp_path):
+    # run_service loads the model, then waits for the brokers, then builds the loop: the watcher
+    # took the file as it found it then, so a file replaced meanwhile was never read.
+    rig = Rig(tmp_path, reload_interval_s=0.01)
+    config = ModelConfig(2, 8, 1, 2)
+    engine = Engine.build(load_model_file(rig.model_path), capacity=rig.capacity, device="cpu")
+    save_model_file(rig.model_path, init_random_model(config, seed=5), config, "v2")
+    pipeline = Pipeline(rig.settings, engine, MemoryConsumer(rig.broker, "g2"), rig.new_producer(),
+                        store=JournaledStore(rig.broker, tmp_path / "cp2", "g2"), producer_factory=rig.new_producer)
+    pipeline.subscribe()
+    for _ in range(4):
+        time.sleep(0.02)
+        pipeline.run_once()
+    assert pipeline.engine.model_version == "v2"
+
+
+def test_a_model_file_renamed_into_place_with_the_old_ones_mtime_and_size_is_noticed(tmp_path):
+    # Builds that fix every file's mtime (SOURCE_DATE_EPOCH), `cp -p`, `touch -r`: the same mtime
+    # and size had hidden the new file for good. A rename changes the inode and the ctime.
+    import os
+
+    from streamer.pipeline import ModelWatcher
+
+    path, new = tmp_path / "m.pt", tmp_path / "m.pt.new"
+    path.write_bytes(b"a" * 100)
+    watcher = ModelWatcher(path, 0.001)
+    new.write_bytes(b"b" * 100)
+    st = path.stat()
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)
+    assert (path.stat().st_mtime_ns, path.stat().st_size) == (st.st_mtime_ns, st.st_size)
+    seen = []
+    for _ in range(4):
+        time.sleep(0.01)
+        seen.append(watcher.changed())
+    assert seen.count(True) == 1
+
+
+def test_a_restart_under_a_model_of_the_same_config_but_another_normalisation_starts_devices_afresh(tmp_path):
+    # Rows hold forecasts and statistics in the normalisation's units: a hot reload resets the
+    # table for a new one, and a restart had carried the old model's rows over (the checkpoint's
+    # stamp held the version and config, not the normalisation).
+    from streamer.model import Normalization
+
+    rig = Rig(tmp_path)
+    rig.write(per_device=3)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert len(rig.pipeline.engine.table) == len(DEVICES)
+    config = ModelConfig(2, 8, 1, 2)
+    normalization = Normalization(torch.tensor([100.0, 100.0]), torch.tensor([10.0, 10.0]))
+    save_model_file(rig.model_path, init_random_model(config, seed=3), config, "v2", normalization)
+    rig.restart()
+    assert len(rig.pipeline.engine.table) == 0  # nothing carried over from v1's rows
+    rig.write(per_device=1, start_ts=3)
+    for _ in range(2):
+        rig.pipeline.run_once()
+    outputs = [json.loads(m.value) for m in rig.broker.messages("out")][-len(DEVICES):]
+    assert {o["model_version"] for o in outputs} == {"v2"} and all(o["residual"] == 0.0 for o in outputs)
 
 
 def test_a_checkpoint_store_that_cannot_be_read_keeps_a_partition_waiting_not_the_loop(tmp_path, monkeypatch, caplog):
