@@ -288,8 +288,11 @@ class Health:
     """Liveness (/healthz): the loop has polled within ``stale_after_s`` and has not failed.
     Readiness (/readyz): live, and the brokers answered the loop's last probe."""
 
-    def __init__(self, stale_after_s: float) -> None:
+    def __init__(self, stale_after_s: float, start_within_s: float | None = None) -> None:
+        """``start_within_s``: how long start-up may take before the loop's first beat (the
+        waits for the brokers it is allowed), where liveness gives it ``stale_after_s`` after."""
         self.stale_after_s = stale_after_s
+        self.start_within_s = start_within_s
         self._last = time.monotonic()
         # Until the loop's first beat: the clients are still being opened (a broker that does not
         # answer start-up is tried again for kafka.startup_wait_s), nothing is consumed yet.
@@ -323,23 +326,33 @@ class Health:
     def status(self) -> tuple[bool, str]:
         """Liveness: (ok, text). A broker that is away does not fail it (restarting us would not
         bring the broker back); the text says so."""
-        if self._failed:
-            return False, self._failed
-        age = time.monotonic() - self._last
-        if age > self.stale_after_s:
-            return False, f"run loop has not polled for {age:.1f}s"
+        stale = self._stale()
+        if stale is not None:
+            return False, stale
         if self._outside_group is not None:
             return False, f"consumer outside its group: {self._outside_group}"
         ready, reason = self.readiness()
         return True, "ok" if ready else f"ok (not ready: {reason})"
 
+    def _stale(self) -> str | None:
+        """Why the service is not live (failed, or silent too long), or None. Start-up waits for
+        the brokers as long as it is allowed to (start_within_s) before it fails liveness."""
+        if self._failed:
+            return self._failed
+        age = time.monotonic() - self._last
+        if self._starting and self.start_within_s is not None:
+            if age > self.start_within_s + self.stale_after_s:
+                return f"start-up has not finished in {age:.1f}s"
+            return None
+        if age > self.stale_after_s:
+            return f"run loop has not polled for {age:.1f}s"
+        return None
+
     def readiness(self) -> tuple[bool, str]:
         """Readiness: (ok, text); not ready while the loop is not live or the broker is away."""
-        if self._failed:
-            return False, self._failed
-        age = time.monotonic() - self._last
-        if age > self.stale_after_s:
-            return False, f"run loop has not polled for {age:.1f}s"
+        stale = self._stale()
+        if stale is not None:
+            return False, stale
         if self._outside_group is not None:
             return False, f"consumer outside its group: {self._outside_group}"
         if self._starting:

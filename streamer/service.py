@@ -271,8 +271,6 @@ def run_service(
     server = None
     pipeline: Pipeline | None = None
     try:
-        if _topics_ready(settings, reachable_by, stop):
-            reachable_by = time.monotonic() + kafka.startup_wait_s  # the brokers answered: the clients' own wait
         registry = registry or CollectorRegistry()
         metrics_settings = settings.metrics
         metrics = Metrics(
@@ -280,10 +278,16 @@ def run_service(
             event_time_future_s=metrics_settings.event_time_future_s,
             event_time_past_s=metrics_settings.event_time_past_s,
         )
-        health = Health(HEALTH_STALE_AFTER_S)
+        # Served from the start: /readyz says "starting" (503) while the brokers are waited for,
+        # and /healthz stays live for as long as start-up may wait for them (the topics, the store
+        # and consumer, the producer: kafka.startup_wait_s each), so that a probe does not restart
+        # a pod that waits as it was told to.
+        health = Health(HEALTH_STALE_AFTER_S, start_within_s=3 * kafka.startup_wait_s)
         if settings.metrics.enabled:
             server = _metrics_server(registry, health, settings)
             log.info("metrics at http://%s:%d/metrics, liveness at /healthz, readiness at /readyz", server.host, server.port)
+        if _topics_ready(settings, reachable_by, stop):
+            reachable_by = time.monotonic() + kafka.startup_wait_s  # the brokers answered: the clients' own wait
         store = None
         if settings.checkpoint.enabled:
             store = _until_reachable(lambda timeout_ms: build_store(settings, timeout_ms), reachable_by, stop)

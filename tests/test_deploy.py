@@ -223,6 +223,40 @@ def test_kubeconform_refuses_a_misspelt_field(tmp_path: Path):
     assert result.returncode == 1 and "readynessProbe" in result.stdout, result.stdout + result.stderr
 
 
+def dockerfile_env() -> dict[str, str]:
+    """The environment deploy/Dockerfile's runtime stage sets (its ENV lines, KEY=VALUE form)."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = text.split(" AS runtime", 1)[1]
+    env: dict[str, str] = {}
+    for line in runtime.splitlines():
+        if line.startswith("ENV "):
+            env.update(word.split("=", 1) for word in shlex.split(line[4:]))
+    return env
+
+
+def test_the_images_settings_are_a_config_file_that_a_mounted_one_replaces(tmp_path: Path, monkeypatch):
+    """Settings in the image's environment override any config file: a ConfigMap's checkpoint
+    directory, model path or metrics port had been ignored without a word (and the pod crash-looped
+    on a directory of the read-only root). The image names its own config file instead."""
+    env = dockerfile_env()
+    assert [k for k in env if k.startswith("STREAMER_")] == ["STREAMER_CONFIG"]
+    assert env["STREAMER_CONFIG"] == "/etc/streamer/streamer.toml"
+    assert "COPY deploy/streamer.toml /etc/streamer/streamer.toml" in (DEPLOY / "Dockerfile").read_text()
+    assert "!deploy/streamer.toml" in (REPO / ".dockerignore").read_text().splitlines()
+    for key in [k for k in os.environ if k.startswith("STREAMER_")]:
+        monkeypatch.delenv(key)
+    image = load_settings(config_file=DEPLOY / "streamer.toml")
+    assert (str(image.model.path), str(image.checkpoint.directory)) == ("/models/model.pt", "/var/lib/streamer/checkpoints")
+    assert (image.metrics.host, image.metrics.port) == ("0.0.0.0", 9100)
+    assert "EXPOSE 9100" in (DEPLOY / "Dockerfile").read_text()
+    mounted = tmp_path / "streamer.toml"
+    mounted.write_text('[model]\npath = "/models/v2/model.pt"\n[checkpoint]\ndirectory = "/data/cp"\n'
+                       '[metrics]\nhost = "0.0.0.0"\nport = 9200\n')
+    theirs = load_settings(config_file=mounted)
+    assert (str(theirs.model.path), str(theirs.checkpoint.directory), theirs.metrics.port) == (
+        "/models/v2/model.pt", "/data/cp", 9200)
+
+
 def test_k8s_settings_load_and_the_pieces_fit(tmp_path: Path, monkeypatch):
     docs = {(doc["kind"], doc["metadata"]["name"], path.parent.name): doc for path, doc in manifests()}
     config_map = docs["ConfigMap", "streamer", "k8s"]
@@ -232,11 +266,12 @@ def test_k8s_settings_load_and_the_pieces_fit(tmp_path: Path, monkeypatch):
     for key in [k for k in os.environ if k.startswith("STREAMER_")]:
         monkeypatch.delenv(key)
     scaled = docs["ScaledObject", "streamer", "k8s"]
+    image_env = dockerfile_env()
     for folder in ("k8s", "gpu"):
         statefulset = docs["StatefulSet", "streamer", folder]
         pod = statefulset["spec"]["template"]
         container = pod["spec"]["containers"][0]
-        environment = {}
+        environment = dict(image_env)  # the image's, which the pod's own override
         for var in container["env"]:
             if "secretKeyRef" in var.get("valueFrom", {}):
                 ref = var["valueFrom"]["secretKeyRef"]
@@ -269,3 +304,27 @@ def test_k8s_settings_load_and_the_pieces_fit(tmp_path: Path, monkeypatch):
     assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "streamer"}
     assert scaled["spec"]["triggers"][0]["metadata"]["allowIdleConsumers"] == "false"  # capped at the partitions
     assert docs["PodMonitor", "streamer", "k8s"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_every_dashboard_override_names_a_series_of_its_panel():
+    """An override matched by name applies to nothing when no query of its panel has that legend:
+    the anomaly share (about 0.002) had been drawn on the flagged readings' axis, a flat zero."""
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "streamer.json").read_text())
+    checked = 0
+    for panel in dashboard["panels"]:
+        legends = {t.get("legendFormat") for t in panel.get("targets", [])}
+        for override in panel.get("fieldConfig", {}).get("overrides", []):
+            if override["matcher"]["id"] == "byName":
+                assert override["matcher"]["options"] in legends, (panel["title"], override["matcher"], legends)
+                checked += 1
+    assert checked >= 1
+
+
+def test_the_prometheusrule_carries_the_alert_rules_as_they_are():
+    """prometheus-operator loads rules only from PrometheusRules: the manifest is alerts.yml's
+    groups, written by deploy/tools/prometheusrule.py, and must not drift from them."""
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    manifest = yaml.safe_load((K8S / "prometheusrule.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert manifest["spec"]["groups"] == rules["groups"], "run python deploy/tools/prometheusrule.py"
+    assert manifest["metadata"]["labels"]["app.kubernetes.io/name"] == "streamer"

@@ -225,3 +225,16 @@ def test_counters_that_can_stay_zero_are_exported_at_zero_from_the_start():
             ] == [1.0, 0.0, 2.0]
     assert registry.get_sample_value("streamer_dead_letters_total", {"reason": "non_finite"}) == 0.0
 
+
+
+def test_liveness_waits_for_start_up_as_long_as_it_may_take_then_for_the_loop_as_before():
+    health = Health(60.0, start_within_s=360.0)  # three waits of kafka.startup_wait_s = 120
+    health._last -= 200.0  # the brokers waited for 200 s: still live, not ready
+    assert health.status()[0] and health.readiness() == (False, "starting: the Kafka clients are being opened")
+    health._last -= 300.0  # past what start-up may take, and the stale time after it
+    live, reason = health.status()
+    assert not live and reason.startswith("start-up has not finished in 50")
+    health.beat()  # the loop's first poll: from now on the loop's own 60 s
+    health._last -= 61.0
+    live, reason = health.status()
+    assert not live and reason.startswith("run loop has not polled for 61")

@@ -94,3 +94,55 @@ def test_kafka_logs_propagate_again_after_start_up(caplog):
     _until_reachable(lambda timeout_ms: "client", time.monotonic() + 5, threading.Event())
     logging.getLogger("kafka.net.manager").error("after start-up")
     assert [r.getMessage() for r in caplog.records if r.name.startswith("kafka")] == ["after start-up"]
+
+
+def test_probes_answer_while_start_up_waits_for_the_brokers(tmp_path):
+    """The metrics server had been started only once the topics answered: while start-up waited
+    for the brokers, /readyz refused connections instead of saying "starting", and /healthz,
+    once up, failed at 60 s of a wait allowed to last kafka.startup_wait_s per client."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from streamer.model import save_model_file
+    from streamer.service import run_service
+    from streamer.settings import load_settings
+    from tests.conftest import make_bundle
+
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1)
+    save_model_file(tmp_path / "m.pt", bundle.model, bundle.config, "v")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # nothing listens there once this is closed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    settings = load_settings({
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{closed_port}", "startup_wait_s": 60},
+        "model": {"path": tmp_path / "m.pt", "device": "cpu"},
+        "checkpoint": {"directory": tmp_path / "cp"},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+    })
+    stop = threading.Event()
+    runner = threading.Thread(target=run_service, args=(settings, stop), daemon=True)
+    runner.start()
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, repr(exc)
+
+    try:
+        deadline = time.monotonic() + 30
+        while (answer := get("/readyz"))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert answer[0] == 503 and "starting" in answer[1], answer
+        assert get("/healthz")[0] == 200
+    finally:
+        stop.set()
+        runner.join(30)
+    assert not runner.is_alive()

@@ -3,7 +3,7 @@ the kinds the manifests use only, from sources fetched through the Go module pro
 
 - core kinds: the OpenAPI v2 spec of Kubernetes (k8s.io/kubernetes, api/openapi-spec/swagger.json);
 - ScaledObject, TriggerAuthentication: KEDA's CRDs (github.com/kedacore/keda/v2, config/crd/bases);
-- PodMonitor: prometheus-operator's CRD (example/prometheus-operator-crd).
+- PodMonitor, PrometheusRule: prometheus-operator's CRDs (example/prometheus-operator-crd).
 
 Each schema is standalone (the definitions it needs, no others, no descriptions) and strict
 (objects refuse properties they do not declare, as `kubectl apply --validate=strict` does), named
@@ -42,6 +42,7 @@ CRDS = [
     (KEDA, "config/crd/bases/keda.sh_scaledobjects.yaml", "v1alpha1"),
     (KEDA, "config/crd/bases/keda.sh_triggerauthentications.yaml", "v1alpha1"),
     (PROMETHEUS_OPERATOR, "example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml", "v1"),
+    (PROMETHEUS_OPERATOR, "example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml", "v1"),
 ]
 INT_OR_STRING = {"oneOf": [{"type": "string"}, {"type": "integer"}]}
 QUANTITY = {"oneOf": [{"type": "string"}, {"type": "number"}]}
