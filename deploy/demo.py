@@ -183,7 +183,7 @@ def main() -> int:
             m, now = scrape(metrics_port), time.monotonic()
             readings = m.get("streamer_readings_total", 0.0)
             say(f"live: {(readings - last) / (now - last_t):7.0f} readings/s | {int(m.get('streamer_active_devices', 0))} "
-                f"devices | {int(readings)} predictions | {int(m.get('streamer_anomalies_total', 0))} anomalies flagged | "
+                f"devices | {int(m.get('streamer_predictions_total', 0))} predictions | {int(m.get('streamer_anomalies_total', 0))} anomalies flagged | "
                 f"{int(m.get('streamer_dead_letters_total', 0))} dead letters | lag {int(m.get('streamer_consumer_lag', 0))}")
             last, last_t = readings, now
             if runner.poll() is not None:
