@@ -75,8 +75,9 @@ def window_rows(
 
     Both ends must equal a row's timestamp exactly (compared as datetimes, microsecond
     resolution), else ValueError naming `name` and the timestamp. A duplicated timestamp
-    (NAB files repeat a few, e.g. at DST changes) maps a start to its first row and an end to
-    its last row, so the range covers every row stamped inside the window.
+    (NAB files repeat a few, e.g. at DST changes) maps to its first row, start and end alike,
+    as NAB's own scorer does (``timestamps.index``): a window ending on a repeated timestamp
+    ends at its first row.
     """
     ts = np.asarray(timestamps, dtype="datetime64[us]")
     out = []
@@ -86,7 +87,7 @@ def window_rows(
             hits = np.flatnonzero(ts == np.datetime64(t, "us"))
             if hits.size == 0:
                 raise ValueError(f"{name}: window {which} {t} is not a row timestamp")
-            rows.append(int(hits[0] if which == "start" else hits[-1]))
+            rows.append(int(hits[0]))
         if rows[0] > rows[1]:
             raise ValueError(f"{name}: window ({start}, {end}) maps to rows {rows} (end first)")
         out.append((rows[0], rows[1]))

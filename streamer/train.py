@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from streamer.engine import resolve_device
 from streamer.errors import StreamerError
-from streamer.features import check_time_features, normalize_sequences, time_features
+from streamer.features import REL_STD_FLOOR, check_time_features, normalize_sequences, time_features
 from streamer.history import unwritable_reason
 from streamer.model import MAX_LAYERS, LSTMModel, ModelConfig, Normalization, allocation_failed, save_model_file
 from streamer.settings import check_device_name
@@ -48,7 +48,9 @@ log = logging.getLogger("streamer.train")
 Series = tuple[np.ndarray, np.ndarray]  # one device: ts (T,) epoch seconds, values (T, F)
 NormalizationKind = Literal["device", "global", "none"]
 NORMALIZATIONS: tuple[str, ...] = ("device", "global", "none")
-STD_FLOOR = 1e-6  # global normalisation: a constant feature gets this std
+STD_FLOOR = 1e-6  # global normalisation: a constant feature at 0 gets this std
+# ... and one at level m at least REL_STD_FLOOR * |m| (as device normalisation floors it): a
+# feature constant while training at 1e6 had made a change of 1 an input of 1e6.
 MAX_THREADS = 8  # larger models gain little past a few threads
 SMALL_HIDDEN = 64  # up to this hidden size, train on one thread
 VAL_BATCH = 1024  # validation windows per forward pass
@@ -259,7 +261,8 @@ def _check_series(series: Sequence[Series]) -> tuple[list[Series], int]:
 
 def _global_normalization(parts: list[np.ndarray]) -> Normalization:
     data = np.concatenate(parts, axis=0).astype(np.float64)
-    mean, std = data.mean(axis=0), np.maximum(data.std(axis=0), STD_FLOOR)
+    mean = data.mean(axis=0)
+    std = np.maximum(data.std(axis=0), np.maximum(REL_STD_FLOOR * np.abs(mean), STD_FLOOR))
     return Normalization(torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
 
 

@@ -168,10 +168,10 @@ def test_score_all_profiles_and_validation() -> None:
 def test_window_rows() -> None:
     t0 = datetime(2014, 3, 9, 1)
     ts = [t0 + timedelta(minutes=5 * i) for i in range(10)]
-    ts.insert(5, ts[4])  # a repeated timestamp, as NAB files have
+    ts.insert(5, ts[4])  # a repeated timestamp, as NAB files have: an end there is its first row
     wins = [(ts[1], ts[4]), (ts[7], ts[9])]
-    assert window_rows(ts, wins) == [(1, 5), (7, 9)]
-    assert window_rows(np.array(ts, dtype="datetime64[ns]"), wins) == [(1, 5), (7, 9)]
+    assert window_rows(ts, wins) == [(1, 4), (7, 9)]
+    assert window_rows(np.array(ts, dtype="datetime64[ns]"), wins) == [(1, 4), (7, 9)]
     with pytest.raises(ValueError, match=r"x\.csv.*end 2014-03-09 01:02:00"):
         window_rows(ts, [(ts[1], t0 + timedelta(minutes=2))], name="x.csv")
 
@@ -199,3 +199,14 @@ def test_real_windows_map_to_rows() -> None:
     assert sum(len(f.windows) for f in files) == 50
     for r in score_all_profiles(files).values():
         assert r.normalised == pytest.approx(100.0) and r.tp == 50
+
+
+def test_a_window_ending_on_a_repeated_timestamp_ends_at_its_first_row_as_nabs_scorer_does():
+    # NAB maps both ends with timestamps.index (the first match); the last match had been taken
+    # for an end, a window one row or more longer than NAB's (none of the 34 files has one).
+    from datetime import datetime, timedelta
+
+    t0 = datetime(2014, 3, 9, 1)
+    stamps = [t0 + timedelta(hours=h) for h in (0, 1, 2, 2, 2, 3, 4)]
+    assert window_rows(stamps, [(stamps[1], stamps[2])]) == [(1, 2)]
+    assert window_rows(stamps, [(stamps[3], stamps[6])]) == [(2, 6)]

@@ -142,6 +142,16 @@ def test_global_normalisation_comes_from_the_training_readings_only(sine_series)
     torch.testing.assert_close(r.normalization.std, torch.tensor(data.std(0), dtype=torch.float32))
 
 
+def test_a_feature_constant_while_training_gets_a_std_relative_to_its_level():
+    # Constant at 1e6 while training: std 1e-6 had made a change of 1 an input of 1e6 (and a
+    # residual at RESIDUAL_CAP); floored at REL_STD_FLOOR of the level, as device normalisation is.
+    from streamer.train import _global_normalization
+
+    norm = _global_normalization([np.array([[1e6, 0.0, 5.0]] * 100 + [[1e6, 0.0, 7.0]] * 100)])
+    assert norm.std.tolist() == pytest.approx([100.0, 1e-6, 1.0])
+    assert norm.mean.tolist() == pytest.approx([1e6, 0.0, 6.0])
+
+
 def test_early_stopping_keeps_the_best_epoch():
     rng = np.random.default_rng(5)
     ts = T0 + 60.0 * np.arange(2000)
