@@ -12,7 +12,8 @@ Three layouts, detected per file by the presence of a ``device_id`` column:
 Value columns are ``value_columns`` when given, else every column other than ``device_id`` and
 the timestamp column (unnamed columns, e.g. a written index, are ignored, and so is the index
 pandas writes to Parquet). Timestamps are epoch
-seconds, ISO-8601 text (naive means UTC) or Parquet timestamp/date columns. Each device's rows
+seconds, ISO-8601 text (naive means UTC) or Parquet timestamp/date columns (a column of dates
+written YYYYMMDD, read as numbers, is refused: as seconds they would be instants of 1970). Each device's rows
 come back sorted by timestamp, equal timestamps in file order. A device id belongs to one file:
 the same id in two files is an error naming both.
 """
@@ -196,6 +197,21 @@ def _timestamp_texts(texts: list | None, arr: pa.Array | None = None) -> tuple[n
     return out, bad
 
 
+def _refuse_compact_dates(ts: np.ndarray, bad: np.ndarray, path: object) -> None:
+    """HistoryError when every timestamp reads as a date written YYYYMMDD (20200101): taken for
+    epoch seconds they are instants of 1970-71 a second or so apart, and the time features, the
+    validation split and expiry would all be wrong without a word."""
+    good = ts[~bad]
+    if good.size == 0 or not ((good >= 19000101) & (good <= 29991231) & (good == np.floor(good))).all():
+        return
+    month, day = (good // 100) % 100, good % 100
+    if ((month >= 1) & (month <= 12) & (day >= 1) & (day <= 31)).all():
+        first = int(good[0])
+        raise HistoryError(f"timestamps such as {first} read as dates written YYYYMMDD, or as epoch seconds of"
+                           f" 1970-71; write them as ISO-8601 ({str(first)[:4]}-{str(first)[4:6]}-{str(first)[6:]})"
+                           " or as epoch seconds", path)
+
+
 @dataclass
 class _Table:
     """One file's rows before checks: raw columns plus the text to show for a bad entry."""
@@ -298,6 +314,7 @@ def _parse_csv(path: Path, reader: Any, value_columns: Sequence[str] | None) -> 
             early.append(BadRow(str(path), reader.line_num, "malformed CSV", _short(exc)))
     ts_texts = list(map(itemgetter(ti), rows))
     ts, ts_bad = _timestamp_texts(ts_texts)
+    _refuse_compact_dates(ts, ts_bad, path)
     value_texts = [list(map(itemgetter(vi), rows)) for vi in vis]
     parsed = [_floats(texts) for texts in value_texts]
     codes, index = None, {}
@@ -357,6 +374,7 @@ def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
         ts, ts_bad = _timestamp_texts(None, tcol)
     else:
         ts, ts_bad = _parquet_numbers(tcol, time_col, path)
+        _refuse_compact_dates(ts, ts_bad, path)
     vcols = [table.column(name).combine_chunks() for name in chosen]
     parsed = [_parquet_numbers(col, name, path) for col, name in zip(vcols, chosen)]
     codes, device_names = None, []

@@ -241,6 +241,22 @@ def test_a_boolean_parquet_timestamp_column_is_refused(tmp_path):
         load_histories(tmp_path / "b.parquet")
 
 
+def test_dates_written_yyyymmdd_are_refused_not_read_as_epoch_seconds_of_1970(tmp_path):
+    # 20200101 had been read as epoch seconds: daily readings a second apart, in August 1970.
+    write(tmp_path / "d.csv", "timestamp,value\n20200101,1\n20200102,2\n20200201,3\n")
+    with pytest.raises(HistoryError, match=r"d\.csv: timestamps such as 20200101 read as dates written YYYYMMDD.*"
+                                           r"ISO-8601 \(2020-01-01\)"):
+        load_histories(tmp_path / "d.csv")
+    pq.write_table(pa.table({"timestamp": [20200101, 20200102], "value": [1.0, 2.0]}), tmp_path / "d.parquet")
+    with pytest.raises(HistoryError, match=r"d\.parquet: timestamps such as 20200101"):
+        load_histories(tmp_path / "d.parquet")
+    # Epoch seconds that merely pass through that range (a relative clock), or ISO dates, are read.
+    write(tmp_path / "rel.csv", "timestamp,value\n19999990,1\n20000050,2\n20000110,3\n")
+    assert load_histories(tmp_path / "rel.csv").devices["rel"].ts.tolist() == [19999990.0, 20000050.0, 20000110.0]
+    write(tmp_path / "iso.csv", "timestamp,value\n2020-01-01,1\n2020-01-02,2\n")
+    assert load_histories(tmp_path / "iso.csv").devices["iso"].ts[0] == datetime(2020, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
 def test_duplicate_device_across_files_names_both(tmp_path):
     write(tmp_path / "x.csv", "timestamp,value\n1,1\n")
     pq.write_table(pa.table({"timestamp": [2.0], "value": [2.0]}), tmp_path / "x.parquet")
