@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/kafka_clients.py
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/batch_messages.py
+	$(BIN)/python bench/history_csv.py
 
 # A table of 10M devices on this host (about 6 GiB at the defaults; see bench/scale.py).
 bench-scale: install

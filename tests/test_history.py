@@ -368,3 +368,62 @@ def test_a_folder_where_no_file_can_be_created_is_unwritable_even_for_root():
 
     reason = unwritable_reason(Path("/proc/streamer-out.csv"))  # access() says yes to root there
     assert reason is not None and reason.startswith("cannot create files in /proc")
+
+
+CELLS = ["1", "-0", "1e5", "1E-3", ".5", "5.", "+2", " 3 ", "\t4", "nan", "NaN", "inf", "-Infinity", "1_000",
+         "\u0661", "", "abc", "0x10", "1e400", "1e39", "1e18", "-1e19", "2014-02-14T14:30:00Z",
+         "2014-02-14 14:30:00", "2014-02-14T14:30:00+02:00", "1392388100", "1392388100.5", "\u00a05",
+         "9" * 30, "0.1000000000000000055511151231257827"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("layout", ["long", "single"])
+def test_arrows_reading_of_a_csv_gives_what_the_csv_modules_gives(tmp_path, monkeypatch, seed, layout):
+    """The fast path (Arrow's reader, about 7x less memory and 10x faster on big files) must give
+    the histories and bad rows of the csv module's reading, whatever the cells hold; files it
+    cannot read so (quotes, blank lines, ragged rows) go the csv module's way."""
+    import random
+
+    import streamer.history as history
+
+    rng = random.Random(seed)
+    header = "device_id,timestamp,a,b" if layout == "long" else "timestamp,a,b"
+    lines = [header]
+    for i in range(300):
+        cells = [str(1_700_000_000 + i) if rng.random() < 0.8 else rng.choice(CELLS),
+                 rng.choice(CELLS) if rng.random() < 0.3 else f"{rng.gauss(0, 10):.6g}",
+                 rng.choice(CELLS) if rng.random() < 0.3 else str(rng.randint(-5, 5))]
+        if layout == "long":
+            cells.insert(0, rng.choice(["d1", " d1", "d2 ", "d\u00e9", "", "d3\t"]))
+        lines.append(",".join(cells))
+    extras = {0: [], 1: ["\r\n"], 2: ["blank"], 3: ["quote"], 4: ["ragged"], 5: ["bom"]}[seed]
+    text = "\n".join(lines) + "\n"
+    if "\r\n" in extras:
+        text = text.replace("\n", "\r\n")
+    if "blank" in extras:
+        text = text.replace("\n", "\n\n", 3)
+    if "quote" in extras:
+        text = text + ('"d1",1700000999,1,2\n' if layout == "long" else '1700000999,"1",2\n')
+    if "ragged" in extras:
+        text = text + ("d1,1700000999,1\n" if layout == "long" else "1700000999,1\n")
+    if "bom" in extras:
+        text = "\ufeff" + text
+    path = tmp_path / "h.csv"
+    path.write_text(text, encoding="utf-8")
+
+    def load():
+        try:
+            h = load_histories(path, on_bad="skip")
+        except HistoryError as exc:
+            return str(exc)
+        return ({d: (v.ts.tolist(), v.values.tolist()) for d, v in h.devices.items()},
+                [(b.line, b.reason, b.value) for b in h.bad_rows])
+
+    fast_calls = []
+    fast = history._read_csv_arrow
+    monkeypatch.setattr(history, "_read_csv_arrow", lambda *a: fast_calls.append(fast(*a)) or fast_calls[-1])
+    got = load()
+    monkeypatch.setattr(history, "_read_csv_arrow", lambda *a: None)
+    expected = load()
+    assert got == expected
+    assert (fast_calls[0] is not None) == (not set(extras) & {"blank", "quote", "ragged"}), extras
