@@ -4,7 +4,9 @@ NAB's method (bench/nab_score.py).
 One recipe for every file, no labels, no per-file settings: for each file (one device, one
 value), a model is trained on that file's probationary rows only (the first
 min(15% of rows, 750)), with the options in RECIPE (early stopping on the last quarter of
-those rows); then every row of the file goes through
+those rows; a file too short for RECIPE's window, or whose probationary rows hold a long gap before
+the cutoff, trains with the window halved until it fits, down to MIN_WINDOW: the same rule for
+every file, from its probationary rows alone); then every row of the file goes through
 the same Engine `streamer run` and `streamer replay` build, with the default anomaly settings,
 oldest first. The detector's score for NAB is the anomaly score mapped monotonically into
 [0, 1) through its surprise s = -log10(tail probability): s / (1 + s), which keeps apart the
@@ -20,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ from streamer.engine import Engine  # noqa: E402
 from streamer.history import Histories, load_histories  # noqa: E402
 from streamer.model import ModelBundle  # noqa: E402
 from streamer.replay import replay  # noqa: E402
-from streamer.train import TrainOptions, train_model  # noqa: E402
+from streamer.train import TrainingDataError, TrainOptions, train_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nab"
 RECIPE = TrainOptions(
@@ -54,13 +56,27 @@ RECIPE = TrainOptions(
     progress=False,
     threads=1,
 )
+MIN_WINDOW = 8  # a file too short for RECIPE.window trains on windows halved down to this
+
+
+def train(ts: np.ndarray, values: np.ndarray):
+    """train_model on one file's probationary rows with RECIPE, its window halved while the rows
+    before the validation cutoff are too few for it (TrainingDataError), down to MIN_WINDOW."""
+    window = RECIPE.window
+    while True:
+        try:
+            return train_model([(ts, values)], replace(RECIPE, window=window))
+        except TrainingDataError:
+            if window <= MIN_WINDOW:
+                raise
+            window = max(MIN_WINDOW, window // 2)
 
 
 def detect(histories: Histories, device_id: str, anomaly: AnomalyParams) -> np.ndarray:
     """Scores in [0, 1) for every row of one file, by the recipe above."""
     history = histories.devices[device_id]
     probation = nab_score.probation(len(history.ts))
-    result = train_model([(history.ts[:probation], history.values[:probation])], RECIPE)
+    result = train(history.ts[:probation], history.values[:probation])
     bundle = ModelBundle(result.model, result.config, f"nab-{device_id}", result.normalization)
     engine = Engine.build(bundle, capacity=1, device="cpu", anomaly=anomaly)
     one = Histories({device_id: history}, histories.value_columns, [])

@@ -210,3 +210,18 @@ def test_a_window_ending_on_a_repeated_timestamp_ends_at_its_first_row_as_nabs_s
     stamps = [t0 + timedelta(hours=h) for h in (0, 1, 2, 2, 2, 3, 4)]
     assert window_rows(stamps, [(stamps[1], stamps[2])]) == [(1, 2)]
     assert window_rows(stamps, [(stamps[3], stamps[6])]) == [(2, 6)]
+
+
+def test_the_nab_recipe_trains_on_a_file_too_short_for_its_window_with_the_window_halved():
+    # A held-out file of a few hundred rows (or with a gap early on) has fewer probationary rows
+    # before the validation cutoff than RECIPE's window: make nab had ended at that file.
+    from bench import nab
+
+    rng = np.random.default_rng(0)
+    for rows in (60, 300):  # probationary rows: 60 -> windows of 32 do not fit either, 16 do
+        ts = 1_400_000_000 + 300.0 * np.arange(rows)
+        values = (np.sin(np.arange(rows) / 5) + 0.1 * rng.normal(size=rows)).astype(np.float32)[:, None]
+        result = nab.train(ts, values)
+        assert result.model is not None
+    with pytest.raises(nab.TrainingDataError):
+        nab.train(np.arange(5.0), np.zeros((5, 1), np.float32))
