@@ -463,6 +463,15 @@ class PartitionManager:
                 log.warning("%s: its devices' state is dropped after a failed step; it is not checkpointed",
                             _name(tp), extra=_context(tp))
 
+    def forget_unowned(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop the rows a step just made for partitions this process no longer owns (revoked on
+        the client's thread after the batch was polled; call under ``lock``): nothing of theirs is
+        published or checkpointed, and their rows would hold table capacity until expiry. A
+        partition assigned again and waiting for recovery is left to it (recovery drops them)."""
+        for tp in partitions:
+            if tp not in self.owned and tp not in self.pending:
+                self.engine.drop_partition(tp.partition)
+
     def settle_writes(self) -> None:
         """Wait for the checkpoints in the writer's hands and account for them."""
         if self.writer is not None:

@@ -387,6 +387,7 @@ class Pipeline:
                 self.partitions.discard(plan.next_offsets)  # their rows may hold part of the batch
                 raise
             self.partitions.applied(plan)
+            self.partitions.forget_unowned(plan.next_offsets)
             owners = MappingProxyType({tp: self.partitions.owned[tp] for tp in plan.commit if tp in self.partitions.owned})
         # A forecast, score or residual that is NaN or infinite cannot be published (JSON has neither);
         # the engine has already reset the state of a device whose step gave one (Engine._reset_not_finite).
@@ -489,19 +490,25 @@ class Pipeline:
     def _commit_waiting_offsets(self) -> None:
         """Commit the offsets of every acknowledged batch not committed yet (of partitions this
         process still owns), then checkpoint the partitions that are due. When the group refuses
-        them or the loop stops first, their batches are re-delivered to whoever owns the
-        partitions next (at-least-once)."""
+        them (it is rebalancing: a cooperative member keeps its partitions through it) or the loop
+        stops first, they wait for the next commit, of the partitions still owned as they were
+        then; those the group moved on are re-delivered to their next owner (at-least-once)."""
         # Only partitions owned as they were then: one that left and came back starts afresh from
         # the group's committed offset, which an older offset of ours must not move back.
         owned = self.partitions.owned
-        offsets = {tp: o for tp, (o, was) in self._to_commit.items() if owned.get(tp) is was}
+        waiting = {tp: (o, was) for tp, (o, was) in self._to_commit.items() if owned.get(tp) is was}
+        offsets = {tp: o for tp, (o, _) in waiting.items()}
         plan = self._to_commit_plan
         assert plan is not None
         self._to_commit, self._to_commit_plan = {}, None
         self._last_commit = time.monotonic()
-        if offsets and self._commit(offsets):
+        if not offsets:
+            return
+        if self._commit(offsets):
             self.partitions.committed(replace(plan, commit=offsets))
             self._commits_heard = True
+        else:  # tried again at the next commit: dropped, a quiet partition would never be committed
+            self._to_commit, self._to_commit_plan = waiting, plan
 
     def _done(self, batch: "Unsettled", acked_at: float) -> None:
         """Account for a batch whose output the broker acknowledged at ``acked_at`` (epoch s)."""
@@ -609,6 +616,15 @@ class Pipeline:
                 offsets = dict(plan.commit)
                 _bounded(lambda: producer.send_offsets_to_transaction(offsets, group), "send_offsets_to_transaction",
                          producer.transaction_stuck_after_s)
+            # The sends' outcomes before the commit: a send the broker refused fails the commit in
+            # either client, but kafka-python's commit then never returns (the abort waited for
+            # TransactionStuck). A commit flushes anyway: this one waits no longer.
+            if not producer.flush(producer.transaction_stuck_after_s):
+                raise TransactionStuck(f"the transaction's sends were not acknowledged within"
+                                       f" {producer.transaction_stuck_after_s:.0f}s")
+            failed = producer.delivery_failures()
+            if failed:
+                raise KafkaClientError(f"{len(failed)} sends of the transaction failed (first: {failed[0]!r})")
             _bounded(producer.commit_transaction, "commit_transaction", producer.transaction_stuck_after_s)
             return True
         except PartitionsMoved as exc:
@@ -682,7 +698,10 @@ class Pipeline:
 
     def _maybe_reload_model(self) -> None:
         watcher = self.model_watcher
-        if watcher is None or not watcher.changed():
+        # Not while partitions wait for recovery (an aborted transaction's, a rebalance's): the
+        # switch checkpoints the partitions owned, and one recovered after it from a checkpoint
+        # of the model before would refuse that one and start its devices from zero.
+        if watcher is None or self.partitions.pending or not watcher.changed():
             return
         path = watcher.path
         # The switch checkpoints every partition at its committed offset: settle and commit first.

@@ -293,15 +293,16 @@ def make_producer(
 def close_producer(producer: KafkaProducer, timeout_s: float) -> None:
     """Close ``producer``, waiting up to ``timeout_s`` for what it still sends, then dropping it.
 
-    kafka-python's ``close`` flushes first and raises KafkaTimeoutError while sends are pending,
-    before it stops its sender thread: the producer would stay open, with its thread and
+    kafka-python's ``close`` flushes first and raises KafkaTimeoutError while sends are pending
+    (UnknownError after it split a batch the broker refused as too large), before it stops its
+    sender thread: the producer would stay open, with its thread and
     connections. Then the sender is closed without sending (its pending sends fail) and the
     producer closed again, now with nothing pending.
     """
     try:
         producer.close(timeout=timeout_s)
         return
-    except KafkaTimeoutError:
+    except KafkaError:  # a timeout, or UnknownError('Future not done') of a batch it split and lost
         pass
     sender = getattr(producer, "_sender", None)  # kafka-python 3.x: the I/O thread
     if sender is not None:

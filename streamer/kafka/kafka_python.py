@@ -163,6 +163,8 @@ class KafkaPythonProducer(Producer):
             self.client.flush(timeout=timeout_s)
         except KafkaTimeoutError:
             return False
+        except KafkaError as exc:  # UnknownError('Future not done'): a batch it split and lost track of
+            raise client_error(exc, "flush") from exc
         return True
 
     def delivery_failures(self) -> list[BaseException]:

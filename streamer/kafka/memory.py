@@ -244,7 +244,14 @@ class MemoryProducer(Producer):
     def commit_transaction(self) -> None:
         assert self._transaction is not None, "no transaction open"
         self.broker._check("commit_transaction")
-        self.flush(0)
+        # As the clients do: a commit flushes first, and a send that failed, or a broker that does
+        # not answer, fails the commit (the transaction must be aborted).
+        if not self.flush(0):
+            raise BrokerTimeout("commit_transaction: the broker is away")
+        if self._failures:
+            failures, self._failures = self._failures, []
+            raise KafkaClientError(f"commit_transaction: {len(failures)} sends of the transaction failed"
+                                   f" (first: {failures[0]})")
         if self._offsets is not None:
             (consumer, generation), offsets = self._offsets  # type: ignore[misc]
             if consumer.generation != generation or set(offsets) - consumer.assigned:

@@ -261,6 +261,43 @@ def test_a_delivery_the_broker_refuses_stops_the_loop_before_its_commit(kafka_bo
         consumer.close()
 
 
+def test_exactly_once_a_delivery_the_broker_refuses_aborts_its_batch_until_it_is_taken(
+        kafka_bootstrap: str, model: Path, tmp_path: Path, unique: str):
+    """Exactly-once, a prediction larger than its topic accepts: the send fails, the batch
+    aborts (nothing visible, offsets not committed) and is tried again with a new producer; once
+    the topic takes such messages, it is published once. (kafka-python splits the refused batch
+    and loses track of it: its flush waits out the transaction's 60 s.)"""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
+
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"])
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(topics["dlq"], 1, 1), NewTopic(topics["out"], 1, 1, topic_configs={"max.message.bytes": "100"})])
+        produce(kafka_bootstrap, topics["in"], [(f"dev-{i}".encode(), reading(f"dev-{i}", 1_700_000_000, [20.0, -3.0]), None)
+                                                for i in range(4)])
+        group = f"g-{unique}"
+        service = ServiceThread(service_settings(kafka_bootstrap, topics, group, model, tmp_path / "checkpoints",
+                                                 kafka={"exactly_once": True}))
+        try:
+            assert wait_for(lambda: (service.registry.get_sample_value("streamer_transactions_aborted_total") or 0) >= 1,
+                            timeout_s=150) is not None, "no transaction aborted"
+            assert service.alive()  # the loop goes on, trying again
+            consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+            try:
+                assert consumer.committed(TopicPartition(topics["in"], 0)) is None
+            finally:
+                consumer.close()
+            admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topics["out"], configs={"max.message.bytes": "1048588"})])
+            out = read_topic(kafka_bootstrap, topics["out"], expected=4, committed_only=True, timeout_s=90)
+            assert sorted(json.loads(m.value)["device_id"] for m in out) == [f"dev-{i}" for i in range(4)]
+        finally:
+            service.stop(timeout_s=60)
+    finally:
+        admin.close()
+
+
 def test_a_dead_letter_of_a_message_of_a_megabyte_is_delivered(kafka_bootstrap: str, model: Path, tmp_path: Path,
                                                                unique: str):
     """A bad input message of about 1 MB, which the broker takes (its default max.message.bytes is
