@@ -182,7 +182,9 @@ def record_breaks(
     same = has_residual & (values == last).all(dim=1)
     run_new = torch.where(same, run + 1.0, torch.ones_like(run))
     longest_new = torch.where(same | ~has_residual, longest, torch.maximum(longest, run))
-    flat = same & (run_new == longest + 1.0) if params.flat_runs else torch.zeros_like(same)
+    # run_new > run: float32 counts no further than 2^24, where run + 1 == run would be a new
+    # record at every later identical reading.
+    flat = same & (run_new == longest + 1.0) & (run_new > run) if params.flat_runs else torch.zeros_like(same)
     return Records(flat, beyond_range, low_new, high_new, values, run_new, longest_new)
 
 
@@ -198,8 +200,11 @@ def gamma_log_tail(level: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     Tails below MIN_TAIL, where float32 runs out, use ln Q(k, x) ~ (k - 1) ln x - x - ln Gamma(k)
     (capped at ln MIN_TAIL): still ordered, so a worse reading always has the smaller tail.
     """
-    rate = mean / var
-    shape = (mean * rate).clamp(*SHAPE_RANGE)
+    # The shape clamped, the mean kept: a rate of mean / var with the shape clamped had made the
+    # gamma's mean mean * 1e4 / (mean^2 / var), and a residual at the device's own mean improbable
+    # (a stuck sensor's constant residual, flagged in bursts).
+    shape = (mean * mean / var).clamp(*SHAPE_RANGE)
+    rate = shape / mean
     x = level.clamp_min(0.0) * rate
     tail = torch.special.gammaincc(shape, x)
     deep = tail <= MIN_TAIL

@@ -196,3 +196,31 @@ def test_unscored_readings_score_plus_zero():
     engine = Engine.build(make_bundle(input_size=1, hidden_size=8, seed=2), capacity=2, device="cpu")
     preds = stream(engine, "d", np.arange(3, dtype=np.float32))
     assert all(np.signbit(p.anomaly_score).sum() == 0 and p.anomaly_score[0] == 0.0 for p in preds)
+
+
+def test_a_residual_at_the_devices_own_mean_is_not_improbable_however_steady_it_is():
+    """A stuck sensor under no normalisation has a constant, non-zero residual: its spread falls
+    towards the floor and the gamma's shape (mean^2 / var) past its clamp at 1e4. The clamp had
+    kept the rate mean / var, which moved the gamma's mean to a 10,000th of the device's, and
+    flagged the stuck sensor in bursts of about 94 readings every 3,400 readings, for good."""
+    from streamer.anomaly import gamma_log_tail
+
+    mean = torch.tensor([1.0, 1.0, 0.05])
+    var = torch.tensor([1.76e-5, 1e-9, 1e-12])
+    tail = gamma_log_tail(mean, mean, var)
+    assert (tail > -1.0).all() and (tail < 0).all(), tail  # about ln 0.5 at the mean, as for any large shape
+    residuals = np.full((20_000, 1), 1.0)  # constant readings: no record breaks after the first run
+    _, flags = run_scores(residuals, AnomalyParams(range_tolerance=None, flat_runs=False))
+    assert not flags.any(), np.flatnonzero(flags[:, 0])[:10]
+
+
+def test_a_run_counted_past_float32s_integers_is_not_a_new_record_at_every_reading():
+    """float32 counts to 2^24: past it run + 1 == run, and a run equal to a longest of 2^24 - 1
+    had been a new record at every identical reading (a device stuck for good, flagged for good)."""
+    values = torch.zeros(3, 1)
+    has = torch.ones(3, dtype=torch.bool)
+    n = torch.full((3,), 100.0)
+    run = torch.tensor([2.0**24, 2.0**24 - 1, 5.0])
+    longest = torch.tensor([2.0**24 - 1, 2.0**24 - 1, 5.0])
+    r = record_breaks(values, has, n, values - 1, values + 1, values, run, longest, AnomalyParams())
+    assert r.broke.tolist() == [False, True, True]  # saturated: no record; the two that count on: records
