@@ -6,7 +6,10 @@ in its state row: ``n`` (residuals folded in since its statistics (re)started), 
 mean m of its residuals, a short-run mean s (weight max(1/n, short_alpha): about the last
 1/short_alpha residuals), the long-run mean square v of (s - m), ``streak`` (consecutive
 readings with tail probability below ADAPT_TAIL) and ``peak`` (see novelty below). Long-run
-statistics are exact while 1/n > long_alpha, then exponentially weighted with long_alpha.
+statistics are exact while 1/n > long_alpha, then exponentially weighted with long_alpha. Once
+the device is scored, a residual folds into them at most STAT_CAP_SPREADS (20) of their spreads
+above their mean, so that one absurd reading cannot inflate them for thousands of readings; its
+own tail is taken from it as it is.
 
 Tail probability. The short mean of positive, right-skewed residuals is modelled by a gamma
 distribution with the device's own mean and spread: mean max(m, min_std), variance
@@ -77,6 +80,8 @@ LN2 = math.log(2.0)
 # Novelty compares a reading's surprise with the recent peak; peaks are remembered up to this
 # surprise (a tail of 1e-10), so that one absurd reading cannot mask every later anomaly.
 PEAK_CAP = 10.0
+# A scored residual folds into the long-run statistics at most this many spreads above their mean.
+STAT_CAP_SPREADS = 20.0
 # The surprise (-log10 tail) of a reading that breaks one of the device's records (see Records).
 RECORD_SURPRISE = 5.0
 LOG_RECORD_TAIL = -RECORD_SURPRISE * LN10
@@ -269,7 +274,15 @@ def score_and_update(
     is_anomaly = scored & (reported <= params.log_tail_threshold)
 
     weight = torch.clamp(first, min=params.long_alpha) * live
-    mean_new = mean + weight * (residual - mean)
+    # Once scored, a residual folds into the long-run statistics at most STAT_CAP_SPREADS of its
+    # spreads above their mean (its tail is taken from the reading as it is): one absurd reading
+    # had grown the spreads a billionfold, and the device could flag nothing for ~20,000 readings.
+    # A lasting change still moves them (and restarts them after adapt_after readings).
+    held = has_residual & (n >= max(params.warmup, 2))
+    jump = torch.where(held, jump.clamp(max=STAT_CAP_SPREADS * torch.sqrt(spread_one)), jump)
+    excess = torch.where(held, excess.clamp(-STAT_CAP_SPREADS * torch.sqrt(spread_short),
+                                            STAT_CAP_SPREADS * torch.sqrt(spread_short)), excess)
+    mean_new = mean + weight * jump
     var_new = var + weight * (excess * excess - var)
     var_one_new = var_one + weight * (jump * jump - var_one)
     n_new = n + live

@@ -69,6 +69,13 @@ def normalize_step(
     """
     weight = torch.clamp(1.0 / (seen + 1.0), min=alpha).unsqueeze(1)
     delta = x - mean
+    # Once the weights are exponential (seen >= 1 / alpha), a reading folds in at most Z_CAP of
+    # the device's spreads from its mean: one absurd reading (1e18 where the device reads 20)
+    # had grown the variance by 30 orders, and every z after it was 0 for ~ln(1e30) / alpha
+    # readings. A lasting change still moves the statistics, by Z_CAP spreads a reading.
+    spread = _scale(mean, var)
+    bound = torch.where((seen * alpha >= 1.0).unsqueeze(1) & (spread > 0), Z_CAP * spread, torch.full_like(spread, math.inf))
+    delta = delta.clamp(-bound, bound)
     mean = mean + weight * delta
     var = (1.0 - weight) * (var + weight * delta * delta)
     std = _scale(mean, var)

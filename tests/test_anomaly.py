@@ -224,3 +224,39 @@ def test_a_run_counted_past_float32s_integers_is_not_a_new_record_at_every_readi
     longest = torch.tensor([2.0**24 - 1, 2.0**24 - 1, 5.0])
     r = record_breaks(values, has, n, values - 1, values + 1, values, run, longest, AnomalyParams())
     assert r.broke.tolist() == [False, True, True]  # saturated: no record; the two that count on: records
+
+
+def test_one_absurd_reading_does_not_blind_a_device_for_thousands_of_readings():
+    """A residual of 1e6 (capped) folded in whole had grown the long-run spreads a billionfold:
+    a spike of 8 spreads 200 or 2,000 readings later went unflagged (for ~20,000 readings).
+    Folded in at most STAT_CAP_SPREADS spreads, the device flags such spikes again at once."""
+    rng = np.random.default_rng(4)
+    t_len, glitch = 4_000, 2_000
+    residuals = np.abs(rng.normal(size=(t_len, 3)))
+    residuals[glitch, :] = 1e6
+    for column, k in enumerate((200, 800, 1_900)):
+        residuals[glitch + k, column] = 8.0
+    _, flags = run_scores(residuals, AnomalyParams(range_tolerance=None))
+    for column, k in enumerate((200, 800, 1_900)):
+        assert flags[glitch + k, column], k
+
+
+def test_one_absurd_reading_leaves_a_devices_normalisation_usable():
+    """Device normalisation (exponential weights once seen >= 1 / alpha): a reading of 1e18 where
+    the device reads about 20 had grown its variance by 30 orders, and every z after it was about
+    0 for ~ln(1e30) / alpha readings. Folded in at most Z_CAP spreads from the mean, a spike of 8
+    spreads 100 readings later still has a z of several."""
+    from streamer.features import normalize_step
+
+    rng = np.random.default_rng(5)
+    alpha = 0.01
+    x = torch.from_numpy(20 + rng.normal(size=(1_300, 1, 1))).float()
+    x[1_000] = 1e18
+    x[1_100] = 20 + 8.0
+    seen, mean, var = torch.zeros(1), torch.zeros(1, 1), torch.zeros(1, 1)
+    for t in range(len(x)):
+        z, mean, var = normalize_step(x[t], seen, mean, var, alpha)
+        seen = seen + 1
+        if t == 1_100:
+            assert z.item() > 3.0, z
+    assert abs(mean.item() - 20) < 1 and 0.5 < var.item() < 5
