@@ -278,9 +278,8 @@ def score_and_update(
     # spreads above their mean (its tail is taken from the reading as it is): one absurd reading
     # had grown the spreads a billionfold, and the device could flag nothing for ~20,000 readings.
     # A lasting change still moves them (and restarts them after adapt_after readings).
-    held = has_residual & (n >= max(params.warmup, 2))
-    jump = torch.where(held, jump.clamp(max=STAT_CAP_SPREADS * torch.sqrt(spread_one)), jump)
-    excess = torch.where(held, excess.clamp(-STAT_CAP_SPREADS * torch.sqrt(spread_short),
+    jump = torch.where(scored, jump.clamp(max=STAT_CAP_SPREADS * torch.sqrt(spread_one)), jump)
+    excess = torch.where(scored, excess.clamp(-STAT_CAP_SPREADS * torch.sqrt(spread_short),
                                             STAT_CAP_SPREADS * torch.sqrt(spread_short)), excess)
     mean_new = mean + weight * jump
     var_new = var + weight * (excess * excess - var)

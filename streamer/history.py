@@ -298,7 +298,7 @@ def _read_csv_arrow(path: Path, header: list[str], value_columns: Sequence[str] 
         return None
     try:
         with path.open("rb") as raw:  # quotes, or blank lines (Arrow reads one as a row of empty fields)
-            if _holds(raw, (b'"', b"\n\n", b"\n\r\n", b"\r\r")):
+            if _holds(raw, (b'"', b"\n\n", b"\n\r", b"\r\r")):
                 return None
         table = pacsv.read_csv(
             path,
@@ -352,10 +352,13 @@ def _holds(handle: Any, needles: tuple[bytes, ...], block: int = 1 << 24) -> boo
 
 def _floats_arrow(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """_floats of a text column: Arrow parses it when every entry is a number Python would read the
-    same way (plain ASCII decimal or exponent notation, no white space); else one at a time."""
+    same way (plain ASCII decimal or exponent notation, no white space); else one at a time, and
+    so is a column with a NaN (Arrow also reads C's ``nan(...)``, which Python refuses)."""
     try:
         values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return _floats(col.to_pylist())
+    if np.isnan(values).any():
         return _floats(col.to_pylist())
     return values, np.zeros(len(values), bool)
 

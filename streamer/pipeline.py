@@ -202,6 +202,8 @@ class Pipeline:
         self._to_commit: dict[TopicPartition, tuple[int, Owned]] = {}
         self._to_commit_plan: BatchPlan | None = None
         self._last_commit = time.monotonic()
+        self._commit_refused = False  # the last commit was refused: the next waits an interval
+        self._switch_waits = False  # a changed model file waits for partitions to recover (said once)
         self._loop_thread: threading.Thread | None = None
         self._commits_heard = False  # whether a commit went through since the last lag check
         self._settling = False  # a revocation inside _settle's own flush or commit must not recurse
@@ -485,6 +487,8 @@ class Pipeline:
         is due (it is taken at a committed offset)."""
         assert self._to_commit_plan is not None
         interval = self.settings.kafka.commit_interval_ms / 1000
+        if self._commit_refused:  # the group is rebalancing: asked again once an interval has passed
+            return time.monotonic() - self._last_commit >= interval
         return bool(self._to_commit_plan.checkpoint_due) or time.monotonic() - self._last_commit >= interval
 
     def _commit_waiting_offsets(self) -> None:
@@ -504,7 +508,9 @@ class Pipeline:
         self._last_commit = time.monotonic()
         if not offsets:
             return
-        if self._commit(offsets):
+        committed = self._commit(offsets)
+        self._commit_refused = not committed
+        if committed:
             self.partitions.committed(replace(plan, commit=offsets))
             self._commits_heard = True
         else:  # tried again at the next commit: dropped, a quiet partition would never be committed
@@ -701,7 +707,16 @@ class Pipeline:
         # Not while partitions wait for recovery (an aborted transaction's, a rebalance's): the
         # switch checkpoints the partitions owned, and one recovered after it from a checkpoint
         # of the model before would refuse that one and start its devices from zero.
-        if watcher is None or self.partitions.pending or not watcher.changed():
+        if watcher is None:
+            return
+        if self.partitions.pending:
+            if not self._switch_waits and not watcher.unchanged():
+                self._switch_waits = True
+                log.info("model file %s changed: the switch waits until %d partitions are recovered", watcher.path,
+                         len(self.partitions.pending))
+            return
+        self._switch_waits = False
+        if not watcher.changed():
             return
         path = watcher.path
         # The switch checkpoints every partition at its committed offset: settle and commit first.

@@ -373,13 +373,13 @@ def test_a_folder_where_no_file_can_be_created_is_unwritable_even_for_root():
 CELLS = ["1", "-0", "1e5", "1E-3", ".5", "5.", "+2", " 3 ", "\t4", "nan", "NaN", "inf", "-Infinity", "1_000",
          "\u0661", "", "abc", "0x10", "1e400", "1e39", "1e18", "-1e19", "2014-02-14T14:30:00Z",
          "2014-02-14 14:30:00", "2014-02-14T14:30:00+02:00", "1392388100", "1392388100.5", "\u00a05",
-         "9" * 30, "0.1000000000000000055511151231257827"]
+         "9" * 30, "0.1000000000000000055511151231257827", "nan(1)", "NAN(abc)"]
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(7))
 @pytest.mark.parametrize("layout", ["long", "single"])
 def test_arrows_reading_of_a_csv_gives_what_the_csv_modules_gives(tmp_path, monkeypatch, seed, layout):
-    """The fast path (Arrow's reader, about 7x less memory and 10x faster on big files) must give
+    """The fast path (Arrow's reader: 2.3x less memory and 1.6x faster on 3M rows, bench/history_csv.py) must give
     the histories and bad rows of the csv module's reading, whatever the cells hold; files it
     cannot read so (quotes, blank lines, ragged rows) go the csv module's way."""
     import random
@@ -396,12 +396,14 @@ def test_arrows_reading_of_a_csv_gives_what_the_csv_modules_gives(tmp_path, monk
         if layout == "long":
             cells.insert(0, rng.choice(["d1", " d1", "d2 ", "d\u00e9", "", "d3\t"]))
         lines.append(",".join(cells))
-    extras = {0: [], 1: ["\r\n"], 2: ["blank"], 3: ["quote"], 4: ["ragged"], 5: ["bom"]}[seed]
+    extras = {0: [], 1: ["\r\n"], 2: ["blank"], 3: ["quote"], 4: ["ragged"], 5: ["bom"], 6: ["\n\r"]}[seed]
     text = "\n".join(lines) + "\n"
     if "\r\n" in extras:
         text = text.replace("\n", "\r\n")
     if "blank" in extras:
         text = text.replace("\n", "\n\n", 3)
+    if "\n\r" in extras:  # a blank line of a lone CR: the csv module skips it, Arrow reads a row of empty fields
+        text = text.replace("\n", "\n\r", 2)
     if "quote" in extras:
         text = text + ('"d1",1700000999,1,2\n' if layout == "long" else '1700000999,"1",2\n')
     if "ragged" in extras:
@@ -416,7 +418,7 @@ def test_arrows_reading_of_a_csv_gives_what_the_csv_modules_gives(tmp_path, monk
             h = load_histories(path, on_bad="skip")
         except HistoryError as exc:
             return str(exc)
-        return ({d: (v.ts.tolist(), v.values.tolist()) for d, v in h.devices.items()},
+        return ({d: (v.ts.tolist(), v.values.tolist(), v.lines.tolist()) for d, v in h.devices.items()},
                 [(b.line, b.reason, b.value) for b in h.bad_rows])
 
     fast_calls = []
@@ -426,4 +428,4 @@ def test_arrows_reading_of_a_csv_gives_what_the_csv_modules_gives(tmp_path, monk
     monkeypatch.setattr(history, "_read_csv_arrow", lambda *a: None)
     expected = load()
     assert got == expected
-    assert (fast_calls[0] is not None) == (not set(extras) & {"blank", "quote", "ragged"}), extras
+    assert (fast_calls[0] is not None) == (not set(extras) & {"blank", "quote", "ragged", "\n\r"}), extras

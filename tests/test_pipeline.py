@@ -635,6 +635,42 @@ def test_exactly_once_a_dead_letter_that_cannot_be_delivered_aborts_its_batch(tm
     assert len(rig.broker.messages("dlq")) == 2
 
 
+def test_exactly_once_a_refused_send_aborts_before_the_commit_is_asked(tmp_path):
+    # kafka-python's commit_transaction never returns after a send the broker refused (the
+    # abort waited for TransactionStuck, 60 s): the loop checks the sends first.
+    rig = Rig(tmp_path, exactly_once=True)
+    rig.write(per_device=1, bad=1)
+    rig.broker.rejected_topics.add("dlq")
+    producer = rig.pipeline.producer
+
+    def hangs() -> None:
+        raise AssertionError("commit_transaction asked after a refused send")
+
+    producer.commit_transaction = hangs  # type: ignore[method-assign]
+    rig.pipeline.run_once()
+    assert rig.pipeline.summary.aborted_batches == 1 and rig.broker.messages("out") == []
+    assert rig.pipeline.producer is not producer  # replaced, as after any abort
+
+
+def test_a_refused_commit_waits_an_interval_even_with_a_checkpoint_due(tmp_path, caplog):
+    # While the group rebalances, a due checkpoint had made every batch ask again (a coordinator
+    # round trip and a warning each).
+    rig = Rig(tmp_path, commit_interval_ms=60_000, checkpoint_readings=1)
+    rig.write(per_device=1)
+    rig.broker.fail("commit", GroupMovedOn("the group is rebalancing"))
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()  # settled: the commit refused
+    mark = rig.mark()
+    for t in range(1, 4):
+        rig.write(per_device=1, start_ts=t)
+        rig.pipeline.run_once()
+    assert "commit" not in rig.since(mark)
+    rig.pipeline._last_commit -= 61.0  # an interval later
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert committed(rig) == rig.ends()
+
+
 def test_revocation_settles_the_batch_in_flight_first(tmp_path):
     """A partition revoked inside the poll (the loop's own thread) while a batch is in flight:
     that batch is committed first, so the revoked partition's checkpoint is at a committed offset."""
@@ -984,7 +1020,7 @@ def test_a_crafted_model_file_at_a_hot_reload_is_refused_and_the_old_model_serve
     assert {json.loads(m.value)["model_version"] for m in rig.broker.messages("out")} == {"v1"}
 
 
-def test_a_model_switch_waits_for_the_partitions_an_aborted_transaction_left_to_recover(tmp_path):
+def test_a_model_switch_waits_for_the_partitions_an_aborted_transaction_left_to_recover(tmp_path, caplog):
     # The switch checkpoints the partitions owned; an abort had just sent the batch's partitions
     # back to recovery, and switched in that turn, their recovery refused the checkpoint of the
     # model before and started their devices from zero.
@@ -1003,8 +1039,11 @@ def test_a_model_switch_waits_for_the_partitions_an_aborted_transaction_left_to_
     time.sleep(0.02)
     watcher._next_check = 0
     rig.broker.fail("commit_transaction", KafkaClientError("aborted"))
-    for _ in range(5):
-        rig.pipeline.run_once()
+    with caplog.at_level(logging.INFO, logger="streamer.pipeline"):
+        for _ in range(5):
+            rig.pipeline.run_once()
+    waits = [r for r in caplog.records if "the switch waits until" in r.getMessage()]
+    assert len(waits) == 1, [r.getMessage() for r in caplog.records]
     assert rig.pipeline.engine.model_version == "v2"
     recoveries = {o: registry.get_sample_value("streamer_partition_recoveries_total", {"outcome": o})
                   for o in ("checkpoint", "no_checkpoint")}

@@ -100,7 +100,9 @@ class KafkaPythonConsumer(Consumer):
     def seek(self, partition: TopicPartition, offset: int) -> None:
         try:
             self.client.seek(_theirs(partition), offset)
-        except ValueError as exc:  # kafka-python's word for a partition no longer assigned
+        except ValueError as exc:
+            if "Unassigned partition" not in str(exc):  # an offset below 0: ours to fix, not to retry
+                raise
             raise KafkaClientError(f"seek {partition}: {exc}", retriable=True, cause=exc) from exc
 
     def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
