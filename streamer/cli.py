@@ -36,6 +36,7 @@ from streamer.errors import StreamerError
 from streamer.settings import (
     CONFIG_ENV,
     NONE_WORDS,
+    SECRET_SETTINGS,
     KafkaSettings,
     Settings,
     closest_setting,
@@ -282,8 +283,10 @@ def _describe_validation(exc: ValidationError, offered: set[tuple[str, str]] | N
         else:
             where = "settings"
         given = error.get("input")
-        # A key that is no setting may be a mistyped password: its value is not shown.
-        shown = "" if isinstance(given, dict) or error["type"] == "extra_forbidden" else f" = {given!r}"
+        # A key that is no setting may be a mistyped password: its value is not shown; nor is a
+        # password's, of whatever type it came (a number in TOML is no SecretStr).
+        secret = bool(loc) and loc[-1] in SECRET_SETTINGS
+        shown = "" if isinstance(given, dict) or error["type"] == "extra_forbidden" or secret else f" = {given!r}"
         message = str(error["msg"]).removeprefix("Value error, ")
         problems.append(f"{where}{shown}: {message}")
     return "invalid settings: " + "; ".join(problems)

@@ -10,6 +10,7 @@ import difflib
 import json
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,7 @@ from streamer.malloc import check_keep_mb
 ENV_PREFIX = "STREAMER_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_ENV = "STREAMER_CONFIG"
+SECRET_SETTINGS = frozenset({"sasl_password", "ssl_password"})  # never shown, whatever their value's type
 # Kafka's rule for topic names (kafka.common.internals.Topic): 1-249 of these characters, not "." or "..".
 TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 # Variables Kubernetes sets for a Service named "streamer" (service links): not ours, never warned about.
@@ -96,6 +98,13 @@ class Section(BaseModel):
             else value
             for name, value in data.items()
         }
+
+
+def _tls_reason(exc: Exception) -> str:
+    """OpenSSL's reason in a few words ("PEM lib", "KEY_VALUES_MISMATCH"), or a file error's."""
+    if isinstance(exc, ssl.SSLError):
+        return getattr(exc, "reason", None) or str(exc)
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _allows_none(annotation: Any) -> bool:
@@ -220,7 +229,32 @@ class KafkaSettings(Section):
                 raise ValueError(f"{name} {path}: {not_a_file(path)}")
         if self.ssl_keyfile is not None and self.ssl_certfile is None:
             raise ValueError(f"ssl_keyfile {self.ssl_keyfile} is given without ssl_certfile")
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            self._tls_files_load()
         return self
+
+    def _tls_files_load(self) -> None:
+        """The TLS files loaded here as the clients will load them, so that a mistake in them is
+        one line naming the setting before any connection, not a TLS failure retried for
+        startup_wait_s. An encrypted key is read with ssl_password, or with an empty one: never
+        by OpenSSL's prompt, which had stopped the process on a terminal."""
+        context = ssl.create_default_context()
+        if self.ssl_cafile is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.ssl_cafile))
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"ssl_cafile {self.ssl_cafile} cannot be read as PEM certificates ({_tls_reason(exc)})")
+        if self.ssl_certfile is not None:
+            password = self.ssl_password.get_secret_value() if self.ssl_password is not None else ""
+            try:
+                context.load_cert_chain(str(self.ssl_certfile), None if self.ssl_keyfile is None else str(self.ssl_keyfile),
+                                        password=lambda: password.encode())
+            except (ssl.SSLError, OSError) as exc:
+                key = self.ssl_keyfile or self.ssl_certfile
+                reason = _tls_reason(exc)
+                hint = ("" if "MISMATCH" in reason else "; if the key is encrypted, ssl_password must be its password"
+                        if self.ssl_password is not None else "; an encrypted key needs ssl_password")
+                raise ValueError(f"ssl_certfile {self.ssl_certfile} with its key {key} cannot be loaded ({reason}{hint})")
 
     # Defined after _security_complete so that it wraps it: errors raised there then record the
     # section's input with the secrets already masked (pydantic shows that input in its messages).
@@ -229,7 +263,7 @@ class KafkaSettings(Section):
     def _mask_secret_input(cls, data: Any, handler: ModelWrapValidatorHandler["KafkaSettings"]) -> "KafkaSettings":
         if isinstance(data, dict):
             data = {
-                key: SecretStr(value) if key in ("sasl_password", "ssl_password") and isinstance(value, str) else value
+                key: SecretStr(value) if key in SECRET_SETTINGS and isinstance(value, str) else value
                 for key, value in data.items()
             }
         return handler(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from streamer.cli import main
 from streamer.errors import StreamerError
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=120, env=env)
+def run_cli(*args: str, env: dict | None = None, stdin: int | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=120, env=env,
+                          stdin=stdin)
 
 
 def test_help_lists_every_setting_with_its_env_name():
@@ -778,7 +780,9 @@ def test_a_metrics_host_that_cannot_be_encoded_is_one_line(model_file: Path, cap
     assert "metrics.host (flag --metrics-host, env STREAMER_METRICS__HOST)" in one_line_error(capsys)
 
 
-def test_a_tls_file_librdkafka_refuses_is_one_line(tmp_path: Path):
+def test_a_tls_file_no_client_could_use_is_one_line_naming_the_setting(tmp_path: Path):
+    # Loaded as the clients load them, before any connection: librdkafka had refused it only as the
+    # client was made, kafka-python only at a connection (a TLS failure retried for startup_wait_s).
     garbage = tmp_path / "ca.pem"
     garbage.write_text("not a certificate\n")
     done = run_cli("simulate", "--kafka-bootstrap-servers", "127.0.0.1:1", "--kafka-client", "confluent-kafka",
@@ -786,8 +790,43 @@ def test_a_tls_file_librdkafka_refuses_is_one_line(tmp_path: Path):
                    "--kafka-ssl-cafile", str(garbage))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
-    assert lines[0].startswith("streamer: error: Kafka client (SSL): its settings were refused: ")
-    assert "ssl.ca.location" in lines[0]
+    assert lines[0].startswith(f"streamer: error: invalid settings: kafka: ssl_cafile {garbage} cannot be read as PEM")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make keys")
+def test_an_encrypted_key_is_read_with_ssl_password_never_by_a_prompt(tmp_path: Path):
+    # Without ssl_password OpenSSL asked for the pass phrase on the terminal (the process stopped
+    # there; without a terminal, 14 prompts on stderr), then a TLS failure retried for startup_wait_s.
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-days", "2", "-subj", "/CN=streamer-test"]
+    subprocess.run([*openssl, "-passout", "pass:right-one", "-keyout", "enc.key", "-out", "cert.pem"], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=60)
+    subprocess.run([*openssl, "-nodes", "-keyout", "other.key", "-out", "other.pem"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=60)
+    common = ["check-config", "--settings-only", "--kafka-bootstrap-servers", "127.0.0.1:1", "--kafka-security-protocol",
+              "SSL", "--kafka-ssl-certfile", str(tmp_path / "cert.pem")]
+    for extra, said in (
+        (["--kafka-ssl-keyfile", str(tmp_path / "enc.key")], "an encrypted key needs ssl_password"),
+        (["--kafka-ssl-keyfile", str(tmp_path / "enc.key"), "--kafka-ssl-password", "wrong-one"],
+         "ssl_password must be its password"),
+        (["--kafka-ssl-keyfile", str(tmp_path / "other.key")], "KEY_VALUES_MISMATCH"),
+    ):
+        done = run_cli(*common, *extra, stdin=subprocess.DEVNULL)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and said in lines[0], done.stderr[-2000:]
+        assert "pass phrase" not in done.stderr and "wrong-one" not in done.stderr
+    done = run_cli(*common, "--kafka-ssl-keyfile", str(tmp_path / "enc.key"), "--kafka-ssl-password", "right-one")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_password_of_another_type_is_not_shown_in_the_error(tmp_path: Path, capsys):
+    config = tmp_path / "s.toml"
+    for value in ("987654321", '["hunter2list"]', "987654321.5"):
+        config.write_text('[kafka]\nsecurity_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\n'
+                          f'sasl_username = "u"\nsasl_password = {value}\nssl_password = 123456789\n')
+        assert main(["check-config", "--settings-only", "--config", str(config)]) == 2
+        error = one_line_error(capsys)
+        assert "kafka.sasl_password" in error and "987654321" not in error and "hunter2" not in error, error
+        assert "123456789" not in error
 
 
 def test_topics_create_without_a_broker_is_one_line():

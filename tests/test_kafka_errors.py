@@ -279,3 +279,19 @@ def test_a_kafka_python_producer_whose_transactions_cannot_start_is_closed(monke
     with pytest.raises(KafkaBootstrapError, match="no transaction coordinator answered"):
         clients.make_producer(KafkaSettings(exactly_once=True), "instance-1")
     assert [p.closed_with for p in made] == [0.0]
+
+
+def test_a_password_is_redacted_in_the_forms_the_client_libraries_log_it():
+    """kafka-python's admin client logs its configuration's repr at DEBUG: a password with a
+    backslash or a quote shows escaped there, and had been left as it was."""
+    import logging
+
+    from streamer.kafka.clients import REDACTED, _SecretRedaction
+
+    redaction = _SecretRedaction()
+    secret = "caf\u00e9\\pw'\"\x01"
+    redaction.add(secret)
+    for shown in (repr({"sasl_plain_password": secret}), repr(secret.encode()), ascii(secret), secret):
+        record = logging.LogRecord("kafka.admin.client", logging.DEBUG, __file__, 1, "config: %s", (shown,), None)
+        redaction.filter(record)
+        assert REDACTED in record.getMessage() and "pw" not in record.getMessage(), record.getMessage()

@@ -51,8 +51,9 @@ class _SecretRedaction(logging.Filter):
         self.secrets: set[str] = set()
 
     def add(self, secret: str) -> None:
-        # As text, and as it shows inside the repr of bytes.
-        self.secrets.update({secret, repr(secret.encode())[2:-1]} - {""})
+        # As text, and as it shows inside the repr of bytes and of text (the admin client logs its
+        # configuration's repr: backslashes and quotes escaped), and ascii()'s escapes.
+        self.secrets.update({secret, repr(secret.encode())[2:-1], repr(secret)[1:-1], ascii(secret)[1:-1]} - {""})
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
