@@ -482,7 +482,7 @@ def _topics_create(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
     from streamer.kafka import ensure_topics
-    from streamer.kafka.clients import security_config
+    from streamer.kafka.clients import describe_topics, security_config
     from streamer.kafka.topics import topic_specs
 
     kafka = settings.kafka
@@ -492,11 +492,32 @@ def _topics_create(args: argparse.Namespace) -> int:
             kafka.bootstrap_servers, specs, kafka.client_id, security=security_config(kafka),
             bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka),
         )
-    print(json.dumps({"topics": [
-        {"name": name, "partitions": spec.partitions, "replication_factor": spec.replication_factor,
-         "configs": spec.configs, "created": name in created}
-        for name, spec in specs.items()
-    ]}), flush=True)
+        kept = [name for name in specs if name not in created]
+        states = describe_topics(
+            kafka.bootstrap_servers, kept, sorted({key for name in kept for key in specs[name].configs}), kafka.client_id,
+            security=security_config(kafka), bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka),
+        ) if kept else {}
+    topics = []
+    for name, spec in specs.items():
+        if name in created:
+            topics.append({"name": name, "partitions": spec.partitions, "replication_factor": spec.replication_factor,
+                           "configs": spec.configs, "created": True})
+            continue
+        # An existing topic is left as it is: said as the brokers have it, and where it differs
+        # from what the settings ask (a changelog that is not compacted loses checkpoints).
+        state = states.get(name)
+        found = {"name": name, "created": False}
+        if state is not None:
+            found.update(partitions=state.partitions, configs={k: state.configs.get(k) for k in spec.configs})
+            differs = ([f"{state.partitions} partitions, not {spec.partitions}"] if state.partitions != spec.partitions
+                       else []) + [f"{k}={state.configs.get(k)}, not {v}" for k, v in spec.configs.items()
+                                   if state.configs.get(k) != v]
+            if differs:
+                found["differs"] = differs
+                print(f"streamer: warning: topic {name} exists with {'; '.join(differs)}: left as it is",
+                      file=sys.stderr)
+        topics.append(found)
+    print(json.dumps({"topics": topics}), flush=True)
     return 0
 
 

@@ -21,6 +21,7 @@ from streamer.kafka.clients import (
     KafkaBootstrapError,
     KafkaLoginError,
     MissingTopics,
+    describe_topics,
     kafka_logs_folded,
     max_message_bytes,
     security_config,
@@ -162,6 +163,25 @@ def _dead_letter_limit(settings: Settings) -> int | None:
                     " letters sent together may be refused, which stops the loop", kafka.dead_letter_topic, limit,
                     PRODUCER_BATCH_BYTES)
     return limit
+
+
+def _check_changelog_compacted(settings: Settings) -> None:
+    """Say once when the checkpoint changelog (made elsewhere, or before streamer made it
+    compacted) is not compacted: its checkpoints older than retention.ms are deleted, and a
+    partition whose newest checkpoint is gone starts its devices from zero."""
+    kafka, topic = settings.kafka, settings.checkpoint.topic
+    try:
+        state = describe_topics(kafka.bootstrap_servers, [topic], ["cleanup.policy", "retention.ms"], kafka.client_id,
+                                security=security_config(kafka),
+                                bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000)).get(topic)
+    except Exception as exc:  # housekeeping: the loop runs without it
+        log.warning("could not read the checkpoint changelog %s's cleanup.policy (%s)", topic, exc)
+        return
+    if state is not None and "compact" not in state.configs.get("cleanup.policy", "compact").split(","):
+        log.warning("checkpoint changelog %s has cleanup.policy=%s, not compact: checkpoints older than its retention.ms"
+                    " (%s) are deleted, and a partition whose newest one is gone starts its devices from zero; set"
+                    " cleanup.policy=compact on it", topic, state.configs.get("cleanup.policy"),
+                    state.configs.get("retention.ms", "?"))
 
 
 def _metrics_server(registry: CollectorRegistry, health: Health, settings: Settings) -> MetricsServer:
@@ -314,6 +334,8 @@ def run_service(
 
             return _until_reachable(connect, math.inf, stop, waiting=waiting)
 
+        if settings.checkpoint.enabled and settings.checkpoint.store == "kafka":
+            _check_changelog_compacted(settings)
         pipeline = Pipeline(settings, engine, consumer, first, metrics, health, store, successor,
                             _dead_letter_limit(settings))
         opened.append(lambda: pipeline.producer.close(CLOSE_TIMEOUT_S))

@@ -351,11 +351,11 @@ class TopicsSettings(Section):
         6, description="partitions of the input and output topics (the most hosts that share the work)"
     )
     replication_factor: Annotated[int, Field(ge=1, le=INT16_MAX)] = Field(1, description="replicas of every topic streamer creates")
-    retention_ms: Annotated[int, Field(ge=-1)] | None = Field(
+    retention_ms: Annotated[int, Field(ge=-1, le=2**63 - 1)] | None = Field(
         None, description="retention.ms of the input and output topics (-1: forever; none: the broker's default)"
     )
     dead_letter_partitions: Annotated[int, Field(ge=1, le=INT32_MAX)] = Field(1, description="partitions of the dead-letter topic")
-    dead_letter_retention_ms: Annotated[int, Field(ge=-1)] | None = Field(
+    dead_letter_retention_ms: Annotated[int, Field(ge=-1, le=2**63 - 1)] | None = Field(
         None, description="retention.ms of the dead-letter topic (-1: forever; none: the broker's default)"
     )
     checkpoint_partitions: Annotated[int, Field(ge=1, le=INT32_MAX)] = Field(

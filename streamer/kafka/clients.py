@@ -408,12 +408,12 @@ def ensure_topics(
             except KafkaError as exc:
                 # kafka-python's message is the whole request and response; the broker's reason is in it.
                 reason = re.search(r"error_message='([^']*)'", str(exc))
+                before = f" (created before it: {', '.join(created)})" if created else ""
                 raise KafkaClientError(
                     f"creating topic {name} ({spec.partitions} partitions, replication factor "
                     f"{spec.replication_factor}, {spec.configs or 'no configs'}): {type(exc).__name__}: "
-                    f"{reason.group(1) if reason else exc}", cause=exc) from exc
-        if created:
-            log.info("created topics %s", created)
+                    f"{reason.group(1) if reason else exc}{before}", cause=exc) from exc
+            log.info("created topic %s", name)
         missing = [name for name in must_exist if name not in existing and name not in created]
         if missing:
             raise MissingTopics(missing)
@@ -431,6 +431,39 @@ def _admin(bootstrap_servers: str, client_id: str, security: dict[str, object],
         )
 
 
+@dataclass(frozen=True)
+class TopicState:
+    """An existing topic as the brokers describe it: its partition count and the configs asked
+    for (set on the topic or inherited from the broker; one the brokers do not give is left out)."""
+
+    partitions: int
+    configs: dict[str, str]
+
+
+def describe_topics(
+    bootstrap_servers: str,
+    topics: Sequence[str],
+    keys: Sequence[str],
+    client_id: str = "streamer-admin",
+    security: dict[str, object] | None = None,
+    bootstrap_timeout_ms: int | None = None,
+) -> dict[str, TopicState]:
+    """Each of ``topics`` that exists, by name, with the config values of ``keys``."""
+    admin = _admin(bootstrap_servers, client_id, security or {}, bootstrap_timeout_ms)
+    try:
+        partitions = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(topics))
+                      if not t.get("error_code")}
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, list(keys)) for name in partitions], config_filter="all",
+        ) if partitions and keys else {}
+    finally:
+        admin.close()
+    configs = {name: {key: str(entry["value"]) for key, entry in found.items()
+                      if key in keys and isinstance(entry, dict) and entry.get("value") is not None}
+               for name, found in described.get("topic", {}).items()}
+    return {name: TopicState(count, configs.get(name, {})) for name, count in partitions.items()}
+
+
 def max_message_bytes(
     bootstrap_servers: str,
     topics: Sequence[str],
@@ -440,18 +473,9 @@ def max_message_bytes(
 ) -> dict[str, int]:
     """The largest record batch each of ``topics`` accepts (its max.message.bytes, whether set on
     the topic or inherited from the broker), by name; topics the brokers do not describe are left out."""
-    admin = _admin(bootstrap_servers, client_id, security or {}, bootstrap_timeout_ms)
-    try:
-        described = admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, name, ["max.message.bytes"]) for name in topics], config_filter="all")
-    finally:
-        admin.close()
-    limits = {}
-    for name, configs in described.get("topic", {}).items():
-        value = (configs.get("max.message.bytes") or {}).get("value")
-        if value is not None and str(value).isdigit():
-            limits[name] = int(value)
-    return limits
+    states = describe_topics(bootstrap_servers, topics, ["max.message.bytes"], client_id, security, bootstrap_timeout_ms)
+    return {name: int(state.configs["max.message.bytes"]) for name, state in states.items()
+            if state.configs.get("max.message.bytes", "").isdigit()}
 
 
 class _LastComplaint(logging.Handler):

@@ -58,11 +58,48 @@ def test_create_gives_each_topic_what_settings_say(kafka_bootstrap: str, unique:
     assert found[t["out"]] == (4, {"retention.ms": "3600000"})
     assert found[t["dlq"]] == (2, {"retention.ms": "-1", "max.message.bytes": "16777216"})  # takes whole dead letters
     assert found[t["ckpt"]] == (3, {"cleanup.policy": "compact"})
-    # Again: nothing is created, nothing changed.
+    # Again: nothing is created, nothing changed; what exists is said as it is, and where it
+    # differs from the settings (it had been said as the settings asked).
     assert main([*argv[:argv.index("--topics-partitions")], "--topics-partitions", "8",
                  "--checkpoint-store", "kafka", "--checkpoint-topic", t["ckpt"]]) == 0
-    assert not any(x["created"] for x in json.loads(capsys.readouterr().out)["topics"])
+    captured = capsys.readouterr()
+    again = {x["name"]: x for x in json.loads(captured.out)["topics"]}
+    assert not any(x["created"] for x in again.values())
+    assert again[t["in"]]["partitions"] == 4 and again[t["in"]]["differs"] == ["4 partitions, not 8"]
+    assert again[t["ckpt"]] == {"name": t["ckpt"], "created": False, "partitions": 3,
+                                "configs": {"cleanup.policy": "compact"}, "differs": ["3 partitions, not 6"]}
+    assert f"streamer: warning: topic {t['in']} exists with 4 partitions, not 8: left as it is" in captured.err
     assert describe(kafka_bootstrap, [t["in"]])[t["in"]][0] == 4
+
+
+def test_a_changelog_that_exists_uncompacted_is_said_and_a_failure_names_what_was_created(
+        kafka_bootstrap: str, unique: str, capsys: pytest.CaptureFixture):
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    t = names(unique)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(t["ckpt"], 1, 1)])  # delete policy, as auto-creation makes it
+    finally:
+        admin.close()
+    assert main(["topics", "create", "--kafka-bootstrap-servers", kafka_bootstrap, "--kafka-input-topic", t["in"],
+                 "--kafka-output-topic", t["out"], "--kafka-dead-letter-topic", t["dlq"],
+                 "--checkpoint-store", "kafka", "--checkpoint-topic", t["ckpt"]]) == 0
+    captured = capsys.readouterr()
+    ckpt = {x["name"]: x for x in json.loads(captured.out)["topics"]}[t["ckpt"]]
+    assert ckpt["differs"] == ["1 partitions, not 6", "cleanup.policy=delete, not compact"]
+    assert f"topic {t['ckpt']} exists with 1 partitions, not 6; cleanup.policy=delete, not compact" in captured.err
+    # A refusal part-way names the topics created before it (the broker refuses a name that
+    # collides with another's but for '.' and '_').
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(f"dlq2_{unique}", 1, 1)])
+    finally:
+        admin.close()
+    code = main(["topics", "create", "--kafka-bootstrap-servers", kafka_bootstrap, "--kafka-input-topic", f"in2-{unique}",
+                 "--kafka-output-topic", f"out2-{unique}", "--kafka-dead-letter-topic", f"dlq2.{unique}"])
+    [err] = error_lines(capsys)
+    assert code == 2 and f"(created before it: in2-{unique}, out2-{unique})" in err, err
 
 
 def test_without_the_kafka_store_no_changelog_is_created(kafka_bootstrap: str, unique: str, capsys: pytest.CaptureFixture):
@@ -103,3 +140,24 @@ def test_run_creates_the_topics_it_writes_as_settings_say(kafka_bootstrap: str, 
     found = describe(kafka_bootstrap, [t["out"], t["dlq"], t["ckpt"]])
     assert found == {t["out"]: (5, {"retention.ms": "7200000"}), t["dlq"]: (2, {"max.message.bytes": "16777216"}),
                      t["ckpt"]: (6, {"cleanup.policy": "compact"})}
+
+
+def test_run_says_when_its_checkpoint_changelog_is_not_compacted(kafka_bootstrap: str, unique: str, caplog):
+    import logging
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from streamer.service import _check_changelog_compacted
+
+    t = names(unique)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(t["ckpt"], 1, 1, topic_configs={"retention.ms": "3600000"})])
+    finally:
+        admin.close()
+    settings = load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap},
+                              "checkpoint": {"store": "kafka", "topic": t["ckpt"]}})
+    with caplog.at_level(logging.WARNING, logger="streamer.service"):
+        _check_changelog_compacted(settings)
+    [said] = [r.getMessage() for r in caplog.records if r.name == "streamer.service"]
+    assert f"checkpoint changelog {t['ckpt']} has cleanup.policy=delete, not compact" in said and "(3600000)" in said
