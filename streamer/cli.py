@@ -492,11 +492,16 @@ def _topics_create(args: argparse.Namespace) -> int:
             kafka.bootstrap_servers, specs, kafka.client_id, security=security_config(kafka),
             bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka),
         )
-        kept = [name for name in specs if name not in created]
+    kept = [name for name in specs if name not in created]
+    try:  # what exists: said as the brokers have it; a failure here undoes nothing done above
         states = describe_topics(
             kafka.bootstrap_servers, kept, sorted({key for name in kept for key in specs[name].configs}), kafka.client_id,
             security=security_config(kafka), bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka),
         ) if kept else {}
+    except Exception as exc:  # noqa: BLE001 - housekeeping, said in one line
+        print(f"streamer: warning: the existing topics could not be described ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        states = {}
     topics = []
     for name, spec in specs.items():
         if name in created:
@@ -508,10 +513,12 @@ def _topics_create(args: argparse.Namespace) -> int:
         state = states.get(name)
         found = {"name": name, "created": False}
         if state is not None:
-            found.update(partitions=state.partitions, configs={k: state.configs.get(k) for k in spec.configs})
+            # Configs the brokers did not give (describing them refused) are left out, not taken to differ.
+            found.update(partitions=state.partitions, replication_factor=state.replication_factor,
+                         configs={k: state.configs[k] for k in spec.configs if k in state.configs})
             differs = ([f"{state.partitions} partitions, not {spec.partitions}"] if state.partitions != spec.partitions
-                       else []) + [f"{k}={state.configs.get(k)}, not {v}" for k, v in spec.configs.items()
-                                   if state.configs.get(k) != v]
+                       else []) + [f"{k}={state.configs[k]}, not {v}" for k, v in spec.configs.items()
+                                   if k in state.configs and state.configs[k] != v]
             if differs:
                 found["differs"] = differs
                 print(f"streamer: warning: topic {name} exists with {'; '.join(differs)}: left as it is",

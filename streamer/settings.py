@@ -245,14 +245,21 @@ class KafkaSettings(Section):
             except (ssl.SSLError, OSError) as exc:
                 raise ValueError(f"ssl_cafile {self.ssl_cafile} cannot be read as PEM certificates ({_tls_reason(exc)})")
         if self.ssl_certfile is not None:
-            password = self.ssl_password.get_secret_value() if self.ssl_password is not None else ""
+            asked: list[bool] = []
+
+            def password() -> bytes:  # asked only for an encrypted key
+                asked.append(True)
+                if self.ssl_password is None:  # not even an empty one: the clients would prompt for it
+                    raise ValueError("no ssl_password")
+                return self.ssl_password.get_secret_value().encode("utf-8", "surrogateescape")
+
             try:
                 context.load_cert_chain(str(self.ssl_certfile), None if self.ssl_keyfile is None else str(self.ssl_keyfile),
-                                        password=lambda: password.encode())
-            except (ssl.SSLError, OSError) as exc:
+                                        password=password)
+            except (ssl.SSLError, OSError, ValueError) as exc:
                 key = self.ssl_keyfile or self.ssl_certfile
-                reason = _tls_reason(exc)
-                hint = ("" if "MISMATCH" in reason else "; if the key is encrypted, ssl_password must be its password"
+                reason = "encrypted" if isinstance(exc, ValueError) else _tls_reason(exc)
+                hint = ("" if not asked else "; if the key is encrypted, ssl_password must be its password"
                         if self.ssl_password is not None else "; an encrypted key needs ssl_password")
                 raise ValueError(f"ssl_certfile {self.ssl_certfile} with its key {key} cannot be loaded ({reason}{hint})")
 

@@ -816,6 +816,48 @@ def test_an_encrypted_key_is_read_with_ssl_password_never_by_a_prompt(tmp_path: 
         assert "pass phrase" not in done.stderr and "wrong-one" not in done.stderr
     done = run_cli(*common, "--kafka-ssl-keyfile", str(tmp_path / "enc.key"), "--kafka-ssl-password", "right-one")
     assert done.returncode == 0, done.stderr[-2000:]
+    # Encrypted with an empty pass phrase: still needs ssl_password (given none, the clients prompt).
+    subprocess.run([*openssl, "-passout", "pass:", "-keyout", "empty.key", "-out", "empty.pem"], cwd=tmp_path,
+                   capture_output=True, timeout=60)
+    if (tmp_path / "empty.key").is_file() and b"ENCRYPTED" in (tmp_path / "empty.key").read_bytes():
+        done = run_cli(*common[:-1], str(tmp_path / "empty.pem"), "--kafka-ssl-keyfile", str(tmp_path / "empty.key"),
+                       stdin=subprocess.DEVNULL)
+        assert done.returncode == 2 and "an encrypted key needs ssl_password" in done.stderr, done.stderr[-2000:]
+    # The key in the certificate's own file: taken, and librdkafka is told where the key is.
+    both = tmp_path / "both.pem"
+    both.write_bytes((tmp_path / "other.pem").read_bytes() + (tmp_path / "other.key").read_bytes())
+    from streamer.kafka.confluent import security_config
+    from streamer.settings import load_settings
+
+    settings = load_settings({"kafka": {"bootstrap_servers": "127.0.0.1:1", "security_protocol": "SSL",
+                                        "ssl_certfile": both}})
+    assert security_config(settings.kafka)["ssl.key.location"] == str(both)
+
+
+def test_topics_create_says_what_exists_as_far_as_the_brokers_tell(monkeypatch, capsys):
+    # Describing configs refused (kafka-python gives empty configs then): nothing taken to differ.
+    # Describing failing outright: one warning line, the topics as created or left.
+    import streamer.kafka as streamer_kafka
+    import streamer.kafka.clients as clients
+
+    monkeypatch.setattr(streamer_kafka, "ensure_topics", lambda *a, **k: [])
+    monkeypatch.setattr(clients, "describe_topics", lambda bootstrap, names, keys, *a, **k: {
+        name: clients.TopicState(6, 1, {}) for name in names})
+    argv = ["topics", "create", "--kafka-bootstrap-servers", "127.0.0.1:1", "--checkpoint-store", "kafka"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)["topics"]
+    assert all(t["configs"] == {} and not any("=" in d for d in t.get("differs", [])) for t in printed), printed
+    assert "None" not in captured.err and "None" not in captured.out
+
+    def fails(*args, **kwargs):
+        raise clients.KafkaTimeoutError("no answer")
+
+    monkeypatch.setattr(clients, "describe_topics", fails)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert [t.keys() == {"name", "created"} for t in json.loads(captured.out)["topics"]] == [True] * 4
+    assert "could not be described (KafkaTimeoutError" in captured.err
 
 
 def test_a_password_of_another_type_is_not_shown_in_the_error(tmp_path: Path, capsys):

@@ -437,7 +437,8 @@ class TopicState:
     for (set on the topic or inherited from the broker; one the brokers do not give is left out)."""
 
     partitions: int
-    configs: dict[str, str]
+    replication_factor: int
+    configs: dict[str, str]  # those the brokers gave (describing configs may be refused: then none)
 
 
 def describe_topics(
@@ -451,8 +452,9 @@ def describe_topics(
     """Each of ``topics`` that exists, by name, with the config values of ``keys``."""
     admin = _admin(bootstrap_servers, client_id, security or {}, bootstrap_timeout_ms)
     try:
-        partitions = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(topics))
-                      if not t.get("error_code")}
+        found = {t["name"]: t.get("partitions") or [] for t in admin.describe_topics(list(topics))
+                 if not t.get("error_code")}
+        partitions = {name: len(parts) for name, parts in found.items()}
         described = admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, name, list(keys)) for name in partitions], config_filter="all",
         ) if partitions and keys else {}
@@ -461,7 +463,8 @@ def describe_topics(
     configs = {name: {key: str(entry["value"]) for key, entry in found.items()
                       if key in keys and isinstance(entry, dict) and entry.get("value") is not None}
                for name, found in described.get("topic", {}).items()}
-    return {name: TopicState(count, configs.get(name, {})) for name, count in partitions.items()}
+    return {name: TopicState(count, len(found[name][0].get("replica_nodes") or []) if found[name] else 0,
+                             configs.get(name, {})) for name, count in partitions.items()}
 
 
 def max_message_bytes(

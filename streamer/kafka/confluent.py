@@ -140,6 +140,10 @@ def security_config(settings: KafkaSettings) -> dict[str, object]:
             path = getattr(settings, name)
             if path is not None:
                 config[prop] = str(path)
+        if settings.ssl_certfile is not None and settings.ssl_keyfile is None:
+            # The key in the certificate's file, as Python's ssl (and kafka-python) read it there:
+            # librdkafka reads a key only from ssl.key.location, and sent no certificate.
+            config["ssl.key.location"] = str(settings.ssl_certfile)
         if settings.ssl_password is not None:
             config["ssl.key.password"] = settings.ssl_password.get_secret_value()
             redact_secret(settings.ssl_password.get_secret_value())

@@ -66,7 +66,7 @@ def test_create_gives_each_topic_what_settings_say(kafka_bootstrap: str, unique:
     again = {x["name"]: x for x in json.loads(captured.out)["topics"]}
     assert not any(x["created"] for x in again.values())
     assert again[t["in"]]["partitions"] == 4 and again[t["in"]]["differs"] == ["4 partitions, not 8"]
-    assert again[t["ckpt"]] == {"name": t["ckpt"], "created": False, "partitions": 3,
+    assert again[t["ckpt"]] == {"name": t["ckpt"], "created": False, "partitions": 3, "replication_factor": 1,
                                 "configs": {"cleanup.policy": "compact"}, "differs": ["3 partitions, not 6"]}
     assert f"streamer: warning: topic {t['in']} exists with 4 partitions, not 8: left as it is" in captured.err
     assert describe(kafka_bootstrap, [t["in"]])[t["in"]][0] == 4
