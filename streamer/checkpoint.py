@@ -157,16 +157,19 @@ def decode(data: bytes, path: object = "<bytes>") -> Checkpoint:
     rows = np.frombuffer(body, dtype="<f4", count=count * width, offset=at).reshape(count, width).astype(np.float32)
     at += 4 * count * width
     last_seen = np.frombuffer(body, dtype="<f8", count=count, offset=at).astype(np.float64)
-    return Checkpoint(
-        topic=str(header["topic"]),
-        partition=int(header["partition"]),
-        offset=int(header["offset"]),
-        state=PartitionState(ids, rows, last_seen),
-        width=width,
-        model_version=str(header.get("model_version", "")),
-        created=float(header.get("created", 0.0)),
-        model_config=header.get("model_config") if isinstance(header.get("model_config"), dict) else None,
-    )
+    try:  # a header of another writer (a field missing or of another type) is a defect like any other
+        return Checkpoint(
+            topic=str(header["topic"]),
+            partition=int(header["partition"]),
+            offset=int(header["offset"]),
+            state=PartitionState(ids, rows, last_seen),
+            width=width,
+            model_version=str(header.get("model_version", "")),
+            created=float(header.get("created", 0.0)),
+            model_config=header.get("model_config") if isinstance(header.get("model_config"), dict) else None,
+        )
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        raise CheckpointError(path, f"bad header ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)
@@ -387,9 +390,21 @@ def _model_mismatch(checkpoint: Checkpoint, width: int, model: ModelStamp | None
     return None
 
 
+SAFE_NAME_MAX = 200  # a path component's characters (file systems take 255 bytes): longer ones are hashed
+
+
 def _safe(name: str) -> str:
-    """A path component for a topic or group name (Kafka allows [a-zA-Z0-9._-] in topics)."""
-    return "".join(ch if ch.isalnum() or ch in "._-" else f"%{ord(ch):02x}" for ch in name) or "%"
+    """A path component for a topic or group name (Kafka allows [a-zA-Z0-9._-] in topics), one per
+    name: other characters as %xx, or %uxxxxxx past U+00FF ("x€" is not "x ac"); "." and ".." escaped
+    (they would name the directory itself, or its parent); past SAFE_NAME_MAX characters, a prefix
+    and the SHA-256 of the name (a group id has no length limit, a file name has)."""
+    if name in (".", ".."):
+        return "%2e" * len(name)
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else f"%{ord(ch):02x}" if ord(ch) <= 0xFF else f"%u{ord(ch):06x}"
+                   for ch in name) or "%"
+    if len(safe) > SAFE_NAME_MAX:
+        safe = f"{safe[:SAFE_NAME_MAX - 65]}~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()}"
+    return safe
 
 
 def _mtime(path: Path) -> float:

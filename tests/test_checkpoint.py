@@ -610,3 +610,52 @@ def test_a_checkpoint_whose_ids_are_inconsistent_is_refused_even_with_a_good_che
     with pytest.raises(CheckpointError, match="add up to"):
         decode(resealed(good.replace(lengths, np.asarray([1, 1], "<u4").tobytes(), 1)))
     assert decode(resealed(good)).state.device_ids == ["ab", "c"]
+
+
+@pytest.mark.parametrize("change", [
+    lambda h: h.pop("topic"), lambda h: h.update(created=None), lambda h: h.update(partition="zero"),
+    lambda h: h.update(offset=[1]),
+])
+def test_a_checkpoint_whose_header_another_writer_changed_is_refused_and_the_one_before_used(tmp_path: Path, change):
+    """A file of a foreign or later writer that keeps the magic and a valid checksum but not the
+    header's fields had raised KeyError / TypeError / ValueError out of recovery."""
+    import hashlib
+    import json
+    import struct
+
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group", keep=3)
+    store.save(stamped(engine, 0, 100))
+    data = encode(stamped(engine, 0, 300))
+    body = data[:-32]
+    (length,) = struct.unpack_from("<I", body, len(checkpoint_module.MAGIC))
+    at = len(checkpoint_module.MAGIC) + 4
+    header = json.loads(body[at:at + length])
+    change(header)
+    text = json.dumps(header).encode()
+    body = body[:len(checkpoint_module.MAGIC)] + struct.pack("<I", len(text)) + text + body[at + length:]
+    forged = body + hashlib.sha256(body).digest()
+    with pytest.raises(CheckpointError, match="bad header"):
+        decode(forged, "forged")
+    (store.root / "group" / "readings" / "0" / f"{300:020d}.ckpt").write_bytes(forged)
+    loaded, refused = store.load_latest("readings", 0, engine.layout.width, 400)
+    assert loaded is not None and loaded.offset == 100 and len(refused) == 1
+
+
+def test_names_become_path_components_one_each_inside_the_store(tmp_path: Path):
+    """"." and ".." had named the store's directory and its parent (a group id ".." wrote
+    outside checkpoint.directory); "x€" and "x ac" had shared a directory; a group id of 210
+    characters had made every save and load fail (ENAMETOOLONG), its partitions paused for good."""
+    from streamer.checkpoint import _safe
+
+    names = [".", "..", "x\u20ac", "x ac", "orders:" * 30, "orders:" * 30 + "x", "plain-name_1.0"]
+    safe = [_safe(n) for n in names]
+    assert len(set(safe)) == len(names) and all(s not in (".", "..") and len(s) <= 200 for s in safe), safe
+    assert _safe("plain-name_1.0") == "plain-name_1.0" and _safe("a b") == "a%20b"  # as before: paths kept
+    engine = stepped_engine()
+    for group in ("..", "orders:" * 30):
+        store = DirectoryCheckpointStore(tmp_path / "root", group)
+        store.save(stamped(engine, 0, 7))
+        loaded, _ = store.load_latest("readings", 0, engine.layout.width, 10)
+        assert loaded is not None and loaded.offset == 7
+    assert not (tmp_path / "readings").exists()  # nothing outside the root
