@@ -40,7 +40,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from streamer.errors import StreamerError
-from streamer.records import MAX_ABS_VALUE  # values beyond it are refused here as on the live path
+from streamer.records import MAX_ABS_VALUE, MAX_DEVICE_ID_LENGTH  # refused here as on the live path
 
 SUFFIXES = (".csv", ".parquet")
 DEVICE_COLUMN = "device_id"
@@ -499,6 +499,12 @@ def _check(table: _Table) -> tuple[np.ndarray, list[BadRow]]:
         if "" in table.device_names:
             empty |= table.device_codes == table.device_names.index("")
         flag(empty, "empty device_id", lambda i: "")
+        # As the live path refuses them (invalid_schema): replay would score what run never does.
+        too_long = [code for code, name in enumerate(table.device_names) if len(name) > MAX_DEVICE_ID_LENGTH]
+        if too_long:
+            codes = table.device_codes
+            flag(np.isin(codes, too_long), f"device_id longer than {MAX_DEVICE_ID_LENGTH} characters",
+                 lambda i: table.device_names[int(codes[i])])
     flag(table.ts_bad, "unparsable timestamp", table.show_ts)
     flag(~table.ts_bad & ~np.isfinite(table.ts), "non-finite timestamp", table.show_ts)
     outside = np.isfinite(table.ts) & ((table.ts < TS_MIN) | (table.ts > TS_MAX))

@@ -310,8 +310,10 @@ def plot_devices(
         top.clear()
         bottom.clear()
         _draw_series(top, data, value, forecast, legend=True)
-        top.set_ylabel(name)
-        top.set_title(f"{device_id}: {len(data['ts'])} readings, {int(data['is_anomaly'].sum())} flagged")
+        # Ids and names as text: matplotlib reads $...$ as maths, and a bad formula ended the run.
+        top.set_ylabel(name, parse_math=False)
+        top.set_title(f"{device_id}: {len(data['ts'])} readings, {int(data['is_anomaly'].sum())} flagged",
+                      parse_math=False)
         bottom.plot(_times(data["ts"]), data["anomaly_score"], lw=0.8, color="tab:gray")
         bottom.axhline(result.threshold, ls="--", lw=0.8, color="red")
         bottom.set_ylim(-0.02, 1.02)
@@ -345,7 +347,7 @@ def plot_page(
             continue
         data = result.device(chosen[i])
         _draw_series(ax, data, f"value_{name}", f"forecast_{name}", legend=False)
-        ax.set_title(f"{chosen[i]} ({int(data['is_anomaly'].sum())} flagged)", fontsize="small")
+        ax.set_title(f"{chosen[i]} ({int(data['is_anomaly'].sum())} flagged)", fontsize="small", parse_math=False)
         ax.tick_params(labelsize="x-small")
     fig.tight_layout()
     path = Path(path)

@@ -257,6 +257,15 @@ def test_dates_written_yyyymmdd_are_refused_not_read_as_epoch_seconds_of_1970(tm
     assert load_histories(tmp_path / "iso.csv").devices["iso"].ts[0] == datetime(2020, 1, 1, tzinfo=timezone.utc).timestamp()
 
 
+def test_a_device_id_the_live_path_refuses_as_too_long_is_a_bad_row(tmp_path):
+    # run dead-letters an id of more than 256 characters (invalid_schema); replay had scored it.
+    long_id = "x" * 257
+    write(tmp_path / "l.csv", f"device_id,timestamp,value\n{long_id},1,1\nok,1,2\n{'y' * 256},2,3\n")
+    h = load_histories(tmp_path / "l.csv", on_bad="skip")
+    assert sorted(h.devices) == ["ok", "y" * 256]
+    assert [(b.line, b.reason) for b in h.bad_rows] == [(2, "device_id longer than 256 characters")]
+
+
 def test_duplicate_device_across_files_names_both(tmp_path):
     write(tmp_path / "x.csv", "timestamp,value\n1,1\n")
     pq.write_table(pa.table({"timestamp": [2.0], "value": [2.0]}), tmp_path / "x.parquet")

@@ -199,6 +199,16 @@ def test_plots_are_pngs_named_after_devices(tmp_path, small_result):
     assert page.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_ids_and_names_with_dollar_signs_are_plotted_as_text(tmp_path, small_result):
+    # matplotlib reads $...$ as maths: an id such as 'a$\\alpha_{$b' had ended the plots with a traceback.
+    devices = list(small_result.device_rows)[:2]
+    odd = ReplayResult(**{**small_result.__dict__, "device_rows": {
+        "a$\\alpha_{$b": small_result.device_rows[devices[0]], "cost $5 and $x": small_result.device_rows[devices[1]]}})
+    files = plot_devices(odd, tmp_path / "plots", devices=["a$\\alpha_{$b", "cost $5 and $x"])
+    assert len(files) == 2 and all(f.read_bytes()[:8] == PNG_MAGIC for f in files)
+    assert plot_page(odd, tmp_path / "page.png", devices=["a$\\alpha_{$b"]).read_bytes()[:8] == PNG_MAGIC
+
+
 def test_safe_file_names():
     assert safe_file_name("realAWS/ec2 cpu:1") == "realAWS__ec2_cpu_1"
     assert safe_file_name("..") == "__" and safe_file_name("a.b-c_d") == "a.b-c_d"
