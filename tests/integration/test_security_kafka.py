@@ -244,8 +244,7 @@ def _raised(function, *args) -> BaseException | None:
 
 def test_passwords_stay_out_of_reprs_and_error_messages(model_path, unique, tmp_path, capsys):
     name, password = ALICE
-    cafile = tmp_path / "ca.pem"
-    cafile.write_text("not read here\n")
+    cafile, _, _ = make_certificates(tmp_path)  # read by the settings' check, the broker never asked
     settings = secure_settings(SecureBroker("127.0.0.1:9093", cafile), "SCRAM-SHA-256", ALICE, unique, model_path,
                                tmp_path)
     assert settings.kafka.sasl_password.get_secret_value() == password
