@@ -279,8 +279,8 @@ def score_and_update(
     # had grown the spreads a billionfold, and the device could flag nothing for ~20,000 readings.
     # A lasting change still moves them (and restarts them after adapt_after readings).
     jump = torch.where(scored, jump.clamp(max=STAT_CAP_SPREADS * torch.sqrt(spread_one)), jump)
-    excess = torch.where(scored, excess.clamp(-STAT_CAP_SPREADS * torch.sqrt(spread_short),
-                                            STAT_CAP_SPREADS * torch.sqrt(spread_short)), excess)
+    cap_short = STAT_CAP_SPREADS * torch.sqrt(spread_short)
+    excess = torch.where(scored, excess.clamp(-cap_short, cap_short), excess)
     mean_new = mean + weight * jump
     var_new = var + weight * (excess * excess - var)
     var_one_new = var_one + weight * (jump * jump - var_one)

@@ -324,18 +324,23 @@ def _read_csv_arrow(path: Path, header: list[str], value_columns: Sequence[str] 
     codes, devices = None, []
     if device_col is not None:  # ids stripped as _parse_csv strips them, once per distinct id
         encoded = table.column(device_col).combine_chunks().dictionary_encode()
-        stripped = [str(raw).strip() for raw in encoded.dictionary.to_pylist()]
-        index = dict.fromkeys(stripped)  # first-seen order, as the dictionary's
-        for code, device in enumerate(index):
-            index[device] = code
-        remap = np.fromiter(map(index.__getitem__, stripped), np.int64, len(stripped))
+        stripped = [str(raw).strip() for raw in encoded.dictionary.to_pylist()]  # first-seen order, as the dictionary's
+        remap, devices = _first_seen_codes(stripped)
         codes = remap[encoded.indices.to_numpy(zero_copy_only=False)] if n else np.zeros(0, np.int64)
-        devices = list(index)
     return _Table(
         path, n, np.arange(2, n + 2, dtype=np.int64), codes, devices, ts, ts_bad,
         [p[0] for p in parsed], [p[1] for p in parsed], tuple(chosen),
         show_ts=lambda i: ts_col[i].as_py(), show_value=lambda c, i: value_cols[c][i].as_py(), early_bad=[],
     )
+
+
+def _first_seen_codes(ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(each id's code, the distinct ids in first-seen order), in C-speed loops only: dict.fromkeys
+    keeps first-seen order."""
+    index = dict.fromkeys(ids)
+    for code, device in enumerate(index):
+        index[device] = code
+    return np.fromiter(map(index.__getitem__, ids), np.int64, len(ids)), list(index)
 
 
 def _holds(handle: Any, needles: tuple[bytes, ...], block: int = 1 << 24) -> bool:
@@ -400,15 +405,11 @@ def _parse_csv(path: Path, reader: Any, value_columns: Sequence[str] | None) -> 
     _refuse_compact_dates(ts, ts_bad, path)
     value_texts = [list(map(itemgetter(vi), rows)) for vi in vis]
     parsed = [_floats(texts) for texts in value_texts]
-    codes, index = None, {}
-    if di is not None:  # C-speed loops only: dict.fromkeys keeps first-seen order
-        ids = list(map(str.strip, map(itemgetter(di), rows)))
-        index = dict.fromkeys(ids)
-        for code, device in enumerate(index):
-            index[device] = code
-        codes = np.fromiter(map(index.__getitem__, ids), np.int64, len(ids))
+    codes, devices = None, []
+    if di is not None:
+        codes, devices = _first_seen_codes(list(map(str.strip, map(itemgetter(di), rows))))
     return _Table(
-        path, len(rows), np.array(lines, np.int64), codes, list(index), ts, ts_bad,
+        path, len(rows), np.array(lines, np.int64), codes, devices, ts, ts_bad,
         [p[0] for p in parsed], [p[1] for p in parsed], tuple(chosen),
         show_ts=lambda i: ts_texts[i], show_value=lambda c, i: value_texts[c][i], early_bad=early,
     )

@@ -23,7 +23,6 @@ from streamer.kafka.clients import (
     MissingTopics,
     describe_topics,
     kafka_logs_folded,
-    max_message_bytes,
     security_config,
 )
 from streamer.kafka.topics import written_topics
@@ -136,19 +135,27 @@ def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | N
                 raise StartupInterrupted() from None
 
 
-def _dead_letter_limit(settings: Settings) -> int | None:
-    """The dead-letter topic's max.message.bytes as the brokers say, or None (then dead letters are
-    bounded by kafka.max_message_bytes alone); a topic whose limit is below the input topic's cannot
-    take a dead letter of every input message whole, which is said once."""
+def _topic_housekeeping(settings: Settings) -> int | None:
+    """What the brokers say of the topics the loop reads and writes, asked once at start (one admin
+    client): the dead-letter topic's max.message.bytes, returned, or None (then dead letters are
+    bounded by kafka.max_message_bytes alone); a dead-letter topic whose limit is below the input
+    topic's, which cannot take a dead letter of every input message whole, and a checkpoint
+    changelog that is not compacted are said once."""
     kafka = settings.kafka
+    changelog = settings.checkpoint.topic if settings.checkpoint.enabled and settings.checkpoint.store == "kafka" else None
     try:
-        limits = max_message_bytes(kafka.bootstrap_servers, [kafka.input_topic, kafka.dead_letter_topic],
-                                   kafka.client_id, security=security_config(kafka),
-                                   bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000))
+        states = describe_topics(
+            kafka.bootstrap_servers, [kafka.input_topic, kafka.dead_letter_topic, *([changelog] if changelog else [])],
+            ["max.message.bytes", "cleanup.policy", "retention.ms"], kafka.client_id, security=security_config(kafka),
+            bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000))
     except Exception as exc:  # housekeeping: the loop runs without it
         log.warning("could not read the dead-letter topic's max.message.bytes (%s): dead letters are bounded by"
                     " kafka.max_message_bytes = %d", exc, kafka.max_message_bytes)
         return None
+    if changelog is not None and changelog in states:
+        _check_changelog_compacted(changelog, states[changelog].configs)
+    limits = {name: int(state.configs["max.message.bytes"]) for name, state in states.items()
+              if state.configs.get("max.message.bytes", "").isdigit()}
     limit = limits.get(kafka.dead_letter_topic)
     given = limits.get(kafka.input_topic)
     if limit is not None and given is not None and limit < min(given, kafka.max_message_bytes) + 2048:
@@ -165,23 +172,15 @@ def _dead_letter_limit(settings: Settings) -> int | None:
     return limit
 
 
-def _check_changelog_compacted(settings: Settings) -> None:
-    """Say once when the checkpoint changelog (made elsewhere, or before streamer made it
-    compacted) is not compacted: its checkpoints older than retention.ms are deleted, and a
-    partition whose newest checkpoint is gone starts its devices from zero."""
-    kafka, topic = settings.kafka, settings.checkpoint.topic
-    try:
-        state = describe_topics(kafka.bootstrap_servers, [topic], ["cleanup.policy", "retention.ms"], kafka.client_id,
-                                security=security_config(kafka),
-                                bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000)).get(topic)
-    except Exception as exc:  # housekeeping: the loop runs without it
-        log.warning("could not read the checkpoint changelog %s's cleanup.policy (%s)", topic, exc)
-        return
-    if state is not None and "compact" not in state.configs.get("cleanup.policy", "compact").split(","):
+def _check_changelog_compacted(topic: str, configs: dict[str, str]) -> None:
+    """Say when the checkpoint changelog (made elsewhere, or before streamer made it compacted) is
+    not compacted: its checkpoints older than retention.ms are deleted, and a partition whose
+    newest checkpoint is gone starts its devices from zero."""
+    if "compact" not in configs.get("cleanup.policy", "compact").split(","):
         log.warning("checkpoint changelog %s has cleanup.policy=%s, not compact: checkpoints older than its retention.ms"
                     " (%s) are deleted, and a partition whose newest one is gone starts its devices from zero; set"
-                    " cleanup.policy=compact on it", topic, state.configs.get("cleanup.policy"),
-                    state.configs.get("retention.ms", "?"))
+                    " cleanup.policy=compact on it", topic, configs.get("cleanup.policy"),
+                    configs.get("retention.ms", "?"))
 
 
 def _metrics_server(registry: CollectorRegistry, health: Health, settings: Settings) -> MetricsServer:
@@ -334,10 +333,8 @@ def run_service(
 
             return _until_reachable(connect, math.inf, stop, waiting=waiting)
 
-        if settings.checkpoint.enabled and settings.checkpoint.store == "kafka":
-            _check_changelog_compacted(settings)
         pipeline = Pipeline(settings, engine, consumer, first, metrics, health, store, successor,
-                            _dead_letter_limit(settings))
+                            _topic_housekeeping(settings))
         opened.append(lambda: pipeline.producer.close(CLOSE_TIMEOUT_S))
         summary = pipeline.run(stop)
         log.info(

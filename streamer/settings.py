@@ -236,7 +236,7 @@ class KafkaSettings(Section):
     def _tls_files_load(self) -> None:
         """The TLS files loaded here as the clients will load them, so that a mistake in them is
         one line naming the setting before any connection, not a TLS failure retried for
-        startup_wait_s. An encrypted key is read with ssl_password, or with an empty one: never
+        startup_wait_s. An encrypted key is read with ssl_password, and refused without one: never
         by OpenSSL's prompt, which had stopped the process on a terminal."""
         context = ssl.create_default_context()
         if self.ssl_cafile is not None:

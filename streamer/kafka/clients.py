@@ -460,25 +460,11 @@ def describe_topics(
         ) if partitions and keys else {}
     finally:
         admin.close()
-    configs = {name: {key: str(entry["value"]) for key, entry in found.items()
+    configs = {name: {key: str(entry["value"]) for key, entry in entries.items()
                       if key in keys and isinstance(entry, dict) and entry.get("value") is not None}
-               for name, found in described.get("topic", {}).items()}
+               for name, entries in described.get("topic", {}).items()}
     return {name: TopicState(count, len(found[name][0].get("replica_nodes") or []) if found[name] else 0,
                              configs.get(name, {})) for name, count in partitions.items()}
-
-
-def max_message_bytes(
-    bootstrap_servers: str,
-    topics: Sequence[str],
-    client_id: str = "streamer-admin",
-    security: dict[str, object] | None = None,
-    bootstrap_timeout_ms: int | None = None,
-) -> dict[str, int]:
-    """The largest record batch each of ``topics`` accepts (its max.message.bytes, whether set on
-    the topic or inherited from the broker), by name; topics the brokers do not describe are left out."""
-    states = describe_topics(bootstrap_servers, topics, ["max.message.bytes"], client_id, security, bootstrap_timeout_ms)
-    return {name: int(state.configs["max.message.bytes"]) for name, state in states.items()
-            if state.configs.get("max.message.bytes", "").isdigit()}
 
 
 class _LastComplaint(logging.Handler):

@@ -147,7 +147,7 @@ def test_run_says_when_its_checkpoint_changelog_is_not_compacted(kafka_bootstrap
 
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from streamer.service import _check_changelog_compacted
+    from streamer.service import _topic_housekeeping
 
     t = names(unique)
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -158,6 +158,6 @@ def test_run_says_when_its_checkpoint_changelog_is_not_compacted(kafka_bootstrap
     settings = load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap},
                               "checkpoint": {"store": "kafka", "topic": t["ckpt"]}})
     with caplog.at_level(logging.WARNING, logger="streamer.service"):
-        _check_changelog_compacted(settings)
+        _topic_housekeeping(settings)
     [said] = [r.getMessage() for r in caplog.records if r.name == "streamer.service"]
     assert f"checkpoint changelog {t['ckpt']} has cleanup.policy=delete, not compact" in said and "(3600000)" in said
