@@ -340,6 +340,9 @@ def _run(args: argparse.Namespace) -> int:
     # Every client of the run is closed; one abandoned while it waited for a broker (its
     # bootstrap does not look at signals) may still log from its thread: not after the summary.
     silence_client_logs()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogHandler):
+            handler.main_thread_only()
     print(json.dumps({"summary": summary.__dict__}), flush=True)
     # The run is over: a SIGTERM or SIGINT repeated now (supervisors send one to each process of
     # a group, or again) is no reason to die. Python gives its handlers back to the system's
@@ -897,8 +900,29 @@ def log_formatter(log_format: str) -> logging.Formatter:
     return logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+class RunLogHandler(logging.StreamHandler):
+    """The run's log lines on stderr. Once ``main_thread_only()`` is called, records of other
+    threads are dropped: a thread the run abandoned (a client's bootstrap, which does not look
+    at signals) may log until exit, and its lines must not follow the summary. Decided in
+    ``emit``, under the handler's lock: a record another thread is writing is finished first,
+    and none starts after."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._others_dropped = False
+
+    def main_thread_only(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._others_dropped = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._others_dropped and record.thread != threading.main_thread().ident:
+            return
+        super().emit(record)
+
+
 def _setup_logging(level: str, log_format: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = RunLogHandler(sys.stderr)
     handler.setFormatter(log_formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("kafka").setLevel(logging.WARNING)

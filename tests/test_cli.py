@@ -885,3 +885,34 @@ def test_train_refuses_a_device_it_cannot_use_and_a_model_too_big_to_allocate(tm
     assert "device" in one_line_error(capsys)
     assert main([*common, "--hidden-size", str(10**12), "--num-layers", "1"]) == 2
     assert "hidden_size" in one_line_error(capsys)
+
+
+def test_no_other_threads_line_follows_the_runs_last_line():
+    """`streamer run` prints its summary last: a thread the run abandoned (a client's bootstrap
+    waiting for a broker) logs on until exit, and a line of it had followed the summary when it
+    was written just as the run's handler stopped the client libraries (CI, under load)."""
+    code = (
+        "import logging, sys, threading, time\n"
+        "from streamer.cli import RunLogHandler, _setup_logging\n"
+        "_setup_logging('INFO')\n"
+        "started = threading.Event()\n"
+        "def chatter():\n"
+        "    while True:\n"
+        "        logging.getLogger('kafka.net.manager').warning('Bootstrap bootstrap-0 not ready')\n"
+        "        logging.getLogger('streamer.kafka.clients').warning('a line of ours from that thread')\n"
+        "        started.set()\n"
+        "threading.Thread(target=chatter, daemon=True).start()\n"
+        "started.wait()\n"
+        "logging.getLogger('streamer').info('the main thread, before')\n"
+        "for handler in logging.getLogger().handlers:\n"
+        "    if isinstance(handler, RunLogHandler):\n"
+        "        handler.main_thread_only()\n"
+        "sys.stderr.write('{\"summary\": {}}\\n')\n"
+        "time.sleep(0.3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[-1] == '{"summary": {}}', lines[-3:]
+    assert any("not ready" in line for line in lines) and any("the main thread, before" in line for line in lines)

@@ -290,6 +290,8 @@ def test_chaos(own_broker, tmp_path: Path, exactly_once: bool, store: str, kafka
                               for n in fleet.crashed_numbers())
     assert not crashed, f"processes exited with errors: {crashed}\n{crashed_logs}"
     assert fleet.events.count("broker restart") == 1 and sum(e.startswith("kill -9") for e in fleet.events) == 3
+    # Every process's last lines: where the ones left running were when the drain ran out.
+    logs = "\n".join(f"--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(tmp_path.glob("run-*.log")))
     assert missing == 0, logs
     if exactly_once:
         assert duplicates == 0, logs
