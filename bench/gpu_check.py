@@ -86,21 +86,40 @@ def bench_steps(hidden: int, quick: bool) -> None:
     x = torch.randn(B, 1, device=device, generator=gen)
     lh = LAYERS * hidden
     base = dict(card=card(), batch=B, hidden=hidden, layers=LAYERS)
-    # Fused kernel: (dtype, block_b, num_warps, fast_math); the first of each dtype is the default
-    # (fast_math None: on for bfloat16 on CUDA, streamer.kernels.FAST_MATH_BY_DEFAULT).
-    variants = [(torch.float32, 64, 4, None), (torch.bfloat16, 64, 4, None)]
+    # Fused kernel: (dtype, options); the first of each dtype is the default (fast_math None: on
+    # for bfloat16 on CUDA, streamer.kernels.FAST_MATH_BY_DEFAULT). The launch shapes after it
+    # (each layer's h, c loaded ahead; a register cap; a persistent grid) against the default, with
+    # the largest difference of their forecasts from its forecasts on the same step.
+    variants: list[tuple[torch.dtype, dict]] = [(torch.float32, {}), (torch.bfloat16, {})]
     if not quick:
-        variants += [(torch.bfloat16, 64, 4, False)] * (DEVICE.type == "cuda")
-        variants += [(torch.bfloat16, b, w, None) for b, w in ((128, 8), (32, 2), (16, 1))]
-    for dtype, block_b, warps, fast_math in variants:
-        config = dict(state_dtype=str(dtype).removeprefix("torch."), block_b=block_b, num_warps=warps)
+        variants += [(torch.bfloat16, dict(fast_math=False))] * (DEVICE.type == "cuda")
+    if not quick and hidden > 64:
+        variants += [(torch.bfloat16, dict(preload=True))]
+    elif not quick:
+        variants += [(torch.bfloat16, o) for o in (
+            dict(preload=True), dict(maxnreg=168), dict(preload=True, maxnreg=168),
+            dict(persistent=2, num_stages=1), dict(persistent=3, num_stages=1, maxnreg=168),
+            dict(preload=True, persistent=2, num_stages=1), dict(block_b=128, num_warps=8),
+            dict(block_b=128, num_warps=8, preload=True), dict(block_b=32, num_warps=2, preload=True))]
+    reference: dict[torch.dtype, torch.Tensor] = {}
+    for dtype, options in variants:
+        config = dict(state_dtype=str(dtype).removeprefix("torch."), block_b=options.get("block_b", 64),
+                      num_warps=options.get("num_warps", 4),
+                      **{k: v for k, v in options.items() if k not in ("block_b", "num_warps", "fast_math")})
         if time.monotonic() > DEADLINE:
             emit(figure="gpu_fused_step", skipped="past --sweep-s", **config, **base)
             continue
         lead = torch.zeros(capacity, 2 * lh, device=device, dtype=dtype)
         try:
-            step = TritonLstmStep(cpu_model, device, dtype, block_b=block_b, num_warps=warps, fast_math=fast_math)
+            step = TritonLstmStep(cpu_model, device, dtype, **options)
             config["fast_math"] = step.fast_math
+            torch.manual_seed(1)
+            lead[slots] = (torch.randn(B, 2 * lh, device=device) * 0.5).to(dtype)
+            first = step(x, slots, None, lead)
+            if not options or options == dict(fast_math=False):
+                reference.setdefault(dtype, first)
+            elif dtype in reference:
+                config["max_abs_diff_vs_default"] = float((first - reference[dtype]).abs().max())
             seconds = cuda_seconds(lambda: step(x, slots, None, lead))
         except Exception as exc:  # a variant that does not compile on this card is reported, not fatal
             emit(figure="gpu_fused_step", error=f"{type(exc).__name__}: {str(exc)[:300]}", **config, **base)

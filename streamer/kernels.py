@@ -30,6 +30,8 @@ The h/c block of a row: h of layer l at columns [l H, (l + 1) H), c of layer l a
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,9 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BLOCK_B = 64  # devices per Triton program
+# Layer l+1's h and c loaded before layer l's maths: the loads wait on memory while the dots and
+# gates run, where in order (the default) each layer waits on its own loads.
+PRELOAD_BY_DEFAULT = False
 # bfloat16 state on CUDA: gates from tanh.approx.f32 unless asked otherwise. On an H200 (H=64, L=2,
 # B=131072, bench/gpu_check.py) 1.28e9 device-steps/s against 0.97e9 with exp and division; the
 # forecasts stay within the bfloat16 bound (tests/test_kernels.py, on CUDA).
@@ -192,6 +197,12 @@ class TorchLstmStep(LstmStep):
         return out
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; a few on the CPU (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _next_pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
@@ -212,6 +223,10 @@ class TritonLstmStep(LstmStep):
         num_warps: int = 4,
         dot_precision: str = "tf32x3",
         fast_math: bool | None = None,
+        preload: bool = PRELOAD_BY_DEFAULT,
+        persistent: int = 0,
+        maxnreg: int | None = None,
+        num_stages: int | None = None,
     ):
         """dot_precision: of float32 tl.dot (float32 state): "tf32x3" (three TF32 products,
         float32 accuracy on tensor cores) or "ieee" (plain FMA: slower, and slow to compile).
@@ -219,6 +234,11 @@ class TritonLstmStep(LstmStep):
         instruction instead of exp and a division; relative error about 2**-11), for bfloat16
         state only (float32 state keeps its 1e-5 bound), compiled for CUDA only (inline PTX,
         which Triton's interpreter cannot run). None: on wherever it may be (FAST_MATH_BY_DEFAULT).
+        preload: every layer's h and c asked for before the first layer's maths (see
+        PRELOAD_BY_DEFAULT). persistent: 0, a program per block of rows; k > 0, k programs per
+        multiprocessor, each stepping every num_programs-th block in turn. maxnreg: a cap on registers per thread (ptxas's .maxnreg), for a
+        benchmark's sweep; None: the compiler's choice. num_stages: Triton's software pipelining
+        depth (None: its default; a persistent grid needs 1, or its buffers outgrow shared memory).
         """
         if triton is None:
             raise RuntimeError("the fused LSTM step needs Triton, which this torch build lacks")
@@ -234,6 +254,12 @@ class TritonLstmStep(LstmStep):
         self.state_dtype = dtype
         self.block_b = block_b
         self.num_warps = num_warps
+        self.preload = preload
+        if persistent < 0:
+            raise ValueError(f"persistent must be >= 0, got {persistent}")
+        self.persistent = persistent
+        options = {"maxnreg": maxnreg, "num_stages": num_stages}
+        self.launch_options = {k: v for k, v in options.items() if v is not None}
         self.dot_precision = dot_precision if dtype == torch.float32 else "ieee"
         self.hp, self.inp, self.fp = _next_pow2(hs), _next_pow2(n_in), _next_pow2(n_out)
         dot = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
@@ -273,14 +299,15 @@ class TritonLstmStep(LstmStep):
         out = torch.empty(b, self.output_size, device=x.device, dtype=torch.float32)
         if b == 0:
             return out
-        grid = (triton.cdiv(b, self.block_b),)
+        blocks = triton.cdiv(b, self.block_b)
+        grid = (min(blocks, self.persistent * _multiprocessors(x.device)) if self.persistent else blocks,)
         _lstm_rows_kernel[grid](
             x, slots, lead, out, self.w_in0, self.w_x, self.w_h, self.bias, self.head_w, self.head_b,
             b, lead.stride(0),
             IN=self.input_size, INP=self.inp, H=self.hidden_size, HP=self.hp, L=self.num_layers,
             F=self.output_size, FP=self.fp, BLOCK_B=self.block_b,
             DOT_BF16=self.state_dtype == torch.bfloat16, UPCAST=x.device.type != "cuda", PREC=self.dot_precision,
-            FAST=self.fast_math, num_warps=self.num_warps,
+            FAST=self.fast_math, PRELOAD=self.preload, PERSISTENT=bool(self.persistent), num_warps=self.num_warps, **self.launch_options,
         )
         return out
 
@@ -320,13 +347,21 @@ if triton is not None:
         return 1.0 / (1.0 + tl.exp(-v))
 
     @triton.jit
-    def _cell(inp, base, hmask, wx_ptr, wh_ptr, b_ptr, LAYER: tl.constexpr, K: tl.constexpr,
-              H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
-              PREC: tl.constexpr, FAST: tl.constexpr):
-        """One layer for a block of devices: loads h, c at ``base``, stores h', c'; returns h'."""
+    def _load_hc(base, hmask, LAYER: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr):
+        """Layer LAYER's h and c of a block of devices, in the state dtype."""
         kh = tl.arange(0, HP)
         h = tl.load(base + LAYER * H + kh[None, :], mask=hmask, other=0.0)
-        c = tl.load(base + (L + LAYER) * H + kh[None, :], mask=hmask, other=0.0).to(tl.float32)
+        c = tl.load(base + (L + LAYER) * H + kh[None, :], mask=hmask, other=0.0)
+        return h, c
+
+    @triton.jit
+    def _cell(inp, h, c, base, hmask, wx_ptr, wh_ptr, b_ptr, LAYER: tl.constexpr, K: tl.constexpr,
+              H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
+              PREC: tl.constexpr, FAST: tl.constexpr):
+        """One layer for a block of devices, from its h, c as loaded: stores h', c' at ``base``;
+        returns h'."""
+        kh = tl.arange(0, HP)
+        c = c.to(tl.float32)
         if DOT_BF16:
             h = h.to(tl.bfloat16)
         else:
@@ -343,14 +378,15 @@ if triton is not None:
         return h_new
 
     @triton.jit
-    def _lstm_rows_kernel(
-        x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
+    def _lstm_block(
+        blk, x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
         n_rows, hc_stride,
         IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
         F: tl.constexpr, FP: tl.constexpr, BLOCK_B: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
-        PREC: tl.constexpr, FAST: tl.constexpr,
+        PREC: tl.constexpr, FAST: tl.constexpr, PRELOAD: tl.constexpr,
     ):
-        r = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        """Block ``blk`` of BLOCK_B rows: every layer, the head's output."""
+        r = blk * BLOCK_B + tl.arange(0, BLOCK_B)
         live = r < n_rows
         slot = tl.load(slot_ptr + r, mask=live, other=0)
         base = hc_ptr + slot[:, None] * hc_stride
@@ -360,14 +396,25 @@ if triton is not None:
         inp = tl.load(x_ptr + r[:, None] * IN + kin[None, :], mask=live[:, None] & (kin[None, :] < IN), other=0.0)
         if DOT_BF16:
             inp = inp.to(tl.bfloat16)
-        h = _cell(inp, base, hmask, w_in0_ptr, w_h_ptr, b_ptr, 0, INP, H, HP, L, DOT_BF16, UPCAST, PREC, FAST)
+        h_state, c_state = _load_hc(base, hmask, 0, H, HP, L)
+        if PRELOAD and L > 1:  # the next layer's h, c asked for before this layer's maths
+            h_next, c_next = _load_hc(base, hmask, 1, H, HP, L)
+        h = _cell(inp, h_state, c_state, base, hmask, w_in0_ptr, w_h_ptr, b_ptr, 0, INP, H, HP, L, DOT_BF16, UPCAST,
+                  PREC, FAST)
         for layer in tl.static_range(1, L):
+            if PRELOAD:
+                h_state, c_state = h_next, c_next
+                if layer + 1 < L:
+                    h_next, c_next = _load_hc(base, hmask, layer + 1, H, HP, L)
+            else:
+                h_state, c_state = _load_hc(base, hmask, layer, H, HP, L)
             if DOT_BF16:
                 h_in = h.to(tl.bfloat16)
             else:
                 h_in = h
-            h = _cell(h_in, base, hmask, w_x_ptr + (layer - 1) * HP * 4 * HP, w_h_ptr + layer * HP * 4 * HP,
-                      b_ptr + layer * 4 * HP, layer, HP, H, HP, L, DOT_BF16, UPCAST, PREC, FAST)
+            h = _cell(h_in, h_state, c_state, base, hmask, w_x_ptr + (layer - 1) * HP * 4 * HP,
+                      w_h_ptr + layer * HP * 4 * HP, b_ptr + layer * 4 * HP, layer, HP, H, HP, L, DOT_BF16, UPCAST,
+                      PREC, FAST)
         if DOT_BF16:
             h = h.to(tl.bfloat16)
         kf = tl.arange(0, FP)
@@ -376,3 +423,22 @@ if triton is not None:
             h, hw = h.to(tl.float32), hw.to(tl.float32)
         out = tl.dot(h, hw, input_precision=PREC) + tl.load(hb_ptr + kf)[None, :]
         tl.store(out_ptr + r[:, None] * F + kf[None, :], out, mask=live[:, None] & (kf[None, :] < F))
+
+    @triton.jit
+    def _lstm_rows_kernel(
+        x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
+        n_rows, hc_stride,
+        IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
+        F: tl.constexpr, FP: tl.constexpr, BLOCK_B: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
+        PREC: tl.constexpr, FAST: tl.constexpr, PRELOAD: tl.constexpr, PERSISTENT: tl.constexpr,
+    ):
+        """One program per block of rows, or (PERSISTENT) a grid of a few programs per
+        multiprocessor, each taking every num_programs-th block in turn."""
+        if PERSISTENT:
+            for blk in range(tl.program_id(0), (n_rows + BLOCK_B - 1) // BLOCK_B, tl.num_programs(0)):
+                _lstm_block(blk, x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
+                            n_rows, hc_stride, IN, INP, H, HP, L, F, FP, BLOCK_B, DOT_BF16, UPCAST, PREC, FAST, PRELOAD)
+        else:
+            _lstm_block(tl.program_id(0), x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr,
+                        hb_ptr, n_rows, hc_stride, IN, INP, H, HP, L, F, FP, BLOCK_B, DOT_BF16, UPCAST, PREC, FAST,
+                        PRELOAD)

@@ -95,6 +95,39 @@ def test_one_step_matches_step_weights_and_leaves_other_rows(interpreted, shape,
         assert torch.equal(got[slots, 2 * lh :], table[slots, 2 * lh :]), name
 
 
+# The kernel's launch shapes: each layer's h and c loaded ahead (preload), a persistent grid
+# whose programs take several blocks in turn (blocks of 16 rows: 7 blocks for 97 rows over 4 or
+# 2 programs), and both; on the CPU _multiprocessors is 2.
+LAUNCH_SHAPES = [dict(preload=True), dict(persistent=2, num_stages=1, block_b=16),
+                 dict(preload=True, persistent=1, num_stages=1, block_b=16)]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("shape", [(2, 16, 3, 2), (1, 12, 1, 1), (1, 64, 2, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("launch", LAUNCH_SHAPES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_launch_shape_steps_as_the_reference(interpreted, shape, launch, device):
+    n_in, hidden, layers, n_out = shape
+    model = _model(shape, seed=2)
+    ref = StepWeights(model, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    capacity, b, lh = 150, 97, layers * hidden
+    table = torch.randn(capacity, 2 * lh + 5, generator=gen) * 0.5
+    slots = torch.randperm(capacity, generator=gen)[:b]
+    x = torch.randn(b, n_in, generator=gen)
+    out_ref, h_ref, c_ref = ref.step(x, table[slots, :lh].view(b, layers, hidden), table[slots, lh : 2 * lh].view(b, layers, hidden))
+    kernels = interpreted if device == "cpu" else streamer.kernels
+    rows = table.clone().to(device)
+    on = slots.to(device)
+    out = kernels.TritonLstmStep(model, torch.device(device), **launch)(x.to(device), on, None, rows[:, : 2 * lh])
+    got = rows.cpu()
+    torch.testing.assert_close(out.cpu(), out_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[slots, :lh].view(b, layers, hidden), h_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[slots, lh : 2 * lh].view(b, layers, hidden), c_ref, atol=1e-6, rtol=0)
+    others = torch.ones(capacity, dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(got[others], table[others])
+
+
 def _stream(step, x_seq: torch.Tensor, layers: int, hidden: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """Step (b, T, in) through ``step`` on a table of ``dtype``; forecasts (b, T, out)."""
     b, horizon = x_seq.shape[:2]
