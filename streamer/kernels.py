@@ -30,8 +30,6 @@ The h/c block of a row: h of layer l at columns [l H, (l + 1) H), c of layer l a
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -197,12 +195,6 @@ class TorchLstmStep(LstmStep):
         return out
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device; a few on the CPU (Triton's interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
 def _next_pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
@@ -224,7 +216,6 @@ class TritonLstmStep(LstmStep):
         dot_precision: str = "tf32x3",
         fast_math: bool | None = None,
         preload: bool = PRELOAD_BY_DEFAULT,
-        persistent: int = 0,
         maxnreg: int | None = None,
         num_stages: int | None = None,
     ):
@@ -235,10 +226,9 @@ class TritonLstmStep(LstmStep):
         state only (float32 state keeps its 1e-5 bound), compiled for CUDA only (inline PTX,
         which Triton's interpreter cannot run). None: on wherever it may be (FAST_MATH_BY_DEFAULT).
         preload: every layer's h and c asked for before the first layer's maths (see
-        PRELOAD_BY_DEFAULT). persistent: 0, a program per block of rows; k > 0, k programs per
-        multiprocessor, each stepping every num_programs-th block in turn. maxnreg: a cap on registers per thread (ptxas's .maxnreg), for a
+        PRELOAD_BY_DEFAULT). maxnreg: a cap on registers per thread (ptxas's .maxnreg), for a
         benchmark's sweep; None: the compiler's choice. num_stages: Triton's software pipelining
-        depth (None: its default; a persistent grid needs 1, or its buffers outgrow shared memory).
+        depth (None: its default).
         """
         if triton is None:
             raise RuntimeError("the fused LSTM step needs Triton, which this torch build lacks")
@@ -255,9 +245,6 @@ class TritonLstmStep(LstmStep):
         self.block_b = block_b
         self.num_warps = num_warps
         self.preload = preload
-        if persistent < 0:
-            raise ValueError(f"persistent must be >= 0, got {persistent}")
-        self.persistent = persistent
         options = {"maxnreg": maxnreg, "num_stages": num_stages}
         self.launch_options = {k: v for k, v in options.items() if v is not None}
         self.dot_precision = dot_precision if dtype == torch.float32 else "ieee"
@@ -286,7 +273,7 @@ class TritonLstmStep(LstmStep):
         hw[:hs, :n_out] = head_w
         hb = torch.zeros(self.fp)
         hb[:n_out] = head_b
-        self.head_w = hw.to(device, dot).contiguous()
+        self.head_w = hw.to(device).contiguous()  # float32: the head's maths are (see the kernel)
         self.head_b = hb.to(device).contiguous()
 
     def __call__(self, x: Tensor, slots: Tensor, rows: Tensor | None, lead: Tensor) -> Tensor:
@@ -299,15 +286,14 @@ class TritonLstmStep(LstmStep):
         out = torch.empty(b, self.output_size, device=x.device, dtype=torch.float32)
         if b == 0:
             return out
-        blocks = triton.cdiv(b, self.block_b)
-        grid = (min(blocks, self.persistent * _multiprocessors(x.device)) if self.persistent else blocks,)
+        grid = (triton.cdiv(b, self.block_b),)
         _lstm_rows_kernel[grid](
             x, slots, lead, out, self.w_in0, self.w_x, self.w_h, self.bias, self.head_w, self.head_b,
             b, lead.stride(0),
             IN=self.input_size, INP=self.inp, H=self.hidden_size, HP=self.hp, L=self.num_layers,
             F=self.output_size, FP=self.fp, BLOCK_B=self.block_b,
             DOT_BF16=self.state_dtype == torch.bfloat16, UPCAST=x.device.type != "cuda", PREC=self.dot_precision,
-            FAST=self.fast_math, PRELOAD=self.preload, PERSISTENT=bool(self.persistent), num_warps=self.num_warps, **self.launch_options,
+            FAST=self.fast_math, PRELOAD=self.preload, num_warps=self.num_warps, **self.launch_options,
         )
         return out
 
@@ -330,6 +316,11 @@ if triton is not None:
         acc = tl.dot(inp, wx, input_precision=PREC)
         acc = tl.dot(h, wh, acc, input_precision=PREC)
         return acc + tl.load(b_ptr + G * HP + n)[None, :]
+
+    @triton.jit
+    def _add(a, b):
+        """tl.sum's combine, ours: tl.sum is a library @jit function (see _tanh)."""
+        return a + b
 
     @triton.jit
     def _tanh(v, FAST: tl.constexpr):
@@ -415,14 +406,15 @@ if triton is not None:
             h = _cell(h_in, h_state, c_state, base, hmask, w_x_ptr + (layer - 1) * HP * 4 * HP,
                       w_h_ptr + layer * HP * 4 * HP, b_ptr + layer * 4 * HP, layer, HP, H, HP, L, DOT_BF16, UPCAST,
                       PREC, FAST)
-        if DOT_BF16:
-            h = h.to(tl.bfloat16)
-        kf = tl.arange(0, FP)
-        hw = tl.load(hw_ptr + kh[:, None] * FP + kf[None, :])
-        if UPCAST:
-            h, hw = h.to(tl.float32), hw.to(tl.float32)
-        out = tl.dot(h, hw, input_precision=PREC) + tl.load(hb_ptr + kf)[None, :]
-        tl.store(out_ptr + r[:, None] * F + kf[None, :], out, mask=live[:, None] & (kf[None, :] < F))
+        # The head in float32, column by column (F is a few outputs): a row's products summed, as
+        # the torch step's addmm. Not tl.dot: on an H200 (Triton 3.6, wgmma) the (BLOCK_B, H) x
+        # (H, 16) product of the head raced in some launch shapes (64 rows, 4 warps, bfloat16):
+        # forecasts of 1e37, different from run to run, the state right (gpu_check's
+        # gpu_fused_step_check; tests/test_kernels.py's large-batch case on CUDA).
+        for f in tl.static_range(F):
+            w = tl.load(hw_ptr + kh * FP + f)
+            out = tl.reduce(h * w[None, :], 1, _add) + tl.load(hb_ptr + f)
+            tl.store(out_ptr + r * F + f, out, mask=live)
 
     @triton.jit
     def _lstm_rows_kernel(
@@ -430,15 +422,8 @@ if triton is not None:
         n_rows, hc_stride,
         IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
         F: tl.constexpr, FP: tl.constexpr, BLOCK_B: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
-        PREC: tl.constexpr, FAST: tl.constexpr, PRELOAD: tl.constexpr, PERSISTENT: tl.constexpr,
+        PREC: tl.constexpr, FAST: tl.constexpr, PRELOAD: tl.constexpr,
     ):
-        """One program per block of rows, or (PERSISTENT) a grid of a few programs per
-        multiprocessor, each taking every num_programs-th block in turn."""
-        if PERSISTENT:
-            for blk in range(tl.program_id(0), (n_rows + BLOCK_B - 1) // BLOCK_B, tl.num_programs(0)):
-                _lstm_block(blk, x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
-                            n_rows, hc_stride, IN, INP, H, HP, L, F, FP, BLOCK_B, DOT_BF16, UPCAST, PREC, FAST, PRELOAD)
-        else:
-            _lstm_block(tl.program_id(0), x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr,
-                        hb_ptr, n_rows, hc_stride, IN, INP, H, HP, L, F, FP, BLOCK_B, DOT_BF16, UPCAST, PREC, FAST,
-                        PRELOAD)
+        """One program per block of BLOCK_B rows."""
+        _lstm_block(tl.program_id(0), x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr,
+                    hb_ptr, n_rows, hc_stride, IN, INP, H, HP, L, F, FP, BLOCK_B, DOT_BF16, UPCAST, PREC, FAST, PRELOAD)

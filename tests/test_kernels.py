@@ -95,11 +95,9 @@ def test_one_step_matches_step_weights_and_leaves_other_rows(interpreted, shape,
         assert torch.equal(got[slots, 2 * lh :], table[slots, 2 * lh :]), name
 
 
-# The kernel's launch shapes: each layer's h and c loaded ahead (preload), a persistent grid
-# whose programs take several blocks in turn (blocks of 16 rows: 7 blocks for 97 rows over 4 or
-# 2 programs), and both; on the CPU _multiprocessors is 2.
-LAUNCH_SHAPES = [dict(preload=True), dict(persistent=2, num_stages=1, block_b=16),
-                 dict(preload=True, persistent=1, num_stages=1, block_b=16)]
+# The kernel's launch shapes: each layer's h and c loaded ahead (preload), over 7 blocks of 16
+# rows or one of 128 rows with 8 warps.
+LAUNCH_SHAPES = [dict(preload=True), dict(preload=True, block_b=16, num_warps=1), dict(block_b=128, num_warps=8)]
 
 
 @pytest.mark.parametrize("device", _devices())
@@ -126,6 +124,36 @@ def test_every_launch_shape_steps_as_the_reference(interpreted, shape, launch, d
     others = torch.ones(capacity, dtype=torch.bool)
     others[slots] = False
     assert torch.equal(got[others], table[others])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("launch", [{}, *LAUNCH_SHAPES], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_a_large_batch_on_cuda_steps_as_the_torch_step_every_time(dtype, launch):
+    """65,536 random rows of a table of twice that, many programs at once on every multiprocessor:
+    on an H200 the head's tl.dot raced there in the default launch shape with bfloat16 state
+    (forecasts of 1e37, different each run; the state right), which small batches never showed."""
+    model = _model((1, 64, 2, 1), seed=0)
+    device = torch.device("cuda")
+    b, lh = 65536, 2 * 64
+    gen = torch.Generator(device=device).manual_seed(0)
+    slots = torch.randperm(2 * b, device=device, generator=gen)[:b]
+    x = torch.randn(b, 1, device=device, generator=gen)
+    start = (torch.randn(b, 2 * lh, device=device, generator=gen) * 0.5).to(dtype).float()
+    table = torch.zeros(2 * b, 2 * lh + 5, device=device)
+    table[slots, : 2 * lh] = start
+    want = streamer.kernels.TorchLstmStep(model, device)(x, slots, table.index_select(0, slots), table[:, : 2 * lh])
+    atol = 1e-5 if dtype == torch.float32 else BF16_FORECAST_ATOL
+    outs = []
+    for _ in range(2):
+        lead = torch.zeros(2 * b, 2 * lh, device=device, dtype=dtype)
+        lead[slots] = start.to(dtype)
+        outs.append(streamer.kernels.TritonLstmStep(model, device, dtype, **launch)(x, slots, None, lead))
+        torch.testing.assert_close(lead[slots].float(), table[slots, : 2 * lh], atol=atol * 2, rtol=0)
+    for out in outs:
+        torch.testing.assert_close(out, want, atol=atol, rtol=0)
+    assert torch.equal(outs[0], outs[1])
 
 
 def _stream(step, x_seq: torch.Tensor, layers: int, hidden: int, dtype: torch.dtype, device: str) -> torch.Tensor:
