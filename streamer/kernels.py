@@ -369,15 +369,14 @@ if triton is not None:
         return h_new
 
     @triton.jit
-    def _lstm_block(
-        blk, x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
+    def _lstm_rows_kernel(
+        x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
         n_rows, hc_stride,
         IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
         F: tl.constexpr, FP: tl.constexpr, BLOCK_B: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
         PREC: tl.constexpr, FAST: tl.constexpr, PRELOAD: tl.constexpr,
     ):
-        """Block ``blk`` of BLOCK_B rows: every layer, the head's output."""
-        r = blk * BLOCK_B + tl.arange(0, BLOCK_B)
+        r = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         live = r < n_rows
         slot = tl.load(slot_ptr + r, mask=live, other=0)
         base = hc_ptr + slot[:, None] * hc_stride
@@ -410,20 +409,8 @@ if triton is not None:
         # the torch step's addmm. Not tl.dot: on an H200 (Triton 3.6, wgmma) the (BLOCK_B, H) x
         # (H, 16) product of the head raced in some launch shapes (64 rows, 4 warps, bfloat16):
         # forecasts of 1e37, different from run to run, the state right (gpu_check's
-        # gpu_fused_step_check; tests/test_kernels.py's large-batch case on CUDA).
+        # gpu_fused_step forecast_err; tests/test_kernels.py's large-batch case on CUDA).
         for f in tl.static_range(F):
             w = tl.load(hw_ptr + kh * FP + f)
             out = tl.reduce(h * w[None, :], 1, _add) + tl.load(hb_ptr + f)
             tl.store(out_ptr + r * F + f, out, mask=live)
-
-    @triton.jit
-    def _lstm_rows_kernel(
-        x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr, hb_ptr,
-        n_rows, hc_stride,
-        IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
-        F: tl.constexpr, FP: tl.constexpr, BLOCK_B: tl.constexpr, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr,
-        PREC: tl.constexpr, FAST: tl.constexpr, PRELOAD: tl.constexpr,
-    ):
-        """One program per block of BLOCK_B rows."""
-        _lstm_block(tl.program_id(0), x_ptr, slot_ptr, hc_ptr, out_ptr, w_in0_ptr, w_x_ptr, w_h_ptr, b_ptr, hw_ptr,
-                    hb_ptr, n_rows, hc_stride, IN, INP, H, HP, L, F, FP, BLOCK_B, DOT_BF16, UPCAST, PREC, FAST, PRELOAD)
