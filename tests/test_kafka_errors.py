@@ -147,18 +147,53 @@ def test_client_logs_silenced_reach_no_handler_not_even_the_last_resort():
     assert done.stderr == ""
 
 
-def test_a_confluent_seek_refused_for_the_partitions_state_is_retried_not_the_end():
-    """librdkafka refuses a seek of a partition it has not taken up yet ("Local: Erroneous state",
-    seen in a chaos run right after an assignment): retriable, so the loop recovers it again."""
+class _Refusing:
+    """A librdkafka consumer that refuses every seek as of a partition it has not started."""
 
-    class Refusing:
-        def seek(self, partition):
-            raise KafkaException(KafkaError(KafkaError._STATE, "Failed to seek to offset 5810: Local: Erroneous state"))
+    def __init__(self, assign_error: int | None = None) -> None:
+        self.calls: list[tuple[str, list[tuple[str, int, int]]]] = []
+        self.assign_error = assign_error
 
-    consumer = confluent.ConfluentConsumer(Refusing(), "earliest", cooperative=True)  # type: ignore[arg-type]
+    def seek(self, partition):
+        raise KafkaException(KafkaError(KafkaError._STATE, "Failed to seek to offset 5810: Local: Erroneous state"))
+
+    def incremental_unassign(self, partitions):
+        self.calls.append(("unassign", [(p.topic, p.partition, p.offset) for p in partitions]))
+
+    def incremental_assign(self, partitions):
+        if self.assign_error is not None:
+            raise KafkaException(KafkaError(self.assign_error))
+        self.calls.append(("assign", [(p.topic, p.partition, p.offset) for p in partitions]))
+
+
+def test_a_confluent_seek_refused_for_the_partitions_state_assigns_the_partition_again_at_the_offset(caplog):
+    """librdkafka refuses the seek of a partition whose fetcher it has not started ("Local:
+    Erroneous state", seen in chaos runs right after an assignment), and never starts one whose
+    committed-offset request failed: retried, the seek was refused for good (a CI chaos run
+    consumed nothing more of 8 of 12 partitions). Cooperative: the partition is unassigned and
+    assigned again at the offset, which starts it there (tests/integration/test_consumer_kafka.py
+    holds librdkafka to that)."""
+    client = _Refusing()
+    consumer = confluent.ConfluentConsumer(client, "earliest", cooperative=True)  # type: ignore[arg-type]
+    consumer.seek(TopicPartition("readings", 3), 5810)
+    assert client.calls[0][0] == "unassign" and client.calls[0][1][0][:2] == ("readings", 3)
+    assert client.calls[1] == ("assign", [("readings", 3, 5810)])
+    assert "readings[3] assigned again at offset 5810" in caplog.text
+    failing = confluent.ConfluentConsumer(_Refusing(KafkaError._STATE), "earliest", cooperative=True)  # type: ignore[arg-type]
+    with pytest.raises(KafkaClientError) as refused:
+        failing.seek(TopicPartition("readings", 3), 5810)
+    assert refused.value.retriable and "re-assigning" in str(refused.value)
+
+
+def test_a_confluent_seek_refused_for_the_partitions_state_under_eager_assignment_is_retried():
+    """An eager assign() would restart every other partition: there the seek is tried again a
+    moment later (retriable), not the end of the run."""
+    client = _Refusing()
+    consumer = confluent.ConfluentConsumer(client, "earliest", cooperative=False)  # type: ignore[arg-type]
     with pytest.raises(KafkaClientError) as refused:
         consumer.seek(TopicPartition("readings", 0), 5810)
     assert refused.value.retriable and "seek" in str(refused.value)
+    assert client.calls == []
 
 
 @pytest.mark.parametrize("code", sorted(confluent.CHANGELOG_PARTITION_UNKNOWN))

@@ -54,6 +54,7 @@ from streamer.settings import KafkaSettings
 
 LIBRDKAFKA_LOGGER = "librdkafka"
 log = logging.getLogger(LIBRDKAFKA_LOGGER)
+ours = logging.getLogger(__name__)  # streamer's own lines, not the library's (those are folded in outages)
 errors_log = logging.getLogger(LIBRDKAFKA_LOGGER + ".errors")
 
 GROUP_MOVED_ON = {
@@ -348,14 +349,29 @@ class ConfluentConsumer(Consumer):
     def seek(self, partition: TopicPartition, offset: int) -> None:
         try:
             self.client.seek(_theirs(partition, offset))
+            return
         except KafkaException as exc:
             error = client_error(exc, f"seek {partition} to {offset}")
             refused = _kafka_error(exc)
-            if refused is not None and refused.code() == KafkaError._STATE:
+            if refused is None or refused.code() != KafkaError._STATE:
+                raise error from exc
+            if not self.cooperative:
                 # A partition librdkafka has not taken up yet (just assigned, as the group moved):
                 # its recovery is tried again a moment later, not the end of the run.
-                error = KafkaClientError(str(error), retriable=True, cause=exc)
-            raise error from exc
+                raise KafkaClientError(str(error), retriable=True, cause=exc) from exc
+        # librdkafka refuses the seek of a partition whose fetcher it has not started, and starts
+        # it only once its own request for the committed offset answers: one that failed (the
+        # group moving on while it was asked) leaves the partition assigned, never started and
+        # every seek refused, until it is unassigned (a CI chaos run's partitions were never
+        # consumed again). Assigned anew at the offset, it starts from there, with no such request.
+        # (Cooperative assignment only: an eager assign() would restart every other partition.)
+        try:
+            self.client.incremental_unassign([_theirs(partition)])
+            self.client.incremental_assign([_theirs(partition, offset)])
+        except KafkaException as exc:
+            raise KafkaClientError(f"re-assigning {partition} at {offset}: {exc}", retriable=True, cause=exc) from exc
+        ours.warning("%s[%d] assigned again at offset %d: librdkafka had refused its seek (a partition it had not"
+                     " started)", partition.topic, partition.partition, offset)
 
     def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
         try:

@@ -83,3 +83,61 @@ def test_end_offsets_in_exactly_once_mode_stop_at_an_open_transaction(kafka_boot
         admin.delete_topics([topic])
         admin.close()
     assert ends == {False: {tp: 5}, True: {tp: 2}}
+
+
+@pytest.mark.kafka
+def test_a_partition_whose_seek_librdkafka_refused_is_consumed_from_the_offset(kafka_bootstrap: str, kafka_client: str):
+    """Cooperative assignment, confluent-kafka: a seek librdkafka refuses as of a partition it has
+    not started ("Local: Erroneous state") assigns the partition again at the offset, outside any
+    rebalance callback, paused as the loop keeps a partition it recovers; resumed, it is consumed
+    from that offset."""
+    if kafka_client != "confluent-kafka":
+        pytest.skip("librdkafka's refused seek; kafka-python has no such state")
+    from confluent_kafka import KafkaError, KafkaException
+
+    topic = f"test-consumer-{uuid.uuid4().hex}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for i in range(20):
+        producer.send(topic, key=b"k", value=b"%d" % i, partition=0)
+    producer.flush()
+    producer.close()
+    settings = load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap, "input_topic": topic, "client": "confluent-kafka",
+                                        "group_id": f"test-consumer-{uuid.uuid4().hex[:8]}", "auto_offset_reset": "earliest"}})
+    consumer = open_consumer(settings.kafka, 100)
+
+    class RefusingSeek:  # librdkafka's consumer, but every seek refused as of a partition not started
+        def __init__(self, client):
+            self.client = client
+
+        def seek(self, partition):
+            raise KafkaException(KafkaError(KafkaError._STATE, "Failed to seek: Local: Erroneous state"))
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+    tp = TopicPartition(topic, 0)
+    try:
+        assert consumer.cooperative
+        nothing = lambda partitions: None  # noqa: E731
+        consumer.subscribe([topic], RebalanceHooks(lambda partitions: consumer.pause(partitions), nothing, nothing))
+        deadline = time.monotonic() + 30
+        while not consumer.assignment() and time.monotonic() < deadline:
+            assert consumer.poll(0.1, 100) == []  # paused at once
+        assert consumer.assignment() == {tp}
+        real = consumer.client
+        consumer.client = RefusingSeek(real)
+        consumer.seek(tp, 7)
+        consumer.client = real
+        assert consumer.assignment() == {tp}
+        consumer.resume([tp])
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 13 and time.monotonic() < deadline:
+            got.extend(m.offset for m in consumer.poll(0.2, 100))
+        assert got == list(range(7, 20))
+    finally:
+        consumer.close(5)
+        admin.delete_topics([topic])
+        admin.close()
