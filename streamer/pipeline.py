@@ -69,6 +69,11 @@ BROKER_AWAY_BACKOFF_S = 0.5
 BROKER_PROBE_TIMEOUT_MS = 1000
 COMMIT_RETRY_S = 120.0  # retriable commit errors (broker away) are retried this long
 COMMIT_RETRY_INTERVAL_S = 0.5
+# A revocation inside the poll settles the batch in flight and commits first: for at most this
+# long (or the session timeout, if shorter). A member that waits longer inside its rebalance
+# callback holds the whole group's rebalance up, up to max.poll.interval.ms: no member is handed
+# a partition meanwhile.
+REVOKE_WAIT_S = 10.0
 STORE_RETRY_S = 1.0  # recoveries waiting for the checkpoint store or the broker are tried again this often
 MODEL_SETTLE_S = 1.0  # a changed model file is read once it has stayed the same this long
 
@@ -208,6 +213,7 @@ class Pipeline:
         self._commits_heard = False  # whether a commit went through since the last lag check
         self._settling = False  # a revocation inside _settle's own flush or commit must not recurse
         self._polling = False  # inside consumer.poll: where a revocation may settle and commit
+        self._wait_until: float | None = None  # a revocation's bound on waiting for the broker (monotonic)
         self._store_unreadable_since: float | None = None  # recoveries waiting for the checkpoint store
         self._store_retry_at = 0.0
         if metrics is not None:
@@ -228,7 +234,11 @@ class Pipeline:
 
         def hook(partitions: list[TopicPartition]) -> None:
             if self._polling and threading.current_thread() is self._loop_thread and not self._settling:
-                self._settle(commit=True)
+                self._wait_until = time.monotonic() + min(REVOKE_WAIT_S, self.settings.kafka.session_timeout_ms / 1000)
+                try:
+                    self._settle(commit=True)
+                finally:
+                    self._wait_until = None
             revoked(partitions)
 
         return hook
@@ -456,7 +466,9 @@ class Pipeline:
         committed; when they were acknowledged (epoch s), or None while they are not."""
         if wait:
             if not self._flush():
-                log.warning("stopping with the broker away: the batch in flight stays uncommitted and will be re-delivered")
+                if self._wait_until is None:  # else a revocation gave up waiting (said), the loop goes on
+                    log.warning("stopping with the broker away: the batch in flight stays uncommitted and will be"
+                                " re-delivered")
                 return None
         elif not self.producer.flush(0):
             return None
@@ -562,7 +574,18 @@ class Pipeline:
         while not self.producer.flush(BROKER_PROBE_TIMEOUT_MS / 1000):
             if self._stop is not None and self._stop.is_set():
                 return False
+            if self._waited_enough("predictions wait for the broker's acknowledgement"):
+                return False
             self._still_waiting("predictions wait for the broker's acknowledgement")
+        return True
+
+    def _waited_enough(self, what: str) -> bool:
+        """Whether a revocation's wait for the broker has run out (see REVOKE_WAIT_S): then what
+        it waited for is left for later, as when stopping (at-least-once: the partitions' next
+        owner re-reads from the last commit)."""
+        if self._wait_until is None or time.monotonic() < self._wait_until:
+            return False
+        log.warning("a revocation gave up waiting: %s; the rebalance goes on without it", what)
         return True
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
@@ -572,7 +595,8 @@ class Pipeline:
         while True:
             try:
                 if not self._commit_waiting(offsets):
-                    log.warning("stopping with the broker away: this batch's offsets stay uncommitted (no answer)")
+                    if self._wait_until is None:  # else a revocation gave up waiting (said)
+                        log.warning("stopping with the broker away: this batch's offsets stay uncommitted (no answer)")
                     return False
                 return True
             except GroupMovedOn as exc:
@@ -598,6 +622,8 @@ class Pipeline:
         worker = _Call(lambda: self.consumer.commit(offsets), "commit")
         while not worker.done(BROKER_PROBE_TIMEOUT_MS / 1000):
             if self._stop is not None and self._stop.is_set():
+                return False
+            if self._waited_enough("offsets wait for the group coordinator's answer"):
                 return False
             self._still_waiting("offsets wait for the group coordinator's answer", probe=False)
         worker.result()

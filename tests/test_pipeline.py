@@ -34,6 +34,7 @@ from streamer.kafka.abstract import GroupMovedOn, KafkaClientError, TopicPartiti
 from streamer.kafka.memory import MemoryBroker, MemoryConsumer, MemoryProducer
 from streamer.metrics import Metrics
 from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
+import streamer.pipeline as pipeline_module
 from streamer.pipeline import Pipeline
 from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
 from streamer.settings import load_settings
@@ -684,6 +685,44 @@ def test_revocation_settles_the_batch_in_flight_first(tmp_path):
     assert rig.since(mark) == ["revoked", "flush", "commit", "checkpoint"]
     assert committed(rig) == rig.ends()
     assert ("checkpoint", 0, rig.ends()[P0]) in rig.journal()
+
+
+def test_a_revocation_whose_commit_is_not_answered_gives_up_and_the_loop_goes_on(tmp_path, monkeypatch, caplog):
+    """Inside the poll a revocation waits for the batch in flight's commit; a commit the
+    coordinator never answers had held the loop there for good, and with it the group's whole
+    rebalance (no member is handed a partition meanwhile). The wait is bounded: the revoked
+    partition is released, the offsets wait for the next commit (at-least-once), the loop goes on."""
+    monkeypatch.setattr(pipeline_module, "REVOKE_WAIT_S", 0.2)
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.pipeline.run_once()
+    answered = threading.Event()
+    real_commit = rig.consumer.commit
+
+    asked = []
+
+    def unanswered(offsets):  # the revocation's commit is not answered; the ones after it are
+        asked.append(offsets)
+        if len(asked) == 1:
+            answered.wait(30)
+        real_commit(offsets)
+
+    rig.consumer.commit = unanswered  # type: ignore[method-assign]
+    rig.consumer.rebalance(revoked=[P0])
+    started = time.monotonic()
+    rig.pipeline.run_once()
+    assert time.monotonic() - started < 10
+    assert "a revocation gave up waiting: offsets wait for the group coordinator's answer" in caplog.text
+    assert P0 not in rig.pipeline.partitions.owned
+    answered.set()
+    rig.consumer.commit = real_commit  # type: ignore[method-assign]
+    for t in range(1, 3):
+        rig.write(per_device=1, start_ts=t)
+        rig.pipeline.run_once()
+    rig.pipeline._last_commit -= 3600  # an interval later
+    rig.pipeline.run_once()
+    rig.pipeline.run_once()
+    assert committed(rig)[P1] == rig.ends()[P1]
 
 
 def test_a_batch_message_with_more_devices_than_the_table_is_stepped_in_chunks(tmp_path):
