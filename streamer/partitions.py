@@ -41,7 +41,7 @@ from types import MappingProxyType
 
 from streamer.checkpoint import Checkpoint, CheckpointStore, ModelStamp, StoreUnreadable
 from streamer.engine import Engine
-from streamer.kafka.abstract import Consumer, KafkaClientError, RebalanceHooks, TopicPartition
+from streamer.kafka.abstract import Consumer, GroupMovedOn, KafkaClientError, RebalanceHooks, TopicPartition
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,12 @@ class PartitionManager:
         with self.lock:
             self.settle_writes()  # the store is read below: nothing of it in flight
             pending = sorted(self.pending)
-        committed = self.consumer.committed(pending, BROKER_CALL_TIMEOUT_S)
+        try:
+            committed = self.consumer.committed(pending, BROKER_CALL_TIMEOUT_S)
+        except GroupMovedOn as exc:
+            # The coordinator answers for a group that is rebalancing: these partitions are tried
+            # again a moment later, or revoked meanwhile (a GroupMovedOn is final for a commit only).
+            raise KafkaClientError(str(exc), retriable=True, cause=exc) from exc
         failed: Exception | None = None
         for tp in pending:
             with self.lock:

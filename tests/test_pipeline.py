@@ -1227,6 +1227,28 @@ def test_a_partition_whose_checkpoint_cannot_be_read_for_a_while_keeps_only_itse
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(3)})
 
 
+def test_committed_offsets_refused_as_the_group_rebalances_at_recovery_are_asked_again(tmp_path):
+    # The coordinator may answer a fetch of committed offsets with a rebalance in progress (or an
+    # unknown member) while the group moves: that is no reason to end the run, as GroupMovedOn
+    # (final for a commit, not retriable) had. The partitions wait, paused, and are recovered.
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    rig.consumer.rebalance(revoked=[P0])
+    rig.pipeline.run_once()
+    rig.consumer.rebalance(assigned=[P0])
+    rig.broker.fail("committed", GroupMovedOn("fetching committed offsets: Broker: Group rebalance in progress"))
+    rig.write(per_device=1, start_ts=1)
+    rig.pipeline.run_once()
+    assert rig.pipeline.partitions.pending == {P0} and P0 not in rig.pipeline.partitions.owned
+    rig.pipeline._store_retry_at = 0.0  # a retry interval later
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert rig.pipeline.partitions.owned.keys() == {P0, P1}
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
+
+
 def test_each_partition_recovered_or_checkpointed_on_its_way_out_is_a_liveness_beat(tmp_path):
     # Dozens of big partitions recovered or saved in one rebalance take minutes with the Kafka
     # store: the loop beat only once it was through, and /healthz went stale meanwhile.

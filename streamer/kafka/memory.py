@@ -165,6 +165,7 @@ class MemoryConsumer(Consumer):
         self.positions[partition] = offset
 
     def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
+        self.broker._check("committed")
         self.broker._reachable("committed")
         return {tp: self.broker.committed.get((self.group, tp)) for tp in partitions}
 
