@@ -47,6 +47,10 @@ from streamer.metrics import Metrics
 log = logging.getLogger(__name__)
 
 BROKER_CALL_TIMEOUT_S = 30.0  # committed offsets and positions asked for during recovery
+# One turn of the loop recovers partitions for about this long (at least one), the rest in the
+# turns after: the loop polls in between, where the clients run the group's rebalances (a member
+# that does not poll holds the group's rebalance up, and past max.poll.interval.ms leaves it).
+RECOVERY_TURN_S = 5.0
 
 
 @dataclass
@@ -278,9 +282,10 @@ class PartitionManager:
         return tp in self.owned
 
     def recover_pending(self) -> None:
-        """Recover every partition assigned since the last call (blocking: talks to the broker).
-        One whose recovery fails for a while (the store or the broker: a retriable error) stays
-        pending, and the others are recovered; the first such error is raised once all were tried."""
+        """Recover the partitions assigned since the last call (blocking: talks to the broker), for
+        about RECOVERY_TURN_S, the rest at the next call. One whose recovery fails for a while (the
+        store or the broker: a retriable error) stays pending, and the others are recovered; the
+        first such error is raised once all were tried."""
         if not self.pending:
             return
         with self.lock:
@@ -293,7 +298,10 @@ class PartitionManager:
             # again a moment later, or revoked meanwhile (a GroupMovedOn is final for a commit only).
             raise KafkaClientError(str(exc), retriable=True, cause=exc) from exc
         failed: Exception | None = None
-        for tp in pending:
+        turn = time.monotonic()
+        for n, tp in enumerate(pending):
+            if n and time.monotonic() - turn >= RECOVERY_TURN_S:
+                break  # the rest at the next turn, after a poll
             with self.lock:
                 if tp not in self.pending:
                     continue  # revoked again meanwhile

@@ -1249,6 +1249,39 @@ def test_committed_offsets_refused_as_the_group_rebalances_at_recovery_are_asked
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
 
 
+def test_partitions_recovered_past_a_turns_time_wait_for_the_next_turn_after_a_poll(tmp_path, monkeypatch):
+    # Dozens of partitions recovered from the Kafka store in one go kept the loop from polling for
+    # minutes: the group's rebalance waited on this member (and past max.poll.interval.ms it
+    # would leave the group). A turn recovers at least one, then stops once RECOVERY_TURN_S is up.
+    import streamer.partitions as partitions_module
+
+    monkeypatch.setattr(partitions_module, "RECOVERY_TURN_S", 0.0)
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    rig.consumer.rebalance(revoked=[P0, P1])
+    rig.pipeline.run_once()
+    rig.consumer.rebalance(assigned=[P0, P1])
+    polls = []
+    poll = rig.consumer.poll
+
+    def counted(timeout_s, max_records):
+        polls.append(sorted(rig.pipeline.partitions.owned))
+        return poll(timeout_s, max_records)
+
+    rig.consumer.poll = counted  # type: ignore[method-assign]
+    rig.pipeline.run_once()
+    assert rig.pipeline.partitions.owned.keys() == {P0} and rig.pipeline.partitions.pending == {P1}
+    rig.pipeline.run_once()
+    assert rig.pipeline.partitions.owned.keys() == {P0, P1} and not rig.pipeline.partitions.pending
+    assert [P0] in polls  # a poll between the two recoveries
+    rig.write(per_device=1, start_ts=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
+
+
 def test_each_partition_recovered_or_checkpointed_on_its_way_out_is_a_liveness_beat(tmp_path):
     # Dozens of big partitions recovered or saved in one rebalance take minutes with the Kafka
     # store: the loop beat only once it was through, and /healthz went stale meanwhile.
