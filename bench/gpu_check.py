@@ -88,7 +88,7 @@ def bench_steps(hidden: int, quick: bool) -> None:
     base = dict(card=card(), batch=B, hidden=hidden, layers=LAYERS)
     # Fused kernel: (dtype, options); the first of each dtype is the default (fast_math None: on
     # for bfloat16 on CUDA, streamer.kernels.FAST_MATH_BY_DEFAULT). The launch shapes after it
-    # (each layer's h, c loaded ahead; a register cap; a persistent grid) against the default, with
+    # (each layer's h, c loaded ahead; a register cap; other block sizes) against the default, with
     # each one's largest difference from the torch step (float32) on the same rows, forecasts and
     # state, after one step.
     variants: list[tuple[torch.dtype, dict]] = [(torch.float32, {}), (torch.bfloat16, {})]

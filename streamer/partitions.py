@@ -239,6 +239,7 @@ class PartitionManager:
         self.owned: dict[TopicPartition, Owned] = {}
         self.pending: set[TopicPartition] = set()
         self.restart_at: dict[TopicPartition, int] = {}  # see reset
+        self._tried: dict[TopicPartition, float] = {}  # when a pending partition's recovery was last tried
 
     # --- rebalance callbacks (during Consumer.poll, possibly on the client's own thread) ---
 
@@ -266,6 +267,7 @@ class PartitionManager:
             for tp in list(partitions):
                 self.pending.discard(tp)
                 self.restart_at.pop(tp, None)
+                self._tried.pop(tp, None)
                 owned = self.owned.pop(tp, None)
                 if owned is None:
                     continue
@@ -290,7 +292,9 @@ class PartitionManager:
             return
         with self.lock:
             self.settle_writes()  # the store is read below: nothing of it in flight
-            pending = sorted(self.pending)
+            # The least recently tried first: a turn that ends early (RECOVERY_TURN_S) after a
+            # slow failure leaves the others for the next turn, which starts with them.
+            pending = sorted(self.pending, key=lambda tp: (self._tried.get(tp, 0.0), tp))
         try:
             committed = self.consumer.committed(pending, BROKER_CALL_TIMEOUT_S)
         except GroupMovedOn as exc:
@@ -305,6 +309,7 @@ class PartitionManager:
             with self.lock:
                 if tp not in self.pending:
                     continue  # revoked again meanwhile
+                self._tried[tp] = time.monotonic()
                 try:
                     self._recover(tp, committed.get(tp))
                 except (KafkaClientError, StoreUnreadable) as exc:
@@ -314,6 +319,7 @@ class PartitionManager:
                     self.progress()  # a try that waited out a call is no stuck loop either
                     continue
                 self.pending.discard(tp)
+                self._tried.pop(tp, None)
             self.consumer.resume([tp])
             self.progress()
         if failed is not None:

@@ -214,6 +214,7 @@ class Pipeline:
         self._settling = False  # a revocation inside _settle's own flush or commit must not recurse
         self._polling = False  # inside consumer.poll: where a revocation may settle and commit
         self._wait_until: float | None = None  # a revocation's bound on waiting for the broker (monotonic)
+        self._abandoned_commit: _Call | None = None  # a commit a revocation gave up waiting for
         self._store_unreadable_since: float | None = None  # recoveries waiting for the checkpoint store
         self._store_retry_at = 0.0
         if metrics is not None:
@@ -609,6 +610,8 @@ class Pipeline:
                     # Stopping: the batch stays uncommitted and is re-delivered (at-least-once).
                     log.warning("stopping with the broker away: this batch's offsets stay uncommitted (%s)", exc)
                     return False
+                if self._waited_enough(f"the commit failed ({exc})"):
+                    return False
                 self.outage.away(f"commit failed, retrying ({exc})")
                 time.sleep(COMMIT_RETRY_INTERVAL_S)
                 self._still_waiting(f"offsets cannot be committed ({type(exc.cause or exc).__name__})")
@@ -619,11 +622,18 @@ class Pipeline:
         before its commit). Meanwhile the loop is live and reports the broker away (without
         probing: the consumer is busy); False when stopped first (the commit is left behind,
         the batch stays uncommitted as far as the loop knows: at-least-once holds either way)."""
+        if self._abandoned_commit is not None:
+            if not self._abandoned_commit.done(0.0):
+                # A commit a revocation gave up on is still asked: no other beside it (a late
+                # answer to it would move the group's offsets back past this one's); these wait.
+                raise GroupMovedOn("a commit given up on at a revocation is still unanswered")
+            self._abandoned_commit = None
         worker = _Call(lambda: self.consumer.commit(offsets), "commit")
         while not worker.done(BROKER_PROBE_TIMEOUT_MS / 1000):
             if self._stop is not None and self._stop.is_set():
                 return False
             if self._waited_enough("offsets wait for the group coordinator's answer"):
+                self._abandoned_commit = worker
                 return False
             self._still_waiting("offsets wait for the group coordinator's answer", probe=False)
         worker.result()

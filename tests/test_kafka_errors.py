@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import TopicPartition as RdTopicPartition
 from kafka import errors as kp_errors
 
 from streamer.kafka import confluent, kafka_python
@@ -150,9 +151,13 @@ def test_client_logs_silenced_reach_no_handler_not_even_the_last_resort():
 class _Refusing:
     """A librdkafka consumer that refuses every seek as of a partition it has not started."""
 
-    def __init__(self, assign_error: int | None = None) -> None:
+    def __init__(self, assign_error: int | None = None, assigned: bool = True) -> None:
         self.calls: list[tuple[str, list[tuple[str, int, int]]]] = []
         self.assign_error = assign_error
+        self.assigned = assigned
+
+    def assignment(self):
+        return [RdTopicPartition("readings", 3)] if self.assigned else []
 
     def seek(self, partition):
         raise KafkaException(KafkaError(KafkaError._STATE, "Failed to seek to offset 5810: Local: Erroneous state"))
@@ -166,23 +171,31 @@ class _Refusing:
         self.calls.append(("assign", [(p.topic, p.partition, p.offset) for p in partitions]))
 
 
-def test_a_confluent_seek_refused_for_the_partitions_state_assigns_the_partition_again_at_the_offset(caplog):
+def test_a_confluent_seek_refused_for_the_partitions_state_for_long_assigns_the_partition_again(caplog, monkeypatch):
     """librdkafka refuses the seek of a partition whose fetcher it has not started ("Local:
     Erroneous state", seen in chaos runs right after an assignment), and never starts one whose
-    committed-offset request failed: retried, the seek was refused for good (a CI chaos run
-    consumed nothing more of 8 of 12 partitions). Cooperative: the partition is unassigned and
-    assigned again at the offset, which starts it there (tests/integration/test_consumer_kafka.py
-    holds librdkafka to that)."""
+    committed-offset request failed: retried, such a seek is refused for good. Cooperative: at
+    first retried (retriable); refused for SEEK_REFUSED_REASSIGN_S, the partition is unassigned
+    and assigned again at the offset, which starts it there (tests/integration/test_consumer_kafka.py
+    holds librdkafka to that); one no longer assigned (an assign that failed before) is assigned."""
+    tp = TopicPartition("readings", 3)
     client = _Refusing()
     consumer = confluent.ConfluentConsumer(client, "earliest", cooperative=True)  # type: ignore[arg-type]
-    consumer.seek(TopicPartition("readings", 3), 5810)
+    with pytest.raises(KafkaClientError) as refused:
+        consumer.seek(tp, 5810)
+    assert refused.value.retriable and client.calls == []
+    monkeypatch.setattr(confluent, "SEEK_REFUSED_REASSIGN_S", 0.0)
+    consumer.seek(tp, 5810)
     assert client.calls[0][0] == "unassign" and client.calls[0][1][0][:2] == ("readings", 3)
     assert client.calls[1] == ("assign", [("readings", 3, 5810)])
     assert "readings[3] assigned again at offset 5810" in caplog.text
     failing = confluent.ConfluentConsumer(_Refusing(KafkaError._STATE), "earliest", cooperative=True)  # type: ignore[arg-type]
     with pytest.raises(KafkaClientError) as refused:
-        failing.seek(TopicPartition("readings", 3), 5810)
+        failing.seek(tp, 5810)
     assert refused.value.retriable and "re-assigning" in str(refused.value)
+    unassigned = _Refusing(assigned=False)
+    confluent.ConfluentConsumer(unassigned, "earliest", cooperative=True).seek(tp, 5810)  # type: ignore[arg-type]
+    assert unassigned.calls == [("assign", [("readings", 3, 5810)])]
 
 
 def test_a_confluent_seek_refused_for_the_partitions_state_under_eager_assignment_is_retried():

@@ -129,7 +129,8 @@ def test_every_launch_shape_steps_as_the_reference(interpreted, shape, launch, d
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("launch", [{}, *LAUNCH_SHAPES], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("launch", [{}, *LAUNCH_SHAPES, dict(maxnreg=168), dict(fast_math=False)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_a_large_batch_on_cuda_steps_as_the_torch_step_every_time(dtype, launch):
     """65,536 random rows of a table of twice that, many programs at once on every multiprocessor:
     on an H200 the head's tl.dot raced there in the default launch shape with bfloat16 state

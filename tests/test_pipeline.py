@@ -725,6 +725,25 @@ def test_a_revocation_whose_commit_is_not_answered_gives_up_and_the_loop_goes_on
     assert committed(rig)[P1] == rig.ends()[P1]
 
 
+def test_a_revocation_whose_commit_fails_again_and_again_gives_up_too(tmp_path, monkeypatch, caplog):
+    # A commit failing at once with a retriable error (the coordinator away) was retried for
+    # COMMIT_RETRY_S (120 s) inside the rebalance callback, then ended the run.
+    monkeypatch.setattr(pipeline_module, "REVOKE_WAIT_S", 0.2)
+    monkeypatch.setattr(pipeline_module, "COMMIT_RETRY_S", 3.0)
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.pipeline.run_once()
+    rig.broker.fail("commit", KafkaClientError("commit: coordinator not available", retriable=True), times=3)
+    rig.consumer.rebalance(revoked=[P0])
+    rig.pipeline.run_once()
+    assert "a revocation gave up waiting: the commit failed" in caplog.text
+    assert P0 not in rig.pipeline.partitions.owned
+    rig.pipeline._last_commit -= 3600
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert committed(rig)[P1] == rig.ends()[P1]
+
+
 def test_a_batch_message_with_more_devices_than_the_table_is_stepped_in_chunks(tmp_path):
     """batch.max_records counts messages: one poll may carry more distinct devices than the state
     table holds. The batch is stepped in chunks of at most the capacity, committed once."""
@@ -1225,6 +1244,37 @@ def test_a_partition_whose_checkpoint_cannot_be_read_for_a_while_keeps_only_itse
     assert tried == [0, 1, 0, 0] and rig.pipeline.partitions.owned.keys() == {P0, P1}
     assert committed(rig) == rig.ends()
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(3)})
+
+
+def test_a_partition_whose_recovery_fails_slowly_leaves_the_next_turn_to_the_others(tmp_path, monkeypatch):
+    # A turn ends once RECOVERY_TURN_S is up: with P0's read failing after the whole turn's time,
+    # every turn had tried P0 alone, first in the same order, and P1 was never recovered.
+    import streamer.partitions as partitions_module
+    from streamer.kafka.abstract import BrokerTimeout
+
+    monkeypatch.setattr(partitions_module, "RECOVERY_TURN_S", 0.0)
+    monkeypatch.setattr("streamer.pipeline.STORE_RETRY_S", 0.0)
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    store = rig.pipeline.partitions.store
+    load_latest, tried = store.load_latest, []
+
+    def p0_fails(topic, partition, *args, **kwargs):
+        tried.append(partition)
+        if partition == 0:
+            raise BrokerTimeout("reading the changelog: its end not reached in 30s")
+        return load_latest(topic, partition, *args, **kwargs)
+
+    monkeypatch.setattr(store, "load_latest", p0_fails)
+    rig.consumer.rebalance(lost=[P0, P1])
+    rig.consumer.rebalance(assigned=[P0, P1])
+    for _ in range(4):
+        rig.pipeline._store_retry_at = 0.0
+        rig.pipeline.run_once()
+    assert tried[:2] == [0, 1] and rig.pipeline.partitions.owned.keys() == {P1}
+    assert rig.pipeline.partitions.pending == {P0}
 
 
 def test_committed_offsets_refused_as_the_group_rebalances_at_recovery_are_asked_again(tmp_path):

@@ -54,6 +54,9 @@ from streamer.settings import KafkaSettings
 
 LIBRDKAFKA_LOGGER = "librdkafka"
 log = logging.getLogger(LIBRDKAFKA_LOGGER)
+# A partition whose seek librdkafka has refused this long as of one it has not started is
+# assigned again at the offset (see ConfluentConsumer.seek).
+SEEK_REFUSED_REASSIGN_S = 30.0
 ours = logging.getLogger(__name__)  # streamer's own lines, not the library's (those are folded in outages)
 errors_log = logging.getLogger(LIBRDKAFKA_LOGGER + ".errors")
 
@@ -286,6 +289,7 @@ class ConfluentConsumer(Consumer):
         self._probe_config = probe or {}
         self._isolation = isolation
         self._probe: AdminClient | None = None
+        self._seek_refused_since: dict[TopicPartition, float] = {}  # see seek
 
     def subscribe(self, topics: Sequence[str], hooks: RebalanceHooks) -> None:
         def on_assign(consumer: RdConsumer, partitions: list[RdTopicPartition]) -> None:
@@ -349,27 +353,33 @@ class ConfluentConsumer(Consumer):
     def seek(self, partition: TopicPartition, offset: int) -> None:
         try:
             self.client.seek(_theirs(partition, offset))
+            self._seek_refused_since.pop(partition, None)
             return
         except KafkaException as exc:
             error = client_error(exc, f"seek {partition} to {offset}")
             refused = _kafka_error(exc)
             if refused is None or refused.code() != KafkaError._STATE:
                 raise error from exc
-            if not self.cooperative:
+            refused_since = self._seek_refused_since.setdefault(partition, time.monotonic())
+            if not self.cooperative or time.monotonic() - refused_since < SEEK_REFUSED_REASSIGN_S:
                 # A partition librdkafka has not taken up yet (just assigned, as the group moved):
                 # its recovery is tried again a moment later, not the end of the run.
                 raise KafkaClientError(str(error), retriable=True, cause=exc) from exc
         # librdkafka refuses the seek of a partition whose fetcher it has not started, and starts
         # it only once its own request for the committed offset answers: one that failed (the
         # group moving on while it was asked) leaves the partition assigned, never started and
-        # every seek refused, until it is unassigned (a CI chaos run's partitions were never
-        # consumed again). Assigned anew at the offset, it starts from there, with no such request.
-        # (Cooperative assignment only: an eager assign() would restart every other partition.)
+        # every seek refused, until it is unassigned. Refused for SEEK_REFUSED_REASSIGN_S, it is
+        # assigned anew at the offset, which starts it there with no such request. (Not at the
+        # first refusal: outside a rebalance callback, librdkafka may take the call for the answer
+        # to a rebalance it has queued. Cooperative assignment only: an eager assign() would
+        # restart every other partition.)
         try:
-            self.client.incremental_unassign([_theirs(partition)])
+            if any((tp.topic, tp.partition) == (partition.topic, partition.partition) for tp in self.client.assignment()):
+                self.client.incremental_unassign([_theirs(partition)])
             self.client.incremental_assign([_theirs(partition, offset)])
         except KafkaException as exc:
             raise KafkaClientError(f"re-assigning {partition} at {offset}: {exc}", retriable=True, cause=exc) from exc
+        self._seek_refused_since.pop(partition, None)
         ours.warning("%s[%d] assigned again at offset %d: librdkafka had refused its seek (a partition it had not"
                      " started)", partition.topic, partition.partition, offset)
 

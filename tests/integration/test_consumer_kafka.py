@@ -86,7 +86,8 @@ def test_end_offsets_in_exactly_once_mode_stop_at_an_open_transaction(kafka_boot
 
 
 @pytest.mark.kafka
-def test_a_partition_whose_seek_librdkafka_refused_is_consumed_from_the_offset(kafka_bootstrap: str, kafka_client: str):
+def test_a_partition_whose_seek_librdkafka_refused_is_consumed_from_the_offset(kafka_bootstrap: str, kafka_client: str,
+                                                                                monkeypatch: pytest.MonkeyPatch):
     """Cooperative assignment, confluent-kafka: a seek librdkafka refuses as of a partition it has
     not started ("Local: Erroneous state") assigns the partition again at the offset, outside any
     rebalance callback, paused as the loop keeps a partition it recovers; resumed, it is consumed
@@ -94,6 +95,10 @@ def test_a_partition_whose_seek_librdkafka_refused_is_consumed_from_the_offset(k
     if kafka_client != "confluent-kafka":
         pytest.skip("librdkafka's refused seek; kafka-python has no such state")
     from confluent_kafka import KafkaError, KafkaException
+
+    from streamer.kafka import confluent
+
+    monkeypatch.setattr(confluent, "SEEK_REFUSED_REASSIGN_S", 0.0)  # refused long enough at once
 
     topic = f"test-consumer-{uuid.uuid4().hex}"
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
