@@ -922,6 +922,9 @@ class RunLogHandler(logging.StreamHandler):
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
+    for earlier in logging.getLogger().handlers:  # a run before this one in the process (basicConfig keeps it)
+        if isinstance(earlier, RunLogHandler):
+            earlier._others_dropped = False
     handler = RunLogHandler(sys.stderr)
     handler.setFormatter(log_formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler])
