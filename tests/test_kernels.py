@@ -67,32 +67,38 @@ def _devices() -> list[str]:
     return ["cpu"] + (["cuda"] if CUDA else [])
 
 
-@pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_one_step_matches_step_weights_and_leaves_other_rows(interpreted, shape, device):
+def _check_one_step(make_step, shape, device: str, model_seed: int = 1, seed: int = 0, msg: str = "") -> None:
+    """One step of ``make_step(model)`` over 97 random rows of a table of 150 against StepWeights:
+    forecasts, h and c within 1e-6, every other row and column untouched."""
     n_in, hidden, layers, n_out = shape
-    model = _model(shape)
+    model = _model(shape, model_seed)
     ref = StepWeights(model, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     capacity, b, lh = 150, 97, layers * hidden
     # The h/c block as the engine's table holds it: the leading columns of wider rows.
     table = torch.randn(capacity, 2 * lh + 5, generator=gen) * 0.5
     slots = torch.randperm(capacity, generator=gen)[:b]
     x = torch.randn(b, n_in, generator=gen)
     out_ref, h_ref, c_ref = ref.step(x, table[slots, :lh].view(b, layers, hidden), table[slots, lh : 2 * lh].view(b, layers, hidden))
+    step = make_step(model)
+    rows = table.clone().to(device)
+    on = slots.to(device)
+    out = step(x.to(device), on, rows.index_select(0, on), rows[:, : 2 * lh])
+    got = rows.cpu()
+    torch.testing.assert_close(out.cpu(), out_ref, atol=1e-6, rtol=0, msg=msg)
+    torch.testing.assert_close(got[slots, :lh].view(b, layers, hidden), h_ref, atol=1e-6, rtol=0, msg=msg)
+    torch.testing.assert_close(got[slots, lh : 2 * lh].view(b, layers, hidden), c_ref, atol=1e-6, rtol=0, msg=msg)
+    others = torch.ones(capacity, dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(got[others], table[others]), msg
+    assert torch.equal(got[slots, 2 * lh :], table[slots, 2 * lh :]), msg
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_one_step_matches_step_weights_and_leaves_other_rows(interpreted, shape, device):
     for name, cls in _steps(interpreted, device):
-        rows = table.clone().to(device)
-        step = cls(model, torch.device(device))
-        on = slots.to(device)
-        out = step(x.to(device), on, rows.index_select(0, on), rows[:, : 2 * lh])
-        got = rows.cpu()
-        torch.testing.assert_close(out.cpu(), out_ref, atol=1e-6, rtol=0, msg=name)
-        torch.testing.assert_close(got[slots, :lh].view(b, layers, hidden), h_ref, atol=1e-6, rtol=0, msg=name)
-        torch.testing.assert_close(got[slots, lh : 2 * lh].view(b, layers, hidden), c_ref, atol=1e-6, rtol=0, msg=name)
-        others = torch.ones(capacity, dtype=torch.bool)
-        others[slots] = False
-        assert torch.equal(got[others], table[others]), name
-        assert torch.equal(got[slots, 2 * lh :], table[slots, 2 * lh :]), name
+        _check_one_step(lambda model: cls(model, torch.device(device)), shape, device, msg=name)
 
 
 # The kernel's launch shapes: each layer's h and c loaded ahead (preload), over 7 blocks of 16
@@ -104,26 +110,9 @@ LAUNCH_SHAPES = [dict(preload=True), dict(preload=True, block_b=16, num_warps=1)
 @pytest.mark.parametrize("shape", [(2, 16, 3, 2), (1, 12, 1, 1), (1, 64, 2, 1)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("launch", LAUNCH_SHAPES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_every_launch_shape_steps_as_the_reference(interpreted, shape, launch, device):
-    n_in, hidden, layers, n_out = shape
-    model = _model(shape, seed=2)
-    ref = StepWeights(model, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(3)
-    capacity, b, lh = 150, 97, layers * hidden
-    table = torch.randn(capacity, 2 * lh + 5, generator=gen) * 0.5
-    slots = torch.randperm(capacity, generator=gen)[:b]
-    x = torch.randn(b, n_in, generator=gen)
-    out_ref, h_ref, c_ref = ref.step(x, table[slots, :lh].view(b, layers, hidden), table[slots, lh : 2 * lh].view(b, layers, hidden))
     kernels = interpreted if device == "cpu" else streamer.kernels
-    rows = table.clone().to(device)
-    on = slots.to(device)
-    out = kernels.TritonLstmStep(model, torch.device(device), **launch)(x.to(device), on, None, rows[:, : 2 * lh])
-    got = rows.cpu()
-    torch.testing.assert_close(out.cpu(), out_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got[slots, :lh].view(b, layers, hidden), h_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got[slots, lh : 2 * lh].view(b, layers, hidden), c_ref, atol=1e-6, rtol=0)
-    others = torch.ones(capacity, dtype=torch.bool)
-    others[slots] = False
-    assert torch.equal(got[others], table[others])
+    _check_one_step(lambda model: kernels.TritonLstmStep(model, torch.device(device), **launch), shape, device,
+                    model_seed=2, seed=3)
 
 
 @pytest.mark.cuda
