@@ -407,9 +407,9 @@ if triton is not None:
                       PREC, FAST)
         # The head in float32, column by column (F is a few outputs): a row's products summed, as
         # the torch step's addmm. Not tl.dot: on an H200 (Triton 3.6, wgmma) the (BLOCK_B, H) x
-        # (H, 16) product of the head raced in some launch shapes (64 rows, 4 warps, bfloat16):
-        # forecasts of 1e37, different from run to run, the state right (gpu_check's
-        # gpu_fused_step forecast_err; tests/test_kernels.py's large-batch case on CUDA).
+        # (H, 16) product of the head was wrong in some launch shapes with bfloat16 state (64 rows,
+        # 4 warps: 0.29 off at 4k rows, up to 1e38 and different from run to run at 16k and more),
+        # the state right (gpu_check's forecast_err; tests/test_kernels.py's large batch on CUDA).
         for f in tl.static_range(F):
             w = tl.load(hw_ptr + kh * FP + f)
             out = tl.reduce(h * w[None, :], 1, _add) + tl.load(hb_ptr + f)
