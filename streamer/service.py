@@ -149,8 +149,8 @@ def _topic_housekeeping(settings: Settings) -> int | None:
             ["max.message.bytes", "cleanup.policy", "retention.ms"], kafka.client_id, security=security_config(kafka),
             bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000))
     except Exception as exc:  # housekeeping: the loop runs without it
-        log.warning("could not read the dead-letter topic's max.message.bytes (%s): dead letters are bounded by"
-                    " kafka.max_message_bytes = %d", exc, kafka.max_message_bytes)
+        log.warning("could not describe the topics (%s): dead letters are bounded by kafka.max_message_bytes = %d%s",
+                    exc, kafka.max_message_bytes, "; the changelog's cleanup.policy is not checked" if changelog else "")
         return None
     if changelog is not None and changelog in states:
         _check_changelog_compacted(changelog, states[changelog].configs)

@@ -374,7 +374,7 @@ class ConfluentConsumer(Consumer):
         # to a rebalance it has queued. Cooperative assignment only: an eager assign() would
         # restart every other partition.)
         try:
-            if any((tp.topic, tp.partition) == (partition.topic, partition.partition) for tp in self.client.assignment()):
+            if partition in self.assignment():
                 self.client.incremental_unassign([_theirs(partition)])
             self.client.incremental_assign([_theirs(partition, offset)])
         except KafkaException as exc:
