@@ -1,5 +1,6 @@
 """model.compile: the wave's step compiled by torch.compile against the eager step it fuses."""
 
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +66,32 @@ def test_compiled_step_gives_the_eager_steps_results(dtype: torch.dtype, inputs:
     ids = [f"dev-{d}" for d in range(40)]
     rows = [e.table.export(np.array([e.table.slot_of(i) for i in ids]))[1] for e in (eager, compiled)]
     np.testing.assert_allclose(rows[1], rows[0], atol=10 * bound, rtol=1e-4)
+
+
+def test_fast_tanh_is_within_its_bound_of_tanh_everywhere():
+    x = torch.linspace(-30.0, 30.0, 2_000_001)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 7.9, 7.90001, 1e30, -1e30, math.inf, -math.inf])])
+    got = streamer.compiled.fast_tanh(x)
+    assert float((got.double() - torch.tanh(x.double())).abs().max()) <= 4e-7
+    assert float(got.abs().max()) < 1.0  # a sigmoid made of it stays in [0, 1]
+    assert torch.equal(torch.sign(got), torch.sign(x))
+    assert torch.isnan(streamer.compiled.fast_tanh(torch.tensor([math.nan]))).all()
+
+
+def test_lstm_cell_is_the_lstms_gate_maths():
+    """lstm_cell against nn.LSTM's formulas in float64, from pre-activations with the cell
+    gate's columns doubled as torch_step_weights gives them, in float32 and as bfloat16."""
+    g = torch.randn(4096, 4 * 64, generator=torch.Generator().manual_seed(0)) * 4
+    c = torch.randn(4096, 64, generator=torch.Generator().manual_seed(1)) * 3
+    for dtype in (torch.float32, torch.bfloat16):
+        gates = g.to(dtype)
+        i, f, cell, o = gates.double().chunk(4, dim=1)
+        want_c = f.sigmoid() * c.double() + i.sigmoid() * cell.tanh()
+        want_h = o.sigmoid() * want_c.tanh()
+        doubled = torch.cat([i, f, 2 * cell, o], dim=1).to(dtype)  # exact: doubling is exact
+        got_c, got_h = streamer.compiled.lstm_cell(doubled, c)
+        assert float((got_c.double() - want_c).abs().max()) <= 2e-6
+        assert float((got_h.double() - want_h).abs().max()) <= 1e-6
 
 
 def test_compiled_step_of_a_device_does_not_depend_on_its_batch():
