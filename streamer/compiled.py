@@ -2,8 +2,9 @@
 
 Eager, a wave's step is about 30 torch ops (the LSTM's gates, the residual statistics, the
 records), each a pass over the wave's rows in memory; on the CPU they, not the projections, bound
-the step. Here the same maths is one function of the gathered rows, which Inductor fuses into a
-few vectorised loops around the two projections (still oneDNN/MKL calls). On this project's
+the step. Here the same maths, from reading the wave's rows in the table to writing them back,
+is one function, which Inductor fuses into a few vectorised loops around the two projections
+(still oneDNN/MKL calls). On this project's
 2-core host, whole steps: 1.55x-1.7x eager with bfloat16 state, 1.0x-1.35x with float32 (see
 README, State table).
 
@@ -129,6 +130,39 @@ def wave_maths(
     return lead_new, rest_new, out, scored.log_tail, scored.is_anomaly, scores.residual
 
 
+def wave_step(
+    x: Tensor,
+    slots: Tensor,
+    blocks: tuple[Tensor, ...],
+    w: list[Tensor],
+    b: list[Tensor],
+    head_w: Tensor,
+    head_b: Tensor,
+    layout: "StateLayout",
+    anomaly: AnomalyParams,
+    norm_alpha: float | None,
+) -> tuple[Tensor, ...]:
+    """wave_maths on the rows of ``slots`` in the table's storage (DeviceStateTable.blocks),
+    written back in place; returns (forecast, ln tail, flags, residual).
+
+    Compiled, the gather is read by the loops that use it and the new rows are written from the
+    loops that make them, in the table: no copy of the wave's rows each way. Slots may repeat
+    only as the sink row of padding (whichever of its rows lands there)."""
+    lead_width = 2 * layout.num_layers * layout.hidden_size
+    if len(blocks) == 1:
+        rows = blocks[0].index_select(0, slots)
+        lead, rest = rows[:, :lead_width], rows[:, lead_width:]
+    else:
+        lead, rest = blocks[0].index_select(0, slots), blocks[1].index_select(0, slots)
+    lead_new, rest_new, *results = wave_maths(x, lead, rest, w, b, head_w, head_b, layout, anomaly, norm_alpha)
+    if len(blocks) == 1:
+        blocks[0].index_copy_(0, slots, torch.cat([lead_new, rest_new], dim=1))
+    else:
+        blocks[0].index_copy_(0, slots, lead_new)
+        blocks[1].index_copy_(0, slots, rest_new)
+    return tuple(results)
+
+
 # The rows the compile is shown. Inductor decides which loops run on torch's threads from the
 # sizes of the inputs it compiled with: shown 16 rows, the loop that scores the residuals (the
 # incomplete gamma function, not vectorised) ran on one thread in every step. A chunk of a large
@@ -139,24 +173,24 @@ _COMPILED: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}
 
 
 def compiled_for(key: tuple) -> Callable[..., tuple[Tensor, ...]]:
-    """wave_maths compiled for one configuration (layout, anomaly parameters, normalisation,
+    """wave_step compiled for one configuration (layout, anomaly parameters, normalisation,
     state dtype, input size), shared by every engine of that configuration in the process.
 
-    Each configuration compiles a copy of wave_maths' code of its own: Dynamo keeps compiled
+    Each configuration compiles a copy of wave_step's code of its own: Dynamo keeps compiled
     variants per code object and stops compiling after a few (torch._dynamo.config's
     recompile_limit), so engines of many configurations in one process (model swaps to new
     shapes, tests) would otherwise run out of them.
     """
     fn = _COMPILED.get(key)
     if fn is None:
-        code = wave_maths.__code__.replace()
-        copy = types.FunctionType(code, wave_maths.__globals__, wave_maths.__name__, wave_maths.__defaults__)
+        code = wave_step.__code__.replace()
+        copy = types.FunctionType(code, wave_step.__globals__, wave_step.__name__, wave_step.__defaults__)
         fn = _COMPILED[key] = torch.compile(copy, fullgraph=True)
     return fn
 
 
 class CompiledWave:
-    """Engine._step_wave through the compiled wave_maths: gather the rows, step, scatter them."""
+    """Engine._step_wave through the compiled wave_step: the wave's rows stepped in the table."""
 
     def __init__(self, model: LSTMModel, table: "DeviceStateTable", layout: "StateLayout",
                  anomaly: AnomalyParams, norm_alpha: float | None) -> None:
@@ -169,6 +203,9 @@ class CompiledWave:
         dot = torch.bfloat16 if table.lead_dtype == torch.bfloat16 else torch.float32
         self.w, self.b, self.head_w, self.head_b = torch_step_weights(model, table.device, dot)
         self.input_size = model.lstm.input_size
+        self._blocks = table.blocks()
+        # wave_step's arguments after the wave's own
+        self._args = (self._blocks, self.w, self.b, self.head_w, self.head_b, layout, anomaly, norm_alpha)
         # Inductor builds its loops for the torch threads of the moment: part of the key.
         self._key = (layout, anomaly, norm_alpha, table.lead_dtype, self.input_size, torch.get_num_threads())
         cached = self._key in _COMPILED
@@ -185,11 +222,12 @@ class CompiledWave:
         try:
             with torch.inference_mode():
                 x = torch.zeros(rows, self.input_size)
-                lead, rest = self.table.gather_parts(torch.full((rows,), self.table.sink, dtype=torch.int64))
-                for t in (x, lead, rest):
+                slots = torch.full((rows,), self.table.sink, dtype=torch.int64)  # the sink's row, written
+                for t in (x, slots):
                     torch._dynamo.mark_dynamic(t, 0, min=MIN_GEMM_ROWS)
-                self._fn(x, lead, rest, self.w, self.b, self.head_w, self.head_b, self.layout, self.anomaly,
-                         self.norm_alpha)
+                for block in self._blocks:  # one graph for tables of every capacity
+                    torch._dynamo.mark_dynamic(block, 0)
+                self._fn(x, slots, *self._args)
         except Exception as exc:  # a missing compiler, an unsupported op: one line, not Inductor's page
             _COMPILED.pop(self._key, None)  # not kept: the next engine of this configuration tries afresh
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -207,10 +245,8 @@ class CompiledWave:
             pad = MIN_GEMM_ROWS - b
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
             slots = torch.cat([slots, slots.new_full((pad,), table.sink)])
-        lead, rest = table.gather_parts(slots)  # read before the writes below
-        args = (x, lead, rest, self.w, self.b, self.head_w, self.head_b, self.layout, self.anomaly, self.norm_alpha)
         if self._eager:
-            lead_new, rest_new, *results = wave_maths(*args)
+            results = wave_step(x, slots, *self._args)
         else:
             try:
                 # Never a compile in the stream (seconds, and a failure there a traceback): inputs
@@ -218,7 +254,7 @@ class CompiledWave:
                 # eagerly, and so are all later steps (each miss costs Dynamo's guard checks). The
                 # stance is global: only the loop's thread runs compiled code.
                 with torch.compiler.set_stance("fail_on_recompile"):
-                    lead_new, rest_new, *results = self._fn(*args)
+                    results = self._fn(x, slots, *self._args)
             except RuntimeError as exc:
                 # This torch says "Detected recompile when torch.compile stance is
                 # 'fail_on_recompile'"; anything else the step raised is the caller's.
@@ -228,6 +264,5 @@ class CompiledWave:
                 reasons = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("- ")]
                 log.warning("the compiled CPU step does not take these inputs (%s): this model's steps run"
                             " eagerly from now on", "; ".join(reasons)[:500] or "a recompile")
-                lead_new, rest_new, *results = wave_maths(*args)
-        table.scatter_parts(slots, lead_new, rest_new)
+                results = wave_step(x, slots, *self._args)  # the guards failed before anything ran
         return tuple(r[:b] for r in results)

@@ -210,13 +210,13 @@ class DeviceStateTable:
             self._partition[slots] = partitions
         if len(new_positions):
             rows = torch.from_numpy(slots[new_positions]).to(self.device)
-            for block in self._blocks():
+            for block in self.blocks():
                 block.index_fill_(0, rows, 0)
         return Acquired(slots, len(new_positions), evicted)
 
     def reset(self, slots: Tensor) -> None:
         """Zero the rows of ``slots`` (their devices stay, their state starts afresh, as a new device's)."""
-        for block in self._blocks():
+        for block in self.blocks():
             block.index_fill_(0, slots.to(self.device), 0)
 
     def evict_idle(self, now: float) -> int:
@@ -359,7 +359,9 @@ class DeviceStateTable:
             first = max(start, lw)
             self.rest[:, first - lw : stop - lw].index_copy_(0, slots, values[:, first - start :].to(self.dtype))
 
-    def _blocks(self) -> tuple[Tensor, ...]:
+    def blocks(self) -> tuple[Tensor, ...]:
+        """The row storage, sink row included: (rows,) when lead and rest share a dtype, else
+        (lead, rest). The same tensors for the table's life, written in place."""
         return (self._rows,) if self._rows is not None else (self.lead, self.rest)
 
     def _touch(self, slots: np.ndarray) -> None:

@@ -137,7 +137,7 @@ def no_step_compiles(monkeypatch):
     def refused(*args):
         raise AssertionError("a step fell back to eager maths: the compiled graph did not fit")
 
-    monkeypatch.setattr(streamer.compiled, "wave_maths", refused)
+    monkeypatch.setattr(streamer.compiled, "wave_step", refused)
     return torch._dynamo.config.patch(error_on_recompile=True)
 
 
