@@ -283,13 +283,14 @@ class PartitionManager:
     def accepts(self, tp: TopicPartition) -> bool:
         return tp in self.owned
 
-    def recover_pending(self) -> None:
+    def recover_pending(self) -> int:
         """Recover the partitions assigned since the last call (blocking: talks to the broker), for
-        about RECOVERY_TURN_S, the rest at the next call. One whose recovery fails for a while (the
-        store or the broker: a retriable error) stays pending, and the others are recovered; the
-        first such error is raised once all were tried."""
+        about RECOVERY_TURN_S, the rest at the next call; returns how many were recovered. One
+        whose recovery fails for a while (the store or the broker: a retriable error) stays
+        pending, and the others are recovered; the first such error is raised once all were
+        tried."""
         if not self.pending:
-            return
+            return 0
         with self.lock:
             self.settle_writes()  # the store is read below: nothing of it in flight
             # The least recently tried first: a turn that ends early (RECOVERY_TURN_S) after a
@@ -302,6 +303,7 @@ class PartitionManager:
             # again a moment later, or revoked meanwhile (a GroupMovedOn is final for a commit only).
             raise KafkaClientError(str(exc), retriable=True, cause=exc) from exc
         failed: Exception | None = None
+        recovered = 0
         turn = time.monotonic()
         for n, tp in enumerate(pending):
             if n and time.monotonic() - turn >= RECOVERY_TURN_S:
@@ -322,8 +324,10 @@ class PartitionManager:
                 self._tried.pop(tp, None)
             self.consumer.resume([tp])
             self.progress()
+            recovered += 1
         if failed is not None:
             raise failed
+        return recovered
 
     def _recover(self, tp: TopicPartition, committed: int | None) -> None:
         # Kept until the partition is recovered: a recovery that fails (the store or the broker

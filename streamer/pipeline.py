@@ -216,6 +216,7 @@ class Pipeline:
         self._wait_until: float | None = None  # a revocation's bound on waiting for the broker (monotonic)
         self._abandoned_commit: _Call | None = None  # a commit a revocation gave up waiting for
         self._store_unreadable_since: float | None = None  # recoveries waiting for the checkpoint store
+        self._group_moving_said = False  # recoveries waiting on a rebalance said so
         self._store_retry_at = 0.0
         if metrics is not None:
             metrics.watch_table(lambda: len(engine.table), engine.table.capacity, engine.model_version)
@@ -294,15 +295,17 @@ class Pipeline:
             self._settle(commit=quiet)
         if time.monotonic() >= self._store_retry_at:
             try:
-                pending = bool(self.partitions.pending)
-                self.partitions.recover_pending()
-                self._store_readable_again(recovered=pending)
+                recovered = self.partitions.recover_pending()
+                self._store_readable_again(recovered)
             except KafkaClientError as exc:
                 if not exc.retriable:
                     raise
-                self._commits_heard = False
                 self._store_retry_at = time.monotonic() + STORE_RETRY_S  # not every turn: each may wait a call out
-                self.outage.away(f"recovering partitions must wait ({exc})")  # they stay paused
+                if isinstance(exc.cause, GroupMovedOn):  # the coordinator answered: no outage
+                    self._group_moving(exc)
+                else:
+                    self._commits_heard = False
+                    self.outage.away(f"recovering partitions must wait ({exc})")  # they stay paused
             except StoreUnreadable as exc:
                 self._store_unreadable(exc)  # they stay paused
         if self.health is not None:
@@ -326,11 +329,22 @@ class Pipeline:
             self._store_unreadable_since = now
             log.warning("recovering partitions must wait, the checkpoint store cannot be read: %s", exc)
 
-    def _store_readable_again(self, recovered: bool) -> None:
+    def _store_readable_again(self, recovered: int) -> None:
+        """After a recovery turn that raised nothing: ``recovered`` partitions of it."""
         if self._store_unreadable_since is not None and recovered:
-            log.info("checkpoint store read again after %.1fs: partitions recovered",
-                     time.monotonic() - self._store_unreadable_since)
+            left = len(self.partitions.pending)
+            log.info("checkpoint store read again after %.1fs: %d partitions recovered%s",
+                     time.monotonic() - self._store_unreadable_since, recovered,
+                     f", {left} at the next turns" if left else "")
         self._store_unreadable_since = None
+        self._group_moving_said = False
+
+    def _group_moving(self, exc: KafkaClientError) -> None:
+        """Recoveries wait while the coordinator answers that the group is rebalancing: one INFO
+        line until a turn goes through (the brokers answer; this is no outage)."""
+        if not self._group_moving_said:
+            self._group_moving_said = True
+            log.info("recovering partitions wait for the group's rebalance (%s)", exc)
 
     def _poll_batch(self, stop: threading.Event | None) -> list[Message]:
         """Up to batch.max_records messages of owned, recovered partitions, waiting at most

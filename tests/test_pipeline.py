@@ -1204,7 +1204,8 @@ def test_a_checkpoint_store_that_cannot_be_read_keeps_a_partition_waiting_not_th
         rig.pipeline.run_once()
     assert committed(rig) == rig.ends()
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
-    assert any("checkpoint store read again" in r.getMessage() for r in caplog.records)
+    again = [r.getMessage() for r in caplog.records if "checkpoint store read again" in r.getMessage()]
+    assert len(again) == 1 and again[0].endswith(": 1 partitions recovered"), again
 
 
 def test_a_partition_whose_checkpoint_cannot_be_read_for_a_while_keeps_only_itself_waiting(tmp_path, monkeypatch):
@@ -1277,10 +1278,12 @@ def test_a_partition_whose_recovery_fails_slowly_leaves_the_next_turn_to_the_oth
     assert rig.pipeline.partitions.pending == {P0}
 
 
-def test_committed_offsets_refused_as_the_group_rebalances_at_recovery_are_asked_again(tmp_path):
+def test_committed_offsets_refused_as_the_group_rebalances_at_recovery_are_asked_again(tmp_path, caplog):
     # The coordinator may answer a fetch of committed offsets with a rebalance in progress (or an
     # unknown member) while the group moves: that is no reason to end the run, as GroupMovedOn
     # (final for a commit, not retriable) had. The partitions wait, paused, and are recovered.
+    # The brokers answered: one line says the recovery waits for the rebalance, no outage.
+    caplog.set_level(logging.INFO)
     rig = Rig(tmp_path)
     rig.write(per_device=1)
     for _ in range(3):
@@ -1288,15 +1291,20 @@ def test_committed_offsets_refused_as_the_group_rebalances_at_recovery_are_asked
     rig.consumer.rebalance(revoked=[P0])
     rig.pipeline.run_once()
     rig.consumer.rebalance(assigned=[P0])
-    rig.broker.fail("committed", GroupMovedOn("fetching committed offsets: Broker: Group rebalance in progress"))
+    rig.broker.fail("committed", GroupMovedOn("fetching committed offsets: Broker: Group rebalance in progress"),
+                    times=2)
     rig.write(per_device=1, start_ts=1)
     rig.pipeline.run_once()
     assert rig.pipeline.partitions.pending == {P0} and P0 not in rig.pipeline.partitions.owned
-    rig.pipeline._store_retry_at = 0.0  # a retry interval later
-    for _ in range(3):
+    for _ in range(4):
+        rig.pipeline._store_retry_at = 0.0  # a retry interval later
         rig.pipeline.run_once()
     assert rig.pipeline.partitions.owned.keys() == {P0, P1}
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
+    said = [r.getMessage() for r in caplog.records if "rebalance" in r.getMessage()]
+    assert said == ["recovering partitions wait for the group's rebalance (fetching committed offsets: Broker: "
+                    "Group rebalance in progress)"], said
+    assert not any("unreachable" in r.getMessage() for r in caplog.records)
 
 
 def test_partitions_recovered_past_a_turns_time_wait_for_the_next_turn_after_a_poll(tmp_path, monkeypatch):
