@@ -61,7 +61,7 @@ def _poly(coefficients: tuple[float, ...], t: Tensor) -> Tensor:
 
 
 def fast_tanh(x: Tensor) -> Tensor:
-    """tanh of a float32 tensor within 4e-7, |result| < 1, NaN kept: multiply-adds and one
+    """tanh of a float32 tensor within 4e-7, |result| < 1, NaN kept: products, sums and one
     division per element, which Inductor fuses into the loop around it."""
     x = x.clamp(-TANH_CLAMP, TANH_CLAMP)
     t = x * x
@@ -124,7 +124,8 @@ def wave_maths(
     rest_new, out = row_after(torch.addmm(head_b, h_new[-1], head_w), scores)
     # Each part rounded to the state's dtype before the cat, so that the gate loops write the new
     # rows straight into it: a float32 cat rounded afterwards had the loops write (and the next
-    # loop read back) twice the bytes, 1.3x-1.8x the whole step's time under bfloat16 state.
+    # loop read back) twice the bytes, and the whole step take 1.3x-1.8x as long under bfloat16
+    # state (in one process, alternating).
     lead_new = torch.cat([part.to(lead.dtype) for part in h_new + c_new], dim=1)
     scored = scores.scored
     return lead_new, rest_new, out, scored.log_tail, scored.is_anomaly, scores.residual
@@ -214,9 +215,10 @@ class CompiledWave:
         self._warm_up(cached)
 
     def _warm_up(self, cached: bool) -> None:
-        """Compile now, on the path the steps take (rows gathered as they will be, here the
-        sink's, under inference mode as Engine._execute runs): a compile in the stream would
-        stall it. The batch dimension is marked dynamic, so one graph serves every row count."""
+        """Compile now, on the path the steps take (the table's own storage, here the sink's row
+        stepped WARM_UP_ROWS times, under inference mode as Engine._execute runs): a compile in
+        the stream would stall it. The batch dimension is marked dynamic, so one graph serves
+        every row count."""
         started = time.perf_counter()
         rows = WARM_UP_ROWS
         try:

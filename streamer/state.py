@@ -315,24 +315,6 @@ class DeviceStateTable:
             out[:, : self.lead_width] = self.lead.index_select(0, slots)
         return out
 
-    def gather_parts(self, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """(lead columns, the rest) of rows[slots], copies, each in its block's dtype (the lead's
-        as stored: bfloat16 h and c are not widened)."""
-        if self._rows is not None:
-            rows = self._rows.index_select(0, slots)
-            return rows[:, : self.lead_width], rows[:, self.lead_width :]
-        return self.lead.index_select(0, slots), self.rest.index_select(0, slots)
-
-    def scatter_parts(self, slots: Tensor, lead: Tensor, rest: Tensor) -> None:
-        """Whole rows back at ``slots``: their lead columns and the rest, as gather_parts gives
-        them. Slots may repeat only where the values written are the same, or do not matter (the
-        sink row of padding)."""
-        if self._rows is not None:
-            self._rows.index_copy_(0, slots, torch.cat([lead, rest], dim=1))
-            return
-        self.lead.index_copy_(0, slots, lead)
-        self.rest.index_copy_(0, slots, rest)
-
     def _scratch_for(self, n: int) -> Tensor:
         buf = self._scratch.get(n)
         if buf is None:
