@@ -4,9 +4,8 @@ Eager, a wave's step is about 30 torch ops (the LSTM's gates, the residual stati
 records), each a pass over the wave's rows in memory; on the CPU they, not the projections, bound
 the step. Here the same maths, from reading the wave's rows in the table to writing them back,
 is one function, which Inductor fuses into a few vectorised loops around the two projections
-(still oneDNN/MKL calls). On this project's
-2-core host, whole steps: 1.55x-1.7x eager with bfloat16 state, 1.0x-1.35x with float32 (see
-README, State table).
+(still oneDNN/MKL calls). On this project's 2-core host, whole steps: 2.0x-2.3x eager with
+bfloat16 state, 1.3x-1.7x with float32 (see README, State table).
 
 The maths is the eager step's (Engine._step_wave, kernels.TorchLstmStep), written without out=
 buffers or host syncs so that it traces as one graph; the tests hold the two to each other.
@@ -44,8 +43,10 @@ log = logging.getLogger(__name__)
 # tanh(x) ~ x P(x^2) / Q(x^2) for |x| <= TANH_CLAMP: a rational fit of tanh over [0, 9] (near
 # minimax in float64, 6e-9; bench/tanh_fit.py makes it). Evaluated in float32 it is within 4e-7
 # of tanh everywhere (tests/test_compiled.py), about 3x rounding's own error, and it is one
-# vectorised loop of multiply-adds and a division, where Inductor's sigmoid and tanh each take an
-# exponential (SLEEF's, to 1 ulp) and a division: 3.3x faster gate maths on this project's host.
+# vectorised loop of products, sums and a division, where Inductor's sigmoid and tanh each take
+# an exponential (SLEEF's, to 1 ulp) and a division. The gate loops alone, timed in turn with
+# torch's sigmoid (bench/bench.py, cpu_gate_ceiling): 1.16x-1.43x on this project's host, and
+# 3.3x at a time its exponentials ran slower.
 TANH_P = (0.99999996893, 0.13079155061, 0.0030986446853, 1.1101721879e-05, -2.0029149744e-08,
           5.1924964542e-11, -8.2908145092e-14)
 TANH_Q = (1.0, 0.46412475309, 0.024473723248, 0.00025385870998)
