@@ -29,7 +29,7 @@ from torch import Tensor
 
 from streamer.anomaly import AnomalyParams
 from streamer.errors import StreamerError
-from streamer.kernels import MIN_GEMM_ROWS, torch_step_weights
+from streamer.kernels import CPU_ROWS_PER_STEP, MIN_GEMM_ROWS, torch_step_weights
 from streamer.model import LSTMModel
 from streamer.wave import row_after, score_wave
 
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 # of tanh everywhere (tests/test_compiled.py), about 3x rounding's own error, and it is one
 # vectorised loop of products, sums and a division, where Inductor's sigmoid and tanh each take
 # an exponential (SLEEF's, to 1 ulp) and a division. The gate loops alone, timed in turn with
-# torch's sigmoid (bench/bench.py, cpu_gate_ceiling): 1.16x-1.43x on this project's host, and
-# 3.3x at a time its exponentials ran slower.
+# torch's sigmoid (bench/bench.py, cpu_gate_ceiling): 1.16x-1.20x on this project's host, and
+# 3.3x once when its exponentials ran slower.
 TANH_P = (0.99999996893, 0.13079155061, 0.0030986446853, 1.1101721879e-05, -2.0029149744e-08,
           5.1924964542e-11, -8.2908145092e-14)
 TANH_Q = (1.0, 0.46412475309, 0.024473723248, 0.00025385870998)
@@ -71,12 +71,14 @@ def fast_tanh(x: Tensor) -> Tensor:
 
 def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """A layer's gate maths, in float32 from its pre-activations (B, 4H) in the weights' dtype,
-    cell-gate columns doubled (torch_step_weights): (c', h'). Every sigmoid and tanh is
-    fast_tanh's: sigmoid(x) = (1 + tanh(x / 2)) / 2, and tanh(g) of the doubled column 2g."""
-    # One fused loop over the gates, no (B, 4H) buffer between them.
-    ti, tf, tg, to = (fast_tanh(0.5 * g) for g in gates.float().chunk(4, dim=1))
+    cell-gate columns doubled (torch_step_weights): (c', h'). Every sigmoid and tanh is a tanh:
+    sigmoid(x) = (1 + tanh(x / 2)) / 2, and tanh(g) of the doubled column 2g. Compiled, the
+    tanh is fast_tanh, fused into one loop over the gates (no (B, 4H) buffer between them);
+    run eagerly (a step the compiled graph does not take), torch's, one op instead of a dozen."""
+    tanh = fast_tanh if torch.compiler.is_compiling() else torch.tanh
+    ti, tf, tg, to = (tanh(0.5 * g) for g in gates.float().chunk(4, dim=1))
     c_next = 0.5 * ((1.0 + tf) * c + (1.0 + ti) * tg)
-    return c_next, 0.5 * (1.0 + to) * fast_tanh(c_next)
+    return c_next, 0.5 * (1.0 + to) * tanh(c_next)
 
 
 def wave_maths(
@@ -168,8 +170,8 @@ def wave_step(
 # The rows the compile is shown. Inductor decides which loops run on torch's threads from the
 # sizes of the inputs it compiled with: shown 16 rows, the loop that scores the residuals (the
 # incomplete gamma function, not vectorised) ran on one thread in every step. A chunk of a large
-# wave (engine.CPU_ROWS_PER_STEP) is what a step that matters takes.
-WARM_UP_ROWS = 4096
+# wave is what a step that matters takes.
+WARM_UP_ROWS = CPU_ROWS_PER_STEP
 
 _COMPILED: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}
 

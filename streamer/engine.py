@@ -20,7 +20,7 @@ from streamer.anomaly import AnomalyParams
 from streamer.compiled import CompiledWave
 from streamer.errors import CapacityError, StreamerError
 from streamer.features import time_features
-from streamer.kernels import make_lstm_step
+from streamer.kernels import CPU_ROWS_PER_STEP, make_lstm_step
 from streamer.model import ModelBundle, ModelConfig, Normalization, allocation_failed
 from streamer.slotmap import Keys, keys_of
 from streamer.state import DeviceStateTable
@@ -28,7 +28,6 @@ from streamer.wave import row_after, score_wave
 
 log = logging.getLogger(__name__)
 
-CPU_ROWS_PER_STEP = 4096
 # On CUDA a wave of up to GRAPH_MAX_ROWS rows is padded to its bucket (a power of two, at least
 # GRAPH_MIN_ROWS) and its step replayed from a CUDA graph captured once per bucket: one launch
 # instead of dozens, which bound small batches. Larger waves are long enough to hide launches.

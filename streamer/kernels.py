@@ -51,6 +51,8 @@ PRELOAD_BY_DEFAULT = False
 # forecasts stay within the bfloat16 bound (tests/test_kernels.py, on CUDA).
 FAST_MATH_BY_DEFAULT = True
 MIN_GEMM_ROWS = 8
+# On the CPU a wave's step runs over at most this many rows at a time (Engine.max_rows_per_step).
+CPU_ROWS_PER_STEP = 4096
 
 
 def make_lstm_step(model: LSTMModel, device: torch.device, dtype: torch.dtype = torch.float32) -> "LstmStep":

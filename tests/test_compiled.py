@@ -78,20 +78,23 @@ def test_fast_tanh_is_within_its_bound_of_tanh_everywhere():
     assert torch.isnan(streamer.compiled.fast_tanh(torch.tensor([math.nan]))).all()
 
 
-def test_lstm_cell_is_the_lstms_gate_maths():
+def test_lstm_cell_is_the_lstms_gate_maths_compiled_and_eager():
     """lstm_cell against nn.LSTM's formulas in float64, from pre-activations with the cell
-    gate's columns doubled as torch_step_weights gives them, in float32 and as bfloat16."""
+    gate's columns doubled as torch_step_weights gives them, in float32 and as bfloat16:
+    compiled (fast_tanh) and eager (torch's tanh)."""
     g = torch.randn(4096, 4 * 64, generator=torch.Generator().manual_seed(0)) * 4
     c = torch.randn(4096, 64, generator=torch.Generator().manual_seed(1)) * 3
+    compiled = torch.compile(streamer.compiled.lstm_cell, fullgraph=True)
     for dtype in (torch.float32, torch.bfloat16):
         gates = g.to(dtype)
         i, f, cell, o = gates.double().chunk(4, dim=1)
         want_c = f.sigmoid() * c.double() + i.sigmoid() * cell.tanh()
         want_h = o.sigmoid() * want_c.tanh()
         doubled = torch.cat([i, f, 2 * cell, o], dim=1).to(dtype)  # exact: doubling is exact
-        got_c, got_h = streamer.compiled.lstm_cell(doubled, c)
-        assert float((got_c.double() - want_c).abs().max()) <= 2e-6
-        assert float((got_h.double() - want_h).abs().max()) <= 1e-6
+        for cell_maths in (compiled, streamer.compiled.lstm_cell):
+            got_c, got_h = cell_maths(doubled, c)
+            assert float((got_c.double() - want_c).abs().max()) <= 2e-6
+            assert float((got_h.double() - want_h).abs().max()) <= 1e-6
 
 
 def test_compiled_step_of_a_device_does_not_depend_on_its_batch():
