@@ -333,8 +333,8 @@ class Pipeline:
         """After a recovery turn that raised nothing: ``recovered`` partitions of it."""
         if self._store_unreadable_since is not None and recovered:
             left = len(self.partitions.pending)
-            log.info("checkpoint store read again after %.1fs: %d partitions recovered%s",
-                     time.monotonic() - self._store_unreadable_since, recovered,
+            log.info("checkpoint store read again after %.1fs: %d partition%s recovered%s",
+                     time.monotonic() - self._store_unreadable_since, recovered, "" if recovered == 1 else "s",
                      f", {left} at the next turns" if left else "")
         self._store_unreadable_since = None
         self._group_moving_said = False

@@ -1205,7 +1205,7 @@ def test_a_checkpoint_store_that_cannot_be_read_keeps_a_partition_waiting_not_th
     assert committed(rig) == rig.ends()
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
     again = [r.getMessage() for r in caplog.records if "checkpoint store read again" in r.getMessage()]
-    assert len(again) == 1 and again[0].endswith(": 1 partitions recovered"), again
+    assert len(again) == 1 and again[0].endswith(": 1 partition recovered"), again
 
 
 def test_a_partition_whose_checkpoint_cannot_be_read_for_a_while_keeps_only_itself_waiting(tmp_path, monkeypatch):
