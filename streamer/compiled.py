@@ -152,7 +152,7 @@ def wave_step(
     Compiled, the gather is read by the loops that use it and the new rows are written from the
     loops that make them, in the table: no copy of the wave's rows each way. Slots may repeat
     only as the sink row of padding (whichever of its rows lands there)."""
-    lead_width = 2 * layout.num_layers * layout.hidden_size
+    lead_width = layout.c.stop  # h and c of every layer, then the rest
     if len(blocks) == 1:
         rows = blocks[0].index_select(0, slots)
         lead, rest = rows[:, :lead_width], rows[:, lead_width:]
