@@ -44,6 +44,10 @@ class ReadingBatch:
     ts: np.ndarray
     values: np.ndarray
     partitions: np.ndarray | None = None
+    # device_ids as the id lists it was made of, one after another (a batch of batch messages, a
+    # list each: a gateway that lists the same devices again sends the same tuple, see
+    # records._SenderIds); the step then plans per distinct list, not per reading (plan_lists).
+    id_lists: tuple[tuple[str, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.device_ids)
@@ -155,6 +159,52 @@ def plan_waves(device_ids: list[str], keys: Keys | None = None) -> Plan:
     unique_of_run[by_first] = np.arange(len(starts))
     first = run_first[by_first]
     return _waves_of(device_ids, first, unique_of_run[run], wave)
+
+
+def plan_lists(id_lists: tuple[tuple[str, ...], ...], n: int) -> tuple[Plan, Keys] | None:
+    """plan_waves of the concatenated ``id_lists``, and the keys of its unique devices, planned
+    per distinct list (the same tuple object again is the same list): its hashes taken once, its
+    readings' waves the count of its earlier repeats. ``n``: the batch's readings, which the lists
+    must add up to. None where that does not apply: no list
+    repeats (plan_waves is as cheap), or the distinct lists are not of distinct devices, within
+    and between them (an id twice, or two ids of one hash): plan_waves then, which groups them."""
+    index: dict[int, int] = {}  # id() of each distinct list -> its place among them
+    distinct: list[tuple[str, ...]] = []
+    for ids in id_lists:
+        if id(ids) not in index:
+            index[id(ids)] = len(distinct)
+            distinct.append(ids)
+    listed = sum(len(ids) for ids in id_lists)
+    if listed != n:
+        raise StreamerError(f"the batch's id lists hold {listed} ids, its readings are {n}")
+    rows = sum(len(ids) for ids in distinct)
+    if rows == n:
+        return None
+    unique = [device for ids in distinct for device in ids]
+    hashes, objects = keys_of(unique)
+    ordered = np.sort(hashes)
+    if (ordered[1:] == ordered[:-1]).any():
+        return None
+    base = np.cumsum([0] + [len(ids) for ids in distinct])
+    first = np.empty(rows, dtype=np.int64)
+    waves: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+    seen = [0] * len(distinct)
+    start = 0
+    for ids in id_lists:
+        d = index[id(ids)]
+        size = len(ids)
+        at = np.arange(start, start + size)
+        if seen[d] == len(waves):
+            waves.append(([], []))
+        if not seen[d]:
+            first[base[d] : base[d + 1]] = at
+        readings, devices = waves[seen[d]]
+        readings.append(at)
+        devices.append(np.arange(base[d], base[d + 1]))
+        seen[d] += 1
+        start += size
+    plan_of = [(np.concatenate(r), np.concatenate(u)) for r, u in waves]
+    return Plan(unique, first, plan_of), (hashes, objects)
 
 
 def _plan_waves_by_id(device_ids: list[str]) -> Plan:
@@ -394,11 +444,15 @@ class Engine:
             raise StreamerError(f"values shape {batch.values.shape} != ({n}, {self.config.values_size})")
         evicted_idle = self.table.evict_idle(now)
         self._reset = 0
-        keys = keys_of(batch.device_ids)
-        plan = plan_waves(batch.device_ids, keys)
+        listed = None if batch.id_lists is None else plan_lists(batch.id_lists, n)
+        if listed is not None:
+            plan, keys = listed
+        else:
+            keys = keys_of(batch.device_ids)
+            plan = plan_waves(batch.device_ids, keys)
+            if len(plan.unique) < n:  # the keys of each device's first reading
+                keys = (keys[0][plan.first], keys[1][plan.first])
         partitions = None if batch.partitions is None else batch.partitions[plan.first]
-        if len(plan.unique) < n:  # the keys of each device's first reading
-            keys = (keys[0][plan.first], keys[1][plan.first])
         acquired = self.table.acquire(plan.unique, now, partitions, keys=keys)
         forecast, log_tail, flagged, residual = self._execute(plan, acquired.slots, batch.values, batch.ts)
         log_tail = log_tail.astype(np.float64)

@@ -410,8 +410,10 @@ class ReadingDecoder:
         readings, of = (_assemble(json_rows, json_sources, sources, batches, spans) if batches
                         else (json_rows, json_sources))
         partitions = np.asarray([p.partition for p in sources], dtype=np.int32)[of]
-        return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions), sources, of,
-                            dead, spans)
+        # Batch messages alone: the step plans per sender's list (Engine.step, plan_lists).
+        lists = tuple(tuple(rows.device_ids) for _, rows, _, _ in batches) if batches and not ids else None
+        return DecodedBatch(ReadingBatch(readings.device_ids, readings.ts, readings.values, partitions, lists), sources,
+                            of, dead, spans)
 
 
 def _arrow_decoded_bytes(value: bytes) -> int:

@@ -7,8 +7,8 @@ import torch
 import streamer.engine
 import streamer.kernels
 from streamer.anomaly import AnomalyParams
-from streamer.engine import GRAPH_MAX_ROWS, Engine, ReadingBatch, plan_waves
-from streamer.errors import CapacityError
+from streamer.engine import GRAPH_MAX_ROWS, Engine, ReadingBatch, plan_lists, plan_waves
+from streamer.errors import CapacityError, StreamerError
 from streamer.features import denormalize, normalize_sequences_with_stats, time_features
 from streamer.model import Normalization
 from tests.conftest import CUDA, DEVICES, make_bundle
@@ -43,6 +43,63 @@ def test_plan_waves_keeps_per_device_order():
     assert [list(r) for r, _ in plan.waves] == [[0, 1, 3], [2, 5], [4]]
     assert [list(u) for _, u in plan.waves] == [[0, 1, 2], [0, 1], [0]]
     assert plan_waves([]).waves == []
+
+
+def test_plan_lists_is_plan_waves_of_the_lists_one_after_another():
+    rng = np.random.default_rng(5)
+    planned_per_list = 0
+    for trial in range(200):
+        # Senders' lists of their own devices (some sharing a device, some with one twice, some
+        # equal to another's but a new tuple), sent again at random: the plan of the readings they
+        # make is plan_waves's, or None where it cannot be made per list.
+        pool = [f"d{i}" for i in range(int(rng.integers(1, 40)))]
+        senders = [tuple(str(d) for d in rng.choice(pool, size=int(rng.integers(1, min(8, len(pool)) + 1)),
+                                                    replace=bool(rng.random() < 0.1)))
+                   for _ in range(int(rng.integers(1, 5)))]
+        if rng.random() < 0.3:
+            senders.append(tuple(senders[0]))  # equal, not the same object
+        sent = tuple(senders[int(i)] for i in rng.integers(0, len(senders), size=int(rng.integers(1, 12))))
+        ids = [device for listed in sent for device in listed]
+        expected = plan_waves(ids)
+        planned = plan_lists(sent, len(ids))
+        distinct = list({id(listed): listed for listed in sent}.values())
+        flat = [device for listed in distinct for device in listed]
+        if len(flat) == len(ids) or len(set(flat)) < len(flat):
+            assert planned is None, trial
+            continue
+        assert planned is not None, trial
+        plan, (hashes, objects) = planned
+        assert plan.unique == expected.unique and plan.first.tolist() == expected.first.tolist()
+        assert [(r.tolist(), u.tolist()) for r, u in plan.waves] == [(r.tolist(), u.tolist()) for r, u in expected.waves]
+        assert objects.tolist() == plan.unique and hashes.tolist() == [hash(d) for d in plan.unique]
+        planned_per_list += 1
+    assert 50 < planned_per_list < 150  # both ways taken
+    a, b = ("a", "b"), ("c",)
+    plan, _ = plan_lists((a, b, a, a), 7)
+    assert plan.unique == ["a", "b", "c"] and plan.first.tolist() == [0, 1, 2]
+    assert [(r.tolist(), u.tolist()) for r, u in plan.waves] == [([0, 1, 2], [0, 1, 2]), ([3, 4], [0, 1]), ([5, 6], [0, 1])]
+    with pytest.raises(StreamerError, match="id lists hold 7 ids, its readings are 6"):
+        plan_lists((a, b, a, a), 6)
+
+
+def test_a_batch_of_id_lists_steps_as_the_same_readings_without_them():
+    bundle = make_bundle(input_size=2, seed=4)
+    gateways = [tuple(f"gw{g}-{i}" for i in range(7)) for g in range(3)]
+    rng = np.random.default_rng(2)
+    engines = [Engine.build(bundle, capacity=32, device="cpu") for _ in range(2)]
+    for batch in range(4):
+        sent = tuple(gateways[int(i)] for i in rng.integers(0, 3, size=6))
+        ids = [device for listed in sent for device in listed]
+        values = rng.normal(size=(len(ids), 2)).astype(np.float32)
+        ts = np.full(len(ids), 1.7e9 + batch)
+        with_lists, report = engines[0].step(ReadingBatch(ids, ts, values, None, sent), now=float(batch))
+        without, report_without = engines[1].step(ReadingBatch(ids, ts, values), now=float(batch))
+        assert report.waves == report_without.waves > 1 and report.new_devices == report_without.new_devices
+        assert with_lists.forecast.tobytes() == without.forecast.tobytes()
+        assert with_lists.anomaly_score.tobytes() == without.anomaly_score.tobytes()
+    tables = [engine.table for engine in engines]
+    assert [tables[0].slot_of(d) for d in ids] == [tables[1].slot_of(d) for d in ids]
+    assert all(torch.equal(a, b) for a, b in zip(tables[0].blocks(), tables[1].blocks()))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,14 +28,14 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.checkpoint import Checkpoint, DirectoryCheckpointStore
-from streamer.engine import Engine
+from streamer.engine import Engine, ReadingBatch
 from streamer.errors import PipelineError
 from streamer.kafka.abstract import GroupMovedOn, KafkaClientError, TopicPartition
 from streamer.kafka.memory import MemoryBroker, MemoryConsumer, MemoryProducer
 from streamer.metrics import Metrics
 from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
 import streamer.pipeline as pipeline_module
-from streamer.pipeline import Pipeline
+from streamer.pipeline import Pipeline, _chunks
 from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
 from streamer.settings import load_settings
 from tests.conftest import written_as_the_loop_goes_on
@@ -761,6 +761,22 @@ def test_a_batch_message_with_more_devices_than_the_table_is_stepped_in_chunks(t
     assert [json.loads(m.value)["device_id"] for m in rig.broker.messages("out")] == devices[:7] + devices[7:] + devices[:2]
     tp = TopicPartition("in", rig.broker.messages("in")[0].partition)
     assert committed(rig)[tp] == 2
+
+
+def test_a_gateways_repeated_list_is_stepped_at_once_and_cut_only_beyond_the_capacity():
+    """Readings of id lists (batch messages alone) are cut as the readings would be; their
+    distinct devices counted per distinct list."""
+    listed = (tuple(f"gw-dev-{i}" for i in range(4)),) * 3  # one sender's list, three times
+    ids = [device for ids in listed for device in ids]
+    readings = ReadingBatch(ids, np.arange(12.0), np.zeros((12, 2), np.float32), np.zeros(12, np.int32), listed)
+    assert _chunks(readings, 4) == [readings]
+    more = (*listed, tuple(f"other-{i}" for i in range(3)))
+    ids = [device for ids in more for device in ids]
+    readings = ReadingBatch(ids, np.arange(15.0), np.zeros((15, 2), np.float32), np.zeros(15, np.int32), more)
+    cut = _chunks(readings, 5)
+    plain = _chunks(ReadingBatch(ids, readings.ts, readings.values, readings.partitions), 5)
+    assert [c.device_ids for c in cut] == [c.device_ids for c in plain] == [ids[:13], ids[13:]]  # 5 devices, then 2
+    assert all(c.id_lists is None for c in cut)
 
 
 def test_checkpoint_spacing_counts_readings_not_messages(tmp_path):

@@ -384,6 +384,23 @@ def test_a_sender_that_lists_the_same_devices_again_gets_the_same_strings_back()
     assert kept.values.tobytes() == fresh.values.tobytes() and kept.ts.tobytes() == fresh.ts.tobytes()
 
 
+def test_a_batch_of_batch_messages_alone_says_which_id_lists_it_is_made_of() -> None:
+    columns, other = good_columns(3), {**good_columns(2), "device_id": pa.array(["x-0", "x-1"])}
+    messages = [Message("in", 0, 0, b"gw-1", arrow_message(columns), ARROW),
+                Message("in", 0, 1, b"gw-2", arrow_message(other), ARROW),
+                Message("in", 0, 2, b"gw-1", arrow_message(columns), ARROW),
+                Message("in", 0, 3, b"gw-3", b"not arrow", ARROW)]
+    readings = ReadingDecoder(2).decode(messages).readings
+    lists = readings.id_lists
+    assert [list(ids) for ids in lists] == [["dev-0", "dev-1", "dev-2"], ["x-0", "x-1"], ["dev-0", "dev-1", "dev-2"]]
+    assert lists[2] is lists[0]  # the sender's list again: planned once per batch (Engine.step)
+    assert readings.device_ids == [device for ids in lists for device in ids]
+    # A JSON reading among them, or no batch message: no lists.
+    json_reading = Message("in", 0, 4, b"dev-9", b'{"device_id":"dev-9","ts":5,"values":[1,2]}', [])
+    assert ReadingDecoder(2).decode([*messages, json_reading]).readings.id_lists is None
+    assert ReadingDecoder(2).decode([json_reading]).readings.id_lists is None
+
+
 def test_the_ids_kept_for_senders_are_bounded_the_least_recent_sender_dropped_first() -> None:
     def message(ids: list[str]) -> bytes:
         n = len(ids)
