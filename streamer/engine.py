@@ -161,31 +161,35 @@ def plan_waves(device_ids: list[str], keys: Keys | None = None) -> Plan:
     return _waves_of(device_ids, first, unique_of_run[run], wave)
 
 
-def plan_lists(id_lists: tuple[tuple[str, ...], ...], n: int) -> tuple[Plan, Keys] | None:
-    """plan_waves of the concatenated ``id_lists``, and the keys of its unique devices, planned
-    per distinct list (the same tuple object again is the same list): its hashes taken once, its
-    readings' waves the count of its earlier repeats. ``n``: the batch's readings, which the lists
-    must add up to. None where that does not apply: no list
-    repeats (plan_waves is as cheap), or the distinct lists are not of distinct devices, within
-    and between them (an id twice, or two ids of one hash): plan_waves then, which groups them."""
+def plan_lists(id_lists: tuple[tuple[str, ...], ...], device_ids: list[str]) -> tuple[Plan, Keys] | None:
+    """plan_waves of ``device_ids``, the concatenated ``id_lists``, and the keys of its unique
+    devices, taken per distinct list (the same tuple object again is the same list): each list's
+    hashes taken once; its readings' waves the count of its earlier repeats when the distinct
+    lists are of distinct devices, within and between them, else plan_waves with the readings'
+    keys made of the lists' (it groups an id twice, or two ids of one hash). None where no list
+    repeats: plan_waves alone is as cheap."""
     index: dict[int, int] = {}  # id() of each distinct list -> its place among them
     distinct: list[tuple[str, ...]] = []
     for ids in id_lists:
         if id(ids) not in index:
             index[id(ids)] = len(distinct)
             distinct.append(ids)
+    n = len(device_ids)
     listed = sum(len(ids) for ids in id_lists)
     if listed != n:
         raise StreamerError(f"the batch's id lists hold {listed} ids, its readings are {n}")
     rows = sum(len(ids) for ids in distinct)
     if rows == n:
         return None
-    unique = [device for ids in distinct for device in ids]
-    hashes, objects = keys_of(unique)
+    hashes, objects = keys_of([device for ids in distinct for device in ids])
+    base = np.cumsum([0] + [len(ids) for ids in distinct])
     ordered = np.sort(hashes)
     if (ordered[1:] == ordered[:-1]).any():
-        return None
-    base = np.cumsum([0] + [len(ids) for ids in distinct])
+        at = [np.arange(base[index[id(ids)]], base[index[id(ids)] + 1]) for ids in id_lists]
+        every = np.concatenate(at)
+        keys = (hashes[every], objects[every])
+        plan = plan_waves(device_ids, keys)
+        return plan, (keys[0][plan.first], keys[1][plan.first])
     first = np.empty(rows, dtype=np.int64)
     waves: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
     seen = [0] * len(distinct)
@@ -193,16 +197,17 @@ def plan_lists(id_lists: tuple[tuple[str, ...], ...], n: int) -> tuple[Plan, Key
     for ids in id_lists:
         d = index[id(ids)]
         size = len(ids)
-        at = np.arange(start, start + size)
+        readings_at = np.arange(start, start + size)
         if seen[d] == len(waves):
             waves.append(([], []))
         if not seen[d]:
-            first[base[d] : base[d + 1]] = at
+            first[base[d] : base[d + 1]] = readings_at
         readings, devices = waves[seen[d]]
-        readings.append(at)
+        readings.append(readings_at)
         devices.append(np.arange(base[d], base[d + 1]))
         seen[d] += 1
         start += size
+    unique = [device for ids in distinct for device in ids]
     plan_of = [(np.concatenate(r), np.concatenate(u)) for r, u in waves]
     return Plan(unique, first, plan_of), (hashes, objects)
 
@@ -444,7 +449,7 @@ class Engine:
             raise StreamerError(f"values shape {batch.values.shape} != ({n}, {self.config.values_size})")
         evicted_idle = self.table.evict_idle(now)
         self._reset = 0
-        listed = None if batch.id_lists is None else plan_lists(batch.id_lists, n)
+        listed = None if batch.id_lists is None else plan_lists(batch.id_lists, batch.device_ids)
         if listed is not None:
             plan, keys = listed
         else:

@@ -47,7 +47,7 @@ def test_plan_waves_keeps_per_device_order():
 
 def test_plan_lists_is_plan_waves_of_the_lists_one_after_another():
     rng = np.random.default_rng(5)
-    planned_per_list = 0
+    planned_per_list = shared = 0
     for trial in range(200):
         # Senders' lists of their own devices (some sharing a device, some with one twice, some
         # equal to another's but a new tuple), sent again at random: the plan of the readings they
@@ -61,10 +61,10 @@ def test_plan_lists_is_plan_waves_of_the_lists_one_after_another():
         sent = tuple(senders[int(i)] for i in rng.integers(0, len(senders), size=int(rng.integers(1, 12))))
         ids = [device for listed in sent for device in listed]
         expected = plan_waves(ids)
-        planned = plan_lists(sent, len(ids))
+        planned = plan_lists(sent, ids)
         distinct = list({id(listed): listed for listed in sent}.values())
         flat = [device for listed in distinct for device in listed]
-        if len(flat) == len(ids) or len(set(flat)) < len(flat):
+        if len(flat) == len(ids):
             assert planned is None, trial
             continue
         assert planned is not None, trial
@@ -72,23 +72,25 @@ def test_plan_lists_is_plan_waves_of_the_lists_one_after_another():
         assert plan.unique == expected.unique and plan.first.tolist() == expected.first.tolist()
         assert [(r.tolist(), u.tolist()) for r, u in plan.waves] == [(r.tolist(), u.tolist()) for r, u in expected.waves]
         assert objects.tolist() == plan.unique and hashes.tolist() == [hash(d) for d in plan.unique]
-        planned_per_list += 1
-    assert 50 < planned_per_list < 150  # both ways taken
+        planned_per_list += len(set(flat)) == len(flat)
+        shared += len(set(flat)) < len(flat)
+    assert planned_per_list > 50 and shared > 20  # both ways taken
     a, b = ("a", "b"), ("c",)
-    plan, _ = plan_lists((a, b, a, a), 7)
+    plan, _ = plan_lists((a, b, a, a), ["a", "b", "c", "a", "b", "a", "b"])
     assert plan.unique == ["a", "b", "c"] and plan.first.tolist() == [0, 1, 2]
     assert [(r.tolist(), u.tolist()) for r, u in plan.waves] == [([0, 1, 2], [0, 1, 2]), ([3, 4], [0, 1]), ([5, 6], [0, 1])]
     with pytest.raises(StreamerError, match="id lists hold 7 ids, its readings are 6"):
-        plan_lists((a, b, a, a), 6)
+        plan_lists((a, b, a, a), ["a", "b", "c", "a", "b", "a"])
 
 
 def test_a_batch_of_id_lists_steps_as_the_same_readings_without_them():
     bundle = make_bundle(input_size=2, seed=4)
     gateways = [tuple(f"gw{g}-{i}" for i in range(7)) for g in range(3)]
+    shared = ("gw0-3", "gw3-0", "gw3-0")  # a device of another list, and one twice
     rng = np.random.default_rng(2)
     engines = [Engine.build(bundle, capacity=32, device="cpu") for _ in range(2)]
-    for batch in range(4):
-        sent = tuple(gateways[int(i)] for i in rng.integers(0, 3, size=6))
+    for batch in range(6):
+        sent = tuple(gateways[int(i)] for i in rng.integers(0, 3, size=6)) + ((shared,) if batch % 2 else ())
         ids = [device for listed in sent for device in listed]
         values = rng.normal(size=(len(ids), 2)).astype(np.float32)
         ts = np.full(len(ids), 1.7e9 + batch)
