@@ -45,7 +45,8 @@ def test_plan_waves_keeps_per_device_order():
     assert plan_waves([]).waves == []
 
 
-def test_plan_lists_is_plan_waves_of_the_lists_one_after_another():
+def test_plan_lists_is_plan_waves_of_the_lists_one_after_another(monkeypatch):
+    monkeypatch.setattr(streamer.engine, "LIST_PLAN_MIN_IDS", 1)  # short lists, planned per list all the same
     rng = np.random.default_rng(5)
     planned_per_list = shared = 0
     for trial in range(200):
@@ -57,14 +58,16 @@ def test_plan_lists_is_plan_waves_of_the_lists_one_after_another():
                                                     replace=bool(rng.random() < 0.1)))
                    for _ in range(int(rng.integers(1, 5)))]
         if rng.random() < 0.3:
-            senders.append(tuple(senders[0]))  # equal, not the same object
+            senders.append(tuple(list(senders[0])))  # equal, not the same object
+        if rng.random() < 0.3:
+            senders.append(())  # a batch message of no rows: every empty tuple is the one ()
         sent = tuple(senders[int(i)] for i in rng.integers(0, len(senders), size=int(rng.integers(1, 12))))
         ids = [device for listed in sent for device in listed]
         expected = plan_waves(ids)
         planned = plan_lists(sent, ids)
         distinct = list({id(listed): listed for listed in sent}.values())
         flat = [device for listed in distinct for device in listed]
-        if len(flat) == len(ids):
+        if len(flat) == len(ids) or len(ids) < len(sent):  # no repeat; or, of empty lists, less than an id a list
             assert planned is None, trial
             continue
         assert planned is not None, trial
@@ -74,23 +77,30 @@ def test_plan_lists_is_plan_waves_of_the_lists_one_after_another():
         assert objects.tolist() == plan.unique and hashes.tolist() == [hash(d) for d in plan.unique]
         planned_per_list += len(set(flat)) == len(flat)
         shared += len(set(flat)) < len(flat)
-    assert planned_per_list > 50 and shared > 20  # both ways taken
+    assert planned_per_list > 30 and shared > 50  # both ways taken
     a, b = ("a", "b"), ("c",)
     plan, _ = plan_lists((a, b, a, a), ["a", "b", "c", "a", "b", "a", "b"])
     assert plan.unique == ["a", "b", "c"] and plan.first.tolist() == [0, 1, 2]
     assert [(r.tolist(), u.tolist()) for r, u in plan.waves] == [([0, 1, 2], [0, 1, 2]), ([3, 4], [0, 1]), ([5, 6], [0, 1])]
+    plan, _ = plan_lists(((), a, b, (), a), ["a", "b", "c", "a", "b"])
+    assert [(r.tolist(), u.tolist()) for r, u in plan.waves] == [([0, 1, 2], [0, 1, 2]), ([3, 4], [0, 1])]
     with pytest.raises(StreamerError, match="id lists hold 7 ids, its readings are 6"):
         plan_lists((a, b, a, a), ["a", "b", "c", "a", "b", "a"])
+    monkeypatch.undo()  # lists of fewer ids than LIST_PLAN_MIN_IDS on average: plan_waves's
+    assert plan_lists((a, b, a, a), ["a", "b", "c", "a", "b", "a", "b"]) is None
+    long = tuple(f"d{i}" for i in range(streamer.engine.LIST_PLAN_MIN_IDS))
+    assert plan_lists((long, long), list(long) * 2) is not None
 
 
-def test_a_batch_of_id_lists_steps_as_the_same_readings_without_them():
+def test_a_batch_of_id_lists_steps_as_the_same_readings_without_them(monkeypatch):
+    monkeypatch.setattr(streamer.engine, "LIST_PLAN_MIN_IDS", 1)
     bundle = make_bundle(input_size=2, seed=4)
     gateways = [tuple(f"gw{g}-{i}" for i in range(7)) for g in range(3)]
     shared = ("gw0-3", "gw3-0", "gw3-0")  # a device of another list, and one twice
     rng = np.random.default_rng(2)
     engines = [Engine.build(bundle, capacity=32, device="cpu") for _ in range(2)]
     for batch in range(6):
-        sent = tuple(gateways[int(i)] for i in rng.integers(0, 3, size=6)) + ((shared,) if batch % 2 else ())
+        sent = tuple(gateways[int(i)] for i in rng.integers(0, 3, size=6)) + ((shared,) if batch % 2 else ()) + ((),) * 9
         ids = [device for listed in sent for device in listed]
         values = rng.normal(size=(len(ids), 2)).astype(np.float32)
         ts = np.full(len(ids), 1.7e9 + batch)

@@ -182,6 +182,7 @@ def test_batch_messages_end_to_end(kafka_bootstrap: str, unique: str, tmp_path, 
     gateway's list (engine.plan_lists), the same predictions."""
     import pyarrow as pa
 
+    from streamer.engine import LIST_PLAN_MIN_IDS
     from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
 
     topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
@@ -190,7 +191,8 @@ def test_batch_messages_end_to_end(kafka_bootstrap: str, unique: str, tmp_path, 
     bundle = write_model(model_path, seed=5, version="batch-v1")
     header = [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)]
     rng = np.random.default_rng(4)
-    gateways = {f"gw-{g}".encode(): [f"gw{g}-dev-{d:02d}" for d in range(12)] for g in range(4)}
+    per_gateway = 12 if json_readings else LIST_PLAN_MIN_IDS  # lists long enough to be planned per list
+    gateways = {f"gw-{g}".encode(): [f"gw{g}-dev-{d:02d}" for d in range(per_gateway)] for g in range(4)}
     singles = [f"solo-{d:02d}" for d in range(6)] if json_readings else []
     rounds = 10
     sequences = {d: (rng.normal(size=(rounds, N_FEATURES)) * [5.0, 0.5] + [20.0, -3.0]).astype(np.float32)
@@ -224,7 +226,7 @@ def test_batch_messages_end_to_end(kafka_bootstrap: str, unique: str, tmp_path, 
         if record.headers:
             assert batch_output == "arrow" and record.headers == [("content-type", ARROW_CONTENT_TYPE)]
             table = pa.ipc.open_stream(record.value).read_all()
-            assert table.num_rows == 12 and set(table.column("device_id").to_pylist()) == set(gateways[record.key])
+            assert table.num_rows == per_gateway and set(table.column("device_id").to_pylist()) == set(gateways[record.key])
             bodies = table.to_pylist()
         else:
             bodies = [json.loads(record.value)]
