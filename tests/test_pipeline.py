@@ -716,6 +716,10 @@ def test_a_revocation_whose_commit_is_not_answered_gives_up_and_the_loop_goes_on
     assert P0 not in rig.pipeline.partitions.owned
     answered.set()
     rig.consumer.commit = real_commit  # type: ignore[method-assign]
+    # Its answer comes on the commit's own thread: until then no other commit is made (they wait
+    # for the next interval), which under a busy host had outlasted the turns below.
+    abandoned = rig.pipeline._abandoned_commit
+    assert abandoned is None or abandoned.done(10)
     for t in range(1, 3):
         rig.write(per_device=1, start_ts=t)
         rig.pipeline.run_once()
