@@ -22,7 +22,7 @@ from streamer.errors import CapacityError, StreamerError
 from streamer.features import time_features
 from streamer.kernels import CPU_ROWS_PER_STEP, make_lstm_step
 from streamer.model import ModelBundle, ModelConfig, Normalization, allocation_failed
-from streamer.slotmap import Keys, keys_of
+from streamer.slotmap import Keys, hashes_repeat, keys_of
 from streamer.state import DeviceStateTable
 from streamer.wave import row_after, score_wave
 
@@ -128,8 +128,7 @@ def plan_waves(device_ids: list[str], keys: Keys | None = None) -> Plan:
     if n == 0:
         return Plan([], np.zeros(0, dtype=np.int64), [])
     hashes, ids = keys_of(device_ids) if keys is None else keys
-    sorted_hashes = np.sort(hashes)  # SIMD sort: a tenth of the stable argsort's time
-    if not (sorted_hashes[1:] == sorted_hashes[:-1]).any():  # one reading per device
+    if not hashes_repeat(hashes):  # one reading per device
         every = np.arange(n)
         return Plan(list(device_ids), every, [(every, every)])
     # Readings sorted by hash, and within a hash in offset order. A stable argsort of the hashes
@@ -166,6 +165,12 @@ def plan_waves(device_ids: list[str], keys: Keys | None = None) -> Plan:
     return _waves_of(device_ids, first, unique_of_run[run], wave)
 
 
+def distinct_lists(id_lists: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:
+    """Each list object of ``id_lists`` once, in first-seen order (the same tuple again is the
+    same list: a sender's repeat, see records._SenderIds)."""
+    return list({id(ids): ids for ids in id_lists}.values())
+
+
 def plan_lists(id_lists: tuple[tuple[str, ...], ...], device_ids: list[str]) -> tuple[Plan, Keys] | None:
     """plan_waves of ``device_ids``, the concatenated ``id_lists``, and the keys of its unique
     devices, taken per distinct list (the same tuple object again is the same list): each list's
@@ -180,19 +185,15 @@ def plan_lists(id_lists: tuple[tuple[str, ...], ...], device_ids: list[str]) -> 
         raise StreamerError(f"the batch's id lists hold {listed} ids, its readings are {n}")
     if n < LIST_PLAN_MIN_IDS * len(id_lists):
         return None
-    index: dict[int, int] = {}  # id() of each distinct list -> its place among them
-    distinct: list[tuple[str, ...]] = []
-    for ids in id_lists:
-        if id(ids) not in index:
-            index[id(ids)] = len(distinct)
-            distinct.append(ids)
+    distinct = distinct_lists(id_lists)
+    index = {id(ids): d for d, ids in enumerate(distinct)}  # id() of each distinct list -> its place among them
     rows = sum(len(ids) for ids in distinct)
     if rows == n:
         return None
-    hashes, objects = keys_of([device for ids in distinct for device in ids])
+    unique = [device for ids in distinct for device in ids]
+    hashes, objects = keys_of(unique)
     base = np.cumsum([0] + [len(ids) for ids in distinct])
-    ordered = np.sort(hashes)
-    if (ordered[1:] == ordered[:-1]).any():
+    if hashes_repeat(hashes):
         at = [np.arange(base[index[id(ids)]], base[index[id(ids)] + 1]) for ids in id_lists]
         every = np.concatenate(at)
         keys = (hashes[every], objects[every])
@@ -217,7 +218,6 @@ def plan_lists(id_lists: tuple[tuple[str, ...], ...], device_ids: list[str]) -> 
         devices.append(np.arange(base[d], base[d + 1]))
         seen[d] += 1
         start += size
-    unique = [device for ids in distinct for device in ids]
     plan_of = [(np.concatenate(r), np.concatenate(u)) for r, u in waves]
     return Plan(unique, first, plan_of), (hashes, objects)
 

@@ -35,7 +35,7 @@ from types import MappingProxyType
 import numpy as np
 
 from streamer.checkpoint import CheckpointStore, StoreUnreadable
-from streamer.engine import Engine, PredictionBatch, ReadingBatch, StepReport
+from streamer.engine import Engine, PredictionBatch, ReadingBatch, StepReport, distinct_lists
 from streamer.errors import PipelineError, StreamerError
 from streamer.kafka.abstract import Consumer, GroupMovedOn, KafkaClientError, Message, Producer, TopicPartition
 from streamer.kafka.clients import OUTSIDE_GROUP_SESSIONS
@@ -988,8 +988,7 @@ def _chunks(readings: ReadingBatch, capacity: int) -> list[ReadingBatch]:
     if len(ids) <= capacity:
         return [readings]
     if readings.id_lists is not None:  # at most the distinct lists' ids: no set of every reading's
-        distinct = {id(listed): len(listed) for listed in readings.id_lists}
-        if sum(distinct.values()) <= capacity:
+        if sum(len(listed) for listed in distinct_lists(readings.id_lists)) <= capacity:
             return [readings]
     if len(set(ids)) <= capacity:  # a set: 2.4x a dict over 1.9M ids
         return [readings]

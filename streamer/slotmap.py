@@ -39,6 +39,12 @@ _AHEAD = np.arange(WINDOW, dtype=np.int64)
 Keys = tuple[np.ndarray, np.ndarray]
 
 
+def hashes_repeat(hashes: np.ndarray) -> bool:
+    """Whether any hash appears twice (one sort: numpy's SIMD sort, a tenth of a stable argsort)."""
+    ordered = np.sort(hashes)
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 def keys_of(device_ids: Sequence[str]) -> Keys:
     """The ids' hashes, in C calls over the sequence (no Python frame per id), and the ids as an
     object array."""

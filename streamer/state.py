@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from streamer.errors import CapacityError
-from streamer.slotmap import Keys, SlotMap, keys_of
+from streamer.slotmap import Keys, SlotMap, hashes_repeat, keys_of
 
 NO_PARTITION = -1
 LOG_ROOM = 1.5  # touch log entries per slot: the ring's size
@@ -504,7 +504,6 @@ class DeviceStateTable:
 
 def _distinct(hashes: np.ndarray, ids: np.ndarray) -> bool:
     """No id twice: the ids compared (as a set) only when some hash repeats."""
-    ordered = np.sort(hashes)
-    if not (ordered[1:] == ordered[:-1]).any():
+    if not hashes_repeat(hashes):
         return True
     return len(set(ids.tolist())) == len(ids)
