@@ -278,9 +278,13 @@ def run_service(
 ) -> RunSummary:
     """Run until ``stop`` is set (or run.duration_s passes); closes everything it opened.
 
-    ``stop`` set while start-up waits for the brokers ends the run at once with an empty summary.
+    ``stop`` set while the model loads or compiles, or while start-up waits for the brokers, ends
+    the run at once with an empty summary.
     """
     engine = build_engine(settings)
+    if stop.is_set():  # a signal while the model loaded or compiled (model.compile: seconds)
+        log.info("stopped during start-up, before Kafka was contacted")
+        return RunSummary()
     kafka = settings.kafka
     # The topics streamer writes (output, dead letters, the checkpoint changelog) as settings
     # section ``topics`` says, if they are missing, so the first dead letter does not wait for

@@ -146,3 +146,37 @@ def test_probes_answer_while_start_up_waits_for_the_brokers(tmp_path):
         stop.set()
         runner.join(30)
     assert not runner.is_alive()
+
+
+def test_stop_set_while_the_model_compiles_ends_the_run_before_any_kafka_call(monkeypatch, caplog, tmp_path):
+    # SIGTERM during model.compile (seconds at start-up): the signal handler only sets stop, so the
+    # build finishes; then the run ends without contacting the brokers, and says so.
+    from streamer import service
+    from streamer.model import save_model_file
+    from streamer.settings import load_settings
+    from tests.conftest import make_bundle
+
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2)
+    model_file = tmp_path / "model.pt"
+    save_model_file(model_file, bundle.model, bundle.config, "service-test")
+
+    stop = threading.Event()
+    real_build = service.build_engine
+
+    def build_signalled(settings):
+        engine = real_build(settings)
+        stop.set()
+        return engine
+
+    def no_kafka(*args, **kwargs):
+        raise AssertionError("Kafka contacted after stop")
+
+    monkeypatch.setattr(service, "build_engine", build_signalled)
+    monkeypatch.setattr(service, "_topics_ready", no_kafka)
+    caplog.set_level(logging.INFO, logger="streamer.service")
+    settings = load_settings({"model": {"path": model_file}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}})
+    summary = service.run_service(settings, stop)
+    assert summary.readings == 0 and summary.batches == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "streamer.service"]
+    assert said[-1] == "stopped during start-up, before Kafka was contacted"
+    assert not [m for m in said if "waiting for Kafka" in m]
