@@ -19,6 +19,7 @@ than compile in the stream.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import types
@@ -238,6 +239,14 @@ class CompiledWave:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise StreamerError(f"model.compile: torch.compile failed ({first}); set model.compile = false"
                                 " to step eagerly") from None
+        finally:
+            if not cached:
+                # A compile leaves a graph's worth of cycles (FX nodes holding symbolic-shape
+                # tensors). Freed here, on this thread: left to the collector, any thread's
+                # allocation could free them, and a helper thread doing so as the interpreter
+                # exited (SIGTERM just after start-up) aborted the process in a tensor's C++
+                # destructor ("terminate called without an active exception", exit 134).
+                gc.collect()
         if cached:  # an engine of this configuration compiled it before, in this process
             log.debug("the compiled CPU step of this configuration serves again")
         else:

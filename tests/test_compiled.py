@@ -1,5 +1,6 @@
 """model.compile: the wave's step compiled by torch.compile against the eager step it fuses."""
 
+import gc
 import math
 import os
 import subprocess
@@ -297,3 +298,19 @@ def test_model_compile_setting_builds_a_compiled_engine(tmp_path):
         settings = load_settings({"model": {"path": tmp_path / "model.pt", "device": "cpu", "compile": compile},
                                   "state": {"capacity": 16}, "batch": {"max_records": 16}})
         assert (build_engine(settings)._compiled is not None) == compile
+
+
+def test_a_compile_leaves_no_cycles_for_another_thread_to_free(monkeypatch):
+    # Cycles left by a compile were freed by whichever thread's allocation next ran the collector;
+    # a helper thread doing so while the interpreter exited (SIGTERM just after start-up) aborted
+    # the process in a tensor's C++ destructor. The build frees them on its own thread.
+    monkeypatch.setattr(streamer.compiled, "_COMPILED", {})  # compiled now, whatever compiled before
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=2, seed=1)
+    gc.collect()
+    gc.disable()  # only the build's own collection may free them
+    try:
+        Engine.build(bundle, capacity=8, device="cpu", compile=True)
+        left = gc.collect()
+    finally:
+        gc.enable()
+    assert left < 100, f"{left} objects in cycles left by the compile"
