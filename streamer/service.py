@@ -135,19 +135,22 @@ def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | N
                 raise StartupInterrupted() from None
 
 
-def _topic_housekeeping(settings: Settings) -> int | None:
+def _topic_housekeeping(settings: Settings, stop: threading.Event | None = None) -> int | None:
     """What the brokers say of the topics the loop reads and writes, asked once at start (one admin
     client): the dead-letter topic's max.message.bytes, returned, or None (then dead letters are
     bounded by kafka.max_message_bytes alone); a dead-letter topic whose limit is below the input
     topic's, which cannot take a dead letter of every input message whole, and a checkpoint
-    changelog that is not compacted are said once."""
+    changelog that is not compacted are said once. ``stop`` set meanwhile raises StartupInterrupted
+    (brokers that vanish right then keep the describe waiting up to 10 s)."""
     kafka = settings.kafka
     changelog = settings.checkpoint.topic if settings.checkpoint.enabled and settings.checkpoint.store == "kafka" else None
     try:
-        states = describe_topics(
+        states = _interruptible(lambda: describe_topics(
             kafka.bootstrap_servers, [kafka.input_topic, kafka.dead_letter_topic, *([changelog] if changelog else [])],
             ["max.message.bytes", "cleanup.policy", "retention.ms"], kafka.client_id, security=security_config(kafka),
-            bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000))
+            bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000)), stop)
+    except StartupInterrupted:
+        raise
     except Exception as exc:  # housekeeping: the loop runs without it
         log.warning("could not describe the topics (%s): dead letters are bounded by kafka.max_message_bytes = %d%s",
                     exc, kafka.max_message_bytes, "; the changelog's cleanup.policy is not checked" if changelog else "")
@@ -253,7 +256,7 @@ def _interruptible(call: Callable[[], T], stop: threading.Event | None) -> T:
         with lock:
             outcome[key] = result
             abandoned = outcome.get("abandoned", False)
-        if abandoned and key == "result":
+        if abandoned and key == "result" and hasattr(result, "close"):
             try:
                 result.close()  # type: ignore[attr-defined]
             except Exception:
@@ -325,6 +328,8 @@ def run_service(
         def connect(timeout_ms: int) -> Producer:
             return open_producer(kafka, instance_id, timeout_ms)
 
+        # Before the producer: a stop while the topics are described leaves no producer unclosed.
+        dead_letter_limit = _topic_housekeeping(settings, stop)
         first = _until_reachable(connect, time.monotonic() + kafka.startup_wait_s, stop)
 
         def successor() -> Producer:
@@ -338,7 +343,7 @@ def run_service(
             return _until_reachable(connect, math.inf, stop, waiting=waiting)
 
         pipeline = Pipeline(settings, engine, consumer, first, metrics, health, store, successor,
-                            _topic_housekeeping(settings))
+                            dead_letter_limit)
         opened.append(lambda: pipeline.producer.close(CLOSE_TIMEOUT_S))
         summary = pipeline.run(stop)
         log.info(

@@ -180,3 +180,22 @@ def test_stop_set_while_the_model_compiles_ends_the_run_before_any_kafka_call(mo
     said = [r.getMessage() for r in caplog.records if r.name == "streamer.service"]
     assert said[-1] == "stopped during start-up, before Kafka was contacted"
     assert not [m for m in said if "waiting for Kafka" in m]
+
+
+def test_stop_set_while_the_topics_are_described_is_not_waited_out(monkeypatch):
+    # The describe at start waits up to 10 s for brokers that vanished right after answering.
+    from streamer import service
+    from streamer.settings import load_settings
+
+    def unanswered(*args, **kwargs):
+        time.sleep(10)
+        raise AssertionError("not abandoned")
+
+    monkeypatch.setattr(service, "describe_topics", unanswered)
+    settings = load_settings({"kafka": {"bootstrap_servers": "127.0.0.1:1"}, "model": {"path": "unused.pt"}})
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(StartupInterrupted):
+        service._topic_housekeeping(settings, stop)
+    assert time.monotonic() - started < 1.5
