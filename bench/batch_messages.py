@@ -10,6 +10,10 @@ first message to the last, and as a ratio of the engine's own rate (Engine.step 
 process, over the very batches the loop stepped, on a fresh table), measured right after each
 loop run so that machine noise hits both alike; then the engine over the same batches without
 their id lists (planned per reading, as before engine.plan_lists), and the ratio of the two.
+The cores each kept busy (CPU seconds a second): the loop's process and, when the broker is local
+and its pid known (the one started here, or a running one whose KAFKA_STATE_DIR is set, as
+deploy/kafka/local-kafka takes it), the broker's while the loop ran; the engine alone's. On a
+host of few cores the broker's share is taken from the loop's.
 
 BATCH_ROWS (16384), BATCH_GATEWAYS (8), BATCH_ROUNDS (24) size it; BATCH_OUTPUTS (arrow,json) picks
 the outputs. BATCH_ORDERS (same,shuffled): a topic for each, its gateways listing their devices
@@ -39,7 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from kafka_clients import close_loop, emit, first_messages_at, open_loop, start_broker, stop_broker  # noqa: E402
+from kafka_clients import (  # noqa: E402
+    Span, broker_pid, close_loop, emit, first_messages_at, open_loop, start_broker, stop_broker,
+)
 
 from streamer.engine import ReadingBatch  # noqa: E402
 from streamer.kafka import ensure_topics, open_producer  # noqa: E402
@@ -90,8 +96,10 @@ def settings_for(bootstrap: str, topic: str, model_path: Path, checkpoints: Path
     })
 
 
-def loop(settings: Settings) -> tuple[float, list[ReadingBatch]]:
-    """Seconds from the first message to the last, and the batches the engine stepped."""
+def loop(settings: Settings, broker: int | None) -> tuple[float, list[ReadingBatch], float, float | None]:
+    """Seconds from the first message to the last, the batches the engine stepped, and the cores
+    (CPU seconds a second) this process and the broker (``broker``: its pid, when it is local and
+    known; else None) kept busy meanwhile."""
     engine = build_engine(settings)
     stepped: list[ReadingBatch] = []
     step = engine.step
@@ -102,7 +110,8 @@ def loop(settings: Settings) -> tuple[float, list[ReadingBatch]]:
 
     engine.step = kept  # type: ignore[method-assign]
     pipeline = open_loop(settings, engine=engine)
-    first = first_messages_at(pipeline)  # the first batch's own processing counts, its wait for data not
+    span = Span(broker)
+    first = first_messages_at(pipeline, span)  # the first batch's own processing counts, its wait for data not
     pipeline.subscribe()
     pipeline.prepare_process()  # as Pipeline.run does
     stop = threading.Event()
@@ -110,28 +119,33 @@ def loop(settings: Settings) -> tuple[float, list[ReadingBatch]]:
         pipeline.run_once(stop)
     pipeline._settle(commit=True)  # the last batch acknowledged, as the run loop does when it stops
     seconds = time.perf_counter() - first[0]
+    wall, cpu = span.stop()
     close_loop(pipeline)
     gc.unfreeze()
-    return seconds, stepped
+    return seconds, stepped, cpu / wall, None if span.broker_cpu is None else span.broker_cpu / wall
 
 
-def engine_rate(settings: Settings, stepped: list[ReadingBatch]) -> float:
-    """Readings/s of Engine.step alone over the batches the loop stepped, on a fresh table."""
+def engine_rate(settings: Settings, stepped: list[ReadingBatch]) -> tuple[float, float]:
+    """Readings/s of Engine.step alone over the batches the loop stepped, on a fresh table, and
+    the cores it kept busy (process CPU seconds a second)."""
     engine = build_engine(settings)
     for batch in stepped:  # every device in the table, as the loop's run leaves it
         engine.step(batch, now=0.0)
-    started, done = time.perf_counter(), 0
-    while time.perf_counter() - started < 3.0:
+    span, done = Span(), 0
+    span.start()
+    while time.perf_counter() - span.wall < 3.0:  # type: ignore[operator]
         for batch in stepped:
             engine.step(batch, now=0.0)
             done += len(batch)
-    return done / (time.perf_counter() - started)
+    seconds, cpu = span.stop()
+    return done / seconds, cpu / seconds
 
 
 def main() -> None:
     import torch
 
     bootstrap, broker_env = start_broker()
+    broker = broker_pid(broker_env)
     work = Path(tempfile.mkdtemp(prefix="streamer-bench-batch-"))
     run_id = uuid.uuid4().hex[:8]
     try:
@@ -144,12 +158,12 @@ def main() -> None:
                 fill_topic(bootstrap, topic, order)
                 ensure_topics(bootstrap, {f"{topic}-out-{o}": PARTITIONS for o in OUTPUTS} | {f"{topic}-dlq": 1})
             settings = settings_for(bootstrap, topic, model_path, work / f"cp-{order}-{batch_output}", batch_output)
-            seconds, stepped = loop(settings)
+            seconds, stepped, loop_cores, broker_cores = loop(settings, broker)
             typical = int(statistics.median(len(b) for b in stepped))
-            engine = engine_rate(settings, stepped)
+            engine, engine_cores = engine_rate(settings, stepped)
             # The engine over the same batches planned per reading, not per sender's list: what
             # the lists give (none where no batch repeats a list: plan_lists leaves those to plan_waves).
-            per_reading = engine_rate(settings, [replace(batch, id_lists=None) for batch in stepped])
+            per_reading, _ = engine_rate(settings, [replace(batch, id_lists=None) for batch in stepped])
             rate = READINGS / seconds
             emit(figure="batch_messages_end_to_end", order=order, batch_output=batch_output, client=settings.kafka.client,
                  rows_per_message=ROWS, messages=GATEWAYS * ROUNDS, readings=READINGS, devices=DEVICES,
@@ -158,6 +172,11 @@ def main() -> None:
                  engine_readings_per_s=round(engine), vs_engine=round(rate / engine, 3),
                  engine_planned_per_reading_readings_per_s=round(per_reading),
                  engine_lists_vs_per_reading=round(engine / per_reading, 3),
+                 # Cores busy (CPU seconds a second): the loop's process, the local broker's meanwhile
+                 # (None when not known), the engine alone's, of the host's.
+                 loop_cores=round(loop_cores, 2),
+                 broker_cores=None if broker_cores is None else round(broker_cores, 2),
+                 engine_cores=round(engine_cores, 2), host_cores=os.cpu_count(),
                  goal_readings_per_s=1_000_000, goal_vs_engine=0.8)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -100,19 +100,44 @@ def settings_for(client: str, bootstrap: str, topic: str, model_path: Path, chec
     })
 
 
-class Span:
-    """Wall and process CPU seconds from the first ``start`` to ``stop``."""
+def broker_pid(broker_env: dict[str, str] | None) -> int | None:
+    """The pid of the local broker: the one start_broker started, else a running one whose
+    KAFKA_STATE_DIR (deploy/kafka/local-kafka's) is in the environment; None when unknown."""
+    state_dir = (broker_env or os.environ).get("KAFKA_STATE_DIR")
+    try:
+        pid = int((Path(state_dir) / "kafka.pid").read_text().strip()) if state_dir else None
+    except (OSError, ValueError):
+        return None
+    return pid if pid is not None and Path(f"/proc/{pid}/stat").exists() else None
 
-    def __init__(self) -> None:
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, every thread (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+class Span:
+    """Wall and process CPU seconds from the first ``start`` to ``stop``; with ``broker`` (a pid),
+    also that process's CPU seconds (``broker_cpu``, after ``stop``): on one host the broker's
+    share of the cores is taken from the loop's."""
+
+    def __init__(self, broker: int | None = None) -> None:
         self.wall: float | None = None
         self.cpu = 0.0
+        self.broker = broker
+        self.broker_cpu: float | None = None
 
     def start(self) -> None:
         if self.wall is None:
             self.wall, self.cpu = time.perf_counter(), time.process_time()
+            if self.broker is not None:
+                self.broker_cpu = process_cpu_seconds(self.broker)
 
     def stop(self) -> tuple[float, float]:
         assert self.wall is not None, "nothing was read"
+        if self.broker is not None and self.broker_cpu is not None:
+            self.broker_cpu = process_cpu_seconds(self.broker) - self.broker_cpu
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
@@ -129,10 +154,10 @@ def open_loop(settings: Settings, metrics: object = None, engine: object = None)
     return Pipeline(settings, engine, consumer, producer, metrics=metrics, store=store)  # type: ignore[arg-type]
 
 
-def first_messages_at(pipeline: "Pipeline") -> list[float]:
+def first_messages_at(pipeline: "Pipeline", span: Span | None = None) -> list[float]:
     """A list that gets the time (perf_counter) at which the loop's poll first returned messages:
     a bench of a topic filled beforehand counts from there, the first fetch after joining the
-    group (200 ms) being no part of the loop's rate."""
+    group (200 ms) being no part of the loop's rate. ``span`` is started then too."""
     marks: list[float] = []
     poll = pipeline._poll
 
@@ -140,6 +165,8 @@ def first_messages_at(pipeline: "Pipeline") -> list[float]:
         messages = poll(timeout_s, max_records)
         if messages and not marks:
             marks.append(time.perf_counter())
+            if span is not None:
+                span.start()
         return messages
 
     pipeline._poll = polled  # type: ignore[method-assign]
