@@ -225,6 +225,7 @@ class CompiledWave:
         every row count."""
         started = time.perf_counter()
         rows = WARM_UP_ROWS
+        failure = None
         try:
             with torch.inference_mode():
                 x = torch.zeros(rows, self.input_size)
@@ -237,16 +238,18 @@ class CompiledWave:
         except Exception as exc:  # a missing compiler, an unsupported op: one line, not Inductor's page
             _COMPILED.pop(self._key, None)  # not kept: the next engine of this configuration tries afresh
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise StreamerError(f"model.compile: torch.compile failed ({first}); set model.compile = false"
-                                " to step eagerly") from None
-        finally:
-            if not cached:
-                # A compile leaves a graph's worth of cycles (FX nodes holding symbolic-shape
-                # tensors). Freed here, on this thread: left to the collector, any thread's
-                # allocation could free them, and a helper thread doing so as the interpreter
-                # exited (SIGTERM just after start-up) aborted the process in a tensor's C++
-                # destructor ("terminate called without an active exception", exit 134).
-                gc.collect()
+            failure = f"model.compile: torch.compile failed ({first}); set model.compile = false to step eagerly"
+        if not cached:
+            # A compile leaves a graph's worth of cycles (FX nodes holding symbolic-shape tensors;
+            # a failed one 100k objects, through its error's traceback). Freed here, on this
+            # thread: left to the collector, any thread's allocation could free them, and a helper
+            # thread doing so as the interpreter exited (SIGTERM just after start-up) aborted the
+            # process in a tensor's C++ destructor ("terminate called without an active
+            # exception", exit 134). Hence the error is raised after, outside the except: it
+            # would keep Inductor's as its context, and the frames with it.
+            gc.collect()
+        if failure is not None:
+            raise StreamerError(failure)
         if cached:  # an engine of this configuration compiled it before, in this process
             log.debug("the compiled CPU step of this configuration serves again")
         else:

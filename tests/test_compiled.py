@@ -314,3 +314,24 @@ def test_a_compile_leaves_no_cycles_for_another_thread_to_free(monkeypatch):
     finally:
         gc.enable()
     assert left < 100, f"{left} objects in cycles left by the compile"
+
+
+def test_a_failed_compile_leaves_no_cycles_either(monkeypatch, tmp_path):
+    # For real: a C++ compiler that is not there and an empty cache. The error Inductor raised
+    # holds the compile's frames; kept as the context of ours, its 100k objects in cycles were
+    # left for any thread to free (a swap to a model that fails to compile goes on serving).
+    monkeypatch.setattr(streamer.compiled, "_COMPILED", {})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    bundle = make_bundle(input_size=3, hidden_size=5, num_layers=1, seed=3)  # a shape no other test compiles
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(StreamerError, match="model.compile: torch.compile failed") as caught:
+            Engine.build(bundle, capacity=8, device="cpu", compile=True)
+        assert caught.value.__context__ is None and caught.value.__cause__ is None
+        del caught
+        left = gc.collect()
+    finally:
+        gc.enable()
+    assert left < 100, f"{left} objects in cycles left by the failed compile"
