@@ -148,7 +148,7 @@ def test_probes_answer_while_start_up_waits_for_the_brokers(tmp_path):
     assert not runner.is_alive()
 
 
-def test_stop_set_while_the_model_compiles_ends_the_run_before_any_kafka_call(monkeypatch, caplog, tmp_path):
+def test_stop_set_while_the_engine_is_built_ends_the_run_before_any_kafka_call(monkeypatch, caplog, tmp_path):
     # SIGTERM during model.compile (seconds at start-up): the signal handler only sets stop, so the
     # build finishes; then the run ends without contacting the brokers, and says so.
     from streamer import service
@@ -199,3 +199,19 @@ def test_stop_set_while_the_topics_are_described_is_not_waited_out(monkeypatch):
     with pytest.raises(StartupInterrupted):
         service._topic_housekeeping(settings, stop)
     assert time.monotonic() - started < 1.5
+
+
+def test_stop_set_before_the_engine_is_built_skips_the_build(monkeypatch, caplog):
+    from streamer import service
+    from streamer.settings import load_settings
+
+    def no_build(settings):
+        raise AssertionError("the engine was built after stop")
+
+    monkeypatch.setattr(service, "build_engine", no_build)
+    caplog.set_level(logging.INFO, logger="streamer.service")
+    stop = threading.Event()
+    stop.set()
+    settings = load_settings({"model": {"path": "unused.pt"}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}})
+    assert service.run_service(settings, stop).readings == 0
+    assert [r.getMessage() for r in caplog.records] == ["stopped during start-up, before Kafka was contacted"]
