@@ -126,18 +126,19 @@ class Span:
         self.wall: float | None = None
         self.cpu = 0.0
         self.broker = broker
+        self._broker_started = 0.0
         self.broker_cpu: float | None = None
 
     def start(self) -> None:
         if self.wall is None:
             self.wall, self.cpu = time.perf_counter(), time.process_time()
             if self.broker is not None:
-                self.broker_cpu = process_cpu_seconds(self.broker)
+                self._broker_started = process_cpu_seconds(self.broker)
 
     def stop(self) -> tuple[float, float]:
         assert self.wall is not None, "nothing was read"
-        if self.broker is not None and self.broker_cpu is not None:
-            self.broker_cpu = process_cpu_seconds(self.broker) - self.broker_cpu
+        if self.broker is not None:
+            self.broker_cpu = process_cpu_seconds(self.broker) - self._broker_started
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
