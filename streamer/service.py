@@ -284,9 +284,8 @@ def run_service(
     ``stop`` set while the model loads or compiles, or while start-up waits for the brokers, ends
     the run at once with an empty summary.
     """
-    if not stop.is_set():  # else a signal came before the engine: not worth a compile's seconds
-        engine = build_engine(settings)
-    if stop.is_set():  # a signal before or while the model loaded or compiled (model.compile: seconds)
+    engine = None if stop.is_set() else build_engine(settings)  # a signal first: not worth a compile's seconds
+    if engine is None or stop.is_set():  # a signal before or while the model loaded or compiled
         log.info("stopped during start-up, before Kafka was contacted")
         return RunSummary()
     kafka = settings.kafka
