@@ -30,6 +30,9 @@ The h/c block of a row: h of layer l at columns [l H, (l + 1) H), c of layer l a
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -38,8 +41,14 @@ from streamer.model import LSTMModel, StepWeights
 try:  # Triton ships with CUDA builds of torch; the CPU path never needs it.
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
+
+    class OutOfResources(Exception):  # type: ignore[no-redef]
+        """Never raised without Triton."""
+
+log = logging.getLogger(__name__)
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BLOCK_B = 64  # devices per Triton program
@@ -61,8 +70,25 @@ def make_lstm_step(model: LSTMModel, device: torch.device, dtype: torch.dtype = 
     if dtype not in STATE_DTYPES.values():
         raise ValueError(f"state dtype {dtype} is not one of {', '.join(STATE_DTYPES)}")
     if device.type == "cuda" and triton is not None:
-        return TritonLstmStep(model, device, dtype)
+        return fused_if_it_launches(TritonLstmStep(model, device, dtype), lambda: TorchLstmStep(model, device, dtype))
     return TorchLstmStep(model, device, dtype)
+
+
+def fused_if_it_launches(fused: "TritonLstmStep", fallback: Callable[[], "LstmStep"]) -> "LstmStep":
+    """``fused`` if a trial launch of it goes through, else ``fallback()``, with one warning.
+
+    The kernel holds a gate's weight blocks (padded to powers of two) in shared memory, and Triton
+    refuses its first launch (OutOfResources) where they do not fit the GPU's: on an H200
+    (232,448 bytes a block) bfloat16 state at hidden size 256 needs 294,912 and float32 state at
+    input size 300 needs 262,144 (compiled for sm_90 ahead of time, 2026-11-30). The torch step
+    has no such bound: larger models are served by it, not refused at their first step."""
+    try:
+        fused.trial_launch()
+    except OutOfResources as exc:
+        log.warning("the fused CUDA step does not fit this GPU for hidden size %d, input size %d (%s): the torch"
+                    " step serves instead", fused.hidden_size, fused.input_size, exc)
+        return fallback()
+    return fused
 
 
 class LstmStep:
@@ -277,6 +303,13 @@ class TritonLstmStep(LstmStep):
         hb[:n_out] = head_b
         self.head_w = hw.to(device).contiguous()  # float32: the head's maths are (see the kernel)
         self.head_b = hb.to(device).contiguous()
+
+    def trial_launch(self) -> None:
+        """One launch over a block of scratch rows (compiling the kernel): OutOfResources where
+        this GPU cannot run it (see fused_if_it_launches)."""
+        device, b = self.w_h.device, self.block_b
+        lead = torch.zeros(b, 2 * self.num_layers * self.hidden_size, device=device, dtype=self.state_dtype)
+        self(torch.zeros(b, self.input_size, device=device), torch.arange(b, device=device), None, lead)
 
     def __call__(self, x: Tensor, slots: Tensor, rows: Tensor | None, lead: Tensor) -> Tensor:
         b = len(slots)

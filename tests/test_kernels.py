@@ -5,6 +5,7 @@ without a GPU covers it) and compiled on CUDA when there is one."""
 from __future__ import annotations
 
 import functools
+import logging
 import importlib.util
 import os
 
@@ -250,3 +251,28 @@ def test_engine_with_bfloat16_state_halves_the_h_c_bytes_and_forecasts_within_th
 def test_unknown_state_dtype_is_refused():
     with pytest.raises(ValueError, match="float16"):
         streamer.kernels.make_lstm_step(_model((1, 8, 1, 1)), torch.device("cpu"), torch.float16)
+
+
+def test_a_fused_step_the_gpu_cannot_launch_gives_way_to_the_torch_step(interpreted, monkeypatch, caplog):
+    # Triton refuses the kernel's first launch where a gate's weight blocks do not fit the GPU's
+    # shared memory (an H200 at bfloat16 hidden size 256: 294,912 bytes against 232,448); that
+    # refusal is made here by the launch itself, the rest is the real kernel under the interpreter.
+    model = _model((1, 8, 2, 1))
+    cpu = torch.device("cpu")
+    fused = interpreted.TritonLstmStep(model, cpu)
+    assert interpreted.fused_if_it_launches(fused, lambda: pytest.fail("fell back from a step that fits")) is fused
+
+    class Refused:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise interpreted.OutOfResources(294912, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(interpreted, "_lstm_rows_kernel", Refused())
+    caplog.set_level(logging.WARNING)
+    step = interpreted.fused_if_it_launches(interpreted.TritonLstmStep(model, cpu),
+                                            lambda: streamer.kernels.TorchLstmStep(model, cpu))
+    assert isinstance(step, streamer.kernels.TorchLstmStep)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "does not fit this GPU for hidden size 8, input size 1" in said[0]
+    assert "Required: 294912" in said[0]
