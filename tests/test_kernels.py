@@ -8,6 +8,7 @@ import functools
 import logging
 import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +277,17 @@ def test_a_fused_step_the_gpu_cannot_launch_gives_way_to_the_torch_step(interpre
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "does not fit this GPU for hidden size 8, input size 1" in said[0]
     assert "Required: 294912" in said[0]
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
+def test_kernel_resources_compiles_the_kernel_for_a_gpu_target_without_a_gpu():
+    """bench/kernel_resources.py, the tool behind the README's size limit: an sm_90 compile on
+    this machine, the shape the benchmarks use fitting an H200's shared memory."""
+    if streamer.kernels.triton is None:
+        pytest.skip("no Triton in this torch build")
+    tool_path = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+    spec = importlib.util.spec_from_file_location("kernel_resources", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    needed = tool.shared_bytes("bfloat16", 64, 1, 2, 1, arch=90)
+    assert 0 < needed <= 232448
