@@ -30,6 +30,7 @@ The h/c block of a row: h of layer l at columns [l H, (l + 1) H), c of layer l a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -309,7 +310,9 @@ class TritonLstmStep(LstmStep):
         this GPU cannot run it (see fused_if_it_launches)."""
         device, b = self.w_h.device, self.block_b
         lead = torch.zeros(b, 2 * self.num_layers * self.hidden_size, device=device, dtype=self.state_dtype)
-        self(torch.zeros(b, self.input_size, device=device), torch.arange(b, device=device), None, lead)
+        # Triton launches on the current device: the engine's own, as Engine._execute makes it.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            self(torch.zeros(b, self.input_size, device=device), torch.arange(b, device=device), None, lead)
 
     def __call__(self, x: Tensor, slots: Tensor, rows: Tensor | None, lead: Tensor) -> Tensor:
         b = len(slots)
