@@ -7,7 +7,8 @@ For B = 131072 devices (random slots in a table of 2B), H in {64, 128}, L = 2, o
 reading: device-steps/s of the fused Triton step (streamer.kernels) with float32 and bfloat16
 state, of the torch step on the same GPU, of nn.LSTM stepping seq_len=1 on rows gathered from
 the table (and scattered back), and of offline cuDNN over whole sequences; then the full engine
-step (planning, anomaly scores) for the same B. Then the equivalence tests on CUDA
+step (planning, anomaly scores) for the same B; which step serves a model too big for the fused
+kernel's shared memory (bfloat16, H=256), and its forecasts. Then the equivalence tests on CUDA
 (tests/test_engine.py, tests/test_kernels.py) when pytest is installed, else the same checks
 inline. Imports only torch, numpy and streamer modules that import only torch.
 
@@ -304,6 +305,33 @@ def run_tests() -> None:
         inline_checks()
 
 
+def fused_size_limit() -> None:
+    """A model too big for the fused kernel's shared memory (bfloat16 state, H=256: 294,912 bytes
+    a block on sm_90, bench/kernel_resources.py) is served by the torch step, not refused: which
+    step make_lstm_step chose (the fused one's trial launch included in ``seconds``) and its
+    forecasts on 1,024 rows against the float32 torch step's."""
+    from streamer.kernels import make_lstm_step
+
+    hidden, rows = 256, 1024
+    model = init_random_model(ModelConfig(1, hidden, LAYERS, 1), seed=0)
+    started = time.perf_counter()
+    step = make_lstm_step(model, DEVICE, torch.bfloat16)
+    seconds = time.perf_counter() - started
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(rows, 1, device=DEVICE, generator=gen)
+    start = (torch.randn(rows, 2 * LAYERS * hidden, device=DEVICE, generator=gen) * 0.5).to(torch.bfloat16)
+    slots = torch.arange(rows, device=DEVICE)
+    table = start.float()
+    want = TorchLstmStep(model, DEVICE)(x, slots, table.clone(), table.clone())
+    lead = start.clone()
+    got = step(x, slots, lead.float(), lead)
+    err = float((got - want).abs().max())
+    limit = torch.cuda.get_device_properties(DEVICE).shared_memory_per_block_optin if DEVICE.type == "cuda" else None
+    emit(figure="gpu_fused_size_limit", state_dtype="bfloat16", hidden=hidden, layers=LAYERS,
+         chosen=type(step).__name__, shared_memory_per_block=limit, seconds=round(seconds, 1),
+         forecast_max_abs_err=err, ok=err <= 5e-3)
+
+
 def inline_checks() -> None:
     """The fused kernel against the offline nn.LSTM on CUDA: float32 within 1e-5, bfloat16 state
     within the bound of tests/test_kernels.py."""
@@ -343,6 +371,7 @@ def main() -> int:
         for hidden in (64,) if args.quick else (64, 128):
             bench_steps(hidden, args.quick)
         bench_engine(64)
+        fused_size_limit()
         inline_checks()
         return 0
     if not torch.cuda.is_available():
@@ -360,6 +389,7 @@ def main() -> int:
     for hidden in (64,) if args.quick else (64, 128):
         bench_steps(hidden, args.quick)
         torch.cuda.empty_cache()
+    fused_size_limit()
     if not args.no_tests:
         run_tests()
     return 0
