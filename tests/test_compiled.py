@@ -86,7 +86,7 @@ def test_lstm_cell_is_the_lstms_gate_maths_compiled_and_eager():
     compiled (fast_tanh) and eager (torch's tanh)."""
     g = torch.randn(4096, 4 * 64, generator=torch.Generator().manual_seed(0)) * 4
     c = torch.randn(4096, 64, generator=torch.Generator().manual_seed(1)) * 3
-    compiled = torch.compile(streamer.compiled.lstm_cell, fullgraph=True)
+    compiled = torch.compile(streamer.compiled.lstm_cell, fullgraph=True, options=streamer.compiled.COMPILE_OPTIONS)
     for dtype in (torch.float32, torch.bfloat16):
         gates = g.to(dtype)
         i, f, cell, o = gates.double().chunk(4, dim=1)
