@@ -9,6 +9,11 @@ passthrough loop (consume, produce one message per reading, flush, commit; no mo
 
 BENCH_READINGS (200000) sets the end-to-end size; KAFKA_BOOTSTRAP_SERVERS an existing broker
 (else deploy/kafka/local-kafka is started on free ports and stopped afterwards).
+
+The process keeps freed memory as `streamer run` has it kept (run.malloc_keep_mb, set before
+anything is timed, the per-message loop included): BENCH_MALLOC_KEEP_MB=0 times everything with
+glibc's defaults instead, under which each engine step of 16k or more rows faulted thousands of
+pages in again (README, State table).
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ sys.path.insert(0, str(REPO))
 from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
 from kafka.structs import OffsetAndMetadata  # noqa: E402
 
-from streamer.compiled import lstm_cell  # noqa: E402
+from streamer.compiled import COMPILE_OPTIONS, lstm_cell  # noqa: E402
 from streamer.engine import Engine, ReadingBatch, plan_waves  # noqa: E402
 from streamer.kafka import ensure_topics  # noqa: E402
+from streamer.malloc import retain_freed_memory  # noqa: E402
 from streamer.model import ModelBundle, ModelConfig, init_random_model, save_model_file  # noqa: E402
+from streamer.settings import RunSettings  # noqa: E402
 
 HIDDEN, LAYERS, FEATURES = 64, 2, 1
 E2E_READINGS = int(os.environ.get("BENCH_READINGS", "200000"))
 E2E_DEVICES = 5000
 E2E_PARTITIONS = 6
+MALLOC_KEEP_MB = int(os.environ.get("BENCH_MALLOC_KEEP_MB", RunSettings.model_fields["malloc_keep_mb"].default))
 
 
 def emit(**figure: object) -> None:
@@ -126,7 +134,7 @@ def cpu_gate_ceiling(naive: float, bf16_gemm_gflops: float) -> None:
     gates = torch.randn(4096, 4 * HIDDEN).bfloat16()
     c = torch.randn(4096, HIDDEN)
     try:
-        compiled = {name: torch.compile(fn, fullgraph=True)
+        compiled = {name: torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS)
                     for name, fn in (("fast_tanh", lstm_cell), ("torch_sigmoid", torch_lstm_cell))}
         for fn in compiled.values():
             fn(gates, c)
@@ -300,8 +308,10 @@ def bench_end_to_end() -> None:
 
 
 def main() -> None:
+    kept = retain_freed_memory(MALLOC_KEEP_MB)  # as Pipeline.prepare_process does, for every figure
     emit(figure="machine", python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
-         torch_threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+         torch_threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+         malloc_keep_mb=MALLOC_KEEP_MB if kept else 0)
     config = ModelConfig(FEATURES, HIDDEN, LAYERS, FEATURES)
     naive = naive_per_message(init_random_model(config, seed=0), np.random.default_rng(0))
     emit(figure="naive_per_message", device="cpu", hidden=HIDDEN, layers=LAYERS, device_steps_per_s=round(naive))

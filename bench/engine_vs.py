@@ -10,7 +10,9 @@ shared machine only slows a round down) and their ratio (head / base). ENGINE_VS
 ENGINE_VS_READINGS_PER_DEVICE=R (default 1) gives each device R readings in a batch (B / R
 devices, their readings interleaved as batch messages from several gateways bring them): the
 step then plans R waves. ENGINE_VS_COMPILE=1 times the engine with model.compile (both trees
-must have it), ENGINE_VS_THREADS=N on N torch threads (default 1).
+must have it), ENGINE_VS_THREADS=N on N torch threads (default 1). Each process keeps freed
+memory as `streamer run` does (ENGINE_VS_MALLOC_KEEP_MB, default 256 as run.malloc_keep_mb; 0:
+glibc's defaults; a tree without streamer.malloc keeps glibc's).
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ STATE_DTYPE = os.environ.get("ENGINE_VS_STATE_DTYPE", "float32")  # or bfloat16 
 PER_DEVICE = os.environ.get("ENGINE_VS_READINGS_PER_DEVICE", "1")
 COMPILE = os.environ.get("ENGINE_VS_COMPILE", "0")
 THREADS = os.environ.get("ENGINE_VS_THREADS", "1")
+KEEP_MB = os.environ.get("ENGINE_VS_MALLOC_KEEP_MB", "256")
 SNIPPET = r"""
 import json, sys, time
 import numpy as np, torch
+try:
+    from streamer.malloc import retain_freed_memory
+    retain_freed_memory(int(sys.argv[5]))
+except ImportError:  # a tree from before it
+    pass
 from streamer.engine import Engine, ReadingBatch
 from streamer.model import ModelBundle, ModelConfig, init_random_model
 torch.set_num_threads(int(sys.argv[4]))
@@ -61,7 +69,7 @@ print(json.dumps(out))
 
 
 def run(tree: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", SNIPPET, STATE_DTYPE, PER_DEVICE, COMPILE, THREADS], cwd=tree, check=True,
+    done = subprocess.run([sys.executable, "-c", SNIPPET, STATE_DTYPE, PER_DEVICE, COMPILE, THREADS, KEEP_MB], cwd=tree, check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -84,7 +92,7 @@ def main() -> int:
         h = max(r[batch] for r in results["head"])
         print(json.dumps({"figure": "engine_step_vs_base", "base": base_ref, "state_dtype": STATE_DTYPE, "batch": int(batch),
                           "readings_per_device": int(PER_DEVICE),
-                          "compiled": COMPILE == "1", "torch_threads": int(THREADS),
+                          "compiled": COMPILE == "1", "torch_threads": int(THREADS), "malloc_keep_mb": int(KEEP_MB),
                           "base_device_steps_per_s": round(b), "head_device_steps_per_s": round(h),
                           "ratio": round(h / b, 3)}))
     return 0
