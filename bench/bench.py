@@ -11,9 +11,10 @@ BENCH_READINGS (200000) sets the end-to-end size; KAFKA_BOOTSTRAP_SERVERS an exi
 (else deploy/kafka/local-kafka is started on free ports and stopped afterwards).
 
 The process keeps freed memory as `streamer run` has it kept (run.malloc_keep_mb, set before
-anything is timed, the per-message loop included): BENCH_MALLOC_KEEP_MB=0 times everything with
-glibc's defaults instead, under which each engine step of 16k or more rows faulted thousands of
-pages in again (README, State table).
+anything is timed, the per-message loop included); BENCH_MALLOC_KEEP_MB=0 leaves glibc's
+defaults. Here that changes no figure (two rounds of each, in turn): the figures before the
+engine's free large blocks, which raises glibc's own limits; a process that steps large
+batches first, under glibc's defaults, can fault pages in again at every step (streamer.malloc).
 """
 
 from __future__ import annotations
