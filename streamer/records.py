@@ -64,6 +64,9 @@ from streamer.engine import PredictionBatch, ReadingBatch
 
 MAX_DEVICE_ID_LENGTH = 256
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# From here on a float64 rounds to infinity in float32: halfway between FLOAT32_MAX and 2^128 (ties
+# go to the even mantissa, 2^128's). Between FLOAT32_MAX and it a value rounds to FLOAT32_MAX.
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 # Readings beyond this magnitude are refused (out_of_range): squared in float32 (a device's
 # normalisation, residuals), values past about 1.8e19 overflow to inf, and the forecasts with them.
 MAX_ABS_VALUE = 1e18
@@ -266,7 +269,7 @@ class ReadingDecoder:
             if type(reading) is not Reading:
                 return reading
             values = reading.values
-            beyond = next((i for i, v in enumerate(values) if abs(v) > FLOAT32_MAX), None)
+            beyond = next((i for i, v in enumerate(values) if abs(v) >= FLOAT32_OVERFLOW), None)
             if beyond is not None:  # finite as a float64, infinite in the model's float32
                 return (
                     DeadLetterReason.NON_FINITE,
@@ -337,7 +340,10 @@ class ReadingDecoder:
         if refused is not None:
             return refused
         values_type = table.schema.field("values").type
-        table = table.combine_chunks()
+        # The three columns alone: other columns are ignored, and combining them could fail on a
+        # valid stream (replacement dictionaries of a small index type, or of lists, which pyarrow
+        # cannot unify), and had ended the loop with pyarrow's error.
+        table = table.select(["device_id", "ts", "values"]).combine_chunks()
         ids_column = table.column("device_id").chunk(0) if table.num_rows else pa.array([], pa.string())
         ts_column = table.column("ts").chunk(0) if table.num_rows else pa.array([], pa.float64())
         values_column = table.column("values").chunk(0) if table.num_rows else pa.array([], values_type)
@@ -424,26 +430,46 @@ def _arrow_decoded_bytes(value: bytes) -> int:
     be the process's end, then that of the next consumer to read it. Raises on a stream that is
     not one, or whose metadata does not hold together."""
     total = 0
+    dictionaries: dict[int, int] = {}  # a dictionary's id -> its bytes so far
     for message in pa.ipc.MessageReader.open_stream(pa.BufferReader(value)):
-        if message.type not in ("record batch", "dictionary batch"):
+        # pyarrow names a DictionaryBatch message "dictionary": named "dictionary batch" here
+        # before, dictionaries went uncounted, and a dictionary column (ignored, but read all the
+        # same) of 400 MiB came in a message of 14 kB.
+        if message.type not in ("record batch", "dictionary"):
             continue
         meta, body = _Flat(message.metadata.to_pybytes()), message.body or pa.py_buffer(b"")
         root = meta.table(meta.u32(0))
         header = meta.offset(root, 2)  # Message.header: a RecordBatch or DictionaryBatch table
         batch = header if message.type == "record batch" else meta.offset(header, 1)  # DictionaryBatch.data
-        compressed = meta.field(batch, 3) is not None  # RecordBatch.compression
-        for offset, length in meta.structs(batch, 2):  # RecordBatch.buffers: (offset, length) in the body
-            if offset < 0 or length < 0 or offset + length > body.size:
-                raise ValueError(f"a buffer at {offset} of {length} bytes, in a body of {body.size}")
-            if compressed and length:
-                if length < 8:
-                    raise ValueError(f"a compressed buffer of {length} bytes")
-                uncompressed = int.from_bytes(body[offset : offset + 8].to_pybytes(), "little", signed=True)
-                if uncompressed < -1:  # -1 alone says "stored as is"; another would cancel real bytes out
-                    raise ValueError(f"a compressed buffer of {uncompressed} bytes")
-                total += length - 8 if uncompressed == -1 else uncompressed
-            else:
-                total += length
+        size = _buffers_bytes(meta, batch, body)
+        if message.type == "dictionary":
+            dictionary = meta.scalar(header, 0, "<q", 0)  # DictionaryBatch.id
+            if meta.scalar(header, 2, "<?", False):  # DictionaryBatch.isDelta
+                # Reading appends a delta to the dictionary so far, into a new one, and the record
+                # batches before it keep the old: n deltas cost the sum of n growing copies.
+                size += dictionaries.get(dictionary, 0)
+            dictionaries[dictionary] = size
+        total += size
+    return total
+
+
+def _buffers_bytes(meta: "_Flat", batch: int, body: pa.Buffer) -> int:
+    """The bytes the buffers of the RecordBatch table at ``batch`` take once read (see
+    _arrow_decoded_bytes)."""
+    total = 0
+    compressed = meta.field(batch, 3) is not None  # RecordBatch.compression
+    for offset, length in meta.structs(batch, 2):  # RecordBatch.buffers: (offset, length) in the body
+        if offset < 0 or length < 0 or offset + length > body.size:
+            raise ValueError(f"a buffer at {offset} of {length} bytes, in a body of {body.size}")
+        if compressed and length:
+            if length < 8:
+                raise ValueError(f"a compressed buffer of {length} bytes")
+            uncompressed = int.from_bytes(body[offset : offset + 8].to_pybytes(), "little", signed=True)
+            if uncompressed < -1:  # -1 alone says "stored as is"; another would cancel real bytes out
+                raise ValueError(f"a compressed buffer of {uncompressed} bytes")
+            total += length - 8 if uncompressed == -1 else uncompressed
+        else:
+            total += length
     return total
 
 
@@ -474,6 +500,11 @@ class _Flat:
             return None
         at = self._read("<H", vtable + entry)
         return table + at if at else None
+
+    def scalar(self, table: int, index: int, fmt: str, default: int | bool) -> int | bool:
+        """A scalar field (struct format ``fmt``), or its default where it is absent."""
+        at = self.field(table, index)
+        return default if at is None else self._read(fmt, at)
 
     def offset(self, table: int, index: int) -> int:
         """The table an offset field points to."""

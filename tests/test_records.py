@@ -24,7 +24,7 @@ from streamer.engine import PredictionBatch
 from streamer.records import (
     ARROW_CONTENT_TYPE,
     ARROW_OUTPUT_BYTES,
-    FLOAT32_MAX,
+    FLOAT32_OVERFLOW,
     MAX_ABS_VALUE,
     MAX_DEVICE_ID_LENGTH,
     DeadLetterReason,
@@ -101,7 +101,7 @@ class PydanticDecoder:
             reading = PydanticReading.model_validate_json(value)
         except ValidationError as exc:
             return _classify(exc)
-        beyond = next((i for i, v in enumerate(reading.values) if abs(v) > FLOAT32_MAX), None)
+        beyond = next((i for i, v in enumerate(reading.values) if abs(v) >= FLOAT32_OVERFLOW), None)  # rounds to inf
         if beyond is not None:
             return R.NON_FINITE, f"values.{beyond}: {reading.values[beyond]!r} is beyond float32, the model's dtype"
         beyond = next((i for i, v in enumerate(reading.values) if abs(v) > MAX_ABS_VALUE), None)  # added since
@@ -253,7 +253,7 @@ def test_generated_messages_get_the_pydantic_verdict(data: st.DataObject) -> Non
 def test_numbers_read_as_python_reads_them(values: list, ts: float) -> None:
     body = json.dumps({"device_id": "d", "ts": ts, "values": values}).encode()
     result = ReadingDecoder(len(values)).decode_one(b"d", body)
-    if any(abs(float(v)) > FLOAT32_MAX for v in values):
+    if any(abs(float(v)) >= FLOAT32_OVERFLOW for v in values):
         assert result[0] is R.NON_FINITE
         return
     if any(abs(float(v)) > MAX_ABS_VALUE for v in values):
@@ -509,6 +509,95 @@ def test_a_message_that_decompresses_past_the_bound_is_refused_before_it_is_read
     assert (256 << 20) < int(detail.split("decompress to ")[1].split(" bytes")[0]) < (256 << 20) + 100
     letter, = ReadingDecoder(2).decode([Message("in", 0, 1, b"gw", value, ARROW)]).dead_letters
     assert letter.reason is R.TOO_LARGE
+
+
+def test_a_value_float32_rounds_to_its_max_is_out_of_range_and_one_past_it_non_finite() -> None:
+    # float32's max as written (3.4028235e38) reads as a float64 just above it, yet rounds back
+    # to it in float32: it had been called non_finite.
+    below = float(np.nextafter(FLOAT32_OVERFLOW, 0.0))
+    for value, reason in [("3.4028235e38", R.OUT_OF_RANGE), (repr(below), R.OUT_OF_RANGE),
+                          (repr(FLOAT32_OVERFLOW), R.NON_FINITE), ("-3.4028236e38", R.NON_FINITE), ("1e39", R.NON_FINITE)]:
+        with np.errstate(over="ignore"):
+            assert np.isinf(np.float32(float(value))) == (reason is R.NON_FINITE)
+        body = b'{"device_id":"d","ts":1,"values":[' + value.encode() + b']}'
+        assert ReadingDecoder(1).decode_one(b"d", body)[0] is reason, value
+
+
+def test_a_dictionary_column_counts_toward_the_bound(monkeypatch) -> None:
+    # An ignored dictionary column holding one 80 MiB string, 3 kB with zstd: dictionaries had gone
+    # uncounted (pyarrow calls their messages "dictionary"), and reading it allocated the 80 MiB.
+    blob = pa.DictionaryArray.from_arrays(pa.array([0], pa.int32()), pa.array(["x" * (80 << 20)], pa.large_string()))
+    value = arrow_message({**good_columns(1), "note": blob}, compression="zstd")
+    assert len(value) < 64 << 10
+
+    def never(*args, **kwargs):
+        raise AssertionError("read")
+
+    monkeypatch.setattr(pa.ipc, "open_stream", never)
+    reason, detail = ReadingDecoder(2).decode_arrow(b"gw", value)
+    assert reason is R.TOO_LARGE and (80 << 20) < int(detail.split("decompress to ")[1].split(" bytes")[0]) < (81 << 20)
+
+
+def delta_dictionary_message(deltas: int, entry_bytes: int) -> bytes:
+    """A batch message of ``deltas`` record batches, each adding one entry of ``entry_bytes`` to an
+    ignored dictionary column by a delta (zstd)."""
+    schema = pa.schema([("device_id", pa.string()), ("ts", pa.float64()), ("values", pa.list_(pa.float32(), 1)),
+                        ("note", pa.dictionary(pa.int32(), pa.string()))])
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd", emit_dictionary_deltas=True)
+    entries: list[str] = []
+    with pa.ipc.new_stream(sink, schema, options=options) as writer:
+        for i in range(deltas):
+            entries.append(chr(65 + i % 26) * entry_bytes)
+            note = pa.DictionaryArray.from_arrays(pa.array([i], pa.int32()), pa.array(entries))
+            writer.write_batch(pa.record_batch([pa.array([f"dev-{i}"]), pa.array([1.7e9 + i]),
+                                                pa.FixedSizeListArray.from_arrays(pa.array([1.0], pa.float32()), 1), note],
+                                               schema=schema))
+    return sink.getvalue().to_pybytes()
+
+
+def test_delta_dictionaries_count_every_copy_reading_makes() -> None:
+    # 24 deltas of 1 MiB: 24 MiB of dictionary data, but reading makes each delta's dictionary
+    # anew, the earlier record batches keeping theirs: 300 MiB of copies, past the bound.
+    import streamer.records
+
+    value = delta_dictionary_message(24, 1 << 20)
+    types = [m.type for m in pa.ipc.MessageReader.open_stream(pa.BufferReader(value))]
+    assert types.count("dictionary") == 24
+    counted = streamer.records._arrow_decoded_bytes(value)
+    assert 300 << 20 < counted < (300 << 20) + (1 << 20)
+    assert ReadingDecoder(1).decode_arrow(b"gw", value)[0] is R.TOO_LARGE
+    small = delta_dictionary_message(4, 100)  # within the bound: read, the column ignored
+    rows = ReadingDecoder(1).decode_arrow(b"gw", small)
+    assert list(rows.device_ids) == ["dev-0", "dev-1", "dev-2", "dev-3"] and rows.ts.tolist() == [1.7e9 + i for i in range(4)]
+
+
+@pytest.mark.parametrize("note", ["int8 index", "list values"])
+def test_other_columns_are_ignored_even_where_pyarrow_cannot_combine_them(note: str) -> None:
+    # Two record batches, each with a replacement dictionary for the ignored column: combining
+    # the whole table needed a larger index type (200 entries in int8), or unified list
+    # dictionaries, which pyarrow cannot; its error had ended the loop.
+    schema_type = (pa.dictionary(pa.int8(), pa.string()) if note == "int8 index"
+                   else pa.dictionary(pa.int32(), pa.list_(pa.int32())))
+    schema = pa.schema([("device_id", pa.string()), ("ts", pa.float64()), ("values", pa.list_(pa.float32(), 2)),
+                        ("note", schema_type)])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for b in range(2):
+            entries = (pa.array([f"u{b}-{j}" for j in range(100)]) if note == "int8 index"
+                       else pa.array([[b, j] for j in range(100)], pa.list_(pa.int32())))
+            indices = pa.array([0, 1], schema_type.index_type)
+            writer.write_batch(pa.record_batch([
+                pa.array([f"dev-{2 * b}", f"dev-{2 * b + 1}"]), pa.array([1.0 + 2 * b, 2.0 + 2 * b]),
+                pa.FixedSizeListArray.from_arrays(pa.array(np.arange(4, dtype=np.float32) + 4 * b), 2),
+                pa.DictionaryArray.from_arrays(indices, entries)], schema=schema))
+    value = sink.getvalue().to_pybytes()
+    good = Message("in", 0, 7, b"dev-9", b'{"device_id":"dev-9","ts":5,"values":[1,2]}', [])
+    decoded = ReadingDecoder(2).decode([Message("in", 0, 6, b"gw", value, ARROW), good])
+    assert not decoded.dead_letters
+    assert list(decoded.readings.device_ids) == ["dev-0", "dev-1", "dev-2", "dev-3", "dev-9"]
+    assert decoded.readings.ts.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert decoded.readings.values.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [1, 2]]
 
 
 def test_a_negative_uncompressed_length_is_not_arrow_and_cancels_nothing_out() -> None:
