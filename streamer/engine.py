@@ -20,7 +20,7 @@ from streamer.anomaly import AnomalyParams
 from streamer.compiled import CompiledWave
 from streamer.errors import CapacityError, StreamerError
 from streamer.features import time_features
-from streamer.kernels import CPU_ROWS_PER_STEP, make_lstm_step
+from streamer.kernels import CPU_ROW_BLOCK, CPU_ROWS_PER_STEP, make_lstm_step
 from streamer.model import ModelBundle, ModelConfig, Normalization, allocation_failed
 from streamer.slotmap import Keys, hashes_repeat, keys_of
 from streamer.state import DeviceStateTable
@@ -574,6 +574,11 @@ class Engine:
         valid until the next wave of that bucket)."""
         b = len(slots)
         if not self.pad_waves or b > GRAPH_MAX_ROWS:
+            if self.device.type == "cpu" and b % CPU_ROW_BLOCK:  # a device's result as in any other batch
+                pad = CPU_ROW_BLOCK - b % CPU_ROW_BLOCK
+                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+                slots = torch.cat([slots, slots.new_full((pad,), self.table.sink)])
+                return tuple(result[:b] for result in self._step_wave(x, slots))
             return self._step_wave(x, slots)
         key = (max(GRAPH_MIN_ROWS, 1 << (b - 1).bit_length()), x.shape[1])
         padded = self._padded.get(key)

@@ -92,6 +92,56 @@ def test_plan_lists_is_plan_waves_of_the_lists_one_after_another(monkeypatch):
     assert plan_lists((long, long), list(long) * 2) is not None
 
 
+# Batch sizes whose rows fall in every remainder of the vector loops and GEMM blocks, and below
+# and above their first whole block: a device stepped alone, or in the tail rows of a chunk (past
+# a multiple of 4, 16 or 32), had been summed or rounded by other code than in the whole blocks
+# (MKL's GEMM, the vector loops' tails), eager and compiled.
+TAIL_BATCH_SIZES = [*range(2, 71), 100, 127, 1000, 4095, 4097, 4400]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("model, state_dtype, threads", [
+    ("h64", torch.float32, 2), ("h64", torch.bfloat16, 2), ("h64", torch.float32, 1),
+    ("f3_day_norm", torch.float32, 2), ("f3_day_norm", torch.bfloat16, 2),
+])
+def test_a_device_anywhere_in_any_batch_steps_bitwise_as_alone(model, state_dtype, threads, compiled):
+    bundle = (make_bundle(input_size=1, hidden_size=64, num_layers=2, seed=3) if model == "h64" else
+              make_bundle(input_size=3, hidden_size=13, num_layers=2, seed=4, time_features=("day",),
+                          device_norm_alpha=0.05))
+    f = bundle.config.values_size
+    rng = np.random.default_rng(5)
+    mine = {name: rng.normal(size=(4, f)).astype(np.float32) * 3 for name in ("first", "middle", "last")}
+    crowd = rng.normal(size=(max(TAIL_BATCH_SIZES), f)).astype(np.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        def results(b: int, tracked: dict[str, int]) -> dict[str, list[tuple]]:
+            """The tracked devices' results over 4 steps, each in row ``tracked[name]`` of b rows."""
+            engine = Engine.build(bundle, capacity=4500, device="cpu", state_dtype=state_dtype, compile=compiled)
+            got: dict[str, list[tuple]] = {name: [] for name in tracked}
+            for t in range(4):
+                ids = [f"o{i}" for i in range(b)]
+                values = crowd[:b] * (t + 1)
+                for name, row in tracked.items():
+                    ids[row] = name
+                    values[row] = mine[name][t]
+                preds, _ = engine.step(ReadingBatch(ids, np.full(b, 3600.0 * t), values), now=float(t))
+                for name, row in tracked.items():
+                    got[name].append((preds.forecast[row].tobytes(), preds.residual[row], preds.surprise[row],
+                                      preds.is_anomaly[row]))
+            return got
+
+        alone = {name: results(1, {name: 0})[name] for name in mine}
+        differ = []
+        for b in TAIL_BATCH_SIZES:
+            tracked = {"first": 0, "middle": b // 2, "last": b - 1} if b >= 3 else {"first": 0, "last": 1}
+            got = results(b, tracked)
+            differ += [(b, name, row) for name, row in tracked.items() if got[name] != alone[name]]
+    finally:
+        torch.set_num_threads(previous)
+    assert not differ, f"(batch size, device, row) whose results differ from stepping it alone: {differ[:40]}"
+
+
 def test_a_batch_of_id_lists_steps_as_the_same_readings_without_them(monkeypatch):
     monkeypatch.setattr(streamer.engine, "LIST_PLAN_MIN_IDS", 1)
     bundle = make_bundle(input_size=2, seed=4)
