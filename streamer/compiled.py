@@ -12,7 +12,8 @@ buffers or host syncs so that it traces as one graph; the tests hold the two to 
 Compiling takes seconds (a C++ compiler must be on the PATH): it happens when the engine is
 built (and when a model of a new shape is swapped in), never in a step, and Inductor keeps what
 it built in its on-disk cache for the next start. Every row count shares one compiled graph (the
-batch dimension is dynamic; fewer than MIN_GEMM_ROWS rows are padded). Should it not take a
+batch dimension is dynamic; the engine pads each chunk to a multiple of kernels.CPU_ROW_BLOCK
+rows, and the graph is shown no fewer than MIN_GEMM_ROWS). Should it not take a
 step's inputs, that step and the later ones run the same maths eagerly, with a warning, rather
 than compile in the stream.
 """
@@ -264,7 +265,7 @@ class CompiledWave:
     def __call__(self, x: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
         b = len(slots)
         table = self.table
-        if b < MIN_GEMM_ROWS:  # as TorchLstmStep pads: MKL's path below 8 rows sums differently
+        if b < MIN_GEMM_ROWS:  # the engine pads further (CPU_ROW_BLOCK); the graph takes no fewer
             pad = MIN_GEMM_ROWS - b
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
             slots = torch.cat([slots, slots.new_full((pad,), table.sink)])
