@@ -284,6 +284,10 @@ class DeviceStateTable:
         ids = [device_ids[i] for i in order]
         newest_before = self._newest
         acquired = self.acquire(ids, now=0.0, partitions=np.full(len(ids), partition, np.int32))
+        # acquire touched the devices the table had first, then the new ones: touched again here,
+        # all of them, in last-seen order (a restored device already in the table had been taken
+        # as older than a new one seen before it, and evicted first).
+        self._touch(acquired.slots)
         self._last_seen[acquired.slots] = last_seen[order]
         slots = torch.from_numpy(acquired.slots).to(self.device)
         self.scatter(slots, torch.from_numpy(np.ascontiguousarray(rows[order])).to(self.device, self.dtype))

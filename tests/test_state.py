@@ -100,6 +100,23 @@ def test_restored_devices_are_evicted_when_their_last_seen_times_say_and_the_clo
     assert table.last_seen("g") == 1060.0 and table.device_ids()[-1] == "g"
 
 
+@pytest.mark.parametrize("ttl", [None, 100.0])
+def test_a_restore_orders_devices_the_table_had_among_the_new_by_their_last_seen_times(ttl):
+    # "A" was in the table (read from partition 0 before a rebalance); partition 1's checkpoint
+    # has it seen at 200 and "B" at 150. acquire had touched A before B, so B counted as the more
+    # recent: capacity evicted A, and TTL kept B past its time.
+    table = DeviceStateTable(capacity=3, width=1, ttl_seconds=ttl)
+    table.acquire(["A"], now=100.0, partitions=np.zeros(1, np.int32))
+    table.restore(["A", "B"], np.array([[1.0], [2.0]], np.float32), np.array([200.0, 150.0]), partition=1)
+    assert table.device_ids() == ["B", "A"] and (table.last_seen("A"), table.last_seen("B")) == (200.0, 150.0)
+    if ttl is None:
+        table.acquire(["C"], now=300.0)
+        assert table.acquire(["D"], now=400.0).evicted_for_capacity == 1
+        assert sorted(table.device_ids()) == ["A", "C", "D"]
+    else:
+        assert table.evict_idle(260.0) == 1 and table.device_ids() == ["A"]  # cutoff 160
+
+
 def test_a_bfloat16_lead_block_is_its_own_tensor_and_rows_read_as_float32():
     table = DeviceStateTable(capacity=4, width=5, lead_width=3, lead_dtype=torch.bfloat16)
     assert table.lead.dtype == torch.bfloat16 and table.rest.dtype == torch.float32
