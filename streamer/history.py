@@ -151,6 +151,9 @@ def _floats(texts: list) -> tuple[np.ndarray, np.ndarray]:
         return values, np.zeros(n, bool)
     out, bad = np.full(n, np.nan), np.zeros(n, bool)
     for i, text in enumerate(texts):
+        if text is None:  # a null of a Parquet text column: unparsable (had raised in _number)
+            bad[i] = True
+            continue
         try:
             out[i] = _number(text)
         except (ValueError, TypeError):
@@ -456,6 +459,7 @@ def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
         ts, ts_bad = _timestamps_from_arrow(tcol), tcol.is_null().to_numpy(zero_copy_only=False)
     elif pa.types.is_string(tcol.type) or pa.types.is_large_string(tcol.type):
         ts, ts_bad = _timestamp_texts(None, tcol)
+        _refuse_compact_dates(ts, ts_bad, path)  # as text in a CSV file
     else:
         ts, ts_bad = _parquet_numbers(tcol, time_col, path)
         _refuse_compact_dates(ts, ts_bad, path)
@@ -474,8 +478,19 @@ def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
     return _Table(
         path, n, np.arange(1, n + 1, dtype=np.int64), codes, device_names, ts, ts_bad,
         [p[0] for p in parsed], [p[1] for p in parsed], tuple(chosen),
-        show_ts=lambda i: tcol[i].as_py(), show_value=lambda c, i: vcols[c][i].as_py(), early_bad=[],
+        show_ts=lambda i: _shown(tcol, i), show_value=lambda c, i: vcols[c][i].as_py(), early_bad=[],
     )
+
+
+def _shown(col: pa.Array, i: int) -> object:
+    """col[i] as Python has it, to show in a bad row; a timestamp Python's datetime cannot hold
+    (past year 9999: epoch milliseconds stored as seconds, say) as its number and unit."""
+    try:
+        return col[i].as_py()
+    except (OverflowError, ValueError):
+        if not pa.types.is_timestamp(col.type):
+            raise
+        return f"{col.slice(i, 1).cast(pa.int64())[0].as_py()} {col.type.unit} since 1970"
 
 
 def _in_order(table: _Table, names: tuple[str, ...]) -> _Table:
@@ -581,6 +596,9 @@ def load_histories(
         ts, lines = table.ts[good], table.lines[good]
         if table.device_codes is None:
             device = file.stem if file == root else file.relative_to(root).with_suffix("").as_posix()
+            if len(device) > MAX_DEVICE_ID_LENGTH:  # as long-format ids, and as run dead-letters them
+                raise HistoryError(f"device id {device[:64]!r}... (from the file's path) is {len(device)} characters,"
+                                   f" longer than {MAX_DEVICE_ID_LENGTH}", file)
             groups = [(device, np.argsort(ts, kind="stable"))] if len(ts) else []
         else:
             groups = _group(table.device_codes[good], table.device_names, ts)

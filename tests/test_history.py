@@ -250,11 +250,51 @@ def test_dates_written_yyyymmdd_are_refused_not_read_as_epoch_seconds_of_1970(tm
     pq.write_table(pa.table({"timestamp": [20200101, 20200102], "value": [1.0, 2.0]}), tmp_path / "d.parquet")
     with pytest.raises(HistoryError, match=r"d\.parquet: timestamps such as 20200101"):
         load_histories(tmp_path / "d.parquet")
+    # As text in Parquet too (read as seconds of 1970 before).
+    pq.write_table(pa.table({"timestamp": ["20200101", "20200102"], "value": [1.0, 2.0]}), tmp_path / "t.parquet")
+    with pytest.raises(HistoryError, match=r"t\.parquet: timestamps such as 20200101"):
+        load_histories(tmp_path / "t.parquet")
     # Epoch seconds that merely pass through that range (a relative clock), or ISO dates, are read.
     write(tmp_path / "rel.csv", "timestamp,value\n19999990,1\n20000050,2\n20000110,3\n")
     assert load_histories(tmp_path / "rel.csv").devices["rel"].ts.tolist() == [19999990.0, 20000050.0, 20000110.0]
     write(tmp_path / "iso.csv", "timestamp,value\n2020-01-01,1\n2020-01-02,2\n")
     assert load_histories(tmp_path / "iso.csv").devices["iso"].ts[0] == datetime(2020, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("on_bad", ["refuse", "skip"])
+def test_parquet_text_values_with_a_null_and_a_non_number_are_bad_rows(tmp_path, on_bad):
+    # The cast to numbers fails on "x", and each text is read alone: the null had raised
+    # AttributeError (a traceback from replay and train).
+    pq.write_table(pa.table({"timestamp": [1.0, 2.0, 3.0], "value": ["1.5", None, "x"]}), tmp_path / "n.parquet")
+    if on_bad == "refuse":
+        with pytest.raises(HistoryError, match=r"n\.parquet line 2: unparsable value"):
+            load_histories(tmp_path / "n.parquet")
+        return
+    histories = load_histories(tmp_path / "n.parquet", on_bad="skip")
+    assert [(b.line, b.reason) for b in histories.bad_rows] == [(2, "unparsable value"), (3, "unparsable value")]
+    assert histories.devices["n"].values.tolist() == [[1.5]]
+
+
+@pytest.mark.parametrize("column", [pa.array([0, 300_000_000_000_000], pa.timestamp("ms")),
+                                    pa.array([0, 3_000_000], pa.date32())], ids=["timestamp", "date"])
+def test_a_parquet_timestamp_past_year_9999_is_a_bad_row_shown_as_its_number(tmp_path, column):
+    # Shown through Python's datetime, which stops at 9999, the bad row had ended in OverflowError.
+    pq.write_table(pa.table({"timestamp": column, "value": [1.0, 2.0]}), tmp_path / "f.parquet")
+    with pytest.raises(HistoryError, match=r"line 2: timestamp past year 9999.* \(got '\d+ ms since 1970'\)"):
+        load_histories(tmp_path / "f.parquet")
+    histories = load_histories(tmp_path / "f.parquet", on_bad="skip")
+    assert len(histories.bad_rows) == 1 and histories.devices["f"].ts.tolist() == [0.0]
+
+
+def test_a_device_id_from_a_path_longer_than_the_live_path_takes_is_refused(tmp_path):
+    # Per-device files are named by their path: 305 characters had been scored as a device id.
+    folder = tmp_path / ("x" * 200) / ("y" * 100)
+    folder.mkdir(parents=True)
+    write(folder / "dev.csv", "timestamp,value\n1,2\n2,3\n")
+    write(tmp_path / "ok.csv", "timestamp,value\n1,2\n")
+    for on_bad in ("refuse", "skip"):
+        with pytest.raises(HistoryError, match=r"dev\.csv: device id 'x+'\.\.\. \(from the file's path\) is 305 characters"):
+            load_histories(tmp_path, on_bad=on_bad)
 
 
 def test_a_device_id_the_live_path_refuses_as_too_long_is_a_bad_row(tmp_path):
