@@ -379,7 +379,13 @@ def _model_mismatch(checkpoint: Checkpoint, width: int, model: ModelStamp | None
     """Why ``checkpoint`` cannot be replayed under ``model`` (rows of ``width``), or None."""
     if checkpoint.width != width:
         return f"rows of width {checkpoint.width}, this model needs {width}"
-    if model is None or checkpoint.model_version == model.version:
+    if model is None:
+        return None
+    if checkpoint.model_version == model.version:
+        # A version is a name, and may be given again to another model (streamer train names one
+        # by its shape and data directory): rows of another config would be read in another layout.
+        if checkpoint.model_config is not None and checkpoint.model_config != model.config:
+            return f"written under model {model.version} of another config than the one served under that name"
         return None
     written_under = f"written under model {checkpoint.model_version or '(unknown)'}, serving {model.version}"
     if checkpoint.model_config != model.config:
@@ -390,20 +396,25 @@ def _model_mismatch(checkpoint: Checkpoint, width: int, model: ModelStamp | None
     return None
 
 
-SAFE_NAME_MAX = 200  # a path component's characters (file systems take 255 bytes): longer ones are hashed
+SAFE_NAME_MAX = 200  # a path component's characters: longer ones are hashed (into 200 bytes at most)
+NAME_MAX_BYTES = 255  # ... and so are those of more bytes than file systems take
 
 
 def _safe(name: str) -> str:
     """A path component for a topic or group name (Kafka allows [a-zA-Z0-9._-] in topics), one per
     name: other characters as %xx, or %uxxxxxx past U+00FF ("x€" is not "x ac"); "." and ".." escaped
-    (they would name the directory itself, or its parent); past SAFE_NAME_MAX characters, a prefix
-    and the SHA-256 of the name (a group id has no length limit, a file name has)."""
+    (they would name the directory itself, or its parent); past SAFE_NAME_MAX characters or
+    NAME_MAX_BYTES bytes, a prefix and the SHA-256 of the name (a group id has no length limit, a
+    file name has). Letters outside ASCII are kept, 2 to 4 bytes each: only characters had been
+    counted, and a group of 150 such letters had a name no file system takes, and no checkpoint."""
     if name in (".", ".."):
         return "%2e" * len(name)
     safe = "".join(ch if ch.isalnum() or ch in "._-" else f"%{ord(ch):02x}" if ord(ch) <= 0xFF else f"%u{ord(ch):06x}"
                    for ch in name) or "%"
-    if len(safe) > SAFE_NAME_MAX:
-        safe = f"{safe[:SAFE_NAME_MAX - 65]}~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()}"
+    encoded = safe.encode("utf-8")  # letters outside ASCII are kept as they are: 2 to 4 bytes each
+    if len(safe) > SAFE_NAME_MAX or len(encoded) > NAME_MAX_BYTES:
+        prefix = encoded[: SAFE_NAME_MAX - 65].decode("utf-8", "ignore")
+        safe = f"{prefix}~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()}"
     return safe
 
 

@@ -281,6 +281,12 @@ def test_a_checkpoint_of_another_model_is_not_replayed(tmp_path: Path):
     other = ModelStamp("v2", {**stamp.config, "time_features": ["hour"]})
     loaded, refused = store.load_latest("readings", 0, width, 10, other)
     assert loaded is None and "config" in refused[0].reason
+    # The same version given to a model of another config (as streamer train's names can be): its
+    # rows would be read in another layout, and had been.
+    reused = ModelStamp("test-1", {**stamp_of(old).config, "hidden_size": 9})
+    loaded, refused = store.load_latest("readings", 0, width, 10, reused)
+    assert loaded is None and "of another config than the one served under that name" in refused[0].reason
+    assert store.load_latest("readings", 0, width, 10, stamp_of(old))[0].offset == 10  # its own config: used
     # An older checkpoint of the model now served lies before the switch: not used either.
     store.save(stamped(new, 0, 5))
     assert store.load_latest("readings", 0, width, 20, stamp)[0] is None
@@ -648,12 +654,15 @@ def test_names_become_path_components_one_each_inside_the_store(tmp_path: Path):
     characters had made every save and load fail (ENAMETOOLONG), its partitions paused for good."""
     from streamer.checkpoint import _safe
 
-    names = [".", "..", "x\u20ac", "x ac", "orders:" * 30, "orders:" * 30 + "x", "plain-name_1.0"]
+    # Letters outside ASCII are kept, 2 to 4 bytes each: 150 of them (450 bytes) had failed every save.
+    names = [".", "..", "x\u20ac", "x ac", "orders:" * 30, "orders:" * 30 + "x", "plain-name_1.0", "\u4e2d" * 150,
+             "\u4e2d" * 151, "\u00e9" * 120]
     safe = [_safe(n) for n in names]
-    assert len(set(safe)) == len(names) and all(s not in (".", "..") and len(s) <= 200 for s in safe), safe
+    assert len(set(safe)) == len(names) and all(s not in (".", "..") and len(s.encode()) <= 200 for s in safe[:-1]), safe
     assert _safe("plain-name_1.0") == "plain-name_1.0" and _safe("a b") == "a%20b"  # as before: paths kept
+    assert _safe("\u00e9" * 120) == "\u00e9" * 120  # 240 bytes: a name that worked is kept as it was
     engine = stepped_engine()
-    for group in ("..", "orders:" * 30):
+    for group in ("..", "orders:" * 30, "\u4e2d" * 150, "\u00e9" * 200):
         store = DirectoryCheckpointStore(tmp_path / "root", group)
         store.save(stamped(engine, 0, 7))
         loaded, _ = store.load_latest("readings", 0, engine.layout.width, 10)
