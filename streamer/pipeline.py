@@ -407,6 +407,15 @@ class Pipeline:
         # 3. Plan (what is replayed, what is committed, what is due a checkpoint) and step every
         #    device with a new reading, in offset order per device.
         with self.partitions.lock:
+            # At-least-once, a partition revoked or lost on the client's thread since the poll
+            # (the lock holds that off from here on): its readings are its next owner's. Stepped
+            # from the rows it no longer has (dropped with it), their predictions had gone out
+            # wrong. (Exactly-once, such a batch is aborted whole: _publish_transaction.)
+            gone = set() if self.exactly_once else {tp for tp in next_offsets if not self.partitions.accepts(tp)}
+            if gone:
+                records = [m for m in records if TopicPartition(m.topic, m.partition) not in gone]
+                decoded = self.decoder.decode(records)
+                next_offsets = _next_offsets(records)
             plan = self.partitions.plan(next_offsets, _readings_per_partition(decoded, next_offsets))
             try:
                 predictions, report = self._step(decoded.readings)

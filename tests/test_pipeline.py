@@ -837,6 +837,29 @@ def test_anomalies_are_counted_once_however_often_their_readings_are_replayed(tm
     assert registry.get_sample_value("streamer_anomalies_total") == flagged == rig.pipeline.summary.anomalies
 
 
+@pytest.mark.parametrize("how", ["lost", "revoked"])
+def test_at_least_once_a_partition_gone_between_poll_and_step_publishes_nothing_of_it(tmp_path, how):
+    # Taken away on the client's thread after the poll, before the step: its devices' rows went
+    # with it, and its readings had been stepped from zero state and published, wrong.
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    before = len(rig.broker.messages("out"))
+    rig.write(per_device=1, start_ts=1)
+    records = rig.pipeline._poll_batch(None)
+    assert {m.partition for m in records} == {0, 1}
+    rig.consumer.rebalance_now(**{how: [P0]})
+    rig.pipeline._process(records)
+    for _ in range(2):  # settles the batch, commits once idle
+        rig.pipeline.run_once()
+    out = [json.loads(m.value) for m in rig.broker.messages("out")[before:]]
+    p1 = sorted(d for d in DEVICES if rig_partition(d) == 1)
+    assert sorted(o["device_id"] for o in out) == p1 and all(o["ts"] == 1_700_000_001 for o in out)
+    assert rig.pipeline.summary.predictions == len(DEVICES) + len(p1)
+    assert committed(rig)[P1] == len(rig.broker.topics["in"][1]) and rig.pipeline.partitions.owned.keys() == {P1}
+
+
 def test_exactly_once_a_batch_dropped_as_a_partition_left_is_counted_as_aborted(tmp_path):
     registry = CollectorRegistry()
     rig = Rig(tmp_path, exactly_once=True, metrics=Metrics(registry))
