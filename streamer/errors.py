@@ -24,6 +24,11 @@ class PipelineError(StreamerError):
     """The run loop cannot go on safely (e.g. the broker refused the batch's predictions)."""
 
 
+class StartupInterrupted(Exception):
+    """``stop`` was set while the service waited for the brokers (at start-up, or for a new
+    transactional producer): not an error, the run ends with 0."""
+
+
 def not_a_file(path: Path) -> str:
     """Why ``path``, which is no regular file, cannot be read as one."""
     if path.is_dir():

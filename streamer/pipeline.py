@@ -36,7 +36,7 @@ import numpy as np
 
 from streamer.checkpoint import CheckpointStore, StoreUnreadable
 from streamer.engine import Engine, PredictionBatch, ReadingBatch, StepReport, distinct_lists
-from streamer.errors import PipelineError, StreamerError
+from streamer.errors import PipelineError, StartupInterrupted, StreamerError
 from streamer.kafka.abstract import Consumer, GroupMovedOn, KafkaClientError, Message, Producer, TopicPartition
 from streamer.kafka.clients import OUTSIDE_GROUP_SESSIONS
 from streamer.kafka.outage import BrokerOutageLog
@@ -706,14 +706,15 @@ class Pipeline:
                     _bounded(producer.abort_transaction, "abort_transaction", producer.transaction_stuck_after_s)
                 except (KafkaClientError, TransactionStuck) as abort_exc:
                     log.warning("abort failed too: %s", abort_exc)
-            # Always start over with a new producer epoch: kafka-python 3.0 was seen to commit an
-            # aborted batch's offsets later on (its offsets request retried into the next
-            # transaction), which loses that batch. The successor fences every request of this one.
-            self._replace_producer(exc)
+            # The batch's rows first: whatever the producer's replacement meets, they are not kept.
             self.partitions.reset(plan.next_offsets)
             self.summary.aborted_batches += 1
             if self.metrics is not None:
                 self.metrics.on_transaction_aborted()
+            # Always start over with a new producer epoch: kafka-python 3.0 was seen to commit an
+            # aborted batch's offsets later on (its offsets request retried into the next
+            # transaction), which loses that batch. The successor fences every request of this one.
+            self._replace_producer(exc)
             return False
 
     def _replace_producer(self, cause: BaseException) -> None:
@@ -728,7 +729,10 @@ class Pipeline:
             self.producer.close(0)
         except Exception:  # a broken producer may fail to close; its successor fences it anyway
             log.debug("closing the old producer failed", exc_info=True)
-        self.producer = self.producer_factory()
+        try:
+            self.producer = self.producer_factory()
+        except StartupInterrupted:  # stop set while it waited for the brokers: the loop ends, as stopped
+            log.info("stopped while waiting for a new transactional producer")
 
     def _account(
         self, report: StepReport, published: int, anomalies: int, by_reason: Tally, latencies: np.ndarray,

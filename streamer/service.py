@@ -16,7 +16,7 @@ from streamer.anomaly import AnomalyParams
 from streamer.checkpoint import CheckpointStore, DirectoryCheckpointStore
 from streamer.engine import Engine
 from streamer.kafka import Producer, ensure_topics, open_changelog, open_consumer, open_producer
-from streamer.errors import StreamerError
+from streamer.errors import StartupInterrupted, StreamerError
 from streamer.kafka.clients import (
     KafkaBootstrapError,
     KafkaLoginError,
@@ -196,10 +196,6 @@ def _metrics_server(registry: CollectorRegistry, health: Health, settings: Setti
         raise StreamerError(
             f"{describe_setting('metrics', 'port')} = {port}, {describe_setting('metrics', 'host')} = {host!r}:"
             f" cannot serve metrics there ({exc.strerror or exc})") from None
-
-
-class StartupInterrupted(Exception):
-    """``stop`` was set while start-up waited for the brokers (not an error: the run ends with 0)."""
 
 
 def _until_reachable(

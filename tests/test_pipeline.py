@@ -360,6 +360,27 @@ def test_exactly_once_abort_replaces_the_producer_and_publishes_once(tmp_path):
     assert committed(rig) == rig.ends()
 
 
+def test_exactly_once_a_stop_while_the_new_producer_waits_for_the_brokers_ends_the_run_as_stopped(tmp_path):
+    # The successor's wait for the brokers raises StartupInterrupted once stop is set; it had
+    # escaped run() (no partitions reset, no checkpoints, health failed, "stopped while waiting").
+    from streamer.errors import StartupInterrupted
+
+    rig = Rig(tmp_path, exactly_once=True)
+    rig.write(per_device=2)
+    rig.broker.fail("commit_transaction", KafkaClientError("transaction coordinator fenced"))
+    stop = threading.Event()
+
+    def interrupted():
+        stop.set()  # SIGTERM while the brokers are away
+        raise StartupInterrupted()
+
+    rig.pipeline.producer_factory = interrupted
+    summary = rig.pipeline.run(stop)
+    assert summary.aborted_batches == 1 and summary.predictions == 0 and rig.broker.messages("out") == []
+    assert committed(rig) == {P0: None, P1: None}
+    assert rig.pipeline.partitions.owned == {} and set(rig.pipeline.partitions.pending) == {P0, P1}  # reset: recovered next time
+
+
 def test_exactly_once_an_aborted_batch_is_published_once_when_its_recovery_is_tried_again(tmp_path, monkeypatch):
     # The group has no commit yet: after the abort the partitions restart where the dropped batch
     # began, not at the fetch position past it, also when the first recovery fails (the store
