@@ -209,6 +209,83 @@ def test_a_confluent_seek_refused_for_the_partitions_state_under_eager_assignmen
     assert client.calls == []
 
 
+def test_a_confluent_seek_refusal_time_is_forgotten_when_the_partition_leaves(monkeypatch):
+    """The time of a refused seek belongs to that assignment: kept across a revocation, the first
+    refusal after the partition came back 30 s later had assigned it again at once, skipping the
+    wait that keeps librdkafka from taking the call for the answer to a queued rebalance."""
+    tp = TopicPartition("readings", 3)
+    client = _Refusing()
+    consumer = confluent.ConfluentConsumer(client, "earliest", cooperative=True)  # type: ignore[arg-type]
+    now = [1000.0]
+    monkeypatch.setattr(confluent.time, "monotonic", lambda: now[0])
+    with pytest.raises(KafkaClientError):
+        consumer.seek(tp, 10)
+    consumer._unassign(client, [RdTopicPartition("readings", 3)])  # revoked (or lost), then assigned again
+    client.calls.clear()
+    now[0] += 60.0
+    with pytest.raises(KafkaClientError) as refused:
+        consumer.seek(tp, 20)
+    assert refused.value.retriable and client.calls == []  # retried, not assigned again yet
+
+
+class _Polled:
+    """A librdkafka message or event, as poll gives it."""
+
+    def __init__(self, error: KafkaError | None = None, offset: int = 5) -> None:
+        self._error, self._offset = error, offset
+
+    def error(self):
+        return self._error
+
+    def topic(self):
+        return "readings"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return b"k"
+
+    def value(self):
+        return b"{}"
+
+    def headers(self):
+        return None
+
+    def timestamp(self):
+        return (0, -1)
+
+
+class _Polling:
+    def __init__(self, first, rest) -> None:
+        self.first, self.rest = first, rest
+
+    def poll(self, timeout):
+        return self.first
+
+    def consume(self, num_messages, timeout):
+        return self.rest
+
+
+@pytest.mark.parametrize("code", sorted(confluent.REFUSED))
+def test_a_confluent_authorisation_refusal_polled_as_an_event_ends_the_run_as_kafka_pythons_does(code: int):
+    """librdkafka reports a missing ACL on the topic or the group as a consumer event from poll,
+    neither fatal nor raised; it had been logged at DEBUG, and the service consumed nothing while
+    its health beat. Not retriable, as kafka-python's poll raises it."""
+    refused = _Polled(KafkaError(code))
+    for client in (_Polling(refused, []), _Polling(_Polled(), [refused, _Polled(offset=6)])):
+        consumer = confluent.ConfluentConsumer(client, "earliest", cooperative=True)  # type: ignore[arg-type]
+        with pytest.raises(KafkaClientError) as raised:
+            consumer.poll(1.0, 10)
+        assert not raised.value.retriable and "poll" in str(raised.value)
+    other = _Polling(_Polled(), [_Polled(KafkaError(KafkaError._PARTITION_EOF)), _Polled(offset=6)])
+    polled = confluent.ConfluentConsumer(other, "earliest", cooperative=True).poll(1.0, 10)  # type: ignore[arg-type]
+    assert [m.offset for m in polled] == [5, 6]  # other events: the client goes on by itself
+
+
 @pytest.mark.parametrize("code", sorted(confluent.CHANGELOG_PARTITION_UNKNOWN))
 def test_a_changelog_partition_the_clients_metadata_lacks_for_a_while_is_retriable(code: int):
     """After a broker restart librdkafka said "Local: Unknown partition" for a partition of the

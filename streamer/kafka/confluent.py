@@ -89,6 +89,17 @@ TRANSIENT = {
     KafkaError.PREFERRED_LEADER_NOT_AVAILABLE,
     KafkaError._WAIT_COORD,
 }
+# Refusals librdkafka reports from poll as events, not fatal and not raised (confluentinc/librdkafka
+# #3072): the application decides. kafka-python raises them from poll, and they end the run there
+# (not retriable); reported at DEBUG here, a consumer without the topic's or the group's ACL had
+# consumed nothing, its health beating.
+REFUSED = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError._AUTHENTICATION,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+}
 # A partition of the checkpoint changelog that the client's metadata lacks for a while after a
 # broker restart (ConfluentChangelog.end_offset): retriable there, where the partition is known to exist.
 CHANGELOG_PARTITION_UNKNOWN = {KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART}
@@ -311,6 +322,8 @@ class ConfluentConsumer(Consumer):
         self.client.subscribe(list(topics), on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
 
     def _unassign(self, consumer: RdConsumer, partitions: list[RdTopicPartition]) -> None:
+        for tp in _ours(partitions):  # a refused seek's time belongs to that assignment only
+            self._seek_refused_since.pop(tp, None)
         if self.cooperative:
             consumer.incremental_unassign(partitions)
         else:
@@ -336,8 +349,8 @@ class ConfluentConsumer(Consumer):
             for m in polled:
                 error = m.error()
                 if error is not None:
-                    if error.fatal():
-                        raise KafkaClientError(f"poll: {error.str()}")
+                    if error.fatal() or error.code() in REFUSED:
+                        raise KafkaClientError(f"poll: {error.str()}", retriable=False)
                     log.debug("consumer event: %s", error.str())  # transient: the client retries by itself
         return messages
 
