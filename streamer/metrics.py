@@ -7,7 +7,9 @@ one call; values that can be read off the state (devices, capacity) are read at 
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,10 +23,18 @@ from prometheus_client.registry import Collector
 
 from streamer.records import DeadLetterReason
 
+log = logging.getLogger(__name__)
+
 # Steps take tens of microseconds to tens of milliseconds.
 STEP_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
-BATCH_SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
-LATENCY_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# To batch.max_records' 1M messages, and past it: a batch message brings many readings.
+BATCH_SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+# A whole batch waits for its acknowledgements and commit: through a broker's restart, a minute or two.
+BATCH_SECONDS_BUCKETS = STEP_BUCKETS + (2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# To EVENT_TIME_PAST_S: a backlog caught up after an outage has latencies of hours, which had all
+# fallen past 60 s, where every quantile reads 60.
+LATENCY_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                   900.0, 3600.0, 4 * 3600.0, 24 * 3600.0, 7 * 24 * 3600.0)
 # A checkpoint of a big partition to the Kafka store takes a second or more (README, checkpoint stores).
 CHECKPOINT_BUCKETS = (1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Event times outside [now - EVENT_TIME_PAST_S, now + EVENT_TIME_FUTURE_S] are a device's clock or a
@@ -126,7 +136,7 @@ class Metrics:
         self.batch_seconds = Histogram(
             "streamer_batch_seconds",
             "Whole micro-batch time: decode, step, produce, acknowledge, commit",
-            buckets=STEP_BUCKETS,
+            buckets=BATCH_SECONDS_BUCKETS,
             registry=registry,
         )
         self.latency = BulkHistogram(
@@ -365,6 +375,16 @@ class Health:
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that stalled (HTTP_TIMEOUT_S) or went away: one debug line. socketserver's
+        own printed a traceback to stderr for each, past the log's format (a load balancer's
+        half-open check, a port scan)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (TimeoutError, ConnectionError)):
+            log.debug("metrics client %s: %r", client_address, error)
+            return
+        log.warning("metrics server: a request from %s failed", client_address, exc_info=True)
 
 
 class _QuietHandler(WSGIRequestHandler):

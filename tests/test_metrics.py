@@ -165,6 +165,43 @@ def test_a_client_that_stalls_mid_request_is_let_go(monkeypatch):
         server.stop()
 
 
+def test_a_stalled_client_prints_no_traceback(monkeypatch, capfd, caplog):
+    # socketserver's handle_error printed its timeout's traceback to stderr, past the log's format.
+    import logging
+    import socket
+
+    import streamer.metrics
+
+    monkeypatch.setattr(streamer.metrics._QuietHandler, "timeout", 0.3)
+    server = MetricsServer(CollectorRegistry(), Health(60.0), "127.0.0.1", 0).start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="streamer.metrics"):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as stalled:
+                stalled.sendall(b"GET /metr")
+                assert stalled.recv(100) == b""
+            deadline = time.monotonic() + 3
+            while "metrics client" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err
+    assert "timed out" in caplog.text
+
+
+def test_buckets_reach_a_backlogs_latency_a_slow_batch_and_a_big_one():
+    # Past the old top buckets (60 s, 1 s, 262,144) every quantile read the top bucket's bound.
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.on_batch(readings=300_000, predictions=1, anomalies=0, new_devices=0, evicted_ttl=0, evicted_capacity=0,
+                     step_seconds=0.5, batch_seconds=2.5, latencies=np.array([3000.0]))
+    assert sample(registry, "streamer_event_to_publish_seconds_bucket", le="3600.0") == 1
+    assert sample(registry, "streamer_event_to_publish_seconds_bucket", le="900.0") == 0
+    assert sample(registry, "streamer_batch_seconds_bucket", le="2.5") == 1
+    assert sample(registry, "streamer_batch_seconds_bucket", le="1.0") == 0
+    assert sample(registry, "streamer_batch_readings_bucket", le="1.048576e+06") == 1
+    assert sample(registry, "streamer_batch_readings_bucket", le="262144.0") == 0
+
+
 def test_the_host_of_all_interfaces_is_served_on_ipv4():
     health = Health(60.0)
     health.beat()
