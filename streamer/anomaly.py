@@ -84,7 +84,20 @@ PEAK_CAP = 10.0
 STAT_CAP_SPREADS = 20.0
 # The surprise (-log10 tail) of a reading that breaks one of the device's records (see Records).
 RECORD_SURPRISE = 5.0
-LOG_RECORD_TAIL = -RECORD_SURPRISE * LN10
+
+
+def float32_at_or_below(x: float) -> float:
+    """The largest float32 value <= x. Log tails are float32: compared with it, a flag is raised
+    exactly where the score published from that tail (1 - exp, in float64) is >= its bound. The
+    nearest float32 of ln(1e-5) lies above it, and a record break at 0.99999 had been flagged
+    with a score of 0.9999899999968."""
+    nearest = torch.tensor(x, dtype=torch.float32)
+    if float(nearest) > x:
+        nearest = torch.nextafter(nearest, torch.tensor(-math.inf))
+    return float(nearest)
+
+
+LOG_RECORD_TAIL = float32_at_or_below(-RECORD_SURPRISE * LN10)
 # A range break counts only where the residual's own tail is below this: a cycle the device
 # has not yet shown in full widens its range every day, and the model forecasts it.
 LOG_RANGE_GATE = math.log(0.01)
@@ -117,8 +130,9 @@ class AnomalyParams:
 
     @property
     def log_tail_threshold(self) -> float:
-        """ln(1 - threshold): flag readings whose ln(tail) is at or below it."""
-        return math.log1p(-self.threshold)
+        """ln(1 - threshold), as the float32 at or below it: flag readings whose (float32) ln(tail)
+        is at or below it, which are those whose score is >= threshold."""
+        return float32_at_or_below(math.log1p(-self.threshold))
 
 
 @dataclass(frozen=True)

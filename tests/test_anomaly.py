@@ -1,6 +1,7 @@
 """Anomaly scores: calibrated, comparable across devices, independent of the threshold, adaptive."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -260,3 +261,26 @@ def test_one_absurd_reading_leaves_a_devices_normalisation_usable():
         if t == 1_100:
             assert z.item() > 3.0, z
     assert abs(mean.item() - 20) < 1 and 0.5 < var.item() < 5
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.99, 0.999, 0.9999, 0.99999, 0.999999, 0.9999999, 0.123456789])
+def test_a_flag_is_raised_exactly_where_the_published_score_reaches_the_threshold(threshold: float):
+    # Log tails are float32 and scores 1 - exp of them in float64; the threshold's log compared in
+    # float32 (rounded to nearest) had flagged a record break at 0.99999 whose score was 0.9999899999968.
+    params = AnomalyParams(threshold=threshold)
+    bound = torch.tensor(math.log1p(-threshold), dtype=torch.float32)
+    tails = [bound]
+    for direction in (math.inf, -math.inf):
+        t = bound
+        for _ in range(3):
+            t = torch.nextafter(t, torch.tensor(direction))
+            tails.append(t)
+    for t in tails:
+        score = -math.expm1(float(t))
+        assert (float(t) <= params.log_tail_threshold) == (score >= threshold), (float(t), score)
+    # A record break is flagged at 0.99999 and its score reaches it.
+    one = torch.ones(1)
+    scored = score_and_update(torch.full((1,), 1e-3), torch.ones(1, dtype=torch.bool), one * 100, one, one, one, one,
+                              torch.zeros(1), torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool),
+                              AnomalyParams(threshold=0.99999))
+    assert bool(scored.is_anomaly[0]) and -math.expm1(float(scored.log_tail[0])) >= 0.99999
