@@ -266,15 +266,17 @@ def score_and_update(
     excess = short_new - mean
     jump = residual - mean
     typical = mean.clamp_min(params.min_std)
-    # Two time scales, the short mean and the reading alone: the tail is taken at the one whose
-    # standardised excess is larger (one gamma evaluation, the step's dearest operation), and
-    # doubled (Bonferroni) so that looking twice does not flag more often than it says.
+    # Two time scales, the short mean and the reading alone: the tail is the smaller of theirs
+    # (one gamma evaluation over both, the step's dearest operation), doubled (Bonferroni) so that
+    # looking twice does not flag more often than it says. The two gammas have other shapes, so
+    # the scale of the larger standardised excess (taken alone before) was at times the one of
+    # the larger tail: a larger residual could get a lower score, and lose its flag.
     spread_short = var.clamp_min(floor * floor)
     spread_one = var_one.clamp_min(params.min_std * params.min_std)
-    use_one = jump * torch.rsqrt(spread_one) > excess * torch.rsqrt(spread_short)
-    tail = gamma_log_tail(
-        torch.where(use_one, residual, short_new), typical, torch.where(use_one, spread_one, spread_short)
-    )
+    b = residual.shape[0]
+    both = gamma_log_tail(torch.cat([short_new, residual]), torch.cat([typical, typical]),
+                          torch.cat([spread_short, spread_one]))
+    tail = torch.minimum(both[:b], both[b:])
     scored = has_residual & (n >= max(params.warmup, 2))
     log_tail = torch.where(scored, (tail + LN2).clamp_max(0.0), torch.zeros_like(tail))
     surprise = log_tail * (-1.0 / LN10)

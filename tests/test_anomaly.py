@@ -284,3 +284,24 @@ def test_a_flag_is_raised_exactly_where_the_published_score_reaches_the_threshol
                               torch.zeros(1), torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool),
                               AnomalyParams(threshold=0.99999))
     assert bool(scored.is_anomaly[0]) and -math.expm1(float(scored.log_tail[0])) >= 0.99999
+
+
+def test_a_larger_residual_never_gets_a_larger_tail():
+    # The tail had been taken at the time scale of the larger standardised excess alone; the two
+    # gammas have other shapes, and past the switch the tail jumped up: at this state a residual
+    # of 5.2 was flagged (ln tail -13.5) and one of 5.25 was not (-8.9).
+    rng = np.random.default_rng(0)
+    states = [(0.8, 0.0635, 1.5562, 0.360)] + [tuple(rng.uniform([0.1, 0.01, 0.0, 0.05], [2.0, 1.0, 4.0, 2.0]))
+                                                  for _ in range(40)]
+    residuals = torch.linspace(0.0, 12.0, 2401)
+    params = AnomalyParams(novelty_decay=0.0, range_tolerance=None)
+    for mean, var, short, var_one in states:
+        full = lambda v: torch.full_like(residuals, v)  # noqa: E731
+        scored = score_and_update(residuals, torch.ones_like(residuals, dtype=torch.bool), full(1000.0), full(mean),
+                                  full(var), full(short), full(var_one), torch.zeros_like(residuals),
+                                  torch.zeros_like(residuals), torch.zeros_like(residuals, dtype=torch.bool),
+                                  torch.zeros_like(residuals, dtype=torch.bool), params)
+        tail = scored.log_tail
+        assert bool((tail[1:] <= tail[:-1]).all()), (mean, var, short, var_one)
+        flags = scored.is_anomaly.int()
+        assert bool((flags[1:] >= flags[:-1]).all())  # once flagged, every larger residual is
