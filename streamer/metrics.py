@@ -112,6 +112,13 @@ class Metrics:
         self.event_time_future_s = event_time_future_s
         self.event_time_past_s = event_time_past_s
         self.readings = Counter("streamer_readings", "Valid readings consumed", registry=registry)
+        # The dead-letter rate's denominator: dead letters are messages, and a batch message's
+        # readings are many (alerts.yml had divided by readings, and half the messages of a topic
+        # of batch messages dead-lettered read as 1%).
+        self.input_messages = Counter(
+            "streamer_input_messages", "Input messages taken in, good or dead-lettered (a batch message counts once;"
+            " messages replayed after a recovery do not count again)", registry=registry,
+        )
         self.predictions = Counter("streamer_predictions", "Predictions acknowledged by the broker", registry=registry)
         self.dead_letters = Counter(
             "streamer_dead_letters", "Messages sent to the dead-letter topic", ["reason"], registry=registry
@@ -228,9 +235,11 @@ class Metrics:
         batch_seconds: float,
         latencies: np.ndarray,
         reset_not_finite: int = 0,
+        messages: int = 0,
     ) -> None:
         self.batches.inc()
         self.readings.inc(readings)
+        self.input_messages.inc(messages)
         self.predictions.inc(predictions)
         self.anomalies.inc(anomalies)
         self.new_devices.inc(new_devices)

@@ -107,6 +107,7 @@ class Unsettled:
     by_reason: Tally
     event_ts: np.ndarray
     started: float
+    messages: int = 0  # input messages, good or dead-lettered, replayed ones left out
 
 
 class ModelWatcher:
@@ -443,8 +444,10 @@ class Pipeline:
         spans = [] if not self.arrow_output else [
             span for span, hide in _published_spans(decoded.batch_spans, hidden)
             if not hide and not plan.replayed(span.position.topic, span.position.partition, span.position.offset)]
+        messages = len(records) if not plan.replay_until else sum(
+            1 for m in records if not plan.replayed(m.topic, m.partition, m.offset))
         batch = Unsettled(plan, owners, report, len(published), int(published.is_anomaly.sum()), int(replay.sum()),
-                          Tally(letter.reason.value for letter in letters), published.ts, started)
+                          Tally(letter.reason.value for letter in letters), published.ts, started, messages)
         # 4-6. Produce predictions and dead letters; once the broker has them, commit offsets,
         #    then checkpoint the partitions that are due.
         if self.exactly_once:
@@ -558,7 +561,7 @@ class Pipeline:
         if batch.replayed and self.metrics is not None:
             self.metrics.on_replayed(batch.replayed)
         self._account(batch.report, batch.published, batch.anomalies, batch.by_reason, acked_at - batch.event_ts,
-                      time.perf_counter() - batch.started)
+                      time.perf_counter() - batch.started, batch.messages)
 
     def _step(self, readings: ReadingBatch) -> tuple[PredictionBatch, StepReport]:
         """engine.step over the batch, in chunks of at most the table's capacity of distinct
@@ -736,7 +739,7 @@ class Pipeline:
 
     def _account(
         self, report: StepReport, published: int, anomalies: int, by_reason: Tally, latencies: np.ndarray,
-        batch_seconds: float,
+        batch_seconds: float, messages: int = 0,
     ) -> None:
         s = self.summary
         s.batches += 1
@@ -761,6 +764,7 @@ class Pipeline:
             step_seconds=report.step_seconds,
             batch_seconds=batch_seconds,
             latencies=latencies,
+            messages=messages,
         )
         if by_reason:
             self.metrics.on_dead_letters(by_reason)

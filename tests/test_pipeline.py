@@ -835,6 +835,27 @@ def test_the_replayed_metric_counts_readings_as_the_summary_does(tmp_path):
     assert len(rig.broker.messages("out")) == 24
 
 
+def test_input_messages_count_a_batch_message_once_dead_letters_too_and_replays_not_again(tmp_path):
+    # The dead-letter rate's denominator (alerts.yml): dead letters are messages. Divided by
+    # readings, half of a topic of batch messages dead-lettered had read as about 1%.
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, checkpoint_readings=10_000, metrics=Metrics(registry))
+    rig.write_arrow(b"gw-0", DEVICES)
+    rig.broker.append("in", b"gw-0", b"not arrow", [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)])
+    rig.write(per_device=1, start_ts=1, bad=1)  # 8 readings, 1 not JSON
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert registry.get_sample_value("streamer_input_messages_total") == 1 + 1 + 8 + 1
+    assert registry.get_sample_value("streamer_readings_total") == 16
+    assert sum(rig.pipeline.summary.dead_letters_by_reason.values()) == 2
+    rig.restart()  # replays every message from the checkpoint at 0: none counts again
+    rig.write_arrow(b"gw-0", DEVICES, ts=2)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    assert rig.pipeline.summary.replayed > 0
+    assert registry.get_sample_value("streamer_input_messages_total") == 11 + 1
+
+
 def test_anomalies_are_counted_once_however_often_their_readings_are_replayed(tmp_path):
     # The partitions leave and come back to this process: their readings are replayed from the
     # checkpoint at 0, the flagged ones among them, which had been counted again.
