@@ -396,25 +396,32 @@ def _model_mismatch(checkpoint: Checkpoint, width: int, model: ModelStamp | None
     return None
 
 
-SAFE_NAME_MAX = 200  # a path component's characters: longer ones are hashed (into 200 bytes at most)
-NAME_MAX_BYTES = 255  # ... and so are those of more bytes than file systems take
+SAFE_NAME_MAX = 200  # a path component's characters: longer ones are hashed
+NAME_MAX_BYTES = 255  # a file name's bytes on the file systems checkpoints go to
 
 
-def _safe(name: str) -> str:
+def _safe(name: str, max_bytes: int | None = NAME_MAX_BYTES) -> str:
     """A path component for a topic or group name (Kafka allows [a-zA-Z0-9._-] in topics), one per
     name: other characters as %xx, or %uxxxxxx past U+00FF ("x€" is not "x ac"); "." and ".." escaped
-    (they would name the directory itself, or its parent); past SAFE_NAME_MAX characters or
-    NAME_MAX_BYTES bytes, a prefix and the SHA-256 of the name (a group id has no length limit, a
-    file name has). Letters outside ASCII are kept, 2 to 4 bytes each: only characters had been
-    counted, and a group of 150 such letters had a name no file system takes, and no checkpoint."""
+    (they would name the directory itself, or its parent); past SAFE_NAME_MAX characters, a prefix
+    and the SHA-256 of the name (a group id has no length limit, a file name has).
+
+    Letters outside ASCII are kept, 2 to 4 bytes each, so a name of fewer characters could still
+    pass ``max_bytes``: a group of 150 CJK letters had a directory name no file system takes, and
+    no checkpoint. Such a name, and only such a one (every name that worked keeps its path), is
+    hashed again to a prefix of bytes. None: no byte limit (the Kafka store's keys)."""
     if name in (".", ".."):
         return "%2e" * len(name)
     safe = "".join(ch if ch.isalnum() or ch in "._-" else f"%{ord(ch):02x}" if ord(ch) <= 0xFF else f"%u{ord(ch):06x}"
                    for ch in name) or "%"
-    encoded = safe.encode("utf-8")  # letters outside ASCII are kept as they are: 2 to 4 bytes each
-    if len(safe) > SAFE_NAME_MAX or len(encoded) > NAME_MAX_BYTES:
-        prefix = encoded[: SAFE_NAME_MAX - 65].decode("utf-8", "ignore")
-        safe = f"{prefix}~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()}"
+    digest = None
+    if len(safe) > SAFE_NAME_MAX:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        safe = f"{safe[:SAFE_NAME_MAX - 65]}~{digest}"
+    encoded = safe.encode("utf-8")
+    if max_bytes is not None and len(encoded) > max_bytes:
+        digest = digest or hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        safe = f"{encoded[: SAFE_NAME_MAX - 65].decode('utf-8', 'ignore')}~{digest}"
     return safe
 
 

@@ -189,7 +189,7 @@ class KafkaCheckpointStore(CheckpointStore):
         self.group_id = group_id
         self.keep = keep
         self.chunk_bytes = chunk_bytes
-        self._prefix = _safe(group_id) + "/"
+        self._prefix = _safe(group_id, max_bytes=None) + "/"  # keys have no file name's limit: as they always were
         self.partitions = changelog.partition_count(CALL_TIMEOUT_S)
         self._indexes: dict[int, _PartitionIndex] = {}
 

@@ -660,7 +660,15 @@ def test_names_become_path_components_one_each_inside_the_store(tmp_path: Path):
     safe = [_safe(n) for n in names]
     assert len(set(safe)) == len(names) and all(s not in (".", "..") and len(s.encode()) <= 200 for s in safe[:-1]), safe
     assert _safe("plain-name_1.0") == "plain-name_1.0" and _safe("a b") == "a%20b"  # as before: paths kept
-    assert _safe("\u00e9" * 120) == "\u00e9" * 120  # 240 bytes: a name that worked is kept as it was
+    # Every name that worked keeps its path: 240 bytes; 201 characters hashed by characters (201 bytes).
+    import hashlib
+
+    assert _safe("\u00e9" * 120) == "\u00e9" * 120
+    long = "\u00e9" + "a" * 200
+    assert _safe(long) == "\u00e9" + "a" * 134 + "~" + hashlib.sha256(long.encode()).hexdigest()
+    # The Kafka store's keys have no byte limit: its prefixes are as they were, however many bytes.
+    cjk = "\u4e2d" * 150
+    assert _safe(cjk, max_bytes=None) == cjk and len(_safe(cjk).encode()) <= 200
     engine = stepped_engine()
     for group in ("..", "orders:" * 30, "\u4e2d" * 150, "\u00e9" * 200):
         store = DirectoryCheckpointStore(tmp_path / "root", group)
