@@ -415,6 +415,8 @@ class Pipeline:
             gone = set() if self.exactly_once else {tp for tp in next_offsets if not self.partitions.accepts(tp)}
             if gone:
                 records = [m for m in records if TopicPartition(m.topic, m.partition) not in gone]
+                if not records:
+                    return  # every partition of the batch gone: nothing to step, count or publish
                 decoded = self.decoder.decode(records)
                 next_offsets = _next_offsets(records)
             plan = self.partitions.plan(next_offsets, _readings_per_partition(decoded, next_offsets))

@@ -902,6 +902,20 @@ def test_at_least_once_a_partition_gone_between_poll_and_step_publishes_nothing_
     assert committed(rig)[P1] == len(rig.broker.topics["in"][1]) and rig.pipeline.partitions.owned.keys() == {P1}
 
 
+def test_at_least_once_a_batch_whose_partitions_all_went_between_poll_and_step_is_not_a_batch(tmp_path):
+    registry = CollectorRegistry()
+    rig = Rig(tmp_path, metrics=Metrics(registry))
+    rig.write(per_device=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    rig.write(per_device=1, start_ts=1)
+    records = rig.pipeline._poll_batch(None)
+    rig.consumer.rebalance_now(revoked=[P0, P1])
+    rig.pipeline._process(records)
+    assert rig.pipeline.summary.batches == 1 and registry.get_sample_value("streamer_batches_total") == 1
+    assert rig.pipeline._unsettled is None and len(rig.broker.messages("out")) == len(DEVICES)
+
+
 def test_exactly_once_a_batch_dropped_as_a_partition_left_is_counted_as_aborted(tmp_path):
     registry = CollectorRegistry()
     rig = Rig(tmp_path, exactly_once=True, metrics=Metrics(registry))

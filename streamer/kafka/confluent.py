@@ -92,13 +92,12 @@ TRANSIENT = {
 # Refusals librdkafka reports from poll as events, not fatal and not raised (confluentinc/librdkafka
 # #3072): the application decides. kafka-python raises them from poll, and they end the run there
 # (not retriable); reported at DEBUG here, a consumer without the topic's or the group's ACL had
-# consumed nothing, its health beating.
+# consumed nothing, its health beating. (A refused login is checked at start-up; later, as a
+# broker comes back, librdkafka retries it, as kafka-python does.)
 REFUSED = {
     KafkaError.TOPIC_AUTHORIZATION_FAILED,
     KafkaError.GROUP_AUTHORIZATION_FAILED,
     KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-    KafkaError._AUTHENTICATION,
-    KafkaError.SASL_AUTHENTICATION_FAILED,
 }
 # A partition of the checkpoint changelog that the client's metadata lacks for a while after a
 # broker restart (ConfluentChangelog.end_offset): retriable there, where the partition is known to exist.
