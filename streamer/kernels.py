@@ -64,11 +64,13 @@ MIN_GEMM_ROWS = 8
 # On the CPU a wave's step runs over at most this many rows at a time (Engine.max_rows_per_step).
 CPU_ROWS_PER_STEP = 4096
 # ... and over a multiple of this many: the rest of the rows point at the table's sink row. A row
-# past the last whole block (of MKL's GEMM, 4 or 8 rows; of the vector loops, torch's and
-# Inductor's, 16 to 64 floats or bfloat16s on AVX-512) is summed or rounded by other code, and a
-# device's result had depended on where in its batch it came: bitwise, not within 1e-5, but
-# carried on in its state. Padded, every real row takes the whole blocks' code.
-CPU_ROW_BLOCK = 64
+# past the last whole block (of MKL's GEMM, 4 or 8 rows; of Inductor's vector loops, 16 floats on
+# AVX-512) is summed or rounded by other code, and a device's result had depended on where in its
+# batch it came: bitwise, not within 1e-5, but carried on in its state. Padded, every real row
+# takes the whole blocks' code (tests/test_engine.py: 8 is too few, 16 enough). More costs batches
+# of many small waves (a few devices with many readings each): 4,096 readings of 4 devices took
+# 1.05x the time of 8-row padding at 16, 1.26x at 64 (eager; 1.03x and 1.21x compiled).
+CPU_ROW_BLOCK = 16
 
 
 def make_lstm_step(model: LSTMModel, device: torch.device, dtype: torch.dtype = torch.float32) -> "LstmStep":
