@@ -171,8 +171,10 @@ def wave_step(
 
 # Inductor's C++ options for the step. ffp-contract=fast lets the compiler fuse a product and the
 # sum after it into one fused multiply-add (rounded once, not twice): fast_tanh's polynomials are
-# such pairs, and Inductor compiles with contraction off. The gate loops alone, timed in turn:
-# 1.17x; the compiled step without the plan and lookup 1.04x-1.10x (README, State table).
+# such pairs, and Inductor compiles with contraction off. Whole steps against the tree before
+# (bench/engine_vs.py, bench/results/cpu-2026-11-30-fma.jsonl): bfloat16 1.04x-1.09x, float32
+# 1.02x-1.13x. The engine pads every chunk to CPU_ROW_BLOCK rows: contracted, a vector loop's
+# tail rows are summed otherwise than its whole blocks (tests/test_engine.py).
 COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 # The rows the compile is shown. Inductor decides which loops run on torch's threads from the
