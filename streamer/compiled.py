@@ -265,12 +265,8 @@ class CompiledWave:
             log.info("compiled the CPU step in %.1f s", time.perf_counter() - started)
 
     def __call__(self, x: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
-        b = len(slots)
-        table = self.table
-        if b < MIN_GEMM_ROWS:  # the engine pads further (CPU_ROW_BLOCK); the graph takes no fewer
-            pad = MIN_GEMM_ROWS - b
-            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-            slots = torch.cat([slots, slots.new_full((pad,), table.sink)])
+        # The engine pads every chunk to whole blocks of CPU_ROW_BLOCK rows (Engine._wave), never
+        # fewer than the MIN_GEMM_ROWS the graph was compiled to take.
         if self._eager:
             results = wave_step(x, slots, *self._args)
         else:
@@ -291,4 +287,4 @@ class CompiledWave:
                 log.warning("the compiled CPU step does not take these inputs (%s): this model's steps run"
                             " eagerly from now on", "; ".join(reasons)[:500] or "a recompile")
                 results = wave_step(x, slots, *self._args)  # the guards failed before anything ran
-        return tuple(r[:b] for r in results)
+        return tuple(results)

@@ -71,6 +71,7 @@ CPU_ROWS_PER_STEP = 4096
 # of many small waves (a few devices with many readings each): 4,096 readings of 4 devices took
 # 1.05x the time of 8-row padding at 16, 1.26x at 64 (eager; 1.03x and 1.21x compiled).
 CPU_ROW_BLOCK = 16
+assert CPU_ROW_BLOCK % MIN_GEMM_ROWS == 0 and CPU_ROWS_PER_STEP % CPU_ROW_BLOCK == 0
 
 
 def make_lstm_step(model: LSTMModel, device: torch.device, dtype: torch.dtype = torch.float32) -> "LstmStep":

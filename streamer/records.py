@@ -63,9 +63,8 @@ from pydantic_core import from_json
 from streamer.engine import PredictionBatch, ReadingBatch
 
 MAX_DEVICE_ID_LENGTH = 256
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-# From here on a float64 rounds to infinity in float32: halfway between FLOAT32_MAX and 2^128 (ties
-# go to the even mantissa, 2^128's). Between FLOAT32_MAX and it a value rounds to FLOAT32_MAX.
+# From here on a float64 rounds to infinity in float32: halfway between float32's max and 2^128
+# (ties go to the even mantissa, 2^128's). Between float32's max and it a value rounds to the max.
 FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 # Readings beyond this magnitude are refused (out_of_range): squared in float32 (a device's
 # normalisation, residuals), values past about 1.8e19 overflow to inf, and the forecasts with them.
