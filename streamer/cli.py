@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`streamer check-config | head -1`): nothing is left to
+        # say to it, and Python's flush of stdout at exit would raise again. As Python's
+        # documentation of SIGPIPE advises: stdout to /dev/null, exit 1.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="print the settings `run` would use (secrets masked), or the error that stops it",
         description="Resolve the settings as `streamer run` does (flag, else environment variable, else the "
-        "config file, else the default), check what `run` checks before connecting to Kafka (the model file "
-        "loads, the metrics host can be bound, the checkpoint directory can be written; not with --settings-only), "
+        "config file, else the default), check what `run` checks before connecting to Kafka (a model file is "
+        "set and loads, the metrics host can be bound, the checkpoint directory can be written; not with --settings-only), "
         "print the settings with passwords masked and exit 0, or print the first problem and exit 2.",
     )
     check.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
@@ -417,10 +423,10 @@ def _check_config(args: argparse.Namespace) -> int:
         from streamer.engine import resolve_device
 
         resolve_device(settings.model.device)
-        if settings.model.path is not None:
-            from streamer.model import load_model_file
+        _require_model_path(settings)  # as `run` does: a config without a model file cannot run
+        from streamer.model import load_model_file
 
-            load_model_file(settings.model.path)
+        load_model_file(settings.model.path)
         if settings.metrics.enabled:
             _check_metrics_port(settings.metrics.host, 0)
         _check_checkpoint_directory(settings, create=False)

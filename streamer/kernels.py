@@ -98,6 +98,13 @@ def fused_if_it_launches(fused: "TritonLstmStep", fallback: Callable[[], "LstmSt
         log.warning("the fused CUDA step does not fit this GPU for hidden size %d, input size %d (%s): the torch"
                     " step serves instead", fused.hidden_size, fused.input_size, exc)
         return fallback()
+    except Exception as exc:  # noqa: BLE001 - any other refusal: the torch step needs none of it
+        # Triton builds each kernel's launcher with a C compiler on its first launch, and writes
+        # both to its cache directory: an image without gcc, or with a read-only home, refused it
+        # here with a RuntimeError, and the GPU instance died before serving a reading.
+        log.warning("the fused CUDA step could not be launched (%s: %s): the torch step serves instead; Triton needs"
+                    " a C compiler and a writable TRITON_CACHE_DIR", type(exc).__name__, exc)
+        return fallback()
     return fused
 
 

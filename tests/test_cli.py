@@ -162,6 +162,17 @@ def one_line_error(capsys) -> str:
     return err
 
 
+def test_a_reader_that_stops_reading_ends_the_command_without_a_traceback(tmp_path: Path):
+    # `streamer check-config | head -1`: the pipe closes while the settings are still being written.
+    script = ("import subprocess, sys\n"
+              "p = subprocess.Popen([sys.executable, '-m', 'streamer', 'check-config', '--settings-only', '--format',"
+              " 'json'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)\n"
+              "p.stdout.read(1); p.stdout.close(); err = p.stderr.read(); sys.stdout.write(f'{p.wait()} {err!r}')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    code, err = done.stdout.split(" ", 1)
+    assert code == "1" and err == "b''", done.stdout
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
@@ -207,7 +218,7 @@ def test_unknown_streamer_variables_are_warned_about_with_the_closest_name(monke
         monkeypatch.delenv(name)
     monkeypatch.setenv(variable, "elsewhere:9092")
     monkeypatch.setenv("STREAMER_PORT", "tcp://10.0.0.1:9100")  # a Kubernetes service link: not ours, no warning
-    assert main(["check-config"]) == 0
+    assert main(["check-config", "--settings-only"]) == 0
     out, err = capsys.readouterr()
     assert f"warning: environment variable {variable} is not a setting, ignored" in err
     assert "did you mean STREAMER_KAFKA__BOOTSTRAP_SERVERS" in err and err.count("\n") == 1
@@ -219,7 +230,7 @@ def test_invalid_topic_names_are_refused(capsys, topic: str):
     assert main(["check-config", "--kafka-output-topic", topic]) == 2
     err = one_line_error(capsys)
     assert "--kafka-output-topic" in err and "not a Kafka topic name" in err
-    assert main(["check-config", "--kafka-output-topic", "a" * 249]) == 0
+    assert main(["check-config", "--settings-only", "--kafka-output-topic", "a" * 249]) == 0
 
 
 @pytest.mark.parametrize("flag, name", [("--kafka-output-topic", "output_topic"), ("--kafka-dead-letter-topic", "dead_letter_topic")])
@@ -319,13 +330,13 @@ def test_check_config_prints_resolved_settings_with_secrets_masked(tmp_path: Pat
     config.write_text('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\nsasl_username = "u"\n'
                       '[batch]\nmax_records = 64\n')
     monkeypatch.setenv("STREAMER_KAFKA__SASL_PASSWORD", "hunter2")
-    assert main(["check-config", "--config", str(config), "--state-capacity", "500"]) == 0
+    assert main(["check-config", "--settings-only", "--config", str(config), "--state-capacity", "500"]) == 0
     out = capsys.readouterr().out
     resolved = tomllib.loads(out)  # TOML that reads back, unset settings as comments
     assert resolved["kafka"]["sasl_password"] == "**********" and "hunter2" not in out
     assert resolved["batch"]["max_records"] == 64 and resolved["state"]["capacity"] == 500
     assert "# instance_id = (unset)" in out
-    assert main(["check-config", "--config", str(config), "--format", "json"]) == 0
+    assert main(["check-config", "--settings-only", "--config", str(config), "--format", "json"]) == 0
     as_json = json.loads(capsys.readouterr().out)
     assert as_json["kafka"]["sasl_password"] == "**********" and as_json["kafka"]["security_protocol"] == "SASL_SSL"
     assert main(["check-config", "--batch-max-records", "0"]) == 2
@@ -398,7 +409,7 @@ def test_a_section_as_json_in_the_environment_is_checked_too(monkeypatch, capsys
 
 def test_a_variable_nested_below_a_setting_that_does_not_exist_is_ignored_as_said(monkeypatch, capsys):
     monkeypatch.setenv("STREAMER_KAFKA__SSL__X", "1")
-    assert main(["check-config", "--metrics-enabled", "false"]) == 0
+    assert main(["check-config", "--settings-only", "--metrics-enabled", "false"]) == 0
     assert "STREAMER_KAFKA__SSL__X is not a setting, ignored" in capsys.readouterr().err
 
 
@@ -485,14 +496,19 @@ def test_a_checkpoint_directory_that_cannot_be_written_is_refused_before_connect
         err = one_line_error(capsys)
         assert "checkpoint.directory (flag --checkpoint-directory" in err and says in err
     # With checkpoints off, or in Kafka, the directory is not used.
-    assert main(["check-config", "--checkpoint-directory", str(a_file), "--checkpoint-enabled", "false",
-                 "--metrics-enabled", "false"]) == 0
+    assert main(["check-config", "--model-path", str(model_file), "--checkpoint-directory", str(a_file),
+                 "--checkpoint-enabled", "false", "--metrics-enabled", "false"]) == 0
 
 
 def test_check_config_refuses_what_run_refuses_before_connecting(model_file: Path, tmp_path: Path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     ok = ["--model-path", str(model_file), "--metrics-enabled", "false", "--checkpoint-directory", str(tmp_path / "new" / "ck")]
+    # No model file at all: `run` stops at once, and so does the check (it had passed, exit 0).
+    assert main(["check-config", *ok[2:]]) == 2
+    assert one_line_error(capsys) == "streamer: error: no model file: set --model-path (env STREAMER_MODEL__PATH)\n"
+    assert main(["check-config", *ok[2:], "--settings-only"]) == 0
+    capsys.readouterr()
     assert main(["check-config", *ok]) == 0
     assert not (tmp_path / "new").exists()  # nothing created
     capsys.readouterr()

@@ -328,3 +328,30 @@ def test_the_prometheusrule_carries_the_alert_rules_as_they_are():
     assert (manifest["apiVersion"], manifest["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
     assert manifest["spec"]["groups"] == rules["groups"], "run python deploy/tools/prometheusrule.py"
     assert manifest["metadata"]["labels"]["app.kubernetes.io/name"] == "streamer"
+
+
+@pytest.mark.parametrize("variant, with_cxx, installs", [("cpu", "0", None), ("cpu", "1", "g++"), ("cu124", "0", "gcc"),
+                                                         ("cu121", "1", "g++")])
+def test_the_runtime_image_gets_the_compilers_its_steps_need(tmp_path: Path, variant: str, with_cxx: str,
+                                                             installs: str | None):
+    """Triton builds the fused CUDA step's launcher with a C compiler at its first launch: a CUDA
+    image without one had served nothing (the torch step now serves instead, slower). The runtime
+    stage's install step, run by sh with apt-get and rm recorded instead of run."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = text.split(" AS runtime", 1)[1]
+    [script] = [line[4:] for line in runtime.splitlines() if line.startswith("RUN ") and "apt-get install" in line]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("apt-get", "rm"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {tmp_path / "calls"}\n')
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TORCH_VARIANT": variant, "WITH_CXX": with_cxx}
+    subprocess.run(["sh", "-ec", script], env=env, check=True, timeout=30)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    installed = [line.split()[-1] for line in calls if line.startswith("apt-get install")]
+    assert installed == ([installs] if installs else []), calls
+    # Triton writes the launcher it builds under TRITON_CACHE_DIR: /tmp, writable in the pods
+    # (an emptyDir under readOnlyRootFilesystem), where its default, ~/.triton, is not.
+    assert dockerfile_env()["TRITON_CACHE_DIR"].startswith("/tmp/")
+    for manifest in (K8S / "statefulset.yaml", K8S / "gpu" / "statefulset.yaml"):
+        assert "{name: tmp, mountPath: /tmp}" in manifest.read_text(), manifest

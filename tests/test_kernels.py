@@ -278,6 +278,21 @@ def test_a_fused_step_the_gpu_cannot_launch_gives_way_to_the_torch_step(interpre
     assert len(said) == 1 and "does not fit this GPU for hidden size 8, input size 1" in said[0]
     assert "Required: 294912" in said[0]
 
+    # Triton's own launcher build, which needs a C compiler and a writable cache directory.
+    class NoCompiler:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable")
+            return launch
+
+    monkeypatch.setattr(interpreted, "_lstm_rows_kernel", NoCompiler())
+    caplog.clear()
+    step = interpreted.fused_if_it_launches(interpreted.TritonLstmStep(model, cpu),
+                                            lambda: streamer.kernels.TorchLstmStep(model, cpu))
+    assert isinstance(step, streamer.kernels.TorchLstmStep)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "could not be launched (RuntimeError: Failed to find C compiler" in said[0]
+
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
 def test_kernel_resources_compiles_the_kernel_for_a_gpu_target_without_a_gpu():
