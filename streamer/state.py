@@ -183,8 +183,10 @@ class DeviceStateTable:
                 f"{len(device_ids)} distinct devices in one batch exceed the state table capacity {self.capacity}"
             )
         # A clock stepped back does not make devices older than those seen before (TTL and
-        # capacity eviction read the touch log as last-seen order).
-        now = self._now = max(now, self._now)
+        # capacity eviction read the touch log as last-seen order), nor does a restored checkpoint
+        # stamped by a host whose clock ran ahead: a device seen after it had been stamped before
+        # its devices and queued after them, and TTL stopped at them, short of the idle ones.
+        now = self._now = max(now, self._now, self._newest)
         self._newest = max(self._newest, now)
         hashes, ids = keys_of(device_ids) if keys is None else keys
         slots = self._slot_of.get_many((hashes, ids))

@@ -100,6 +100,22 @@ def test_restored_devices_are_evicted_when_their_last_seen_times_say_and_the_clo
     assert table.last_seen("g") == 1060.0 and table.device_ids()[-1] == "g"
 
 
+def test_devices_seen_after_a_restore_from_a_clock_ahead_of_ours_are_not_stamped_before_its_devices():
+    # The checkpoint's host stamped P at 560; ours reads 505 when Q comes. Stamped 505 and queued
+    # after P, Q was out of last-seen order: TTL at 530 stopped at P, short of the idle Q, and
+    # capacity evicted P (seen last) for R before Q.
+    table = DeviceStateTable(capacity=10, width=1, ttl_seconds=10.0)
+    table.acquire(["A"], now=500.0)
+    table.restore(["P"], np.zeros((1, 1), np.float32), np.array([560.0]), partition=1)
+    table.acquire(["Q"], now=505.0)
+    assert table.last_seen("Q") == 560.0 and table.device_ids() == ["A", "P", "Q"]
+    assert table.evict_idle(530.0) == 1 and table.device_ids() == ["P", "Q"]  # A alone is idle by every stamp
+    small = DeviceStateTable(capacity=2, width=1)
+    small.restore(["P"], np.zeros((1, 1), np.float32), np.array([560.0]), partition=1)
+    small.acquire(["Q"], now=505.0)
+    assert small.acquire(["R"], now=506.0).evicted_for_capacity == 1 and small.device_ids() == ["Q", "R"]
+
+
 @pytest.mark.parametrize("ttl", [None, 100.0])
 def test_a_restore_orders_devices_the_table_had_among_the_new_by_their_last_seen_times(ttl):
     # "A" was in the table (read from partition 0 before a rebalance); partition 1's checkpoint
