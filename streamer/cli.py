@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import queue
+import re
 import signal
 import socket
 import sys
@@ -89,6 +90,16 @@ class _Parser(argparse.ArgumentParser):
         itself (run's fifty flags buried the line that mattered)."""
         self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        """A command's parser refuses what it does not know itself: left to the top parser, a
+        mistyped `run` flag pointed to `streamer --help`, which lists none of run's flags."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self.is_command:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+    is_command = False  # set on each command's (and sub-command's) parser by build_parser
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamer", description=__doc__.split("\n\n")[0])
@@ -141,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Resolve the settings as `streamer run` does (flag, else environment variable, else the "
         "config file, else the default), check what `run` checks before connecting to Kafka (a model file is "
         "set and loads, the metrics host can be bound, the checkpoint directory can be written; not with --settings-only), "
-        "print the settings with passwords masked and exit 0, or print the first problem and exit 2.",
+        "print the settings with passwords masked and exit 0, or print the problems and exit 2 (a state table too "
+        "big to allocate is found by `run` alone, which allocates it).",
     )
     check.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
     check.add_argument("--format", choices=("toml", "json"), default="toml", help="output format [default: toml]")
@@ -202,7 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
     _add_replay_parser(commands)
     _add_topics_parser(commands)
+    _mark_commands(parser)
     return parser
+
+
+def _mark_commands(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.is_command = True
+                _mark_commands(command)
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -269,6 +290,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                                                  getattr(args, "renamed_setting_flags", None))) from None
 
 
+def _name_where_set(message: str, section: str | None, offered: set[tuple[str, str]] | None,
+                    renamed: dict[tuple[str, str], str]) -> str:
+    """A check of several settings together names each of them as a single setting's error
+    does, with its flag and variable: ``section.name`` in a check of the whole tree, a bare
+    ``name`` with an underscore in one of a ``section``'s (names already described are kept)."""
+    known = setting_names()
+
+    def describe(match: re.Match) -> str:
+        qualified, bare = match.group(1), match.group(2)
+        pair = tuple(qualified.split(".", 1)) if qualified else (section, bare)
+        if pair not in known:
+            return match.group(0)
+        return describe_setting(*pair, offered is None or pair in offered, renamed.get(pair))
+
+    pattern = r"\b(?:([a-z]+\.[a-z_]+)|([a-z]+_[a-z_]+))\b(?! \((?:flag|env) )" if section else r"\b([a-z]+\.[a-z_]+)()\b(?! \((?:flag|env) )"
+    return re.sub(pattern, describe, message)
+
+
 def _describe_validation(exc: ValidationError, offered: set[tuple[str, str]] | None = None,
                          renamed: dict[tuple[str, str], str] | None = None) -> str:
     """One line: each bad value with its setting, flag (where the command has one, ``offered``:
@@ -287,14 +326,15 @@ def _describe_validation(exc: ValidationError, offered: set[tuple[str, str]] | N
         elif loc:
             where = loc[0]
         else:
-            where = "settings"
+            where = ""
         given = error.get("input")
         # A key that is no setting may be a mistyped password: its value is not shown; nor is a
         # password's, of whatever type it came (a number in TOML is no SecretStr).
         secret = bool(loc) and loc[-1] in SECRET_SETTINGS
         shown = "" if isinstance(given, dict) or error["type"] == "extra_forbidden" or secret else f" = {given!r}"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        problems.append(f"{where}{shown}: {message}")
+        message = _name_where_set(str(error["msg"]).removeprefix("Value error, "), loc[0] if loc else None, offered,
+                                  renamed)
+        problems.append(f"{where}{shown}: {message}" if where else message)
     return "invalid settings: " + "; ".join(problems)
 
 
@@ -408,8 +448,8 @@ def _check_checkpoint_directory(settings: Settings, create: bool = True) -> None
         checkpoint.directory.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise StreamerError(f"{where}: not a directory") from None
-    except OSError as exc:
-        raise StreamerError(f"{where}: cannot write there ({exc.strerror or exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path (settings refuse it; kept as a guard)
+        raise StreamerError(f"{where}: cannot write there ({getattr(exc, 'strerror', None) or exc})") from None
     reason = cannot_create_files_in(checkpoint.directory)
     if reason is not None:
         raise StreamerError(f"{where}: {reason}")

@@ -83,6 +83,8 @@ class Section(BaseModel):
             raise ValueError(f"{value} is neither true nor false")
         if Path in wanted and isinstance(value, str) and not value.strip():
             raise ValueError("an empty path")
+        if Path in wanted and isinstance(value, str) and "\x00" in value:  # TOML's or JSON's \u0000
+            raise ValueError("a NUL character in a path")
         return value
 
     @model_validator(mode="before")
@@ -189,7 +191,8 @@ class KafkaSettings(Section):
     @classmethod
     def _host_ports(cls, value: str) -> str:
         for server in value.split(","):
-            match = re.fullmatch(r"\[?[\w.\-:]+\]?:(\d{1,5})", server.strip())
+            # A name or IPv4 address, or an IPv6 address in brackets, then the port.
+            match = re.fullmatch(r"(?:\[[0-9A-Fa-f:.]+\]|[\w.\-]+):(\d{1,5})", server.strip())
             if not match:
                 raise ValueError(f"{server!r} is not host:port")
             if not 0 < int(match.group(1)) < 65536:
@@ -222,7 +225,7 @@ class KafkaSettings(Section):
         if self.security_protocol.startswith("SASL_"):
             missing = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, name) is None]
             if missing:
-                raise ValueError(f"security_protocol {self.security_protocol} needs {', '.join(missing)}")
+                raise ValueError(f"kafka.security_protocol {self.security_protocol} needs {', '.join('kafka.' + m for m in missing)}")
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             path = getattr(self, name)
             if path is not None and not path.is_file():

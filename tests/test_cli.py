@@ -47,6 +47,10 @@ def test_help_lists_every_setting_with_its_env_name():
         (["--batch-max-records", "0"], "--batch-max-records"),
         (["--state-capacity", "lots"], "STREAMER_STATE__CAPACITY"),
         (["--kafka-bootstrap-servers", "nohost"], "--kafka-bootstrap-servers"),
+        # Brackets that do not close, IPv6 without them: had passed, for the clients to retry for ever.
+        (["--kafka-bootstrap-servers", "[::1:9092"], "'[::1:9092' is not host:port"),
+        (["--kafka-bootstrap-servers", "a:1:2"], "'a:1:2' is not host:port"),
+        (["--kafka-bootstrap-servers", "[::1]:9092,[fe80::1]:0"], "port 0 is not from 1 to 65535"),
         (["--model-device", "tpu"], "--model-device"),
         (["--kafka-auto-offset-reset", "middle"], "--kafka-auto-offset-reset"),
         (["--batch-max-records", "5000", "--state-capacity", "100"], "state.capacity"),
@@ -163,11 +167,12 @@ def one_line_error(capsys) -> str:
 
 
 def test_a_reader_that_stops_reading_ends_the_command_without_a_traceback(tmp_path: Path):
-    # `streamer check-config | head -1`: the pipe closes while the settings are still being written.
+    # `streamer check-config | head -1`: the reader is gone before the settings are written (its
+    # end of the pipe closed at once, long before the command has imported what it needs).
     script = ("import subprocess, sys\n"
               "p = subprocess.Popen([sys.executable, '-m', 'streamer', 'check-config', '--settings-only', '--format',"
               " 'json'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)\n"
-              "p.stdout.read(1); p.stdout.close(); err = p.stderr.read(); sys.stdout.write(f'{p.wait()} {err!r}')\n")
+              "p.stdout.close(); err = p.stderr.read(); sys.stdout.write(f'{p.wait()} {err!r}')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     code, err = done.stdout.split(" ", 1)
     assert code == "1" and err == "b''", done.stdout
@@ -806,7 +811,7 @@ def test_a_tls_file_no_client_could_use_is_one_line_naming_the_setting(tmp_path:
                    "--kafka-ssl-cafile", str(garbage))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
-    assert lines[0].startswith(f"streamer: error: invalid settings: kafka: ssl_cafile {garbage} cannot be read as PEM")
+    assert lines[0].startswith(f"streamer: error: invalid settings: kafka: kafka.ssl_cafile (flag --kafka-ssl-cafile, env STREAMER_KAFKA__SSL_CAFILE) {garbage} cannot be read as PEM")
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make keys")
@@ -821,9 +826,9 @@ def test_an_encrypted_key_is_read_with_ssl_password_never_by_a_prompt(tmp_path: 
     common = ["check-config", "--settings-only", "--kafka-bootstrap-servers", "127.0.0.1:1", "--kafka-security-protocol",
               "SSL", "--kafka-ssl-certfile", str(tmp_path / "cert.pem")]
     for extra, said in (
-        (["--kafka-ssl-keyfile", str(tmp_path / "enc.key")], "an encrypted key needs ssl_password"),
+        (["--kafka-ssl-keyfile", str(tmp_path / "enc.key")], "an encrypted key needs kafka.ssl_password (flag --kafka-ssl-password"),
         (["--kafka-ssl-keyfile", str(tmp_path / "enc.key"), "--kafka-ssl-password", "wrong-one"],
-         "ssl_password must be its password"),
+         "STREAMER_KAFKA__SSL_PASSWORD) must be its password"),
         (["--kafka-ssl-keyfile", str(tmp_path / "other.key")], "KEY_VALUES_MISMATCH"),
     ):
         done = run_cli(*common, *extra, stdin=subprocess.DEVNULL)
@@ -838,7 +843,7 @@ def test_an_encrypted_key_is_read_with_ssl_password_never_by_a_prompt(tmp_path: 
     if (tmp_path / "empty.key").is_file() and b"ENCRYPTED" in (tmp_path / "empty.key").read_bytes():
         done = run_cli(*common[:-1], str(tmp_path / "empty.pem"), "--kafka-ssl-keyfile", str(tmp_path / "empty.key"),
                        stdin=subprocess.DEVNULL)
-        assert done.returncode == 2 and "an encrypted key needs ssl_password" in done.stderr, done.stderr[-2000:]
+        assert done.returncode == 2 and "an encrypted key needs kafka.ssl_password (flag --kafka-ssl-password" in done.stderr, done.stderr[-2000:]
     # The key in the certificate's own file: taken, and librdkafka is told where the key is.
     both = tmp_path / "both.pem"
     both.write_bytes((tmp_path / "other.pem").read_bytes() + (tmp_path / "other.key").read_bytes())
@@ -932,3 +937,52 @@ def test_no_other_threads_line_follows_the_runs_last_line():
     lines = done.stderr.splitlines()
     assert lines[-1] == '{"summary": {}}', lines[-3:]
     assert any("not ready" in line for line in lines) and any("the main thread, before" in line for line in lines)
+
+
+def test_a_mistyped_flag_of_a_command_points_to_that_commands_help(capsys):
+    # Left to the top parser, it had pointed to `streamer --help`, which lists none of run's flags.
+    for argv, prog in ((["run", "--kafka-bootstrap-server", "a:1"], "streamer run"),
+                       (["simulate", "--state-capacity", "5"], "streamer simulate"),
+                       (["topics", "create", "--bogus"], "streamer topics create")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{prog}: error: unrecognized arguments: {argv[-2] if argv[0] != 'topics' else '--bogus'}")
+        assert err.endswith(f"(usage: {prog} --help)\n") and err.count("\n") == 1
+    assert main(["check-config", "--settings-only", "--kafka-bootstrap-servers", "[::1]:9092"]) == 0
+
+
+def test_a_nul_in_a_path_is_a_settings_error_not_a_traceback(tmp_path: Path, model_file: Path, capsys):
+    # From TOML's or JSON's \u0000: run's mkdir raised ValueError (a traceback, exit 1), and
+    # check-config's Path.exists() took it for absent and passed it.
+    config = tmp_path / "nul.toml"
+    config.write_text('[checkpoint]\ndirectory = "x\\u0000y"\n')
+    for argv in (["check-config", "--config", str(config), "--model-path", str(model_file)],
+                 ["run", "--config", str(config), "--model-path", str(model_file), "--kafka-bootstrap-servers",
+                  "127.0.0.1:1", "--metrics-enabled", "false"]):
+        assert main(argv) == 2
+        err = one_line_error(capsys)
+        assert "checkpoint.directory (flag --checkpoint-directory, env STREAMER_CHECKPOINT__DIRECTORY)" in err
+        assert "a NUL character in a path" in err
+
+
+def test_a_check_of_several_settings_names_each_with_its_flag_and_variable(monkeypatch, capsys):
+    assert main(["check-config", "--settings-only", "--state-capacity", "1"]) == 2
+    assert one_line_error(capsys) == (
+        "streamer: error: invalid settings: batch.max_records (flag --batch-max-records, env STREAMER_BATCH__MAX_RECORDS)"
+        " (4096) exceeds state.capacity (flag --state-capacity, env STREAMER_STATE__CAPACITY) (1): one batch's devices"
+        " must fit in the table\n")  # no "settings: settings:"
+    # replay names batch.max_records by its own flag.
+    assert main(["replay", "--data", "x.csv", "--out", "y.csv", "--state-capacity", "2"]) == 2
+    assert "batch.max_records (flag --batch-size, env STREAMER_BATCH__MAX_RECORDS) (4096)" in one_line_error(capsys)
+    monkeypatch.setenv("STREAMER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("STREAMER_KAFKA__SASL_USERNAME", "u")
+    assert main(["check-config", "--settings-only"]) == 2
+    err = one_line_error(capsys)
+    assert ("kafka: kafka.security_protocol (flag --kafka-security-protocol, env STREAMER_KAFKA__SECURITY_PROTOCOL)"
+            " SASL_SSL needs kafka.sasl_mechanism (flag --kafka-sasl-mechanism, env STREAMER_KAFKA__SASL_MECHANISM),"
+            " kafka.sasl_password (flag --kafka-sasl-password, env STREAMER_KAFKA__SASL_PASSWORD)") in err
+    # Names described already are not described twice.
+    assert main(["check-config", "--settings-only", "--kafka-output-topic", "out", "--kafka-dead-letter-topic", "out"]) == 2
+    assert one_line_error(capsys).count("(flag --kafka-dead-letter-topic") == 1

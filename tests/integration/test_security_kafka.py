@@ -262,4 +262,5 @@ def test_passwords_stay_out_of_reprs_and_error_messages(model_path, unique, tmp_
     # The same through the CLI.
     assert main(["run", "--kafka-security-protocol", "SASL_SSL", "--kafka-sasl-password", password]) == 2
     err = capsys.readouterr().err
-    assert "needs sasl_mechanism, sasl_username" in err and password not in err
+    assert "needs kafka.sasl_mechanism (flag --kafka-sasl-mechanism, env STREAMER_KAFKA__SASL_MECHANISM)" in err
+    assert "kafka.sasl_username (flag --kafka-sasl-username" in err and password not in err
