@@ -50,6 +50,7 @@ from streamer.settings import (
 )
 
 if TYPE_CHECKING:
+    from streamer.engine import Engine
     from streamer.history import Histories
 
 log = logging.getLogger("streamer")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                       new_flag="--data", help=argparse.SUPPRESS)
     data.add_argument("--value-columns", type=_names, default=None, metavar="A,B",
                       help="value columns to read (default: every column but device_id and the timestamp)")
-    data.add_argument("--on-bad", choices=("refuse", "skip"), default="refuse",
+    data.add_argument("--on-bad", choices=("refuse", "skip"), default=None,
                       help="a bad row stops training (refuse), or is skipped and reported (skip) [default: refuse]")
     data.add_argument("--devices", type=_positive_int, default=None,
                       help=f"simulated devices (without --data) [default: {SIMULATED['devices']}]")
@@ -678,6 +679,12 @@ def _train(args: argparse.Namespace) -> int:
     simulated = [name for name in SIMULATED if getattr(args, name) is not None]
     if args.data is not None and simulated:
         raise StreamerError(f"--{simulated[0]} describes simulated history: it does not go with --data")
+    if args.data is None:
+        given = [flag for flag, value in (("--value-columns", args.value_columns), ("--on-bad", args.on_bad))
+                 if value is not None]
+        if given:
+            raise StreamerError(f"{given[0]} reads the history of --data: without --data, history is simulated")
+        args.on_bad = "refuse"
     for name, default in SIMULATED.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -696,7 +703,7 @@ def _train(args: argparse.Namespace) -> int:
     _refuse_overwriting_data(args.out, args.data, "--out")
     extra_meta: dict[str, object]
     if args.data is not None:
-        histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad)
+        histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad or "refuse")
         _show_bad_rows(histories)
         series = [(h.ts, h.values) for h in histories.devices.values()]
         source = args.data.name
@@ -801,7 +808,8 @@ def _add_replay_parser(commands: argparse._SubParsersAction) -> None:
     replay.add_argument("--out", type=Path, required=True, metavar="FILE",
                         help="results table to write, .csv or .parquet (one row per reading, grouped by device)")
     replay.add_argument("--value-columns", type=_names, default=None, metavar="A,B",
-                        help="value columns to read (default: every column but device_id and the timestamp)")
+                        help="value columns to read, in the model's order (default: the columns the model was trained "
+                        "on, by name, where its file names them; else every column but device_id and the timestamp)")
     replay.add_argument("--on-bad", choices=("refuse", "skip"), default="refuse",
                         help="a bad row stops the replay (refuse), or is skipped and reported (skip) [default: refuse]")
     # One engine step's readings is what batch.max_records is to `streamer run`: the same setting.
@@ -810,11 +818,11 @@ def _add_replay_parser(commands: argparse._SubParsersAction) -> None:
                         f"{env_name('batch', 'max_records')}) [default: {Settings.model_fields['batch'].default.max_records}]")
     replay.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="write a PNG per device here: readings, forecast, flags, anomaly score")
-    replay.add_argument("--max-plots", type=_positive_int, default=50, metavar="N",
+    replay.add_argument("--max-plots", type=_positive_int, default=None, metavar="N",
                         help="plot at most N devices, those with the most flagged readings first [default: 50]")
     replay.add_argument("--plots-page", type=Path, default=None, metavar="FILE",
                         help="write one PNG with a grid of the devices with the most flagged readings")
-    replay.add_argument("--page-devices", type=_positive_int, default=16, metavar="N",
+    replay.add_argument("--page-devices", type=_positive_int, default=None, metavar="N",
                         help="devices on the --plots-page grid [default: 16]")
     replay.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     replay.add_argument("--config", type=Path, default=None, help="TOML config file (env STREAMER_CONFIG)")
@@ -822,15 +830,39 @@ def _add_replay_parser(commands: argparse._SubParsersAction) -> None:
     replay.set_defaults(handler=_replay, renamed_setting_flags={("batch", "max_records"): "--batch-size"})
 
 
+def _replay_histories(args: argparse.Namespace, engine: "Engine") -> "Histories":
+    """The histories of --data, their value columns those the model was trained on, by name, where
+    its file names them and --value-columns does not: taken by position, a file with the same
+    columns in another order had been replayed with each column fed as another, without a word."""
+    from streamer.history import HistoryError, load_histories
+
+    trained_on = engine.bundle.meta.get("value_columns")
+    named = (isinstance(trained_on, list) and len(trained_on) == engine.config.values_size
+             and all(isinstance(name, str) and name for name in trained_on))
+    if args.value_columns is not None or not named:
+        return load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad)
+    try:
+        return load_histories(args.data, value_columns=trained_on, on_bad=args.on_bad)
+    except HistoryError as exc:
+        if not exc.reason.startswith("missing value column"):
+            raise
+        raise StreamerError(f"{exc}: model {engine.bundle.path} was trained on value columns {trained_on}; name"
+                            " this data's columns that stand for them, in that order, with --value-columns") from None
+
+
 def _replay(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
     from streamer.history import load_histories
-    from streamer.replay import check_output_file, make_output_dir, plot_devices, plot_page, replay
+    from streamer.replay import check_output_file, make_output_dir, plot_devices, plot_page, remove_empty_dirs, replay
     from streamer.service import build_engine
 
     # Everything that can be refused without the data, before minutes of loading and stepping.
+    for flag, value, needs in (("--max-plots", args.max_plots, args.plots), ("--page-devices", args.page_devices,
+                                                                           args.plots_page)):
+        if value is not None and needs is None:
+            raise StreamerError(f"{flag} applies to {'--plots' if flag == '--max-plots' else '--plots-page'} only")
     check_output_file(args.out, ("csv", "parquet"), "--out")
     _refuse_overwriting_data(args.out, args.data, "--out")
     if args.plots_page is not None:
@@ -838,21 +870,24 @@ def _replay(args: argparse.Namespace) -> int:
             raise StreamerError(f"--plots-page {args.plots_page} is in --plots {args.plots}, where the device plots"
                                 " go (one may have its name): put it elsewhere")
         check_output_file(args.plots_page, ("png",), "--plots-page")
-    if args.plots is not None:
-        make_output_dir(args.plots, "--plots")
-    _require_model_path(settings)
-    engine = build_engine(settings)
-
-    histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad)
-    _show_bad_rows(histories)
-    result = replay(histories, engine, batch_size=settings.batch.max_records, progress=args.progress)
+    created = make_output_dir(args.plots, "--plots") if args.plots is not None else None
+    try:
+        _require_model_path(settings)
+        engine = build_engine(settings)
+        histories = _replay_histories(args, engine)
+        _show_bad_rows(histories)
+        result = replay(histories, engine, batch_size=settings.batch.max_records, progress=args.progress)
+    except BaseException:
+        if created is not None:  # a replay that failed leaves no empty --plots directory behind
+            remove_empty_dirs(args.plots, created)
+        raise
     with _writing("--out", args.out):
         result.write(args.out)
     with _writing("--plots", args.plots):
-        plots = plot_devices(result, args.plots, max_devices=args.max_plots) if args.plots is not None else []
+        plots = plot_devices(result, args.plots, max_devices=args.max_plots or 50) if args.plots is not None else []
     if args.plots_page is not None:
         with _writing("--plots-page", args.plots_page):
-            plot_page(result, args.plots_page, max_devices=args.page_devices)
+            plot_page(result, args.plots_page, max_devices=args.page_devices or 16)
     summary = {
         "readings": len(result),
         "devices": len(result.device_rows),

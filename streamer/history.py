@@ -276,7 +276,10 @@ def _gc_paused() -> Iterator[None]:
 def _read_csv(path: Path, value_columns: Sequence[str] | None) -> _Table:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: drop a BOM
-            header = next(csv.reader(handle), None)
+            try:
+                header = next(csv.reader(handle), None)
+            except csv.Error as exc:  # e.g. a field past csv's limit (131,072 characters): had been a traceback
+                raise HistoryError(f"malformed CSV header: {exc}", path, 1) from None
         if header is not None:
             fast = _read_csv_arrow(path, header, value_columns)
             if fast is not None:

@@ -202,15 +202,34 @@ def check_output_file(path: Path, suffixes: Sequence[str], what: str) -> None:
         raise ReplayError(f"{name}: {reason}")
 
 
-def make_output_dir(path: Path, what: str) -> None:
+def make_output_dir(path: Path, what: str) -> Path | None:
     """Create directory ``path`` (and its parents) if need be; ReplayError naming ``what`` and
-    ``path`` when that fails or it is not writable."""
+    ``path`` when that fails or it is not writable. Returns the topmost directory it created
+    (None: ``path`` was there), for ``remove_empty_dirs`` to take back."""
+    top = None
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        top = directory
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReplayError(f"{what} {path}: cannot create the directory ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ReplayError(f"{what} {path}: directory not writable")
+    return top
+
+
+def remove_empty_dirs(path: Path, top: Path) -> None:
+    """Remove ``path`` and its parents up to ``top`` (as make_output_dir returned it), each only
+    while it is empty."""
+    for directory in (path, *path.parents):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or gone): what is in it is not ours to remove
+            return
+        if directory == top:
+            return
 
 
 def _check_value_count(histories: Histories, engine: Engine) -> None:

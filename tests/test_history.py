@@ -190,6 +190,14 @@ def test_malformed_csv_is_a_bad_row(tmp_path):
     np.testing.assert_array_equal(h.devices["m"].ts, [1, 3])
 
 
+def test_a_header_field_past_the_csv_limit_is_one_error_not_a_traceback(tmp_path):
+    # The header is read first, outside the guards of the rows: csv.Error had escaped (exit 1).
+    path = write(tmp_path / "h.csv", "timestamp,v," + "x" * 200_000 + "\n1,2,3\n")
+    for on_bad in ("refuse", "skip"):
+        with pytest.raises(HistoryError, match=r"h\.csv line 1: malformed CSV header: field larger than field limit"):
+            load_histories(path, on_bad=on_bad)
+
+
 def test_mixed_value_counts_are_refused_naming_the_file(tmp_path):
     write(tmp_path / "a.csv", "timestamp,value\n1,1\n")
     write(tmp_path / "b.csv", "timestamp,v1,v2\n1,1,2\n")

@@ -272,3 +272,53 @@ def test_cli_replays_writes_plots_and_prints_a_summary(tmp_path, capsys):
     assert summary["flagged"] == expected.flagged > 0
     for name, column in expected.columns.items():
         np.testing.assert_array_equal(np.asarray(table.column(name).to_pylist(), dtype=column.dtype), column)
+
+
+def test_cli_replay_takes_the_columns_the_model_was_trained_on_by_name(tmp_path, capsys):
+    # A model that names its columns (as `streamer train --data` records them) replayed on a file
+    # with them in the other order: taken by position, b had been fed as a and a as b, exit 0.
+    devices = fleet(2)
+    model = tmp_path / "named.pt"
+    save_model_file(model, init_random_model(PLAIN, 3), PLAIN, "named", meta={"value_columns": ["a", "b"]})
+    straight = write_long_csv(tmp_path / "ab.csv", devices, ["a", "b"])
+    swapped = write_long_csv(tmp_path / "ba.csv", {d: (ts, v[:, ::-1]) for d, (ts, v) in devices.items()}, ["b", "a"])
+    common = ["--model-path", str(model), "--model-device", "cpu", "--no-progress", "--batch-size", "64"]
+    tables = []
+    for data in (straight, swapped):
+        out = tmp_path / f"{data.stem}.parquet"
+        assert main(["replay", "--data", str(data), "--out", str(out), *common]) == 0
+        tables.append(pq.read_table(out).sort_by([("device_id", "ascending"), ("ts", "ascending")]))
+    assert tables[0].column_names == tables[1].column_names and "forecast_a" in tables[0].column_names
+    assert tables[0].equals(tables[1])
+    # --value-columns still says which columns stand for the model's, in its order.
+    renamed = write_long_csv(tmp_path / "pq.csv", devices, ["p", "q"])
+    capsys.readouterr()
+    assert main(["replay", "--data", str(renamed), "--out", str(tmp_path / "pq.parquet"), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing value column(s) ['a', 'b']" in err
+    assert "was trained on value columns ['a', 'b']" in err and "--value-columns" in err
+    out = tmp_path / "pq.parquet"
+    assert main(["replay", "--data", str(renamed), "--out", str(out), "--value-columns", "p,q", *common]) == 0
+    assert pq.read_table(out).column("forecast_p").to_pylist() == \
+        pq.read_table(tmp_path / "ab.parquet").column("forecast_a").to_pylist()
+
+
+def test_cli_replay_that_fails_leaves_no_plots_directory_and_refuses_options_it_would_ignore(tmp_path, capsys):
+    data = write_long_csv(tmp_path / "fleet.csv", fleet(1), ["value"])
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a model")
+    plots = tmp_path / "new" / "plots"
+    assert main(["replay", "--data", str(data), "--out", str(tmp_path / "r.csv"), "--model-path", str(junk),
+                 "--plots", str(plots), "--no-progress"]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # it had been left behind, empty
+    kept = tmp_path / "kept"
+    (kept / "plots").mkdir(parents=True)
+    assert main(["replay", "--data", str(data), "--out", str(tmp_path / "r.csv"), "--model-path", str(junk),
+                 "--plots", str(kept / "plots" / "more"), "--no-progress"]) == 2
+    assert (kept / "plots").is_dir() and not (kept / "plots" / "more").exists()  # what was there stays
+    for extra, said in ((["--max-plots", "3"], "--max-plots applies to --plots only"),
+                        (["--page-devices", "2"], "--page-devices applies to --plots-page only")):
+        capsys.readouterr()
+        assert main(["replay", "--data", str(data), "--out", str(tmp_path / "r.csv"), *extra]) == 2
+        assert capsys.readouterr().err == f"streamer: error: {said}\n"

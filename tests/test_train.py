@@ -327,3 +327,16 @@ def test_cli_bad_values_exit_2(tmp_path: Path, capsys, flag, value):
     with pytest.raises(SystemExit) as info:
         main(["train", "--out", str(tmp_path / "m.pt"), flag, value])
     assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, flag", [(["--value-columns", "nosuchcol"], "--value-columns"),
+                                         (["--on-bad", "skip"], "--on-bad")])
+def test_options_of_the_history_file_are_refused_without_one(tmp_path, capsys, extra, flag):
+    # Without --data the history is simulated: these had been dropped without a word (exit 0).
+    from streamer.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "m.pt"), "--devices", "2", "--history", "60", "--epochs", "1",
+                 *extra]) == 2
+    assert capsys.readouterr().err == (f"streamer: error: {flag} reads the history of --data: without --data,"
+                                       " history is simulated\n")
+    assert not (tmp_path / "m.pt").exists()
