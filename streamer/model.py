@@ -11,7 +11,8 @@ plus the gate nonlinearities (nn.LSTM with seq_len=1 is several times slower for
 from __future__ import annotations
 
 import io
-
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,7 +206,23 @@ def load_model_file(path: str | Path) -> ModelBundle:
         raise ModelFileError(path, f"cannot be used ({type(exc).__name__}: {exc})") from None
 
 
+def _damaged_entry(path: Path) -> str | None:
+    """The first entry of a zip-format torch file whose CRC-32 does not match its bytes, else None.
+    torch's reader does not check them: a model file with a flipped bit in a weight had loaded,
+    shapes and values plausible, and served wrong forecasts (a hot reload took it over at once)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None  # not a zip: torch.load says what it is
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError):
+        return None  # a structure torch.load will refuse with its own reason
+
+
 def _load_model_file(path: Path, signature: tuple[int, ...] | None) -> ModelBundle:
+    damaged = _damaged_entry(path)
+    if damaged is not None:
+        raise ModelFileError(path, f"entry {damaged} fails its CRC-32 check: the file is damaged")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file

@@ -137,6 +137,29 @@ def test_corrupt_and_missing_files(tmp_path: Path):
         load_model_file(tmp_path / "absent.pt")
 
 
+def test_a_model_file_with_a_flipped_bit_in_a_weight_is_refused(tmp_path: Path):
+    # torch's zip reader does not check the entries' CRC-32: the file had loaded, one weight wrong.
+    import zipfile
+
+    config = ModelConfig(1, 16, 2, 1)
+    path = tmp_path / "m.pt"
+    save_model_file(path, init_random_model(config, seed=4), config, "v")
+    load_model_file(path)
+    with zipfile.ZipFile(path) as archive:
+        largest = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # The entry's bytes follow its local header (30 bytes, its name, its extra field).
+    name_len, extra_len = int.from_bytes(data[largest.header_offset + 26:largest.header_offset + 28], "little"), \
+        int.from_bytes(data[largest.header_offset + 28:largest.header_offset + 30], "little")
+    start = largest.header_offset + 30 + name_len + extra_len
+    data[start + largest.file_size // 2] ^= 0x40
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    assert torch.load(flipped, weights_only=True)["version"] == "v"  # torch alone takes it
+    with pytest.raises(ModelFileError, match=f"flipped.pt.*entry {largest.filename} fails its CRC-32 check"):
+        load_model_file(flipped)
+
+
 def test_pickled_objects_are_not_loaded(tmp_path: Path):
     path = tmp_path / "pickled.pt"
     torch.save({"config": {"input_size": 1, "hidden_size": 2, "num_layers": 1}, "state_dict": LSTMModel(1, 2, 1),
