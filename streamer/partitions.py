@@ -89,7 +89,7 @@ class BatchPlan:
     """What the partition manager decides for one batch, once, before it is stepped.
 
     next_offsets / readings: per partition of the batch, the offset after its last message and
-    how many messages it has. replay_until: for partitions still replaying, offsets below this
+    how many readings it decoded (a batch message counts its rows, a dead letter none). replay_until: for partitions still replaying, offsets below this
     are applied with their output suppressed (published before). commit: the offsets to commit
     once the batch's output is acknowledged (never below what the group has). checkpoint_due:
     the partitions to checkpoint once those offsets are committed.
@@ -386,7 +386,7 @@ class PartitionManager:
             self.metrics.on_recovery(outcome)
 
     def plan(self, next_offsets: dict[TopicPartition, int], readings: dict[TopicPartition, int]) -> BatchPlan:
-        """The plan of a batch reaching ``next_offsets`` with ``readings`` messages per partition.
+        """The plan of a batch reaching ``next_offsets`` with ``readings`` decoded readings per partition.
         Call under ``lock``, right before the batch is stepped (then ``applied``)."""
         now = self.clock()
         self._apply_written()

@@ -8,8 +8,9 @@ commits and checkpoints keep batch order, a failed delivery of batch n lets noth
 commit, and the engine's state matches every checkpoint's offset. While the loop is busy the
 acknowledged batches' offsets are committed together once per kafka.commit_interval_ms (a
 commit is a broker round trip in the loop's path), and at once when a checkpoint is due. With
-nothing new to poll (or a revocation, or stopping) the batch in flight is settled and
-everything acknowledged is committed at once. Exactly-once (kafka.exactly_once): the batch's predictions, dead letters and input
+nothing new to poll the batch in flight is settled, and what is acknowledged is committed once a
+poll has waited IDLE_POLL_MS for nothing (or sooner, when the interval or a checkpoint makes it
+due); on a revocation, a model switch or stopping, at once. Exactly-once (kafka.exactly_once): the batch's predictions, dead letters and input
 offsets are committed in one transaction; an aborted batch's partitions are recovered again
 from their checkpoints, since the engine had applied readings whose output never became
 visible. Checkpoints follow commits (see partitions.py).
@@ -286,7 +287,8 @@ class Pipeline:
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Poll one micro-batch and process it; returns the messages handled. At-least-once, the
-        batch before it is committed on the way (when nothing came: at once, no linger)."""
+        batch before it is settled on the way; when nothing came, it is settled, and what is
+        acknowledged is committed once a poll with nothing in flight has waited for nothing."""
         # With nothing in flight the poll waits for readings (IDLE_POLL_MS): none coming in that
         # time is a quiet topic, and whatever was acknowledged is committed without waiting for
         # the interval. A batch in flight makes the poll return at once: a gap between bursts.

@@ -420,3 +420,114 @@ def test_a_password_is_redacted_in_the_forms_the_client_libraries_log_it():
         record = logging.LogRecord("kafka.admin.client", logging.DEBUG, __file__, 1, "config: %s", (shown,), None)
         redaction.filter(record)
         assert REDACTED in record.getMessage() and "pw" not in record.getMessage(), record.getMessage()
+
+
+def test_a_kafka_python_rebalance_hooks_error_crosses_the_seam_as_raised_as_confluents_does():
+    # kafka-python catches a hook's error, finishes the rebalance and raises KafkaError("User
+    # rebalance callback throws an error") from it: the run had ended on that, not retriable
+    # whatever the hook raised, its reason only in kafka-python's own log. Its real join-prepare
+    # and close code runs here (no broker: the hooks run before any request is answered).
+    import logging
+
+    from kafka import KafkaConsumer
+    from kafka import TopicPartition as KafkaTopicPartition
+
+    from streamer.kafka.abstract import RebalanceHooks
+
+    raised = KafkaClientError("checkpoint write to the changelog: broker away", retriable=True)
+
+    def failing(partitions):
+        raise raised
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    client = KafkaConsumer(bootstrap_servers="127.0.0.1:1", group_id="g", enable_auto_commit=False,
+                           api_version=(2, 8, 0))
+    consumer = kafka_python.KafkaPythonConsumer(client)
+    consumer.subscribe(["t"], RebalanceHooks(lambda partitions: None, failing, failing))
+    client._subscription.assign_from_subscribed([KafkaTopicPartition("t", 0)])
+    generation = client._coordinator._generation
+    with pytest.raises(kp_errors.KafkaError) as wrapped:
+        client._net.run(client._coordinator._on_join_prepare_async, generation.generation_id, generation.member_id)
+    assert wrapped.value.__cause__ is raised
+
+    class Polls:
+        def poll(self, **kwargs):
+            raise wrapped.value
+
+    with pytest.raises(KafkaClientError) as polled:
+        kafka_python.KafkaPythonConsumer(Polls()).poll(1.0, 10)
+    assert polled.value is raised and polled.value.retriable
+    # Its own errors are still the seam's.
+    class Times:
+        def poll(self, **kwargs):
+            raise kp_errors.KafkaTimeoutError("no answer")
+
+    with pytest.raises(BrokerTimeout, match="poll: KafkaTimeoutError"):
+        kafka_python.KafkaPythonConsumer(Times()).poll(1.0, 10)
+    # close revokes through the hook too: its error had left as kafka-python's own KafkaError.
+    client._subscription.assign_from_subscribed([KafkaTopicPartition("t", 0)])
+    with pytest.raises(KafkaClientError) as closed:
+        consumer.close(1.0)
+    assert closed.value is raised
+
+
+def test_a_kafka_python_changelog_closes_its_producer_even_with_a_send_pending():
+    # producer.close raises while a send is pending, before it stops its sender: the changelog's
+    # producer had stayed open, its thread running, and a raw KafkaTimeoutError left close.
+    import logging
+    import time
+
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import TopicPartition as KafkaTopicPartition
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    producer = KafkaProducer(bootstrap_servers="127.0.0.1:1", api_version=(2, 8, 0), acks="all")
+    producer._accumulator.append(KafkaTopicPartition("changelog", 0), int(time.time() * 1000), b"k", b"v", [])
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(2, 8, 0), enable_auto_commit=False)
+    kafka_python.KafkaPythonChangelog("changelog", consumer, producer).close()
+    assert producer._closed and not producer._sender.is_alive()
+
+
+def test_a_confluent_producer_closed_or_dropped_releases_librdkafkas_client():
+    # close had only flushed, and the client's delivery callback (the wrapper's bound method)
+    # kept a cycle: a producer dropped after close(0), as a replaced transactional one is, kept
+    # librdkafka's threads and connections until a full garbage collection.
+    import gc
+    import os
+    import time
+    import weakref
+
+    from confluent_kafka import Producer as RdProducer
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    def producer() -> confluent.ConfluentProducer:
+        errors = confluent._Errors()
+        wrapper = confluent.ConfluentProducer(errors)
+        wrapper.client = RdProducer({"bootstrap.servers": "127.0.0.1:1", "log_level": 0, "error_cb": errors,
+                                     "on_delivery": confluent._delivered_to(weakref.ref(wrapper)),
+                                     "delivery.report.only.error": True})
+        return wrapper
+
+    gc.disable()
+    try:
+        base = threads()
+        closed = producer()
+        closed.produce("t", b"k", b"v")
+        assert threads() > base
+        started = time.monotonic()
+        closed.close(0.2)
+        assert time.monotonic() - started < 5
+        with pytest.raises(RuntimeError, match="closed"):
+            closed.client.flush(0)
+        dropped = producer()
+        gone = weakref.ref(dropped)
+        del dropped
+        assert gone() is None  # freed with its last reference, no collection needed
+        deadline = time.monotonic() + 10
+        while threads() > base and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threads() == base
+    finally:
+        gc.enable()

@@ -325,6 +325,33 @@ def test_revocation_commits_what_waits_first_and_a_partition_back_drops_stale_of
     assert [set(c) for c in commits(rig2, mark)] == [{P1}]
 
 
+def test_closing_the_consumer_revokes_through_the_loop_as_the_clients_do(tmp_path):
+    # Both clients revoke what is assigned as they close; the double had only noted the close, so
+    # the loop's last revocation (settle, commit, checkpoint on the way out) went untested.
+    # Closed with a batch in flight (a run that failed): inside close nothing is committed (a
+    # commit there can hang), so no checkpoint either; the partitions and their rows are let go.
+    rig = Rig(tmp_path, checkpoint_readings=10_000, commit_interval_ms=60_000)
+    rig.write(per_device=2)
+    rig.pipeline.run_once()
+    before = committed(rig)
+    mark = rig.mark()
+    rig.consumer.close()
+    assert rig.since(mark) == ["revoked", "close consumer"]
+    assert committed(rig) == before and not rig.pipeline.partitions.owned and len(rig.pipeline.engine.table) == 0
+    # As run() ends: settled, committed and checkpointed first; close then has nothing to add.
+    (tmp_path / "two").mkdir()
+    rig = Rig(tmp_path / "two", checkpoint_readings=10_000, commit_interval_ms=60_000)
+    rig.write(per_device=2)
+    rig.pipeline.run_once()
+    rig.pipeline._settle(commit=True)
+    rig.pipeline.partitions.checkpoint_all()
+    mark = rig.mark()
+    rig.consumer.close()
+    assert rig.since(mark) == ["revoked", "close consumer"]
+    assert committed(rig) == {tp: len(rig.broker.topics["in"][tp.partition]) for tp in (P0, P1)}
+    assert not rig.pipeline.partitions.owned and len(rig.pipeline.engine.table) == 0
+
+
 def rig_partition(device: str) -> int:
     return zlib.crc32(device.encode()) % 2
 

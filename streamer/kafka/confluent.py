@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -270,7 +271,10 @@ def make_producer(
         "partitioner": "murmur2_random",
     }
     producer = ConfluentProducer(errors)
-    config["on_delivery"] = producer._delivered
+    # Through a weak reference: the client holding the wrapper's bound method, and the wrapper the
+    # client, a producer dropped unclosed (as a replaced transactional one was) had lived on with
+    # its threads and connections until a full garbage collection, which gc.freeze makes rare.
+    config["on_delivery"] = _delivered_to(weakref.ref(producer))
     if settings.exactly_once:
         config.update({"transactional.id": transactional_id(settings, instance_id),
                        "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
@@ -526,7 +530,31 @@ class ConfluentProducer(Producer):
         self._transaction_call("abort_transaction", self.client.abort_transaction, CALL_TIMEOUT_S)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self.client.flush(timeout_s)
+        release_producer(self.client, timeout_s)
+
+
+def _delivered_to(producer: "weakref.ref[ConfluentProducer]"):
+    def delivered(error: KafkaError | None, message: object) -> None:
+        alive = producer()
+        if alive is not None:
+            alive._delivered(error, message)
+    return delivered
+
+
+def release_producer(client: RdProducer, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for what ``client`` still sends, drop the rest, and close it.
+
+    Flushing alone had left librdkafka's threads and connections running (the seam says close
+    releases them). Its own close flushes without a bound, so what the brokers did not take in
+    time is purged first (its offsets are not committed: it is re-delivered), and close is
+    called only with nothing left in its queues; otherwise the client goes with its last
+    reference, as before."""
+    client.flush(timeout_s)
+    client.purge()
+    client.flush(0)  # serves the purged messages' reports
+    close = getattr(client, "close", None)  # confluent-kafka 2.10 and later
+    if close is not None and len(client) == 0:
+        close()
 
 
 def make_changelog(settings: KafkaSettings, topic: str, max_value_bytes: int,
@@ -657,5 +685,7 @@ class ConfluentChangelog(Changelog):
         return offsets
 
     def close(self) -> None:
-        self.consumer.close()
-        self.producer.flush(2.0)
+        try:
+            self.consumer.close()
+        finally:
+            release_producer(self.producer, 2.0)

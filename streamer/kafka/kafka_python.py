@@ -51,6 +51,15 @@ def _ours(tps: Iterable[KafkaTopicPartition]) -> list[TopicPartition]:
     return [TopicPartition(tp.topic, tp.partition) for tp in tps]
 
 
+def raised_by_a_hook(exc: KafkaError) -> BaseException | None:
+    """What a rebalance hook raised, where kafka-python wrapped it: it catches the hook's error,
+    finishes the rebalance and raises KafkaError("User rebalance callback throws an error") from
+    it, which had ended the run without its reason, as not retriable whatever it was.
+    confluent-kafka raises the hook's own error from poll; so does this adapter now."""
+    cause = exc.__cause__
+    return cause if cause is not None and not isinstance(cause, KafkaError) else None
+
+
 def client_error(exc: KafkaError, what: str) -> KafkaClientError:
     """kafka-python's error as the seam's: GroupMovedOn, BrokerTimeout, else KafkaClientError."""
     if isinstance(exc, GROUP_MOVED_ON):
@@ -81,6 +90,9 @@ class KafkaPythonConsumer(Consumer):
         try:
             polled = self.client.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as exc:
+            hook = raised_by_a_hook(exc)
+            if hook is not None:
+                raise hook from None
             raise client_error(exc, "poll") from exc
         return [
             Message(r.topic, r.partition, r.offset, r.key, r.value, r.headers, r.timestamp)
@@ -146,7 +158,13 @@ class KafkaPythonConsumer(Consumer):
         return MembershipWatch(self.client, grace_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self.client.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
+        try:
+            self.client.close(autocommit=False, timeout_ms=int(timeout_s * 1000))  # revokes through the hooks
+        except KafkaError as exc:
+            hook = raised_by_a_hook(exc)
+            if hook is not None:
+                raise hook from None
+            raise client_error(exc, "close") from exc
 
 
 class KafkaPythonProducer(Producer):
@@ -270,5 +288,8 @@ class KafkaPythonChangelog(Changelog):
         return [f.value.offset for f in sent]
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
-        self.producer.close(timeout=2.0)
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            # Not producer.close alone: it raises while a send is pending, before it stops its sender.
+            close_producer(self.producer, 2.0)
