@@ -553,8 +553,8 @@ class PartitionManager:
     def reset(self, partitions: Iterable[TopicPartition]) -> None:
         """Throw away these partitions' state and recover them again (after an aborted
         transaction: the engine applied readings whose output never became visible)."""
-        partitions = [tp for tp in partitions if tp in self.owned]
-        with self.lock:
+        with self.lock:  # the filter too: a revocation on the client's thread between them had been a KeyError
+            partitions = [tp for tp in partitions if tp in self.owned]
             for tp in partitions:
                 # Where it restarts when the group has no commit for it yet: the consumer's fetch
                 # position is past the dropped batch by now, whose output nobody has seen.

@@ -596,6 +596,30 @@ def test_a_partition_reset_with_its_write_in_flight_recovers_from_what_was_writt
     assert owned.checkpoint_offset == 5 and owned.writing is None and owned.next_offset == 5
 
 
+def test_a_partition_revoked_as_an_aborted_batch_resets_its_partitions_is_left_alone(tmp_path: Path):
+    # reset picked the owned partitions before taking the lock: a revocation on the client's
+    # thread in between (made here by the lock itself, as it is taken) had been a KeyError.
+    engine = stepped_engine()
+    consumer = FakeConsumer({TP0: 0, TP1: 0})
+    partitions = PartitionManager(consumer, engine, None, CheckpointPolicy(3600, 5), Recorder(), clock=Clock())
+    partitions.assign([TP0, TP1])
+    partitions.recover_pending()
+    real = partitions.lock
+
+    class RevokedAsTaken:
+        def __enter__(self):
+            partitions.lock = real
+            partitions.release([TP0], checkpoint=False)  # the client's thread, just first
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    partitions.lock = RevokedAsTaken()
+    partitions.reset([TP0, TP1])
+    assert TP0 not in partitions.owned and TP0 not in partitions.pending and partitions.pending == {TP1}
+
+
 def test_a_checkpoint_whose_ids_are_inconsistent_is_refused_even_with_a_good_checksum():
     # Files a checksum does not catch (written so, or crafted): each is one CheckpointError.
     from streamer.engine import PartitionState
