@@ -255,7 +255,7 @@ def test_passwords_stay_out_of_reprs_and_error_messages(model_path, unique, tmp_
     with pytest.raises(ValidationError) as invalid:
         load_settings({"kafka": {"security_protocol": "SASL_SSL", "sasl_password": password, "ssl_password": password}})
     text = str(invalid.value) + invalid.value.json() + repr(invalid.value.errors())
-    assert "sasl_mechanism, sasl_username" in text and password not in text
+    assert "kafka.sasl_mechanism, kafka.sasl_username" in text and password not in text
     with pytest.raises(ValidationError, match="ssl_cafile .*absent.pem: no such file"):
         load_settings({"kafka": {"security_protocol": "SSL", "ssl_cafile": str(tmp_path / "absent.pem")}})
 
