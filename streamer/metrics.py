@@ -162,7 +162,8 @@ class Metrics:
         self._skew_future = self.event_time_skew.labels(direction="future")
         self._skew_past = self.event_time_skew.labels(direction="past")
         self.broker_reachable = Gauge(
-            "streamer_broker_reachable", "1 while the last broker probe (end offsets) answered, else 0",
+            "streamer_broker_reachable", "1 while the brokers answered the last probe (start-up's clients, then the"
+            " loop's end-offsets requests), else 0",
             registry=registry,
         )
         self.consumer_lag = Gauge(
@@ -307,11 +308,15 @@ class Health:
     """Liveness (/healthz): the loop has polled within ``stale_after_s`` and has not failed.
     Readiness (/readyz): live, and the brokers answered the loop's last probe."""
 
-    def __init__(self, stale_after_s: float, start_within_s: float | None = None) -> None:
+    def __init__(self, stale_after_s: float, start_within_s: float | None = None,
+                 stopping: threading.Event | None = None) -> None:
         """``start_within_s``: how long start-up may take before the loop's first beat (the
-        waits for the brokers it is allowed), where liveness gives it ``stale_after_s`` after."""
+        waits for the brokers it is allowed), where liveness gives it ``stale_after_s`` after.
+        ``stopping``: the run's stop event; once set, the service is not ready (it finishes the
+        batch in hand, checkpoints and closes), and stays live while it does."""
         self.stale_after_s = stale_after_s
         self.start_within_s = start_within_s
+        self._stopping = stopping
         self._last = time.monotonic()
         # Until the loop's first beat: the clients are still being opened (a broker that does not
         # answer start-up is tried again for kafka.startup_wait_s), nothing is consumed yet.
@@ -374,6 +379,9 @@ class Health:
             return False, stale
         if self._outside_group is not None:
             return False, f"consumer outside its group: {self._outside_group}"
+        if self._stopping is not None and self._stopping.is_set():
+            # It had read ready until the process was gone: a rollout took it for serving.
+            return False, "stopping: the batch in hand is finished, checkpointed and committed"
         if self._starting:
             return False, "starting: the Kafka clients are being opened"
         if self._broker_away is not None:

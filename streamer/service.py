@@ -304,7 +304,7 @@ def run_service(
         # and /healthz stays live for as long as start-up may wait for them (the topics, the store
         # and consumer, the producer: kafka.startup_wait_s each), so that a probe does not restart
         # a pod that waits as it was told to.
-        health = Health(HEALTH_STALE_AFTER_S, start_within_s=3 * kafka.startup_wait_s)
+        health = Health(HEALTH_STALE_AFTER_S, start_within_s=3 * kafka.startup_wait_s, stopping=stop)
         if settings.metrics.enabled:
             server = _metrics_server(registry, health, settings)
             log.info("metrics at http://%s:%d/metrics, liveness at /healthz, readiness at /readyz", server.host, server.port)
@@ -327,6 +327,9 @@ def run_service(
         # Before the producer: a stop while the topics are described leaves no producer unclosed.
         dead_letter_limit = _topic_housekeeping(settings, stop)
         first = _until_reachable(connect, time.monotonic() + kafka.startup_wait_s, stop)
+        # Every client opened has had its answer from the brokers: reachable, as the loop's own
+        # probes go on to tell (the gauge had read 0, unreachable, until the loop's first probe).
+        metrics.broker_reachable.set(1)
 
         def successor() -> Producer:
             """A transactional producer in place of one whose transaction was aborted, in the loop:

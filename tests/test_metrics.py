@@ -72,6 +72,20 @@ def test_health_live_but_not_ready_while_starting_and_while_the_broker_is_away()
     assert health.readiness() == (True, "ok")
 
 
+def test_a_stopping_service_is_live_but_not_ready():
+    # It had read ready until the process was gone, while it finished its batch and closed.
+    import threading
+
+    stop = threading.Event()
+    health = Health(60.0, stopping=stop)
+    health.beat()
+    assert health.readiness() == (True, "ok")
+    stop.set()
+    assert health.readiness() == (False, "stopping: the batch in hand is finished, checkpointed and committed")
+    assert health.status() == (True, "ok (not ready: stopping: the batch in hand is finished, checkpointed and"
+                                     " committed)")
+
+
 def test_health_stale_or_failed_is_neither_live_nor_ready():
     health = Health(0.0)
     health._last -= 1.0

@@ -215,3 +215,41 @@ def test_stop_set_before_the_engine_is_built_skips_the_build(monkeypatch, caplog
     settings = load_settings({"model": {"path": "unused.pt"}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}})
     assert service.run_service(settings, stop).readings == 0
     assert [r.getMessage() for r in caplog.records] == ["stopped during start-up, before Kafka was contacted"]
+
+
+def test_a_started_service_reads_the_brokers_reachable_and_a_stopping_one_not_ready(monkeypatch, tmp_path):
+    # streamer_broker_reachable had read 0 (unreachable) from start-up, where every client had
+    # just had its answer, until the loop's first probe; /readyz had read 200 while it stopped.
+    from prometheus_client import CollectorRegistry
+
+    from streamer import service
+    from streamer.kafka.memory import MemoryBroker, MemoryConsumer, MemoryProducer
+    from streamer.model import save_model_file
+    from streamer.settings import load_settings
+    from tests.conftest import make_bundle
+
+    bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1)
+    save_model_file(tmp_path / "m.pt", bundle.model, bundle.config, "v")
+    broker = MemoryBroker()
+    monkeypatch.setattr(service, "_topics_ready", lambda *args: True)
+    monkeypatch.setattr(service, "_topic_housekeeping", lambda *args: None)
+    monkeypatch.setattr(service, "open_consumer", lambda *args: MemoryConsumer(broker, "g"))
+    monkeypatch.setattr(service, "open_producer", lambda *args: MemoryProducer(broker))
+    seen = {}
+
+    def run(pipeline, stop):
+        seen["reachable at the loop's start"] = registry.get_sample_value("streamer_broker_reachable")
+        pipeline.health.beat()
+        seen["ready"] = pipeline.health.readiness()
+        stop.set()
+        seen["stopping"] = pipeline.health.readiness()
+        return service.RunSummary()
+
+    monkeypatch.setattr(service.Pipeline, "run", run)
+    settings = load_settings({"kafka": {"bootstrap_servers": "127.0.0.1:1"},
+                              "model": {"path": tmp_path / "m.pt", "device": "cpu"},
+                              "checkpoint": {"directory": tmp_path / "cp"}, "metrics": {"enabled": False}})
+    registry = CollectorRegistry()
+    service.run_service(settings, threading.Event(), registry)
+    assert seen == {"reachable at the loop's start": 1.0, "ready": (True, "ok"),
+                    "stopping": (False, "stopping: the batch in hand is finished, checkpointed and committed")}
