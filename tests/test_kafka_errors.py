@@ -531,3 +531,33 @@ def test_a_confluent_producer_closed_or_dropped_releases_librdkafkas_client():
         assert threads() == base
     finally:
         gc.enable()
+
+
+def test_a_confluent_producer_refused_at_start_up_is_closed_not_left_running():
+    # Start-up tries again and again while the brokers are away: each refused producer had kept
+    # librdkafka's threads and connections until a collection (the consumer was closed already).
+    import gc
+    import os
+    import time
+
+    from streamer.kafka.clients import KafkaBootstrapError
+    from streamer.settings import KafkaSettings
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", client="confluent-kafka")
+    gc.disable()
+    try:
+        base = threads()
+        refusals = []  # kept, as start-up keeps its last one to report: their frames hold the clients
+        for _ in range(3):
+            with pytest.raises(KafkaBootstrapError) as refused:
+                confluent.make_producer(settings, "i", bootstrap_timeout_ms=200)
+            refusals.append(refused.value)
+        deadline = time.monotonic() + 10
+        while threads() > base and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threads() == base
+    finally:
+        gc.enable()

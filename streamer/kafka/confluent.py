@@ -280,13 +280,19 @@ def make_producer(
                        "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
     client = _client(RdProducer, config, settings)
     timeout_s = (bootstrap_timeout_ms or 30_000) / 1000
-    _check_reachable(client, settings, errors, timeout_s)
-    if settings.exactly_once:
-        try:
-            client.init_transactions(timeout_s)  # waits for a transaction coordinator
-        except KafkaException as exc:
-            raise KafkaBootstrapError(settings.bootstrap_servers, _described(settings),
-                                      f"no transaction coordinator answered: {exc.args[0].str()}") from exc
+    try:
+        _check_reachable(client, settings, errors, timeout_s)
+        if settings.exactly_once:
+            try:
+                client.init_transactions(timeout_s)  # waits for a transaction coordinator
+            except KafkaException as exc:
+                raise KafkaBootstrapError(settings.bootstrap_servers, _described(settings),
+                                          f"no transaction coordinator answered: {exc.args[0].str()}") from exc
+    except BaseException:
+        # Start-up tries again and again while the brokers are away: each refused client had
+        # lived on (threads, connections) until collected, as the consumer's never did.
+        release_producer(client, 0)
+        raise
     producer.client = client
     return producer
 
@@ -585,7 +591,7 @@ def make_changelog(settings: KafkaSettings, topic: str, max_value_bytes: int,
     except BaseException:
         consumer.close()
         if producer is not None:
-            producer.flush(0)
+            release_producer(producer, 0)
         raise
     return ConfluentChangelog(topic, consumer, producer)
 
