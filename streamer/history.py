@@ -40,17 +40,21 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from streamer.errors import StreamerError
-from streamer.records import MAX_ABS_VALUE, MAX_DEVICE_ID_LENGTH  # refused here as on the live path
+from streamer.records import (  # refused here as on the live path
+    MAX_ABS_VALUE,
+    MAX_DEVICE_ID_LENGTH,
+    TS_MAX,
+    TS_MIN,
+    epoch_seconds,
+)
 
 SUFFIXES = (".csv", ".parquet")
 DEVICE_COLUMN = "device_id"
 TIME_COLUMNS = ("timestamp", "ts")  # first one present wins
 _PANDAS_INDEX = re.compile(r"__index_level_\d+__")  # an unnamed index, as pandas writes it to Parquet
 SHOWN_CHARS = 80  # offending text is cut to this many characters
-# Timestamps ISO-8601 can write (years 1 to 9999), in epoch seconds; past them a column is
-# usually epoch milliseconds, microseconds or nanoseconds.
-TS_MIN = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
-TS_MAX = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+# TS_MIN, TS_MAX (records): timestamps ISO-8601 can write (years 1 to 9999), in epoch seconds;
+# past them a column is usually epoch milliseconds, microseconds or nanoseconds.
 
 
 def _short(text: object) -> str:
@@ -163,10 +167,8 @@ def _floats(texts: list) -> tuple[np.ndarray, np.ndarray]:
 
 def _timestamps_from_arrow(arr: pa.Array) -> np.ndarray:
     """Epoch seconds float64 of a timestamp array; nulls become NaN."""
-    unit = arr.type.unit
     raw = pc.fill_null(arr.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
-    per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
-    secs = (raw // per_second).astype(np.float64) + (raw % per_second) / per_second
+    secs = epoch_seconds(raw, arr.type.unit)  # as the live decoder's
     secs[arr.is_null().to_numpy(zero_copy_only=False)] = np.nan
     return secs
 

@@ -6,7 +6,8 @@ JSON (no such header, or any other value): one reading per message, value
 ``{"device_id": str, "ts": epoch seconds | ISO-8601, "values": [float, ...]}`` with key = device
 id; values and ts must be finite, values as float32 (the model's dtype) and within ±1e18
 (MAX_ABS_VALUE; beyond it: out_of_range), ts a number or an ISO-8601 string (naive = UTC), never
-a boolean. Unknown extra fields are ignored. Decoded by
+a boolean, from year 1 to 9999 as epoch seconds (TS_MIN..TS_MAX, as histories; beyond:
+out_of_range, usually epoch milliseconds or nanoseconds). Unknown extra fields are ignored. Decoded by
 msgspec into a typed struct; a message msgspec refuses, or one the fast path cannot vouch for
 (over FAST_PATH_MAX_BYTES, possibly nested deeper than the old parser allowed, not UTF-8), is
 read again by jiter (pydantic-core's JSON parser, the one the pydantic decoder used) and checked
@@ -26,7 +27,8 @@ the first bad row and how many rows are bad); checks in this order: one readable
 its buffers no more than ARROW_MAX_DECODED_BYTES once decompressed (too_large, told from the
 metadata before anything is decompressed), nothing after it (not_arrow), columns and types
 (invalid_schema; a list size other than the model's input size: wrong_value_count), nulls and
-device id lengths (invalid_schema), NaN/inf in ts or values (non_finite), values beyond ±1e18 (out_of_range), key present (key_mismatch). A
+device id lengths (invalid_schema), NaN/inf in ts or values (non_finite), values beyond ±1e18
+and ts outside years 1 to 9999 (out_of_range), key present (key_mismatch). A
 message of no rows gives no predictions: one empty output batch message back under
 kafka.batch_output = "arrow", nothing as JSON. Every reading of a message shares its SourcePosition.
 
@@ -69,6 +71,13 @@ FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 # Readings beyond this magnitude are refused (out_of_range): squared in float32 (a device's
 # normalisation, residuals), values past about 1.8e19 overflow to inf, and the forecasts with them.
 MAX_ABS_VALUE = 1e18
+# Timestamps ISO-8601 can write (years 1 to 9999), in epoch seconds: what histories accept too.
+# Past them, a ts is usually epoch milliseconds or nanoseconds, and had been taken live (time
+# features of another phase than training's, event-time latency off by the factor) while train
+# and replay refused the same column.
+TS_MIN = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
+TS_MAX = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+TS_RANGE_HINT = "past year 9999 or before year 1 as epoch seconds (epoch milliseconds or nanoseconds?)"
 # A batch message whose buffers take more than this once decompressed is refused (too_large) before
 # it is read: 64 times the broker's default max.message.bytes.
 ARROW_MAX_DECODED_BYTES = 64 << 20
@@ -277,6 +286,8 @@ class ReadingDecoder:
             beyond = next((i for i, v in enumerate(values) if abs(v) > MAX_ABS_VALUE), None)
             if beyond is not None:
                 return DeadLetterReason.OUT_OF_RANGE, f"values.{beyond}: {values[beyond]!r} is beyond ±{MAX_ABS_VALUE:g}"
+        if not TS_MIN <= reading.ts <= TS_MAX:
+            return DeadLetterReason.OUT_OF_RANGE, f"ts: {reading.ts!r} is {TS_RANGE_HINT}"
         values = reading.values
         if len(values) != self.input_size:
             return DeadLetterReason.WRONG_VALUE_COUNT, f"{len(values)} values, the model takes {self.input_size}"
@@ -356,12 +367,14 @@ class ReadingDecoder:
             what = f"not 1..{MAX_DEVICE_ID_LENGTH} characters long"
             return _rows_refused(DeadLetterReason.INVALID_SCHEMA, "device_id", what, bad_length, False, self.input_size)
         if pa.types.is_timestamp(ts_column.type):
-            per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[ts_column.type.unit]
-            ts = ts_column.cast(pa.int64()).to_numpy() / per_second
+            ts = epoch_seconds(ts_column.cast(pa.int64()).to_numpy(), ts_column.type.unit)
         else:
             ts = ts_column.to_numpy()
             if not np.isfinite(ts).all():
                 return _rows_refused(DeadLetterReason.NON_FINITE, "ts", "not finite", ~np.isfinite(ts), False, self.input_size)
+        outside = (ts < TS_MIN) | (ts > TS_MAX)
+        if outside.any():
+            return _rows_refused(DeadLetterReason.OUT_OF_RANGE, "ts", TS_RANGE_HINT, outside, False, self.input_size)
         values = flat.to_numpy().reshape(len(ts), self.input_size)
         finite = np.isfinite(values)
         if not finite.all():
@@ -619,6 +632,14 @@ def _schema_refusal(schema: pa.Schema, input_size: int) -> Refusal | None:
     if size != input_size:
         return DeadLetterReason.WRONG_VALUE_COUNT, f"values: {size} values, the model takes {input_size}"
     return None
+
+
+def epoch_seconds(raw: np.ndarray, unit: str) -> np.ndarray:
+    """Epoch seconds (float64, correctly rounded) of int64 timestamps in ``unit`` (s, ms, us,
+    ns): whole seconds and the fraction apart. Divided at once, nanoseconds past 2**53 were rounded
+    twice, a quarter of them an ulp off the seconds JSON and histories give for the same instant."""
+    per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
+    return (raw // per_second).astype(np.float64) + (raw % per_second) / per_second
 
 
 def _rows_refused(

@@ -27,6 +27,8 @@ from streamer.records import (
     FLOAT32_OVERFLOW,
     MAX_ABS_VALUE,
     MAX_DEVICE_ID_LENGTH,
+    TS_MAX,
+    TS_MIN,
     DeadLetterReason,
     Reading,
     ReadingDecoder,
@@ -88,8 +90,8 @@ class PydanticReading(BaseModel):
 
 
 class PydanticDecoder:
-    """decode_one of the pydantic decoder, verbatim but for the out_of_range rule added since: a
-    reading or (reason, detail)."""
+    """decode_one of the pydantic decoder, verbatim but for the out_of_range rules added since
+    (values, then ts): a reading or (reason, detail)."""
 
     def __init__(self, input_size: int) -> None:
         self.input_size = input_size
@@ -107,6 +109,10 @@ class PydanticDecoder:
         beyond = next((i for i, v in enumerate(reading.values) if abs(v) > MAX_ABS_VALUE), None)  # added since
         if beyond is not None:
             return R.OUT_OF_RANGE, f"values.{beyond}: {reading.values[beyond]!r} is beyond ±{MAX_ABS_VALUE:g}"
+        if not datetime(1, 1, 1, tzinfo=timezone.utc).timestamp() <= reading.ts <= datetime(  # added since
+                9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp():
+            return R.OUT_OF_RANGE, (f"ts: {reading.ts!r} is past year 9999 or before year 1 as epoch seconds (epoch"
+                                    " milliseconds or nanoseconds?)")
         if len(reading.values) != self.input_size:
             return R.WRONG_VALUE_COUNT, f"{len(reading.values)} values, the model takes {self.input_size}"
         if key is None:
@@ -258,6 +264,9 @@ def test_numbers_read_as_python_reads_them(values: list, ts: float) -> None:
         return
     if any(abs(float(v)) > MAX_ABS_VALUE for v in values):
         assert result[0] is R.OUT_OF_RANGE
+        return
+    if not TS_MIN <= float(ts) <= TS_MAX:  # years 1 to 9999 as epoch seconds
+        assert result[0] is R.OUT_OF_RANGE and result[1].startswith("ts: ")
         return
     assert isinstance(result, Reading)
     assert np.float64(result.ts).tobytes() == np.float64(float(ts)).tobytes()
@@ -477,7 +486,39 @@ BAD_BATCHES = {
     "invalid utf-8": (with_column("device_id", bad_utf8_ids()), R.NOT_ARROW, "not an Arrow IPC stream"),
     "value beyond 1e18": (with_column("values", fixed([0.0, 1.0, 2.0, -2e18, 4.0, 5.0, 6.0, 7.0])), R.OUT_OF_RANGE,
                           "values: row 1 beyond ±1e+18; the whole message is refused"),
+    # Epoch milliseconds and seconds past year 9999: taken before, while train and replay refuse them.
+    "ts in milliseconds": (with_column("ts", pa.array([1.7e9, 1.7e12, 1.7e12, 1.7e9])), R.OUT_OF_RANGE,
+                           "ts: row 1 past year 9999 or before year 1 as epoch seconds (epoch milliseconds or"
+                           " nanoseconds?) (and 1 more rows)"),
+    "ts before year 1": (with_column("ts", pa.array([1.7e9, 1.7e9, 1.7e9, -7e10])), R.OUT_OF_RANGE, "ts: row 3 past"),
+    "timestamp[s] past 9999": (with_column("ts", pa.array([0, 300_000_000_000, 0, 0], pa.timestamp("s"))),
+                               R.OUT_OF_RANGE, "ts: row 1 past year 9999"),
 }
+
+
+@pytest.mark.parametrize("ts", [1_700_000_000_000, 1.7e12, 1_700_000_000_000_000_000, 253402300800, -62135596801,
+                                "1e12"])
+def test_a_json_ts_past_year_9999_or_before_year_1_is_out_of_range(ts) -> None:
+    value = b'{"device_id":"a","ts":%s,"values":[1,2]}' % (json.dumps(ts).encode() if ts != "1e12" else b"1e12")
+    reason, detail = ReadingDecoder(2).decode_one(b"a", value)
+    assert reason is R.OUT_OF_RANGE and detail.startswith("ts: ") and "epoch milliseconds or nanoseconds?" in detail
+    for edge in (TS_MIN, TS_MAX, "0001-01-01T00:00:00", "9999-12-31T23:59:59Z"):
+        reading = ReadingDecoder(2).decode_one(b"a", json.dumps({"device_id": "a", "ts": edge, "values": [1, 2]}).encode())
+        assert isinstance(reading, Reading) and TS_MIN <= reading.ts <= TS_MAX
+
+
+def test_arrow_nanosecond_timestamps_are_the_seconds_json_and_histories_give() -> None:
+    # Divided at once, int64 nanoseconds past 2**53 were rounded twice: a quarter an ulp off.
+    from fractions import Fraction
+
+    from streamer.history import _timestamps_from_arrow
+
+    ns = np.random.default_rng(3).integers(1_600_000_000 * 10**9, 1_900_000_000 * 10**9, size=2000)
+    columns = {**good_columns(2000), "ts": pa.array(ns, pa.timestamp("ns"))}
+    decoded = ReadingDecoder(2).decode([Message("in", 0, 0, b"gw", arrow_message(columns), ARROW)])
+    exact = np.array([float(Fraction(int(n), 10**9)) for n in ns])
+    assert np.array_equal(decoded.readings.ts, exact)
+    assert np.array_equal(_timestamps_from_arrow(pa.array(ns, pa.timestamp("ns"))), exact)
 
 
 @pytest.mark.parametrize("case", list(BAD_BATCHES))
