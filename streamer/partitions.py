@@ -468,12 +468,20 @@ class PartitionManager:
         )
 
     def checkpoint_all(self) -> None:
-        """Checkpoint every owned partition (clean shutdown: tried even while backing off)."""
+        """Checkpoint every owned partition (clean shutdown: tried even while backing off). The
+        first write that fails ends it, and no checkpoint is written after it (the revocation
+        as the consumer closes included): with the store's brokers away each write waits out its
+        timeout (30 s in Kafka), and a stop had taken two of them per partition, minutes where a
+        supervisor allows seconds. The partitions' next owners replay from their last checkpoints."""
         with self.lock:
             self.settle_writes()
             for tp, owned in self.owned.items():
-                if self._committed_through(tp, owned, "stopping"):
-                    self._save(tp, owned)
+                if self._committed_through(tp, owned, "stopping") and not self._save(tp, owned):
+                    if self.store is not None:
+                        log.warning("stopping: the checkpoint store failed, no more checkpoints from this process"
+                                    " (the partitions' next owners replay from their last ones)")
+                        self.store = None
+                    return
 
     def discard(self, partitions: Iterable[TopicPartition]) -> None:
         """A step failed part-way: the engine's rows of these partitions may hold readings past

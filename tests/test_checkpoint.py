@@ -479,6 +479,32 @@ def batch_committed(partitions: PartitionManager, offset: int, readings: int = 5
     partitions.committed(plan)
 
 
+def test_a_shutdown_whose_store_fails_stops_checkpointing_at_the_first_failure(tmp_path: Path, caplog):
+    # Each write to a store whose brokers are away waits out its timeout (30 s in Kafka): a stop
+    # had tried every partition, then every one again as the consumer closed (revoked).
+    class Away(DirectoryCheckpointStore):
+        tries = 0
+
+        def save(self, checkpoint: Checkpoint) -> Path:
+            Away.tries += 1
+            raise OSError("the store's brokers are away")
+
+    engine = stepped_engine()
+    consumer = FakeConsumer({TP0: 0, TP1: 0})
+    partitions = PartitionManager(consumer, engine, Away(tmp_path, "group"), CheckpointPolicy(3600, 10_000),
+                                  Recorder(), clock=Clock())
+    partitions.assign([TP0, TP1])
+    partitions.recover_pending()
+    batch_committed(partitions, 5)
+    caplog.set_level(logging.WARNING)
+    partitions.checkpoint_all()
+    assert Away.tries == 1 and partitions.store is None
+    assert any("no more checkpoints from this process" in r.getMessage() for r in caplog.records)
+    partitions.close()
+    partitions.release([TP0, TP1], checkpoint=True)  # the revocation as the consumer closes
+    assert Away.tries == 1 and not partitions.owned
+
+
 def with_a_write_in_flight(tmp_path: Path) -> tuple[PartitionManager, HeldStore, Recorder]:
     """Both partitions due after a batch to offset 5, and TP0's checkpoint held in the store."""
     engine = stepped_engine()
