@@ -26,7 +26,12 @@ class PipelineError(StreamerError):
 
 class StartupInterrupted(Exception):
     """``stop`` was set while the service waited for the brokers (at start-up, or for a new
-    transactional producer): not an error, the run ends with 0."""
+    transactional producer): not an error, the run ends with 0. ``abandoned``: a client's
+    bootstrap was left running in its thread (it does not look at signals)."""
+
+    def __init__(self, *args: object, abandoned: bool = False) -> None:
+        super().__init__(*args)
+        self.abandoned = abandoned
 
 
 def not_a_file(path: Path) -> str:

@@ -24,6 +24,7 @@ from streamer.kafka.clients import (
     describe_topics,
     kafka_logs_folded,
     security_config,
+    silence_client_logs,
 )
 from streamer.kafka.topics import written_topics
 from streamer.kernels import STATE_DTYPES
@@ -209,30 +210,37 @@ def _until_reachable(
     within STOP_CHECK_S. ``waiting()`` is called after each failed try. kafka-python's own log
     lines are folded into one line of ours per failed try."""
     attempt = 0
-    with kafka_logs_folded() as complaint:
-        while True:
-            attempt += 1
-            timeout_s = min(MAX_ATTEMPT_S, max(MIN_ATTEMPT_S, deadline - time.monotonic()))
-            try:
-                return _interruptible(lambda: connect(int(timeout_s * 1000)), stop)
-            except KafkaLoginError:
-                raise
-            except KafkaBootstrapError as exc:
-                left = deadline - time.monotonic()
-                detail = f" ({complaint.first})" if complaint.first else ""
-                complaint.first = None
-                if left <= 0:
-                    log.error("%s at %s: no broker answered in %d tries%s; giving up", what, exc.bootstrap_servers, attempt, detail)
+    try:
+        with kafka_logs_folded() as complaint:
+            while True:
+                attempt += 1
+                timeout_s = min(MAX_ATTEMPT_S, max(MIN_ATTEMPT_S, deadline - time.monotonic()))
+                try:
+                    return _interruptible(lambda: connect(int(timeout_s * 1000)), stop)
+                except KafkaLoginError:
                     raise
-                log.warning(
-                    "%s at %s: no broker answered in %.0fs%s; trying again %s",
-                    what, exc.bootstrap_servers, timeout_s, detail,
-                    "until one does" if math.isinf(left) else f"for {left:.0f}s more",
-                )
-                if waiting is not None:
-                    waiting()
-            if stop is not None and stop.wait(min(STARTUP_RETRY_S, max(0.0, deadline - time.monotonic()))):
-                raise StartupInterrupted()
+                except KafkaBootstrapError as exc:
+                    left = deadline - time.monotonic()
+                    detail = f" ({complaint.first})" if complaint.first else ""
+                    complaint.first = None
+                    if left <= 0:
+                        log.error("%s at %s: no broker answered in %d tries%s; giving up", what, exc.bootstrap_servers, attempt, detail)
+                        raise
+                    log.warning(
+                        "%s at %s: no broker answered in %.0fs%s; trying again %s",
+                        what, exc.bootstrap_servers, timeout_s, detail,
+                        "until one does" if math.isinf(left) else f"for {left:.0f}s more",
+                    )
+                    if waiting is not None:
+                        waiting()
+                if stop is not None and stop.wait(min(STARTUP_RETRY_S, max(0.0, deadline - time.monotonic()))):
+                    raise StartupInterrupted()
+    except StartupInterrupted as exc:
+        if exc.abandoned:
+            # The abandoned client goes on bootstrapping in its thread: its library's ERROR
+            # lines had reached stderr once the folding above was left, after a clean stop.
+            silence_client_logs()
+        raise
 
 
 def _interruptible(call: Callable[[], T], stop: threading.Event | None) -> T:
@@ -265,7 +273,7 @@ def _interruptible(call: Callable[[], T], stop: threading.Event | None) -> T:
             with lock:
                 if "result" not in outcome and "error" not in outcome:
                     outcome["abandoned"] = True
-                    raise StartupInterrupted()
+                    raise StartupInterrupted(abandoned=True)
         worker.join(0.0)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]

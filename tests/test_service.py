@@ -77,6 +77,40 @@ def test_stop_interrupts_a_try_in_progress():
     assert time.monotonic() - started < 1.0
 
 
+def test_an_abandoned_bootstrap_logs_nothing_after_the_stop():
+    # The abandoned client goes on in its thread: its library's ERROR lines had reached stderr
+    # (the root logger's handlers) once start-up's folding of them was left, after a clean stop.
+    from streamer.kafka.clients import CLIENT_LOGGERS
+
+    class Seen(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    before = {name: (logging.getLogger(name).propagate, list(logging.getLogger(name).handlers)) for name in CLIENT_LOGGERS}
+    seen = Seen()
+    logging.getLogger().addHandler(seen)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    try:
+        with pytest.raises(StartupInterrupted) as stopped:
+            _until_reachable(Unreachable(), time.monotonic() + 60, stop)
+        assert stopped.value.abandoned
+        seen.records.clear()
+        later = threading.Thread(target=logging.getLogger("kafka.net.manager").error, args=("Connection failed",))
+        later.start()
+        later.join()
+        assert not seen.records
+    finally:
+        logging.getLogger().removeHandler(seen)
+        for name, (propagate, handlers) in before.items():
+            logger = logging.getLogger(name)
+            logger.propagate, logger.handlers = propagate, handlers
+
+
 def test_a_refused_login_is_final():
     calls = []
 
