@@ -369,6 +369,7 @@ def _run(args: argparse.Namespace) -> int:
     # had ended the process with 143 and no word. Set, it stops the run before it consumes.
     stop = threading.Event()
     restore = stop_on_signals(stop)
+    settings = None
     try:
         settings = settings_from_args(args)
         _setup_logging(settings.run.log_level, settings.run.log_format)
@@ -381,8 +382,12 @@ def _run(args: argparse.Namespace) -> int:
 
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
         summary = run_service(settings, stop)
-    except BaseException:
+    except BaseException as exc:
         restore()  # a run that ends on an error (main's caller may go on: a test process)
+        if isinstance(exc, StreamerError) and settings is not None and settings.run.log_format == "json":
+            # Log pipelines read the JSON lines: the error that ends the run is one of them too
+            # (it had been only main's plain line). main still prints that line, as ever.
+            log.error("stopped: %s", exc)
         raise
     # Every client of the run is closed; one abandoned while it waited for a broker (its
     # bootstrap does not look at signals) may still log from its thread: not after the summary.

@@ -147,6 +147,9 @@ def test_json_logs_one_object_per_line_with_context(tmp_path: Path):
     assert records and last.startswith("streamer: error:")
     for text in records:
         assert {"timestamp", "level", "name", "message"} <= json.loads(text).keys(), text
+    # The error that ends the run is a JSON record too (it had been the plain line alone).
+    ending = json.loads(records[-1])
+    assert ending["level"] == "ERROR" and ending["message"] == "stopped: " + last.removeprefix("streamer: error: ")
 
 
 def test_simulate_and_train_reject_bad_values():
