@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N [default: auto]")
     fit.add_argument("--time-budget", type=_positive_float, default=None, help="stop training after this many seconds")
     fit.add_argument("--seed", type=_seed, default=0, help="random seed (in [0, 2**63))")
+    fit.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                     help="torch CPU threads; the weights are the same for a seed and thread count (recorded in the"
+                     " model file) [default: 1 up to hidden size 64, else the cores, at most 8]")
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     train.add_argument("--version", default=None, help="model version string (default: derived from the settings)")
     train.set_defaults(handler=_train)
@@ -703,6 +706,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, patience=args.patience,
         time_features=args.time_features, normalization=args.normalization, norm_alpha=args.norm_alpha,
         device=args.device, seed=args.seed, time_budget_s=args.time_budget, progress=args.progress,
+        threads=args.threads,
     )
     check_output_path(args.out)  # before minutes of loading and training
     _refuse_overwriting_data(args.out, args.data, "--out")

@@ -52,6 +52,8 @@ STD_FLOOR = 1e-6  # global normalisation: a constant feature at 0 gets this std
 # ... and one at level m at least REL_STD_FLOOR * |m| (as device normalisation floors it): a
 # feature constant while training at 1e6 had made a change of 1 an input of 1e6.
 MAX_THREADS = 8  # larger models gain little past a few threads
+# Inputs past this magnitude make float32 training overflow, whatever the lr (squares past 1e38).
+LARGEST_INPUT = 1e15
 SMALL_HIDDEN = 64  # up to this hidden size, train on one thread
 VAL_BATCH = 1024  # validation windows per forward pass
 SIM_END_TS = 1_704_067_200.0  # 2024-01-01T00:00:00Z: simulated history ends one spacing before it
@@ -187,6 +189,7 @@ class TrainResult:
     epoch_losses: tuple[EpochLoss, ...]
     seconds: float
     device: str
+    threads: int = 1  # torch CPU threads used: with the seed, what makes the weights reproducible
 
 
 def model_inputs(
@@ -314,7 +317,7 @@ def _validation_loss(model: LSTMModel, windows: Tensor, mask: Tensor, features: 
     for s in range(0, len(windows), VAL_BATCH):
         w, m = windows[s : s + VAL_BATCH], mask[s : s + VAL_BATCH]
         seq, _ = model.lstm(w[:, :-1])
-        total += (model.fc(seq) - w[:, 1:, :features]).pow(2).sum(-1)[m].sum().item()
+        total += (model.fc(seq) - w[:, 1:, :features]).double().pow(2).sum(-1)[m].sum().item()  # float64: no overflow of the sum
     return total / (int(mask.sum()) * features)
 
 
@@ -394,7 +397,12 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
         val_set = (val_set[0].to(device), val_set[1].to(device))
     windows_per_epoch = math.ceil(train_readings / options.window)
     steps_per_epoch = max(1, math.ceil(windows_per_epoch / options.batch_size))
-    with _torch_threads(options.threads or _default_threads(options.hidden_size)):
+    # The largest input the model sees: past float32's comfort (raw values near 1e18, or a
+    # global normalisation of a value constant in training and not in validation), the loss
+    # overflows whatever the lr, and the divergence error says so, not "try a smaller lr".
+    peak = max(float(np.abs(x).max()) if len(x) else 0.0 for x in inputs)
+    threads = options.threads or _default_threads(options.hidden_size)
+    with _torch_threads(threads):
         torch.manual_seed(options.seed)
         try:
             model = LSTMModel.from_config(config).to(device)
@@ -405,7 +413,7 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
                 "hidden_size", f"makes a model too big for the memory of {device} with {options.num_layers} layers"
                 f" ({str(exc).strip().splitlines()[0][:120] or type(exc).__name__})", options.hidden_size) from None
         try:
-            losses, best_epoch, steps = _fit(model, sampler, val_set, features, steps_per_epoch, options, start)
+            losses, best_epoch, steps = _fit(model, sampler, val_set, features, steps_per_epoch, options, start, peak)
         except (MemoryError, RuntimeError) as exc:
             if not allocation_failed(exc):
                 raise
@@ -416,7 +424,7 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
     best = losses[best_epoch - 1]
     return TrainResult(
         model.cpu().eval(), config, normalization, options, data, best.train_loss, best.val_loss, best_epoch,
-        len(losses), steps, tuple(losses), time.monotonic() - start, str(device),
+        len(losses), steps, tuple(losses), time.monotonic() - start, str(device), threads,
     )
 
 
@@ -428,6 +436,7 @@ def _fit(
     steps_per_epoch: int,
     options: TrainOptions,
     start: float,
+    peak: float = 0.0,
 ) -> tuple[list[EpochLoss], int, int]:
     """Train ``model`` in place for up to options.epochs epochs of steps_per_epoch steps, then
     load the best epoch's weights. Returns (per-epoch losses, best epoch (1-based), steps).
@@ -462,6 +471,11 @@ def _fit(
             losses.append(EpochLoss(epoch, train_loss, val_loss))
             bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4g}", val="-" if val_loss is None else f"{val_loss:.4g}")
             if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
+                if peak > LARGEST_INPUT:  # no lr helps: the squares of such inputs overflow float32
+                    raise StreamerError(
+                        f"training diverged at epoch {epoch} (loss {train_loss}, validation loss {val_loss}): the model's"
+                        f" inputs reach {peak:.3g} under normalization {options.normalization!r}, too large for"
+                        " float32 training; use normalization 'device' (or 'global' where values vary in training)")
                 raise StreamerError(f"training diverged at epoch {epoch} (loss {train_loss}, validation "
                                     f"loss {val_loss}); try a smaller lr than {options.lr}")
             if val_loss is None:  # nothing to choose by: the last epoch is the best
@@ -502,6 +516,7 @@ def training_meta(result: TrainResult) -> dict[str, object]:
         "options": result.options.to_dict(),
         "seconds": round(result.seconds, 3),
         "device": result.device,
+        "threads": result.threads,
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

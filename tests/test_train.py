@@ -88,6 +88,7 @@ def test_model_file_records_the_training(tmp_path: Path, sine_trained, sine_seri
     assert meta["options"] == sine_trained.options.to_dict()
     assert meta["options"]["time_features"] == ["day", "week"] and meta["options"]["window"] == 32
     assert meta["source"] == "daily_sine" and meta["seconds"] > 0
+    assert meta["threads"] == sine_trained.threads == 1  # hidden 16: one thread (it had not been recorded)
     x = torch.from_numpy(model_inputs(sine_series[:1], bundle.config)[0][None, :50])
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(x)[0], sine_trained.model(x)[0])
@@ -340,3 +341,30 @@ def test_options_of_the_history_file_are_refused_without_one(tmp_path, capsys, e
     assert capsys.readouterr().err == (f"streamer: error: {flag} reads the history of --data: without --data,"
                                        " history is simulated\n")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_the_threads_used_are_recorded_and_can_be_chosen(tmp_path: Path, capsys):
+    # The same seed gives other weights on another thread count: hosts with other core counts had
+    # trained other models from one command, and the model file did not say with how many.
+    from streamer.train import _default_threads
+
+    series = daily_sine(devices=2, days=1)
+    wide = train_model(series, replace(SMALL, hidden_size=72, epochs=1))
+    assert wide.threads == _default_threads(72)
+    out = tmp_path / "m.pt"
+    assert main(["train", "--out", str(out), "--devices", "2", "--history", "60", "--threads", "2", *TINY]) == 0
+    assert load_model_file(out).meta["threads"] == 2 and load_model_file(out).meta["options"]["threads"] == 2
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "--out", str(out), "--threads", "0", *TINY])
+    assert refused.value.code == 2
+
+
+def test_inputs_too_large_for_float32_training_are_named_not_blamed_on_the_lr():
+    # Raw values near the 1e18 the decoders allow: the loss overflows float32 whatever the lr, and
+    # the error had said "try a smaller lr" (1e-9 too).
+    rng = np.random.default_rng(0)
+    ts = T0 + 60.0 * np.arange(400)
+    values = (9e17 + 1e16 * rng.standard_normal((400, 1))).astype(np.float32)
+    with pytest.raises(StreamerError, match="inputs reach .* under normalization 'none', too large for float32"
+                                            " training; use normalization 'device'"):
+        train_model([(ts, values)], replace(SMALL, normalization="none", epochs=1, window=16, lr=1e-9))
