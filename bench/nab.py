@@ -55,6 +55,7 @@ RECIPE = TrainOptions(
     device="cpu",
     progress=False,
     threads=1,
+    ttl_seconds=None,  # the replay engine below evicts nothing: no series is cut at a gap either
 )
 MIN_WINDOW = 8  # a file too short for RECIPE.window trains on windows halved down to this
 

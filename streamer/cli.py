@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N [default: auto]")
     fit.add_argument("--time-budget", type=_positive_float, default=None, help="stop training after this many seconds")
     fit.add_argument("--seed", type=_seed, default=0, help="random seed (in [0, 2**63))")
+    fit.add_argument("--state-ttl-seconds", type=_positive_float_or_none, default=86400.0, metavar="S",
+                     help="the state.ttl_seconds the model will be served with: a series is cut where a device is idle"
+                     " longer, where the engine starts it again from zero state (none: never) [default: 86400]")
     fit.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                      help="torch CPU threads; the weights are the same for a seed and thread count (recorded in the"
                      " model file) [default: 1 up to hidden size 64, else the cores, at most 8]")
@@ -706,7 +709,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, patience=args.patience,
         time_features=args.time_features, normalization=args.normalization, norm_alpha=args.norm_alpha,
         device=args.device, seed=args.seed, time_budget_s=args.time_budget, progress=args.progress,
-        threads=args.threads,
+        threads=args.threads, ttl_seconds=args.state_ttl_seconds,
     )
     check_output_path(args.out)  # before minutes of loading and training
     _refuse_overwriting_data(args.out, args.data, "--out")
@@ -967,6 +970,10 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
     return value
+
+
+def _positive_float_or_none(text: str) -> float | None:
+    return None if text.strip().lower() in NONE_WORDS else _positive_float(text)
 
 
 def _version() -> str:

@@ -90,7 +90,10 @@ class TrainOptions:
     loss before stopping; normalization: "device" (running per device, weight norm_alpha),
     "global" (mean and std of the training readings) or "none"; device: "auto" is cuda when
     available; time_budget_s: stop after the step that passes it; threads: torch CPU threads
-    (None: one for small models); progress: a tqdm bar on stderr (when it is a terminal)."""
+    (None: one for small models); progress: a tqdm bar on stderr (when it is a terminal);
+    ttl_seconds: the serving state.ttl_seconds (None: never): a device idle longer is evicted by
+    the engine and starts again from zero state and a fresh normalisation, so a series is cut
+    there into series of their own (see ``split_at_gaps``)."""
 
     hidden_size: int = 32
     num_layers: int = 2
@@ -108,6 +111,7 @@ class TrainOptions:
     time_budget_s: float | None = None
     progress: bool = True
     threads: int | None = None
+    ttl_seconds: float | None = 86400.0  # state.ttl_seconds' default
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "window", "epochs", "batch_size", "patience"):
@@ -132,6 +136,8 @@ class TrainOptions:
             raise TrainOptionsError("time_budget_s", "must be None or >= 0", self.time_budget_s)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise TrainOptionsError("seed", "must be an int >= 0", self.seed)
+        if self.ttl_seconds is not None and not (isinstance(self.ttl_seconds, int | float) and self.ttl_seconds > 0):
+            raise TrainOptionsError("ttl_seconds", "must be None or > 0", self.ttl_seconds)
         try:
             object.__setattr__(self, "time_features", check_time_features(self.time_features))
         except (TypeError, ValueError) as exc:
@@ -262,6 +268,20 @@ def _check_series(series: Sequence[Series]) -> tuple[list[Series], int]:
     return out, features
 
 
+def split_at_gaps(series: Sequence[Series], ttl_seconds: float | None) -> list[Series]:
+    """Each series cut where a reading comes more than ``ttl_seconds`` after the one before it
+    (the engine's TTL eviction: ``last_seen < now - ttl``), into series of their own: there the
+    engine starts the device again from zero state and a fresh running normalisation, and
+    normalised straight through, training had fitted inputs the engine never computes."""
+    if ttl_seconds is None:
+        return list(series)
+    out: list[Series] = []
+    for ts, values in series:
+        cuts = np.flatnonzero(ts[:-1] < ts[1:] - ttl_seconds) + 1
+        out.extend(zip(np.split(ts, cuts), np.split(values, cuts)))
+    return out
+
+
 def _global_normalization(parts: list[np.ndarray]) -> Normalization:
     data = np.concatenate(parts, axis=0).astype(np.float64)
     mean = data.mean(axis=0)
@@ -357,6 +377,8 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
     """
     start = time.monotonic()
     checked, features = _check_series(series)
+    devices = len(checked)
+    checked = split_at_gaps(checked, options.ttl_seconds)
     device = resolve_device(options.device)
     first_ts = min(float(ts[0]) for ts, _ in checked)
     last_ts = max(float(ts[-1]) for ts, _ in checked)
@@ -364,7 +386,7 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
     splits = [len(ts) if cutoff is None else int(np.searchsorted(ts, cutoff, side="left")) for ts, _ in checked]
     train_readings = sum(splits)
     val_readings = sum(len(ts) for ts, _ in checked) - train_readings
-    data = DataSummary(first_ts, last_ts, cutoff, len(checked), train_readings, val_readings)
+    data = DataSummary(first_ts, last_ts, cutoff, devices, train_readings, val_readings)
     if train_readings == 0:
         raise TrainingDataError("no readings before the validation cutoff", _iso(cutoff or first_ts))
 

@@ -354,6 +354,10 @@ def test_the_threads_used_are_recorded_and_can_be_chosen(tmp_path: Path, capsys)
     out = tmp_path / "m.pt"
     assert main(["train", "--out", str(out), "--devices", "2", "--history", "60", "--threads", "2", *TINY]) == 0
     assert load_model_file(out).meta["threads"] == 2 and load_model_file(out).meta["options"]["threads"] == 2
+    assert load_model_file(out).meta["options"]["ttl_seconds"] == 86400.0
+    assert main(["train", "--out", str(out), "--devices", "2", "--history", "60", "--state-ttl-seconds", "none",
+                 *TINY]) == 0
+    assert load_model_file(out).meta["options"]["ttl_seconds"] is None
     with pytest.raises(SystemExit) as refused:
         main(["train", "--out", str(out), "--threads", "0", *TINY])
     assert refused.value.code == 2
@@ -368,3 +372,36 @@ def test_inputs_too_large_for_float32_training_are_named_not_blamed_on_the_lr():
     with pytest.raises(StreamerError, match="inputs reach .* under normalization 'none', too large for float32"
                                             " training; use normalization 'device'"):
         train_model([(ts, values)], replace(SMALL, normalization="none", epochs=1, window=16, lr=1e-9))
+
+
+def test_training_cuts_a_series_where_the_engine_would_evict_the_device(tmp_path: Path, sine_trained):
+    # Idle past state.ttl_seconds, a device is evicted and starts again from zero state and a
+    # fresh running normalisation; normalised straight through the gap, training had fitted
+    # inputs the engine never computes (forecasts 1.1 apart after a 2-day gap).
+    from streamer.engine import Engine, ReadingBatch
+    from streamer.train import split_at_gaps
+
+    path = tmp_path / "model.pt"
+    save(sine_trained, path, "sine-1")
+    bundle = load_model_file(path)
+    ts, values = daily_sine(devices=1, days=2)[0]
+    ts = ts.copy()
+    ts[150:] += 2 * 86_400.0  # a gap of two days after reading 149
+    engine = Engine.build(bundle, capacity=4, device="cpu", ttl_seconds=86_400.0)
+    streamed = np.array([engine.step(ReadingBatch(["a"], ts[t:t + 1], values[t:t + 1]), now=float(ts[t]))[0].residual[0]
+                         for t in range(300)])
+    pieces = split_at_gaps([(ts[:300], values[:300])], 86_400.0)
+    assert [len(p[0]) for p in pieces] == [150, 150]
+    for start, x in zip((0, 150), model_inputs(pieces, bundle.config)):
+        with torch.no_grad():
+            forecast = bundle.model.fc(bundle.model.lstm(torch.from_numpy(x[None]))[0])[0].numpy()
+        np.testing.assert_allclose(streamed[start + 1:start + 150], np.abs(x[1:, 0] - forecast[:-1, 0]), atol=1e-5)
+    whole = model_inputs([(ts[:300], values[:300])], bundle.config)[0]
+    assert not np.allclose(whole[150:], model_inputs(pieces, bundle.config)[1])  # what training had fitted
+    # Training splits the same way: one series with the gap trains as its two pieces do.
+    options = replace(SMALL, epochs=1, window=16, val_fraction=0.0)
+    one = train_model([(ts, values)], options)
+    two = train_model(split_at_gaps([(ts, values)], 86_400.0), options)
+    assert one.data.devices == 1 and two.data.devices == 2 and one.train_loss == two.train_loss
+    for a, b in zip(one.model.state_dict().values(), two.model.state_dict().values()):
+        assert torch.equal(a, b)
