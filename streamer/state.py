@@ -186,8 +186,9 @@ class DeviceStateTable:
         # capacity eviction read the touch log as last-seen order), nor does a restored checkpoint
         # stamped by a host whose clock ran ahead: a device seen after it had been stamped before
         # its devices and queued after them, and TTL stopped at them, short of the idle ones.
-        now = self._now = max(now, self._now, self._newest)
-        self._newest = max(self._newest, now)
+        # Such stamps last while a device stamped ahead is in the table (drop_partition looks again).
+        self._now = max(now, self._now)
+        now = self._newest = max(self._now, self._newest)
         hashes, ids = keys_of(device_ids) if keys is None else keys
         slots = self._slot_of.get_many((hashes, ids))
         new_positions = np.flatnonzero(slots < 0)
@@ -302,6 +303,10 @@ class DeviceStateTable:
         """Evict every device of ``partition`` (its partition moved elsewhere); returns how many."""
         slots = self.slots_of_partition(partition)
         self._release_slots(slots)
+        # The newest stamp left: a partition restored from a host whose clock ran ahead no longer
+        # stamps every later device ahead once it has gone (their TTL had waited out the skew).
+        live = self._live_entries(self._log_head, self._log_tail)[0]
+        self._newest = float(self._last_seen[live].max()) if len(live) else -np.inf
         return len(slots)
 
     def gather(self, slots: Tensor, lead: bool = True, scratch: bool = False) -> Tensor:

@@ -114,6 +114,20 @@ def test_devices_seen_after_a_restore_from_a_clock_ahead_of_ours_are_not_stamped
     small.restore(["P"], np.zeros((1, 1), np.float32), np.array([560.0]), partition=1)
     small.acquire(["Q"], now=505.0)
     assert small.acquire(["R"], now=506.0).evicted_for_capacity == 1 and small.device_ids() == ["Q", "R"]
+    # Once the partition stamped ahead has gone, devices are stamped by our clock again: their
+    # TTL had waited out the skew for good (a day ahead: no device evicted for a day).
+    ahead = DeviceStateTable(capacity=10, width=1, ttl_seconds=10.0)
+    ahead.restore(["P"], np.zeros((1, 1), np.float32), np.array([1000.0 + 86_400]), partition=1)
+    ahead.acquire(["Q"], now=1000.0, partitions=np.zeros(1, np.int32))
+    assert ahead.last_seen("Q") == 87_400.0  # while P is here: not before it
+    assert ahead.drop_partition(1) == 1
+    ahead.acquire(["S"], now=1001.0, partitions=np.zeros(1, np.int32))
+    assert ahead.last_seen("S") == 87_400.0  # Q, stamped ahead while P was here, is still here
+    fresh = DeviceStateTable(capacity=10, width=1, ttl_seconds=10.0)
+    fresh.restore(["P"], np.zeros((1, 1), np.float32), np.array([1000.0 + 86_400]), partition=1)
+    fresh.drop_partition(1)
+    fresh.acquire(["Q"], now=1000.0)
+    assert fresh.last_seen("Q") == 1000.0 and fresh.evict_idle(1000.0 + 3600) == 1
 
 
 @pytest.mark.parametrize("ttl", [None, 100.0])
