@@ -402,8 +402,12 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
     train_pieces = [x[:k] for x, k in zip(inputs, splits)]
     longest = max(len(p) for p in train_pieces)
     if longest < options.window + 1:
+        cuts = len(checked) - devices
+        because = "" if not cuts else (
+            f" (the series are cut at {cuts} gaps longer than ttl_seconds = {options.ttl_seconds:g} s, where the"
+            " engine starts a device again: readings spaced wider than that need a larger --state-ttl-seconds)")
         raise TrainingDataError(
-            f"no device has window + 1 = {options.window + 1} readings before the validation cutoff; "
+            f"no device has window + 1 = {options.window + 1} readings before the validation cutoff{because}; "
             "use a smaller window or val_fraction", longest)
     val_set = _validation_windows([x[k:] for x, k in zip(inputs, splits)], options.window)
     if val_set is None and cutoff is not None:

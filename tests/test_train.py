@@ -405,3 +405,13 @@ def test_training_cuts_a_series_where_the_engine_would_evict_the_device(tmp_path
     assert one.data.devices == 1 and two.data.devices == 2 and one.train_loss == two.train_loss
     for a, b in zip(one.model.state_dict().values(), two.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_series_cut_to_pieces_by_the_ttl_say_so_when_no_piece_is_long_enough(tmp_path: Path, capsys):
+    # Daily readings a little late: with the default TTL of a day every reading starts the
+    # device again, in the engine as in training; the error had blamed the window alone.
+    ts = T0 + 86_430.0 * np.arange(100)
+    values = np.sin(np.arange(100, dtype=np.float32))[:, None]
+    with pytest.raises(TrainingDataError, match=r"cut at 99 gaps longer than ttl_seconds = 86400 s.*--state-ttl-seconds"):
+        train_model([(ts, values)], replace(SMALL, epochs=1, window=16))
+    assert train_model([(ts, values)], replace(SMALL, epochs=1, window=16, ttl_seconds=2 * 86_400.0)).data.devices == 1
