@@ -372,9 +372,6 @@ class ReadingDecoder:
             ts = ts_column.to_numpy()
             if not np.isfinite(ts).all():
                 return _rows_refused(DeadLetterReason.NON_FINITE, "ts", "not finite", ~np.isfinite(ts), False, self.input_size)
-        outside = (ts < TS_MIN) | (ts > TS_MAX)
-        if outside.any():
-            return _rows_refused(DeadLetterReason.OUT_OF_RANGE, "ts", TS_RANGE_HINT, outside, False, self.input_size)
         values = flat.to_numpy().reshape(len(ts), self.input_size)
         finite = np.isfinite(values)
         if not finite.all():
@@ -383,6 +380,9 @@ class ReadingDecoder:
         if beyond.any():
             return _rows_refused(DeadLetterReason.OUT_OF_RANGE, "values", f"beyond ±{MAX_ABS_VALUE:g}", beyond, True,
                                  self.input_size)
+        outside = (ts < TS_MIN) | (ts > TS_MAX)  # after the values' checks, as JSON's order is
+        if outside.any():
+            return _rows_refused(DeadLetterReason.OUT_OF_RANGE, "ts", TS_RANGE_HINT, outside, False, self.input_size)
         if key is None:
             return DeadLetterReason.KEY_MISMATCH, "batch message has no key; the key must name its sender (a gateway id)"
         # ts and values copied: they must not pin the message's buffer, and the engine may want them

@@ -150,7 +150,9 @@ def _topic_housekeeping(settings: Settings, stop: threading.Event | None = None)
             kafka.bootstrap_servers, [kafka.input_topic, kafka.dead_letter_topic, *([changelog] if changelog else [])],
             ["max.message.bytes", "cleanup.policy", "retention.ms"], kafka.client_id, security=security_config(kafka),
             bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000)), stop)
-    except StartupInterrupted:
+    except StartupInterrupted as exc:
+        if exc.abandoned:  # as _until_reachable: the describe's client goes on in its thread
+            silence_client_logs()
         raise
     except Exception as exc:  # housekeeping: the loop runs without it
         log.warning("could not describe the topics (%s): dead letters are bounded by kafka.max_message_bytes = %d%s",

@@ -493,6 +493,10 @@ BAD_BATCHES = {
     "ts before year 1": (with_column("ts", pa.array([1.7e9, 1.7e9, 1.7e9, -7e10])), R.OUT_OF_RANGE, "ts: row 3 past"),
     "timestamp[s] past 9999": (with_column("ts", pa.array([0, 300_000_000_000, 0, 0], pa.timestamp("s"))),
                                R.OUT_OF_RANGE, "ts: row 1 past year 9999"),
+    # The order of the checks is JSON's: non-finite values before a ts out of range.
+    "ts in ms and a NaN value": ({**with_column("ts", pa.array([1.7e12, 1.7e9, 1.7e9, 1.7e9])),
+                                  "values": fixed([0.0, 1.0, math.nan, 3.0, 4.0, 5.0, 6.0, 7.0])},
+                                 R.NON_FINITE, "values: row 1 not finite"),
 }
 
 

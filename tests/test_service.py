@@ -111,6 +111,43 @@ def test_an_abandoned_bootstrap_logs_nothing_after_the_stop():
             logger.propagate, logger.handlers = propagate, handlers
 
 
+def test_an_abandoned_topic_describe_logs_nothing_after_the_stop(monkeypatch):
+    # The describe at start is abandoned on a stop too, its client going on in its thread.
+    from streamer import service
+    from streamer.kafka.clients import CLIENT_LOGGERS
+    from streamer.settings import load_settings
+
+    class Seen(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    def describing(*args, **kwargs):
+        time.sleep(1.0)
+        logging.getLogger("kafka.conn").error("Connect attempt returned error 111")
+        return {}
+
+    monkeypatch.setattr(service, "describe_topics", describing)
+    before = {name: (logging.getLogger(name).propagate, list(logging.getLogger(name).handlers)) for name in CLIENT_LOGGERS}
+    seen = Seen()
+    logging.getLogger().addHandler(seen)
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    try:
+        with pytest.raises(StartupInterrupted):
+            service._topic_housekeeping(load_settings({"kafka": {"bootstrap_servers": "127.0.0.1:1"}}), stop)
+        time.sleep(1.2)  # the describe's thread logs now
+        assert not [r for r in seen.records if r.name.startswith("kafka")]
+    finally:
+        logging.getLogger().removeHandler(seen)
+        for name, (propagate, handlers) in before.items():
+            logger = logging.getLogger(name)
+            logger.propagate, logger.handlers = propagate, handlers
+
+
 def test_a_refused_login_is_final():
     calls = []
 

@@ -484,6 +484,7 @@ class ConfluentProducer(Producer):
         self._errors = errors
         self._failures: list[BaseException] = []
         self._unserved = 0  # messages produced since delivery reports were last served
+        self._closed = False
 
     def _delivered(self, error: KafkaError | None, message: object) -> None:
         if error is not None:  # delivery.report.only.error: only failures come here
@@ -536,7 +537,12 @@ class ConfluentProducer(Producer):
         self._transaction_call("abort_transaction", self.client.abort_transaction, CALL_TIMEOUT_S)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        release_producer(self.client, timeout_s)
+        # Once: librdkafka's client refuses every call after its close, a second close included
+        # (a producer replaced after an abort is closed, and closed again at shutdown when no
+        # successor came: a warning with a traceback).
+        if not self._closed:
+            self._closed = True
+            release_producer(self.client, timeout_s)
 
 
 def _delivered_to(producer: "weakref.ref[ConfluentProducer]"):
