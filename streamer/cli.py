@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamer")
 
+MAX_PLOTS, PAGE_DEVICES = 50, 16  # replay's --max-plots and --page-devices when their plots are asked for
 SIMULATED = {"devices": 200, "history": 1000, "features": 1}  # train's simulated history without --data
 MIN_BOOTSTRAP_S = 5.0  # topics create and simulate wait at least this long for a broker (kafka.startup_wait_s when longer)
 MAX_BAD_ROWS_SHOWN = 20  # train and replay --on-bad skip: rows printed, then a count
@@ -831,11 +832,11 @@ def _add_replay_parser(commands: argparse._SubParsersAction) -> None:
     replay.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="write a PNG per device here: readings, forecast, flags, anomaly score")
     replay.add_argument("--max-plots", type=_positive_int, default=None, metavar="N",
-                        help="plot at most N devices, those with the most flagged readings first [default: 50]")
+                        help=f"plot at most N devices, those with the most flagged readings first [default: {MAX_PLOTS}]")
     replay.add_argument("--plots-page", type=Path, default=None, metavar="FILE",
                         help="write one PNG with a grid of the devices with the most flagged readings")
     replay.add_argument("--page-devices", type=_positive_int, default=None, metavar="N",
-                        help="devices on the --plots-page grid [default: 16]")
+                        help=f"devices on the --plots-page grid [default: {PAGE_DEVICES}]")
     replay.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     replay.add_argument("--config", type=Path, default=None, help="TOML config file (env STREAMER_CONFIG)")
     _add_settings_flags(replay, REPLAY_SECTIONS)
@@ -866,15 +867,14 @@ def _replay(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
-    from streamer.history import load_histories
     from streamer.replay import check_output_file, make_output_dir, plot_devices, plot_page, remove_empty_dirs, replay
     from streamer.service import build_engine
 
     # Everything that can be refused without the data, before minutes of loading and stepping.
-    for flag, value, needs in (("--max-plots", args.max_plots, args.plots), ("--page-devices", args.page_devices,
-                                                                           args.plots_page)):
-        if value is not None and needs is None:
-            raise StreamerError(f"{flag} applies to {'--plots' if flag == '--max-plots' else '--plots-page'} only")
+    for flag, value, plots_flag, plots in (("--max-plots", args.max_plots, "--plots", args.plots),
+                                           ("--page-devices", args.page_devices, "--plots-page", args.plots_page)):
+        if value is not None and plots is None:
+            raise StreamerError(f"{flag} applies to {plots_flag} only")
     check_output_file(args.out, ("csv", "parquet"), "--out")
     _refuse_overwriting_data(args.out, args.data, "--out")
     if args.plots_page is not None:
@@ -896,10 +896,11 @@ def _replay(args: argparse.Namespace) -> int:
     with _writing("--out", args.out):
         result.write(args.out)
     with _writing("--plots", args.plots):
-        plots = plot_devices(result, args.plots, max_devices=args.max_plots or 50) if args.plots is not None else []
+        plots = (plot_devices(result, args.plots, max_devices=args.max_plots or MAX_PLOTS)
+                 if args.plots is not None else [])
     if args.plots_page is not None:
         with _writing("--plots-page", args.plots_page):
-            plot_page(result, args.plots_page, max_devices=args.page_devices or 16)
+            plot_page(result, args.plots_page, max_devices=args.page_devices or PAGE_DEVICES)
     summary = {
         "readings": len(result),
         "devices": len(result.device_rows),

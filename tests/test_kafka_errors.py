@@ -422,6 +422,23 @@ def test_a_password_is_redacted_in_the_forms_the_client_libraries_log_it():
         assert REDACTED in record.getMessage() and "pw" not in record.getMessage(), record.getMessage()
 
 
+def os_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+def threads_back_to(base: int, within_s: float = 10.0) -> int:
+    """The process's OS thread count once it is back to ``base`` (librdkafka's threads end a
+    moment after the client), or at ``within_s``."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while os_threads() > base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os_threads()
+
+
 def test_a_kafka_python_rebalance_hooks_error_crosses_the_seam_as_raised_as_confluents_does():
     # kafka-python catches a hook's error, finishes the rebalance and raises KafkaError("User
     # rebalance callback throws an error") from it: the run had ended on that, not retriable
@@ -493,14 +510,10 @@ def test_a_confluent_producer_closed_or_dropped_releases_librdkafkas_client():
     # kept a cycle: a producer dropped after close(0), as a replaced transactional one is, kept
     # librdkafka's threads and connections until a full garbage collection.
     import gc
-    import os
     import time
     import weakref
 
     from confluent_kafka import Producer as RdProducer
-
-    def threads() -> int:
-        return len(os.listdir("/proc/self/task"))
 
     def producer() -> confluent.ConfluentProducer:
         errors = confluent._Errors()
@@ -512,10 +525,10 @@ def test_a_confluent_producer_closed_or_dropped_releases_librdkafkas_client():
 
     gc.disable()
     try:
-        base = threads()
+        base = os_threads()
         closed = producer()
         closed.produce("t", b"k", b"v")
-        assert threads() > base
+        assert os_threads() > base
         started = time.monotonic()
         closed.close(0.2)
         assert time.monotonic() - started < 5
@@ -526,10 +539,7 @@ def test_a_confluent_producer_closed_or_dropped_releases_librdkafkas_client():
         gone = weakref.ref(dropped)
         del dropped
         assert gone() is None  # freed with its last reference, no collection needed
-        deadline = time.monotonic() + 10
-        while threads() > base and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert threads() == base
+        assert threads_back_to(base) == base
     finally:
         gc.enable()
 
@@ -538,27 +548,19 @@ def test_a_confluent_producer_refused_at_start_up_is_closed_not_left_running():
     # Start-up tries again and again while the brokers are away: each refused producer had kept
     # librdkafka's threads and connections until a collection (the consumer was closed already).
     import gc
-    import os
-    import time
 
     from streamer.kafka.clients import KafkaBootstrapError
     from streamer.settings import KafkaSettings
 
-    def threads() -> int:
-        return len(os.listdir("/proc/self/task"))
-
     settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", client="confluent-kafka")
     gc.disable()
     try:
-        base = threads()
+        base = os_threads()
         refusals = []  # kept, as start-up keeps its last one to report: their frames hold the clients
         for _ in range(3):
             with pytest.raises(KafkaBootstrapError) as refused:
                 confluent.make_producer(settings, "i", bootstrap_timeout_ms=200)
             refusals.append(refused.value)
-        deadline = time.monotonic() + 10
-        while threads() > base and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert threads() == base
+        assert threads_back_to(base) == base
     finally:
         gc.enable()
