@@ -17,8 +17,9 @@ Arrow batch (``content-type: application/vnd.apache.arrow.stream``): many readin
 devices in one message, an Arrow IPC stream with the columns ``device_id`` (string or
 large_string, 1..MAX_DEVICE_ID_LENGTH characters), ``ts`` (float64 epoch seconds, or a timestamp
 of any unit; a timestamp's time zone is ignored, its value being UTC already) and ``values``
-(fixed_size_list<float32> of the model's input size); other columns are ignored, no nulls
-anywhere. Rows are readings in the order the engine applies them (per device: time order). The
+(fixed_size_list<float32> of the model's input size), no nulls in them; other columns are
+ignored (nulls there too), though a stream that does not validate as a whole (a string column of
+invalid UTF-8 among them, say) is not_arrow. Rows are readings in the order the engine applies them (per device: time order). The
 key names the sender (a gateway id), not a device: it must be present and stable, since the key
 picks the partition and a device's state belongs to the partition its readings arrive on, so a
 device must always be sent by the same key. A message is all or nothing: one bad row
