@@ -44,9 +44,11 @@ bench: install
 bench-scale: install
 	$(BIN)/python bench/scale.py
 
-# The fused GPU step against nn.LSTM and cuDNN, then the equivalence tests on CUDA.
-bench-gpu: install
-	$(BIN)/python bench/gpu_check.py
+# The fused GPU step against nn.LSTM and cuDNN, then the equivalence tests on CUDA. It needs
+# torch and numpy alone: with the project's venv where there is one, else the machine's python
+# (a GPU machine's image has torch, and may have nothing else nor an index to install from).
+bench-gpu:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bench/gpu_check.py
 
 # The NAB series in ../shared/data/nab (or NAB_DATA) through the replay engine, scored by NAB's method.
 NAB_DATA ?= $(CURDIR)/../shared/data/nab

@@ -279,13 +279,14 @@ def ncu_target() -> None:
     torch.cuda.synchronize()
 
 
-def run_tests() -> None:
+def run_tests() -> bool:
+    """The CUDA cases of the equivalence tests (the inline checks where pytest is missing, or
+    to show what failed); whether they passed."""
     try:
         import pytest  # noqa: F401
     except ImportError:
         emit(figure="gpu_tests", pytest=False, note="pytest missing: inline checks only")
-        inline_checks()
-        return
+        return inline_checks()
     started = time.perf_counter()
     try:
         done = subprocess.run(
@@ -297,15 +298,17 @@ def run_tests() -> None:
         out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         emit(figure="gpu_tests", pytest=True, timed_out=TESTS_TIMEOUT_S, tail=out.strip().splitlines()[-10:])
         inline_checks()
-        return
+        return False
     tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
     emit(figure="gpu_tests", pytest=True, rc=done.returncode, seconds=round(time.perf_counter() - started, 1),
          tail=tail)
     if done.returncode != 0:
         inline_checks()
+        return False
+    return True
 
 
-def fused_size_limit() -> None:
+def fused_size_limit() -> bool:
     """A model too big for the fused kernel's shared memory (bfloat16 state, H=256: 294,912 bytes
     a block on sm_90, bench/kernel_resources.py) is served by the torch step, not refused: which
     step make_lstm_step chose (the fused one's trial launch included in ``seconds``) and its
@@ -330,11 +333,13 @@ def fused_size_limit() -> None:
     emit(figure="gpu_fused_size_limit", state_dtype="bfloat16", hidden=hidden, layers=LAYERS,
          chosen=type(step).__name__, shared_memory_per_block=limit, seconds=round(seconds, 1),
          forecast_max_abs_err=err, ok=err <= 5e-3)
+    return err <= 5e-3
 
 
-def inline_checks() -> None:
+def inline_checks() -> bool:
     """The fused kernel against the offline nn.LSTM on CUDA: float32 within 1e-5, bfloat16 state
-    within the bound of tests/test_kernels.py."""
+    within the bound of tests/test_kernels.py; whether both held."""
+    passed = True
     device = DEVICE
     model = init_random_model(ModelConfig(2, 32, 2, 2), 4)
     x_seq = torch.randn(16, 100, 2, generator=torch.Generator().manual_seed(1))
@@ -347,8 +352,10 @@ def inline_checks() -> None:
         slots = torch.arange(3, 19, device=device)
         outs = [step(x_seq[:, t].contiguous().to(device), slots, None, lead).cpu() for t in range(100)]
         err = float((torch.stack(outs, 1) - offline).abs().max())
-        emit(figure="gpu_inline_equivalence", state_dtype=str(dtype).removeprefix("torch."), max_abs_err=err,
-             ok=err <= (1e-5 if dtype == torch.float32 else 5e-3))
+        ok = err <= (1e-5 if dtype == torch.float32 else 5e-3)
+        passed = passed and ok
+        emit(figure="gpu_inline_equivalence", state_dtype=str(dtype).removeprefix("torch."), max_abs_err=err, ok=ok)
+    return passed
 
 
 def main() -> int:
@@ -371,9 +378,8 @@ def main() -> int:
         for hidden in (64,) if args.quick else (64, 128):
             bench_steps(hidden, args.quick)
         bench_engine(64)
-        fused_size_limit()
-        inline_checks()
-        return 0
+        passed = fused_size_limit()
+        return 0 if inline_checks() and passed else 1
     if not torch.cuda.is_available():
         emit(figure="gpu_check", error="no CUDA device here")
         return 1
@@ -389,10 +395,11 @@ def main() -> int:
     for hidden in (64,) if args.quick else (64, 128):
         bench_steps(hidden, args.quick)
         torch.cuda.empty_cache()
-    fused_size_limit()
+    passed = fused_size_limit()
     if not args.no_tests:
-        run_tests()
-    return 0
+        passed = run_tests() and passed
+    # A failed check fails the run (make bench-gpu, CI): it had printed ok: false and exited 0.
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

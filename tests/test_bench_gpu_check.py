@@ -27,3 +27,30 @@ def test_gpu_check_dry_run_prints_every_figure():
     assert all(f["ok"] for f in figures if f["figure"] == "gpu_inline_equivalence")
     small = [f for f in figures if f["figure"] == "gpu_engine_small_batch"]
     assert all(f["max_abs_difference"]["forecast"] == 0.0 and not any(f["nonfinite"].values()) for f in small)
+
+
+def test_gpu_check_fails_the_run_when_a_check_fails(monkeypatch, capsys):
+    # It had printed "ok": false or a failing pytest rc and exited 0: make bench-gpu passed.
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", REPO / "bench" / "gpu_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--quick"])
+    monkeypatch.setattr(check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(check.torch.cuda, "get_device_properties",
+                        lambda _: types.SimpleNamespace(name="fake", total_memory=2**30, major=9, minor=0))
+    for name in ("bench_engine", "bench_steps"):
+        monkeypatch.setattr(check, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(check, "fused_size_limit", lambda: True)
+    failed = types.SimpleNamespace(returncode=1, stdout="1 failed, 20 passed", stderr="")
+    monkeypatch.setattr(check.subprocess, "run", lambda *args, **kwargs: failed)
+    monkeypatch.setattr(check, "inline_checks", lambda: True)
+    assert check.main() == 1  # pytest failed: the inline checks passing do not make it a pass
+    monkeypatch.setattr(check.subprocess, "run", lambda *args, **kwargs: types.SimpleNamespace(
+        returncode=0, stdout="21 passed", stderr=""))
+    assert check.main() == 0
+    monkeypatch.setattr(check, "fused_size_limit", lambda: False)
+    assert check.main() == 1
+    capsys.readouterr()
