@@ -372,8 +372,9 @@ def stop_on_signals(stop: threading.Event) -> Callable[[], None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # From the start: a SIGTERM in the first second or two (settings, checks, importing torch)
-    # had ended the process with 143 and no word. Set, it stops the run before it consumes.
+    # From the start of the command: a SIGTERM in the first second or two (settings, checks,
+    # importing torch) had ended the process with 143 and no word. Set, it stops the run before it
+    # consumes. (One in the first ~0.2 s, while Python imports the CLI itself, still ends it so.)
     stop = threading.Event()
     restore = stop_on_signals(stop)
     settings = None
