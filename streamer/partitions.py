@@ -467,6 +467,11 @@ class PartitionManager:
             or owned.readings_since_checkpoint + readings >= self.policy.interval_readings
         )
 
+    def replaying(self) -> int:
+        """Owned partitions still replaying readings whose output was published before."""
+        with self.lock:
+            return sum(1 for owned in self.owned.values() if owned.next_offset < owned.replay_until)
+
     def checkpoint_all(self) -> None:
         """Checkpoint every owned partition (clean shutdown: tried even while backing off). The
         first write that fails ends it, and no checkpoint is written after it (the revocation

@@ -38,7 +38,15 @@ import numpy as np
 from streamer.checkpoint import CheckpointStore, StoreUnreadable
 from streamer.engine import Engine, PredictionBatch, ReadingBatch, StepReport, distinct_lists
 from streamer.errors import PipelineError, StartupInterrupted, StreamerError
-from streamer.kafka.abstract import Consumer, GroupMovedOn, KafkaClientError, Message, Producer, TopicPartition
+from streamer.kafka.abstract import (
+    BrokerTimeout,
+    Consumer,
+    GroupMovedOn,
+    KafkaClientError,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from streamer.kafka.clients import OUTSIDE_GROUP_SESSIONS
 from streamer.kafka.outage import BrokerOutageLog
 from streamer.malloc import retain_freed_memory
@@ -77,6 +85,8 @@ COMMIT_RETRY_INTERVAL_S = 0.5
 REVOKE_WAIT_S = 10.0
 STORE_RETRY_S = 1.0  # recoveries waiting for the checkpoint store or the broker are tried again this often
 MODEL_SETTLE_S = 1.0  # a changed model file is read once it has stayed the same this long
+# Exactly-once: this many transactions in a row aborted on errors retrying cannot help end the run.
+HOPELESS_ABORTS = 3
 
 
 @dataclass
@@ -211,6 +221,7 @@ class Pipeline:
         self._last_commit = time.monotonic()
         self._commit_refused = False  # the last commit was refused: the next waits an interval
         self._switch_waits = False  # a changed model file waits for partitions to recover (said once)
+        self._hopeless_aborts = 0  # transactions aborted in a row on errors retrying cannot help
         self._loop_thread: threading.Thread | None = None
         self._commits_heard = False  # whether a commit went through since the last lag check
         self._settling = False  # a revocation inside _settle's own flush or commit must not recurse
@@ -696,8 +707,10 @@ class Pipeline:
                                        f" {producer.transaction_stuck_after_s:.0f}s")
             failed = producer.delivery_failures()
             if failed:
-                raise KafkaClientError(f"{len(failed)} sends of the transaction failed (first: {failed[0]!r})")
+                raise KafkaClientError(f"{len(failed)} sends of the transaction failed (first: {failed[0]!r})",
+                                       retriable=all(getattr(f, "retriable", False) for f in failed))
             _bounded(producer.commit_transaction, "commit_transaction", producer.transaction_stuck_after_s)
+            self._hopeless_aborts = 0
             return True
         except PartitionsMoved as exc:
             log.warning("batch dropped: %s", exc)
@@ -718,6 +731,15 @@ class Pipeline:
             self.summary.aborted_batches += 1
             if self.metrics is not None:
                 self.metrics.on_transaction_aborted()
+            # A failure retrying cannot help (a send the output topic refuses, say) had been
+            # aborted, recovered and sent again for ever, the loop live and nothing committed, where
+            # at-least-once stops. Once the batch is recovered (left for the next owner), so does this.
+            hopeless = (isinstance(exc, KafkaClientError) and not exc.retriable
+                        and not isinstance(exc, (GroupMovedOn, BrokerTimeout)))
+            self._hopeless_aborts = self._hopeless_aborts + 1 if hopeless else 0
+            if self._hopeless_aborts >= HOPELESS_ABORTS:
+                raise PipelineError(f"{self._hopeless_aborts} transactions in a row aborted on an error retrying cannot"
+                                    f" help: {exc}") from exc
             # Always start over with a new producer epoch: kafka-python 3.0 was seen to commit an
             # aborted batch's offsets later on (its offsets request retried into the next
             # transaction), which loses that batch. The successor fences every request of this one.
@@ -777,14 +799,18 @@ class Pipeline:
         watcher = self.model_watcher
         # Not while partitions wait for recovery (an aborted transaction's, a rebalance's): the
         # switch checkpoints the partitions owned, and one recovered after it from a checkpoint
-        # of the model before would refuse that one and start its devices from zero.
+        # of the model before would refuse that one and start its devices from zero. Nor while a
+        # partition replays: the readings it replays were published under the model before, and
+        # the rest of the replay had run under the new one, every later prediction of the
+        # partition then depending on whether a recovery had happened.
         if watcher is None:
             return
-        if self.partitions.pending:
+        waiting = len(self.partitions.pending) + self.partitions.replaying()
+        if waiting:
             if not self._switch_waits and not watcher.unchanged():
                 self._switch_waits = True
-                log.info("model file %s changed: the switch waits until %d partitions are recovered", watcher.path,
-                         len(self.partitions.pending))
+                log.info("model file %s changed: the switch waits until %d partitions are recovered and replayed",
+                         watcher.path, waiting)
             return
         self._switch_waits = False
         if not watcher.changed():

@@ -1515,3 +1515,93 @@ def test_a_seek_refused_for_a_while_at_recovery_is_tried_again(tmp_path, monkeyp
     assert P0 in rig.pipeline.partitions.owned and not rig.pipeline.partitions.pending
     assert committed(rig) == rig.ends()
     assert rig.outputs() == Counter({(d, 1_700_000_000 + t): 1 for d in DEVICES for t in range(2)})
+
+
+def _kafka_store_pipeline(tmp_path, broker: MemoryBroker, exactly_once: bool, max_records: int,
+                          made: list | None = None) -> Pipeline:
+    """A pipeline with the Kafka checkpoint store over ``broker`` (topic "in", 2 partitions), its
+    producers made by a factory (noted in ``made``)."""
+    from streamer.checkpoint_kafka import KafkaCheckpointStore
+    from streamer.kafka.memory import MemoryChangelog
+
+    if not (tmp_path / "m1.pt").exists():
+        config = ModelConfig(2, 8, 1, 2)
+        save_model_file(tmp_path / "m1.pt", init_random_model(config, seed=3), config, "v1")
+        save_model_file(tmp_path / "m2.pt", init_random_model(config, seed=4), config, "v2")
+    settings = load_settings({
+        "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq", "group_id": "g",
+                  "exactly_once": exactly_once},
+        "model": {"path": tmp_path / "m1.pt", "device": "cpu", "reload_interval_s": 0},
+        "checkpoint": {"directory": tmp_path / "cp", "interval_readings": 1_000_000},
+        "batch": {"max_records": max_records, "max_wait_ms": 0}, "metrics": {"enabled": False},
+        "run": {"status_interval_s": 0}})
+    made = [] if made is None else made
+
+    def factory() -> MemoryProducer:
+        made.append(MemoryProducer(broker))
+        return made[-1]
+
+    pipeline = Pipeline(settings, Engine.build(load_model_file(tmp_path / "m1.pt"), capacity=100, device="cpu"),
+                        MemoryConsumer(broker, "g"), factory(), store=KafkaCheckpointStore(MemoryChangelog(broker), "g"),
+                        producer_factory=factory)
+    pipeline.subscribe()
+    return pipeline
+
+
+def _write_all(broker: MemoryBroker, t: int) -> None:
+    for d in DEVICES:
+        broker.append("in", d.encode(), json.dumps({"device_id": d, "ts": 1_700_000_000 + t, "values": [1.0, t / 3]}).encode())
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_send_the_output_topic_refuses_for_good_ends_the_run_in_both_modes(tmp_path, exactly_once: bool):
+    # Exactly-once had aborted, recovered and sent the batch again for ever, live and committing
+    # nothing; at-least-once stops. Now both do, exactly-once after HOPELESS_ABORTS tries.
+    broker = MemoryBroker()
+    broker.create_topic("in", 2)
+    made: list = []
+    pipeline = _kafka_store_pipeline(tmp_path, broker, exactly_once, 100, made)
+    _write_all(broker, 0)
+    broker.rejected_topics.add("out")  # as a topic authorisation refusal: no retry helps
+    with pytest.raises(PipelineError, match="transactions in a row aborted" if exactly_once else "sends of this batch"):
+        for _ in range(30):
+            pipeline.run_once()
+    assert not broker.committed and pipeline.summary.aborted_batches == (pipeline_module.HOPELESS_ABORTS if exactly_once else 0)
+
+
+def test_exactly_once_a_model_switch_waits_for_the_replay_after_an_aborted_transaction(tmp_path):
+    # Switched mid-replay, the rest of the replay (readings published under v1) ran under v2: every
+    # later prediction of the partition depended on whether a transaction had been aborted.
+    class Switch:  # the model file changed to m2, once
+        def __init__(self, path) -> None:
+            self.path, self.fired = path, False
+
+        def changed(self) -> bool:
+            fired, self.fired = self.fired, True
+            return not fired
+
+        def unchanged(self) -> bool:
+            return True
+
+    broker = MemoryBroker()
+    broker.create_topic("in", 2)
+    pipeline = _kafka_store_pipeline(tmp_path, broker, True, 4)
+    for t in range(6):
+        _write_all(broker, t)
+    for _ in range(20):
+        pipeline.run_once()
+    _write_all(broker, 6)
+    broker.fail("commit_transaction", KafkaClientError("coordinator fenced"))
+    for _ in range(3):  # aborted, recovered, one batch of the replay
+        pipeline.run_once()
+    assert pipeline.partitions.replaying()
+    pipeline.model_watcher = Switch(tmp_path / "m2.pt")
+    switched_while_replaying = False
+    for _ in range(30):
+        replaying = pipeline.partitions.replaying()
+        pipeline._maybe_reload_model()
+        switched_while_replaying |= bool(replaying) and pipeline.engine.model_version == "v2"
+        pipeline.run_once()
+    assert pipeline.engine.model_version == "v2" and not switched_while_replaying
+    published = Counter((m["device_id"], m["ts"]) for m in (json.loads(r.value) for r in broker.messages("out")))
+    assert len(published) == 56 and set(published.values()) == {1}  # each reading once
