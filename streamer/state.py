@@ -114,7 +114,7 @@ class DeviceStateTable:
             self.rest = torch.zeros(capacity + 1, width - lead_width, device=self.device, dtype=dtype)
         self._slot_of = SlotMap(capacity)  # id -> slot, probed per batch (streamer.slotmap)
         self._device_of = self._slot_of.ids  # slot -> id (None: free), an object array
-        self._last_seen = np.zeros(capacity, dtype=np.float64)
+        self._last_seen = np.full(capacity, -np.inf)  # -inf on free slots: max() is the newest device's
         # Recency: touch number of each slot's latest touch (0: free), and the log of touches,
         # live between _log_head and _log_tail, oldest first. Head and tail count entries; an
         # entry's position is its count modulo the log's size (a ring).
@@ -305,8 +305,9 @@ class DeviceStateTable:
         self._release_slots(slots)
         # The newest stamp left: a partition restored from a host whose clock ran ahead no longer
         # stamps every later device ahead once it has gone (their TTL had waited out the skew).
-        live = self._live_entries(self._log_head, self._log_tail)[0]
-        self._newest = float(self._last_seen[live].max()) if len(live) else -np.inf
+        # Looked for only while stamps run ahead of our clock (one pass over the table).
+        if self._newest > self._now:
+            self._newest = float(self._last_seen.max())
         return len(slots)
 
     def gather(self, slots: Tensor, lead: bool = True, scratch: bool = False) -> Tensor:
@@ -508,6 +509,7 @@ class DeviceStateTable:
         self._slot_of.delete_many(slots)  # slot -> id too
         self._touched[slots] = 0  # their log entries are dead
         self._partition[slots] = NO_PARTITION
+        self._last_seen[slots] = -np.inf
         if free:
             self._free[self._n_free : self._n_free + len(slots)] = slots
             self._n_free += len(slots)
