@@ -7,6 +7,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -77,9 +79,10 @@ def test_stop_interrupts_a_try_in_progress():
     assert time.monotonic() - started < 1.0
 
 
-def test_an_abandoned_bootstrap_logs_nothing_after_the_stop():
-    # The abandoned client goes on in its thread: its library's ERROR lines had reached stderr
-    # (the root logger's handlers) once start-up's folding of them was left, after a clean stop.
+@contextmanager
+def records_reaching_the_root() -> Iterator[list[logging.LogRecord]]:
+    """The records the root logger's handlers (stderr, in a run) receive meanwhile; the client
+    libraries' loggers put back as they were after (silencing them lasts for the process)."""
     from streamer.kafka.clients import CLIENT_LOGGERS
 
     class Seen(logging.Handler):
@@ -93,17 +96,8 @@ def test_an_abandoned_bootstrap_logs_nothing_after_the_stop():
     before = {name: (logging.getLogger(name).propagate, list(logging.getLogger(name).handlers)) for name in CLIENT_LOGGERS}
     seen = Seen()
     logging.getLogger().addHandler(seen)
-    stop = threading.Event()
-    threading.Timer(0.3, stop.set).start()
     try:
-        with pytest.raises(StartupInterrupted) as stopped:
-            _until_reachable(Unreachable(), time.monotonic() + 60, stop)
-        assert stopped.value.abandoned
-        seen.records.clear()
-        later = threading.Thread(target=logging.getLogger("kafka.net.manager").error, args=("Connection failed",))
-        later.start()
-        later.join()
-        assert not seen.records
+        yield seen.records
     finally:
         logging.getLogger().removeHandler(seen)
         for name, (propagate, handlers) in before.items():
@@ -111,19 +105,26 @@ def test_an_abandoned_bootstrap_logs_nothing_after_the_stop():
             logger.propagate, logger.handlers = propagate, handlers
 
 
+def test_an_abandoned_bootstrap_logs_nothing_after_the_stop():
+    # The abandoned client goes on in its thread: its library's ERROR lines had reached stderr
+    # (the root logger's handlers) once start-up's folding of them was left, after a clean stop.
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with records_reaching_the_root() as seen:
+        with pytest.raises(StartupInterrupted) as stopped:
+            _until_reachable(Unreachable(), time.monotonic() + 60, stop)
+        assert stopped.value.abandoned
+        seen.clear()
+        later = threading.Thread(target=logging.getLogger("kafka.net.manager").error, args=("Connection failed",))
+        later.start()
+        later.join()
+        assert not seen
+
+
 def test_an_abandoned_topic_describe_logs_nothing_after_the_stop(monkeypatch):
     # The describe at start is abandoned on a stop too, its client going on in its thread.
     from streamer import service
-    from streamer.kafka.clients import CLIENT_LOGGERS
     from streamer.settings import load_settings
-
-    class Seen(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.DEBUG)
-            self.records: list[logging.LogRecord] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.records.append(record)
 
     def describing(*args, **kwargs):
         time.sleep(1.0)
@@ -131,21 +132,13 @@ def test_an_abandoned_topic_describe_logs_nothing_after_the_stop(monkeypatch):
         return {}
 
     monkeypatch.setattr(service, "describe_topics", describing)
-    before = {name: (logging.getLogger(name).propagate, list(logging.getLogger(name).handlers)) for name in CLIENT_LOGGERS}
-    seen = Seen()
-    logging.getLogger().addHandler(seen)
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
-    try:
+    with records_reaching_the_root() as seen:
         with pytest.raises(StartupInterrupted):
             service._topic_housekeeping(load_settings({"kafka": {"bootstrap_servers": "127.0.0.1:1"}}), stop)
         time.sleep(1.2)  # the describe's thread logs now
-        assert not [r for r in seen.records if r.name.startswith("kafka")]
-    finally:
-        logging.getLogger().removeHandler(seen)
-        for name, (propagate, handlers) in before.items():
-            logger = logging.getLogger(name)
-            logger.propagate, logger.handlers = propagate, handlers
+        assert not [r for r in seen if r.name.startswith("kafka")]
 
 
 def test_a_refused_login_is_final():
