@@ -3,6 +3,7 @@ loop rides it out as the broker away), configuration and fencing are not."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -564,3 +565,39 @@ def test_a_confluent_producer_refused_at_start_up_is_closed_not_left_running():
         assert threads_back_to(base) == base
     finally:
         gc.enable()
+
+
+def test_a_confluent_producer_whose_transaction_call_has_not_returned_is_not_closed_under_it():
+    # The loop gives up on a stuck send_offsets_to_transaction (TransactionStuck) and replaces the
+    # producer: librdkafka's close, under the call still running, waited for it; a process of the
+    # chaos run hung there for good, its loop with it.
+    import threading
+
+    class Stuck:
+        def __init__(self) -> None:
+            self.release, self.calls = threading.Event(), []
+
+        def send_offsets_to_transaction(self, *args) -> None:
+            self.release.wait(10)
+
+        def __getattr__(self, name):
+            def call(*args, **kwargs):
+                self.calls.append(name)
+                return 0
+            return call
+
+        def __len__(self) -> int:
+            return 0
+
+    producer = confluent.ConfluentProducer(confluent._Errors())
+    producer.client = Stuck()
+    call = threading.Thread(target=producer.send_offsets_to_transaction, args=({}, object()))
+    call.start()
+    while not producer._in_flight:
+        time.sleep(0.01)
+    producer.close(0)
+    assert producer.client.calls == []  # neither flushed, purged nor closed under the call
+    producer.client.release.set()
+    call.join(5)
+    producer.close(0)
+    assert producer.client.calls == ["flush", "purge", "flush", "close"]
