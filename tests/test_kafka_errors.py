@@ -440,7 +440,7 @@ def threads_back_to(base: int, within_s: float = 10.0) -> int:
     return os_threads()
 
 
-def test_a_kafka_python_rebalance_hooks_error_crosses_the_seam_as_raised_as_confluents_does():
+def test_a_kafka_python_rebalance_hooks_error_crosses_the_seam_as_raised_as_confluents_does(caplog):
     # kafka-python catches a hook's error, finishes the rebalance and raises KafkaError("User
     # rebalance callback throws an error") from it: the run had ended on that, not retriable
     # whatever the hook raised, its reason only in kafka-python's own log. Its real join-prepare
@@ -457,7 +457,7 @@ def test_a_kafka_python_rebalance_hooks_error_crosses_the_seam_as_raised_as_conf
     def failing(partitions):
         raise raised
 
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    caplog.set_level(logging.CRITICAL, logger="kafka")  # for this test alone: later ones read kafka's records
     client = KafkaConsumer(bootstrap_servers="127.0.0.1:1", group_id="g", enable_auto_commit=False,
                            api_version=(2, 8, 0))
     consumer = kafka_python.KafkaPythonConsumer(client)
@@ -489,7 +489,7 @@ def test_a_kafka_python_rebalance_hooks_error_crosses_the_seam_as_raised_as_conf
     assert closed.value is raised
 
 
-def test_a_kafka_python_changelog_closes_its_producer_even_with_a_send_pending():
+def test_a_kafka_python_changelog_closes_its_producer_even_with_a_send_pending(caplog):
     # producer.close raises while a send is pending, before it stops its sender: the changelog's
     # producer had stayed open, its thread running, and a raw KafkaTimeoutError left close.
     import logging
@@ -498,7 +498,7 @@ def test_a_kafka_python_changelog_closes_its_producer_even_with_a_send_pending()
     from kafka import KafkaConsumer, KafkaProducer
     from kafka import TopicPartition as KafkaTopicPartition
 
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    caplog.set_level(logging.CRITICAL, logger="kafka")  # for this test alone: later ones read kafka's records
     producer = KafkaProducer(bootstrap_servers="127.0.0.1:1", api_version=(2, 8, 0), acks="all")
     producer._accumulator.append(KafkaTopicPartition("changelog", 0), int(time.time() * 1000), b"k", b"v", [])
     consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(2, 8, 0), enable_auto_commit=False)
