@@ -67,6 +67,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from streamer.gamma import lgamma, log_gamma_q
+
 # Residuals are capped (normalised units) so that absurd readings that are still finite, say
 # 1e20 with a fixed normalisation, cannot overflow the float32 statistics.
 RESIDUAL_CAP = 1e6
@@ -213,24 +215,35 @@ def residual_of(x: Tensor, forecast: Tensor) -> Tensor:
     return torch.sqrt(torch.mean(diff * diff, dim=1))
 
 
-def gamma_log_tail(level: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """ln P(S >= level) for S gamma with the given mean (> 0) and variance (> 0), all (B,).
-
-    Tails below MIN_TAIL, where float32 runs out, use ln Q(k, x) ~ (k - 1) ln x - x - ln Gamma(k)
-    (capped at ln MIN_TAIL): still ordered, so a worse reading always has the smaller tail.
-    """
+def gamma_arguments(level: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """(shape k, x) of P(S >= level) = Q(k, x) for S gamma with the given mean (> 0) and variance
+    (> 0), all (B,)."""
     # The shape clamped, the mean kept: a rate of mean / var with the shape clamped had made the
     # gamma's mean mean * 1e4 / (mean^2 / var), and a residual at the device's own mean improbable
     # (a stuck sensor's constant residual, flagged in bursts).
     shape = (mean * mean / var).clamp(*SHAPE_RANGE)
-    rate = shape / mean
-    x = level.clamp_min(0.0) * rate
+    return shape, level.clamp_min(0.0) * (shape / mean)
+
+
+def gamma_log_tail(shape: Tensor, x: Tensor) -> Tensor:
+    """ln Q(shape, x), the regularised upper incomplete gamma function, of gamma_arguments.
+
+    Tails below MIN_TAIL, where float32 runs out, use ln Q(k, x) ~ (k - 1) ln x - x - ln Gamma(k)
+    (capped at ln MIN_TAIL): still ordered, so a worse reading always has the smaller tail.
+    """
+    if torch.compiler.is_compiling():
+        # The compiled CPU step: torch's gammaincc is a scalar loop there (about 40 ns a tail),
+        # streamer.gamma's vectorises, and so does its lgamma. It is within 2.5e-5 of ln Q where
+        # Q >= MIN_TAIL, where torch's float32 gammaincc is within 7e-4 (tests/test_gamma.py).
+        log_q = log_gamma_q(shape, x)
+        far = ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - lgamma(shape.double()).float()).clamp_max(LOG_MIN_TAIL)
+        return torch.where(log_q <= LOG_MIN_TAIL, far, log_q)
     tail = torch.special.gammaincc(shape, x)
     deep = tail <= MIN_TAIL
     # On a CPU the check is free and the far branch rarely needed; on an accelerator the check
-    # would stall the queue, so the far branch is always computed there, as in a compiled step
-    # (one graph, no host sync). Where no tail is deep both give the same value.
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or bool(deep.any()):
+    # would stall the queue, so the far branch is always computed there. Where no tail is deep
+    # both give the same value.
+    if x.device.type != "cpu" or bool(deep.any()):
         far = ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - torch.lgamma(shape)).clamp_max(LOG_MIN_TAIL)
         return torch.where(deep, far, torch.log(tail.clamp_min(MIN_TAIL)))
     return torch.log(tail)
@@ -273,9 +286,13 @@ def score_and_update(
     # the larger tail: a larger residual could get a lower score, and lose its flag.
     spread_short = var.clamp_min(floor * floor)
     spread_one = var_one.clamp_min(params.min_std * params.min_std)
+    # One evaluation over both, its arguments in one buffer each: compiled, one vectorised loop
+    # over 2B contiguous elements (a mean shared by both halves, read twice through the rows'
+    # gather, had kept the loop scalar).
     b = residual.shape[0]
-    both = gamma_log_tail(torch.cat([short_new, residual]), torch.cat([typical, typical]),
-                          torch.cat([spread_short, spread_one]))
+    short_args = gamma_arguments(short_new, typical, spread_short)
+    one_args = gamma_arguments(residual, typical, spread_one)
+    both = gamma_log_tail(torch.cat([short_args[0], one_args[0]]), torch.cat([short_args[1], one_args[1]]))
     tail = torch.minimum(both[:b], both[b:])
     scored = has_residual & (n >= max(params.warmup, 2))
     log_tail = torch.where(scored, (tail + LN2).clamp_max(0.0), torch.zeros_like(tail))

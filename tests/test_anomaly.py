@@ -204,11 +204,11 @@ def test_a_residual_at_the_devices_own_mean_is_not_improbable_however_steady_it_
     towards the floor and the gamma's shape (mean^2 / var) past its clamp at 1e4. The clamp had
     kept the rate mean / var, which moved the gamma's mean to a 10,000th of the device's, and
     flagged the stuck sensor in bursts of about 94 readings every 3,400 readings, for good."""
-    from streamer.anomaly import gamma_log_tail
+    from streamer.anomaly import gamma_arguments, gamma_log_tail
 
     mean = torch.tensor([1.0, 1.0, 0.05])
     var = torch.tensor([1.76e-5, 1e-9, 1e-12])
-    tail = gamma_log_tail(mean, mean, var)
+    tail = gamma_log_tail(*gamma_arguments(mean, mean, var))
     assert (tail > -1.0).all() and (tail < 0).all(), tail  # about ln 0.5 at the mean, as for any large shape
     residuals = np.full((20_000, 1), 1.0)  # constant readings: no record breaks after the first run
     _, flags = run_scores(residuals, AnomalyParams(range_tolerance=None, flat_runs=False))
