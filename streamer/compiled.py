@@ -33,7 +33,7 @@ from streamer.anomaly import AnomalyParams
 from streamer.errors import StreamerError
 from streamer.kernels import CPU_ROWS_PER_STEP, MIN_GEMM_ROWS, torch_step_weights
 from streamer.model import LSTMModel
-from streamer.wave import row_after, score_wave
+from streamer.wave import not_finite, row_after, score_wave
 
 if TYPE_CHECKING:
     from streamer.engine import StateLayout
@@ -100,7 +100,8 @@ def wave_maths(
     x: (B, input size) float32, values first; lead: (B, 2 L H) h and c in the state dtype;
     rest: (B, width - 2 L H) float32, the row from the forecast on (StateLayout). w, b, head_w,
     head_b: torch_step_weights (cell-gate columns doubled). Returns (lead', rest', forecast,
-    ln tail, flags, residual): the rows to write back and the wave's results, as _step_wave's.
+    ln tail, flags, residual, not finite): the rows to write back and the wave's results, as
+    _step_wave's.
     """
     base = layout.c.stop
     hs, lay = layout.hidden_size, layout.num_layers
@@ -133,7 +134,8 @@ def wave_maths(
     # state (in one process, alternating).
     lead_new = torch.cat([part.to(lead.dtype) for part in h_new + c_new], dim=1)
     scored = scores.scored
-    return lead_new, rest_new, out, scored.log_tail, scored.is_anomaly, scores.residual
+    return (lead_new, rest_new, out, scored.log_tail, scored.is_anomaly, scores.residual,
+            not_finite(out, scored.log_tail, scores.residual))
 
 
 def wave_step(
@@ -149,7 +151,7 @@ def wave_step(
     norm_alpha: float | None,
 ) -> tuple[Tensor, ...]:
     """wave_maths on the rows of ``slots`` in the table's storage (DeviceStateTable.blocks),
-    written back in place; returns (forecast, ln tail, flags, residual).
+    written back in place; returns (forecast, ln tail, flags, residual, not finite).
 
     Compiled, the gather is read by the loops that use it and the new rows are written from the
     loops that make them, in the table: no copy of the wave's rows each way. Slots may repeat

@@ -24,7 +24,7 @@ from streamer.kernels import CPU_ROW_BLOCK, CPU_ROWS_PER_STEP, make_lstm_step
 from streamer.model import ModelBundle, ModelConfig, Normalization, allocation_failed
 from streamer.slotmap import Keys, hashes_repeat, keys_of
 from streamer.state import DeviceStateTable
-from streamer.wave import row_after, score_wave
+from streamer.wave import not_finite, row_after, score_wave
 
 log = logging.getLogger(__name__)
 
@@ -526,34 +526,34 @@ class Engine:
             clock = torch.from_numpy(time_features(ts, self.config.time_features)).to(device)
             x_all = torch.cat([x_all, clock], dim=1)
         pieces = list(self._pieces(plan))
-        if len(pieces) > 1:
-            out_all = torch.empty(n, out_size, device=device)
-            tail_all = torch.empty(n, device=device)
-            flag_all = torch.empty(n, dtype=torch.bool, device=device)
-            res_all = torch.empty(n, device=device)
+        chunks: list[tuple[Tensor, ...]] = []
         for reading_idx, unique_idx in pieces:
             slots = torch.from_numpy(unique_slots[unique_idx]).to(device)
-            if len(pieces) == 1:
-                out_all, tail_all, flag_all, res_all = self._wave(x_all, slots)
-                self._reset_not_finite(slots, out_all, tail_all, res_all)
-                continue
-            at = torch.from_numpy(reading_idx).to(device)
-            out, tail, flag, res = self._wave(x_all.index_select(0, at), slots)
-            self._reset_not_finite(slots, out, tail, res)
-            out_all.index_copy_(0, at, out)
-            tail_all.index_copy_(0, at, tail)
-            flag_all.index_copy_(0, at, flag)
-            res_all.index_copy_(0, at, res)
+            x = x_all if len(pieces) == 1 else x_all.index_select(0, torch.from_numpy(reading_idx).to(device))
+            *results, bad = self._wave(x, slots)
+            self._reset_not_finite(slots, bad)
+            # A padded step's results are its graph's buffers, overwritten by the next wave of its bucket.
+            chunks.append(tuple(result.clone() for result in results) if self.pad_waves and len(pieces) > 1 else tuple(results))
+        if len(chunks) == 1:
+            out_all, tail_all, flag_all, res_all = chunks[0]
+        else:  # each result once, in reading order
+            out_all, tail_all, flag_all, res_all = (torch.cat(column) for column in zip(*chunks))
+            order = np.concatenate([reading_idx for reading_idx, _ in pieces])
+            if not np.array_equal(order, np.arange(n)):  # a wave of one reading per device: in order already
+                at = torch.from_numpy(order).to(device)
+                out_all, tail_all, flag_all, res_all = (
+                    torch.empty_like(result).index_copy_(0, at, result) for result in (out_all, tail_all, flag_all, res_all)
+                )
         if self._mean is not None:
             out_all = out_all * self._std + self._mean
         return out_all.cpu().numpy(), tail_all.cpu().numpy(), flag_all.cpu().numpy(), res_all.cpu().numpy()
 
-    def _reset_not_finite(self, slots: Tensor, out: Tensor, log_tail: Tensor, residual: Tensor) -> None:
-        """A wave's devices whose forecast, tail or residual came out NaN or infinite (a model whose
-        output overflows float32): their state may hold them too, and would pass them on to every
-        later reading. Their rows are zeroed at once, before their next reading (of this batch or a
-        later one), as a new device's: the same wherever batches are cut (live, or replay)."""
-        bad = ~(torch.isfinite(out).all(dim=1) & torch.isfinite(residual)) | torch.isnan(log_tail)
+    def _reset_not_finite(self, slots: Tensor, bad: Tensor) -> None:
+        """A wave's devices whose forecast, tail or residual came out NaN or infinite (``bad``,
+        wave.not_finite; a model whose output overflows float32): their state may hold them too,
+        and would pass them on to every later reading. Their rows are zeroed at once, before their
+        next reading (of this batch or a later one), as a new device's: the same wherever batches
+        are cut (live, or replay)."""
         if bool(bad.any()):  # on CUDA a wait for the wave: its results are fetched next anyway
             lost = slots[bad]
             self.table.reset(lost)
@@ -596,12 +596,13 @@ class Engine:
                 return self._step_wave(x, slots)
         return padded(x, slots)
 
-    def _step_wave(self, x: Tensor, slots: Tensor, scratch: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _step_wave(self, x: Tensor, slots: Tensor, scratch: bool = True) -> tuple[Tensor, ...]:
         """Gather the wave's rows, normalise and score the readings, step the LSTM, scatter the rows.
 
         x: (b, values_size + time features), values already globally normalised if the model
         says so. Returns (forecast in reading units, or normalised units under a global
-        normalisation (undone by the caller), ln tail, flags, residual), each over b readings.
+        normalisation (undone by the caller), ln tail, flags, residual, not finite), each over b
+        readings.
         """
         if self._compiled is not None:
             return self._compiled(x, slots)
@@ -613,7 +614,7 @@ class Engine:
         tail, out = row_after(out, scores)
         self.table.scatter(slots, tail, start=self.layout.forecast.start)
         scored = scores.scored
-        return out, scored.log_tail, scored.is_anomaly, scores.residual
+        return out, scored.log_tail, scored.is_anomaly, scores.residual, not_finite(out, scored.log_tail, scores.residual)
 
 
 def _same_normalization(a: "Normalization | None", b: "Normalization | None") -> bool:

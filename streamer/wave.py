@@ -72,3 +72,9 @@ def row_after(out: Tensor, scores: WaveScores) -> tuple[Tensor, Tensor]:
         dim=1,
     )
     return torch.cat(parts + [stats, scores.records.columns()], dim=1), out
+
+
+def not_finite(out: Tensor, log_tail: Tensor, residual: Tensor) -> Tensor:
+    """(b,) bool: the readings whose forecast or residual is NaN or infinite, or whose tail is NaN
+    (Engine._reset_not_finite zeroes their devices' rows)."""
+    return ~(torch.isfinite(out).all(dim=1) & torch.isfinite(residual)) | torch.isnan(log_tail)
