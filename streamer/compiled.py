@@ -180,8 +180,8 @@ def wave_step(
 COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 # The rows the compile is shown. Inductor decides which loops run on torch's threads from the
-# sizes of the inputs it compiled with: shown 16 rows, the loop that scores the residuals (the
-# incomplete gamma function, not vectorised) ran on one thread in every step. A chunk of a large
+# sizes of the inputs it compiled with: shown 16 rows, the loop that scores the residuals (then
+# torch's incomplete gamma function, not vectorised) ran on one thread in every step. A chunk of a large
 # wave is what a step that matters takes.
 WARM_UP_ROWS = CPU_ROWS_PER_STEP
 
