@@ -6,15 +6,16 @@ the anomaly score's two tails per reading were one scalar loop, about 40 ns an e
 quarter of the whole step. Here the same function is straight-line code over whole tensors:
 every element takes every method, for a fixed number of terms, and keeps the one that applies to
 it (the others' values, overflowed or not, are dropped by a select). Computed in float64 from
-float32 inputs, for the shapes the anomaly model uses (a in [1e-3, 1e4], streamer.anomaly's
-SHAPE_RANGE) and every x >= 0, it is within 2.5e-6 of ln Q where Q >= 1e-30
-(tests/test_gamma.py measures it against torch's float64 gammaincc); below that the anomaly
-model takes its asymptotic form anyway.
+float32 inputs (but for erfc and the last logarithms, taken in float32, which is cheaper and
+enough there), for the shapes the anomaly model uses (a in [1e-3, 1e4], streamer.anomaly's
+SHAPE_RANGE) and every x >= 0, it is within 2.5e-5 of ln Q where Q >= 1e-30, and 5e-6 where
+Q >= 1e-10 (tests/test_gamma.py measures it against torch's float64 gammaincc; torch's float32
+one is within 7e-4); below 1e-30 the anomaly model takes its asymptotic form.
 
 - a >= TEMME_FROM: Temme's uniform asymptotic expansion (DLMF 8.12.9-8.12.11) with its first
   three coefficient functions in closed form (their Taylor series near eta = 0, where the closed
   forms cancel): Q = erfc(eta sqrt(a / 2)) / 2 + exp(-a eta^2 / 2) / sqrt(2 pi a) (c0 + c1 / a
-  + c2 / a^2); the next term is below 7e-4 / a^3 of the leading one.
+  + c2 / a^2); the first term left out is c3 / a^3, c3(0) = 6.5e-4.
 - a < TEMME_FROM, x < a + 1: the series of P(a, x) = 1 - Q over SERIES_TERMS terms, summed as
   one fraction (no division per term).
 - a < TEMME_FROM, x >= a + 1: Legendre's continued fraction of Q over CF_TERMS terms, by its
@@ -69,7 +70,7 @@ def _temme(a: Tensor, x: Tensor) -> Tensor:
     c0 = torch.where(small, -1.0 / 3.0 + eta * (1.0 / 12.0 - eta * (2.0 / 135.0)), u - 1.0 / e)
     c1 = torch.where(small, -1.0 / 540.0 - eta * (1.0 / 288.0), 1.0 / (e * e * e) - u * (u * (u + 1.0) + 1.0 / 12.0))
     e2 = e * e
-    c2 = torch.where(
+    c2 = torch.where(  # c2's slope at 0 to three digits: c2 / a^2 (a >= 10) needs no more
         small,
         25.0 / 6048.0 - 0.00268 * eta,
         -3.0 / (e2 * e2 * e) + (1.0 + u) * u * u * (u * (3.0 * u + 2.0) + 1.0 / 12.0) + u * (1.0 / 288.0),
