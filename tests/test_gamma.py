@@ -9,7 +9,7 @@ from streamer.anomaly import LOG_MIN_TAIL, SHAPE_RANGE
 from streamer.gamma import TEMME_FROM, X_CAP, lgamma, log_gamma_q
 
 # The bound streamer.gamma states, where Q >= 1e-30 (streamer.anomaly's MIN_TAIL).
-BOUND = 2.5e-5
+BOUND = 3e-5
 
 
 def grid() -> tuple[torch.Tensor, torch.Tensor]:
