@@ -236,17 +236,20 @@ def gamma_log_tail(shape: Tensor, x: Tensor) -> Tensor:
         # streamer.gamma's vectorises, and so does its lgamma. It is within 3e-5 of ln Q where
         # Q >= MIN_TAIL, where torch's float32 gammaincc is within 7e-4 (tests/test_gamma.py).
         log_q = log_gamma_q(shape, x)
-        far = ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - lgamma(shape.double()).float()).clamp_max(LOG_MIN_TAIL)
-        return torch.where(log_q <= LOG_MIN_TAIL, far, log_q)
+        return torch.where(log_q <= LOG_MIN_TAIL, _far_log_tail(shape, x, lgamma(shape.double()).float()), log_q)
     tail = torch.special.gammaincc(shape, x)
     deep = tail <= MIN_TAIL
     # On a CPU the check is free and the far branch rarely needed; on an accelerator the check
     # would stall the queue, so the far branch is always computed there. Where no tail is deep
     # both give the same value.
     if x.device.type != "cpu" or bool(deep.any()):
-        far = ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - torch.lgamma(shape)).clamp_max(LOG_MIN_TAIL)
-        return torch.where(deep, far, torch.log(tail.clamp_min(MIN_TAIL)))
+        return torch.where(deep, _far_log_tail(shape, x, torch.lgamma(shape)), torch.log(tail.clamp_min(MIN_TAIL)))
     return torch.log(tail)
+
+
+def _far_log_tail(shape: Tensor, x: Tensor, lgamma_shape: Tensor) -> Tensor:
+    """ln Q(k, x) ~ (k - 1) ln x - x - ln Gamma(k), capped at ln MIN_TAIL: the tails below MIN_TAIL."""
+    return ((shape - 1.0) * torch.log(x.clamp_min(1.0)) - x - lgamma_shape).clamp_max(LOG_MIN_TAIL)
 
 
 def score_and_update(
