@@ -83,12 +83,29 @@ def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return c_next, 0.5 * (1.0 + to) * tanh(c_next)
 
 
+def biased_weights(
+    w: list[Tensor], b: list[Tensor], head_w: Tensor, head_b: Tensor
+) -> tuple[list[Tensor], list[Tensor] | None, Tensor, Tensor]:
+    """torch_step_weights as wave_maths takes them. Under bfloat16 each layer's bias is appended
+    to its weights as their last row (b None): the projection is then one product, [x, h, 1] @
+    [W; b], its bias summed in the float32 accumulator. oneDNN's bfloat16 addmm copies the bias
+    into every row of its (B, 4H) output first and adds the product to it after, a pass over the
+    output; the column of ones is written by the loop that writes [x, h]. On this project's
+    host (4,096 rows, in one process): 0.84x addmm's time at layer 0's shape (K = 65) and at
+    layer 1's (K = 128); whole compiled steps 1.06x (bench/engine_vs.py). Float32's addmm (MKL)
+    adds its bias in the product, and is as fast as the product alone: kept (the folded form
+    took 0.96x the step at 16k rows)."""
+    if w[0].dtype != torch.bfloat16:
+        return w, b, head_w, head_b
+    return [torch.cat([w_l, b_l[None]], dim=0) for w_l, b_l in zip(w, b)], None, head_w, head_b
+
+
 def wave_maths(
     x: Tensor,
     lead: Tensor,
     rest: Tensor,
     w: list[Tensor],
-    b: list[Tensor],
+    b: list[Tensor] | None,
     head_w: Tensor,
     head_b: Tensor,
     layout: "StateLayout",
@@ -99,9 +116,9 @@ def wave_maths(
 
     x: (B, input size) float32, values first; lead: (B, 2 L H) h and c in the state dtype;
     rest: (B, width - 2 L H) float32, the row from the forecast on (StateLayout). w, b, head_w,
-    head_b: torch_step_weights (cell-gate columns doubled). Returns (lead', rest', forecast,
-    ln tail, flags, residual, not finite): the rows to write back and the wave's results, as
-    _step_wave's.
+    head_b: biased_weights of torch_step_weights (cell-gate columns doubled; b None where each
+    layer's bias is its weights' last row). Returns (lead', rest', forecast, ln tail, flags,
+    residual, not finite): the rows to write back and the wave's results, as _step_wave's.
     """
     base = layout.c.stop
     hs, lay = layout.hidden_size, layout.num_layers
@@ -123,7 +140,11 @@ def wave_maths(
     for layer in range(lay):
         h = lead[:, layer * hs : (layer + 1) * hs].to(dot)
         c = lead[:, lh + layer * hs : lh + (layer + 1) * hs].float()
-        c_next, h_next = lstm_cell(torch.addmm(b[layer], torch.cat([inp, h], dim=1), w[layer]), c)
+        if b is None:  # the bias in the weights' last row, times a column of ones (biased_weights)
+            gates = torch.mm(torch.cat([inp, h, inp.new_ones(inp.shape[0], 1)], dim=1), w[layer])
+        else:
+            gates = torch.addmm(b[layer], torch.cat([inp, h], dim=1), w[layer])
+        c_next, h_next = lstm_cell(gates, c)
         h_new.append(h_next)
         c_new.append(c_next)
         inp = h_next.to(dot)
@@ -143,7 +164,7 @@ def wave_step(
     slots: Tensor,
     blocks: tuple[Tensor, ...],
     w: list[Tensor],
-    b: list[Tensor],
+    b: list[Tensor] | None,
     head_w: Tensor,
     head_b: Tensor,
     layout: "StateLayout",
@@ -217,7 +238,7 @@ class CompiledWave:
         self.anomaly = anomaly
         self.norm_alpha = norm_alpha
         dot = torch.bfloat16 if table.lead_dtype == torch.bfloat16 else torch.float32
-        self.w, self.b, self.head_w, self.head_b = torch_step_weights(model, table.device, dot)
+        self.w, self.b, self.head_w, self.head_b = biased_weights(*torch_step_weights(model, table.device, dot))
         self.input_size = model.lstm.input_size
         self._blocks = table.blocks()
         # wave_step's arguments after the wave's own
