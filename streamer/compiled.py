@@ -148,7 +148,9 @@ def wave_maths(
         h_new.append(h_next)
         c_new.append(c_next)
         inp = h_next.to(dot)
-    rest_new, out = row_after(torch.addmm(head_b, h_new[-1], head_w), scores)
+    # The head's few outputs as sums over H in the loops (a GEMV of N = 1 to 3 is mostly its call).
+    head = (h_new[-1].unsqueeze(2) * head_w.unsqueeze(0)).sum(dim=1) + head_b
+    rest_new, out = row_after(head, scores)
     # Each part rounded to the state's dtype before the cat, so that the gate loops write the new
     # rows straight into it: a float32 cat rounded afterwards had the loops write (and the next
     # loop read back) twice the bytes, and the whole step take 1.3x-1.8x as long under bfloat16
