@@ -63,24 +63,40 @@ def _poly(coefficients: tuple[float, ...], t: Tensor) -> Tensor:
     return value
 
 
+def tanh_fraction(x: Tensor) -> tuple[Tensor, Tensor]:
+    """fast_tanh(x) as its numerator and denominator (p, q), q in [1, 187]: a product of such
+    fractions takes one division where their values would take one each."""
+    x = x.clamp(-TANH_CLAMP, TANH_CLAMP)
+    t = x * x
+    return x * _poly(TANH_P, t), _poly(TANH_Q, t)
+
+
 def fast_tanh(x: Tensor) -> Tensor:
     """tanh of a float32 tensor within 4e-7, |result| < 1, NaN kept: products, sums and one
     division per element, which Inductor fuses into the loop around it."""
-    x = x.clamp(-TANH_CLAMP, TANH_CLAMP)
-    t = x * x
-    return x * _poly(TANH_P, t) / _poly(TANH_Q, t)
+    p, q = tanh_fraction(x)
+    return p / q
 
 
 def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """A layer's gate maths, in float32 from its pre-activations (B, 4H) in the weights' dtype,
     cell-gate columns doubled (torch_step_weights): (c', h'). Every sigmoid and tanh is a tanh:
-    sigmoid(x) = (1 + tanh(x / 2)) / 2, and tanh(g) of the doubled column 2g. Compiled, the
-    tanh is fast_tanh, fused into one loop over the gates (no (B, 4H) buffer between them);
-    run eagerly (a step the compiled graph does not take), torch's, one op instead of a dozen."""
-    tanh = fast_tanh if torch.compiler.is_compiling() else torch.tanh
-    ti, tf, tg, to = (tanh(0.5 * g) for g in gates.float().chunk(4, dim=1))
-    c_next = 0.5 * ((1.0 + tf) * c + (1.0 + ti) * tg)
-    return c_next, 0.5 * (1.0 + to) * tanh(c_next)
+    sigmoid(x) = (1 + tanh(x / 2)) / 2, and tanh(g) of the doubled column 2g.
+
+    Compiled, each tanh is fast_tanh's fraction p / q, fused into one loop over the gates (no
+    (B, 4H) buffer between them), and the fractions of a product share a division: (1 + tf) is
+    (qf + pf) / qf, (1 + ti) tg is (qi + pi) pg / (qi qg), (1 + to) tanh(c') is (qo + po) pc /
+    (qo qc). Three divisions a hidden unit instead of five, as accurate (tests/test_compiled.py).
+    Run eagerly (a step the compiled graph does not take), torch's tanh, one op instead of a
+    dozen."""
+    if not torch.compiler.is_compiling():
+        ti, tf, tg, to = (torch.tanh(0.5 * g) for g in gates.float().chunk(4, dim=1))
+        c_next = 0.5 * ((1.0 + tf) * c + (1.0 + ti) * tg)
+        return c_next, 0.5 * (1.0 + to) * torch.tanh(c_next)
+    (pi, qi), (pf, qf), (pg, qg), (po, qo) = (tanh_fraction(0.5 * g) for g in gates.float().chunk(4, dim=1))
+    c_next = 0.5 * ((qf + pf) / qf * c + (qi + pi) * pg / (qi * qg))
+    pc, qc = tanh_fraction(c_next)
+    return c_next, 0.5 * (qo + po) * pc / (qo * qc)
 
 
 def biased_weights(
