@@ -129,10 +129,9 @@ def cpu_gate_ceiling(naive: float, bf16_gemm_gflops: float) -> None:
     """What the gate maths alone allow on this CPU: the compiled gate loops (streamer.compiled's
     lstm_cell: five tanh a hidden unit as fast_tanh's fractions, three divisions; no GEMM) over
     B = 4096 rows, timed with torch's threads, against the same loops with torch's sigmoid
-    (torch_lstm_cell) in turn; with
-    the bfloat16 GEMM at cpu_ceiling's rate added, the device-steps/s of a step that did nothing
-    else, as a multiple of the naive loop. Skipped when torch.compile cannot build (no
-    compiler)."""
+    (torch_lstm_cell) in turn; with the bfloat16 GEMM at cpu_ceiling's rate added, the
+    device-steps/s of a step that did nothing else, as a multiple of the naive loop. Skipped when
+    torch.compile cannot build (no compiler)."""
     gates = torch.randn(4096, 4 * HIDDEN).bfloat16()
     c = torch.randn(4096, HIDDEN)
     try:
