@@ -64,7 +64,7 @@ def _poly(coefficients: tuple[float, ...], t: Tensor) -> Tensor:
 
 
 def tanh_fraction(x: Tensor) -> tuple[Tensor, Tensor]:
-    """fast_tanh(x) as its numerator and denominator (p, q), q in [1, 187]: a product of such
+    """fast_tanh(x) as its numerator and denominator (p, q), q in [1, 187.002]: a product of such
     fractions takes one division where their values would take one each."""
     x = x.clamp(-TANH_CLAMP, TANH_CLAMP)
     t = x * x

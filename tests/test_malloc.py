@@ -98,7 +98,7 @@ def test_the_run_loop_keeps_freed_memory(defaults_fault: bool) -> None:
     assert _faults_per_round("loop", 256)[5:] == [0] * 5
     # glibc raises its own limits to the largest block it has seen freed: after the loop's, fewer
     # of the rounds fault than after nothing (the last rounds none), and in most runs some still
-    # do. In the others none does (here 5 runs in 16 of the loop alone, in either of two trees),
+    # do. In the others none does (here 5 of 16 runs of the loop alone, 8 in each of two trees),
     # as glibc's arenas and limits happen to stand when the loop's threads are done: the
     # comparison asks for faults in one of several runs.
     assert any(sum(_faults_per_round("loop", 0)[5:]) > 0 for _ in range(8))
