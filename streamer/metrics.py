@@ -313,10 +313,12 @@ class Health:
         """``start_within_s``: how long start-up may take before the loop's first beat (the
         waits for the brokers it is allowed), where liveness gives it ``stale_after_s`` after.
         ``stopping``: the run's stop event; once set, the service is not ready (it finishes the
-        batch in hand, checkpoints and closes), and stays live while it does."""
+        batch in hand, checkpoints and closes), and stays live while it does. A run that ends on
+        its own (run.duration_s) says so with ``finishing``."""
         self.stale_after_s = stale_after_s
         self.start_within_s = start_within_s
         self._stopping = stopping
+        self._finishing = False
         self._last = time.monotonic()
         # Until the loop's first beat: the clients are still being opened (a broker that does not
         # answer start-up is tried again for kafka.startup_wait_s), nothing is consumed yet.
@@ -329,6 +331,11 @@ class Health:
     def beat(self) -> None:
         self._last = time.monotonic()
         self._starting = False
+
+    def finishing(self) -> None:
+        """The run loop has ended without a stop (run.duration_s passed): not ready from now on,
+        as after a stop, while it settles, checkpoints and closes."""
+        self._finishing = True
 
     def fail(self, reason: str) -> None:
         self._failed = reason
@@ -379,7 +386,7 @@ class Health:
             return False, stale
         if self._outside_group is not None:
             return False, f"consumer outside its group: {self._outside_group}"
-        if self._stopping is not None and self._stopping.is_set():
+        if self._finishing or (self._stopping is not None and self._stopping.is_set()):
             # It had read ready until the process was gone: a rollout took it for serving.
             return False, "stopping: the batch in hand is finished, checkpointed and committed"
         if self._starting:

@@ -273,6 +273,8 @@ class Pipeline:
                         break
                     self.run_once(stop)
                     self._maybe_status()
+                if self.health is not None:
+                    self.health.finishing()  # a stop says so itself; run.duration_s does not
                 self._settle(commit=True)
             self.partitions.checkpoint_all()
         except Exception as exc:

@@ -1605,3 +1605,28 @@ def test_exactly_once_a_model_switch_waits_for_the_replay_after_an_aborted_trans
     assert pipeline.engine.model_version == "v2" and not switched_while_replaying
     published = Counter((m["device_id"], m["ts"]) for m in (json.loads(r.value) for r in broker.messages("out")))
     assert len(published) == 56 and set(published.values()) == {1}  # each reading once
+
+
+def test_a_run_ending_by_its_duration_is_not_ready_while_it_settles_and_checkpoints(tmp_path):
+    # A stop sets the event that readiness watches; run.duration_s passing sets nothing, and the
+    # service read ready while it settled, checkpointed and closed.
+    from streamer.metrics import Health
+
+    rig = Rig(tmp_path)
+    run = rig.settings.run.model_copy(update={"duration_s": 0.05})
+    rig.pipeline.settings = rig.settings.model_copy(update={"run": run})
+    stop = threading.Event()
+    rig.pipeline.health = health = Health(60.0, stopping=stop)
+    rig.write(per_device=2)
+    seen = []
+    checkpoint_all = rig.pipeline.partitions.checkpoint_all
+
+    def checkpointing():
+        seen.append(health.readiness())
+        checkpoint_all()
+
+    rig.pipeline.partitions.checkpoint_all = checkpointing
+    summary = rig.pipeline.run(stop)
+    assert summary.readings == 2 * len(DEVICES) and not stop.is_set()
+    assert seen == [(False, "stopping: the batch in hand is finished, checkpointed and committed")]
+    assert health.status()[0]  # live: it is closing, not stuck
