@@ -93,8 +93,12 @@ def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         ti, tf, tg, to = (torch.tanh(0.5 * g) for g in gates.float().chunk(4, dim=1))
         c_next = 0.5 * ((1.0 + tf) * c + (1.0 + ti) * tg)
         return c_next, 0.5 * (1.0 + to) * torch.tanh(c_next)
-    (pi, qi), (pf, qf), (pg, qg), (po, qo) = (tanh_fraction(0.5 * g) for g in gates.float().chunk(4, dim=1))
-    c_next = 0.5 * ((qf + pf) / qf * c + (qi + pi) * pg / (qi * qg))
+    halves = [0.5 * g for g in gates.float().chunk(4, dim=1)]
+    (pi, qi), (pf, qf), (pg, qg), (po, qo) = (tanh_fraction(half) for half in halves)
+    # A forget gate shut past the clamp forgets (f = 0, as torch's tanh saturating to -1 gives
+    # eagerly): the clamp's floor, f = 1.4e-7, would carry 1.4e-7 |c| into c'.
+    shut = torch.where(halves[1] <= -TANH_CLAMP, 0.0, qf + pf)
+    c_next = 0.5 * (shut / qf * c + (qi + pi) * pg / (qi * qg))
     pc, qc = tanh_fraction(c_next)
     return c_next, 0.5 * (qo + po) * pc / (qo * qc)
 

@@ -99,6 +99,21 @@ def test_lstm_cell_is_the_lstms_gate_maths_compiled_and_eager():
             assert float((got_h.double() - want_h).abs().max()) <= 1e-6
 
 
+def test_lstm_cell_a_shut_forget_gate_forgets_a_large_cell_compiled_and_eager():
+    # fast_tanh's clamp floors a sigmoid at 1.4e-7: of a cell of 1e6, 0.14 would stay.
+    compiled = torch.compile(streamer.compiled.lstm_cell, fullgraph=True, options=streamer.compiled.COMPILE_OPTIONS)
+    i, cell, o = torch.full((16, 8), 1.0), torch.full((16, 8), 0.5), torch.full((16, 8), 2.0)
+    f = torch.full((16, 8), -40.0)
+    f[:, 0] = math.nan  # a NaN stays one
+    c = torch.full((16, 8), 1e6)
+    want_c = torch.sigmoid(i) * torch.tanh(cell)
+    for cell_maths in (compiled, streamer.compiled.lstm_cell):
+        got_c, got_h = cell_maths(torch.cat([i, f, 2 * cell, o], dim=1), c)
+        assert torch.isnan(got_c[:, 0]).all() and torch.isnan(got_h[:, 0]).all()
+        assert float((got_c[:, 1:] - want_c[:, 1:]).abs().max()) <= 1e-6
+        assert float((got_h[:, 1:] - torch.sigmoid(o[:, 1:]) * torch.tanh(want_c[:, 1:])).abs().max()) <= 1e-6
+
+
 def test_compiled_step_of_a_device_does_not_depend_on_its_batch():
     """A device's result is bitwise the same stepped alone (padded to 8 rows), among a few, or
     among thousands: live and replay, which cut batches differently, agree exactly."""
