@@ -472,6 +472,9 @@ class ConfluentConsumer(Consumer):
         return self.client.consumer_group_metadata()
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """librdkafka's close takes no timeout: with brokers that take requests but do not answer
+        it waits for the LeaveGroup answer up to min(socket.timeout.ms, 5 s), ``timeout_s`` or not
+        (README, on stopping)."""
         self._probe = None  # an admin client has no close: released with its last reference
         self.client.close()
 
