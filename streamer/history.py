@@ -28,7 +28,6 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +45,7 @@ from streamer.records import (  # refused here as on the live path
     TS_MAX,
     TS_MIN,
     epoch_seconds,
+    iso_seconds,
 )
 
 SUFFIXES = (".csv", ".parquet")
@@ -121,10 +121,7 @@ def _parse_one_ts(text: str) -> float:
     try:
         return _number(text)
     except ValueError:
-        parsed = datetime.fromisoformat(text)
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
-        return parsed.timestamp()
+        return iso_seconds(text)
 
 
 def _number(text: str) -> float:

@@ -318,7 +318,7 @@ class ReadingDecoder:
         ts = wire.ts
         if type(ts) is str:
             try:
-                ts = _iso_seconds(ts)
+                ts = iso_seconds(ts)
             except ValueError:
                 return None
             if not math.isfinite(ts):
@@ -671,7 +671,12 @@ def encode_arrow_readings(device_ids: list[str], ts: np.ndarray, values: np.ndar
 # --- The exact path: jiter and the pydantic decoder's rules, error for error --------------------
 
 
-def _iso_seconds(text: str) -> float:
+def iso_seconds(text: str) -> float:
+    """Epoch seconds of ISO-8601 text (naive = UTC). Raises ValueError. Python 3.11's
+    fromisoformat reads the text only up to a NUL after a whole time ("...T00:00:00\x00" is
+    midnight): refused here."""
+    if "\x00" in text:
+        raise ValueError(f"not ISO-8601: {text!r}")
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)  # naive times are taken as UTC
@@ -738,7 +743,7 @@ def _check_ts(obj: dict, errors: list[_Error]) -> float:
             seconds = math.inf
     elif isinstance(raw, str):
         try:
-            seconds = _iso_seconds(raw)
+            seconds = iso_seconds(raw)
         except ValueError:
             errors.append(_Error("schema", "ts", f"Value error, ts {raw[:64]!r} is not ISO-8601"))
             return 0.0

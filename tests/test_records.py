@@ -35,6 +35,7 @@ from streamer.records import (
     SourcePosition,
     encode_arrow_predictions,
     encode_predictions,
+    iso_seconds,
 )
 from tests.test_records_fuzz import (
     Message,
@@ -76,6 +77,8 @@ class PydanticReading(BaseModel):
                 value = math.inf
         elif isinstance(raw, str):
             try:
+                if "\x00" in raw:  # refused since: Python 3.11 reads "...T00:00:00\x00" as midnight
+                    raise ValueError(raw)
                 parsed = datetime.fromisoformat(raw)
             except ValueError:
                 raise ValueError(f"ts {raw[:64]!r} is not ISO-8601") from None
@@ -192,6 +195,8 @@ HAND_MADE = [
     b'{"device_id":"a","ts":1,"values":[1,2],"pad":"' + b"p" * 5000 + b'"}',
     b'{"device_id":"\xc3\xa9","ts":1,"values":[1,2]}',
     b'{"device_id":"a","ts":"\x00","values":[1,2]}',
+    b'{"device_id":"a","ts":"2024-01-01T00:00:00\\u0000","values":[1,2]}',
+    b'{"device_id":"a","ts":"2024-01-01T00:00:00+01:00\\u0000","values":[1,2]}',
 ]
 
 
@@ -200,6 +205,16 @@ HAND_MADE = [
 def test_hand_made_messages_get_the_pydantic_verdict(value: bytes | None, key: bytes | None) -> None:
     new, old = verdicts(key, value, 2)
     assert new == old
+
+
+def test_a_nul_after_an_iso_time_is_refused_not_read_up_to_it() -> None:
+    # Python 3.11's fromisoformat stops at a NUL after a whole time: "...T00:00:00\x00" was midnight.
+    for text in ("2024-01-01T00:00:00\x00", "2024-01-01T00:00:00+01:00\x00", "2024-01-01T00\x00"):
+        body = json.dumps({"device_id": "a", "ts": text, "values": [1, 2]}).encode()
+        assert ReadingDecoder(2).decode_one(b"a", body) == (R.INVALID_SCHEMA, f"ts: Value error, ts {text!r} is not ISO-8601")
+        with pytest.raises(ValueError):
+            iso_seconds(text)
+    assert iso_seconds("2024-01-01T00:00:00") == 1_704_067_200.0
 
 
 def test_hand_made_messages_cover_every_outcome() -> None:
