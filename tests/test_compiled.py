@@ -114,7 +114,7 @@ def test_lstm_cell_holds_a_cell_for_thousands_of_steps_behind_saturated_gates_co
         c = start
         for _ in range(3000):
             c, h = cell_maths(gates, c)
-        assert torch.equal(c, start) and torch.equal(h, torch.zeros_like(h))  # the output gate shut: 0
+        assert torch.equal(c, start) and float(h.abs().max()) <= 2e-7  # the output gate shut: 1.4e-7 tanh(c)
 
 
 def test_lstm_cell_a_shut_forget_gate_forgets_a_large_cell_compiled_and_eager():
