@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch CPU threads; the weights are the same for a seed and thread count (recorded in the"
                      " model file) [default: 1 up to hidden size 64, else the cores, at most 8]")
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
-    train.add_argument("--version", default=None, help="model version string (default: derived from the settings)")
+    train.add_argument("--version", type=_model_version, default=None,
+                       help="model version: printable text, one line (default: derived from the settings)")
     train.set_defaults(handler=_train)
     _add_replay_parser(commands)
     _add_topics_parser(commands)
@@ -703,6 +704,7 @@ def _train(args: argparse.Namespace) -> int:
             setattr(args, name, default)
     _setup_logging("INFO")
     from streamer.history import load_histories
+    from streamer.model import MAX_VERSION_LENGTH
     from streamer.simulate import FleetSpec
     from streamer.train import TrainOptions, check_output_path, save, simulated_series, train_model
 
@@ -720,7 +722,7 @@ def _train(args: argparse.Namespace) -> int:
         histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad or "refuse")
         _show_bad_rows(histories)
         series = [(h.ts, h.values) for h in histories.devices.values()]
-        source = args.data.name
+        source = "".join(c if c.isprintable() else "?" for c in args.data.name)  # a version is one line
         extra_meta = {"source": str(args.data), "value_columns": list(histories.value_columns),
                       "bad_rows_skipped": len(histories.bad_rows)}
     else:
@@ -738,7 +740,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train_model(series, options)
     features = "-" + "+".join(options.time_features) if options.time_features else ""
     version = args.version or (
-        f"lstm-h{args.hidden_size}-l{args.num_layers}-{options.normalization}{features}-{source}-e{result.best_epoch}")
+        f"lstm-h{args.hidden_size}-l{args.num_layers}-{options.normalization}{features}-{source}-e{result.best_epoch}"
+    )[:MAX_VERSION_LENGTH]
     save(result, args.out, version, extra_meta)
     summary = {
         "model": str(args.out),
@@ -968,10 +971,20 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
+    """A finite number > 0 (not inf: "none" says "no limit" where there may be none)."""
     value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
     return value
+
+
+def _model_version(text: str) -> str:
+    from streamer.model import version_problem
+
+    problem = version_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"a model version {problem}")
+    return text
 
 
 def _positive_float_or_none(text: str) -> float | None:

@@ -26,6 +26,21 @@ MODEL_FILE_KEYS = ("config", "state_dict", "version")
 
 # Layers a model may have: each is a step of its own per reading; 10^8 had hung `train` building them.
 MAX_LAYERS = 64
+# A model's version is logged, published with every prediction and shown in metrics: one line.
+MAX_VERSION_LENGTH = 256
+
+
+def version_problem(version: object) -> str | None:
+    """Why ``version`` cannot be a model's version, or None: non-empty printable text (no line
+    break or other control character, which would forge log lines) of at most MAX_VERSION_LENGTH
+    characters."""
+    if not isinstance(version, str) or not version:
+        return f"must be non-empty text, got {version!r}"[:120]
+    if len(version) > MAX_VERSION_LENGTH:
+        return f"must be at most {MAX_VERSION_LENGTH} characters, got {len(version)}"
+    if not version.isprintable():
+        return f"must be printable text (no line breaks or control characters), got {version[:64]!r}"
+    return None
 # Sizes a config may give (input, hidden, output): torch's sizes are int64, and a model this large
 # is refused long before by the weights the file holds; past it torch raises what no check expects.
 MAX_SIZE = 2**31 - 1
@@ -158,6 +173,9 @@ def save_model_file(
 
     meta: plain JSON-like values only (str, numbers, bools, lists, dicts), so that the file
     still loads with weights_only=True."""
+    problem = version_problem(version)
+    if problem is not None:
+        raise ValueError(f"model version {problem}")
     payload: dict[str, object] = {
         "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -234,6 +252,9 @@ def _load_model_file(path: Path, signature: tuple[int, ...] | None) -> ModelBund
     missing = [k for k in MODEL_FILE_KEYS if k not in raw]
     if missing:
         raise ModelFileError(path, f"missing keys {missing}")
+    problem = version_problem(raw["version"])
+    if problem is not None:
+        raise ModelFileError(path, f"'version' {problem}")
     config = ModelConfig.from_dict(raw["config"], path)
     state_dict = raw["state_dict"]
     if not isinstance(state_dict, dict):
@@ -254,7 +275,7 @@ def _load_model_file(path: Path, signature: tuple[int, ...] | None) -> ModelBund
     meta = raw.get("meta") or {}
     if not isinstance(meta, dict):
         raise ModelFileError(path, f"'meta' must be a dict, got {type(meta).__name__}")
-    return ModelBundle(model, config, str(raw["version"]), normalization, path, meta, signature)
+    return ModelBundle(model, config, raw["version"], normalization, path, meta, signature)
 
 
 def _model_with(config: ModelConfig, state_dict: dict, path: Path) -> LSTMModel:

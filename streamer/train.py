@@ -52,6 +52,9 @@ STD_FLOOR = 1e-6  # global normalisation: a constant feature at 0 gets this std
 # ... and one at level m at least REL_STD_FLOOR * |m| (as device normalisation floors it): a
 # feature constant while training at 1e6 had made a change of 1 an input of 1e6.
 MAX_THREADS = 8  # larger models gain little past a few threads
+# Threads one may ask for, as for model.cpu_threads: libgomp fails to start tens of thousands
+# (exit 1), or torch crashes (exit 139).
+THREADS_LIMIT = 1024
 # Inputs past this magnitude make float32 training overflow, whatever the lr (squares past 1e38).
 LARGEST_INPUT = 1e15
 SMALL_HIDDEN = 64  # up to this hidden size, train on one thread
@@ -122,8 +125,8 @@ class TrainOptions:
             raise TrainOptionsError("num_layers", f"must be at most {MAX_LAYERS}", self.num_layers)
         if self.batch_size > MAX_BATCH_SIZE:  # its activations would not fit any host's memory
             raise TrainOptionsError("batch_size", f"must be at most {MAX_BATCH_SIZE}", self.batch_size)
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise TrainOptionsError("threads", "must be None or an int >= 1", self.threads)
+        if self.threads is not None and (not isinstance(self.threads, int) or not 1 <= self.threads <= THREADS_LIMIT):
+            raise TrainOptionsError("threads", f"must be None or an int in [1, {THREADS_LIMIT}]", self.threads)
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise TrainOptionsError("lr", "must be a finite number > 0", self.lr)
         if not (isinstance(self.val_fraction, int | float) and 0 <= self.val_fraction < 1):

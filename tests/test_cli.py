@@ -618,6 +618,15 @@ def test_abbreviated_flags_are_refused(capsys):
     (["run", "--state-capacity"], "streamer run: error: argument --state-capacity: expected one argument"),
     (["train", "--out", "m.pt", "--epochs", "0"], "streamer train: error: argument --epochs: '0' must be >= 1"),
     (["bogus"], "streamer: error: argument COMMAND: invalid choice: 'bogus'"),
+    # inf had passed as a number > 0: a time budget of inf, a ttl that `run` then refuses
+    (["train", "--out", "m.pt", "--time-budget", "inf"],
+     "streamer train: error: argument --time-budget: 'inf' must be a finite number > 0"),
+    (["train", "--out", "m.pt", "--state-ttl-seconds", "1e400"],
+     "streamer train: error: argument --state-ttl-seconds: '1e400' must be a finite number > 0"),
+    (["simulate", "--duration", "inf"], "streamer simulate: error: argument --duration: 'inf' must be a finite number > 0"),
+    # a version is logged and published: a line break in it forged a log line
+    (["train", "--out", "m.pt", "--version", "v1\nERROR forged"],
+     "streamer train: error: argument --version: a model version must be printable text"),
 ])
 def test_a_bad_flag_is_one_line_naming_it_not_the_usage(capsys, args, says):
     with pytest.raises(SystemExit) as exit_:

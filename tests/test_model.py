@@ -107,6 +107,11 @@ def with_(payload: dict, key: str, value: object, inside: str | None = None) -> 
         (lambda p: with_(p, "normalization", {"mean": [10**400, 0], "std": [1.0, 1.0]}), "must be numbers"),
         # A subnormal std passes > 0, and its reciprocal is inf: forecasts of 0 and dead letters.
         (lambda p: with_(p, "normalization", {"mean": [0.0, 0.0], "std": [1e-45, 1.0]}), "std must be at least 1.18e-38"),
+        # The version is logged and published with every prediction: one printable line.
+        (lambda p: with_(p, "version", "v1\n2026-01-01 streamer ERROR forged"), "'version' must be printable text"),
+        (lambda p: with_(p, "version", ""), "'version' must be non-empty text"),
+        (lambda p: with_(p, "version", 5), "'version' must be non-empty text, got 5"),
+        (lambda p: with_(p, "version", "v" * 257), "'version' must be at most 256 characters"),
     ],
 )
 def test_model_files_of_the_wrong_kinds_inside_are_refused(tmp_path: Path, change, message):

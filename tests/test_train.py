@@ -361,6 +361,10 @@ def test_the_threads_used_are_recorded_and_can_be_chosen(tmp_path: Path, capsys)
     with pytest.raises(SystemExit) as refused:
         main(["train", "--out", str(out), "--threads", "0", *TINY])
     assert refused.value.code == 2
+    capsys.readouterr()
+    # 16384 threads had ended in libgomp's "Thread creation failed" (exit 1), 100000 in a crash (139)
+    assert main(["train", "--out", str(out), "--threads", "1025", *TINY]) == 2
+    assert capsys.readouterr().err.strip().endswith("threads must be None or an int in [1, 1024], got 1025")
 
 
 def test_inputs_too_large_for_float32_training_are_named_not_blamed_on_the_lr():
