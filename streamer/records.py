@@ -84,6 +84,7 @@ TS_RANGE_HINT = "past year 9999 or before year 1 as epoch seconds (epoch millise
 ARROW_MAX_DECODED_BYTES = 64 << 20
 CONTENT_TYPE_HEADER = "content-type"
 ARROW_CONTENT_TYPE = b"application/vnd.apache.arrow.stream"
+ARROW_STREAM_MARKER = b"\xff\xff\xff\xff"  # an Arrow IPC stream's first message starts so
 SENDER_IDS = 1 << 20  # device ids of batch messages kept for their senders' next messages (_SenderIds)
 # The fast path vouches only for messages the old parser (jiter) surely reads the same way:
 # jiter refuses numbers of more than about 4300 digits and nesting deeper than about 200, which
@@ -578,6 +579,16 @@ class _SenderIds:
         return ids
 
 
+def _arrow_hint(value: bytes) -> str:
+    """For a message refused as JSON that starts as an Arrow IPC stream does (its continuation
+    marker): what a batch message needs, which it may have only near-missed (``Content-Type``,
+    a parameter after the type)."""
+    if not value.startswith(ARROW_STREAM_MARKER):
+        return ""
+    return (f"; it starts as an Arrow IPC stream does: a batch message needs the header"
+            f" {CONTENT_TYPE_HEADER}: {ARROW_CONTENT_TYPE.decode()}, exactly")
+
+
 def _is_arrow(headers: list[tuple[str, bytes | None]]) -> bool:
     return any(k == CONTENT_TYPE_HEADER and v == ARROW_CONTENT_TYPE for k, v in headers)
 
@@ -696,7 +707,7 @@ def _exact(value: bytes) -> Reading | Refusal:
     try:
         obj = from_json(value, allow_inf_nan=True)
     except ValueError as exc:
-        return DeadLetterReason.NOT_JSON, f"message: Invalid JSON: {exc}"
+        return DeadLetterReason.NOT_JSON, f"message: Invalid JSON: {exc}{_arrow_hint(value)}"
     if not isinstance(obj, dict):
         return DeadLetterReason.INVALID_SCHEMA, "message: Input should be an object"
     errors: list[_Error] = []

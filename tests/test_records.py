@@ -105,7 +105,7 @@ class PydanticDecoder:
         try:
             reading = PydanticReading.model_validate_json(value)
         except ValidationError as exc:
-            return _classify(exc)
+            return _classify(exc, value)
         beyond = next((i for i, v in enumerate(reading.values) if abs(v) >= FLOAT32_OVERFLOW), None)  # rounds to inf
         if beyond is not None:
             return R.NON_FINITE, f"values.{beyond}: {reading.values[beyond]!r} is beyond float32, the model's dtype"
@@ -125,7 +125,7 @@ class PydanticDecoder:
         return reading
 
 
-def _classify(exc: ValidationError) -> tuple[DeadLetterReason, str]:
+def _classify(exc: ValidationError, value: bytes) -> tuple[DeadLetterReason, str]:
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0]
     where = ".".join(str(p) for p in first["loc"]) or "message"
@@ -134,6 +134,9 @@ def _classify(exc: ValidationError) -> tuple[DeadLetterReason, str]:
         detail += f" (and {len(errors) - 1} more)"
     kinds = {e["type"] for e in errors}
     if kinds & {"json_invalid", "json_type"}:
+        if value.startswith(b"\xff\xff\xff\xff"):  # added since: an Arrow stream without its header
+            detail += ("; it starts as an Arrow IPC stream does: a batch message needs the header content-type:"
+                       " application/vnd.apache.arrow.stream, exactly")
         return R.NOT_JSON, detail
     if "finite_number" in kinds:
         return R.NON_FINITE, detail
@@ -330,6 +333,20 @@ def good_columns(n: int = 4, size: int = 2) -> dict[str, pa.Array]:
         "ts": pa.array(1.7e9 + np.arange(n, dtype=np.float64) / 7),
         "values": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), size),
     }
+
+
+@pytest.mark.parametrize("header", [("Content-Type", ARROW_CONTENT_TYPE), ("content-type", ARROW_CONTENT_TYPE + b"; v=1"),
+                                    ("content-type", None), None])
+def test_a_batch_message_whose_header_is_missed_is_refused_as_json_saying_what_it_needs(header) -> None:
+    # Decoded as JSON, as the header is not the one marking a batch message: the dead letter had
+    # said "Invalid JSON" and nothing of the header.
+    value = arrow_message(good_columns())
+    decoded = ReadingDecoder(2).decode([Message("in", 0, 7, b"gateway-1", value, [header] if header else [])])
+    [letter] = decoded.dead_letters
+    assert letter.reason is R.NOT_JSON and letter.detail.startswith("message: Invalid JSON: ")
+    assert letter.detail.endswith("; it starts as an Arrow IPC stream does: a batch message needs the header"
+                                  " content-type: application/vnd.apache.arrow.stream, exactly")
+    assert "Arrow" not in ReadingDecoder(2).decode_one(b"a", b"\xff\xfe{")[1]  # other bytes than the marker: no hint
 
 
 @pytest.mark.parametrize("batches, compression", [(1, None), (3, None), (2, "zstd"), (1, "lz4")])
