@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the settings `run` would use (secrets masked), or the error that stops it",
         description="Resolve the settings as `streamer run` does (flag, else environment variable, else the "
         "config file, else the default), check what `run` checks before connecting to Kafka (a model file is "
-        "set and loads, the metrics host can be bound, the checkpoint directory can be written; not with --settings-only), "
-        "print the settings with passwords masked and exit 0, or print the problems and exit 2 (a state table too "
-        "big to allocate is found by `run` alone, which allocates it).",
+        "set and loads, the state table fits the memory available now (rows on a GPU: found by `run`'s allocation "
+        "alone), the metrics host can be bound, the checkpoint directory can be written; not with --settings-only), "
+        "print the settings with passwords masked and exit 0, or print the problems and exit 2.",
     )
     check.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
     check.add_argument("--format", choices=("toml", "json"), default="toml", help="output format [default: toml]")
@@ -475,13 +475,15 @@ def _check_config(args: argparse.Namespace) -> int:
     # What `run` checks before connecting to Kafka, but creating nothing; the metrics host alone
     # (any free port), so that a check beside the running service does not find its port taken.
     if not args.settings_only:
-        from streamer.engine import resolve_device
+        from streamer.engine import StateLayout, check_table_fits, resolve_device
+        from streamer.kernels import STATE_DTYPES
 
-        resolve_device(settings.model.device)
+        device = resolve_device(settings.model.device)
         _require_model_path(settings)  # as `run` does: a config without a model file cannot run
         from streamer.model import load_model_file
 
-        load_model_file(settings.model.path)
+        bundle = load_model_file(settings.model.path)
+        check_table_fits(settings.state.capacity, StateLayout.of(bundle.config), device, STATE_DTYPES[settings.state.dtype])
         if settings.metrics.enabled:
             _check_metrics_port(settings.metrics.host, 0)
         _check_checkpoint_directory(settings, create=False)

@@ -23,7 +23,7 @@ from streamer.features import time_features
 from streamer.kernels import CPU_ROW_BLOCK, CPU_ROWS_PER_STEP, make_lstm_step
 from streamer.model import ModelBundle, ModelConfig, Normalization, allocation_failed
 from streamer.slotmap import Keys, hashes_repeat, keys_of
-from streamer.state import DeviceStateTable
+from streamer.state import DeviceStateTable, available_memory, table_bytes
 from streamer.wave import not_finite, row_after, score_wave
 
 log = logging.getLogger(__name__)
@@ -336,10 +336,25 @@ class StateLayout:
         return self.runs.stop
 
 
+def check_table_fits(capacity: int, layout: StateLayout, where: torch.device, state_dtype: torch.dtype) -> None:
+    """CapacityError (one line) when a state table of ``capacity`` rows of ``layout`` would take
+    more of the host's memory (its rows, if on the CPU, and its bookkeeping) than is available
+    (state.available_memory): rather than be killed for it. torch fills the rows with zeros as
+    it makes them, every page at once; a CUDA device's own allocation says when it is full."""
+    rows, bookkeeping = table_bytes(capacity, layout.width, torch.float32, layout.c.stop, state_dtype)
+    needed = bookkeeping + (rows if where.type == "cpu" else 0)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise CapacityError(
+            f"state table capacity {capacity}: {needed / 2**30:.2f} GiB of rows and bookkeeping on the host, more"
+            f" than the {available / 2**30:.2f} GiB of memory available to this process")
+
+
 def _allocate_table(
     capacity: int, layout: StateLayout, where: torch.device, ttl_seconds: float | None, state_dtype: torch.dtype
 ) -> DeviceStateTable:
     """A table of ``capacity`` rows of ``layout``; CapacityError (one line) when they do not fit."""
+    check_table_fits(capacity, layout, where, state_dtype)
     try:
         return DeviceStateTable(
             capacity, layout.width, where, ttl_seconds=ttl_seconds, lead_width=layout.c.stop, lead_dtype=state_dtype,

@@ -54,6 +54,14 @@ def keys_of(device_ids: Sequence[str]) -> Keys:
     return np.fromiter(map(hash, device_ids), dtype=np.int64, count=n), ids
 
 
+def _positions(capacity: int) -> int:
+    return 1 << max(3, (4 * capacity - 1).bit_length())  # >= 4 x capacity: live load <= 1/4
+
+
+def _position_dtype(capacity: int) -> type:
+    return np.int32 if capacity < 2**31 else np.int64
+
+
 class SlotMap:
     """Id -> slot for slots in [0, capacity). Batch operations take ``keys_of`` the ids."""
 
@@ -61,9 +69,9 @@ class SlotMap:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        positions = 1 << max(3, (4 * capacity - 1).bit_length())  # >= 4 x capacity: live load <= 1/4
+        positions = _positions(capacity)
         self._mask = positions - 1
-        self._pos = np.full(positions, EMPTY, dtype=np.int32 if capacity < 2**31 else np.int64)
+        self._pos = np.full(positions, EMPTY, dtype=_position_dtype(capacity))
         self._hash = np.zeros(capacity, dtype=np.int64)
         self.ids = np.full(capacity, None, dtype=object)  # slot -> id, None where free
         self._present = np.zeros(capacity, dtype=bool)
@@ -73,6 +81,11 @@ class SlotMap:
 
     def __len__(self) -> int:
         return self._live
+
+    @staticmethod
+    def bytes_for(capacity: int) -> int:
+        """``nbytes`` of a map of ``capacity`` slots, before it is made."""
+        return _positions(capacity) * np.dtype(_position_dtype(capacity)).itemsize + capacity * (8 + 8 + 1)
 
     @property
     def nbytes(self) -> int:

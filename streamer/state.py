@@ -76,6 +76,65 @@ class Acquired:
     evicted_for_capacity: int  # devices dropped to make room
 
 
+def _log_size(capacity: int) -> int:
+    return max(LOG_MIN, int(capacity * LOG_ROOM))
+
+
+def table_bytes(capacity: int, width: int, dtype: torch.dtype = torch.float32, lead_width: int = 0,
+                lead_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(rows, bookkeeping): the bytes a DeviceStateTable of these arguments allocates when it is
+    made, its rows on its torch device and its bookkeeping on the CPU (the module docstring's
+    list; the ids' strings come with the devices)."""
+    lead_dtype = lead_dtype or dtype
+    rows = (capacity + 1) * (lead_width * lead_dtype.itemsize + (width - lead_width) * dtype.itemsize)
+    log_entry = (4 if capacity < 2**31 else 8) + 8
+    bookkeeping = capacity * (8 + 8 + 4 + 8) + _log_size(capacity) * log_entry + SlotMap.bytes_for(capacity)
+    return rows, bookkeeping
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still take: the kernel's MemAvailable, and under a cgroup memory
+    limit (v2, else v1: a container's) what is left of the limit if less; None where neither is
+    readable (not Linux)."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in _cgroup_memory_files():
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                text = limit.read().strip()
+                if text != "max" and int(text) < 2**60:  # v1 writes "no limit" as a huge number
+                    found.append(max(0, int(text) - int(usage.read().strip())))
+            break
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
+def _cgroup_memory_files() -> list[tuple[str, str]]:
+    """(limit, usage) files of this process's cgroup: v2's under its path in /proc/self/cgroup, then
+    v2's and v1's at the root of the mount (where a container sees its own)."""
+    files = []
+    try:
+        with open("/proc/self/cgroup") as cgroup:
+            for line in cgroup:
+                if line.startswith("0::"):
+                    path = line[3:].strip().rstrip("/")
+                    if path:
+                        files.append((f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current"))
+    except OSError:
+        pass
+    files.append(("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"))
+    files.append(("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+    return files
+
+
 class DeviceStateTable:
     def __init__(
         self,
@@ -120,7 +179,7 @@ class DeviceStateTable:
         # entry's position is its count modulo the log's size (a ring).
         self._touched = np.zeros(capacity, dtype=np.int64)
         self._touches = 0
-        log_size = max(LOG_MIN, int(capacity * LOG_ROOM))
+        log_size = _log_size(capacity)
         self._log_slot = np.zeros(log_size, dtype=np.int32 if capacity < 2**31 else np.int64)
         self._log_touch = np.zeros(log_size, dtype=np.int64)
         self._log_head = self._log_tail = 0

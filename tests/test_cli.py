@@ -581,12 +581,17 @@ def test_a_model_file_of_the_wrong_shape_or_with_nan_weights_is_one_line(model_f
     assert "non-finite weights (NaN or inf) in fc.bias" in one_line_error(capsys)
 
 
-def test_a_state_table_too_big_to_allocate_is_one_line(model_file: Path, capsys, no_signal_handlers):
-    assert main(["run", "--model-path", str(model_file), "--kafka-bootstrap-servers", "127.0.0.1:1",
-                 "--metrics-enabled", "false", "--checkpoint-enabled", "false",
-                 "--state-capacity", str(2**31 - 1)]) == 2  # the most the setting takes: hundreds of GB here
-    err = one_line_error(capsys)
-    assert f"state table capacity {2**31 - 1}" in err and "could not be allocated" in err
+def test_a_state_table_too_big_for_the_memory_is_one_line_in_run_and_check_config(model_file: Path, capsys,
+                                                                                   no_signal_handlers):
+    # The most the setting takes: hundreds of GB here. check-config had passed it (only `run`
+    # allocated the table), and a table that the allocator took but the host could not hold was
+    # killed as torch wrote its zeros, with no word.
+    for command in ("run", "check-config"):
+        assert main([command, "--model-path", str(model_file), "--kafka-bootstrap-servers", "127.0.0.1:1",
+                     "--metrics-enabled", "false", "--checkpoint-enabled", "false",
+                     "--state-capacity", str(2**31 - 1)]) == 2
+        err = one_line_error(capsys)
+        assert f"state table capacity {2**31 - 1}: " in err and "GiB of memory available to this process" in err
 
 
 def test_simulate_and_train_refuse_bad_paths_seeds_and_both_bootstrap_flags(tmp_path: Path, capsys):

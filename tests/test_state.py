@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from streamer import state
 from streamer.errors import CapacityError
-from streamer.state import DeviceStateTable
+from streamer.state import DeviceStateTable, table_bytes
 
 
 def test_new_devices_get_zeroed_slots_and_keep_them():
@@ -377,3 +377,39 @@ def _against_the_model(ops, capacity: int) -> None:
         assert table.device_ids() == list(ref.order) and len(table) == len(ref.order)
         for device, (seen_at, _) in ref.order.items():
             assert table.last_seen(device) == seen_at
+
+
+@pytest.mark.parametrize("capacity, lead_dtype", [(3, torch.float32), (5000, torch.bfloat16), (70_000, torch.float32)])
+def test_table_bytes_are_what_a_table_allocates(capacity: int, lead_dtype: torch.dtype):
+    # What `run` and check-config hold against the memory available before a table is made.
+    table = DeviceStateTable(capacity, 20, "cpu", lead_width=8, lead_dtype=lead_dtype)
+    tensors = {id(v): v.nbytes for v in vars(table).values() if isinstance(v, torch.Tensor) and v._base is None}
+    tensors |= {id(table._rows): table._rows.nbytes} if table._rows is not None else {}
+    arrays = {v.ctypes.data: v.nbytes for owner in (table, table._slot_of) for v in vars(owner).values()
+              if isinstance(v, np.ndarray)}  # slot -> id is one array under two names
+    assert table_bytes(capacity, 20, torch.float32, 8, lead_dtype) == (sum(tensors.values()), sum(arrays.values()))
+
+
+def test_available_memory_is_the_least_of_meminfo_and_what_the_cgroup_leaves(tmp_path, monkeypatch):
+    free = state.available_memory()
+    assert free is not None and 0 < free
+    (tmp_path / "max").write_text("1000000\n")
+    (tmp_path / "current").write_text("400000\n")
+    (tmp_path / "none").write_text("max\n")
+    monkeypatch.setattr(state, "_cgroup_memory_files", lambda: [(str(tmp_path / "missing"), str(tmp_path / "current")),
+                                                                (str(tmp_path / "max"), str(tmp_path / "current"))])
+    assert state.available_memory() == 600_000
+    monkeypatch.setattr(state, "_cgroup_memory_files", lambda: [(str(tmp_path / "none"), str(tmp_path / "current"))])
+    assert 0 < state.available_memory() <= free * 1.5  # no limit: MemAvailable alone
+
+
+def test_a_table_past_the_memory_available_is_refused_before_it_is_made(monkeypatch):
+    import streamer.engine
+    from streamer.engine import Engine
+    from tests.conftest import make_bundle
+
+    monkeypatch.setattr(streamer.engine, "available_memory", lambda: 5 * 2**20)
+    with pytest.raises(CapacityError, match=r"state table capacity 100000: 0\.0\d GiB of rows and bookkeeping on the"
+                                            r" host, more than the 0\.00 GiB of memory available to this process"):
+        Engine.build(make_bundle(input_size=2, hidden_size=8, seed=1), capacity=100_000, device="cpu")
+    assert Engine.build(make_bundle(input_size=2, hidden_size=8, seed=1), capacity=1000, device="cpu").table.capacity == 1000
