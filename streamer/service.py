@@ -96,12 +96,14 @@ def build_store(settings: Settings, bootstrap_timeout_ms: int | None = None) -> 
     return DirectoryCheckpointStore(checkpoint.directory, kafka.group_id, checkpoint.keep)
 
 
-def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | None) -> bool:
+def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | None,
+                  answered: Callable[[], object] = lambda: None) -> bool:
     """Create the topics streamer writes that are missing, and wait until the input topic exists
     (`streamer topics create` makes it, or its producers' first sends where the broker creates
     topics on demand), until ``deadline``: then a StreamerError naming kafka.input_topic.
     Subscribed to a topic that does not exist, the consumer would sit idle, its every request for
-    offsets unanswered. Returns whether it waited for the input topic."""
+    offsets unanswered. ``answered`` is called whenever the brokers answer, the topic there or not.
+    Returns whether it waited for the input topic."""
     kafka = settings.kafka
     said = False
     while True:
@@ -118,10 +120,12 @@ def _topics_ready(settings: Settings, deadline: float, stop: threading.Event | N
                 deadline,
                 stop,
             )
+            answered()
             if said:
                 log.info("input topic %s exists: starting", kafka.input_topic)
             return said
         except MissingTopics:
+            answered()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StreamerError(
@@ -318,7 +322,9 @@ def run_service(
         if settings.metrics.enabled:
             server = _metrics_server(registry, health, settings)
             log.info("metrics at http://%s:%d/metrics, liveness at /healthz, readiness at /readyz", server.host, server.port)
-        if _topics_ready(settings, reachable_by, stop):
+        # The brokers answering, the topic there or not, are reachable: a forgotten `streamer
+        # topics create` had read as unreachable brokers (StreamerBrokerUnreachable) for the wait.
+        if _topics_ready(settings, reachable_by, stop, answered=lambda: metrics.broker_reachable.set(1)):
             reachable_by = time.monotonic() + kafka.startup_wait_s  # the brokers answered: the clients' own wait
         store = None
         if settings.checkpoint.enabled:

@@ -142,6 +142,8 @@ def test_an_input_topic_created_while_run_waits_is_read(model: Path, kafka_boots
     try:
         time.sleep(2.0)
         assert service.alive()
+        # The brokers answer, the topic is not there: reachable (it had read 0, and the alert on it fired).
+        assert service.metric("streamer_broker_reachable") == 1
         create_topic(kafka_bootstrap, topics["in"])
         produce(kafka_bootstrap, topics["in"], [(b"dev-1", reading("dev-1", 1.0, [20.5, -3.0]), None)])
         assert wait_for(lambda: service.metric("streamer_predictions_total") >= 1, 45) is not None
