@@ -61,9 +61,34 @@ MIN_BOOTSTRAP_S = 5.0  # topics create and simulate wait at least this long for 
 MAX_BAD_ROWS_SHOWN = 20  # train and replay --on-bad skip: rows printed, then a count
 
 
-def main(argv: list[str] | None = None) -> int:
+class EarlySignals:
+    """SIGTERM and SIGINT held by the entry point (streamer.__main__) while the CLI was imported:
+    the handlers it replaced, and the signals it got."""
+
+    def __init__(self, before: dict[int, Any], held: list[int]) -> None:
+        self.before = before
+        self.held = held
+
+    def restore(self) -> list[int]:
+        """Put the handlers before back; returns the signals held (to be delivered after)."""
+        for signum, handler in self.before.items():
+            signal.signal(signum, handler)
+        return list(self.held)
+
+
+def main(argv: list[str] | None = None, early: EarlySignals | None = None) -> int:
+    """``early``: signals held since the process started (streamer.__main__); `run` takes them as
+    a stop once its relay is in place, any other command gets them as the handlers before would
+    have given them (SIGTERM's default ends it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.early = None
+    if early is not None:
+        if args.handler is _run:
+            args.early = early
+        else:
+            for signum in early.restore():
+                signal.raise_signal(signum)
     try:
         return args.handler(args)
     except StreamerError as exc:
@@ -375,9 +400,12 @@ def stop_on_signals(stop: threading.Event) -> Callable[[], None]:
 def _run(args: argparse.Namespace) -> int:
     # From the start of the command: a SIGTERM in the first second or two (settings, checks,
     # importing torch) had ended the process with 143 and no word. Set, it stops the run before it
-    # consumes. (One in the first ~0.2 s, while Python imports the CLI itself, still ends it so.)
+    # consumes. One while Python imported the CLI was held by streamer.__main__ (args.early).
     stop = threading.Event()
+    held = args.early.restore() if args.early is not None else []
     restore = stop_on_signals(stop)
+    for signum in held:  # a stop before this, as Python imported the CLI: nothing is loaded or contacted
+        signal.raise_signal(signum)
     settings = None
     try:
         settings = settings_from_args(args)

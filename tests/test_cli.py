@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -781,6 +782,61 @@ def test_sigterm_sets_stop_without_deadlocking_a_waiting_main_thread():
         pytest.fail("a SIGTERM left the waiting main thread deadlocked")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "stopped every time"
+
+
+# streamer.__main__ holds SIGTERM and SIGINT while Python imports the CLI (a tenth of a second),
+# where the system's default had ended `run` with 143: given to main as EarlySignals, here as if
+# one had come then.
+HELD_THEN = """
+import signal, sys, time
+from streamer.cli import EarlySignals, main
+before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+started = time.monotonic()
+code = main(sys.argv[1:], early=EarlySignals(before, [signal.SIGTERM]))
+print("took", time.monotonic() - started, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_a_sigterm_held_while_the_cli_was_imported_stops_run_before_kafka_and_ends_other_commands(model_file: Path):
+    run = subprocess.run([sys.executable, "-c", HELD_THEN, "run", "--model-path", str(model_file),
+                          "--kafka-bootstrap-servers", "127.0.0.1:1", "--metrics-enabled", "false",
+                          "--checkpoint-enabled", "false"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["summary"]["readings"] == 0
+    assert "received SIGTERM" in run.stderr and "stopped during start-up, before Kafka was contacted" in run.stderr
+    # The brokers at 127.0.0.1:1 would have been waited for kafka.startup_wait_s, 120 s.
+    assert float(run.stderr.split("took")[-1]) < 60, run.stderr[-2000:]
+    other = subprocess.run([sys.executable, "-c", HELD_THEN, "check-config", "--settings-only"], capture_output=True,
+                           text=True, timeout=120)
+    assert other.returncode == -signal.SIGTERM and not other.stdout  # as without the hold: SIGTERM's default
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (SigCgt in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads SigCgt in /proc")
+def test_sigterm_from_the_moment_the_command_handles_it_exits_0(model_file: Path):
+    # The first moment: streamer.__main__'s first lines, before the CLI's imports.
+    process = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--model-path", str(model_file),
+                                "--kafka-bootstrap-servers", "127.0.0.1:1", "--metrics-enabled", "false",
+                                "--checkpoint-enabled", "false"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not handles(process.pid, signal.SIGTERM):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.0005)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-2000:]
+    assert time.monotonic() - signalled < 30 and json.loads(out.strip().splitlines()[-1])["summary"]["readings"] == 0
 
 
 # --- values that ended in a traceback: one line each, exit 2 ----------------------------------
