@@ -151,9 +151,12 @@ class TrainOptions:
             raise TrainOptionsError("device", "must be auto, cpu, cuda or cuda:N (N from 0 to 127)", self.device) from None
 
     def to_dict(self) -> dict[str, object]:
-        """Plain JSON-like values (time_features as a list)."""
+        """Plain JSON-like values (time_features as a list; norm_alpha None unless normalization
+        is "device", the only one that uses it: a value there read as if the model used it)."""
         out = asdict(self)
         out["time_features"] = list(self.time_features)
+        if self.normalization != "device":
+            out["norm_alpha"] = None
         return out
 
 

@@ -139,6 +139,8 @@ def test_global_normalisation_comes_from_the_training_readings_only(sine_series)
     before = [values[ts < r.data.cutoff_ts] for ts, values in sine_series]
     data = np.concatenate(before).astype(np.float64)
     assert r.config.device_norm_alpha is None
+    assert r.options.to_dict()["norm_alpha"] is None  # unused: not recorded as if it were
+    assert replace(SMALL, normalization="device").to_dict()["norm_alpha"] == SMALL.norm_alpha
     torch.testing.assert_close(r.normalization.mean, torch.tensor(data.mean(0), dtype=torch.float32))
     torch.testing.assert_close(r.normalization.std, torch.tensor(data.std(0), dtype=torch.float32))
 
