@@ -295,11 +295,18 @@ def test_a_started_service_reads_the_brokers_reachable_and_a_stopping_one_not_re
     bundle = make_bundle(input_size=1, hidden_size=8, num_layers=1)
     save_model_file(tmp_path / "m.pt", bundle.model, bundle.config, "v")
     broker = MemoryBroker()
-    monkeypatch.setattr(service, "_topics_ready", lambda *args: True)
+    seen = {}
+
+    def topics_ready(settings, deadline, stop, answered):  # the brokers answer: reachable from then on
+        seen["reachable before the brokers answer"] = registry.get_sample_value("streamer_broker_reachable")
+        answered()
+        seen["reachable once they answer"] = registry.get_sample_value("streamer_broker_reachable")
+        return False
+
+    monkeypatch.setattr(service, "_topics_ready", topics_ready)
     monkeypatch.setattr(service, "_topic_housekeeping", lambda *args: None)
     monkeypatch.setattr(service, "open_consumer", lambda *args: MemoryConsumer(broker, "g"))
     monkeypatch.setattr(service, "open_producer", lambda *args: MemoryProducer(broker))
-    seen = {}
 
     def run(pipeline, stop):
         seen["reachable at the loop's start"] = registry.get_sample_value("streamer_broker_reachable")
@@ -315,5 +322,6 @@ def test_a_started_service_reads_the_brokers_reachable_and_a_stopping_one_not_re
                               "checkpoint": {"directory": tmp_path / "cp"}, "metrics": {"enabled": False}})
     registry = CollectorRegistry()
     service.run_service(settings, threading.Event(), registry)
-    assert seen == {"reachable at the loop's start": 1.0, "ready": (True, "ok"),
+    assert seen == {"reachable before the brokers answer": 0.0, "reachable once they answer": 1.0,
+                    "reachable at the loop's start": 1.0, "ready": (True, "ok"),
                     "stopping": (False, "stopping: the batch in hand is finished, checkpointed and committed")}
