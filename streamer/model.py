@@ -30,6 +30,14 @@ MAX_LAYERS = 64
 MAX_VERSION_LENGTH = 256
 
 
+def one_line_version(version: object) -> str:
+    """A loaded file's version as it is logged and published: its text with each character that
+    is not printable (a line break would forge a log line) as "?", cut to MAX_VERSION_LENGTH.
+    Not refused: `train` had made longer versions of a data file's name, and they load still."""
+    text = "".join(c if c.isprintable() else "?" for c in str(version))
+    return text[:MAX_VERSION_LENGTH]
+
+
 def version_problem(version: object) -> str | None:
     """Why ``version`` cannot be a model's version, or None: non-empty printable text (no line
     break or other control character, which would forge log lines) of at most MAX_VERSION_LENGTH
@@ -252,9 +260,6 @@ def _load_model_file(path: Path, signature: tuple[int, ...] | None) -> ModelBund
     missing = [k for k in MODEL_FILE_KEYS if k not in raw]
     if missing:
         raise ModelFileError(path, f"missing keys {missing}")
-    problem = version_problem(raw["version"])
-    if problem is not None:
-        raise ModelFileError(path, f"'version' {problem}")
     config = ModelConfig.from_dict(raw["config"], path)
     state_dict = raw["state_dict"]
     if not isinstance(state_dict, dict):
@@ -275,7 +280,7 @@ def _load_model_file(path: Path, signature: tuple[int, ...] | None) -> ModelBund
     meta = raw.get("meta") or {}
     if not isinstance(meta, dict):
         raise ModelFileError(path, f"'meta' must be a dict, got {type(meta).__name__}")
-    return ModelBundle(model, config, raw["version"], normalization, path, meta, signature)
+    return ModelBundle(model, config, one_line_version(raw["version"]), normalization, path, meta, signature)
 
 
 def _model_with(config: ModelConfig, state_dict: dict, path: Path) -> LSTMModel:
