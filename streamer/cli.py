@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the settings `run` would use (secrets masked), or the error that stops it",
         description="Resolve the settings as `streamer run` does (flag, else environment variable, else the "
         "config file, else the default), check what `run` checks before connecting to Kafka (a model file is "
-        "set and loads, the state table fits the memory available now (rows on a GPU: found by `run`'s allocation "
-        "alone), the metrics host can be bound, the checkpoint directory can be written; not with --settings-only), "
+        "set and loads, the state table fits the host memory the process may have (rows on a GPU: found by `run`'s "
+        "allocation alone), the metrics host can be bound, the checkpoint directory can be written; not with --settings-only), "
         "print the settings with passwords masked and exit 0, or print the problems and exit 2.",
     )
     check.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
@@ -511,7 +511,8 @@ def _check_config(args: argparse.Namespace) -> int:
         from streamer.model import load_model_file
 
         bundle = load_model_file(settings.model.path)
-        check_table_fits(settings.state.capacity, StateLayout.of(bundle.config), device, STATE_DTYPES[settings.state.dtype])
+        check_table_fits(settings.state.capacity, StateLayout.of(bundle.config), device, STATE_DTYPES[settings.state.dtype],
+                         total=True)  # against the whole: beside the running service, what is free is not its
         if settings.metrics.enabled:
             _check_metrics_port(settings.metrics.host, 0)
         _check_checkpoint_directory(settings, create=False)

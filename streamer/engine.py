@@ -20,10 +20,11 @@ from streamer.anomaly import AnomalyParams
 from streamer.compiled import CompiledWave
 from streamer.errors import CapacityError, StreamerError
 from streamer.features import time_features
+from streamer.hostmem import memory_room
 from streamer.kernels import CPU_ROW_BLOCK, CPU_ROWS_PER_STEP, make_lstm_step
 from streamer.model import ModelBundle, ModelConfig, Normalization, allocation_failed
 from streamer.slotmap import Keys, hashes_repeat, keys_of
-from streamer.state import DeviceStateTable, available_memory, table_bytes
+from streamer.state import DeviceStateTable, table_bytes
 from streamer.wave import not_finite, row_after, score_wave
 
 log = logging.getLogger(__name__)
@@ -336,18 +337,20 @@ class StateLayout:
         return self.runs.stop
 
 
-def check_table_fits(capacity: int, layout: StateLayout, where: torch.device, state_dtype: torch.dtype) -> None:
+def check_table_fits(capacity: int, layout: StateLayout, where: torch.device, state_dtype: torch.dtype,
+                     total: bool = False) -> None:
     """CapacityError (one line) when a state table of ``capacity`` rows of ``layout`` would take
-    more of the host's memory (its rows, if on the CPU, and its bookkeeping) than is available
-    (state.available_memory): rather than be killed for it. torch fills the rows with zeros as
-    it makes them, every page at once; a CUDA device's own allocation says when it is full."""
+    more of the host's memory (its rows, if on the CPU, and its bookkeeping) than the process may
+    still take (hostmem.memory_room): rather than be killed for it. torch fills the rows with
+    zeros as it makes them, every page at once; a CUDA device's own allocation says when it is
+    full. ``total``: than it may take at all (check-config, which may run beside the service)."""
     rows, bookkeeping = table_bytes(capacity, layout.width, torch.float32, layout.c.stop, state_dtype)
     needed = bookkeeping + (rows if where.type == "cpu" else 0)
-    available = available_memory()
-    if available is not None and needed > available:
+    room = memory_room(total)
+    if room is not None and needed > room:
         raise CapacityError(
             f"state table capacity {capacity}: {needed / 2**30:.2f} GiB of rows and bookkeeping on the host, more"
-            f" than the {available / 2**30:.2f} GiB of memory available to this process")
+            f" than the {room / 2**30:.2f} GiB of memory this process {'may have' if total else 'may still take'}")
 
 
 def _allocate_table(

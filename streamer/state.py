@@ -92,49 +92,6 @@ def table_bytes(capacity: int, width: int, dtype: torch.dtype = torch.float32, l
     return rows, bookkeeping
 
 
-def available_memory() -> int | None:
-    """Bytes this process may still take: the kernel's MemAvailable, and under a cgroup memory
-    limit (v2, else v1: a container's) what is left of the limit if less; None where neither is
-    readable (not Linux)."""
-    found: list[int] = []
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_file, usage_file in _cgroup_memory_files():
-        try:
-            with open(limit_file) as limit, open(usage_file) as usage:
-                text = limit.read().strip()
-                if text != "max" and int(text) < 2**60:  # v1 writes "no limit" as a huge number
-                    found.append(max(0, int(text) - int(usage.read().strip())))
-            break
-        except (OSError, ValueError):
-            continue
-    return min(found) if found else None
-
-
-def _cgroup_memory_files() -> list[tuple[str, str]]:
-    """(limit, usage) files of this process's cgroup: v2's under its path in /proc/self/cgroup, then
-    v2's and v1's at the root of the mount (where a container sees its own)."""
-    files = []
-    try:
-        with open("/proc/self/cgroup") as cgroup:
-            for line in cgroup:
-                if line.startswith("0::"):
-                    path = line[3:].strip().rstrip("/")
-                    if path:
-                        files.append((f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current"))
-    except OSError:
-        pass
-    files.append(("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"))
-    files.append(("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
-    return files
-
-
 class DeviceStateTable:
     def __init__(
         self,

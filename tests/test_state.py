@@ -390,26 +390,13 @@ def test_table_bytes_are_what_a_table_allocates(capacity: int, lead_dtype: torch
     assert table_bytes(capacity, 20, torch.float32, 8, lead_dtype) == (sum(tensors.values()), sum(arrays.values()))
 
 
-def test_available_memory_is_the_least_of_meminfo_and_what_the_cgroup_leaves(tmp_path, monkeypatch):
-    free = state.available_memory()
-    assert free is not None and 0 < free
-    (tmp_path / "max").write_text("1000000\n")
-    (tmp_path / "current").write_text("400000\n")
-    (tmp_path / "none").write_text("max\n")
-    monkeypatch.setattr(state, "_cgroup_memory_files", lambda: [(str(tmp_path / "missing"), str(tmp_path / "current")),
-                                                                (str(tmp_path / "max"), str(tmp_path / "current"))])
-    assert state.available_memory() == 600_000
-    monkeypatch.setattr(state, "_cgroup_memory_files", lambda: [(str(tmp_path / "none"), str(tmp_path / "current"))])
-    assert 0 < state.available_memory() <= free * 1.5  # no limit: MemAvailable alone
-
-
 def test_a_table_past_the_memory_available_is_refused_before_it_is_made(monkeypatch):
     import streamer.engine
     from streamer.engine import Engine
     from tests.conftest import make_bundle
 
-    monkeypatch.setattr(streamer.engine, "available_memory", lambda: 5 * 2**20)
+    monkeypatch.setattr(streamer.engine, "memory_room", lambda total=False: 5 * 2**20)
     with pytest.raises(CapacityError, match=r"state table capacity 100000: 0\.0\d GiB of rows and bookkeeping on the"
-                                            r" host, more than the 0\.00 GiB of memory available to this process"):
+                                            r" host, more than the 0\.00 GiB of memory this process may still take"):
         Engine.build(make_bundle(input_size=2, hidden_size=8, seed=1), capacity=100_000, device="cpu")
     assert Engine.build(make_bundle(input_size=2, hidden_size=8, seed=1), capacity=1000, device="cpu").table.capacity == 1000
