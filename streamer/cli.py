@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None, early: EarlySignals | None = None) -> in
     a stop once its relay is in place, any other command gets them as the handlers before would
     have given them (SIGTERM's default ends it)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:  # --help, --version, a bad flag: the signals held are had as they came
+        if early is not None:
+            for signum in early.restore():
+                signal.raise_signal(signum)
+        raise
     args.early = None
     if early is not None:
         if args.handler is _run:

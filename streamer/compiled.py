@@ -66,7 +66,7 @@ def _poly(coefficients: tuple[float, ...], t: Tensor) -> Tensor:
 def tanh_fraction(x: Tensor, saturate: bool = False) -> tuple[Tensor, Tensor]:
     """fast_tanh(x) as its numerator and denominator (p, q), q in [1, 187.002]: a product of such
     fractions takes one division where their values would take one each. ``saturate``: p is +-q
-    past the clamp, the fraction exactly +-1 as torch's float32 tanh is from |x| = 9.01 on;
+    past the clamp, the fraction exactly +-1 as torch's float32 tanh is from |x| = 9.011 on;
     otherwise the fit's value at the clamp, +-(1 - 2.8e-7), two more operations saved."""
     clamped = x.clamp(-TANH_CLAMP, TANH_CLAMP)
     t = clamped * clamped
