@@ -29,6 +29,10 @@ MAX_LAYERS = 64
 # A model's version is logged, published with every prediction and shown in metrics: one line.
 MAX_VERSION_LENGTH = 256
 
+# Sizes a config may give (input, hidden, output): torch's sizes are int64, and a model this large
+# is refused long before by the weights the file holds; past it torch raises what no check expects.
+MAX_SIZE = 2**31 - 1
+
 
 def one_line_version(version: object) -> str:
     """A loaded file's version as it is logged and published: its text with each character that
@@ -49,9 +53,6 @@ def version_problem(version: object) -> str | None:
     if not version.isprintable():
         return f"must be printable text (no line breaks or control characters), got {version[:64]!r}"
     return None
-# Sizes a config may give (input, hidden, output): torch's sizes are int64, and a model this large
-# is refused long before by the weights the file holds; past it torch raises what no check expects.
-MAX_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
