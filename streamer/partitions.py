@@ -363,6 +363,13 @@ class PartitionManager:
             self.consumer.seek(tp, checkpoint.offset)
             owned = Owned(checkpoint.offset, start, checkpoint.offset, self.clock(), committed_offset=start)
             outcome = "checkpoint"
+            if checkpoint.model_version != self._model_stamp().version:
+                # Another model's rows, carried over (same config, nothing to replay): from here on
+                # this model applies the readings, and the checkpoint must say so, as a switch's
+                # does. Left under the old name, a process of the group still serving the old
+                # model (the file replaced, its next reload check not yet come) took it and
+                # replayed this model's readings under the old one.
+                self._save(tp, owned, rewrite=True)
             log.info(
                 "recovered %s from checkpoint at offset %d (%d devices%s, model %s), replaying to %d",
                 _name(tp), checkpoint.offset, len(checkpoint.state),

@@ -1630,3 +1630,69 @@ def test_a_run_ending_by_its_duration_is_not_ready_while_it_settles_and_checkpoi
     assert summary.readings == 2 * len(DEVICES) and not stop.is_set()
     assert seen == [(False, "stopping: the batch in hand is finished, checkpointed and committed")]
     assert health.status()[0]  # live: it is closing, not stuck
+
+
+def test_a_checkpoint_taken_over_from_another_model_is_stamped_with_the_model_now_applying(tmp_path, caplog):
+    # Two processes of a group serve different models for a while (the model file replaced: one
+    # started after, the other has not reached its next reload check). The one on the new model
+    # took over the old model's checkpoint (same config, nothing to replay) and wrote none of its
+    # own; killed, its partition went back to the one on the old model, which replayed the new
+    # model's readings under the old one (a reviewer's model-based checker, seed reproduced here).
+    # Now that checkpoint is stamped at once: the old model refuses it and starts from zero state,
+    # as the README says a process does without a checkpoint of its model.
+    config = ModelConfig(2, 8, 1, 2)
+    for version, seed in (("v1", 1), ("v2", 2)):
+        save_model_file(tmp_path / f"{version}.pt", init_random_model(config, seed=seed), config, version)
+    path = tmp_path / "m.pt"
+    path.write_bytes((tmp_path / "v1.pt").read_bytes())
+    settings = load_settings({
+        "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq", "group_id": "g",
+                  "commit_interval_ms": 0},
+        "model": {"path": path, "device": "cpu", "reload_interval_s": 3600},
+        "checkpoint": {"directory": tmp_path / "cp", "interval_readings": 1000, "interval_s": 1e6},
+        "batch": {"max_records": 50, "max_wait_ms": 0}, "metrics": {"enabled": False}, "run": {"status_interval_s": 0},
+    })
+    broker = MemoryBroker()
+    for topic in ("in", "out", "dlq"):
+        broker.create_topic(topic, 1)
+    values = [[0.5, -1.0], [1.5, 0.3], [-0.7, 2.0], [0.9, 0.1], [1.1, -0.4]]
+
+    def write(i: int) -> None:
+        broker.append("in", b"d", json.dumps({"device_id": "d", "ts": 1_700_000_000 + i, "values": values[i]}).encode())
+
+    def process(name: str) -> tuple[Pipeline, MemoryConsumer]:
+        consumer = MemoryConsumer(broker, "g")
+        consumer._joined = True  # assigned by the test alone
+        pipeline = Pipeline(settings, Engine.build(load_model_file(path), capacity=10, device="cpu"), consumer,
+                            MemoryProducer(broker, name), store=DirectoryCheckpointStore(tmp_path / "cp", "g"))
+        pipeline.subscribe()
+        return pipeline, consumer
+
+    def run(pipeline: Pipeline, turns: int = 4) -> None:
+        for _ in range(turns):
+            pipeline.run_once()
+            pipeline.partitions.settle_writes()
+
+    old, old_consumer = process("old")  # serves v1: readings 0 and 1, then the partition moves
+    old_consumer.rebalance(assigned=[P0])
+    write(0), write(1)
+    run(old)
+    old_consumer.rebalance(revoked=[P0])  # checkpointed at 2, under v1
+    run(old, 1)
+    path.write_bytes((tmp_path / "v2.pt").read_bytes())
+    new, new_consumer = process("new")  # serves v2, takes the partition and v1's checkpoint
+    new_consumer.rebalance(assigned=[P0])
+    run(new)
+    write(2), write(3)
+    run(new)  # readings 2 and 3 applied by v2, committed; then the process dies, nothing closed
+    caplog.set_level(logging.WARNING, logger="streamer.partitions")
+    old_consumer.rebalance(assigned=[P0])  # back to the process still on v1
+    run(old)
+    write(4)
+    run(old)
+    [last] = [json.loads(m.value) for m in broker.messages("out") if json.loads(m.value)["ts"] == 1_700_000_004]
+    fresh = Engine.build(load_model_file(tmp_path / "v1.pt"), capacity=10, device="cpu")
+    alone, _ = fresh.step(ReadingBatch(["d"], np.array([1_700_000_004.0]), np.array([values[4]], dtype=np.float32)))
+    assert last["model_version"] == "v1"
+    np.testing.assert_allclose(last["forecast"], alone.forecast[0], rtol=0, atol=1e-6)  # not v2's readings under v1
+    assert any("has no usable checkpoint: its devices start from zero at offset 4" in r.getMessage() for r in caplog.records)
