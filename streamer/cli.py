@@ -75,6 +75,11 @@ class EarlySignals:
             signal.signal(signum, handler)
         return list(self.held)
 
+    def release(self) -> None:
+        """Put the handlers before back and have the signals held as they would have come."""
+        for signum in self.restore():
+            signal.raise_signal(signum)
+
 
 def main(argv: list[str] | None = None, early: EarlySignals | None = None) -> int:
     """``early``: signals held since the process started (streamer.__main__); `run` takes them as
@@ -85,16 +90,14 @@ def main(argv: list[str] | None = None, early: EarlySignals | None = None) -> in
         args = parser.parse_args(argv)
     except SystemExit:  # --help, --version, a bad flag: the signals held are had as they came
         if early is not None:
-            for signum in early.restore():
-                signal.raise_signal(signum)
+            early.release()
         raise
     args.early = None
     if early is not None:
         if args.handler is _run:
             args.early = early
         else:
-            for signum in early.restore():
-                signal.raise_signal(signum)
+            early.release()
     try:
         return args.handler(args)
     except StreamerError as exc:
@@ -741,7 +744,7 @@ def _train(args: argparse.Namespace) -> int:
             setattr(args, name, default)
     _setup_logging("INFO")
     from streamer.history import load_histories
-    from streamer.model import MAX_VERSION_LENGTH
+    from streamer.model import one_line_version
     from streamer.simulate import FleetSpec
     from streamer.train import TrainOptions, check_output_path, save, simulated_series, train_model
 
@@ -759,7 +762,7 @@ def _train(args: argparse.Namespace) -> int:
         histories = load_histories(args.data, value_columns=args.value_columns, on_bad=args.on_bad or "refuse")
         _show_bad_rows(histories)
         series = [(h.ts, h.values) for h in histories.devices.values()]
-        source = "".join(c if c.isprintable() else "?" for c in args.data.name)  # a version is one line
+        source = args.data.name
         extra_meta = {"source": str(args.data), "value_columns": list(histories.value_columns),
                       "bad_rows_skipped": len(histories.bad_rows)}
     else:
@@ -776,9 +779,8 @@ def _train(args: argparse.Namespace) -> int:
                                                             "features": args.features, "seed": args.seed}}
     result = train_model(series, options)
     features = "-" + "+".join(options.time_features) if options.time_features else ""
-    version = args.version or (
-        f"lstm-h{args.hidden_size}-l{args.num_layers}-{options.normalization}{features}-{source}-e{result.best_epoch}"
-    )[:MAX_VERSION_LENGTH]
+    version = args.version or one_line_version(  # a data file's name may hold anything
+        f"lstm-h{args.hidden_size}-l{args.num_layers}-{options.normalization}{features}-{source}-e{result.best_epoch}")
     save(result, args.out, version, extra_meta)
     summary = {
         "model": str(args.out),

@@ -343,10 +343,9 @@ class PartitionManager:
             raise KafkaClientError(f"no position for {_name(tp)} within {BROKER_CALL_TIMEOUT_S:.0f}s", retriable=True)
         self.engine.drop_partition(tp.partition)
         checkpoint = None
+        stamp = self._model_stamp()
         if self.store is not None:
-            checkpoint, refused = self.store.load_latest(
-                tp.topic, tp.partition, self.engine.layout.width, start, self._model_stamp()
-            )
+            checkpoint, refused = self.store.load_latest(tp.topic, tp.partition, self.engine.layout.width, start, stamp)
             if refused and self.metrics is not None:
                 self.metrics.on_checkpoints_refused(len(refused))
             if committed is not None:
@@ -363,7 +362,7 @@ class PartitionManager:
             self.consumer.seek(tp, checkpoint.offset)
             owned = Owned(checkpoint.offset, start, checkpoint.offset, self.clock(), committed_offset=start)
             outcome = "checkpoint"
-            if checkpoint.model_version != self._model_stamp().version:
+            if checkpoint.model_version != stamp.version:
                 # Another model's rows, carried over (same config, nothing to replay): from here on
                 # this model applies the readings, and the checkpoint must say so, as a switch's
                 # does. Left under the old name, a process of the group still serving the old
