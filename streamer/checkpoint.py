@@ -18,7 +18,9 @@ File format (little endian), no pickle:
 ``model_version`` and ``model_config`` name the model that applies the partition's readings from
 ``offset`` on (the run loop writes a checkpoint of every owned partition at each model switch),
 so a loader can tell whether replaying from a checkpoint would cross a switch (see
-``pick_latest``).
+``pick_latest``). The group's committed offsets say the same from the other side: each is
+committed with a ``ModelSpan`` (the model that applied the readings before it, and since which
+offset), so a switch whose checkpoint is missing is not crossed either.
 
 Files are written to a temporary name, fsynced and renamed into place, so a reader sees a whole
 checkpoint or none; a write that fails removes its temporary file. The checksum refuses a torn
@@ -37,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import time
 from abc import ABC, abstractmethod
@@ -216,6 +219,7 @@ class CheckpointStore(ABC):
         width: int,
         max_offset: int | None = None,
         model: ModelStamp | None = None,
+        span: ModelSpan | None = None,
     ) -> tuple[Checkpoint | None, list[Refused]]:
         """The newest usable checkpoint with offset <= ``max_offset``, and those refused on the way
         (see ``pick_latest``)."""
@@ -234,6 +238,7 @@ def pick_latest(
     width: int,
     max_offset: int | None = None,
     model: ModelStamp | None = None,
+    span: ModelSpan | None = None,
 ) -> tuple[Checkpoint | None, list[Refused]]:
     """The newest usable checkpoint of ``candidates`` (newest first) with offset <= ``max_offset``
     (when given), and those refused on the way.
@@ -245,6 +250,11 @@ def pick_latest(
     nothing usable. The one exception is a checkpoint of another version but the same model
     config at ``max_offset`` itself: nothing to replay, and its rows carry over to the new model
     as a hot reload carries them.
+
+    ``span``: what the group's offset at ``max_offset`` was committed with (see ModelSpan). With
+    readings to replay, a checkpoint is refused, and the search stops, when another model than
+    ``model`` applied them, or when it lies before the offset since which ``model`` has: a switch
+    whose checkpoint is missing (the store failed at the switch, or the process died first).
     """
     refused: list[Refused] = []
     for offset, where, read in candidates:
@@ -262,7 +272,8 @@ def pick_latest(
             continue
         if max_offset is not None and checkpoint.offset > max_offset:
             continue
-        reason = _model_mismatch(checkpoint, width, model, max_offset)
+        reason = _model_mismatch(checkpoint, width, model, max_offset) or _crosses_switch(
+            checkpoint, model, span, max_offset)
         if reason is not None:
             log.warning("checkpoint %s refused: %s; no older one is used either", where, reason)
             refused.append(Refused(where, reason))
@@ -351,6 +362,7 @@ class DirectoryCheckpointStore(CheckpointStore):
         width: int,
         max_offset: int | None = None,
         model: ModelStamp | None = None,
+        span: ModelSpan | None = None,
     ) -> tuple[Checkpoint | None, list[Refused]]:
         """The newest usable checkpoint file (``pick_latest``); a file that cannot be read is refused.
         StoreUnreadable when the partition's directory cannot be listed."""
@@ -359,7 +371,7 @@ class DirectoryCheckpointStore(CheckpointStore):
         except OSError as exc:
             raise StoreUnreadable(f"checkpoint directory {self._dir(topic, partition)} cannot be listed: {exc}") from exc
         candidates = ((int(path.stem), path, path.read_bytes) for path in paths)
-        return pick_latest(candidates, topic, partition, width, max_offset, model)
+        return pick_latest(candidates, topic, partition, width, max_offset, model, span)
 
 
 @dataclass(frozen=True)
@@ -373,6 +385,51 @@ class ModelStamp:
     def of(cls, version: str, config: dict) -> "ModelStamp":
         """With ``config`` as a checkpoint header gives it back (through JSON)."""
         return cls(version, json.loads(json.dumps(config)))
+
+    def digest(self) -> str:
+        """16 hex digits naming this version and config (a ModelSpan's ``model``)."""
+        named = json.dumps([self.version, self.config], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(named.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+# confluent-kafka commits the metadata with a NUL after it (librdkafka reads it back without)
+_SPAN = re.compile(r"streamer/applied model=([0-9a-f]{16}) since=(0|[1-9][0-9]{0,18})\x00?")
+
+
+@dataclass(frozen=True)
+class ModelSpan:
+    """The metadata the run loop commits with a partition's offset: the model (a ModelStamp's
+    digest) that applied every reading of the partition from offset ``since`` up to that commit.
+    ``since`` moves at each model switch, and to the committed offset when a partition is taken
+    over under another model. A recovery replays from a checkpoint only inside the span (see
+    pick_latest): one before ``since``, or a span of another model, lies across a switch."""
+
+    model: str
+    since: int
+
+    def encode(self) -> str:
+        return f"streamer/applied model={self.model} since={self.since}"
+
+    @classmethod
+    def decode(cls, metadata: str) -> "ModelSpan | None":
+        """The span a commit's metadata names; None for anything else (another tool's, none)."""
+        found = _SPAN.fullmatch(metadata)
+        return None if found is None else cls(found[1], int(found[2]))
+
+
+def _crosses_switch(checkpoint: Checkpoint, model: ModelStamp | None, span: ModelSpan | None,
+                    replay_to: int | None) -> str | None:
+    """Why replaying from ``checkpoint`` up to ``replay_to`` under ``model`` would cross a model
+    switch that the committed offset's ``span`` tells of, or None."""
+    if span is None or model is None or replay_to is None or checkpoint.offset >= replay_to:
+        return None
+    if span.model != model.digest():
+        return (f"the readings before offset {replay_to} were applied under another model than {model.version}"
+                f" (the committed offset's metadata says so)")
+    if checkpoint.offset < span.since:
+        return (f"model {model.version} applies the readings since offset {span.since} (the committed offset's"
+                f" metadata), readings {checkpoint.offset}..{span.since - 1} were applied under the model before")
+    return None
 
 
 def _model_mismatch(checkpoint: Checkpoint, width: int, model: ModelStamp | None, replay_to: int | None) -> str | None:

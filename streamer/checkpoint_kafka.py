@@ -50,7 +50,17 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from streamer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, ModelStamp, Refused, _safe, encode, pick_latest
+from streamer.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+    ModelSpan,
+    ModelStamp,
+    Refused,
+    _safe,
+    encode,
+    pick_latest,
+)
 from streamer.kafka.abstract import Changelog, KafkaClientError, Message
 
 log = logging.getLogger(__name__)
@@ -315,6 +325,7 @@ class KafkaCheckpointStore(CheckpointStore):
         width: int,
         max_offset: int | None = None,
         model: ModelStamp | None = None,
+        span: ModelSpan | None = None,
     ) -> tuple[Checkpoint | None, list[Refused]]:
         """The newest usable checkpoint (``pick_latest``), the changelog read up to its end first.
         A manifest whose chunks are missing or do not verify is refused."""
@@ -325,7 +336,7 @@ class KafkaCheckpointStore(CheckpointStore):
             (offset, manifests[offset].key, lambda m=manifests[offset]: self._assemble(at, index, m))
             for offset in sorted(manifests, reverse=True)
         )
-        return pick_latest(candidates, topic, partition, width, max_offset, model)
+        return pick_latest(candidates, topic, partition, width, max_offset, model, span)
 
     def _assemble(self, at: int, index: _PartitionIndex, manifest: Manifest) -> bytes:
         """The checkpoint's bytes from its chunks, each verified; CheckpointError naming what is wrong.

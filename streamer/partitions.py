@@ -13,7 +13,10 @@ ahead of the group and replay never re-publishes what downstream has not seen.
 Replay never crosses a model switch: every owned partition is checkpointed when the model
 changes (``model_switched``), each checkpoint names the model that applies the readings after
 it, and recovery refuses one of another model when readings would have to be replayed from it
-(the devices then start from zero state, counted as ``no_checkpoint``).
+(the devices then start from zero state, counted as ``no_checkpoint``). The offsets say it too:
+each is committed with the model that applied the readings before it, and since which offset (a
+ModelSpan), so that a switch whose checkpoint is missing (the store failed, the process died
+first) is not replayed across either, whichever model the partition's next owner serves.
 
 Checkpoints due while the loop runs are written by a thread of their own (CheckpointWriter): the
 loop copies the partition's rows out and goes on, while encoding, hashing and fsync, tens of
@@ -36,12 +39,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from streamer.checkpoint import Checkpoint, CheckpointStore, ModelStamp, StoreUnreadable
+from streamer.checkpoint import Checkpoint, CheckpointStore, ModelSpan, ModelStamp, StoreUnreadable
 from streamer.engine import Engine
-from streamer.kafka.abstract import Consumer, GroupMovedOn, KafkaClientError, RebalanceHooks, TopicPartition
+from streamer.kafka.abstract import Committed, Consumer, GroupMovedOn, KafkaClientError, RebalanceHooks, TopicPartition
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,9 @@ class Owned:
     """An owned, recovered partition. next_offset: the next input offset after what the engine
     has applied; replay_until: offsets below it are replayed with output suppressed;
     committed_offset: the group's committed offset as this process knows it; unsaved_since:
-    monotonic time since when applied readings (past the replay) are in no checkpoint."""
+    monotonic time since when applied readings (past the replay) are in no checkpoint;
+    model_since: the offset since which the served model has applied the partition's readings
+    (committed with its offsets, see ModelSpan)."""
 
     next_offset: int
     replay_until: int
@@ -71,6 +76,7 @@ class Owned:
     writing: int | None = None  # offset of its checkpoint in the writer's hands
     writing_readings: int = 0  # readings_since_checkpoint when that checkpoint was taken
     writing_since: float = 0.0
+    model_since: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,9 @@ class BatchPlan:
     next_offsets / readings: per partition of the batch, the offset after its last message and
     how many readings it decoded (a batch message counts its rows, a dead letter none). replay_until: for partitions still replaying, offsets below this
     are applied with their output suppressed (published before). commit: the offsets to commit
-    once the batch's output is acknowledged (never below what the group has). checkpoint_due:
-    the partitions to checkpoint once those offsets are committed.
+    once the batch's output is acknowledged (never below what the group has), each with its
+    metadata (commit_metadata: a ModelSpan). checkpoint_due: the partitions to checkpoint once
+    those offsets are committed.
     """
 
     next_offsets: Mapping[TopicPartition, int]
@@ -100,6 +107,7 @@ class BatchPlan:
     replay_until: Mapping[TopicPartition, int]
     commit: Mapping[TopicPartition, int]
     checkpoint_due: frozenset[TopicPartition]
+    commit_metadata: Mapping[TopicPartition, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def replayed(self, topic: str, partition: int, offset: int) -> bool:
         """Whether this message's output is suppressed (it was published before)."""
@@ -240,6 +248,7 @@ class PartitionManager:
         self.pending: set[TopicPartition] = set()
         self.restart_at: dict[TopicPartition, int] = {}  # see reset
         self._tried: dict[TopicPartition, float] = {}  # when a pending partition's recovery was last tried
+        self._digest: tuple[object, str] | None = None  # (the engine's bundle, its stamp's digest)
 
     # --- rebalance callbacks (during Consumer.poll, possibly on the client's own thread) ---
 
@@ -297,7 +306,7 @@ class PartitionManager:
             # slow failure leaves the others for the next turn, which starts with them.
             pending = sorted(self.pending, key=lambda tp: (self._tried.get(tp, 0.0), tp))
         try:
-            committed = self.consumer.committed(pending, BROKER_CALL_TIMEOUT_S)
+            committed = self.consumer.committed_with_metadata(pending, BROKER_CALL_TIMEOUT_S)
         except GroupMovedOn as exc:
             # The coordinator answers for a group that is rebalancing: these partitions are tried
             # again a moment later, or revoked meanwhile (a GroupMovedOn is final for a commit only).
@@ -329,10 +338,14 @@ class PartitionManager:
             raise failed
         return recovered
 
-    def _recover(self, tp: TopicPartition, committed: int | None) -> None:
+    def _recover(self, tp: TopicPartition, commit: Committed | None) -> None:
         # Kept until the partition is recovered: a recovery that fails (the store or the broker
         # away) is tried again from the same place, not from a fetch position past the batch.
         restart_at = self.restart_at.get(tp)
+        committed = None if commit is None else commit.offset
+        span = None if commit is None else ModelSpan.decode(commit.metadata)
+        if span is not None and committed is not None and span.since > committed:
+            span = None  # of another history of the partition (its offsets went back): says nothing
         if committed is not None:
             start: int | None = committed
         elif restart_at is not None:
@@ -345,7 +358,8 @@ class PartitionManager:
         checkpoint = None
         stamp = self._model_stamp()
         if self.store is not None:
-            checkpoint, refused = self.store.load_latest(tp.topic, tp.partition, self.engine.layout.width, start, stamp)
+            checkpoint, refused = self.store.load_latest(
+                tp.topic, tp.partition, self.engine.layout.width, start, stamp, span)
             if refused and self.metrics is not None:
                 self.metrics.on_checkpoints_refused(len(refused))
             if committed is not None:
@@ -360,7 +374,8 @@ class PartitionManager:
                     capacity, capacity, extra=_context(tp),
                 )
             self.consumer.seek(tp, checkpoint.offset)
-            owned = Owned(checkpoint.offset, start, checkpoint.offset, self.clock(), committed_offset=start)
+            owned = Owned(checkpoint.offset, start, checkpoint.offset, self.clock(), committed_offset=start,
+                          model_since=_model_since(span, self._digest_of(stamp), checkpoint.offset))
             outcome = "checkpoint"
             if checkpoint.model_version != stamp.version:
                 # Another model's rows, carried over (same config, nothing to replay): from here on
@@ -377,7 +392,8 @@ class PartitionManager:
             )
         else:
             self.consumer.seek(tp, start)
-            owned = Owned(start, start, committed_offset=start)
+            owned = Owned(start, start, committed_offset=start,
+                          model_since=_model_since(span, self._digest_of(stamp), start))
             if committed is None:
                 outcome = "fresh"  # the group never read this partition: zero state is right
                 if self.store is not None:
@@ -399,7 +415,8 @@ class PartitionManager:
         # Due (the batch's commit is not held back for the interval) only when a checkpoint can
         # start at that commit: not while the writer is busy or a failing store backs off.
         can_start = not self._writing and not self.failures.waiting(now)
-        replay_until, commit, due = {}, {}, set()
+        replay_until, commit, metadata, due = {}, {}, {}, set()
+        model = self._digest_of(None)
         for tp, offset in next_offsets.items():
             owned = self.owned.get(tp)
             if owned is None:
@@ -408,11 +425,12 @@ class PartitionManager:
                 replay_until[tp] = owned.replay_until
             if offset > owned.replay_until:
                 commit[tp] = offset
+                metadata[tp] = ModelSpan(model, owned.model_since).encode()
                 if can_start and self._due(owned, now, readings.get(tp, 0)):
                     due.add(tp)
         return BatchPlan(
             MappingProxyType(dict(next_offsets)), MappingProxyType(dict(readings)), MappingProxyType(replay_until),
-            MappingProxyType(commit), frozenset(due),
+            MappingProxyType(commit), frozenset(due), MappingProxyType(metadata),
         )
 
     def applied(self, plan: BatchPlan) -> None:
@@ -546,6 +564,7 @@ class PartitionManager:
         with self.lock:
             self.settle_writes()
             for tp, owned in self.owned.items():
+                owned.model_since = owned.next_offset  # committed with its offsets from here on
                 if self._committed_through(tp, owned, "at the model switch"):
                     self._save(tp, owned, rewrite=True)
 
@@ -607,6 +626,14 @@ class PartitionManager:
         if normalization is not None:
             config["normalization"] = {"mean": normalization.mean.tolist(), "std": normalization.std.tolist()}
         return ModelStamp.of(self.engine.model_version, config)
+
+    def _digest_of(self, stamp: ModelStamp | None) -> str:
+        """The served model's ModelStamp digest (worked out once per model; ``stamp``: its stamp,
+        when the caller has it)."""
+        bundle = self.engine.bundle
+        if self._digest is None or self._digest[0] is not bundle:
+            self._digest = (bundle, (stamp or self._model_stamp()).digest())
+        return self._digest[1]
 
     def _save(self, tp: TopicPartition, owned: Owned, rewrite: bool = False, wait: bool = True) -> bool:
         """Checkpoint ``tp`` at its applied offset; False when the store failed. ``rewrite``: also
@@ -693,6 +720,13 @@ class PartitionManager:
             log.debug("checkpoint of %s at offset %d failed again: %s", _name(tp), offset, exc, extra=_context(tp))
         if self.metrics is not None:
             self.metrics.on_checkpoint_failed()
+
+
+def _model_since(span: ModelSpan | None, model: str, start: int) -> int:
+    """Since which offset the served model (digest ``model``) has applied a partition recovered
+    at ``start`` (the checkpoint's offset, or the committed one without a checkpoint): since the
+    committed span's start when that span is this model's, else since ``start``."""
+    return span.since if span is not None and span.model == model else start
 
 
 def _covered(owned: Owned) -> bool:

@@ -216,7 +216,7 @@ class Pipeline:
         self._unsettled: Unsettled | None = None  # at-least-once: the batch produced, not yet committed
         # At-least-once: offsets of acknowledged batches not committed yet (kafka.commit_interval_ms),
         # the plan of the newest of them and the checkpoints due among them.
-        self._to_commit: dict[TopicPartition, tuple[int, Owned]] = {}
+        self._to_commit: dict[TopicPartition, tuple[int, Owned, str]] = {}  # offset, owner, metadata
         self._to_commit_plan: BatchPlan | None = None
         self._last_commit = time.monotonic()
         self._commit_refused = False  # the last commit was refused: the next waits an interval
@@ -532,7 +532,10 @@ class Pipeline:
             # re-reads from the group's committed offset, which this older one must not move back.
             if owned is not None and owned is batch.owners.get(tp):
                 waiting = self._to_commit.get(tp)
-                self._to_commit[tp] = (offset if waiting is None else max(offset, waiting[0]), owned)
+                if waiting is None or offset >= waiting[0]:
+                    self._to_commit[tp] = (offset, owned, plan.commit_metadata.get(tp, ""))
+                else:  # the metadata goes with its offset
+                    self._to_commit[tp] = (waiting[0], owned, waiting[2])
         if self._to_commit:
             due = plan.checkpoint_due | (self._to_commit_plan.checkpoint_due if self._to_commit_plan else frozenset())
             self._to_commit_plan = replace(plan, checkpoint_due=due)
@@ -556,15 +559,16 @@ class Pipeline:
         # Only partitions owned as they were then: one that left and came back starts afresh from
         # the group's committed offset, which an older offset of ours must not move back.
         owned = self.partitions.owned
-        waiting = {tp: (o, was) for tp, (o, was) in self._to_commit.items() if owned.get(tp) is was}
-        offsets = {tp: o for tp, (o, _) in waiting.items()}
+        waiting = {tp: (o, was, m) for tp, (o, was, m) in self._to_commit.items() if owned.get(tp) is was}
+        offsets = {tp: o for tp, (o, _, _) in waiting.items()}
+        metadata = {tp: m for tp, (_, _, m) in waiting.items()}
         plan = self._to_commit_plan
         assert plan is not None
         self._to_commit, self._to_commit_plan = {}, None
         self._last_commit = time.monotonic()
         if not offsets:
             return
-        committed = self._commit(offsets)
+        committed = self._commit(offsets, metadata)
         self._commit_refused = not committed
         if committed:
             self.partitions.committed(replace(plan, commit=offsets))
@@ -632,13 +636,13 @@ class Pipeline:
         log.warning("a revocation gave up waiting: %s; the rebalance goes on without it", what)
         return True
 
-    def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
+    def _commit(self, offsets: dict[TopicPartition, int], metadata: dict[TopicPartition, str]) -> bool:
         """Commit, retrying while the broker is away; False if the group took the partitions
         meanwhile (their new owner re-reads from the last commit: at-least-once holds)."""
         deadline = time.monotonic() + COMMIT_RETRY_S
         while True:
             try:
-                if not self._commit_waiting(offsets):
+                if not self._commit_waiting(offsets, metadata):
                     if self._wait_until is None:  # else a revocation gave up waiting (said)
                         log.warning("stopping with the broker away: this batch's offsets stay uncommitted (no answer)")
                     return False
@@ -659,7 +663,7 @@ class Pipeline:
                 time.sleep(COMMIT_RETRY_INTERVAL_S)
                 self._still_waiting(f"offsets cannot be committed ({type(exc.cause or exc).__name__})")
 
-    def _commit_waiting(self, offsets: dict[TopicPartition, int]) -> bool:
+    def _commit_waiting(self, offsets: dict[TopicPartition, int], metadata: dict[TopicPartition, str]) -> bool:
         """consumer.commit on a helper thread, waited for a second at a time: both clients' commit
         can block for ever once the group coordinator is gone (after the batch's acknowledgement,
         before its commit). Meanwhile the loop is live and reports the broker away (without
@@ -671,7 +675,7 @@ class Pipeline:
                 # answer to it would move the group's offsets back past this one's); these wait.
                 raise GroupMovedOn("a commit given up on at a revocation is still unanswered")
             self._abandoned_commit = None
-        worker = _Call(lambda: self.consumer.commit(offsets), "commit")
+        worker = _Call(lambda: self.consumer.commit(offsets, metadata), "commit")
         while not worker.done(BROKER_PROBE_TIMEOUT_MS / 1000):
             if self._stop is not None and self._stop.is_set():
                 return False
@@ -698,8 +702,9 @@ class Pipeline:
             producer.begin_transaction()
             self._sends(predictions, spans, letters)
             if plan.commit:
-                offsets = dict(plan.commit)
-                _bounded(lambda: producer.send_offsets_to_transaction(offsets, group), "send_offsets_to_transaction",
+                offsets, metadata = dict(plan.commit), dict(plan.commit_metadata)
+                _bounded(lambda: producer.send_offsets_to_transaction(offsets, group, metadata),
+                         "send_offsets_to_transaction",
                          producer.transaction_stuck_after_s)
             # The sends' outcomes before the commit: a send the broker refused fails the commit in
             # either client, but kafka-python's commit then never returns (the abort waited for

@@ -10,8 +10,9 @@ import pytest
 from kafka.structs import TopicPartition
 
 from streamer import checkpoint as checkpoint_module
-from streamer.checkpoint import Checkpoint, CheckpointError, DirectoryCheckpointStore, ModelStamp, decode, encode
+from streamer.checkpoint import Checkpoint, CheckpointError, DirectoryCheckpointStore, ModelSpan, ModelStamp, decode, encode
 from streamer.engine import Engine, ReadingBatch
+from streamer.kafka.abstract import Committed
 from streamer.partitions import CheckpointPolicy, PartitionManager
 from tests.conftest import make_bundle, written_as_the_loop_goes_on
 
@@ -115,10 +116,12 @@ class FakeConsumer:
 
     def __init__(self, committed: dict[TopicPartition, int] | None = None) -> None:
         self.committed_offsets = committed or {}
+        self.metadata: dict[TopicPartition, str] = {}
         self.positions: dict[TopicPartition, int] = {}
 
-    def committed(self, tps: list[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
-        return {tp: self.committed_offsets.get(tp) for tp in tps}
+    def committed_with_metadata(self, tps: list[TopicPartition], timeout_s: float) -> dict[TopicPartition, Committed | None]:
+        return {tp: None if tp not in self.committed_offsets else Committed(self.committed_offsets[tp], self.metadata.get(tp, ""))
+                for tp in tps}
 
     def position(self, tp: TopicPartition, timeout_s: float) -> int:
         return self.positions.get(tp, 0)
@@ -179,9 +182,12 @@ def applied_and_committed(partitions: PartitionManager, next_offsets: dict, read
         written_as_the_loop_goes_on(partitions)
 
 
-def manager(engine: Engine, store, committed: dict[TopicPartition, int], policy=CheckpointPolicy(), clock=None):
+def manager(engine: Engine, store, committed: dict[TopicPartition, int], policy=CheckpointPolicy(), clock=None,
+            metadata: dict[TopicPartition, str] | None = None):
     metrics = Recorder()
-    partitions = PartitionManager(FakeConsumer(committed), engine, store, policy, metrics, clock=clock or Clock())
+    consumer = FakeConsumer(committed)
+    consumer.metadata.update(metadata or {})
+    partitions = PartitionManager(consumer, engine, store, policy, metrics, clock=clock or Clock())
     partitions.assign(committed)
     partitions.recover_pending()
     return partitions, metrics
@@ -378,6 +384,57 @@ def test_a_model_switch_checkpoints_every_owned_partition_under_the_new_model(tm
     assert after.offset == 7 and after.model_version == "v2" and after.model_config == engine.config.to_dict()
     # Not checkpointed past what the group committed: the old one (offset 9, test-1) stays newest.
     assert store.load_latest("readings", 1, engine.layout.width)[0].model_version == "test-1"
+
+
+def test_a_model_span_round_trips_and_other_metadata_says_nothing():
+    span = ModelSpan("0123456789abcdef", 42)
+    assert ModelSpan.decode(span.encode()) == span and ModelSpan.decode(ModelSpan("f" * 16, 0).encode()).since == 0
+    assert ModelSpan.decode(span.encode() + "\x00") == span  # as confluent-kafka commits it, read by kafka-python
+    text = span.encode()
+    for other in ("", "checkpointed", text + " ", " " + text, text + "\x00\x00", text.replace("abcdef", "ABCDEF"), text.replace("42", "-42"),
+                  text.replace("42", "042"), text.replace("42", "1" * 20), text.replace("0123456789abcdef", "0123")):
+        assert ModelSpan.decode(other) is None, other
+    stamp = ModelStamp.of("v1", {"hidden_size": 8})
+    assert stamp.digest() == ModelStamp.of("v1", {"hidden_size": 8}).digest()
+    assert len({stamp.digest(), ModelStamp.of("v2", {"hidden_size": 8}).digest(),
+                ModelStamp.of("v1", {"hidden_size": 9}).digest()}) == 3
+
+
+def test_commits_carry_the_served_models_span_and_a_switch_starts_a_new_one(tmp_path: Path):
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    partitions, _ = manager(engine, store, {TP0: 3})  # no metadata: the span starts at the recovery
+    first = stamp_of(engine).digest()
+    assert partitions.plan({TP0: 5}, {TP0: 2}).commit_metadata == {TP0: ModelSpan(first, 3).encode()}
+    applied_and_committed(partitions, {TP0: 7}, {TP0: 4})
+    store.save = lambda checkpoint: (_ for _ in ()).throw(OSError("injected"))  # the switch's checkpoint fails
+    engine.swap_model(make_bundle(input_size=2, hidden_size=8, num_layers=2, seed=1, version="v2"))
+    partitions.model_switched()
+    plan = partitions.plan({TP0: 9}, {TP0: 2})
+    assert plan.commit_metadata == {TP0: ModelSpan(stamp_of(engine).digest(), 7).encode()} and first != stamp_of(engine).digest()
+
+
+def test_recovery_replays_only_inside_the_committed_span(tmp_path: Path):
+    engine = stepped_engine()
+    store = DirectoryCheckpointStore(tmp_path, "group")
+    store.save(stamped(engine, 0, 5))
+    served = stamp_of(engine).digest()
+
+    def recovered(committed: int, span: ModelSpan | None) -> tuple[list, list, int]:
+        partitions, metrics = manager(engine, store, {TP0: committed}, metadata={TP0: span.encode()} if span else None)
+        return metrics.calls["on_recovery"], metrics.calls.get("on_checkpoints_refused", []), partitions.owned[TP0].model_since
+
+    # Inside the served model's span: replayed from the checkpoint, the span goes on.
+    assert recovered(20, ModelSpan(served, 5)) == ([("checkpoint",)], [], 5)
+    assert recovered(20, None) == ([("checkpoint",)], [], 5)  # no span said (an older commit): as before
+    # The span started after the checkpoint (a switch back to this model whose checkpoint is missing),
+    # or another model applied the readings: nothing is replayed across; zero state at the commit.
+    assert recovered(20, ModelSpan(served, 10)) == ([("no_checkpoint",)], [(1,)], 10)
+    assert recovered(20, ModelSpan("0" * 16, 0)) == ([("no_checkpoint",)], [(1,)], 20)
+    # Nothing to replay: the checkpoint is taken whatever model applied the readings before it.
+    assert recovered(5, ModelSpan("0" * 16, 0)) == ([("checkpoint",)], [], 5)
+    # A span past the committed offset is of another history of the partition (its offsets went back).
+    assert recovered(20, ModelSpan(served, 30)) == ([("checkpoint",)], [], 5)
 
 
 def test_a_switch_to_another_shape_checkpoints_empty_rows_of_the_new_width(tmp_path: Path):

@@ -73,8 +73,8 @@ def test_confluent_committed_offset_the_coordinator_could_not_give_is_an_error_n
     from streamer.kafka.abstract import TopicPartition
 
     def answer(error):
-        return [SimpleNamespace(topic="t", partition=0, offset=-1001, error=error),
-                SimpleNamespace(topic="t", partition=1, offset=42, error=None)]
+        return [SimpleNamespace(topic="t", partition=0, offset=-1001, metadata=None, error=error),
+                SimpleNamespace(topic="t", partition=1, offset=42, metadata=None, error=None)]
 
     consumer = confluent.ConfluentConsumer.__new__(confluent.ConfluentConsumer)
     asked = [TopicPartition("t", 0), TopicPartition("t", 1)]

@@ -749,11 +749,11 @@ def test_a_revocation_whose_commit_is_not_answered_gives_up_and_the_loop_goes_on
 
     asked = []
 
-    def unanswered(offsets):  # the revocation's commit is not answered; the ones after it are
+    def unanswered(offsets, metadata=None):  # the revocation's commit is not answered; the ones after it are
         asked.append(offsets)
         if len(asked) == 1:
             answered.wait(30)
-        real_commit(offsets)
+        real_commit(offsets, metadata)
 
     rig.consumer.commit = unanswered  # type: ignore[method-assign]
     rig.consumer.rebalance(revoked=[P0])
@@ -1695,4 +1695,89 @@ def test_a_checkpoint_taken_over_from_another_model_is_stamped_with_the_model_no
     alone, _ = fresh.step(ReadingBatch(["d"], np.array([1_700_000_004.0]), np.array([values[4]], dtype=np.float32)))
     assert last["model_version"] == "v1"
     np.testing.assert_allclose(last["forecast"], alone.forecast[0], rtol=0, atol=1e-6)  # not v2's readings under v1
+    assert any("has no usable checkpoint: its devices start from zero at offset 4" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_switch_whose_checkpoint_the_store_failed_is_not_replayed_across(tmp_path, caplog, exactly_once: bool):
+    # A process switched from v1 to v2 and the store failed at the switch: the partition's newest
+    # checkpoint was v1's, from before it. The process died; the partition went to one still on v1
+    # (its reload check not yet come), which took that checkpoint and replayed under v1 the
+    # readings v2 had applied (the case the README had left open). Now every commit says which
+    # model applied the readings before it, and since which offset: that process starts from
+    # zero state instead, as the README says one does without a checkpoint of its model.
+    class Switch:  # the model file changed, once
+        def __init__(self, path) -> None:
+            self.path, self.fired = path, False
+
+        def changed(self) -> bool:
+            fired, self.fired = self.fired, True
+            return not fired
+
+        def unchanged(self) -> bool:
+            return True
+
+    config = ModelConfig(2, 8, 1, 2)
+    for version, seed in (("v1", 1), ("v2", 2)):
+        save_model_file(tmp_path / f"{version}.pt", init_random_model(config, seed=seed), config, version)
+    settings = load_settings({
+        "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dlq", "group_id": "g",
+                  "commit_interval_ms": 0, "exactly_once": exactly_once},
+        "model": {"path": tmp_path / "v1.pt", "device": "cpu", "reload_interval_s": 3600},
+        "checkpoint": {"directory": tmp_path / "cp", "interval_readings": 1000, "interval_s": 1e6},
+        "batch": {"max_records": 50, "max_wait_ms": 0}, "metrics": {"enabled": False}, "run": {"status_interval_s": 0},
+    })
+    broker = MemoryBroker()
+    for topic in ("in", "out", "dlq"):
+        broker.create_topic(topic, 1)
+    values = [[0.5, -1.0], [1.5, 0.3], [-0.7, 2.0], [0.9, 0.1], [1.1, -0.4]]
+
+    def write(i: int) -> None:
+        broker.append("in", b"d", json.dumps({"device_id": "d", "ts": 1_700_000_000 + i, "values": values[i]}).encode())
+
+    def process(name: str) -> tuple[Pipeline, MemoryConsumer]:
+        consumer = MemoryConsumer(broker, "g")
+        consumer._joined = True  # assigned by the test alone
+        pipeline = Pipeline(settings, Engine.build(load_model_file(tmp_path / "v1.pt"), capacity=10, device="cpu"),
+                            consumer, MemoryProducer(broker, name), store=DirectoryCheckpointStore(tmp_path / "cp", "g"))
+        pipeline.subscribe()
+        return pipeline, consumer
+
+    def run(pipeline: Pipeline, turns: int = 4) -> None:
+        for _ in range(turns):
+            pipeline.run_once()
+            pipeline.partitions.settle_writes()
+
+    first, first_consumer = process("first")
+    later, later_consumer = process("later")  # on v1 throughout
+    first_consumer.rebalance(assigned=[P0])
+    write(0), write(1)
+    run(first)  # readings 0 and 1 applied by v1, committed; checkpoint at 0 (the partition's first)
+    store = first.partitions.store
+    save = store.save
+
+    def failing(checkpoint):
+        raise OSError("injected: the store is away")
+
+    store.save = failing
+    first.model_watcher = Switch(tmp_path / "v2.pt")
+    first._maybe_reload_model()  # the switch at offset 2; its checkpoint fails
+    assert first.engine.model_version == "v2"
+    store.save = save
+    write(2), write(3)
+    run(first)  # readings 2 and 3 applied by v2, committed; then the process dies, nothing closed
+    assert [o for o in store.offsets("in", 0)] == [0]  # only v1's, from before the switch
+    caplog.set_level(logging.WARNING, logger="streamer.partitions")
+    first_consumer.assigned.clear()
+    later_consumer.rebalance(assigned=[P0])
+    run(later)
+    write(4)
+    run(later)
+    [last] = [json.loads(m.value) for m in broker.messages("out") if json.loads(m.value)["ts"] == 1_700_000_004]
+    fresh = Engine.build(load_model_file(tmp_path / "v1.pt"), capacity=10, device="cpu")
+    alone, _ = fresh.step(ReadingBatch(["d"], np.array([1_700_000_004.0]), np.array([values[4]], dtype=np.float32)))
+    assert last["model_version"] == "v1"
+    np.testing.assert_allclose(last["forecast"], alone.forecast[0], rtol=0, atol=1e-6)  # not v2's readings under v1
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("were applied under another model than v1" in m for m in refusals), refusals
     assert any("has no usable checkpoint: its devices start from zero at offset 4" in r.getMessage() for r in caplog.records)

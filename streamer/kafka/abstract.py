@@ -11,7 +11,7 @@ whatever the backend raised.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 from streamer.errors import StreamerError
@@ -38,6 +38,16 @@ class Message(NamedTuple):
     value: bytes | None
     headers: Headers
     timestamp: int
+
+
+CommitMetadata = Mapping[TopicPartition, str]  # a metadata string per partition, committed with its offset
+
+
+class Committed(NamedTuple):
+    """A group's committed offset, and the metadata string committed with it ("" when none)."""
+
+    offset: int
+    metadata: str = ""
 
 
 class KafkaClientError(StreamerError):
@@ -114,8 +124,15 @@ class Consumer(ABC):
         """The next poll of ``partition`` starts at ``offset`` (replay, recovery)."""
 
     @abstractmethod
+    def committed_with_metadata(
+        self, partitions: Sequence[TopicPartition], timeout_s: float,
+    ) -> dict[TopicPartition, Committed | None]:
+        """The group's committed offsets with their metadata (None where it has none)."""
+
     def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
         """The group's committed offsets (None where it has none)."""
+        answer = self.committed_with_metadata(partitions, timeout_s)
+        return {tp: None if c is None else c.offset for tp, c in answer.items()}
 
     @abstractmethod
     def position(self, partition: TopicPartition, timeout_s: float) -> int | None:
@@ -123,8 +140,9 @@ class Consumer(ABC):
         kafka.auto_offset_reset puts a partition without one; None when not known in time."""
 
     @abstractmethod
-    def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit synchronously. GroupMovedOn when the group refused it; KafkaClientError else."""
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: CommitMetadata | None = None) -> None:
+        """Commit synchronously, each offset with its ``metadata`` string ("" where none is
+        given). GroupMovedOn when the group refused it; KafkaClientError else."""
 
     @abstractmethod
     def end_offsets(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int]:
@@ -176,8 +194,12 @@ class Producer(ABC):
     def begin_transaction(self) -> None: ...
 
     @abstractmethod
-    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_metadata: object) -> None:
-        """Commit these input offsets with the open transaction (fenced by ``group_metadata``)."""
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group_metadata: object,
+        metadata: CommitMetadata | None = None,
+    ) -> None:
+        """Commit these input offsets, each with its ``metadata`` string, with the open
+        transaction (fenced by ``group_metadata``)."""
 
     @abstractmethod
     def commit_transaction(self) -> None: ...

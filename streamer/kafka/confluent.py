@@ -18,7 +18,7 @@ import concurrent.futures
 import logging
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer as RdConsumer
@@ -30,6 +30,8 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from streamer.kafka.abstract import (
     BrokerTimeout,
     Changelog,
+    CommitMetadata,
+    Committed,
     Consumer,
     GroupMovedOn,
     Headers,
@@ -113,6 +115,13 @@ SERVE_REPORTS_EVERY = 1024  # produce calls between two polls that serve deliver
 
 def _theirs(tp: TopicPartition, offset: int | None = None) -> RdTopicPartition:
     return RdTopicPartition(tp.topic, tp.partition) if offset is None else RdTopicPartition(tp.topic, tp.partition, offset)
+
+
+def _with_metadata(
+    offsets: Mapping[TopicPartition, int], metadata: CommitMetadata | None,
+) -> list[RdTopicPartition]:
+    metadata = metadata or {}
+    return [RdTopicPartition(tp.topic, tp.partition, o, metadata=metadata.get(tp, "")) for tp, o in offsets.items()]
 
 
 def _ours(tps: Iterable[RdTopicPartition]) -> list[TopicPartition]:
@@ -405,7 +414,9 @@ class ConfluentConsumer(Consumer):
         ours.warning("%s[%d] assigned again at offset %d: librdkafka had refused its seek (a partition it had not"
                      " started)", partition.topic, partition.partition, offset)
 
-    def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
+    def committed_with_metadata(
+        self, partitions: Sequence[TopicPartition], timeout_s: float,
+    ) -> dict[TopicPartition, Committed | None]:
         try:
             answer = self.client.committed([_theirs(tp) for tp in partitions], timeout=timeout_s)
         except KafkaException as exc:
@@ -413,7 +424,8 @@ class ConfluentConsumer(Consumer):
         for tp in answer:  # an offset the coordinator could not give is an error, not "never committed"
             if tp.error is not None:
                 raise client_error(KafkaException(tp.error), f"fetching the committed offset of {tp.topic}[{tp.partition}]")
-        return {TopicPartition(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in answer}
+        return {TopicPartition(tp.topic, tp.partition): None if tp.offset < 0 else Committed(tp.offset, tp.metadata or "")
+                for tp in answer}
 
     def position(self, partition: TopicPartition, timeout_s: float) -> int | None:
         [tp] = self.client.position([_theirs(partition)])
@@ -426,9 +438,9 @@ class ConfluentConsumer(Consumer):
             raise client_error(exc, "position") from exc
         return low if self.auto_offset_reset == "earliest" else high
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: CommitMetadata | None = None) -> None:
         try:
-            answer = self.client.commit(offsets=[_theirs(tp, o) for tp, o in offsets.items()], asynchronous=False)
+            answer = self.client.commit(offsets=_with_metadata(offsets, metadata), asynchronous=False)
         except KafkaException as exc:
             raise client_error(exc, "commit") from exc
         for tp in answer or []:
@@ -532,10 +544,12 @@ class ConfluentProducer(Producer):
     def begin_transaction(self) -> None:
         self._transaction_call("begin_transaction", self.client.begin_transaction)
 
-    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_metadata: object) -> None:
-        theirs = [_theirs(tp, o) for tp, o in offsets.items()]
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group_metadata: object,
+        metadata: CommitMetadata | None = None,
+    ) -> None:
         self._transaction_call("send_offsets_to_transaction", self.client.send_offsets_to_transaction,
-                               theirs, group_metadata, CALL_TIMEOUT_S)
+                               _with_metadata(offsets, metadata), group_metadata, CALL_TIMEOUT_S)
 
     def commit_transaction(self) -> None:
         self._transaction_call("commit_transaction", self.client.commit_transaction, CALL_TIMEOUT_S)

@@ -9,7 +9,7 @@ SyncGroup reply, which ``group_watch`` (clients.MembershipWatch) works around.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
@@ -27,6 +27,8 @@ from kafka.structs import OffsetAndMetadata
 from streamer.kafka.abstract import (
     BrokerTimeout,
     Changelog,
+    CommitMetadata,
+    Committed,
     Consumer,
     GroupMovedOn,
     GroupWatch,
@@ -45,6 +47,13 @@ GROUP_MOVED_ON = (CommitFailedError, RebalanceInProgressError, IllegalGeneration
 
 def _theirs(tp: TopicPartition) -> KafkaTopicPartition:
     return KafkaTopicPartition(tp.topic, tp.partition)
+
+
+def _with_metadata(
+    offsets: Mapping[TopicPartition, int], metadata: CommitMetadata | None,
+) -> dict[KafkaTopicPartition, OffsetAndMetadata]:
+    metadata = metadata or {}
+    return {_theirs(tp): OffsetAndMetadata(o, metadata.get(tp, ""), -1) for tp, o in offsets.items()}
 
 
 def _ours(tps: Iterable[KafkaTopicPartition]) -> list[TopicPartition]:
@@ -117,14 +126,20 @@ class KafkaPythonConsumer(Consumer):
                 raise
             raise KafkaClientError(f"seek {partition}: {exc}", retriable=True, cause=exc) from exc
 
-    def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
+    def committed_with_metadata(
+        self, partitions: Sequence[TopicPartition], timeout_s: float,
+    ) -> dict[TopicPartition, Committed | None]:
         # Bounded: without a timeout kafka-python retries for ever while the coordinator is away.
         deadline = time.monotonic() + timeout_s
+        answer: dict[TopicPartition, Committed | None] = {}
         try:
-            return {tp: self.client.committed(_theirs(tp), timeout_ms=max(1, int((deadline - time.monotonic()) * 1000)))
-                    for tp in partitions}
+            for tp in partitions:
+                theirs = self.client.committed(
+                    _theirs(tp), metadata=True, timeout_ms=max(1, int((deadline - time.monotonic()) * 1000)))
+                answer[tp] = None if theirs is None else Committed(theirs.offset, theirs.metadata or "")
         except KafkaError as exc:
             raise client_error(exc, "fetching committed offsets") from exc
+        return answer
 
     def position(self, partition: TopicPartition, timeout_s: float) -> int | None:
         try:
@@ -132,12 +147,11 @@ class KafkaPythonConsumer(Consumer):
         except KafkaError as exc:
             raise client_error(exc, "position") from exc
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: CommitMetadata | None = None) -> None:
         try:
             # Bounded: without a timeout kafka-python retries for ever while the coordinator is
             # away, and the loop could neither report it nor stop; the loop retries instead.
-            self.client.commit({_theirs(tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
-                               timeout_ms=COMMIT_TIMEOUT_MS)
+            self.client.commit(_with_metadata(offsets, metadata), timeout_ms=COMMIT_TIMEOUT_MS)
         except KafkaError as exc:
             raise client_error(exc, "commit") from exc
 
@@ -201,9 +215,12 @@ class KafkaPythonProducer(Producer):
     def begin_transaction(self) -> None:
         self._transaction_call("begin_transaction", self.client.begin_transaction)
 
-    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_metadata: object) -> None:
-        theirs = {_theirs(tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
-        self._transaction_call("send_offsets_to_transaction", self.client.send_offsets_to_transaction, theirs, group_metadata)
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group_metadata: object,
+        metadata: CommitMetadata | None = None,
+    ) -> None:
+        self._transaction_call("send_offsets_to_transaction", self.client.send_offsets_to_transaction,
+                               _with_metadata(offsets, metadata), group_metadata)
 
     def commit_transaction(self) -> None:
         self._transaction_call("commit_transaction", self.client.commit_transaction)

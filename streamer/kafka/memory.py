@@ -19,11 +19,13 @@ next call of a name raise the error given.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from streamer.kafka.abstract import (
     BrokerTimeout,
     Changelog,
+    CommitMetadata,
+    Committed,
     Consumer,
     GroupMovedOn,
     Headers,
@@ -39,6 +41,7 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.topics: dict[str, list[list[Message]]] = {}
         self.committed: dict[tuple[str, TopicPartition], int] = {}
+        self.commit_metadata: dict[tuple[str, TopicPartition], str] = {}  # committed with those offsets
         self.journal: list[tuple] = []
         self.away = False
         self.rejected_topics: set[str] = set()  # deliveries to these fail
@@ -67,6 +70,12 @@ class MemoryBroker:
     def fail(self, call: str, error: BaseException, times: int = 1) -> None:
         """The next ``times`` calls named ``call`` (e.g. "commit", "commit_transaction") raise ``error``."""
         self._failures.setdefault(call, []).extend([error] * times)
+
+    def commit(self, group: str, offsets: Mapping[TopicPartition, int], metadata: CommitMetadata | None) -> None:
+        """The group's offsets, each with its metadata ("" where none is given), as Kafka keeps them."""
+        for tp, offset in offsets.items():
+            self.committed[(group, tp)] = offset
+            self.commit_metadata[(group, tp)] = (metadata or {}).get(tp, "")
 
     def _check(self, call: str) -> None:
         failures = self._failures.get(call)
@@ -164,24 +173,28 @@ class MemoryConsumer(Consumer):
         self.broker._check("seek")
         self.positions[partition] = offset
 
-    def committed(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int | None]:
+    def committed_with_metadata(
+        self, partitions: Sequence[TopicPartition], timeout_s: float,
+    ) -> dict[TopicPartition, Committed | None]:
         self.broker._check("committed")
         self.broker._reachable("committed")
-        return {tp: self.broker.committed.get((self.group, tp)) for tp in partitions}
+        committed = {tp: self.broker.committed.get((self.group, tp)) for tp in partitions}
+        return {tp: None if o is None else Committed(o, self.broker.commit_metadata.get((self.group, tp), ""))
+                for tp, o in committed.items()}
 
     def position(self, partition: TopicPartition, timeout_s: float) -> int | None:
         if partition in self.positions:
             return self.positions[partition]
         return 0 if self.auto_offset_reset == "earliest" else len(self.broker.topics[partition.topic][partition.partition])
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: CommitMetadata | None = None) -> None:
         self.broker._check("commit")
         if self.broker.away:
             raise KafkaClientError("commit: the broker is away", retriable=True)
         moved = set(offsets) - self.assigned
         if moved:
             raise GroupMovedOn(f"commit: {sorted(moved)} are not assigned to this member")
-        self.broker.committed.update({(self.group, tp): o for tp, o in offsets.items()})
+        self.broker.commit(self.group, offsets, metadata)
         self.broker.journal.append(("commit", dict(offsets)))
 
     def end_offsets(self, partitions: Sequence[TopicPartition], timeout_s: float) -> dict[TopicPartition, int]:
@@ -209,7 +222,7 @@ class MemoryProducer(Producer):
         self._queued: list[tuple[str, bytes | None, bytes | None, Headers | None]] = []
         self._failures: list[BaseException] = []
         self._transaction: list[tuple[str, bytes | None, bytes | None, Headers | None]] | None = None
-        self._offsets: tuple[object, dict[TopicPartition, int]] | None = None
+        self._offsets: tuple[object, dict[TopicPartition, int], dict[TopicPartition, str]] | None = None
         self.closed = False
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None:
@@ -241,9 +254,12 @@ class MemoryProducer(Producer):
         self._transaction = []
         self.broker.journal.append(("begin_transaction", self.name))
 
-    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_metadata: object) -> None:
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group_metadata: object,
+        metadata: CommitMetadata | None = None,
+    ) -> None:
         self.broker._check("send_offsets_to_transaction")
-        self._offsets = (group_metadata, dict(offsets))
+        self._offsets = (group_metadata, dict(offsets), dict(metadata or {}))
         self.broker.journal.append(("send_offsets_to_transaction", self.name, dict(offsets)))
 
     def commit_transaction(self) -> None:
@@ -258,13 +274,13 @@ class MemoryProducer(Producer):
             raise KafkaClientError(f"commit_transaction: {len(failures)} sends of the transaction failed"
                                    f" (first: {failures[0]})")
         if self._offsets is not None:
-            (consumer, generation), offsets = self._offsets  # type: ignore[misc]
+            (consumer, generation), offsets, metadata = self._offsets  # type: ignore[misc]
             if consumer.generation != generation or set(offsets) - consumer.assigned:
                 raise GroupMovedOn("commit_transaction: the group moved on since the batch's group metadata")
         for message in self._transaction:
             self.broker.append(*message)
         if self._offsets is not None:
-            self.broker.committed.update({(consumer.group, tp): o for tp, o in self._offsets[1].items()})
+            self.broker.commit(consumer.group, offsets, metadata)
         self.broker.journal.append(("commit_transaction", self.name, len(self._transaction)))
         self._transaction, self._offsets = None, None
 

@@ -9,7 +9,7 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from streamer.kafka import open_consumer
-from streamer.kafka.abstract import RebalanceHooks, TopicPartition
+from streamer.kafka.abstract import Committed, RebalanceHooks, TopicPartition
 from streamer.settings import load_settings
 
 
@@ -143,6 +143,51 @@ def test_a_partition_whose_seek_librdkafka_refused_is_consumed_from_the_offset(k
             got.extend(m.offset for m in consumer.poll(0.2, 100))
         assert got == list(range(7, 20))
     finally:
+        consumer.close(5)
+        admin.delete_topics([topic])
+        admin.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_offsets_are_committed_with_their_metadata_and_read_back(kafka_bootstrap: str, kafka_client: str,
+                                                                  exactly_once: bool):
+    """The loop commits a ModelSpan with each offset (a consumer's commit, or a transaction's
+    offsets in exactly-once mode), and recovery reads it back with the committed offset."""
+    from streamer.checkpoint import ModelSpan
+    from streamer.kafka import open_producer
+
+    topic = f"test-consumer-{uuid.uuid4().hex}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+    settings = load_settings({"kafka": {"bootstrap_servers": kafka_bootstrap, "input_topic": topic,
+                                        "output_topic": f"{topic}-out", "exactly_once": exactly_once,
+                                        "group_id": f"test-consumer-{uuid.uuid4().hex[:8]}"}})
+    consumer = open_consumer(settings.kafka, 100)
+    producer = open_producer(settings.kafka, "metadata") if exactly_once else None
+    partitions = [TopicPartition(topic, p) for p in range(3)]
+    try:
+        nothing = lambda partitions: None  # noqa: E731
+        consumer.subscribe([topic], RebalanceHooks(nothing, nothing, nothing))
+        deadline = time.monotonic() + 30
+        while len(consumer.assignment()) < 3 and time.monotonic() < deadline:
+            consumer.poll(0.1, 100)
+        assert consumer.committed_with_metadata(partitions, 10) == dict.fromkeys(partitions)
+        span = ModelSpan("0123456789abcdef", 7).encode()
+        offsets = {partitions[0]: 0, partitions[1]: 12}
+        metadata = {partitions[0]: span}  # partitions[1] with none
+        if producer is None:
+            consumer.commit(offsets, metadata)
+        else:
+            producer.begin_transaction()
+            producer.send_offsets_to_transaction(offsets, consumer.group_metadata(), metadata)
+            producer.commit_transaction()
+        assert consumer.committed_with_metadata(partitions, 10) == {
+            partitions[0]: Committed(0, span), partitions[1]: Committed(12, ""), partitions[2]: None}
+        assert consumer.committed(partitions, 10) == {partitions[0]: 0, partitions[1]: 12, partitions[2]: None}
+    finally:
+        if producer is not None:
+            producer.close(5)
         consumer.close(5)
         admin.delete_topics([topic])
         admin.close()

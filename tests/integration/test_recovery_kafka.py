@@ -394,6 +394,77 @@ def forecasts_under(bundles: dict, seq: list[np.ndarray], versions: list[str]) -
     return np.stack(out)
 
 
+def test_a_switch_the_store_failed_then_a_crash_is_not_replayed_by_a_process_on_the_old_model(
+    kafka_bootstrap, unique, tmp_path
+):
+    """The store fails at a model switch (its checkpoints under the new model are never written),
+    the process dies, and its partitions go to a process still on the old model: the committed
+    offsets say that the new model applied the readings before them, so that process starts its
+    devices from zero state at the committed offsets and replays nothing under the old model."""
+    from kafka.admin import KafkaAdminClient
+
+    from streamer.checkpoint import ModelSpan, ModelStamp
+
+    s = Scenario(kafka_bootstrap, unique, tmp_path)
+    config = ModelConfig(2, 12, 2, 2)
+    old_model = tmp_path / "v1.pt"
+    old_model.write_bytes(s.model_path.read_bytes())
+    log_path = tmp_path / "first.log"
+    env = s.process_env(MODEL={"RELOAD_INTERVAL_S": "0.2"}, KAFKA={"SESSION_TIMEOUT_MS": "6000", "COMMIT_INTERVAL_MS": "100"},
+                        BATCH={"MAX_RECORDS": "50", "MAX_WAIT_MS": "10"})
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    away = tmp_path / "checkpoints-away"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, cwd=REPO,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        s.produce(3)
+        s.outputs(s.readings)
+        s.checkpoints.rename(away)  # the store fails from here on: its root is a file
+        s.checkpoints.write_bytes(b"")
+        save_model_file(s.model_path, init_random_model(config, seed=10), config, "v2")  # written, then renamed
+        deadline = time.monotonic() + 60
+        while "now serving model v2" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "now serving model v2" in log_path.read_text(), log_path.read_text()[-3000:]
+        s.produce(3)  # applied under v2 and committed, in no checkpoint
+        assert {o["model_version"] for o in s.outputs(s.readings)[-DEVICES:]} == {"v2"}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            committed = {tp.partition: o for tp, o in admin.list_group_offsets({s.group: None})[s.group].items()}
+            if sum(o.offset for o in committed.values()) == s.readings:
+                break
+            time.sleep(0.1)
+        assert sum(o.offset for o in committed.values()) == s.readings, committed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        admin.close()
+    served = load_model_file(s.model_path)
+    v2 = ModelStamp.of("v2", served.config.to_dict()).digest()
+    assert {getattr(ModelSpan.decode(o.metadata), "model", None) for o in committed.values()} == {v2}, committed
+    s.checkpoints.unlink()
+    away.rename(s.checkpoints)  # the store is back, with v1's checkpoints from before the switch only
+    known = {d: len(seq) for d, seq in s.sequences.items()}
+
+    s.produce(3)
+    second = s.start(model={"path": old_model, "reload_interval_s": 3600}, kafka={"session_timeout_ms": 6000})
+    outputs = s.outputs(s.readings + DEVICES * 3)  # v2's outputs, then the new readings' (under v1)
+    second.stop()
+    assert second.metric("streamer_partition_recoveries_total", outcome="no_checkpoint") == PARTITIONS
+    assert second.metric("streamer_checkpoints_refused_total") >= PARTITIONS
+    assert second.metric("streamer_replayed_messages_total") == 0
+    old = load_model_file(old_model)
+    by_key = {(o["device_id"], o["ts"]): o for o in outputs if o["model_version"] == "v1"}
+    for device, seq in s.sequences.items():
+        expected = offline_forecasts(old, np.stack(seq[known[device]:]))  # from zero state at the commit
+        for t in range(known[device], len(seq)):
+            got = by_key[(device, 1_700_000_000.0 + t)]
+            np.testing.assert_allclose(got["forecast"], expected[t - known[device]], atol=1e-5, rtol=0,
+                                       err_msg=f"{device} reading {t}")
+
+
 def test_a_model_switch_then_a_crash_replays_each_reading_under_the_model_that_applied_it(
     kafka_bootstrap, unique, tmp_path, store_kind
 ):
