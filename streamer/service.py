@@ -16,6 +16,7 @@ from streamer.anomaly import AnomalyParams
 from streamer.checkpoint import CheckpointStore, DirectoryCheckpointStore
 from streamer.engine import Engine
 from streamer.kafka import Producer, ensure_topics, open_changelog, open_consumer, open_producer
+from streamer.kafka.abstract import KafkaClientError
 from streamer.errors import StartupInterrupted, StreamerError
 from streamer.kafka.clients import (
     KafkaBootstrapError,
@@ -225,18 +226,23 @@ def _until_reachable(
                     return _interruptible(lambda: connect(int(timeout_s * 1000)), stop)
                 except KafkaLoginError:
                     raise
-                except KafkaBootstrapError as exc:
+                except (KafkaBootstrapError, KafkaClientError) as exc:
+                    # A retriable KafkaClientError: the brokers answered the bootstrap, then went
+                    # away before what came next answered (the checkpoint store's first calls).
+                    if isinstance(exc, KafkaClientError) and not exc.retriable:
+                        raise
                     left = deadline - time.monotonic()
                     detail = f" ({complaint.first})" if complaint.first else ""
                     complaint.first = None
+                    if isinstance(exc, KafkaBootstrapError):
+                        failed = f"{what} at {exc.bootstrap_servers}: no broker answered in {timeout_s:.0f}s{detail}"
+                    else:
+                        failed = f"{what}: {exc}"
                     if left <= 0:
-                        log.error("%s at %s: no broker answered in %d tries%s; giving up", what, exc.bootstrap_servers, attempt, detail)
+                        log.error("%s; giving up after %d tries", failed, attempt)
                         raise
-                    log.warning(
-                        "%s at %s: no broker answered in %.0fs%s; trying again %s",
-                        what, exc.bootstrap_servers, timeout_s, detail,
-                        "until one does" if math.isinf(left) else f"for {left:.0f}s more",
-                    )
+                    log.warning("%s; trying again %s", failed,
+                                "until one does" if math.isinf(left) else f"for {left:.0f}s more")
                     if waiting is not None:
                         waiting()
                 if stop is not None and stop.wait(min(STARTUP_RETRY_S, max(0.0, deadline - time.monotonic()))):

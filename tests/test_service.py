@@ -325,3 +325,34 @@ def test_a_started_service_reads_the_brokers_reachable_and_a_stopping_one_not_re
     assert seen == {"reachable before the brokers answer": 0.0, "reachable once they answer": 1.0,
                     "reachable at the loop's start": 1.0, "ready": (True, "ok"),
                     "stopping": (False, "stopping: the batch in hand is finished, checkpointed and committed")}
+
+
+def test_a_retriable_client_error_after_the_bootstrap_is_tried_again_and_a_final_one_is_not(caplog, monkeypatch):
+    # The brokers answered the bootstrap, then left before the checkpoint store's first call
+    # answered (its changelog's partitions): that ended the start-up, where a bootstrap that no
+    # broker answered is tried again until kafka.startup_wait_s.
+    from streamer.kafka.abstract import BrokerTimeout, KafkaClientError
+
+    monkeypatch.setattr("streamer.service.STARTUP_RETRY_S", 0.0)
+    caplog.set_level(logging.WARNING, logger="streamer.service")
+    calls = []
+
+    def connect(timeout_ms: int) -> str:
+        calls.append(timeout_ms)
+        if len(calls) < 3:
+            raise BrokerTimeout("changelog topic 'checkpoints': no partitions known within 30s")
+        return "store"
+
+    assert _until_reachable(connect, time.monotonic() + 60, threading.Event(), what="the checkpoint store") == "store"
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and said[0].startswith("the checkpoint store: changelog topic 'checkpoints': no partitions")
+    assert "trying again for" in said[0]
+
+    def refused(timeout_ms: int) -> str:
+        calls.append(timeout_ms)
+        raise KafkaClientError("not authorised", retriable=False)
+
+    calls.clear()
+    with pytest.raises(KafkaClientError, match="not authorised"):
+        _until_reachable(refused, time.monotonic() + 60, threading.Event())
+    assert len(calls) == 1

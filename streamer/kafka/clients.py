@@ -321,6 +321,11 @@ def changelog_request_bytes(max_value_bytes: int) -> int:
     return max(1024 * 1024, max_value_bytes + RECORD_OVERHEAD_BYTES)
 
 
+# How long a changelog producer waits for a topic's metadata (partitions_for, and a send to a
+# partition it does not know yet): the checkpoint store's call timeout (checkpoint_kafka.CALL_TIMEOUT_S).
+CHANGELOG_METADATA_WAIT_MS = 30_000
+
+
 def make_changelog_clients(
     settings: KafkaSettings, max_value_bytes: int, bootstrap_timeout_ms: int | None = None
 ) -> tuple[KafkaConsumer, KafkaProducer]:
@@ -347,6 +352,7 @@ def make_changelog_clients(
                 client_id=f"{settings.client_id}-changelog",
                 acks="all",
                 linger_ms=5,
+                max_block_ms=CHANGELOG_METADATA_WAIT_MS,
                 max_request_size=request_bytes,
                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 **_bootstrap_timeout(bootstrap_timeout_ms),

@@ -706,22 +706,36 @@ class ConfluentChangelog(Changelog):
                     offsets[n] = message.offset()  # type: ignore[attr-defined]
             return delivered
 
+        deadline = time.monotonic() + timeout_s
         for n, (key, value) in enumerate(records):
             while True:
                 try:
                     self.producer.produce(self.topic, value=value, key=key, partition=partition,
                                           on_delivery=delivered_as(n))
                     break
-                except BufferError:  # the local queue is full: let deliveries drain it
+                except BufferError:  # the local queue is full: let deliveries drain it, in the time given
+                    if time.monotonic() >= deadline:
+                        self._drop_queued()
+                        raise BrokerTimeout(f"writing to {self.topic}[{partition}]: the producer's queue stayed full"
+                                            f" for {timeout_s}s") from None
                     self.producer.poll(0.05)
                 except KafkaException as exc:
                     raise client_error(exc, f"writing to {self.topic}[{partition}]") from exc
-        left = self.producer.flush(timeout_s)
+        left = self.producer.flush(max(0.0, deadline - time.monotonic()))
         if left or failures:
+            if left:
+                self._drop_queued()
             reason = failures[0].str() if failures else f"{left} not acknowledged in {timeout_s}s"
             raise KafkaClientError(f"writing to {self.topic}[{partition}]: {len(failures) + left} of {len(records)} "
                                    f"records not delivered ({reason})", retriable=True)
         return offsets
+
+    def _drop_queued(self) -> None:
+        """Purge a failed write's records not sent yet: while the brokers are away they would wait
+        in the queue for message.timeout.ms, and the writes after it, the queue full, for them
+        (those in flight are left to it: the store forgets a failed save's records either way)."""
+        self.producer.purge(in_queue=True, in_flight=False)
+        self.producer.poll(0)  # serves the purged records' reports
 
     def close(self) -> None:
         try:
