@@ -603,25 +603,6 @@ def test_a_confluent_producer_whose_transaction_call_has_not_returned_is_not_clo
     assert producer.client.calls == ["flush", "purge", "flush", "close"]
 
 
-def test_a_kafka_python_changelog_partition_count_gives_up_when_no_broker_answers():
-    """Asked of the consumer, it waited for a broker for ever (startup hung past
-    kafka.startup_wait_s when the brokers left between the bootstrap and the store's first call);
-    the producer's wait is bounded by its max_block_ms."""
-    from kafka import KafkaConsumer, KafkaProducer
-
-    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:9", api_version=(3, 0), reconnect_backoff_max_ms=100)
-    producer = KafkaProducer(bootstrap_servers="127.0.0.1:9", api_version=(3, 0), max_block_ms=500,
-                             reconnect_backoff_max_ms=100)
-    changelog = kafka_python.KafkaPythonChangelog("checkpoints", consumer, producer)
-    try:
-        started = time.monotonic()
-        with pytest.raises(BrokerTimeout, match="'checkpoints': no partitions known"):
-            changelog.partition_count(0.5)
-        assert time.monotonic() - started < 5
-    finally:
-        changelog.close()
-
-
 def test_a_confluent_changelog_write_gives_up_in_its_time_and_leaves_no_records_queued():
     """librdkafka's queue full (a failed save's records waiting while the brokers are away), a
     write waited for room until message.timeout.ms (5 minutes by default), whatever its timeout."""

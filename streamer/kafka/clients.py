@@ -322,7 +322,8 @@ def changelog_request_bytes(max_value_bytes: int) -> int:
 
 
 # How long a changelog producer waits for a topic's metadata (partitions_for, and a send to a
-# partition it does not know yet): the checkpoint store's call timeout (checkpoint_kafka.CALL_TIMEOUT_S).
+# partition it does not know yet): the checkpoint store's call timeout (checkpoint_kafka.CALL_TIMEOUT_S),
+# not kafka-python's 60 s.
 CHANGELOG_METADATA_WAIT_MS = 30_000
 
 
@@ -353,6 +354,7 @@ def make_changelog_clients(
                 acks="all",
                 linger_ms=5,
                 max_block_ms=CHANGELOG_METADATA_WAIT_MS,
+                allow_auto_create_topics=False,  # a changelog must be compacted: made by run_service, never by a send
                 max_request_size=request_bytes,
                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 **_bootstrap_timeout(bootstrap_timeout_ms),

@@ -39,7 +39,7 @@ from streamer.kafka.abstract import (
     RebalanceHooks,
     TopicPartition,
 )
-from streamer.kafka.clients import CHANGELOG_METADATA_WAIT_MS, MembershipWatch, close_producer
+from streamer.kafka.clients import MembershipWatch, close_producer
 
 COMMIT_TIMEOUT_MS = 5000
 GROUP_MOVED_ON = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
@@ -251,18 +251,25 @@ class KafkaPythonChangelog(Changelog):
         self.producer = producer
 
     def partition_count(self, timeout_s: float) -> int:
-        """Asked of the producer, whose wait for metadata is bounded, by its max_block_ms
-        (CHANGELOG_METADATA_WAIT_MS, the timeout the store passes) rather than ``timeout_s``; the
-        consumer's waits for a broker for ever. The producer's first write then knows the topic
-        already (else its first send waits for the metadata, beyond the write's timeout)."""
+        """Asked of the consumer (its metadata requests create no topic). The producer is then
+        told the topic's partitions too: else its first write waits for them (max_block_ms) before
+        its own timeout starts."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                partitions = self.consumer.partitions_for_topic(self.topic)
+            except KafkaError as exc:
+                raise client_error(exc, f"partitions of {self.topic}") from exc
+            if partitions:
+                break
+            if time.monotonic() >= deadline or self.topic not in self.consumer.topics():
+                raise KafkaClientError(f"changelog topic {self.topic!r} does not exist (or no broker answered)")
+            time.sleep(0.1)
         try:
-            return len(self.producer.partitions_for(self.topic))
-        except KafkaTimeoutError as exc:
-            raise BrokerTimeout(f"changelog topic {self.topic!r}: no partitions known within"
-                                f" {CHANGELOG_METADATA_WAIT_MS / 1000:.0f}s: it does not exist, or no broker answered",
-                                cause=exc) from exc
+            self.producer.partitions_for(self.topic)
         except KafkaError as exc:
             raise client_error(exc, f"partitions of {self.topic}") from exc
+        return len(partitions)
 
     def end_offset(self, partition: int, timeout_s: float) -> int:
         tp = KafkaTopicPartition(self.topic, partition)

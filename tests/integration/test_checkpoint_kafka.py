@@ -162,6 +162,25 @@ def test_a_missing_changelog_topic_is_an_error_naming_it(kafka_bootstrap: str, u
         open_store(kafka_bootstrap, f"ckpt-missing-{unique}")
 
 
+def test_a_kafka_python_changelogs_producer_knows_its_partitions_once_opened(kafka_bootstrap: str, changelog_topic: str,
+                                                                              kafka_client: str):
+    """Else its first write waited for the topic's metadata first (60 s by default while the brokers
+    were away), and then for its own timeout."""
+    if kafka_client != "kafka-python":
+        pytest.skip("kafka-python's producer waits for metadata in send")
+    from streamer.kafka.clients import CHANGELOG_METADATA_WAIT_MS
+
+    store = open_store(kafka_bootstrap, changelog_topic)
+    producer = store.changelog.producer
+    try:
+        assert producer.config["max_block_ms"] == CHANGELOG_METADATA_WAIT_MS
+        assert producer.config["allow_auto_create_topics"] is False  # a changelog is made compacted, never by a send
+        producer.config["max_block_ms"] = 0  # known already, or this raises at once
+        assert len(producer.partitions_for(changelog_topic)) == store.partitions
+    finally:
+        store.close()
+
+
 def test_a_write_that_cannot_be_delivered_is_an_oserror(kafka_bootstrap: str, changelog_topic: str):
     store = open_store(kafka_bootstrap, changelog_topic)
     store.chunk_bytes = 4 * 1024 * 1024  # above the broker's message.max.bytes (1 MiB by default)
