@@ -431,8 +431,14 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
     steps_per_epoch = max(1, math.ceil(windows_per_epoch / options.batch_size))
     # The largest input the model sees: past float32's comfort (raw values near 1e18, or a
     # global normalisation of a value constant in training and not in validation), the loss
-    # overflows whatever the lr, and the divergence error says so, not "try a smaller lr".
+    # overflows whatever the lr, or stays finite near peak² with nothing learnt (values of 1e17:
+    # a loss of 4e35, and a model written as if trained). Refused before training, saying why.
     peak = max(float(np.abs(x).max()) if len(x) else 0.0 for x in inputs)
+    if peak > LARGEST_INPUT:
+        raise StreamerError(
+            f"the model's inputs reach {peak:.3g} under normalization {options.normalization!r}, too large for"
+            f" float32 training (at most {LARGEST_INPUT:.0e}); use normalization 'device' (or 'global' where values"
+            " vary in training)")
     threads = options.threads or _default_threads(options.hidden_size)
     with _torch_threads(threads):
         torch.manual_seed(options.seed)
@@ -445,7 +451,7 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
                 "hidden_size", f"makes a model too big for the memory of {device} with {options.num_layers} layers"
                 f" ({str(exc).strip().splitlines()[0][:120] or type(exc).__name__})", options.hidden_size) from None
         try:
-            losses, best_epoch, steps = _fit(model, sampler, val_set, features, steps_per_epoch, options, start, peak)
+            losses, best_epoch, steps = _fit(model, sampler, val_set, features, steps_per_epoch, options, start)
         except (MemoryError, RuntimeError) as exc:
             if not allocation_failed(exc):
                 raise
@@ -468,7 +474,6 @@ def _fit(
     steps_per_epoch: int,
     options: TrainOptions,
     start: float,
-    peak: float = 0.0,
 ) -> tuple[list[EpochLoss], int, int]:
     """Train ``model`` in place for up to options.epochs epochs of steps_per_epoch steps, then
     load the best epoch's weights. Returns (per-epoch losses, best epoch (1-based), steps).
@@ -503,11 +508,6 @@ def _fit(
             losses.append(EpochLoss(epoch, train_loss, val_loss))
             bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4g}", val="-" if val_loss is None else f"{val_loss:.4g}")
             if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
-                if peak > LARGEST_INPUT:  # no lr helps: the squares of such inputs overflow float32
-                    raise StreamerError(
-                        f"training diverged at epoch {epoch} (loss {train_loss}, validation loss {val_loss}): the model's"
-                        f" inputs reach {peak:.3g} under normalization {options.normalization!r}, too large for"
-                        " float32 training; use normalization 'device' (or 'global' where values vary in training)")
                 raise StreamerError(f"training diverged at epoch {epoch} (loss {train_loss}, validation "
                                     f"loss {val_loss}); try a smaller lr than {options.lr}")
             if val_loss is None:  # nothing to choose by: the last epoch is the best

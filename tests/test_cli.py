@@ -685,6 +685,11 @@ def test_outputs_that_cannot_be_written_are_one_line_naming_them(model_file: Pat
         full.symlink_to("/dev/full")
         assert main([*replay, "--out", str(full)]) == 2  # it had ended in OSError's traceback
         assert f"--out {full}: cannot be written (" in one_line_error(capsys)
+        plots, full = tmp_path / f"fresh-{suffix}" / "plots", tmp_path / f"full-too.{suffix}"
+        full.symlink_to("/dev/full")
+        assert main([*replay, "--out", str(full), "--plots", str(plots)]) == 2
+        assert f"--out {full}: cannot be written (" in one_line_error(capsys)
+        assert not plots.parent.exists()  # the --plots directory it made is removed, as after a failed replay
     page = tmp_path / "page.png"
     page.symlink_to("/dev/full")
     assert main([*replay, "--out", str(tmp_path / "r.csv"), "--plots-page", str(page)]) == 2
@@ -838,6 +843,38 @@ def test_sigterm_from_the_moment_the_command_handles_it_exits_0(model_file: Path
         process.kill()
     assert process.returncode == 0, err[-2000:]
     assert time.monotonic() - signalled < 30 and json.loads(out.strip().splitlines()[-1])["summary"]["readings"] == 0
+
+
+def librdkafka_started(pid: int) -> bool:
+    """Whether process ``pid`` runs librdkafka's threads (named rdk:main, rdk:broker...)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith("rdk:"):
+                return True
+        except OSError:  # the thread ended meanwhile
+            pass
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads thread names in /proc")
+def test_ctrl_c_ends_simulate_while_it_waits_for_a_broker():
+    # librdkafka's bootstrap waits in C, where Python runs no signal handler: Ctrl-C was answered
+    # only once the wait for a broker gave up (kafka.startup_wait_s).
+    process = subprocess.Popen([sys.executable, "-m", "streamer", "simulate", "--duration", "100", "--kafka-client",
+                                "confluent-kafka", "--kafka-bootstrap-servers", "127.0.0.1:1", "--kafka-startup-wait-s",
+                                "90"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not librdkafka_started(process.pid):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.01)
+        time.sleep(0.5)  # in the bootstrap's wait
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and time.monotonic() - signalled < 10
 
 
 # --- values that ended in a traceback: one line each, exit 2 ----------------------------------

@@ -375,9 +375,13 @@ def test_inputs_too_large_for_float32_training_are_named_not_blamed_on_the_lr():
     rng = np.random.default_rng(0)
     ts = T0 + 60.0 * np.arange(400)
     values = (9e17 + 1e16 * rng.standard_normal((400, 1))).astype(np.float32)
-    with pytest.raises(StreamerError, match="inputs reach .* under normalization 'none', too large for float32"
-                                            " training; use normalization 'device'"):
+    too_large = "inputs reach .* under normalization 'none', too large for float32 training .*; use normalization 'device'"
+    with pytest.raises(StreamerError, match=too_large):
         train_model([(ts, values)], replace(SMALL, normalization="none", epochs=1, window=16, lr=1e-9))
+    # Where the loss stays finite (about 4e35 here), a model was written as if trained.
+    steps = (1e18 * (1 + np.arange(400) % 7) / 7).astype(np.float32)[:, None]
+    with pytest.raises(StreamerError, match=too_large):
+        train_model([(ts, steps)], replace(SMALL, normalization="none", epochs=1, window=8))
 
 
 def test_training_cuts_a_series_where_the_engine_would_evict_the_device(tmp_path: Path, sine_trained):
