@@ -319,6 +319,7 @@ class ConfluentConsumer(Consumer):
         self._isolation = isolation
         self._probe: AdminClient | None = None
         self._seek_refused_since: dict[TopicPartition, float] = {}  # see seek
+        self._deferred: Exception | None = None  # see poll
 
     def subscribe(self, topics: Sequence[str], hooks: RebalanceHooks) -> None:
         def on_assign(consumer: RdConsumer, partitions: list[RdTopicPartition]) -> None:
@@ -350,15 +351,25 @@ class ConfluentConsumer(Consumer):
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         # consume() waits for all of num_messages or the timeout; the seam's poll returns as soon
         # as something came: wait for one, then take what is already fetched.
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            raise deferred
         try:
             first = self.client.poll(timeout_s)
-            if first is None:
-                return []
-            polled = [first]
-            if max_records > 1:
-                polled.extend(self.client.consume(num_messages=max_records - 1, timeout=0))
         except KafkaException as exc:
             raise client_error(exc, "poll") from exc
+        if first is None:
+            return []
+        polled = [first]
+        if max_records > 1:
+            try:
+                polled.extend(self.client.consume(num_messages=max_records - 1, timeout=0))
+            except KafkaException as exc:
+                # ``first`` is taken: the client's position is past it. Raised now, a retriable
+                # error had the loop poll on without it, and the offsets it committed next passed
+                # it by; it is handed over, and the error raised at the next poll. (What a
+                # rebalance hook raised is no KafkaException: it goes up at once.)
+                self._deferred = client_error(exc, "poll")
         # tuple.__new__ spares NamedTuple's argument parsing: a few microseconds a message at 100k/s.
         new = tuple.__new__
         messages = [new(Message, (m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or [],
