@@ -532,10 +532,11 @@ class Pipeline:
             # re-reads from the group's committed offset, which this older one must not move back.
             if owned is not None and owned is batch.owners.get(tp):
                 waiting = self._to_commit.get(tp)
-                if waiting is None or offset >= waiting[0]:
+                # One waiting of an owner before this one (the partition left on the client's
+                # thread and came back while commits were refused) is of that owner's history: its
+                # offset, past what this owner has applied, is not this one's to commit.
+                if waiting is None or waiting[1] is not owned or offset >= waiting[0]:
                     self._to_commit[tp] = (offset, owned, plan.commit_metadata.get(tp, ""))
-                else:  # the metadata goes with its offset
-                    self._to_commit[tp] = (waiting[0], owned, waiting[2])
         if self._to_commit:
             due = plan.checkpoint_due | (self._to_commit_plan.checkpoint_due if self._to_commit_plan else frozenset())
             self._to_commit_plan = replace(plan, checkpoint_due=due)

@@ -217,6 +217,40 @@ def test_a_refused_commit_skips_the_checkpoint_and_is_tried_again_while_the_part
     assert sum(rig.outputs().values()) == 8  # nothing published again
 
 
+def test_a_refused_commit_of_a_partition_that_left_and_came_back_is_not_made_by_its_new_owner(tmp_path):
+    # The offsets of a refused commit wait for the next one, tied to the partition's owner then.
+    # The partition left (on the client's thread, no commit there) and came back: a new owner,
+    # from the committed offset. Its first batch ended below the offset waiting, which was kept and
+    # committed under the new owner: offsets it had not applied (its devices' state lacked those
+    # readings), with the old owner's model in the metadata (a reviewer's model-based checker).
+    rig = Rig(tmp_path, commit_interval_ms=60_000)  # after a refusal, the next commit waits this long
+    rig.write(per_device=1)
+    for _ in range(3):
+        rig.pipeline.run_once()
+    first = committed(rig)
+    assert first == rig.ends()
+    rig.write(per_device=3)
+    rig.broker.fail("commit", GroupMovedOn("the group is rebalancing"))
+    for _ in range(3):
+        rig.pipeline.run_once()  # published; the commit refused: the next waits an interval
+    assert rig.pipeline._to_commit.keys() == {P0, P1}
+    rig.pipeline.settings = rig.settings.model_copy(update={"batch": rig.settings.batch.model_copy(update={"max_records": 2})})
+    before = rig.pipeline.partitions.owned[P0]
+    rig.consumer.rebalance_now(revoked=[P0])  # on the client's thread: no commit there
+    rig.consumer.rebalance(assigned=[P0])
+    busy = next(d for d in DEVICES if rig_partition(d) == 1)  # P1 busy: no idle poll commits meanwhile
+    for t in range(20):
+        rig.broker.append("in", busy.encode(), json.dumps({"device_id": busy, "ts": 1_700_000_100 + t,
+                                                           "values": [1.0, 2.0]}).encode())
+    for _ in range(5):
+        rig.pipeline.run_once()
+    owned = rig.pipeline.partitions.owned[P0]
+    assert owned is not before and first[P0] < owned.next_offset < rig.ends()[P0]  # the new owner is part way
+    assert committed(rig)[P0] == first[P0]
+    rig.pipeline._settle(commit=True)  # as at a stop
+    assert committed(rig)[P0] == owned.next_offset  # not the offset the owner before it had reached
+
+
 def test_a_commit_retried_while_the_broker_is_away(tmp_path, monkeypatch):
     monkeypatch.setattr("streamer.pipeline.COMMIT_RETRY_INTERVAL_S", 0.01)
     rig = Rig(tmp_path)
