@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import UnionType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -57,7 +57,6 @@ log = logging.getLogger("streamer")
 
 MAX_PLOTS, PAGE_DEVICES = 50, 16  # replay's --max-plots and --page-devices when their plots are asked for
 SIMULATED = {"devices": 200, "history": 1000, "features": 1}  # train's simulated history without --data
-T = TypeVar("T")
 MIN_BOOTSTRAP_S = 5.0  # topics create and simulate wait at least this long for a broker (kafka.startup_wait_s when longer)
 MAX_BAD_ROWS_SHOWN = 20  # train and replay --on-bad skip: rows printed, then a count
 
@@ -568,27 +567,6 @@ def _add_topics_parser(commands: argparse._SubParsersAction) -> None:
     create.set_defaults(handler=_topics_create)
 
 
-def _answering_signals(call: Callable[[], T]) -> T:
-    """``call()`` on a helper thread, waited for a slice at a time: librdkafka's bootstrap waits in
-    C for up to kafka.startup_wait_s, where Python runs no signal handler (Ctrl-C was answered
-    only when it gave up). A call given up on goes on in its thread until the process exits."""
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = call()
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, name="kafka-bootstrap", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.1)  # a signal's handler runs between the slices (Ctrl-C: KeyboardInterrupt)
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["result"]  # type: ignore[return-value]
-
-
 @contextmanager
 def _client_logs_in_the_error() -> Iterator[None]:
     """The client library's log lines held back: brokers that do not answer are one line of ours,
@@ -692,6 +670,7 @@ def _simulate(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _setup_logging(settings.run.log_level, settings.run.log_format)
     from streamer.kafka import open_producer
+    from streamer.kafka.clients import interruptible
     from streamer.simulate import DEFAULT_BATCH_ROWS, FleetSpec, run_simulator
 
     if args.duration is None and args.max_readings is None:
@@ -719,8 +698,11 @@ def _simulate(args: argparse.Namespace) -> int:
     # The client of kafka.client, as `run` uses it, but never transactional: readings are not a
     # consumed batch's output.
     with _client_logs_in_the_error():
-        producer = _answering_signals(lambda: open_producer(kafka.model_copy(update={"exactly_once": False}),
-                                                            bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka)))
+        # On a helper thread: librdkafka's bootstrap waits in C, where Ctrl-C was answered only
+        # once it gave up (kafka.startup_wait_s). Nothing sets the event: a signal ends the wait.
+        producer = interruptible(lambda: open_producer(kafka.model_copy(update={"exactly_once": False}),
+                                                       bootstrap_timeout_ms=_bootstrap_timeout_ms(kafka)),
+                                 threading.Event())
     try:
         summary = run_simulator(
             producer,

@@ -20,6 +20,7 @@ from streamer.kafka.abstract import KafkaClientError
 from streamer.errors import StartupInterrupted, StreamerError
 from streamer.kafka.clients import (
     KafkaBootstrapError,
+    interruptible,
     KafkaLoginError,
     MissingTopics,
     describe_topics,
@@ -41,7 +42,6 @@ STARTUP_RETRY_S = 1.0  # between tries to reach the brokers at start-up
 PRODUCER_BATCH_BYTES = 1_000_000  # librdkafka's batch.size (kafka-python's here: 256 KiB, below it)
 MIN_ATTEMPT_S = 3.0  # a try waits for a broker at least this long (kafka.startup_wait_s = 0: one try); TLS and SASL handshakes fit
 MAX_ATTEMPT_S = 30.0  # ... and at most this long, so a long wait still reports each failed try
-STOP_CHECK_S = 0.1
 CLOSE_TIMEOUT_S = 2.0  # closing the clients at the end, the broker possibly away
 T = TypeVar("T")
 
@@ -151,7 +151,7 @@ def _topic_housekeeping(settings: Settings, stop: threading.Event | None = None)
     kafka = settings.kafka
     changelog = settings.checkpoint.topic if settings.checkpoint.enabled and settings.checkpoint.store == "kafka" else None
     try:
-        states = _interruptible(lambda: describe_topics(
+        states = interruptible(lambda: describe_topics(
             kafka.bootstrap_servers, [kafka.input_topic, kafka.dead_letter_topic, *([changelog] if changelog else [])],
             ["max.message.bytes", "cleanup.policy", "retention.ms"], kafka.client_id, security=security_config(kafka),
             bootstrap_timeout_ms=int(min(kafka.startup_wait_s, 10.0) * 1000)), stop)
@@ -214,7 +214,7 @@ def _until_reachable(
     as we start), until ``deadline`` (monotonic; math.inf: until one answers): each try waits at
     most what is left (at least MIN_ATTEMPT_S), so giving up comes within MIN_ATTEMPT_S of the
     deadline. A refused login is final at once. ``stop`` set meanwhile raises StartupInterrupted
-    within STOP_CHECK_S. ``waiting()`` is called after each failed try. kafka-python's own log
+    within clients.STOP_CHECK_S. ``waiting()`` is called after each failed try. kafka-python's own log
     lines are folded into one line of ours per failed try."""
     attempt = 0
     try:
@@ -223,7 +223,7 @@ def _until_reachable(
                 attempt += 1
                 timeout_s = min(MAX_ATTEMPT_S, max(MIN_ATTEMPT_S, deadline - time.monotonic()))
                 try:
-                    return _interruptible(lambda: connect(int(timeout_s * 1000)), stop)
+                    return interruptible(lambda: connect(int(timeout_s * 1000)), stop)
                 except KafkaLoginError:
                     raise
                 except (KafkaBootstrapError, KafkaClientError) as exc:
@@ -253,43 +253,6 @@ def _until_reachable(
             # lines had reached stderr once the folding above was left, after a clean stop.
             silence_client_logs()
         raise
-
-
-def _interruptible(call: Callable[[], T], stop: threading.Event | None) -> T:
-    """``call()`` on a helper thread, abandoned when ``stop`` is set (StartupInterrupted): kafka-python's
-    bootstrap does not look at signals. What an abandoned call still makes is closed."""
-    if stop is None:
-        return call()
-    outcome: dict[str, object] = {}
-    lock = threading.Lock()
-
-    def run() -> None:
-        try:
-            result: object = call()
-            key = "result"
-        except BaseException as exc:  # handed to the caller below
-            result, key = exc, "error"
-        with lock:
-            outcome[key] = result
-            abandoned = outcome.get("abandoned", False)
-        if abandoned and key == "result" and hasattr(result, "close"):
-            try:
-                result.close()  # type: ignore[attr-defined]
-            except Exception:
-                log.debug("closing a client made after stop failed", exc_info=True)
-
-    worker = threading.Thread(target=run, name="kafka-startup", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        if stop.wait(STOP_CHECK_S):
-            with lock:
-                if "result" not in outcome and "error" not in outcome:
-                    outcome["abandoned"] = True
-                    raise StartupInterrupted(abandoned=True)
-        worker.join(0.0)
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["result"]  # type: ignore[return-value]
 
 
 def run_service(

@@ -435,10 +435,12 @@ def train_model(series: Sequence[Series], options: TrainOptions = TrainOptions()
     # a loss of 4e35, and a model written as if trained). Refused before training, saying why.
     peak = max(float(np.abs(x).max()) if len(x) else 0.0 for x in inputs)
     if peak > LARGEST_INPUT:
-        raise StreamerError(
-            f"the model's inputs reach {peak:.3g} under normalization {options.normalization!r}, too large for"
-            f" float32 training (at most {LARGEST_INPUT:.0e}); use normalization 'device' (or 'global' where values"
-            " vary in training)")
+        remedy = ("use normalization 'device' (or 'global' where values vary in training)"
+                  if options.normalization == "none" else
+                  "a value lies that far outside the spread of the training readings (a column nearly constant"
+                  " in training): use normalization 'device'")
+        raise StreamerError(f"the model's inputs reach {peak:.3g} under normalization {options.normalization!r},"
+                            f" too large for float32 training (at most {LARGEST_INPUT:.0e}); {remedy}")
     threads = options.threads or _default_threads(options.hidden_size)
     with _torch_threads(threads):
         torch.manual_seed(options.seed)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
@@ -23,11 +25,13 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailedError, TopicAlreadyExistsError
 from kafka.structs import MemberState
 
-from streamer.errors import StreamerError
+from streamer.errors import StartupInterrupted, StreamerError
 from streamer.kafka.abstract import GroupWatch, KafkaClientError
 from streamer.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+STOP_CHECK_S = 0.1  # how often interruptible looks at its stop
 
 # An open transaction of a process that died blocks read_committed consumers until it times
 # out: keep that short (a batch's transaction takes well under a second).
@@ -321,9 +325,8 @@ def changelog_request_bytes(max_value_bytes: int) -> int:
     return max(1024 * 1024, max_value_bytes + RECORD_OVERHEAD_BYTES)
 
 
-# How long a changelog producer waits for a topic's metadata (partitions_for, and a send to a
-# partition it does not know yet): the checkpoint store's call timeout (checkpoint_kafka.CALL_TIMEOUT_S),
-# not kafka-python's 60 s.
+# How long a changelog producer waits for a topic's metadata (a send to a partition it does not
+# know yet), not kafka-python's 60 s: the checkpoint store's call timeout (checkpoint_kafka.CALL_TIMEOUT_S).
 CHANGELOG_METADATA_WAIT_MS = 30_000
 
 
@@ -354,7 +357,6 @@ def make_changelog_clients(
                 acks="all",
                 linger_ms=5,
                 max_block_ms=CHANGELOG_METADATA_WAIT_MS,
-                allow_auto_create_topics=False,  # a changelog must be compacted: made by run_service, never by a send
                 max_request_size=request_bytes,
                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 **_bootstrap_timeout(bootstrap_timeout_ms),
@@ -365,6 +367,44 @@ def make_changelog_clients(
             raise
     return consumer, producer
 
+
+def interruptible(call: Callable[[], T], stop: threading.Event | None) -> T:
+    """``call()`` on a helper thread, abandoned when ``stop`` is set (StartupInterrupted): kafka-python's
+    bootstrap does not look at signals, and librdkafka's waits in C, where Python runs no signal
+    handler (a signal's handler runs between the main thread's waits here: Ctrl-C's
+    KeyboardInterrupt too). What an abandoned call still makes is closed."""
+    if stop is None:
+        return call()
+    outcome: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            result: object = call()
+            key = "result"
+        except BaseException as exc:  # handed to the caller below
+            result, key = exc, "error"
+        with lock:
+            outcome[key] = result
+            abandoned = outcome.get("abandoned", False)
+        if abandoned and key == "result" and hasattr(result, "close"):
+            try:
+                result.close()  # type: ignore[attr-defined]
+            except Exception:
+                log.debug("closing a client made after stop failed", exc_info=True)
+
+    worker = threading.Thread(target=run, name="kafka-startup", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if stop.wait(STOP_CHECK_S):
+            with lock:
+                if "result" not in outcome and "error" not in outcome:
+                    outcome["abandoned"] = True
+                    raise StartupInterrupted(abandoned=True)
+        worker.join(0.0)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
 
 @dataclass(frozen=True)
 class TopicSpec:

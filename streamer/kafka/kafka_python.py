@@ -251,9 +251,13 @@ class KafkaPythonChangelog(Changelog):
         self.producer = producer
 
     def partition_count(self, timeout_s: float) -> int:
-        """Asked of the consumer (its metadata requests create no topic). The producer is then
-        told the topic's partitions too: else its first write waits for them (max_block_ms) before
-        its own timeout starts."""
+        """Asked of the consumer, whose metadata request (all topics) creates none. kafka-python
+        3.0.12's producer asks brokers to create the topics it asks about, whatever its
+        allow_auto_create_topics says (its ClusterMetadata is made without it): a changelog
+        missing had been made uncompacted. It waits for a broker for ever, though, where the
+        brokers leave between the bootstrap and this call. The producer is asked once the topic
+        is known to be there: its first write then knows the partitions (else its first send
+        waits for them, up to max_block_ms, before its own timeout starts)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
