@@ -87,6 +87,11 @@ STORE_RETRY_S = 1.0  # recoveries waiting for the checkpoint store or the broker
 MODEL_SETTLE_S = 1.0  # a changed model file is read once it has stayed the same this long
 # Exactly-once: this many transactions in a row aborted on errors retrying cannot help end the run.
 HOPELESS_ABORTS = 3
+# A batch's sends between waits for their acknowledgement (_sends): JSON predictions by count (a
+# few hundred bytes each), batch messages and dead letters by bytes, well inside the clients' queues
+# (librdkafka: 100k messages; kafka-python: 32 MiB) beside the batch before still in flight.
+PRODUCE_CHUNK = 40_000
+PRODUCE_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -473,9 +478,11 @@ class Pipeline:
             self.partitions.committed(plan)
             self._commits_heard = self._commits_heard or bool(plan.commit)
             self._done(batch, time.time())
-        else:
-            self._sends(published, spans, letters)
+        elif self._sends(published, spans, letters):
             self._unsettled = batch  # settled by the next batch, an idle poll, a revocation or stop
+        else:
+            log.warning("stopping with the broker away: the batch in hand is sent in part and stays uncommitted; it"
+                        " will be re-delivered")
 
     def _settle(self, wait: bool = True, commit: bool = False) -> bool:
         """The batch in flight (at-least-once), once every send of it is acknowledged: check the
@@ -594,9 +601,15 @@ class Pipeline:
         stepped = [self.engine.step(chunk) for chunk in chunks]
         return _concat([p for p, _ in stepped]), _total([r for _, r in stepped])
 
-    def _sends(self, predictions: PredictionBatch, spans: list[BatchSpan], letters: list[DeadLetter]) -> None:
+    def _sends(self, predictions: PredictionBatch, spans: list[BatchSpan], letters: list[DeadLetter]) -> bool:
         """Queue the batch's predictions (those in ``spans``, rows of batch messages, as batch
-        messages; the rest as JSON) and dead letters."""
+        messages; the rest as JSON) and dead letters. Past PRODUCE_CHUNK of them (or
+        PRODUCE_CHUNK_BYTES), the loop waits for their acknowledgement before it queues more
+        (_flush: live, and answering stop). Batch messages answered in JSON, a prediction a row,
+        had filled the clients' queues: with the brokers away, librdkafka's produce then waited
+        for room up to message.timeout.ms (5 minutes), the loop neither beating nor stopping, and
+        kafka-python's raised after max_block_ms (60 s), ending the run. False when stopped part
+        way: the batch is not committed (its partitions' next owner reads it again)."""
         kafka = self.settings.kafka
         produce = self.producer.produce
         version = self.engine.model_version
@@ -607,14 +620,28 @@ class Pipeline:
                 json_rows[span.start : span.stop] = False
             rows = _select(predictions, json_rows) if json_rows.any() else None
         if rows is not None:
-            for key, value in encode_predictions(rows, version):
+            for n, (key, value) in enumerate(encode_predictions(rows, version), 1):
                 produce(kafka.output_topic, key, value)
+                if not n % PRODUCE_CHUNK and not self._flush():
+                    return False
+        queued = 0
         for span in spans:  # after the JSON ones: each key's messages keep their order either way
             for value in encode_arrow_predictions(_rows(predictions, span.start, span.stop), version, span.ids):
                 produce(kafka.output_topic, span.key, value, ARROW_HEADERS)
+                queued += len(value)
+                if queued >= PRODUCE_CHUNK_BYTES:
+                    if not self._flush():
+                        return False
+                    queued = 0
         for letter in letters:
             key, value, headers = letter.kafka_record(self.dead_letter_max_bytes)
             produce(kafka.dead_letter_topic, key, value, headers)
+            queued += len(value or b"")
+            if queued >= PRODUCE_CHUNK_BYTES:
+                if not self._flush():
+                    return False
+                queued = 0
+        return True
 
     def _flush(self) -> bool:
         """producer.flush(), a second at a time: while the broker is away the loop stays live, probes
@@ -701,7 +728,8 @@ class Pipeline:
             if unfenced:
                 raise PartitionsMoved(f"partitions left this process during the batch: {sorted(unfenced)}")
             producer.begin_transaction()
-            self._sends(predictions, spans, letters)
+            if not self._sends(predictions, spans, letters):
+                raise TransactionStuck("stopping with the broker away: the transaction's sends are not acknowledged")
             if plan.commit:
                 offsets, metadata = dict(plan.commit), dict(plan.commit_metadata)
                 _bounded(lambda: producer.send_offsets_to_transaction(offsets, group, metadata),

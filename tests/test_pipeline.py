@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from types import SimpleNamespace
 import time
 import zlib
 from collections import Counter
@@ -249,6 +250,48 @@ def test_a_refused_commit_of_a_partition_that_left_and_came_back_is_not_made_by_
     assert committed(rig)[P0] == first[P0]
     rig.pipeline._settle(commit=True)  # as at a stop
     assert committed(rig)[P0] == owned.next_offset  # not the offset the owner before it had reached
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_big_batchs_sends_wait_for_acknowledgement_part_way_live_and_answering_stop(tmp_path, monkeypatch,
+                                                                                     exactly_once: bool):
+    # Batch messages answered in JSON (a prediction a row) filled the clients' queues: with the
+    # brokers away, librdkafka waited for room up to 5 minutes, neither beating nor stopping.
+    monkeypatch.setattr(pipeline_module, "PRODUCE_CHUNK", 5)
+    rig = Rig(tmp_path, exactly_once=exactly_once)
+    rig.write(per_device=2)  # 16 predictions: acknowledged after the 5th, the 10th and the 15th
+    mark = rig.mark()
+    for _ in range(3):
+        rig.pipeline.run_once()
+    flushes = [e for e in rig.journal(mark) if e[0] == "flush"]
+    assert len(flushes) >= 4 and sum(rig.outputs().values()) == 16 and committed(rig) == rig.ends()
+    beats = []
+    rig.pipeline.health = SimpleNamespace(beat=lambda: beats.append(1), fail=lambda reason: None)
+    rig.pipeline._stop = stop = threading.Event()
+    waits = []
+
+    def away_then_stop(*args):
+        waits.append(args)
+        if len(waits) == 3:
+            stop.set()
+
+    monkeypatch.setattr(rig.pipeline, "_broker_away", away_then_stop)
+    before = committed(rig)
+    rig.write(per_device=2)
+    produce = rig.pipeline.producer.produce
+
+    def going_away(*args):  # the brokers go as the batch's first prediction is queued
+        rig.broker.away = True
+        produce(*args)
+
+    rig.pipeline.producer.produce = going_away
+    rig.pipeline.run_once()
+    assert stop.is_set() and len(beats) >= 3  # live while it waited, and it stopped part way
+    rig.broker.away = False
+    rig.pipeline._settle(commit=True)  # as run does once stopped: nothing of the batch is committed
+    assert committed(rig) == before
+    published = sum(rig.outputs().values()) - 16
+    assert published <= 5  # the first chunk at most (exactly-once: none, its transaction never committed)
 
 
 def test_a_commit_retried_while_the_broker_is_away(tmp_path, monkeypatch):

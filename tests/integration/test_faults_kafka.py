@@ -362,3 +362,49 @@ def test_exactly_once_rides_out_an_outage_longer_than_the_start_up_wait(own_brok
     published = read_topic(bootstrap, topics["out"], 2000, timeout_s=60, committed_only=True)
     keys = Counter((json.loads(r.value)["device_id"], json.loads(r.value)["ts"]) for r in published)
     assert len(keys) == 2000 and set(keys.values()) == {1}
+
+
+def test_a_big_batchs_predictions_are_sent_in_parts_each_acknowledged_before_the_next(
+    kafka_bootstrap: str, model: Path, tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Batch messages answered in JSON, a prediction a row: 100k predictions of one micro-batch
+    go out in parts of PRODUCE_CHUNK, each acknowledged before the next is queued (a full client
+    queue had kept the loop from beating or stopping while the brokers were away; the wait is
+    _flush's, live and answering stop, as test_broker_away_not_ready_lag_kept_and_prompt_resume
+    shows with the broker stopped). Every prediction is published once, the batch committed."""
+    import numpy as np
+
+    from streamer.pipeline import PRODUCE_CHUNK
+    from streamer.records import ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, encode_arrow_readings
+
+    topics = {name: f"{name}-{unique}" for name in ("in", "out", "dlq")}
+    create_topic(kafka_bootstrap, topics["in"])
+    devices = [f"dev-{i}" for i in range(1000)]
+    values = np.tile(np.array([[20.0, -3.0]], dtype=np.float32), (len(devices), 1))
+    produce(kafka_bootstrap, topics["in"], [
+        (b"gateway", encode_arrow_readings(devices, np.full(len(devices), 1_700_000_000.0 + t), values),
+         [(CONTENT_TYPE_HEADER, ARROW_CONTENT_TYPE)]) for t in range(100)
+    ])
+    readings = 100 * len(devices)
+    assert readings > 2 * PRODUCE_CHUNK
+    from streamer.pipeline import Pipeline
+
+    flush, flushes = Pipeline._flush, []
+
+    def counted(self):
+        flushes.append(self.summary.batches)
+        return flush(self)
+
+    monkeypatch.setattr(Pipeline, "_flush", counted)
+    service = ServiceThread(service_settings(
+        kafka_bootstrap, topics, f"g-{unique}", model, tmp_path / "checkpoints",
+        batch={"max_records": 500, "max_wait_ms": 1000}, state={"capacity": 2000},
+    ))
+    try:
+        assert wait_for(lambda: service.metric("streamer_readings_total") >= readings, 120) is not None
+    finally:
+        summary = service.stop(timeout_s=60)
+    assert summary.batches == 1 and summary.readings == readings
+    assert flushes.count(0) >= readings // PRODUCE_CHUNK  # waited for part of the batch before it was done
+    published = Counter((r.key, json.loads(r.value)["ts"]) for r in read_topic(kafka_bootstrap, topics["out"], readings))
+    assert len(published) == readings and set(published.values()) == {1}
