@@ -24,6 +24,7 @@ committed, which partitions are due a checkpoint); the loop carries it through t
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -87,9 +88,8 @@ STORE_RETRY_S = 1.0  # recoveries waiting for the checkpoint store or the broker
 MODEL_SETTLE_S = 1.0  # a changed model file is read once it has stayed the same this long
 # Exactly-once: this many transactions in a row aborted on errors retrying cannot help end the run.
 HOPELESS_ABORTS = 3
-# A batch's sends between waits for their acknowledgement (_sends): JSON predictions by count (a
-# few hundred bytes each), batch messages and dead letters by bytes, well inside the clients' queues
-# (librdkafka: 100k messages; kafka-python: 32 MiB) beside the batch before still in flight.
+# A batch's sends between waits for their acknowledgement (_sends): messages of any kind, and bytes
+# of batch messages and dead letters, well inside librdkafka's queue (100k messages, 1 GiB).
 PRODUCE_CHUNK = 40_000
 PRODUCE_CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -604,11 +604,11 @@ class Pipeline:
     def _sends(self, predictions: PredictionBatch, spans: list[BatchSpan], letters: list[DeadLetter]) -> bool:
         """Queue the batch's predictions (those in ``spans``, rows of batch messages, as batch
         messages; the rest as JSON) and dead letters. Past PRODUCE_CHUNK of them (or
-        PRODUCE_CHUNK_BYTES), the loop waits for their acknowledgement before it queues more
-        (_flush: live, and answering stop). Batch messages answered in JSON, a prediction a row,
-        had filled the clients' queues: with the brokers away, librdkafka's produce then waited
-        for room up to message.timeout.ms (5 minutes), the loop neither beating nor stopping, and
-        kafka-python's raised after max_block_ms (60 s), ending the run. False when stopped part
+        PRODUCE_CHUNK_BYTES of batch messages and dead letters), the loop waits for their
+        acknowledgement before it queues more (_flush: live, and answering stop). Batch messages
+        answered in JSON, a prediction a row, had filled librdkafka's queue: with the brokers away
+        its produce then waited for room up to message.timeout.ms (5 minutes), the loop neither
+        beating nor stopping (kafka-python's queue has no bound: it grew). False when stopped part
         way: the batch is not committed (its partitions' next owner reads it again)."""
         kafka = self.settings.kafka
         produce = self.producer.produce
@@ -619,28 +619,29 @@ class Pipeline:
             for span in spans:
                 json_rows[span.start : span.stop] = False
             rows = _select(predictions, json_rows) if json_rows.any() else None
+        sent = queued = 0  # since the last wait: messages, and bytes of batch messages and dead letters
         if rows is not None:
-            for n, (key, value) in enumerate(encode_predictions(rows, version), 1):
+            for key, value in encode_predictions(rows, version):
                 produce(kafka.output_topic, key, value)
-                if not n % PRODUCE_CHUNK and not self._flush():
-                    return False
-        queued = 0
-        for span in spans:  # after the JSON ones: each key's messages keep their order either way
-            for value in encode_arrow_predictions(_rows(predictions, span.start, span.stop), version, span.ids):
-                produce(kafka.output_topic, span.key, value, ARROW_HEADERS)
-                queued += len(value)
-                if queued >= PRODUCE_CHUNK_BYTES:
+                sent += 1
+                if sent == PRODUCE_CHUNK:
                     if not self._flush():
                         return False
-                    queued = 0
-        for letter in letters:
-            key, value, headers = letter.kafka_record(self.dead_letter_max_bytes)
-            produce(kafka.dead_letter_topic, key, value, headers)
-            queued += len(value or b"")
-            if queued >= PRODUCE_CHUNK_BYTES:
+                    sent = 0
+        # Batch messages after the JSON ones (each key's messages keep their order either way),
+        # encoded as they go out; then the dead letters.
+        records = itertools.chain(
+            ((kafka.output_topic, span.key, value, ARROW_HEADERS) for span in spans
+             for value in encode_arrow_predictions(_rows(predictions, span.start, span.stop), version, span.ids)),
+            ((kafka.dead_letter_topic, *letter.kafka_record(self.dead_letter_max_bytes)) for letter in letters),
+        )
+        for topic, key, value, headers in records:
+            produce(topic, key, value, headers)
+            sent, queued = sent + 1, queued + len(value or b"")
+            if sent >= PRODUCE_CHUNK or queued >= PRODUCE_CHUNK_BYTES:
                 if not self._flush():
                     return False
-                queued = 0
+                sent = queued = 0
         return True
 
     def _flush(self) -> bool:

@@ -109,6 +109,14 @@ class Scenario:
                 env[f"STREAMER_{section}__{name}"] = value
         return env
 
+    def run_logged(self, log_path: Path, **sections: dict[str, str]) -> subprocess.Popen:
+        """``python -m streamer run`` against this scenario (``process_env``'s sections), its
+        output to ``log_path``; model reloads checked every 0.2 s, batches of up to 50."""
+        sections = {"MODEL": {"RELOAD_INTERVAL_S": "0.2"}, "BATCH": {"MAX_RECORDS": "50", "MAX_WAIT_MS": "10"}, **sections}
+        with open(log_path, "w") as log_file:
+            return subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=self.process_env(**sections),
+                                    cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+
     def checkpoint_store(self) -> CheckpointStore:
         """The store the services write to, opened afresh (close it)."""
         if self.store == "kafka":
@@ -410,13 +418,9 @@ def test_a_switch_the_store_failed_then_a_crash_is_not_replayed_by_a_process_on_
     old_model = tmp_path / "v1.pt"
     old_model.write_bytes(s.model_path.read_bytes())
     log_path = tmp_path / "first.log"
-    env = s.process_env(MODEL={"RELOAD_INTERVAL_S": "0.2"}, KAFKA={"SESSION_TIMEOUT_MS": "6000", "COMMIT_INTERVAL_MS": "100"},
-                        BATCH={"MAX_RECORDS": "50", "MAX_WAIT_MS": "10"})
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     away = tmp_path / "checkpoints-away"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, cwd=REPO,
-                                stdout=log_file, stderr=subprocess.STDOUT)
+    proc = s.run_logged(log_path, KAFKA={"SESSION_TIMEOUT_MS": "6000", "COMMIT_INTERVAL_MS": "100"})
     try:
         s.produce(3)
         s.outputs(s.readings)
@@ -472,11 +476,7 @@ def test_a_model_switch_then_a_crash_replays_each_reading_under_the_model_that_a
     config = ModelConfig(2, 12, 2, 2)
     bundles = {"v1": load_model_file(s.model_path)}
     log_path = tmp_path / "first.log"
-    env = s.process_env(MODEL={"RELOAD_INTERVAL_S": "0.2"}, KAFKA={"SESSION_TIMEOUT_MS": "6000"},
-                        BATCH={"MAX_RECORDS": "50", "MAX_WAIT_MS": "10"})
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, cwd=REPO,
-                                stdout=log_file, stderr=subprocess.STDOUT)
+    proc = s.run_logged(log_path, KAFKA={"SESSION_TIMEOUT_MS": "6000"})
     try:
         s.produce(4)
         s.outputs(s.readings)
