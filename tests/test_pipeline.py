@@ -1651,20 +1651,23 @@ def test_a_send_the_output_topic_refuses_for_good_ends_the_run_in_both_modes(tmp
     assert not broker.committed and pipeline.summary.aborted_batches == (pipeline_module.HOPELESS_ABORTS if exactly_once else 0)
 
 
+class Switch:
+    """A model watcher whose file changed, once, to ``path``."""
+
+    def __init__(self, path) -> None:
+        self.path, self.fired = path, False
+
+    def changed(self) -> bool:
+        fired, self.fired = self.fired, True
+        return not fired
+
+    def unchanged(self) -> bool:
+        return True
+
+
 def test_exactly_once_a_model_switch_waits_for_the_replay_after_an_aborted_transaction(tmp_path):
     # Switched mid-replay, the rest of the replay (readings published under v1) ran under v2: every
     # later prediction of the partition depended on whether a transaction had been aborted.
-    class Switch:  # the model file changed to m2, once
-        def __init__(self, path) -> None:
-            self.path, self.fired = path, False
-
-        def changed(self) -> bool:
-            fired, self.fired = self.fired, True
-            return not fired
-
-        def unchanged(self) -> bool:
-            return True
-
     broker = MemoryBroker()
     broker.create_topic("in", 2)
     pipeline = _kafka_store_pipeline(tmp_path, broker, True, 4)
@@ -1807,17 +1810,6 @@ def test_a_switch_whose_checkpoint_the_store_failed_is_not_replayed_across(tmp_p
     # readings v2 had applied (the case the README had left open). Now every commit says which
     # model applied the readings before it, and since which offset: that process starts from
     # zero state instead, as the README says one does without a checkpoint of its model.
-    class Switch:  # the model file changed, once
-        def __init__(self, path) -> None:
-            self.path, self.fired = path, False
-
-        def changed(self) -> bool:
-            fired, self.fired = self.fired, True
-            return not fired
-
-        def unchanged(self) -> bool:
-            return True
-
     group = TwoModels(tmp_path, exactly_once)
     first, first_consumer = group.process("first")
     later, later_consumer = group.process("later")  # on v1 throughout
