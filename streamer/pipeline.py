@@ -483,6 +483,9 @@ class Pipeline:
         else:
             log.warning("stopping with the broker away: the batch in hand is sent in part and stays uncommitted; it"
                         " will be re-delivered")
+            # Its partitions are read again from their committed offsets if the loop goes on (a
+            # caller of run_once past its stop), not left applied past a batch never committed.
+            self.partitions.reset(plan.next_offsets)
 
     def _settle(self, wait: bool = True, commit: bool = False) -> bool:
         """The batch in flight (at-least-once), once every send of it is acknowledged: check the

@@ -282,21 +282,29 @@ def test_a_big_batchs_sends_wait_for_acknowledgement_part_way_live_and_answering
 
     monkeypatch.setattr(rig.pipeline, "_broker_away", away_then_stop)
     before = committed(rig)
-    rig.write(per_device=2)
+    rig.write(per_device=2, start_ts=10)
     produce = rig.pipeline.producer.produce
 
     def going_away(*args):  # the brokers go as the batch's first prediction is queued
         rig.broker.away = True
         produce(*args)
 
-    rig.pipeline.producer.produce = going_away
+    sending = rig.pipeline.producer
+    sending.produce = going_away
     rig.pipeline.run_once()
+    del sending.produce  # the brokers stay
     assert stop.is_set() and len(beats) >= 3  # live while it waited, and it stopped part way
     rig.broker.away = False
     rig.pipeline._settle(commit=True)  # as run does once stopped: nothing of the batch is committed
     assert committed(rig) == before
     published = sum(rig.outputs().values()) - 16
     assert published <= 5  # the first part at most (exactly-once: none, its transaction never committed)
+    stop.clear()  # a caller going on past the stop (run_once is public): the batch is read again, whole
+    for _ in range(6):
+        rig.pipeline.run_once()
+    outputs = rig.outputs()
+    assert committed(rig) == rig.ends() and len(outputs) == 32
+    assert set(outputs.values()) == ({1} if exactly_once else {1, 2})
 
 
 def test_a_commit_retried_while_the_broker_is_away(tmp_path, monkeypatch):
