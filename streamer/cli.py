@@ -160,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         "config file, else the default.",
     )
     sim.add_argument("--topic", dest="kafka.input_topic", default=argparse.SUPPRESS, metavar="TOPIC",
+                     action=_Alias, new_flag="--kafka-input-topic",
                      help="topic to write readings to (the same as --kafka-input-topic)")
     sim.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers", default=argparse.SUPPRESS,
-                     action=_DeprecatedAlias, new_flag="--kafka-bootstrap-servers", help=argparse.SUPPRESS)
+                     action=_Alias, new_flag="--kafka-bootstrap-servers", deprecated=True, help=argparse.SUPPRESS)
     sim.add_argument("--devices", type=_positive_int, default=100, help="number of sensors")
     sim.add_argument("--features", type=_positive_int, default=1, help="values per reading")
     sim.add_argument("--rate", type=_non_negative_float, default=1000.0, help="readings per second in all (0: as fast as possible)")
@@ -211,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", type=Path, default=argparse.SUPPRESS, metavar="PATH",
                       help="CSV or Parquet file, or a directory of them (see streamer.history); "
                       "without it: simulated history")
-    data.add_argument("--csv", type=Path, dest="data", default=argparse.SUPPRESS, action=_DeprecatedAlias,
-                      new_flag="--data", help=argparse.SUPPRESS)
+    data.add_argument("--csv", type=Path, dest="data", default=argparse.SUPPRESS, action=_Alias,
+                      new_flag="--data", deprecated=True, help=argparse.SUPPRESS)
     data.add_argument("--value-columns", type=_names, default=None, metavar="A,B",
                       help="value columns to read (default: every column but device_id and the timestamp)")
     data.add_argument("--on-bad", choices=("refuse", "skip"), default=None,
@@ -635,28 +636,30 @@ def _topics_create(args: argparse.Namespace) -> int:
 # --- simulate, train ---------------------------------------------------------------------------
 
 
-class _DeprecatedAlias(argparse.Action):
+class _Alias(argparse.Action):
     """Stores like the flag it stands for (given with ``dest`` = that flag's dest, and
-    default=argparse.SUPPRESS on both), and says to use that flag instead. Both given: an error,
-    whichever came first (``_resolve_aliases``)."""
+    default=argparse.SUPPRESS on both); ``deprecated``: says to use that flag instead. Both
+    given: an error, whichever came first (``_resolve_aliases``): the last had won unsaid."""
 
-    def __init__(self, *args: Any, new_flag: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, new_flag: str, deprecated: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.new_flag = new_flag
+        self.new_flag, self.deprecated = new_flag, deprecated
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        print(f"streamer: warning: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
+        if self.deprecated:
+            print(f"streamer: warning: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
         aliased = namespace.__dict__.setdefault("_aliased", {})
-        aliased[self.dest] = (option_string, self.new_flag, values)
+        aliased[self.dest] = (option_string, self.new_flag, values, self.deprecated)
 
 
 def _resolve_aliases(args: argparse.Namespace) -> None:
-    """Put what deprecated aliases stored where their flags store it; StreamerError when a flag
-    and its alias were both given."""
-    for dest, (alias, flag, value) in args.__dict__.pop("_aliased", {}).items():
+    """Put what aliases stored where their flags store it; StreamerError when a flag and its
+    alias were both given."""
+    for dest, (alias, flag, value, deprecated) in args.__dict__.pop("_aliased", {}).items():
         if hasattr(args, dest):
-            raise StreamerError(f"{alias} and {flag} both given: use {flag} alone")
+            raise StreamerError(f"{alias} and {flag} both given: use {flag if deprecated else 'one'}"
+                                f"{' alone' if deprecated else ''}")
         setattr(args, dest, value)
 
 

@@ -606,6 +606,9 @@ def test_simulate_and_train_refuse_bad_paths_seeds_and_both_bootstrap_flags(tmp_
     err = capsys.readouterr().err.splitlines()
     assert "deprecated" in err[0] and err[-1] == (
         "streamer: error: --bootstrap-servers and --kafka-bootstrap-servers both given: use --kafka-bootstrap-servers alone")
+    # --topic is --kafka-input-topic's other name, not deprecated: both given, the last had won unsaid
+    assert main([*sim, "--topic", "a", "--kafka-input-topic", "b"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["streamer: error: --topic and --kafka-input-topic both given: use one"]
     for command in (sim, ["train", "--out", str(tmp_path / "m.pt")]):
         with pytest.raises(SystemExit) as exit_:
             main([*command, "--seed", str(2**64)])
