@@ -375,7 +375,7 @@ class PartitionManager:
                 )
             self.consumer.seek(tp, checkpoint.offset)
             owned = Owned(checkpoint.offset, start, checkpoint.offset, self.clock(), committed_offset=start,
-                          model_since=_model_since(span, self._digest_of(stamp), checkpoint.offset))
+                          model_since=_model_since(span, self._digest_of(), checkpoint.offset))
             outcome = "checkpoint"
             if checkpoint.model_version != stamp.version:
                 # Another model's rows, carried over (same config, nothing to replay): from here on
@@ -393,7 +393,7 @@ class PartitionManager:
         else:
             self.consumer.seek(tp, start)
             owned = Owned(start, start, committed_offset=start,
-                          model_since=_model_since(span, self._digest_of(stamp), start))
+                          model_since=_model_since(span, self._digest_of(), start))
             if committed is None:
                 outcome = "fresh"  # the group never read this partition: zero state is right
                 if self.store is not None:
@@ -416,7 +416,7 @@ class PartitionManager:
         # start at that commit: not while the writer is busy or a failing store backs off.
         can_start = not self._writing and not self.failures.waiting(now)
         replay_until, commit, metadata, due = {}, {}, {}, set()
-        model = self._digest_of(None)
+        model = self._digest_of()
         for tp, offset in next_offsets.items():
             owned = self.owned.get(tp)
             if owned is None:
@@ -627,12 +627,11 @@ class PartitionManager:
             config["normalization"] = {"mean": normalization.mean.tolist(), "std": normalization.std.tolist()}
         return ModelStamp.of(self.engine.model_version, config)
 
-    def _digest_of(self, stamp: ModelStamp | None) -> str:
-        """The served model's ModelStamp digest (worked out once per model; ``stamp``: its stamp,
-        when the caller has it)."""
+    def _digest_of(self) -> str:
+        """The served model's ModelStamp digest, worked out once per model."""
         bundle = self.engine.bundle
         if self._digest is None or self._digest[0] is not bundle:
-            self._digest = (bundle, (stamp or self._model_stamp()).digest())
+            self._digest = (bundle, self._model_stamp().digest())
         return self._digest[1]
 
     def _save(self, tp: TopicPartition, owned: Owned, rewrite: bool = False, wait: bool = True) -> bool:

@@ -16,14 +16,14 @@ from streamer.anomaly import AnomalyParams
 from streamer.checkpoint import CheckpointStore, DirectoryCheckpointStore
 from streamer.engine import Engine
 from streamer.kafka import Producer, ensure_topics, open_changelog, open_consumer, open_producer
-from streamer.kafka.abstract import KafkaClientError
 from streamer.errors import StartupInterrupted, StreamerError
+from streamer.kafka.abstract import KafkaClientError
 from streamer.kafka.clients import (
     KafkaBootstrapError,
-    interruptible,
     KafkaLoginError,
     MissingTopics,
     describe_topics,
+    interruptible,
     kafka_logs_folded,
     security_config,
     silence_client_logs,

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from types import SimpleNamespace
 import time
 import zlib
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -406,6 +406,7 @@ def interruptible(call: Callable[[], T], stop: threading.Event | None) -> T:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["result"]  # type: ignore[return-value]
 
+
 @dataclass(frozen=True)
 class TopicSpec:
     """What a topic is created with: partitions, replication factor and topic configs
