@@ -424,9 +424,17 @@ def test_a_password_is_redacted_in_the_forms_the_client_libraries_log_it():
 
 
 def os_threads() -> int:
-    import os
+    """librdkafka's threads in this process (named rdk:main, rdk:broker...): threads that other
+    tests left (a bootstrap abandoned on its helper thread) come and go on their own."""
+    from pathlib import Path
 
-    return len(os.listdir("/proc/self/task"))
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            count += (task / "comm").read_text().startswith("rdk:")
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
 
 
 def threads_back_to(base: int, within_s: float = 10.0) -> int:
@@ -540,7 +548,7 @@ def test_a_confluent_producer_closed_or_dropped_releases_librdkafkas_client():
         gone = weakref.ref(dropped)
         del dropped
         assert gone() is None  # freed with its last reference, no collection needed
-        assert threads_back_to(base) == base
+        assert threads_back_to(base) <= base
     finally:
         gc.enable()
 
@@ -562,7 +570,7 @@ def test_a_confluent_producer_refused_at_start_up_is_closed_not_left_running():
             with pytest.raises(KafkaBootstrapError) as refused:
                 confluent.make_producer(settings, "i", bootstrap_timeout_ms=200)
             refusals.append(refused.value)
-        assert threads_back_to(base) == base
+        assert threads_back_to(base) <= base
     finally:
         gc.enable()
 

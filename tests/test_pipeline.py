@@ -1573,16 +1573,23 @@ def test_each_partition_recovered_or_checkpointed_on_its_way_out_is_a_liveness_b
     assert beats[2:] == [[P0], [P0, P1]]
 
 
-def test_waiting_for_a_broker_outside_the_poll_is_live_not_ready_and_counted_away(tmp_path):
+def test_waiting_for_a_broker_outside_the_poll_is_live_not_ready_and_counted_away(tmp_path, monkeypatch):
     # What the service's successor of an aborted transaction's producer calls while it waits.
+    from types import SimpleNamespace
+
+    from streamer import metrics
     from streamer.metrics import Health
 
+    clock = SimpleNamespace(now=100.0, time=time.time)
+    clock.monotonic = lambda: clock.now  # health's clock: moved by the test, not by the host's load
+    monkeypatch.setattr(metrics, "time", clock)
     registry = CollectorRegistry()
     rig = Rig(tmp_path, exactly_once=True, metrics=Metrics(registry))
     rig.pipeline.health = health = Health(stale_after_s=0.2)
     rig.pipeline.run_once()
     assert health.readiness()[0] and registry.get_sample_value("streamer_broker_reachable") == 1
-    time.sleep(0.3)
+    clock.now += 0.3  # the loop's last beat is stale
+    assert not health.status()[0]
     rig.pipeline.waiting_for_broker("no broker answers the new transactional producer")
     assert health.status()[0] and not health.readiness()[0]
     assert "no broker answers" in health.readiness()[1]

@@ -76,7 +76,7 @@ def test_stop_interrupts_a_try_in_progress():
     started = time.monotonic()
     with pytest.raises(StartupInterrupted):
         _until_reachable(Unreachable(), time.monotonic() + 60, stop)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5  # not the try's 60 s
 
 
 @contextmanager
@@ -262,7 +262,7 @@ def test_stop_set_while_the_topics_are_described_is_not_waited_out(monkeypatch):
     started = time.monotonic()
     with pytest.raises(StartupInterrupted):
         service._topic_housekeeping(settings, stop)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5  # not the describe's 10 s
 
 
 def test_stop_set_before_the_engine_is_built_skips_the_build(monkeypatch, caplog):

@@ -154,20 +154,50 @@ def test_run_simulator_refuses_a_rate_that_is_not_finite(rate: float):
         run_simulator(memory_producer()[1], "t", FleetSpec(devices=1), rate=rate, max_readings=1)
 
 
-def test_run_simulator_reports_progress_and_paces():
+class FakeClock:
+    """simulate's clock: sleeping moves it, and each reading of it by a microsecond (the pace, not
+    the host's load, sets what the test sees; a loop that never sleeps still ends)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        self.now += 1e-6
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_run_simulator_reports_progress_and_paces(monkeypatch):
+    monkeypatch.setattr(simulate, "time", FakeClock())
     broker, producer = memory_producer()
     reports: list[tuple[int, float]] = []
     summary = run_simulator(
         producer, "t", FleetSpec(devices=10), rate=2000, duration_s=0.5,
         progress=lambda sent, elapsed: reports.append((sent, elapsed)), progress_interval_s=0.1,
     )
-    assert len(broker.messages("t")) == summary.readings and not producer.closed
-    assert 3 <= len(reports) <= 6, reports
+    assert len(broker.messages("t")) == summary.readings == 1000 and not producer.closed
     sent, elapsed = zip(*reports)
-    assert list(sent) == sorted(sent) and 0 < sent[0] and sent[-1] <= summary.readings
-    assert all(b - a > 0.05 for a, b in zip(elapsed, elapsed[1:]))
-    # About the pace asked: 2000 readings/s.
-    assert all(abs(s / e - 2000) < 400 for s, e in reports), reports
+    # Every progress_interval_s, to a chunk's wait (a round of 10 devices: 10 readings, 5 ms).
+    assert elapsed == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=0.0051), reports
+    assert sent == pytest.approx([200, 400, 600, 800], abs=20), reports  # 2000 readings/s
+
+
+def test_run_simulator_never_runs_ahead_of_its_pace():
+    broker, producer = memory_producer()
+    reports: list[tuple[int, float]] = []
+    summary = run_simulator(
+        producer, "t", FleetSpec(devices=10), rate=2000, duration_s=0.3,
+        progress=lambda sent, elapsed: reports.append((sent, elapsed)), progress_interval_s=0.05,
+    )
+    assert reports and len(broker.messages("t")) == summary.readings
+    chunk = 10  # a round of the 10 devices, sent before the pace is checked
+    assert all(sent <= 2000 * elapsed + chunk for sent, elapsed in reports), reports
+    assert summary.readings <= 2000 * summary.seconds + chunk, summary
 
 
 def test_run_simulator_reports_failed_deliveries_and_unacknowledged_sends(monkeypatch):
