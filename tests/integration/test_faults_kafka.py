@@ -25,7 +25,17 @@ from tests.test_metrics import get
 pytestmark = pytest.mark.kafka
 
 STOP_BOUND_S = 5.0  # SIGTERM -> exit 0, at any moment (README "Reliability")
-GIVE_UP_SLACK_S = 3.5  # start-up gives up within kafka.startup_wait_s + MIN_ATTEMPT_S (3 s) of starting to connect
+# Start-up gives up within kafka.startup_wait_s + MIN_ATTEMPT_S (3 s) of starting to connect; the
+# rest is for a loaded host (the log's first line is the model loaded, a step before connecting).
+GIVE_UP_SLACK_S = 5.0
+EXIT_AFTER_S = 10.0  # from the last line logged to the process gone (the interpreter's shutdown)
+
+
+def give_up_times(output: str, exited: datetime) -> tuple[float, float]:
+    """From the model loaded to giving up, and from giving up to the exit, by the log's clock:
+    the interpreter's start and torch's import (14 s on a cold host) are not counted."""
+    stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in output.splitlines() if line[:2] == "20"]
+    return (stamps[-1] - stamps[0]).total_seconds(), (exited - stamps[-1]).total_seconds()
 MAX_START_UP_LINES = 5  # lines a failed start-up may print (ours and the CLI's error)
 READY_FAILS_WITHIN_S = 5.0  # /readyz turns 503 this long after the broker went away, at most
 RESUMES_WITHIN_S = 5.0  # consumption resumes this long after the broker answers again, at most
@@ -99,17 +109,13 @@ def test_sigint_while_running_exits_0_promptly(model: Path, kafka_bootstrap: str
 @pytest.mark.parametrize("wait_s", [0, 4])
 def test_unreachable_broker_gives_up_within_startup_wait(model: Path, wait_s: int):
     closed = f"127.0.0.1:{free_port()}"
-    started = time.monotonic()
     process = start_process(model, closed, "--kafka-startup-wait-s", str(wait_s), "--metrics-enabled", "false")
     output, _ = process.communicate(timeout=60)
-    took = time.monotonic() - started
+    waited, exit_took = give_up_times(output, datetime.now())
     assert process.returncode == 2, output
     lines = output.strip().splitlines()
-    # From the model loaded (the last thing before connecting) to giving up, by the log's clock.
-    stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in lines if line[:2] == "20"]
-    waited = (stamps[-1] - stamps[0]).total_seconds()
     assert waited < wait_s + GIVE_UP_SLACK_S, f"gave up after {waited:.1f}s\n{output}"
-    assert took < wait_s + GIVE_UP_SLACK_S + 10, f"exited after {took:.1f}s\n{output}"  # interpreter, torch
+    assert exit_took < EXIT_AFTER_S, f"exited {exit_took:.1f}s after giving up\n{output}"
     assert len(lines) <= MAX_START_UP_LINES, output
     assert not any(" kafka." in line for line in lines), output  # kafka-python's lines are folded into ours
     assert "ECONNREFUSED" in output and closed in lines[-1]
@@ -119,15 +125,15 @@ def test_an_input_topic_that_does_not_exist_is_waited_for_then_named(model: Path
     """Subscribed to a topic that does not exist, the loop would sit idle; run waits
     kafka.startup_wait_s for it (saying so once), then stops with one line naming the setting."""
     wait_s = 3
-    started = time.monotonic()
     process = start_process(
         model, kafka_bootstrap, "--kafka-input-topic", f"missing-{unique}", "--kafka-output-topic", f"out-{unique}",
         "--kafka-dead-letter-topic", f"dlq-{unique}", "--kafka-startup-wait-s", str(wait_s),
         "--metrics-enabled", "false", "--checkpoint-enabled", "false",
     )
     output, _ = process.communicate(timeout=60)
+    waited, exit_took = give_up_times(output, datetime.now())
     assert process.returncode == 2, output
-    assert time.monotonic() - started < wait_s + GIVE_UP_SLACK_S + 10, output
+    assert waited < wait_s + GIVE_UP_SLACK_S and exit_took < EXIT_AFTER_S, (waited, exit_took, output)
     lines = output.strip().splitlines()
     assert sum("does not exist" in line and "waiting up to" in line for line in lines) == 1, output
     assert lines[-1].startswith("streamer: error: kafka.input_topic (flag --kafka-input-topic") and \
@@ -140,10 +146,11 @@ def test_an_input_topic_created_while_run_waits_is_read(model: Path, kafka_boots
                                 kafka={"startup_wait_s": 60})
     service = ServiceThread(settings)
     try:
-        time.sleep(2.0)
+        # The brokers answer, the topic is not there: reachable (it had read 0, and the alert on it
+        # fired), and the service waits for the topic.
+        assert wait_for(lambda: service.metric("streamer_broker_reachable") == 1, 30) is not None
+        time.sleep(1.0)
         assert service.alive()
-        # The brokers answer, the topic is not there: reachable (it had read 0, and the alert on it fired).
-        assert service.metric("streamer_broker_reachable") == 1
         create_topic(kafka_bootstrap, topics["in"])
         produce(kafka_bootstrap, topics["in"], [(b"dev-1", reading("dev-1", 1.0, [20.5, -3.0]), None)])
         assert wait_for(lambda: service.metric("streamer_predictions_total") >= 1, 45) is not None

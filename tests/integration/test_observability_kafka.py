@@ -183,7 +183,7 @@ def test_every_dashboard_and_alert_expression_returns_data(
     )
     simulator = subprocess.Popen(
         [sys.executable, "-m", "streamer", "simulate", *kafka_flags, "--devices", "60", "--features", "2",
-         "--rate", "600", "--duration", "40", "--anomaly-rate", "0.02", "--seed", "3", "--progress-interval", "0"],
+         "--rate", "600", "--duration", "300", "--anomaly-rate", "0.02", "--seed", "3", "--progress-interval", "0"],
         cwd=REPO, env=streamer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     prometheus = Prometheus(PROMETHEUS, f"127.0.0.1:{metrics_port}", tmp_path)

@@ -23,6 +23,7 @@ from streamer.kafka.clients import TopicSpec
 from streamer.kafka.topics import COMPACT
 from streamer.settings import KafkaSettings
 from streamer.engine import Engine, ReadingBatch
+from streamer.metrics import RECOVERY_OUTCOMES
 from streamer.model import ModelConfig, init_random_model, load_model_file, save_model_file
 from tests.integration.helpers import ServiceThread, create_topic, produce, read_topic, service_settings
 from tests.test_engine import offline_forecasts
@@ -267,20 +268,36 @@ def test_a_step_that_fails_part_way_is_applied_once_after_a_restart(kafka_bootst
     second.stop()
 
 
+def wait_logged(log_path: Path, text: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert text in log_path.read_text(), log_path.read_text()[-3000:]
+
+
+def taken_on(service: ServiceThread, timeout_s: float = 60.0) -> None:
+    """Wait until a service that joined the group has taken on a partition (the rebalance done):
+    the readings produced next are partly its own, however slow its start on a loaded host."""
+    deadline = time.monotonic() + timeout_s
+    while sum(service.metric("streamer_partition_recoveries_total", outcome=o) for o in RECOVERY_OUTCOMES) < 1:
+        assert service.alive() and time.monotonic() < deadline, "the new process took on no partition"
+        time.sleep(0.1)
+
+
 def test_two_processes_hand_devices_back_and_forth(kafka_bootstrap, unique, tmp_path, store_kind):
     s = Scenario(kafka_bootstrap, unique, tmp_path, store=store_kind)
     a = s.start()
     s.produce(5)
     s.outputs(s.readings)
     b = s.start()  # takes some partitions from a
-    time.sleep(8)
+    taken_on(b)
     s.produce(5)
     s.outputs(s.readings)
     a_summary = a.stop()  # b takes everything
     s.produce(5)
     s.outputs(s.readings)
     c = s.start()  # and hands some back to a new process
-    time.sleep(8)
+    taken_on(c)
     s.produce(5)
     counts = s.check(s.outputs(s.readings))
     b_summary, c_summary = b.stop(), c.stop()
@@ -305,18 +322,18 @@ def test_three_processes_with_separate_disks_hand_devices_over_through_the_chang
     s.produce(4)
     s.outputs(s.readings)
     b = start("b")  # takes some of a's partitions
-    time.sleep(8)
+    taken_on(b)
     s.produce(4)
     s.outputs(s.readings)
     c = start("c")  # and some more
-    time.sleep(8)
+    taken_on(c)
     s.produce(4)
     s.outputs(s.readings)
     a.stop()  # b and c take a's
     s.produce(4)
     s.outputs(s.readings)
     again = start("a")  # a's partitions come back to a new process on a's disk
-    time.sleep(8)
+    taken_on(again)
     s.produce(4)
     counts = s.check(s.outputs(s.readings))
     summaries = [b.stop(), c.stop(), again.stop()]
@@ -427,10 +444,7 @@ def test_a_switch_the_store_failed_then_a_crash_is_not_replayed_by_a_process_on_
         s.checkpoints.rename(away)  # the store fails from here on: its root is a file
         s.checkpoints.write_bytes(b"")
         save_model_file(s.model_path, init_random_model(config, seed=10), config, "v2")  # written, then renamed
-        deadline = time.monotonic() + 60
-        while "now serving model v2" not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "now serving model v2" in log_path.read_text(), log_path.read_text()[-3000:]
+        wait_logged(log_path, "now serving model v2")
         s.produce(3)  # applied under v2 and committed, in no checkpoint
         assert {o["model_version"] for o in s.outputs(s.readings)[-DEVICES:]} == {"v2"}
         deadline = time.monotonic() + 30
@@ -491,6 +505,7 @@ def test_a_model_switch_then_a_crash_replays_each_reading_under_the_model_that_a
         time.sleep(0.4)
         save_model_file(s.model_path, init_random_model(config, seed=10), config, "v2")  # written, then renamed
         feeder.join()
+        wait_logged(log_path, "now serving model v2")
         s.produce(4)  # applied under v2 after the switch: replayed after the crash
         first = s.outputs(s.readings)
         assert {o["model_version"] for o in first[-DEVICES:]} == {"v2"}, log_path.read_text()[-3000:]
