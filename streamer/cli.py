@@ -485,6 +485,8 @@ def _check_checkpoint_directory(settings: Settings, create: bool = True) -> None
     checkpoint = settings.checkpoint
     if not checkpoint.enabled or checkpoint.store != "directory":
         return
+    from streamer.history import cannot_create_files_in
+
     where = f"{describe_setting('checkpoint', 'directory')} = {str(checkpoint.directory)!r}"
     if not create:
         existing = checkpoint.directory.absolute()
@@ -494,9 +496,10 @@ def _check_checkpoint_directory(settings: Settings, create: bool = True) -> None
             raise StreamerError(f"{where}: {existing} is not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise StreamerError(f"{where}: cannot write in {existing}")
+        reason = cannot_create_files_in(existing)  # an unnamed file, gone at once: nothing is left behind
+        if reason is not None:
+            raise StreamerError(f"{where}: {reason}")
         return
-    from streamer.history import cannot_create_files_in
-
     try:
         checkpoint.directory.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

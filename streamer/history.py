@@ -272,6 +272,12 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _arrow_file(path: Path, mode: str = "rb") -> pa.NativeFile:
+    """``path`` opened by Arrow under its name's bytes: given a str, Arrow encodes it as UTF-8,
+    which a name holding bytes that are not (Python's surrogate escapes) cannot be."""
+    return pa.OSFile(os.fsencode(path), mode)
+
+
 def _read_csv(path: Path, value_columns: Sequence[str] | None) -> _Table:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: drop a BOM
@@ -305,14 +311,15 @@ def _read_csv_arrow(path: Path, header: list[str], value_columns: Sequence[str] 
         with path.open("rb") as raw:  # quotes, or blank lines (Arrow reads one as a row of empty fields)
             if _holds(raw, (b'"', b"\n\n", b"\n\r", b"\r\r")):
                 return None
-        table = pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(newlines_in_values=False, ignore_empty_lines=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in names},
-                strings_can_be_null=False, quoted_strings_can_be_null=False, null_values=[],
-            ),
-        )
+        with _arrow_file(path) as source:
+            table = pacsv.read_csv(
+                source,
+                parse_options=pacsv.ParseOptions(newlines_in_values=False, ignore_empty_lines=False),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={name: pa.string() for name in names},
+                    strings_can_be_null=False, quoted_strings_can_be_null=False, null_values=[],
+                ),
+            )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowKeyError):
         return None
     # A field longer than the csv module takes is a malformed row there, in any column.
@@ -438,7 +445,8 @@ def _parquet_numbers(col: pa.Array, name: str, path: Path) -> tuple[np.ndarray, 
 
 def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
     try:
-        schema = pq.read_schema(path)
+        with _arrow_file(path) as source:
+            schema = pq.read_schema(source)
         names = schema.names
         if value_columns is None:  # a DataFrame's index that pandas wrote is no value, as in a CSV
             index = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
@@ -446,7 +454,8 @@ def _read_parquet(path: Path, value_columns: Sequence[str] | None) -> _Table:
             names = ["" if name in index or _PANDAS_INDEX.fullmatch(name) else name for name in names]
         device_col, time_col, chosen = _layout(names, value_columns, path)
         wanted = ([device_col] if device_col else []) + [time_col] + chosen
-        table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
+        with _arrow_file(path) as source:
+            table = pq.read_table(source, columns=list(dict.fromkeys(wanted)))
     except (pa.ArrowException, OSError) as exc:
         raise HistoryError(f"unreadable Parquet: {exc}", path) from exc
     n = table.num_rows
@@ -657,10 +666,11 @@ def write_table(path: str | Path, columns: dict[str, np.ndarray]) -> None:
     if len({shape for shape in lengths.values()}) > 1 or any(len(shape) != 1 for shape in lengths.values()):
         raise HistoryError(f"columns must be 1-D and of equal length, got shapes {lengths}", path)
     table = pa.table({name: pa.array(col.tolist() if col.dtype == object else col) for name, col in arrays.items()})
-    if suffix == ".parquet":
-        pq.write_table(table, path)
-    else:
-        pacsv.write_csv(table, path)
+    with _arrow_file(path, "wb") as sink:
+        if suffix == ".parquet":
+            pq.write_table(table, sink)
+        else:
+            pacsv.write_csv(table, sink)
 
 
 def overwrites_data(path: Path, data: Path) -> bool:

@@ -11,6 +11,7 @@ plus the gate nonlinearities (nn.LSTM with seq_len=1 is several times slower for
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -251,7 +252,9 @@ def _load_model_file(path: Path, signature: tuple[int, ...] | None) -> ModelBund
     if damaged is not None:
         raise ModelFileError(path, f"entry {damaged} fails its CRC-32 check: the file is damaged")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning: the refusal below says it
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         # Not chained, and without torch's advice to load with weights_only=False: that would
         # run whatever code the file holds, which a model file never needs.

@@ -39,7 +39,7 @@ from streamer.engine import resolve_device
 from streamer.errors import StreamerError
 from streamer.features import REL_STD_FLOOR, check_time_features, normalize_sequences, time_features
 from streamer.history import unwritable_reason
-from streamer.model import MAX_LAYERS, LSTMModel, ModelConfig, Normalization, allocation_failed, save_model_file
+from streamer.model import MAX_LAYERS, MAX_SIZE, LSTMModel, ModelConfig, Normalization, allocation_failed, save_model_file
 from streamer.settings import check_device_name
 from streamer.simulate import FleetSpec, history
 
@@ -121,6 +121,8 @@ class TrainOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainOptionsError(name, "must be an int >= 1", value)
+        if self.hidden_size > MAX_SIZE:  # as a model file's config is bounded (torch's sizes overflow past it)
+            raise TrainOptionsError("hidden_size", f"must be at most {MAX_SIZE}", self.hidden_size)
         if self.num_layers > MAX_LAYERS:
             raise TrainOptionsError("num_layers", f"must be at most {MAX_LAYERS}", self.num_layers)
         if self.batch_size > MAX_BATCH_SIZE:  # its activations would not fit any host's memory
@@ -238,9 +240,13 @@ def simulated_series(spec: FleetSpec, readings: int, end_ts: float = SIM_END_TS)
 
 def check_output_path(path: str | Path) -> None:
     """Raise StreamerError naming path when a model file cannot be written there (the path is a
-    directory, or its directory is missing or not writable)."""
+    directory, or its directory is missing or not writable), or would replace what is not a
+    file: it is written beside the path and renamed over it (a device or a FIFO would be gone,
+    /dev/null too when run as root)."""
     path = Path(path)
     reason = unwritable_reason(path)
+    if reason is None and path.exists() and not path.is_file():
+        reason = "is not a regular file (a device, a FIFO or a socket), which the model file would replace"
     if reason is not None:
         raise StreamerError(f"cannot write model file {path}: {reason}")
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -525,6 +526,8 @@ def test_check_config_refuses_what_run_refuses_before_connecting(model_file: Pat
         (["--model-path", str(tmp_path / "missing.pt")], "no such file"),
         (["--model-path", str(tmp_path)], f"model file {tmp_path}: a directory, not a file"),
         (["--checkpoint-directory", str(a_file / "ck")], "is not a directory"),
+        # Root's access() says yes to /proc, where no file can be made: run refuses it.
+        (["--checkpoint-directory", "/proc/streamer-ck"], "in /proc"),
         (["--metrics-enabled", "true", "--metrics-host", "no such host!"], "metrics.host"),
     ):
         assert main(["check-config", *ok, *extra]) == 2, extra
@@ -711,6 +714,28 @@ def test_outputs_that_cannot_be_written_are_one_line_naming_them(model_file: Pat
     monkeypatch.undo()
     assert main([*replay, "--out", str(tmp_path / "r.csv"), "--model-path", "/dev/null"]) == 2
     assert "model file /dev/null: not a regular file" in one_line_error(capsys)
+    # A model file is written beside its path and renamed over it: a FIFO (or, as root, /dev/null)
+    # had been replaced by a regular file.
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    assert main(["train", "--data", str(data), "--out", str(fifo), "--no-progress"]) == 2
+    assert f"cannot write model file {fifo}: is not a regular file" in one_line_error(capsys)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_files_whose_names_are_not_utf8_are_read_and_written(model_file: Path, tmp_path: Path, capsys):
+    # Arrow encodes a str path as UTF-8, which Python's escapes of other bytes are not: a traceback.
+    rows = "device_id,timestamp,value\n" + "".join(f"a,{1_700_000_000 + 60 * t},{t % 7}\n" for t in range(30))
+    data = tmp_path / os.fsdecode(b"h\xff.csv")
+    data.write_text(rows)
+    for suffix in ("csv", "parquet"):
+        out = tmp_path / os.fsdecode(b"out\xfe." + suffix.encode())
+        assert main(["replay", "--model-path", str(model_file), "--data", str(data), "--out", str(out),
+                     "--no-progress"]) == 0
+        assert json.loads(capsys.readouterr().out)["readings"] == 30
+        assert main(["replay", "--model-path", str(model_file), "--data", str(out), "--value-columns", "value_value",
+                     "--out", str(tmp_path / f"again.{suffix}"), "--no-progress"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["readings"] == 30
 
 
 def test_bounds_that_keep_a_value_from_hanging_or_overflowing_a_client(tmp_path: Path, capsys):
@@ -722,6 +747,9 @@ def test_bounds_that_keep_a_value_from_hanging_or_overflowing_a_client(tmp_path:
     assert main(["check-config", "--settings-only", "--kafka-startup-wait-s", "1e12"]) == 2
     assert "kafka.startup_wait_s" in one_line_error(capsys)
     assert main(["check-config", "--settings-only", "--kafka-startup-wait-s", "604800"]) == 0
+    # 2**63 had overflowed torch's sizes (its traceback); a model file's config is bounded so.
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--hidden-size", str(2**63)]) == 2
+    assert "train option hidden_size must be at most 2147483647" in one_line_error(capsys)
 
 
 def test_replay_plots_histories_at_the_ends_of_the_years_it_takes(model_file: Path, tmp_path: Path, capsys):

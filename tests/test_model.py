@@ -185,3 +185,16 @@ def test_pickled_objects_are_not_loaded(tmp_path: Path):
                 "version": "p"}, path)
     with pytest.raises(ModelFileError, match="cannot be read"):
         load_model_file(path)
+
+
+def test_a_plain_pickle_is_refused_in_the_error_alone(tmp_path: Path):
+    # torch.load had warned first (pickle protocol 4, 2 lines on stderr), then the one-line refusal.
+    import pickle
+    import warnings
+
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"config": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ModelFileError, match="cannot be read"):
+        warnings.simplefilter("always")
+        load_model_file(path)
+    assert caught == []
