@@ -24,6 +24,7 @@ import csv
 import gc
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -656,6 +657,8 @@ def write_table(path: str | Path, columns: dict[str, np.ndarray]) -> None:
     """Write equal-length 1-D columns as CSV or Parquet, chosen by suffix.
 
     CSV floats are written at shortest round-trip precision (float() reads back the same value).
+    A write that fails (a full disk, a file size limit, an interrupt) leaves no part of a file at
+    ``path``: a truncated table would read back as a whole one.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -666,11 +669,26 @@ def write_table(path: str | Path, columns: dict[str, np.ndarray]) -> None:
     if len({shape for shape in lengths.values()}) > 1 or any(len(shape) != 1 for shape in lengths.values()):
         raise HistoryError(f"columns must be 1-D and of equal length, got shapes {lengths}", path)
     table = pa.table({name: pa.array(col.tolist() if col.dtype == object else col) for name, col in arrays.items()})
-    with _arrow_file(path, "wb") as sink:
-        if suffix == ".parquet":
-            pq.write_table(table, sink)
-        else:
-            pacsv.write_csv(table, sink)
+    sink = _arrow_file(path, "wb")
+    try:
+        with sink:
+            if suffix == ".parquet":
+                pq.write_table(table, sink)
+            else:
+                pacsv.write_csv(table, sink)
+    except BaseException:  # only once opened: a file the open refused is not this write's
+        _remove_partial(path)
+        raise
+
+
+def _remove_partial(path: Path) -> None:
+    """Remove what a failed write left at ``path`` when it is a regular file (a device or a FIFO
+    the user named is theirs)."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def overwrites_data(path: Path, data: Path) -> bool:

@@ -402,6 +402,51 @@ def test_write_table_round_trip(tmp_path, suffix):
         write_table(path, {"a": np.zeros(2), "b": np.zeros(3)})
 
 
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+import numpy as np
+from streamer.history import write_table
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    write_table(sys.argv[1], {"timestamp": np.arange(1e5), "value": np.random.default_rng(0).normal(size=100_000)})
+except OSError as exc:
+    print("failed:", exc)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_write_that_fails_part_way_leaves_no_part_of_a_file(tmp_path, suffix, existed):
+    """A table cut short by the disk (here a 64 KiB file size limit) would read back as a whole,
+    shorter one: the failed write removes what it wrote, as it would an older file's remains."""
+    import subprocess
+    import sys
+
+    path = tmp_path / f"out{suffix}"
+    if existed:
+        path.write_text("timestamp,value\n1,2\n")
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("failed:"), done.stdout
+    assert not path.exists()
+
+
+def test_a_file_the_write_cannot_open_is_left_as_it_was(tmp_path, monkeypatch):
+    import streamer.history
+
+    def refused(path, mode="rb"):  # as a file that is not the writer's is (root is never refused)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    path = tmp_path / "out.csv"
+    path.write_text("theirs\n")
+    monkeypatch.setattr(streamer.history, "_arrow_file", refused)
+    with pytest.raises(PermissionError):
+        write_table(path, {"timestamp": np.zeros(2)})
+    assert path.read_text() == "theirs\n"
+
+
 def test_iter_time_order_is_stable_on_ties(tmp_path):
     path = write(tmp_path / "d.csv", (
         "device_id,timestamp,value\n"
