@@ -708,6 +708,12 @@ class Pipeline:
                 raise GroupMovedOn("a commit given up on at a revocation is still unanswered")
             self._abandoned_commit = None
         worker = _Call(lambda: self.consumer.commit(offsets, metadata), "commit")
+        if self._wait_until is not None and not self.consumer.commits_answered_inside_rebalance:
+            # Inside a revocation the client answers it only once the hook returns: waited for,
+            # every member's join had held this loop and the group's rebalance for REVOKE_WAIT_S
+            # and reported the brokers away. Left to land then, as one given up on is.
+            self._abandoned_commit = worker
+            return False
         while not worker.done(BROKER_PROBE_TIMEOUT_MS / 1000):
             if self._stop is not None and self._stop.is_set():
                 return False

@@ -867,6 +867,46 @@ def test_a_revocation_whose_commit_is_not_answered_gives_up_and_the_loop_goes_on
     assert committed(rig)[P1] == rig.ends()[P1]
 
 
+def test_a_revocation_does_not_wait_for_a_commit_the_client_answers_only_after_its_hook(tmp_path, caplog):
+    """librdkafka answers a commit asked on another thread during its rebalance callback only
+    once the callback returns: the revocation waited REVOKE_WAIT_S (10 s) for it on every member's
+    join, the loop and the group's rebalance held, and reported the brokers away. It is left to
+    land after the hook, as a commit given up on is; the next commits wait for it."""
+    rig = Rig(tmp_path)
+    rig.write(per_device=1)
+    rig.pipeline.run_once()
+    rig.consumer.commits_answered_inside_rebalance = False  # type: ignore[misc]
+    hook_returned = threading.Event()
+    real_commit, real_hook = rig.consumer.commit, rig.consumer.hooks.revoked
+
+    asked = []
+
+    def answered_after_the_hook(offsets, metadata=None):
+        asked.append(hook_returned.wait(30))
+        real_commit(offsets, metadata)
+
+    def hook(partitions):
+        real_hook(partitions)
+        hook_returned.set()
+
+    rig.consumer.commit = answered_after_the_hook  # type: ignore[method-assign]
+    rig.consumer.hooks = rig.consumer.hooks._replace(revoked=hook)
+    rig.consumer.rebalance(revoked=[P0])
+    started = time.monotonic()
+    rig.pipeline.run_once()
+    assert time.monotonic() - started < pipeline_module.REVOKE_WAIT_S / 2
+    assert "gave up waiting" not in caplog.text and "unreachable" not in caplog.text
+    assert P0 not in rig.pipeline.partitions.owned
+    assert rig.pipeline._abandoned_commit is not None and rig.pipeline._abandoned_commit.done(10)
+    assert asked == [True]  # asked once, answered after the hook (the double then refuses P0's: no longer assigned)
+    rig.consumer.commit = real_commit  # type: ignore[method-assign]
+    rig.write(per_device=1, start_ts=1)
+    rig.pipeline.run_once()
+    rig.pipeline._last_commit -= 3600  # an interval later
+    rig.pipeline.run_once()
+    assert committed(rig)[P1] == rig.ends()[P1]
+
+
 def test_a_revocation_whose_commit_fails_again_and_again_gives_up_too(tmp_path, monkeypatch, caplog):
     # A commit failing at once with a retriable error (the coordinator away) was retried for
     # COMMIT_RETRY_S (120 s) inside the rebalance callback, then ended the run.

@@ -98,6 +98,12 @@ class GroupWatch(ABC):
 class Consumer(ABC):
     """A group consumer with manual commits; offsets are the next offset to read."""
 
+    # Whether a commit asked on another thread while a rebalance hook runs inside poll can be
+    # answered before the hook returns. librdkafka holds such a commit until its rebalance
+    # callback returns (asked on the callback's own thread, it is answered at once, but then
+    # nothing bounds the wait for a coordinator that has stopped answering).
+    commits_answered_inside_rebalance: bool = True
+
     @abstractmethod
     def subscribe(self, topics: Sequence[str], hooks: RebalanceHooks) -> None:
         """Join the group for ``topics``; ``hooks`` hear of every change of assignment."""
