@@ -308,6 +308,7 @@ def make_producer(
 
 class ConfluentConsumer(Consumer):
     commits_answered_inside_rebalance = False
+
     def __init__(self, consumer: RdConsumer, auto_offset_reset: str, cooperative: bool,
                  probe: dict[str, object] | None = None, isolation: IsolationLevel = IsolationLevel.READ_UNCOMMITTED) -> None:
         """``probe``: the configuration of the admin client that end_offsets asks through (built
